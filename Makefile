@@ -1,0 +1,39 @@
+# Local development: one virtualenv in .venv, torch pinned to the CPU wheel.
+#
+#   make venv    create .venv: torch==2.13.0 first, then this package with [test]
+#   make demo    plan the paper's model on 16 devices
+#   make test    the test suite (CPU only; no GPU, no network)
+#   make clean   remove .venv and build / test caches
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# torch is installed on its own, pinned, before anything else: the machines
+# carry this CPU wheel on disk (pip's find-links), while an unpinned `torch`
+# (or the >=2.11,<2.14 range in pyproject.toml with no torch present) would let
+# pip resolve a multi-GB CUDA build.
+TORCH  := torch==2.13.0
+STAMP  := $(VENV)/.helix-installed
+
+.PHONY: venv demo test clean
+
+venv: $(STAMP)
+
+# Re-run when the dependencies change; otherwise `make venv` does nothing.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install '$(TORCH)'
+	$(BIN)/python -m pip install -e '.[test]'
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/helix plan --devices 16
+# core II adds examples/demo.py and this second step:
+#	$(BIN)/python examples/demo.py
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -x
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
