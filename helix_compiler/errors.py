@@ -1,0 +1,24 @@
+"""One exception root for everything Helix refuses.
+
+`HelixError` is a `ValueError`: almost every refusal is about the input (a
+model, a device count, a plan file). Messages name the object, the rule that
+was broken, the actual values and what to try next.
+"""
+
+from __future__ import annotations
+
+
+class HelixError(ValueError):
+    """A request Helix cannot carry out exactly; the message says what to try."""
+
+
+class CaptureError(HelixError):
+    """torch.export could not capture the model."""
+
+
+class PlanError(HelixError):
+    """No feasible partition, or a forced plan that is infeasible."""
+
+
+class ShardingError(HelixError):
+    """A node the passes cannot shard exactly; the message names the node."""

@@ -1,0 +1,380 @@
+"""find_attention: every multi-head attention site of an ATen graph.
+
+An attention *core* is written in one of two spellings, each recognized once:
+
+* SDPA: ``aten.scaled_dot_product_attention`` (torch.nn.functional, HF "sdpa",
+  nn.TransformerEncoderLayer's fast path).
+* explicit: ``matmul(q, k^T) -> [scale | mask | bias | to]* -> softmax ->
+  [dropout | to]* -> matmul(p, v)`` (nanoGPT, HF "eager", nn.MultiheadAttention
+  with need_weights, which uses bmm on (B*H, S, d)).
+
+From the core's q, k and v the pass walks back to the projections that made
+them (``aten.linear`` or GPT-2 Conv1D's ``aten.addmm``; one fused projection
+may serve all three), and forward from the output to the output projection.
+Head structure is read by *provenance*, not by names or layouts: the path from a
+projection to the core is run on a tensor whose feature f holds the value f,
+element movement (view, transpose, split, unbind, cat, expand ...) is executed
+and every other op passes its path operand through.  At the core, each row of
+q's last dim then lists the projection features of one head, in head order,
+whichever of [3, H, d], [H, 3, d], (B, H, S, d) or (B*H, S, d) the model used.
+
+Invariant: the graph is not modified; each AttentionSite names nodes of it.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from helix_compiler.sites import AttentionSite, Rotary
+
+from .graph_utils import (
+    MATMUL_OPS, MOVEMENT_OPS, PASS_THROUGH_OPS, SDPA_OPS, SOFTMAX_OPS, aten, is_projection,
+    is_tensor_node, norm_dim, real_users, proj_input, proj_weight_node, shape, tensor_inputs, val,
+)
+
+# Ops allowed between the QK^T matmul and the softmax (scale, mask, bias, casts).
+SCORE_OPS = {
+    aten.div.Tensor, aten.div.Scalar, aten.mul.Tensor, aten.mul.Scalar, aten.add.Tensor,
+    aten.sub.Tensor, aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.where.self,
+    aten.where.ScalarOther, aten.where.ScalarSelf,
+} | PASS_THROUGH_OPS
+# Reductions over the head dim between projection and core: a per-head q/k norm.
+NORM_OPS = {aten.mean.dim, aten.var.correction, aten.var_mean.correction, aten.layer_norm.default,
+            aten.rms_norm.default, aten.native_layer_norm.default, aten.sum.dim_IntList}
+
+
+@dataclass(frozen=True, slots=True)
+class Core:
+    kind: str                 # "sdpa" | "explicit"
+    q: fx.Node
+    k: fx.Node                # for explicit cores: k before its transpose
+    v: fx.Node
+    out: fx.Node
+    nodes: tuple[fx.Node, ...]
+    mask: fx.Node | None
+    is_causal: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Provenance:
+    """Where each element of a core input came from in its projection's output."""
+
+    proj: fx.Node
+    heads: np.ndarray         # (heads at the core, d): projection feature per (head, dim)
+    path: tuple[fx.Node, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SiteMatch:
+    """An AttentionSite plus the provenance the sharder needs (not serialized)."""
+
+    site: AttentionSite
+    core: Core
+    q: Provenance
+    k: Provenance
+    v: Provenance
+    kv_of_q: tuple[int, ...]  # kv feature-group used by each q head
+    k_groups: np.ndarray      # (H_kv, d): projection features of each kv head of k
+    v_groups: np.ndarray      # (H_kv, d_v)
+
+
+def _k_from_transposed(kt: fx.Node) -> fx.Node | None:
+    """k from k^T: the explicit spellings transpose the last two dims of k."""
+    if kt.target == aten.transpose.int:
+        nd = len(shape(kt))
+        if {norm_dim(kt.args[1], nd), norm_dim(kt.args[2], nd)} == {nd - 2, nd - 1}:
+            return kt.args[0]
+    if kt.target == aten.permute.default:
+        perm = list(kt.args[1])
+        nd = len(perm)
+        if perm[:-2] == list(range(nd - 2)) and perm[-2:] == [nd - 1, nd - 2]:
+            return kt.args[0]
+    if kt.target == aten.t.default:
+        return kt.args[0]
+    return None
+
+
+def _explicit_core(softmax: fx.Node) -> Core | None:
+    """matmul -> score ops -> softmax -> pass-through -> matmul, from the softmax."""
+    nodes, mask = [softmax], None
+    x = softmax.args[0]
+    while isinstance(x, fx.Node) and x.target in SCORE_OPS:
+        nodes.append(x)
+        main = [a for a in tensor_inputs(x) if shape(a) == shape(x) and a.target not in ()]
+        others = [a for a in tensor_inputs(x) if a not in main[:1]]
+        if not main:
+            return None
+        for o in others:
+            if len(shape(o)) >= 2 and mask is None:
+                mask = o
+        x = main[0]
+    if not (isinstance(x, fx.Node) and x.target in MATMUL_OPS):
+        return None
+    qk = x
+    k = _k_from_transposed(qk.args[1])
+    if k is None:
+        return None
+    p = softmax
+    while len(real_users(p)) == 1 and real_users(p)[0].target in PASS_THROUGH_OPS:
+        p = real_users(p)[0]
+        nodes.append(p)
+    pv = [u for u in real_users(p) if u.target in MATMUL_OPS and u.args[0] is p]
+    if len(pv) != 1:
+        return None
+    return Core(kind="explicit", q=qk.args[0], k=k, v=pv[0].args[1], out=pv[0],
+                nodes=(qk, *reversed(nodes), pv[0]), mask=mask, is_causal=False)
+
+
+def _sdpa_core(node: fx.Node) -> Core:
+    args = list(node.args) + [None] * 8
+    mask = args[3] if args[3] is not None else node.kwargs.get("attn_mask")
+    causal = args[5] if len(node.args) > 5 else node.kwargs.get("is_causal", False)
+    return Core(kind="sdpa", q=args[0], k=args[1], v=args[2], out=node, nodes=(node,),
+                mask=mask if isinstance(mask, fx.Node) else None, is_causal=bool(causal))
+
+
+def find_cores(gm: fx.GraphModule) -> list[Core]:
+    cores = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target in SDPA_OPS:
+            cores.append(_sdpa_core(node))
+        elif node.target in SOFTMAX_OPS:
+            core = _explicit_core(node)
+            if core is not None:
+                cores.append(core)
+    return cores
+
+
+def _walk_back_to_projection(start: fx.Node) -> tuple[list[fx.Node], list[fx.Node]]:
+    """Projections reached walking back from `start` without crossing one; and the nodes passed."""
+    found, seen, order, stack = [], set(), [], [start]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if is_projection(node):
+            found.append(node)
+            continue
+        order.append(node)
+        if node.op != "call_function":
+            continue
+        stack.extend(tensor_inputs(node))
+    return found, order
+
+
+def _provenance(proj: fx.Node, target: fx.Node) -> Provenance | None:
+    """Run the path proj -> target on index tags; rows of the result's last dim are heads."""
+    # nodes on some path from proj to target, in graph order
+    _, back = _walk_back_to_projection(target)
+    back_set = set(back)
+    on_path, reach = [], {proj}
+    for node in proj.graph.nodes:
+        if node in back_set and any(a in reach for a in node.all_input_nodes):
+            reach.add(node)
+            on_path.append(node)
+    if target is not proj and target not in reach:
+        return None
+    feats = int(shape(proj)[-1])
+    tags = {proj: torch.arange(feats, dtype=torch.float64).expand(*shape(proj)).contiguous()}
+
+    def concrete(a):
+        if isinstance(a, fx.Node):
+            if a in tags:
+                return tags[a]
+            v = val(a)
+            if isinstance(v, torch.Tensor):
+                return torch.full(tuple(v.shape), -1.0, dtype=torch.float64)
+            return v
+        if isinstance(a, (list, tuple)):
+            return type(a)(concrete(x) for x in a)
+        return a
+
+    for node in on_path:
+        if node.target in MOVEMENT_OPS:
+            try:
+                tags[node] = node.target(*concrete(node.args), **concrete(dict(node.kwargs)))
+            except Exception:
+                return None
+        else:
+            path_in = [a for a in node.all_input_nodes if a in tags and isinstance(tags[a], torch.Tensor)]
+            same = [a for a in path_in if tuple(tags[a].shape) == shape(node)]
+            if not same:
+                return None
+            tags[node] = tags[same[0]]
+    t = tags.get(target)
+    if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape(target):
+        return None
+    d = t.shape[-1]
+    rows = t.reshape(-1, d).numpy().astype(np.int64)
+    heads, seen = [], set()
+    for row in rows:
+        key = row.tobytes()
+        if key not in seen:
+            seen.add(key)
+            heads.append(row)
+        elif len(heads) and key == heads[0].tobytes() and len(seen) > 1:
+            pass
+    heads = np.stack(heads)
+    if (heads < 0).any():
+        return None
+    return Provenance(proj=proj, heads=heads, path=tuple(on_path))
+
+
+def _head_order(rows: np.ndarray, full: np.ndarray) -> list[int]:
+    """For each row of `full` (core head order, duplicates allowed), its index among distinct rows."""
+    keys = [r.tobytes() for r in rows]
+    return [keys.index(r.tobytes()) for r in full]
+
+
+def _core_rows(proj: fx.Node, target: fx.Node, prov: Provenance) -> np.ndarray:
+    """All head rows at the core in head order, repeats kept (GQA repeat_kv gives H rows for k)."""
+    return prov.heads
+
+
+def _rotary(q: Provenance, d: int) -> Rotary | None:
+    """Slices of the head dim on the q path reveal rotary embedding (DESIGN.md section 2)."""
+    bounds, interleaved = set(), False
+    for node in q.path:
+        if node.target == aten.slice.Tensor:
+            src = shape(node.args[0])
+            dim = norm_dim(node.args[1] if len(node.args) > 1 else 0, len(src))
+            if dim != len(src) - 1:
+                continue
+            size = src[-1]
+            start = node.args[2] if len(node.args) > 2 and node.args[2] is not None else 0
+            end = node.args[3] if len(node.args) > 3 and node.args[3] is not None else size
+            step = node.args[4] if len(node.args) > 4 else 1
+            if step == 2:
+                interleaved = True
+            for b in (start, min(end, size)):
+                if 0 < b < size:
+                    bounds.add(int(b))
+            if step == 2 and size < d:
+                bounds.add(int(size))
+        elif node.target in (aten.split.Tensor, aten.split_with_sizes.default):
+            src = shape(node.args[0])
+            dim = norm_dim(node.args[2] if len(node.args) > 2 else 0, len(src))
+            if dim != len(src) - 1:
+                continue
+            sizes = node.args[1]
+            sizes = [sizes] * (src[-1] // sizes) if isinstance(sizes, int) else list(sizes)
+            acc = 0
+            for s in sizes[:-1]:
+                acc += s
+                bounds.add(int(acc))
+    if interleaved:
+        return Rotary(dims=max(bounds) if bounds else d, style="interleaved")
+    if not bounds:
+        return None
+    r = max(bounds) if len(bounds) >= 2 else 2 * min(bounds)
+    return Rotary(dims=min(r, d), style="half")
+
+
+def _qk_norms(prov: Provenance) -> tuple[str, ...]:
+    out = []
+    for node in prov.path:
+        if node.target in NORM_OPS:
+            out.append(node.name)
+    return tuple(out)
+
+
+def _output_projection(out: fx.Node) -> fx.Node | None:
+    frontier = [out]
+    seen = set()
+    while frontier:
+        node = frontier.pop()
+        for u in node.users:
+            if u in seen:
+                continue
+            seen.add(u)
+            if is_projection(u) and proj_input(u) is node:
+                return u
+            if u.target in MOVEMENT_OPS or u.target in PASS_THROUGH_OPS:
+                frontier.append(u)
+    return None
+
+
+def _weight_name(proj: fx.Node) -> str:
+    return str(proj_weight_node(proj).target)
+
+
+def _match(core: Core, index: int) -> tuple[SiteMatch | None, str | None]:
+    projs = {}
+    for role, x in (("q", core.q), ("k", core.k), ("v", core.v)):
+        found, _ = _walk_back_to_projection(x)
+        if len(found) != 1:
+            return None, (f"attention core at node {core.out.name}: {role} comes from "
+                          f"{len(found)} projections ({[f.name for f in found]}), expected 1")
+        projs[role] = found[0]
+    provs = {}
+    for role, x in (("q", core.q), ("k", core.k), ("v", core.v)):
+        p = _provenance(projs[role], x)
+        if p is None:
+            return None, (f"attention core at node {core.out.name}: could not trace {role} "
+                          f"from {projs[role].name} through the graph")
+        provs[role] = p
+    q, k, v = provs["q"], provs["k"], provs["v"]
+    d, dv = q.heads.shape[1], v.heads.shape[1]
+    H = q.heads.shape[0]
+    if k.heads.shape[1] != d:
+        return None, f"attention core at node {core.out.name}: q and k head dims differ ({d} vs {k.heads.shape[1]})"
+    k_distinct = np.unique(k.heads, axis=0)
+    # kv groups in order of first appearance at the core
+    k_groups, v_groups = [], []
+    for row in k.heads:
+        if not any((row == g).all() for g in k_groups):
+            k_groups.append(row)
+    for row in v.heads:
+        if not any((row == g).all() for g in v_groups):
+            v_groups.append(row)
+    H_kv = len(k_groups)
+    if len(v_groups) != H_kv or H % H_kv or len(k_distinct) != H_kv:
+        return None, (f"attention core at node {core.out.name}: {H} query heads, {H_kv} key heads "
+                      f"and {len(v_groups)} value heads do not form multi-head or grouped-query attention")
+    # which kv group each q head uses: by position at the core (repeated) or GQA broadcast
+    if k.heads.shape[0] == H:
+        kv_of_q = tuple(next(g for g, kg in enumerate(k_groups) if (kg == row).all()) for row in k.heads)
+    else:
+        kv_of_q = tuple(h // (H // H_kv) for h in range(H))
+    qv = val(core.q)
+    q_len = int(qv.shape[-2]) if qv.dim() >= 2 else 1
+    kv_len = int(val(core.k).shape[-2])
+    batch = max(1, int(qv.numel() // max(1, H * d * q_len)))
+    o = _output_projection(core.out)
+    fused = projs["q"] is projs["k"] or projs["q"] is projs["v"]
+    mask_shape = shape(core.mask) if core.mask is not None else ()
+    head_bias = len(mask_shape) >= 3 and mask_shape[-3] not in (1,) and len(shape(core.q)) >= 4
+    site = AttentionSite(
+        index=index, q_proj=projs["q"].name, k_proj=projs["k"].name, v_proj=projs["v"].name,
+        o_proj=o.name if o is not None else None, q_weight=_weight_name(projs["q"]),
+        k_weight=_weight_name(projs["k"]), v_weight=_weight_name(projs["v"]),
+        o_weight=_weight_name(o) if o is not None else None, fused_qkv=fused,
+        num_heads=H, num_kv_heads=H_kv, head_dim=d, embed_dim=int(shape(proj_input(projs["q"]))[-1]),
+        core=core.kind, core_nodes=tuple(n.name for n in core.nodes),
+        mask=core.mask.name if core.mask is not None else None, is_causal=core.is_causal,
+        head_bias=head_bias, rotary=_rotary(q, d), qk_norm=_qk_norms(q) + _qk_norms(k),
+        cross=proj_input(projs["q"]) is not proj_input(projs["k"]),
+        batch=batch, q_len=q_len, kv_len=kv_len, dtype=str(qv.dtype).replace("torch.", ""),
+    )
+    return SiteMatch(site=site, core=core, q=q, k=k, v=v, kv_of_q=kv_of_q,
+                     k_groups=np.stack(k_groups), v_groups=np.stack(v_groups)), None
+
+
+def find_attention(gm: fx.GraphModule) -> tuple[list[SiteMatch], list[str]]:
+    """Every attention site of `gm` in graph order, and a note for each core left unsharded."""
+    matches, skipped = [], []
+    for core in find_cores(gm):
+        m, why = _match(core, len(matches))
+        if m is None:
+            skipped.append(why)
+        else:
+            matches.append(m)
+    return matches, skipped

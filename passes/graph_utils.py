@@ -1,0 +1,101 @@
+"""Small shared helpers over ATen FX graphs: op families and node access."""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+aten = torch.ops.aten
+
+# Projections: nn.Linear (aten.linear) and GPT-2's Conv1D (aten.addmm with a (in, out) weight).
+LINEAR_OPS = {aten.linear.default}
+ADDMM_OPS = {aten.addmm.default}
+PROJ_OPS = LINEAR_OPS | ADDMM_OPS
+SDPA_OPS = {aten.scaled_dot_product_attention.default}
+MATMUL_OPS = {aten.matmul.default, aten.bmm.default}
+SOFTMAX_OPS = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
+
+# Ops that only move or retype elements (the provenance walk runs them on index tags).
+MOVEMENT_OPS = {
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int,
+    aten.permute.default, aten.t.default, aten.unsqueeze.default, aten.squeeze.dim,
+    aten.squeeze.dims, aten.squeeze.default, aten.expand.default, aten.select.int,
+    aten.slice.Tensor, aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int,
+    aten.chunk.default, aten.cat.default, aten.stack.default, aten.unflatten.int,
+    aten.flatten.using_ints, aten.contiguous.default, aten.clone.default, aten.alias.default,
+    aten.detach.default, aten.repeat_interleave.self_int, aten.narrow.default,
+    operator.getitem,
+}
+# Ops between softmax and the value matmul that keep the probabilities.
+PASS_THROUGH_OPS = {
+    aten.dropout.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device,
+    aten._to_copy.default, aten.type_as.default, aten.clone.default, aten.contiguous.default,
+    aten.alias.default, aten.detach.default,
+}
+
+
+def val(node) -> object:
+    """The example value (a FakeTensor for tensors) export recorded for `node`."""
+    if isinstance(node, fx.Node):
+        return node.meta.get("val")
+    return node
+
+
+def is_tensor_node(node) -> bool:
+    """A node whose value is a tensor or a list of tensors (split, unbind)."""
+    if not isinstance(node, fx.Node):
+        return False
+    v = node.meta.get("val")
+    if isinstance(v, (list, tuple)):
+        return len(v) > 0 and all(isinstance(x, torch.Tensor) for x in v)
+    return isinstance(v, torch.Tensor)
+
+
+def real_users(node: fx.Node) -> list[fx.Node]:
+    """Users that compute something (export's metadata asserts left out)."""
+    return [u for u in node.users if u.target is not aten._assert_tensor_metadata.default]
+
+
+def shape(node) -> tuple:
+    v = val(node)
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else ()
+
+
+def tensor_inputs(node: fx.Node) -> list[fx.Node]:
+    return [a for a in node.all_input_nodes if is_tensor_node(a)]
+
+
+def proj_weight_node(node: fx.Node) -> fx.Node | None:
+    """The weight get_attr of a projection, or None when the weight is not a parameter."""
+    if node.target in LINEAR_OPS:
+        w = node.args[1]
+    elif node.target in ADDMM_OPS:
+        w = node.args[2]
+    else:
+        return None
+    return w if isinstance(w, fx.Node) and w.op == "get_attr" else None
+
+
+def proj_input(node: fx.Node) -> fx.Node:
+    return node.args[0] if node.target in LINEAR_OPS else node.args[1]
+
+
+def proj_bias(node: fx.Node):
+    if node.target in LINEAR_OPS:
+        return node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    return node.args[0]
+
+
+def proj_out_features(node: fx.Node) -> int:
+    w = val(proj_weight_node(node))
+    return int(w.shape[0] if node.target in LINEAR_OPS else w.shape[1])
+
+
+def is_projection(node) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and proj_weight_node(node) is not None
+
+
+def norm_dim(dim: int, ndim: int) -> int:
+    return dim + ndim if dim < 0 else dim
