@@ -1,0 +1,268 @@
+"""Compute profiles: how fast each op class runs, measured on one GPU.
+
+A profile is a table of measurements `(op class, shape, dtype[, backend]) ->
+achieved TFLOP/s` for the compute-bound classes (matmul, fused attention) and
+one achieved bandwidth each for the memory-bound classes (softmax,
+elementwise / norm), together with the peaks of the GPU they were measured on.
+The cost model uses *efficiencies*: achieved / peak of the measured GPU, times
+the peak of the cluster's GPU, so a profile taken on one H100 also prices an
+H200 (same kernels, other peaks).
+
+Lookups:
+- matmul (shape (M, N, K), 2*M*N*K FLOPs): the measurement of the same dtype
+  whose FLOPs are nearest on a log scale (size buckets); with none of that
+  dtype, the nearest of any dtype, as an efficiency.
+- attention (shape (batch*heads, S_q, S_k, d), 4*batch*heads*S_q*S_k*d
+  FLOPs) per backend: the measurement with the nearest head dim, and only for
+  head dims the backend has a kernel for (`KERNEL_MAX_HEAD_DIM`).
+- softmax / elementwise: one achieved bandwidth each (bytes read + written).
+
+`helix calibrate` writes this YAML on a GPU; `load_profile` reads it:
+
+    name: h100-torch2.11
+    device: H100 SXM5 80GB
+    peak_tflops: {fp16: 989, bf16: 989, fp32: 67}
+    hbm_gb_s: 3350
+    softmax_gb_s: 966
+    elementwise_gb_s: 2680
+    rates:
+      - {op: matmul, shape: [8192, 8192, 8192], dtype: fp16, tflops: 756}
+      - {op: attention, backend: efficient, shape: [1, 10000, 10000, 512], dtype: fp16, tflops: 130}
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .cluster import DTYPES, normalize_dtype, safe_load_mapping
+from .errors import HelixError
+
+OPS = ("matmul", "attention")
+# Attention backends: fused SDPA kernels. "explicit" (matmul -> softmax ->
+# matmul) is not a kernel: the cost model prices it op by op.
+BACKENDS = ("flash", "cudnn", "efficient", "explicit")
+# Largest head dim each SDPA kernel takes on Hopper: FlashAttention-2/3 and
+# cuDNN stop at 256 (no flash or cuDNN kernel ran at d=512 on H100, torch 2.11);
+# the memory-efficient kernel has no limit. None: no limit.
+KERNEL_MAX_HEAD_DIM = {"flash": 256, "cudnn": 256, "efficient": None, "explicit": None}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Rate:
+    """One measurement: `op` on `shape` in `dtype` ran at `tflops`."""
+
+    op: str                     # "matmul" | "attention"
+    shape: tuple[int, ...]      # matmul (M, N, K); attention (batch*heads, S_q, S_k, d)
+    dtype: str
+    tflops: float
+    backend: str = ""           # attention only: one of BACKENDS
+    note: str = ""              # where the figure comes from
+
+    def __post_init__(self) -> None:
+        if self.op not in OPS:
+            raise HelixError(f"Rate.op must be one of {OPS}, got {self.op!r}")
+        want = 3 if self.op == "matmul" else 4
+        if len(self.shape) != want or any(not isinstance(s, int) or s <= 0 for s in self.shape):
+            raise HelixError(
+                f"Rate {self.op}: shape must be {want} positive integers "
+                f"({'M, N, K' if want == 3 else 'batch*heads, S_q, S_k, d'}), got {self.shape!r}")
+        if normalize_dtype(self.dtype) != self.dtype:
+            raise HelixError(f"Rate.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if not _positive(self.tflops):
+            raise HelixError(f"Rate {self.op} {self.shape}: tflops must be positive, got {self.tflops!r}")
+        if (self.op == "attention") != (self.backend in BACKENDS):
+            raise HelixError(
+                f"Rate {self.op} {self.shape}: backend must be one of {BACKENDS} for attention "
+                f"and empty for matmul, got {self.backend!r}")
+
+    @property
+    def flops(self) -> int:
+        if self.op == "matmul":
+            m, n, k = self.shape
+            return 2 * m * n * k
+        bh, s_q, s_k, d = self.shape
+        return 4 * bh * s_q * s_k * d   # QK^T and PV
+
+    @property
+    def head_dim(self) -> int:
+        return self.shape[-1]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ComputeProfile:
+    """Achieved rates per op class on one GPU, and that GPU's peaks."""
+
+    name: str
+    device: str
+    peak_tflops: tuple[tuple[str, float], ...]   # ((dtype, dense matmul peak), ...) of `device`
+    hbm_gb_s: float                               # peak memory bandwidth of `device`
+    softmax_gb_s: float                           # achieved: bytes read + written / time
+    elementwise_gb_s: float                       # achieved by norms, residual adds, activations
+    rates: tuple[Rate, ...]
+
+    def __post_init__(self) -> None:
+        peaks = dict(self.peak_tflops)
+        if set(peaks) != set(DTYPES) or not all(_positive(v) for v in peaks.values()):
+            raise HelixError(
+                f"ComputeProfile {self.name!r}: peak_tflops must give a positive peak for each of "
+                f"{DTYPES}, got {peaks}")
+        for key in ("hbm_gb_s", "softmax_gb_s", "elementwise_gb_s"):
+            value = getattr(self, key)
+            if not _positive(value):
+                raise HelixError(f"ComputeProfile {self.name!r}: {key} must be positive, got {value!r}")
+        if not any(r.op == "matmul" for r in self.rates):
+            raise HelixError(
+                f"ComputeProfile {self.name!r} has no matmul rate; add at least one "
+                f"{{op: matmul, shape: [M, N, K], dtype: fp16, tflops: ...}} row")
+
+    def peak(self, dtype: str) -> float:
+        return dict(self.peak_tflops)[normalize_dtype(dtype)]
+
+    def efficiency(self, rate: Rate) -> float:
+        """Achieved / peak of the measured GPU in the rate's dtype."""
+        return rate.tflops / self.peak(rate.dtype)
+
+    def matmul_efficiency(self, flops: float, dtype: str) -> float:
+        """Efficiency of a matmul of `flops` FLOPs: the nearest size bucket measured."""
+        rows = [r for r in self.rates if r.op == "matmul"]
+        same = [r for r in rows if r.dtype == normalize_dtype(dtype)] or rows
+        nearest = min(same, key=lambda r: abs(math.log(r.flops) - math.log(max(flops, 1.0))))
+        return self.efficiency(nearest)
+
+    def attention_efficiency(self, backend: str, head_dim: int, dtype: str) -> float | None:
+        """Efficiency of `backend` at `head_dim`, or None: no kernel or never measured."""
+        limit = KERNEL_MAX_HEAD_DIM[backend]
+        if limit is not None and head_dim > limit:
+            return None
+        rows = [r for r in self.rates if r.op == "attention" and r.backend == backend]
+        rows = [r for r in rows if r.dtype == normalize_dtype(dtype)] or rows
+        if not rows:
+            return None
+        nearest = min(rows, key=lambda r: abs(math.log(r.head_dim) - math.log(head_dim)))
+        return self.efficiency(nearest)
+
+    @property
+    def softmax_efficiency(self) -> float:
+        return self.softmax_gb_s / self.hbm_gb_s
+
+    @property
+    def elementwise_efficiency(self) -> float:
+        return self.elementwise_gb_s / self.hbm_gb_s
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "device": self.device,
+            "peak_tflops": dict(self.peak_tflops),
+            "hbm_gb_s": self.hbm_gb_s,
+            "softmax_gb_s": self.softmax_gb_s,
+            "elementwise_gb_s": self.elementwise_gb_s,
+            "rates": [_rate_dict(r) for r in self.rates],
+        }
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+
+
+def _positive(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+def _rate_dict(rate: Rate) -> dict:
+    row = {"op": rate.op, "shape": list(rate.shape), "dtype": rate.dtype, "tflops": rate.tflops}
+    if rate.backend:
+        row["backend"] = rate.backend
+    if rate.note:
+        row["note"] = rate.note
+    return row
+
+
+# --- the default: what we measured on one H100 SXM (torch 2.11, fp16) -------
+# 10k x 10k attention of one head at d=512: 4 * 10000^2 * 512 = 2.048e11 FLOPs.
+_ATTN_FLOPS_D512 = 4 * 10_000 ** 2 * 512
+# explicit fp16 matmul -> softmax -> matmul ran at ~299 TFLOP/s: 0.685 ms per head.
+# Its two matmuls at the measured 756 TFLOP/s take 2.048e11 / 756e12 = 0.271 ms,
+# so softmax (+ scale and mask) over 1e8 fp16 scores, read once and written once
+# (4e8 bytes), took the other 0.414 ms: 4e8 / 0.414e-3 = 966 GB/s achieved.
+_SOFTMAX_GB_S = 966.0
+
+DEFAULT_PROFILE = ComputeProfile(
+    name="h100-sxm-torch2.11-measured",
+    device="H100 SXM5 80GB",
+    peak_tflops=(("fp16", 989.0), ("bf16", 989.0), ("fp32", 67.0)),  # H100 SXM datasheet, dense
+    hbm_gb_s=3350.0,                                                 # H100 SXM datasheet, HBM3
+    softmax_gb_s=_SOFTMAX_GB_S,
+    # Not measured yet: 80% of HBM peak, typical of a streaming copy on H100.
+    # `helix calibrate` replaces it.
+    elementwise_gb_s=0.8 * 3350.0,
+    rates=(
+        Rate(op="matmul", shape=(8192, 8192, 8192), dtype="fp16", tflops=756.0,
+             note="measured, one H100, torch 2.11"),
+        # SDPA memory-efficient kernel at d=512 (no flash/cuDNN kernel there): 1.58 ms per head
+        Rate(op="attention", backend="efficient", shape=(1, 10_000, 10_000, 512), dtype="fp16",
+             tflops=round(_ATTN_FLOPS_D512 / 1.58e-3 / 1e12, 1),
+             note="measured, one H100, torch 2.11: 1.58 ms per head"),
+        # cuDNN at d=256, same FLOPs (2 heads): 0.47 ms
+        Rate(op="attention", backend="cudnn", shape=(2, 10_000, 10_000, 256), dtype="fp16",
+             tflops=round(_ATTN_FLOPS_D512 / 0.47e-3 / 1e12, 1),
+             note="measured, one H100, torch 2.11: 0.47 ms for 2 heads of 256"),
+        # explicit matmul -> softmax -> matmul, chunked over queries: 0.68 ms per head.
+        # The cost model prices explicit cores op by op; softmax_gb_s is derived from this row.
+        Rate(op="attention", backend="explicit", shape=(1, 10_000, 10_000, 512), dtype="fp16",
+             tflops=299.0, note="measured, one H100, torch 2.11: 0.68 ms per head, ~299 TFLOP/s"),
+    ),
+)
+
+
+def load_profile(path: str | Path) -> ComputeProfile:
+    """Read a profile YAML (as `helix calibrate` writes it); errors name the file and key."""
+    path = Path(path)
+    source = f"profile file {str(path)!r}"
+    if not path.is_file():
+        raise HelixError(f"{source} does not exist; run `helix calibrate` on a GPU to write one, "
+                         f"or leave --profile out to use the built-in H100 profile")
+    return profile_from_yaml(path.read_text(), source=source)
+
+
+_KEYS = ("name", "device", "peak_tflops", "hbm_gb_s", "softmax_gb_s", "elementwise_gb_s", "rates")
+_RATE_KEYS = ("op", "shape", "dtype", "tflops", "backend", "note")
+
+
+def profile_from_yaml(text: str, *, source: str = "profile YAML") -> ComputeProfile:
+    data = safe_load_mapping(text, source)
+    unknown = sorted(set(data) - set(_KEYS))
+    if unknown:
+        raise HelixError(f"{source}: unknown key {unknown[0]!r}; known keys: {', '.join(_KEYS)}")
+    missing = [k for k in _KEYS if k not in data]
+    if missing:
+        raise HelixError(f"{source}: missing key {missing[0]!r}; write one with "
+                         f"`helix calibrate` or copy DEFAULT_PROFILE.to_yaml()")
+    if not isinstance(data["peak_tflops"], dict):
+        raise HelixError(f"{source}: peak_tflops must map fp16/bf16/fp32 to TFLOP/s, "
+                         f"got {data['peak_tflops']!r}")
+    if not isinstance(data["rates"], list):
+        raise HelixError(f"{source}: rates must be a list of {{op, shape, dtype, tflops}} rows")
+    rates = []
+    for i, row in enumerate(data["rates"]):
+        if not isinstance(row, dict) or set(row) - set(_RATE_KEYS):
+            raise HelixError(f"{source}: rates[{i}] must be a mapping with keys from "
+                             f"{', '.join(_RATE_KEYS)}, got {row!r}")
+        try:
+            rates.append(Rate(op=row.get("op"), shape=tuple(row.get("shape") or ()),
+                              dtype=normalize_dtype(row.get("dtype", "")),
+                              tflops=row.get("tflops"), backend=row.get("backend", ""),
+                              note=row.get("note", "")))
+        except (HelixError, TypeError) as e:
+            raise HelixError(f"{source}: rates[{i}]: {e}") from e
+    try:
+        return ComputeProfile(
+            name=str(data["name"]), device=str(data["device"]),
+            peak_tflops=tuple((normalize_dtype(k), v) for k, v in data["peak_tflops"].items()),
+            hbm_gb_s=data["hbm_gb_s"], softmax_gb_s=data["softmax_gb_s"],
+            elementwise_gb_s=data["elementwise_gb_s"], rates=tuple(rates))
+    except (HelixError, TypeError) as e:
+        raise HelixError(f"{source}: {e}") from e
