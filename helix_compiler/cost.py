@@ -1,0 +1,637 @@
+r"""Cost model (DESIGN.md section 5): predicted time and memory of one plan.
+
+Per rank, for one forward step over the whole batch of B sequences, run as
+M = ceil(B / b) micro-batches of b whole sequences:
+
+    t_op    = max(FLOPs / (P_dtype * eta_op),  bytes / (BW * eta_mem))      op_s
+    t_coll  = alpha + c * (p-1)/p * X / beta           c = 2 all-reduce,     collective_s
+                                                        c = 1 all-gather / reduce-scatter
+    step    = sum_micro (sum_ops t_op + sum_colls t_coll)                    cost_plan
+              (no overlap of compute and communication is assumed)
+    tokens/s = B * S / step
+
+with P_dtype the GPU's dense matmul peak, eta_op the profile's efficiency of
+the op class (matmul by size, fused attention by backend and head dim,
+softmax, elementwise), BW the HBM bandwidth. A group inside one node uses the
+NVLink alpha and bus bandwidth. A group of g ranks per node on k > 1 nodes is
+hierarchical: an intra-node phase on NVLink and an inter-node phase that
+moves X/g per rank over the node's min(g, R) NIC rails; NCCL pipelines the
+phases in chunks, so the slower one bounds the time (`hier_*` formulas).
+
+Per attention site on rank (i, j), h = H/n heads, h_kv = max(H_kv/n, 1):
+
+    q, k, v projections   2 b S D (h + 2 h_kv) d/m FLOPs                     _attention_terms
+    heads (m = 1)         fused SDPA kernel where one exists for d, else
+                          explicit QK^T -> softmax -> PV, whichever is faster
+    score-reduce (m > 1)  QK^T over d/m; all-reduce b h S_q S_k scores over
+                          the m-group; softmax; PV over d/m
+    qk-gather (m > 1)     all-gather Q, K along d over the m-group
+                          (X = b (h S_q + h_kv S_k) d); full QK^T (repeated m
+                          times in the group; fused kernel when d <= 256); PV
+    output projection     2 b S_q h d/m D FLOPs, all-reduce b S_q D over all N
+    norm + residual       E b S_q D elements read or written (replicated)
+
+MLP over all N ranks (F/N columns each, the largest shard when F % N != 0):
+up / gate 2 b T D f u, down 2 b T f D FLOPs, all-reduce b T D over all N.
+
+Memory per rank: w * parameters + b * (activation bytes of one sequence)
+<= phi * device memory; the largest such b is the micro-batch (`micro_batch`).
+
+Megatron TP x PP baseline (`cost_baseline`): heads and MLP over tp ranks
+(two all-reduces of b S D per layer), layers over pp stages, each stage
+boundary a point-to-point send per micro-batch, and the pipeline bubble
+(pp - 1) / (M + pp - 1) of the step.
+
+`formulas()` returns every formula above as a sympy expression; the numbers
+are computed from those very expressions (`_ev`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import sympy
+from sympy import Max, Min, ceiling, floor
+
+from .cluster import ClusterSpec, normalize_dtype
+from .errors import PlanError
+from .mesh import Mesh
+from .profile import DEFAULT_PROFILE, ComputeProfile
+from .sites import AttentionSite, MlpSite, ModelSummary
+
+# --- settings -----------------------------------------------------------------
+# Share of device memory a plan may fill: the rest is the CUDA context, the
+# allocator's fragmentation and kernel workspaces.
+MEMORY_USABLE_FRACTION = 0.9
+# Score-sized tensors alive at once in a materialized core: scores and probs.
+SCORE_COPIES = 2
+# Elements of b*S*D read or written per block by its norm (read, write) and
+# residual add (read two, write one).
+ELEMENTWISE_PASSES_PER_BLOCK = 5
+# Bytes per (row, head) a fused kernel keeps: the fp32 log-sum-exp.
+LSE_BYTES = 4
+# Megatron sends 1/tp of a stage's output from each TP rank and all-gathers it
+# on the next stage (scatter-gather); False: every rank sends the whole tensor.
+PP_SCATTER_GATHER = True
+
+VARIANTS = ("heads", "score-reduce", "qk-gather")
+
+# --- formulas -------------------------------------------------------------------
+_S = sympy.symbols(
+    "b B S S_q S_k T H H_kv d D F u m n N w o c_kv g_qk x_s C L E phi Mem "
+    "FLOPs Q P eta BW eta_mem X p alpha beta g k R alpha_nv alpha_net B_nv B_nic "
+    "t_c t_x t_b t_stage M p_pp A P_r",
+    positive=True)
+(b, B, S, S_q, S_k, T, H, H_kv, d, D, F, u, m, n, N, w, o, c_kv, g_qk, x_s, C, L, E, phi, Mem,
+ FLOPs, Q, P, eta, BW, eta_mem, X, p, alpha, beta, g, k, R, alpha_nv, alpha_net, B_nv, B_nic,
+ t_c, t_x, t_b, t_stage, M, p_pp, A, P_r) = _S
+_h = H / n                    # query heads per rank
+_h_kv = Max(H_kv / n, 1)      # kv heads per rank (replicated when n > H_kv)
+_f = ceiling(F / N)           # MLP columns of the largest shard
+
+
+def _ring(c):
+    return alpha + c * (p - 1) / p * X / beta
+
+
+def _hier(c):
+    return alpha_nv + alpha_net + Max(c * (g - 1) / g * X / B_nv,
+                                      c * (k - 1) / k * X / (B_nic * Min(g, R)))
+
+
+_FORMULAS: dict[str, sympy.Expr] = {
+    # time of one op and one collective
+    "op_time": Max(FLOPs / (P * eta), Q / (BW * eta_mem)),
+    "ring_all_reduce": _ring(2),
+    "ring_all_gather": _ring(1),
+    "hier_all_reduce": _hier(2),
+    "hier_all_gather": _hier(1),
+    "p2p_send": alpha + X / beta,
+    # attention site, per micro-batch of b sequences, per rank
+    "q_proj_flops": 2 * b * S_q * D * _h * d / m,
+    "q_proj_bytes": w * (b * S_q * D + D * _h * d / m + b * S_q * _h * d / m),
+    "kv_proj_flops": 2 * 2 * b * S_k * D * _h_kv * d / m,
+    "kv_proj_bytes": 2 * w * (b * S_k * D + D * _h_kv * d / m + b * S_k * _h_kv * d / m),
+    "qk_flops_partial": 2 * b * _h * S_q * S_k * d / m,
+    "qk_bytes_partial": w * b * ((_h * S_q + _h_kv * S_k) * d / m + _h * S_q * S_k),
+    "qk_flops_full": 2 * b * _h * S_q * S_k * d,
+    "qk_bytes_full": w * b * ((_h * S_q + _h_kv * S_k) * d + _h * S_q * S_k),
+    "softmax_bytes": 2 * w * b * _h * S_q * S_k,
+    "pv_flops": 2 * b * _h * S_q * S_k * d / m,
+    "pv_bytes": w * b * (_h * S_q * S_k + (_h_kv * S_k + _h * S_q) * d / m),
+    "fused_core_flops": 2 * b * _h * S_q * S_k * (d + d / m),
+    "fused_core_bytes": w * b * ((_h * S_q + _h_kv * S_k) * d + (_h_kv * S_k + _h * S_q) * d / m),
+    "o_proj_flops": 2 * b * S_q * _h * d / m * D,
+    "o_proj_bytes": w * (b * S_q * _h * d / m + _h * d / m * D + b * S_q * D),
+    "block_elementwise_bytes": E * w * b * S_q * D,
+    "score_reduce_bytes": w * b * _h * S_q * S_k,
+    "qk_gather_bytes": w * b * (_h * S_q + _h_kv * S_k) * d,
+    "qk_norm_bytes": 4 * b * (_h * S_q + _h_kv * S_k),        # fp32 partial sums of squares
+    "attn_out_bytes": w * b * S_q * D,                          # all-reduced over N ranks
+    "attn_gather_bytes": w * b * S_q * H * d,                   # no output projection: gathered
+    # MLP, per micro-batch, per rank (T tokens per sequence)
+    "mlp_up_flops": 2 * b * T * D * _f * u,
+    "mlp_up_bytes": w * (b * T * D + u * D * _f + u * b * T * _f),
+    "mlp_act_bytes": w * b * T * _f * (u + 1),
+    "mlp_down_flops": 2 * b * T * _f * D,
+    "mlp_down_bytes": w * (b * T * _f + _f * D + b * T * D),
+    "mlp_out_bytes": w * b * T * D,
+    # memory per rank
+    "attn_params": D * _h * d / m + 2 * D * _h_kv * d / m + o * _h * d / m * D,
+    "mlp_params": (u + 1) * D * _f,
+    "attn_activation": w * (S_q * D + c_kv * S_k * D + (_h * S_q + 2 * _h_kv * S_k) * d / m
+                            + g_qk * (_h * S_q + _h_kv * S_k) * d + _h * S_q * d / m + S_q * D)
+    + x_s * C * w * _h * S_q * S_k + (1 - x_s) * L * _h * S_q,
+    "mlp_activation": w * T * (2 * D + (u + 1) * _f),
+    "residual_activation": w * S * D,
+    "micro_batch": floor((phi * Mem - w * P_r) / A),
+    # the step
+    "micro_batches": ceiling(B / b),
+    "step": t_c + t_x + t_b,                     # no overlap; t_b = 0 for helix
+    "pipeline_step": (M + p_pp - 1) * t_stage,
+    "bubble_fraction": (p_pp - 1) / (M + p_pp - 1),
+    "tokens_per_s": B * S / (t_c + t_x + t_b),
+}
+# Settings enter the formulas as symbols; these are their values.
+_SETTINGS = {"phi": MEMORY_USABLE_FRACTION, "C": SCORE_COPIES, "E": ELEMENTWISE_PASSES_PER_BLOCK,
+             "L": LSE_BYTES}
+
+
+def formulas() -> dict[str, sympy.Expr]:
+    """Every formula the cost model evaluates, by name (symbols: docs/cost_model.md)."""
+    return dict(_FORMULAS)
+
+
+@functools.cache
+def _compiled(name: str):
+    expr = _FORMULAS[name]
+    args = sorted(expr.free_symbols, key=lambda s: s.name)
+    return tuple(a.name for a in args), sympy.lambdify(args, expr, modules="math")
+
+
+def _ev(name: str, env: dict) -> float:
+    names, fn = _compiled(name)
+    return float(fn(*(env[a] if a in env else _SETTINGS[a] for a in names)))
+
+
+# --- records ----------------------------------------------------------------------
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SiteCost:
+    """Predicted time of one attention site or MLP over the whole step."""
+
+    index: int
+    variant: str                       # "heads" | "score-reduce" | "qk-gather" | "mlp"
+    backend: str = ""                  # attention core: a fused SDPA backend or "explicit"
+    compute_ms: float
+    comm_ms: float
+    terms: tuple[tuple[str, float], ...] = ()   # (term, ms), compute then communication
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS + ("mlp",):
+            raise PlanError(f"SiteCost {self.index}: unknown variant {self.variant!r}; "
+                            f"expected one of {VARIANTS + ('mlp',)}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PlanCost:
+    """Predicted step of one plan (helix m x n, or a baseline) on one cluster."""
+
+    name: str                          # "m=2 x n=8", "TP=8 x PP=2"
+    devices: int
+    compute_ms: float                  # per rank, whole batch
+    comm_ms: float
+    bubble_ms: float                   # pipeline bubble; 0 for helix
+    step_ms: float                     # compute + comm + bubble: no overlap assumed
+    tokens_per_s: float
+    comm_ms_per_token: float           # comm_ms / (B * S)
+    memory_bytes_per_rank: int         # at the chosen micro-batch
+    param_elements_per_rank: int
+    micro_batch: int                   # sequences per micro-batch
+    micro_batches: int
+    sites: tuple[SiteCost, ...] = ()
+    mlps: tuple[SiteCost, ...] = ()
+    notes: tuple[str, ...] = ()
+
+    @property
+    def variants(self) -> tuple[str, ...]:
+        return tuple(s.variant for s in self.sites)
+
+
+# --- the machine ----------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class _Machine:
+    cluster: ClusterSpec
+    profile: ComputeProfile
+
+    def matmul_s(self, flops: float, nbytes: float, dtype: str) -> float:
+        eta_ = self.profile.matmul_efficiency(flops, dtype)
+        return self._op(flops, nbytes, eta_, dtype)
+
+    def attention_s(self, backend: str, flops: float, nbytes: float, head_dim: int,
+                    dtype: str) -> float | None:
+        eta_ = self.profile.attention_efficiency(backend, head_dim, dtype)
+        return None if eta_ is None else self._op(flops, nbytes, eta_, dtype)
+
+    def memory_s(self, nbytes: float, efficiency: float) -> float:
+        return self._op(0.0, nbytes, 1.0, "fp32", efficiency)
+
+    def _op(self, flops, nbytes, eta_, dtype, eta_mem_=None) -> float:
+        return _ev("op_time", {
+            "FLOPs": flops, "Q": nbytes, "P": self.cluster.peak_flops(dtype), "eta": eta_,
+            "BW": self.cluster.memory_bandwidth,
+            "eta_mem": self.profile.elementwise_efficiency if eta_mem_ is None else eta_mem_})
+
+    def collective_s(self, kind: str, nbytes: float, groups) -> float:
+        """The slowest of `groups` (rank tuples) running `kind` on `nbytes` at once."""
+        return max((collective_s(kind, nbytes, grp, self.cluster) for grp in groups), default=0.0)
+
+
+def group_span(ranks, cluster: ClusterSpec) -> tuple[int, int]:
+    """(g, k): most ranks of the group on one node, nodes the group touches."""
+    per_node: dict[int, int] = {}
+    for r in ranks:
+        per_node[cluster.node_of(r)] = per_node.get(cluster.node_of(r), 0) + 1
+    return max(per_node.values()), len(per_node)
+
+
+def collective_s(kind: str, nbytes: float, ranks, cluster: ClusterSpec) -> float:
+    """Seconds of one `kind` ("all_reduce" | "all_gather" | "reduce_scatter") over
+    `ranks`; `nbytes` is the full tensor (the gathered one for all-gather)."""
+    if kind not in ("all_reduce", "all_gather", "reduce_scatter"):
+        raise PlanError(f"unknown collective {kind!r}; the cost model knows all_reduce, "
+                        f"all_gather, reduce_scatter")
+    ranks = tuple(ranks)
+    if len(ranks) == 1 or nbytes == 0:
+        return 0.0
+    g_, k_ = group_span(ranks, cluster)
+    what = "all_reduce" if kind == "all_reduce" else "all_gather"   # RS costs as AG
+    if k_ == 1:
+        return _ev(f"ring_{what}", {"alpha": cluster.nvlink_alpha, "p": len(ranks), "X": nbytes,
+                                    "beta": cluster.nvlink_busbw})
+    return _ev(f"hier_{what}", {
+        "alpha_nv": cluster.nvlink_alpha, "alpha_net": cluster.network_alpha, "g": g_, "k": k_,
+        "X": nbytes, "B_nv": cluster.nvlink_busbw, "B_nic": cluster.nic_bandwidth,
+        "R": cluster.nics_per_node})
+
+
+def p2p_s(nbytes: float, src: int, dst: int, senders_per_node: int, cluster: ClusterSpec) -> float:
+    """One send of `nbytes` from rank `src` to `dst` while `senders_per_node`
+    ranks of the node send at once (they share the node's NIC rails)."""
+    if cluster.node_of(src) == cluster.node_of(dst):
+        return _ev("p2p_send", {"alpha": cluster.nvlink_alpha, "X": nbytes,
+                                "beta": cluster.nvlink_busbw})
+    rail = cluster.nic_bandwidth * min(1.0, cluster.nics_per_node / senders_per_node)
+    return _ev("p2p_send", {"alpha": cluster.network_alpha, "X": nbytes, "beta": rail})
+
+
+# --- one micro-batch ------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    """Who shares what: m-groups (score / Q,K collectives) and output groups."""
+
+    m: int
+    n: int
+    shards: int                        # ranks sharing the output projection and MLPs
+    m_groups: tuple[tuple[int, ...], ...] = ()
+    out_groups: tuple[tuple[int, ...], ...] = ()
+
+
+def _helix_layout(m: int, n: int) -> _Layout:
+    mesh = Mesh(n=n, m=m)
+    return _Layout(m, n, m * n, tuple(mesh.groups("dim")), tuple(mesh.groups("all")))
+
+
+def _site_env(site: AttentionSite, w: int, b: int, lay: _Layout) -> dict:
+    return {"b": b, "S_q": site.q_len, "S_k": site.kv_len, "H": site.num_heads,
+            "H_kv": site.num_kv_heads, "d": site.head_dim, "D": site.embed_dim, "m": lay.m,
+            "n": lay.n, "w": w, "o": 1 if site.o_proj else 0, "c_kv": 1 if site.cross else 0}
+
+
+def _mlp_env(mlp: MlpSite, summary: ModelSummary, b: int, shards: int) -> dict:
+    return {"b": b, "T": _tokens_per_sequence(mlp, summary), "D": mlp.hidden, "F": mlp.ffn,
+            "u": len(mlp.up_weights), "N": shards, "w": summary.dtype_bytes}
+
+
+def _tokens_per_sequence(mlp: MlpSite, summary: ModelSummary) -> int:
+    if summary.batch > 0 and mlp.tokens >= summary.batch and mlp.tokens % summary.batch == 0:
+        return mlp.tokens // summary.batch
+    return summary.seq_len
+
+
+def _site_options(site: AttentionSite, lay: _Layout, mach: _Machine,
+                  variant: str | None) -> list[tuple[str, str]]:
+    """(variant, core backend) pairs a site may take: score-reduce is always an
+    explicit core; heads and qk-gather may use any fused kernel the profile has for d."""
+    if lay.m == 1:
+        variants = ("heads",)
+    elif variant is not None:
+        variants = (variant,)
+    else:
+        variants = ("score-reduce", "qk-gather")
+    fused = [bk for bk in ("flash", "cudnn", "efficient")
+             if mach.profile.attention_efficiency(bk, site.head_dim, site.dtype) is not None]
+    return [(v, bk) for v in variants
+            for bk in (("explicit",) if v == "score-reduce" else ("explicit", *fused))]
+
+
+def _attention_terms(site, w, variant, backend, b, lay, mach) -> list[tuple[str, str, float]]:
+    """[(term, "compute" | "comm", seconds)] of one micro-batch of b sequences."""
+    env = _site_env(site, w, b, lay)
+    dt = site.dtype
+    terms = [("q/k/v projections", "compute",
+              mach.matmul_s(_ev("q_proj_flops", env), _ev("q_proj_bytes", env), dt)
+              + mach.matmul_s(_ev("kv_proj_flops", env), _ev("kv_proj_bytes", env), dt))]
+    if variant == "qk-gather":
+        terms.append(("Q,K all-gather (m-group)", "comm",
+                      mach.collective_s("all_gather", _ev("qk_gather_bytes", env), lay.m_groups)))
+    if backend != "explicit":
+        t = mach.attention_s(backend, _ev("fused_core_flops", env), _ev("fused_core_bytes", env),
+                             site.head_dim, dt)
+        terms.append((f"attention core ({backend})", "compute", t))
+    else:
+        qk = "partial" if variant == "score-reduce" else "full"   # d/m or all d in QK^T
+        terms.append(("QK^T over d/m" if qk == "partial" else "QK^T", "compute",
+                      mach.matmul_s(_ev(f"qk_flops_{qk}", env), _ev(f"qk_bytes_{qk}", env), dt)))
+        if variant == "score-reduce":
+            terms.append(("score all-reduce (m-group)", "comm",
+                          mach.collective_s("all_reduce", _ev("score_reduce_bytes", env),
+                                            lay.m_groups)))
+        terms += [("softmax", "compute",
+                   mach.memory_s(_ev("softmax_bytes", env), mach.profile.softmax_efficiency)),
+                  ("PV", "compute", mach.matmul_s(_ev("pv_flops", env), _ev("pv_bytes", env), dt))]
+    if site.qk_norm and lay.m > 1:
+        terms.append(("q/k norm all-reduce (m-group)", "comm",
+                      mach.collective_s("all_reduce", _ev("qk_norm_bytes", env), lay.m_groups)))
+    if site.o_proj:
+        terms += [("output projection", "compute",
+                   mach.matmul_s(_ev("o_proj_flops", env), _ev("o_proj_bytes", env), dt)),
+                  ("output all-reduce", "comm",
+                   mach.collective_s("all_reduce", _ev("attn_out_bytes", env), lay.out_groups))]
+    else:
+        terms.append(("output all-gather", "comm",
+                      mach.collective_s("all_gather", _ev("attn_gather_bytes", env),
+                                        lay.out_groups)))
+    terms.append(("norm + residual", "compute",
+                  mach.memory_s(_ev("block_elementwise_bytes", env),
+                                mach.profile.elementwise_efficiency)))
+    return terms
+
+
+def _mlp_terms(mlp, summary, b, lay, mach) -> list[tuple[str, str, float]]:
+    env = _mlp_env(mlp, summary, b, lay.shards)
+    dt = mlp.dtype
+    ew = mach.profile.elementwise_efficiency
+    return [
+        ("up projection", "compute",
+         mach.matmul_s(_ev("mlp_up_flops", env), _ev("mlp_up_bytes", env), dt)),
+        ("activation", "compute", mach.memory_s(_ev("mlp_act_bytes", env), ew)),
+        ("down projection", "compute",
+         mach.matmul_s(_ev("mlp_down_flops", env), _ev("mlp_down_bytes", env), dt)),
+        ("MLP all-reduce", "comm",
+         mach.collective_s("all_reduce", _ev("mlp_out_bytes", env), lay.out_groups)),
+        ("norm + residual", "compute",
+         mach.memory_s(_ev("block_elementwise_bytes", {**env, "S_q": env["T"]}), ew)),
+    ]
+
+
+# --- memory -----------------------------------------------------------------------
+def _full_weights(summary: ModelSummary) -> int:
+    """Elements of every attention and MLP weight, unsharded."""
+    one = _Layout(1, 1, 1)
+    return (sum(round(_ev("attn_params", _site_env(s, 1, 1, one))) for s in summary.sites)
+            + sum(round(_ev("mlp_params", _mlp_env(x, summary, 1, 1))) for x in summary.mlps))
+
+
+def _params_per_rank(summary: ModelSummary, sites, mlps, lay: _Layout) -> int:
+    """Replicated parameters whole, `sites` as rank (i, j) holds them, `mlps`
+    over `lay.shards` ranks; parameters no site explains (biases) over the shards too."""
+    other = max(0, summary.param_elements - summary.replicated_elements - _full_weights(summary))
+    return (summary.replicated_elements + math.ceil(other / lay.shards)
+            + sum(math.ceil(_ev("attn_params", _site_env(s, 1, 1, lay))) for s in sites)
+            + sum(math.ceil(_ev("mlp_params", _mlp_env(x, summary, 1, lay.shards)))
+                  for x in mlps))
+
+
+def _site_activation(site, w: int, variant: str, backend: str, lay: _Layout) -> float:
+    env = {**_site_env(site, w, 1, lay), "g_qk": 1 if variant == "qk-gather" else 0,
+           "x_s": 1 if backend == "explicit" else 0}
+    return _ev("attn_activation", env)
+
+
+def _activation_per_sequence(summary, site_peaks, mlps, lay: _Layout) -> float:
+    """Residual stream + the largest block: blocks run one after another."""
+    peaks = list(site_peaks) + [_ev("mlp_activation", _mlp_env(x, summary, 1, lay.shards))
+                                for x in mlps]
+    hidden = summary.sites[0].embed_dim if summary.sites else (
+        summary.mlps[0].hidden if summary.mlps else 0)
+    residual = _ev("residual_activation", {"w": summary.dtype_bytes, "S": summary.seq_len,
+                                           "D": hidden})
+    return residual + max(peaks, default=0.0)
+
+
+def _micro_batch(summary, params: int, act: float, cluster: ClusterSpec) -> int:
+    """Largest whole number of sequences that fits, at most B; 0 when none does."""
+    fit = _ev("micro_batch", {"Mem": cluster.memory_bytes, "w": summary.dtype_bytes,
+                              "P_r": params, "A": max(act, 1.0)})
+    return int(max(0, min(fit, summary.batch)))
+
+
+def _memory_reason(summary, params: int, act: float, cluster: ClusterSpec) -> str:
+    gib = 2 ** 30
+    p_bytes = params * summary.dtype_bytes
+    return (f"memory: one sequence needs {(p_bytes + act) / gib:.2f} GiB per rank (parameters "
+            f"{p_bytes / gib:.2f} GiB + activations {act / gib:.2f} GiB) > "
+            f"{MEMORY_USABLE_FRACTION * cluster.memory_bytes / gib:.2f} GiB usable of "
+            f"{cluster.memory_bytes / gib:.2f} GiB per {cluster.gpu}")
+
+
+def memory_reason(summary: ModelSummary, m: int, n: int, cluster: ClusterSpec,
+                  profile: ComputeProfile | None = None) -> str | None:
+    """None when a one-sequence micro-batch of helix m x n fits on every rank
+    (each site in its least-memory variant and core), else a sentence why not."""
+    mach = _Machine(cluster, profile or DEFAULT_PROFILE)
+    lay = _helix_layout(m, n)
+    w = summary.dtype_bytes
+    peaks = [min(_site_activation(s, w, v, bk, lay) for v, bk in _site_options(s, lay, mach, None))
+             for s in summary.sites]
+    params = _params_per_rank(summary, summary.sites, summary.mlps, lay)
+    act = _activation_per_sequence(summary, peaks, summary.mlps, lay)
+    return None if _micro_batch(summary, params, act, cluster) >= 1 else _memory_reason(
+        summary, params, act, cluster)
+
+
+# --- plans ------------------------------------------------------------------------
+def _seconds(terms, kind: str | None = None) -> float:
+    return sum(t for _, k, t in terms if kind is None or k == kind)
+
+
+def _choose_cores(summary, cluster, sites, params: int, lay: _Layout, mach: _Machine,
+                  variant: str | None) -> list[tuple[str, str]]:
+    """Per site the (variant, backend) fastest for one sequence among those whose
+    one-sequence micro-batch fits; the least-memory one when none fits."""
+    w = summary.dtype_bytes
+    chosen = []
+    for site in sites:
+        options = _site_options(site, lay, mach, variant)
+        act = {o: _site_activation(site, w, *o, lay) for o in options}
+        fits = [o for o in options if _micro_batch(
+            summary, params, _activation_per_sequence(summary, [act[o]], (), lay), cluster) >= 1]
+        if fits:
+            chosen.append(min(fits, key=lambda o: (
+                _seconds(_attention_terms(site, w, *o, 1, lay, mach)), VARIANTS.index(o[0]))))
+        else:
+            chosen.append(min(options, key=act.__getitem__))
+    return chosen
+
+
+def _micro_batches(batch: int, b: int) -> list[tuple[int, int]]:
+    """[(sequences, how many micro-batches of that size)]: B // b of b, one of B % b."""
+    counts = [(b, batch // b)]
+    return counts + [(batch % b, 1)] if batch % b else counts
+
+
+def _aggregate(index: int, variant: str, backend: str, per_micro) -> SiteCost:
+    """SiteCost over the step from [(count, terms of one micro-batch)]."""
+    ms: dict[tuple[str, str], float] = {}
+    for count, terms in per_micro:
+        for name, kind, t in terms:
+            ms[(name, kind)] = ms.get((name, kind), 0.0) + count * t * 1e3
+    ordered = sorted(ms.items(), key=lambda kv: kv[0][1] == "comm")   # compute first, stable
+    return SiteCost(index=index, variant=variant, backend=backend,
+                    compute_ms=sum(v for (_, k), v in ms.items() if k == "compute"),
+                    comm_ms=sum(v for (_, k), v in ms.items() if k == "comm"),
+                    terms=tuple((name, v) for (name, _), v in ordered))
+
+
+def _check_devices(name: str, devices: int, cluster: ClusterSpec) -> None:
+    if devices > cluster.devices:
+        raise PlanError(f"{name} needs {devices} GPUs but cluster {cluster.name!r} has "
+                        f"{cluster.devices} ({cluster.nodes} nodes x {cluster.gpus_per_node}); "
+                        f"try a larger cluster file or fewer devices")
+
+
+def _finish(name, summary, devices, compute_s, comm_s, bubble_s, params, act, b, sites, mlps,
+            notes=()) -> PlanCost:
+    tokens = summary.batch * summary.seq_len
+    return PlanCost(
+        name=name, devices=devices, compute_ms=compute_s * 1e3, comm_ms=comm_s * 1e3,
+        bubble_ms=bubble_s * 1e3, step_ms=_ev("step", {"t_c": compute_s, "t_x": comm_s,
+                                                       "t_b": bubble_s}) * 1e3,
+        tokens_per_s=_ev("tokens_per_s", {"B": summary.batch, "S": summary.seq_len,
+                                          "t_c": compute_s, "t_x": comm_s, "t_b": bubble_s}),
+        comm_ms_per_token=comm_s * 1e3 / tokens,
+        memory_bytes_per_rank=math.ceil(params * summary.dtype_bytes + b * act),
+        param_elements_per_rank=params, micro_batch=b,
+        micro_batches=int(_ev("micro_batches", {"B": summary.batch, "b": b})),
+        sites=tuple(sites), mlps=tuple(mlps), notes=tuple(notes))
+
+
+def cost_plan(summary: ModelSummary, m: int, n: int, cluster: ClusterSpec,
+              profile: ComputeProfile | None = None, variant: str | None = None) -> PlanCost:
+    """Predicted step of helix m x n. `variant` forces "score-reduce" or
+    "qk-gather" on every site when m > 1; otherwise each site takes the faster."""
+    if variant not in (None, "score-reduce", "qk-gather"):
+        raise PlanError(f"variant must be 'score-reduce' or 'qk-gather' (or None to choose), "
+                        f"got {variant!r}")
+    name = f"m={m} x n={n}"
+    _check_devices(name, m * n, cluster)
+    mach, lay, w = _Machine(cluster, profile or DEFAULT_PROFILE), _helix_layout(m, n), summary.dtype_bytes
+    params = _params_per_rank(summary, summary.sites, summary.mlps, lay)
+    cores = _choose_cores(summary, cluster, summary.sites, params, lay, mach, variant)
+    act = _activation_per_sequence(
+        summary, [_site_activation(s, w, *c, lay) for s, c in zip(summary.sites, cores)],
+        summary.mlps, lay)
+    b = _micro_batch(summary, params, act, cluster)
+    if b < 1:
+        raise PlanError(f"{name}: {_memory_reason(summary, params, act, cluster)}; "
+                        f"try more devices or another split")
+    counts = _micro_batches(summary.batch, b)
+    sites = [_aggregate(s.index, v, bk, [(c, _attention_terms(s, w, v, bk, size, lay, mach))
+                                         for size, c in counts])
+             for s, (v, bk) in zip(summary.sites, cores)]
+    mlps = [_aggregate(x.index, "mlp", "", [(c, _mlp_terms(x, summary, size, lay, mach))
+                                            for size, c in counts]) for x in summary.mlps]
+    compute = sum(s.compute_ms for s in sites + mlps) / 1e3
+    comm = sum(s.comm_ms for s in sites + mlps) / 1e3
+    return _finish(name, summary, m * n, compute, comm, 0.0, params, act, b, sites, mlps)
+
+
+def _tp_reason(site: AttentionSite, tp: int) -> str | None:
+    if site.num_heads % tp:
+        return f"H={site.num_heads} heads not divisible by TP={tp}"
+    kv = site.num_kv_heads
+    if (tp <= kv and kv % tp) or (tp > kv and tp % kv):
+        return f"H_kv={kv} kv heads cannot be split or replicated evenly over TP={tp}"
+    return None
+
+
+def cost_baseline(summary: ModelSummary, tp: int, pp: int, cluster: ClusterSpec,
+                  profile: ComputeProfile | None = None) -> PlanCost:
+    """Predicted step of Megatron TP x PP: heads and MLP columns over tp ranks,
+    layers over pp stages (stage s on ranks [s*tp, (s+1)*tp))."""
+    name = f"TP={tp} x PP={pp}" if pp > 1 else f"TP={tp}"
+    _check_devices(name, tp * pp, cluster)
+    for site in summary.sites:
+        if (why := _tp_reason(site, tp)) is not None:
+            raise PlanError(f"{name}: {why} (site {site.index}); try a TP that divides H")
+    layers = max(len(summary.sites), len(summary.mlps))
+    if pp > max(layers, 1):
+        raise PlanError(f"{name}: PP={pp} stages need at least {pp} layers, the model has "
+                        f"{layers}; try PP <= {max(layers, 1)}")
+    mach, w = _Machine(cluster, profile or DEFAULT_PROFILE), summary.dtype_bytes
+    stages = []
+    for s in range(pp):
+        lay = _Layout(1, tp, tp, (), (tuple(range(s * tp, (s + 1) * tp)),))
+        sites = [x for i, x in enumerate(summary.sites) if i * pp // len(summary.sites) == s]
+        mlps = [x for i, x in enumerate(summary.mlps) if i * pp // len(summary.mlps) == s]
+        params = _params_per_rank(summary, sites, mlps, lay)
+        cores = _choose_cores(summary, cluster, sites, params, lay, mach, None)
+        act = _activation_per_sequence(
+            summary, [_site_activation(x, w, *c, lay) for x, c in zip(sites, cores)], mlps, lay)
+        stages.append((s, lay, sites, mlps, cores, params, act))
+    b = min(_micro_batch(summary, params, act, cluster) for *_, params, act in stages)
+    if b < 1:
+        worst = max(stages, key=lambda st: st[5] * w + st[6])
+        raise PlanError(f"{name}: {_memory_reason(summary, worst[5], worst[6], cluster)}; "
+                        f"try more devices")
+    counts = _micro_batches(summary.batch, b)
+
+    def recv_terms(s: int, size: int) -> list[tuple[str, str, float]]:
+        if s == 0:
+            return []
+        act_bytes = w * size * summary.seq_len * (summary.sites[0].embed_dim if summary.sites
+                                                  else summary.mlps[0].hidden)
+        part = act_bytes / tp if PP_SCATTER_GATHER else act_bytes
+        senders = min(tp, cluster.gpus_per_node)
+        t = p2p_s(part, (s - 1) * tp, s * tp, senders, cluster)
+        if PP_SCATTER_GATHER:
+            t += collective_s("all_gather", act_bytes, range(s * tp, (s + 1) * tp), cluster)
+        return [("stage-boundary send", "comm", t)]
+
+    site_costs, mlp_costs, per_stage = [], [], []
+    for s, lay, sites, mlps, cores, params, act in stages:
+        sc = [_aggregate(x.index, v, bk, [(c, _attention_terms(x, w, v, bk, size, lay, mach))
+                                          for size, c in counts])
+              for x, (v, bk) in zip(sites, cores)]
+        mc = [_aggregate(x.index, "mlp", "", [(c, _mlp_terms(x, summary, size, lay, mach))
+                                              for size, c in counts]) for x in mlps]
+        send = sum(c * _seconds(recv_terms(s, size)) for size, c in counts)
+        compute = sum(x.compute_ms for x in sc + mc) / 1e3
+        comm = sum(x.comm_ms for x in sc + mc) / 1e3 + send
+        one = sum(_seconds(_attention_terms(x, w, *core, b, lay, mach))
+                  for x, core in zip(sites, cores)) + sum(
+            _seconds(_mlp_terms(x, summary, b, lay, mach)) for x in mlps) + _seconds(
+            recv_terms(s, b))
+        site_costs += sc
+        mlp_costs += mc
+        per_stage.append((compute + comm, compute, comm, send, one, params, act))
+    _, compute, comm, send, t_stage, params, act = max(per_stage)
+    m_count = int(_ev("micro_batches", {"B": summary.batch, "b": b}))
+    bubble = _ev("bubble_fraction", {"M": m_count, "p_pp": pp}) * _ev(
+        "pipeline_step", {"M": m_count, "p_pp": pp, "t_stage": t_stage})
+    notes = [f"slowest stage: compute {compute * 1e3:.1f} ms + comm {comm * 1e3:.1f} ms "
+             f"(stage-boundary sends {send * 1e3:.1f} ms) over {m_count} micro-batches"]
+    return _finish(name, summary, tp * pp, compute, comm, bubble, params, act, b,
+                   site_costs, mlp_costs, notes)
