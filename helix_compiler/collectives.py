@@ -1,0 +1,169 @@
+"""Collectives as visible graph ops, carried out by whichever backend runs the rank.
+
+Rank graphs call `torch.ops.helix.all_reduce(x, axes, op)` and
+`torch.ops.helix.all_gather(x, axes, dim, sizes)` where `axes` names the mesh
+group ("dim" = m-group, "head" = n-group, "all").  They are torch custom ops so
+that they print by name in a rank module's code, survive save/load as code and
+trace through torch.export.  What they do depends on the backend bound to the
+running thread:
+
+* `SimulatedBackend`: all N rank modules run in one process, one thread each;
+  a collective waits for its group and computes the result from the N inputs
+  (summing in group order, so every rank gets bit-identical results).
+* `DistributedBackend`: torch.distributed functional collectives over the
+  sub-groups of a 2-D DeviceMesh ("head", "dim"), NCCL or gloo.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from .errors import HelixError
+from .mesh import Mesh
+
+_local = threading.local()
+
+
+def bind(backend) -> None:
+    """Bind a backend to the calling thread (None unbinds)."""
+    _local.backend = backend
+
+
+def _backend():
+    b = getattr(_local, "backend", None)
+    if b is None:
+        raise HelixError(
+            "a Helix rank module ran outside a Helix runtime, so its collectives have no group; "
+            "run it through HelixProgram.simulate(), `helix run`, or call "
+            "helix_compiler.runtime.init_distributed(plan) in each torchrun process first")
+    return b
+
+
+@torch.library.custom_op("helix::all_reduce", mutates_args=())
+def all_reduce(x: torch.Tensor, axes: str, op: str) -> torch.Tensor:
+    return _backend().all_reduce(x, axes, op)
+
+
+@all_reduce.register_fake
+def _(x, axes, op):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("helix::all_gather", mutates_args=())
+def all_gather(x: torch.Tensor, axes: str, dim: int, sizes: list[int]) -> torch.Tensor:
+    return _backend().all_gather(x, axes, dim, sizes)
+
+
+@all_gather.register_fake
+def _(x, axes, dim, sizes):
+    shape = list(x.shape)
+    shape[dim] = sum(sizes)
+    return x.new_empty(shape)
+
+
+class _Aborted(HelixError):
+    pass
+
+
+class SimulatedBackend:
+    """All ranks in one process: one thread per rank, collectives meet at a rendezvous."""
+
+    def __init__(self, mesh: Mesh, timeout_s: float = 300.0):
+        self.mesh = mesh
+        self.timeout_s = timeout_s
+        self._cv = threading.Condition()
+        self._slots: dict = {}
+        self._seq: dict = {}
+        self.failed: BaseException | None = None
+
+    def for_rank(self, rank: int) -> "_RankView":
+        return _RankView(self, rank)
+
+    def abort(self, err: BaseException) -> None:
+        with self._cv:
+            if self.failed is None:
+                self.failed = err
+            self._cv.notify_all()
+
+    def _exchange(self, rank: int, axes: str, kind: str, x: torch.Tensor, combine):
+        group = self.mesh.group(rank, axes)
+        with self._cv:
+            seq = self._seq.get((rank, axes), 0)
+            self._seq[(rank, axes)] = seq + 1
+            key = (group, kind, seq)
+            slot = self._slots.setdefault(key, {"inputs": {}, "result": None, "taken": 0})
+            slot["inputs"][rank] = x
+            if len(slot["inputs"]) == len(group):
+                slot["result"] = combine([slot["inputs"][r] for r in group])
+                self._cv.notify_all()
+            ok = self._cv.wait_for(lambda: slot["result"] is not None or self.failed is not None,
+                                   timeout=self.timeout_s)
+            if self.failed is not None and slot["result"] is None:
+                raise _Aborted(f"rank {rank}: another rank failed before collective {kind} over {axes}")
+            if not ok:
+                raise HelixError(f"rank {rank}: collective {kind} over {axes} timed out after "
+                                 f"{self.timeout_s:.0f} s; a rank of group {list(group)} never arrived")
+            result = slot["result"]
+            slot["taken"] += 1
+            if slot["taken"] == len(group):
+                del self._slots[key]
+        return result
+
+
+class _RankView:
+    def __init__(self, sim: SimulatedBackend, rank: int):
+        self.sim, self.rank = sim, rank
+
+    def all_reduce(self, x, axes, op):
+        def combine(xs):
+            out = xs[0].clone()
+            for y in xs[1:]:
+                if op == "sum":
+                    out = out + y
+                elif op == "max":
+                    out = torch.maximum(out, y)
+                else:
+                    raise HelixError(f"unknown reduce op {op!r}; expected 'sum' or 'max'")
+            return out
+        return self.sim._exchange(self.rank, axes, "all_reduce", x, combine).clone()
+
+    def all_gather(self, x, axes, dim, sizes):
+        return self.sim._exchange(self.rank, axes, f"all_gather{dim}", x,
+                                  lambda xs: torch.cat(xs, dim=dim)).clone()
+
+
+class DistributedBackend:
+    """torch.distributed functional collectives on the sub-groups of a ("head", "dim") DeviceMesh."""
+
+    def __init__(self, mesh: Mesh, device_type: str):
+        from torch.distributed.device_mesh import init_device_mesh
+
+        self.mesh = mesh
+        self.device_mesh = init_device_mesh(device_type, (mesh.n, mesh.m), mesh_dim_names=("head", "dim"))
+        self.groups = {"head": self.device_mesh.get_group("head"),
+                       "dim": self.device_mesh.get_group("dim"),
+                       "all": torch.distributed.group.WORLD}
+
+    def all_reduce(self, x, axes, op):
+        import torch.distributed._functional_collectives as funcol
+
+        out = funcol.all_reduce(x.contiguous(), {"sum": "sum", "max": "max"}[op], self.groups[axes])
+        return funcol.wait_tensor(out) if hasattr(funcol, "wait_tensor") else out
+
+    def all_gather(self, x, axes, dim, sizes):
+        import torch.distributed._functional_collectives as funcol
+
+        group = self.groups[axes]
+        big = max(sizes)
+        if x.shape[dim] != big:  # uneven shards travel padded
+            pad = list(x.shape)
+            pad[dim] = big - x.shape[dim]
+            x = torch.cat([x, x.new_zeros(pad)], dim=dim)
+        out = funcol.all_gather_tensor(x.contiguous(), gather_dim=dim, group=group)
+        out = funcol.wait_tensor(out) if hasattr(funcol, "wait_tensor") else out
+        if any(s != big for s in sizes):
+            parts = torch.split(out, big, dim=dim)
+            out = torch.cat([p.narrow(dim, 0, s) for p, s in zip(parts, sizes)], dim=dim)
+        return out

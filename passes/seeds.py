@@ -1,0 +1,76 @@
+"""seeds: which output features of each column-sharded projection a rank computes.
+
+Rank (i, j) owns query heads H_i = [i*H/n, (i+1)*H/n) and, inside each head,
+the dims D_j (DESIGN.md section 2).  D_j keeps rotary pairs whole: for
+rotate-half rotary over r dims, D_j = T_j + (T_j + r/2) + (r + P_j) with T_j
+the j-th block of [0, r/2) and P_j the j-th block of the d - r unrotated dims;
+for interleaved rotary and no rotary it is the j-th contiguous block.  Scores
+are invariant under one permutation of the head dims shared by q and k, so any
+such D_j is exact.  Key/value heads follow their query heads (repeated over
+groups when n > H_kv); value dims are split in contiguous blocks.
+
+Invariant: the union over j of D_j is [0, d) and the D_j are disjoint; every
+rank's feature list is sorted, so local tensors keep the global layout order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from helix_compiler.errors import ShardingError
+from helix_compiler.mesh import Mesh
+from helix_compiler.sites import MlpSite
+
+from .find_attention import SiteMatch
+
+
+def head_dims(d: int, m: int, j: int, rotary) -> np.ndarray:
+    """D_j: the head dims slice j owns (whole rotary pairs)."""
+    if rotary is None:
+        return np.arange(j * d // m, (j + 1) * d // m)
+    r = rotary.dims
+    rest = np.arange(r + j * (d - r) // m, r + (j + 1) * (d - r) // m)
+    if rotary.style == "interleaved":
+        return np.concatenate([np.arange(j * r // m, (j + 1) * r // m), rest])
+    half = r // 2
+    t = np.arange(j * half // m, (j + 1) * half // m)
+    return np.concatenate([t, t + half, rest])
+
+
+def site_seeds(match: SiteMatch, mesh: Mesh) -> dict:
+    """projection node name -> per-rank sorted feature lists."""
+    s = match.site
+    H, d, n, m = s.num_heads, s.head_dim, mesh.n, mesh.m
+    dv = match.v_groups.shape[1]
+    if H % n or d % m or dv % m:
+        raise ShardingError(f"attention site {s.index}: H={H}, d={d} cannot be split into n={n} head "
+                            f"groups of m={m} dim slices; choose a feasible (m, n)")
+    if s.rotary is not None:
+        r = s.rotary.dims
+        unit = r // 2 if s.rotary.style == "half" else r
+        if unit % m or (d - r) % m or (s.rotary.style == "interleaved" and (r // m) % 2):
+            raise ShardingError(f"attention site {s.index}: rotary over {r} of {d} dims cannot give "
+                                f"each of m={m} slices whole rotary pairs; choose a smaller m")
+    per_proj: dict = {}
+    for rank in range(mesh.size):
+        i, j = mesh.coords(rank)
+        heads = np.arange(i * H // n, (i + 1) * H // n)
+        dims = head_dims(d, m, j, s.rotary)
+        vdims = np.arange(j * dv // m, (j + 1) * dv // m)
+        kv = sorted({match.kv_of_q[h] for h in heads})
+        feats = (
+            (match.q.proj, match.q.heads[np.ix_(heads, dims)].reshape(-1)),
+            (match.k.proj, match.k_groups[np.ix_(kv, dims)].reshape(-1)),
+            (match.v.proj, match.v_groups[np.ix_(kv, vdims)].reshape(-1)),
+        )
+        for proj, fs in feats:  # one fused projection may serve all three
+            per_proj.setdefault(proj.name, [set() for _ in range(mesh.size)])
+            per_proj[proj.name][rank].update(int(f) for f in fs)
+    return {name: tuple(np.array(sorted(x), dtype=np.int64) for x in lists)
+            for name, lists in per_proj.items()}
+
+
+def mlp_seeds(mlp: MlpSite, mesh: Mesh) -> dict:
+    """Each up projection's F features in N nearly equal contiguous blocks."""
+    blocks = tuple(np.asarray(b, dtype=np.int64) for b in np.array_split(np.arange(mlp.ffn), mesh.size))
+    return {name: blocks for name in mlp.up}
