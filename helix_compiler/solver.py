@@ -1,0 +1,169 @@
+r"""Which (m, n) splits of N devices can run a model exactly, and why not.
+
+Problem. Given N devices and attention sites s = (H_s, H_kv_s, d_s, rotary_s),
+find every pair (m, n) of positive integers with
+
+    m * n = N                                              (sympy.divisors(N))
+
+such that every site can be split into n head groups of m dim slices:
+
+    H_s % n == 0                                           heads per group
+    d_s % m == 0                                           dims per slice
+    n <= H_kv_s:  H_kv_s % n == 0                          kv heads per group
+    n >  H_kv_s:  n % H_kv_s == 0                          kv head replicated n/H_kv times
+    rotary "half", r dims:         (r/2) % m == 0, (d - r) % m == 0
+    rotary "interleaved", r dims:  r % (2m) == 0,  (d - r) % m == 0
+                                   (each slice gets whole rotary pairs)
+    memory (given a cluster):      w * params_rank + act(1 sequence) <= phi * memory
+
+MLPs are sharded over all N ranks (unevenly when F % N != 0) and never exclude
+a split. A model with no attention sites has one meaningful split, m = 1,
+n = N. Every excluded pair carries its reasons as sentences with the numbers
+(`_site_reasons`, `cost.memory_reason`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sympy
+
+from .cluster import ClusterSpec
+from .cost import memory_reason
+from .errors import PlanError
+from .sites import AttentionSite, ModelSummary
+
+NO_ATTENTION = "no attention: only n = devices"
+# Device counts `require_feasible` lists when nothing fits: up to
+# max(2 * devices, FEASIBLE_LISTING_MIN), and at most this many of them.
+FEASIBLE_LISTING_MIN = 64
+FEASIBLE_LISTING_MAX_COUNT = 20
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Candidate:
+    """One split of the devices: n head groups x m dim slices."""
+
+    m: int
+    n: int
+    feasible: bool
+    reasons: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.m < 1 or self.n < 1:
+            raise PlanError(f"Candidate needs m >= 1 and n >= 1, got m={self.m}, n={self.n}")
+        if self.feasible == bool(self.reasons):
+            raise PlanError(f"Candidate m={self.m} x n={self.n}: feasible={self.feasible} "
+                            f"contradicts reasons={self.reasons!r}")
+
+    @property
+    def devices(self) -> int:
+        return self.m * self.n
+
+    def __str__(self) -> str:
+        return f"m={self.m} x n={self.n}"
+
+
+def check_devices(devices: object) -> int:
+    """`devices` itself if it is a positive int, else PlanError."""
+    if isinstance(devices, bool) or not isinstance(devices, int) or devices <= 0:
+        raise PlanError(f"devices must be a positive integer, got {devices!r}; try 8 or 16")
+    return devices
+
+
+def _site_reasons(site: AttentionSite, m: int, n: int) -> list[str]:
+    H, H_kv, d = site.num_heads, site.num_kv_heads, site.head_dim
+    out = []
+    if H % n:
+        out.append(f"H={H} heads not divisible by n={n}")
+    if d % m:
+        out.append(f"head dim d={d} not divisible by m={m}")
+    if H_kv == H:
+        pass   # MHA: the kv heads split exactly as the query heads do
+    elif n <= H_kv and H_kv % n:
+        out.append(f"H_kv={H_kv} kv heads not divisible by n={n}")
+    elif n > H_kv and n % H_kv:
+        out.append(f"n={n} is not a multiple of H_kv={H_kv} kv heads "
+                   f"(each kv head must be replicated over a whole number of groups)")
+    if site.rotary is not None and m > 1:
+        r = site.rotary.dims
+        if site.rotary.style == "half" and (r // 2) % m:
+            out.append(f"rotary 'half' r={r}: its r/2={r // 2} pairs (t, t+{r // 2}) "
+                       f"cannot be dealt evenly to m={m} slices")
+        if site.rotary.style == "interleaved" and r % (2 * m):
+            out.append(f"rotary 'interleaved' r={r}: r/m={r / m:g} dims per slice is not "
+                       f"a whole number of pairs (needs r % 2m == 0, m={m})")
+        if (d - r) % m:
+            out.append(f"{d - r} unrotated dims (d={d}, r={r}) not divisible by m={m}")
+    return out
+
+
+def _merge(per_site: list[tuple[int, str]]) -> tuple[str, ...]:
+    """One reason per distinct sentence, naming the sites it holds for."""
+    sites: dict[str, list[int]] = {}
+    for index, text in per_site:
+        sites.setdefault(text, []).append(index)
+    return tuple(f"{text} (site{'s' if len(ix) > 1 else ''} {_ranges(ix)})"
+                 for text, ix in sites.items())
+
+
+def _ranges(ix: list[int]) -> str:
+    ix = sorted(ix)
+    runs, start = [], ix[0]
+    for a, b in zip(ix, ix[1:] + [None]):
+        if b != a + 1:
+            runs.append(f"{start}" if start == a else f"{start}-{a}")
+            start = b
+    return ", ".join(runs)
+
+
+def solve(summary: ModelSummary, devices: int,
+          cluster: ClusterSpec | None = None) -> tuple[Candidate, ...]:
+    """Every (m, n) with m * n = devices, smallest m first, with why each is
+    excluded. With a cluster, devices beyond it and splits whose one-sequence
+    micro-batch does not fit in memory are excluded too."""
+    check_devices(devices)
+    out = []
+    for m in sympy.divisors(devices):
+        m, n = int(m), devices // int(m)
+        if not summary.sites:
+            reasons = [] if m == 1 else [NO_ATTENTION]
+        else:
+            reasons = list(_merge([(s.index, r) for s in summary.sites
+                                   for r in _site_reasons(s, m, n)]))
+        if cluster is not None and not reasons:
+            if devices > cluster.devices:
+                reasons.append(f"{devices} devices but cluster {cluster.name!r} has "
+                               f"{cluster.devices} GPUs ({cluster.nodes} nodes x "
+                               f"{cluster.gpus_per_node})")
+            elif (why := memory_reason(summary, m, n, cluster)) is not None:
+                reasons.append(why)
+        out.append(Candidate(m=m, n=n, feasible=not reasons, reasons=tuple(reasons)))
+    return tuple(out)
+
+
+def feasible_device_counts(summary: ModelSummary, upto: int,
+                           cluster: ClusterSpec | None = None) -> tuple[int, ...]:
+    """Device counts 1..upto with at least one feasible (m, n)."""
+    return tuple(c for c in range(1, upto + 1)
+                 if any(x.feasible for x in solve(summary, c, cluster)))
+
+
+def require_feasible(summary: ModelSummary, devices: object,
+                     cluster: ClusterSpec | None = None) -> tuple[Candidate, ...]:
+    """The feasible candidates for `devices`; PlanError when devices is not a
+    positive integer or no split fits, listing the device counts that do."""
+    devices = check_devices(devices)
+    candidates = solve(summary, devices, cluster)
+    feasible = tuple(c for c in candidates if c.feasible)
+    if feasible:
+        return feasible
+    upto = max(2 * devices, FEASIBLE_LISTING_MIN)
+    if cluster is not None:
+        upto = min(upto, cluster.devices)
+    counts = feasible_device_counts(summary, upto, cluster)[:FEASIBLE_LISTING_MAX_COUNT]
+    why = "; ".join(f"{c}: {', '.join(c.reasons)}" for c in candidates)
+    fits = (f"device counts that fit (up to {upto}): {', '.join(map(str, counts))}"
+            if counts else f"no device count up to {upto} fits")
+    raise PlanError(f"no (m, n) split of {devices} devices fits model {summary.name!r}: "
+                    f"{why}. {fits}")
