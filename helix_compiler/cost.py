@@ -631,7 +631,8 @@ def cost_baseline(summary: ModelSummary, tp: int, pp: int, cluster: ClusterSpec,
     m_count = int(_ev("micro_batches", {"B": summary.batch, "b": b}))
     bubble = _ev("bubble_fraction", {"M": m_count, "p_pp": pp}) * _ev(
         "pipeline_step", {"M": m_count, "p_pp": pp, "t_stage": t_stage})
-    notes = [f"slowest stage: compute {compute * 1e3:.1f} ms + comm {comm * 1e3:.1f} ms "
-             f"(stage-boundary sends {send * 1e3:.1f} ms) over {m_count} micro-batches"]
+    sends = f" (stage-boundary sends {send * 1e3:.1f} ms)" if pp > 1 else ""
+    notes = [f"slowest stage: compute {compute * 1e3:.1f} ms + comm {comm * 1e3:.1f} ms"
+             f"{sends} over {m_count} micro-batches"]
     return _finish(name, summary, tp * pp, compute, comm, bubble, params, act, b,
                    site_costs, mlp_costs, notes)
