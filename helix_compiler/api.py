@@ -1,0 +1,73 @@
+"""`helix_compile`: the one entry point of the library."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import HelixError, PlanError
+from .mesh import Mesh
+from .pipeline import analyze
+from .program import HelixProgram
+
+
+def _check_devices(devices) -> int:
+    if isinstance(devices, bool) or not isinstance(devices, int) or devices <= 0:
+        raise PlanError(f"devices must be a positive integer, got {devices!r}; try devices=8 or devices=16")
+    return devices
+
+
+def plan_model(model: torch.nn.Module, devices: int = 16, example_inputs=(), example_kwargs=None,
+               cluster=None, plan=None, variant=None, profile=None, print_after=()):
+    """Capture, find attention and MLPs, solve and cost: (Plan, Analysis). Nothing is sharded."""
+    from .cluster import load_cluster
+    from .plan import Plan, make_plan
+
+    devices = _check_devices(devices)
+    if not isinstance(example_inputs, tuple):
+        example_inputs = (example_inputs,)
+    spec = cluster if cluster is not None and not isinstance(cluster, str) else load_cluster(cluster or "paper")
+    analysis = analyze(model, example_inputs, example_kwargs or {}, print_after=print_after)
+    forced = None
+    if isinstance(plan, Plan):
+        forced = (plan.m, plan.n)
+        if plan.devices != devices:
+            raise PlanError(f"plan is for {plan.devices} devices, not devices={devices}; "
+                            f"compile with devices={plan.devices} or make a new plan")
+    elif plan is not None:
+        if not (isinstance(plan, (tuple, list)) and len(plan) == 2 and all(isinstance(x, int) for x in plan)):
+            raise PlanError(f"plan must be (m, n) with integers m * n = devices, got {plan!r}")
+        forced = (int(plan[0]), int(plan[1]))
+    result = make_plan(analysis.summary, devices, spec, profile=profile, forced=forced, variant=variant)
+    if isinstance(plan, Plan) and plan.model != result.model:
+        raise PlanError(f"plan was made for model {plan.model}, not for this model ({result.model}); "
+                        f"make a new plan with `helix plan`")
+    return result, analysis
+
+
+def helix_compile(model: torch.nn.Module, devices: int = 16, example_inputs=(), example_kwargs=None,
+                  cluster=None, plan=None, variant=None, profile=None, print_after=()) -> HelixProgram:
+    """Compile `model` for `devices` ranks: capture, plan, shard; returns a HelixProgram.
+
+    plan=(m, n) forces a split; variant="score-reduce" | "qk-gather" forces the m > 1 variant
+    of every site (for tests); cluster is a preset name, a YAML path or a ClusterSpec.
+    """
+    from passes.seeds import mlp_seeds, site_seeds
+    from passes.shard import localize
+
+    result, analysis = plan_model(model, devices, example_inputs, example_kwargs, cluster, plan,
+                                  variant, profile, print_after)
+    mesh = Mesh(n=result.n, m=result.m)
+    seeds, variants = {}, {}
+    try:
+        for match, site_plan in zip(analysis.matches, result.sites):
+            seeds.update(site_seeds(match, mesh))
+            variants[match.site.core_nodes[0]] = site_plan.variant
+        for mlp in analysis.mlps:
+            seeds.update(mlp_seeds(mlp, mesh))
+        localized = localize(analysis.captured.gm, mesh, seeds, variants, analysis.captured.params)
+    except HelixError:
+        raise
+    except Exception as e:
+        raise HelixError(f"stage shard failed after capture, find_attention, find_mlp, plan: "
+                         f"{type(e).__name__}: {e}") from e
+    return HelixProgram(plan=result, analysis=analysis, localized=localized, mesh=mesh)

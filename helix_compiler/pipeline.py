@@ -1,0 +1,110 @@
+"""The compiler pipeline: one short list of named stages (DESIGN.md section 1).
+
+    capture         torch.export (non-strict) -> ATen FX graph
+    find_attention  AttentionSite records (passes/find_attention.py)
+    find_mlp        MlpSite records (passes/find_mlp.py)
+    plan            solve + cost -> Plan (solver.py, cost.py, plan.py)
+    seeds           per-rank output features of column-sharded projections (passes/seeds.py)
+    shard           placements, collectives, localized rank graphs (passes/shard.py)
+
+`--print-graph-after STAGE` (CLI) and `print_after=` (API) print the graph
+after a stage.  A stage that fails is named, with the stages that ran before.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from .errors import HelixError
+from .sites import ModelSummary
+
+STAGES = ("capture", "find_attention", "find_mlp", "plan", "seeds", "shard")
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """What capture + find_attention + find_mlp learned about a model."""
+
+    captured: object          # capture.Captured
+    matches: tuple            # find_attention.SiteMatch per site, graph order
+    skipped: tuple            # notes on attention cores left unsharded
+    mlps: tuple               # MlpSite
+    summary: ModelSummary
+
+
+def _numel(t) -> int:
+    return int(t.numel())
+
+
+def summarize(captured, matches, mlps, name: str) -> ModelSummary:
+    params = {k: v for k, v in captured.params.items() if isinstance(v, torch.Tensor)}
+    sharded = set()
+    for m in matches:
+        s = m.site
+        sharded |= {s.q_weight, s.k_weight, s.v_weight}
+        if s.o_weight:
+            sharded.add(s.o_weight)
+    for mlp in mlps:
+        sharded |= set(mlp.up_weights) | {mlp.down_weight}
+    seen, total, replicated = set(), 0, 0
+    for k, t in params.items():
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        total += _numel(t)
+        if k not in sharded:
+            replicated += _numel(t)
+    dtype = torch.float32
+    batch, seq = 1, 1
+    if matches:
+        s0 = matches[0].site
+        dtype = getattr(torch, s0.dtype)
+        batch, seq = s0.batch, s0.q_len
+    elif mlps:
+        dtype = getattr(torch, mlps[0].dtype)
+        seq = mlps[0].tokens
+    return ModelSummary(sites=tuple(m.site for m in matches), mlps=tuple(mlps), param_elements=total,
+                        replicated_elements=replicated, dtype_bytes=torch.empty((), dtype=dtype).element_size(),
+                        batch=batch, seq_len=seq, name=name)
+
+
+def analyze(model, args, kwargs, print_after=()) -> Analysis:
+    from passes.find_attention import find_attention
+    from passes.find_mlp import find_mlp
+
+    from .capture import capture
+
+    done = []
+
+    def stage(name, fn):
+        try:
+            out = fn()
+        except HelixError:
+            raise
+        except Exception as e:
+            raise HelixError(f"stage {name} failed after {done or ['nothing']}: "
+                             f"{type(e).__name__}: {e}") from e
+        done.append(name)
+        return out
+
+    captured = stage("capture", lambda: capture(model, args, kwargs))
+    _maybe_print("capture", captured.gm, print_after)
+    matches, skipped = stage("find_attention", lambda: find_attention(captured.gm))
+    nodes = {n.name: n for n in captured.gm.graph.nodes}
+    projs = set()
+    for m in matches:
+        s = m.site
+        projs |= {nodes[x] for x in (s.q_proj, s.k_proj, s.v_proj, s.o_proj) if x}
+    mlps = stage("find_mlp", lambda: find_mlp(captured.gm, projs))
+    summary = summarize(captured, matches, mlps, type(model).__name__)
+    return Analysis(captured=captured, matches=tuple(matches), skipped=tuple(skipped),
+                    mlps=tuple(mlps), summary=summary)
+
+
+def _maybe_print(stage: str, gm: fx.GraphModule, print_after) -> None:
+    if stage in print_after:
+        print(f"# graph after {stage}")
+        print(gm.code)

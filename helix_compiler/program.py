@@ -1,0 +1,211 @@
+"""HelixProgram: a plan and one executable GraphModule per rank.
+
+`rank_module(r)` is a GraphModule whose code a user can read, collectives
+visible as `torch.ops.helix.*` calls.  `simulate()` runs those very modules,
+all N in this process, one thread each, their collectives carried out among
+them (collectives.SimulatedBackend).  `save(dir)` writes each rank as a JSON
+graph plus a weights file; `load_rank_module(dir, rank)` reads one rank back
+without the model's code, weights read with weights_only=True.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from pathlib import Path
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from . import collectives
+from .errors import HelixError
+from .mesh import Mesh
+
+FORMAT_VERSION = 1
+
+
+def build_module(graph: fx.Graph, tensors: dict, name: str) -> fx.GraphModule:
+    root = torch.nn.Module()
+    for k, t in tensors.items():
+        root.register_buffer(k, t)
+    return fx.GraphModule(root, graph, class_name=name)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def run_ranks(modules, mesh: Mesh, args, kwargs, timeout_s: float = 300.0) -> list:
+    """Run rank modules concurrently in this process with simulated collectives."""
+    sim = collectives.SimulatedBackend(mesh, timeout_s=timeout_s)
+    outs, errors = [None] * len(modules), [None] * len(modules)
+
+    def go(r):
+        collectives.bind(sim.for_rank(r))
+        try:
+            with torch.no_grad():
+                outs[r] = modules[r](*args, **kwargs)
+        except BaseException as e:  # reported below, with the rank
+            errors[r] = e
+            sim.abort(e)
+        finally:
+            collectives.bind(None)
+
+    threads = [threading.Thread(target=go, args=(r,), name=f"helix-rank-{r}") for r in range(len(modules))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    first = [(r, e) for r, e in enumerate(errors) if e is not None and not isinstance(e, collectives._Aborted)]
+    if first:
+        r, e = first[0]
+        raise HelixError(f"rank {r} failed in simulation: {type(e).__name__}: {e}") from e
+    if any(e is not None for e in errors):
+        r = next(r for r, e in enumerate(errors) if e is not None)
+        raise HelixError(f"rank {r} failed in simulation: {errors[r]}") from errors[r]
+    return outs
+
+
+class HelixProgram:
+    """The compiled program: `plan`, `rank_module(r)`, `simulate()`, `save()`."""
+
+    def __init__(self, *, plan, analysis, localized, mesh: Mesh):
+        self.plan = plan
+        self.analysis = analysis
+        self.mesh = mesh
+        self._localized = localized
+        self._modules: dict = {}
+
+    @property
+    def devices(self) -> int:
+        return self.mesh.size
+
+    @property
+    def summary(self):
+        return self.analysis.summary
+
+    @property
+    def replicated_ops(self) -> list:
+        """Ops with no sharding rule, run on replicated inputs (a collective before each)."""
+        return list(self._localized.replicated)
+
+    def rank_module(self, rank: int) -> fx.GraphModule:
+        if not isinstance(rank, int) or not 0 <= rank < self.devices:
+            raise HelixError(f"rank must be an integer in [0, {self.devices}), got {rank!r}")
+        if rank not in self._modules:
+            self._modules[rank] = build_module(self._localized.graphs[rank], self._localized.attrs[rank],
+                                               f"HelixRank{rank}")
+        return self._modules[rank]
+
+    def collectives(self, rank: int) -> dict:
+        """Collective calls in rank r's graph, counted by "kind:axes"."""
+        counts: dict = {}
+        for node in self.rank_module(rank).graph.nodes:
+            if node.op == "call_function" and getattr(node.target, "namespace", None) == "helix" \
+                    and node.target._opname in ("all_reduce", "all_gather"):
+                key = f"{node.target._opname}:{node.args[1]}"
+                counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    def reference(self, *args, **kwargs):
+        """The unsharded captured model's output."""
+        with torch.no_grad():
+            return self.analysis.captured.gm(*args, **kwargs)
+
+    def simulate(self, *args, **kwargs) -> list:
+        """Every rank's output, from the modules rank_module returns, run together in this process."""
+        modules = [self.rank_module(r) for r in range(self.devices)]
+        return run_ranks(modules, self.mesh, args, kwargs)
+
+    # ---- save / load ---------------------------------------------------------------------
+    def fingerprint(self) -> str:
+        """Plan + graph + weight shapes: ranks check at start-up that they hold the same program."""
+        h = hashlib.sha256()
+        h.update(f"{self.plan.m}x{self.plan.n}:{self.devices}".encode())
+        h.update(self.analysis.captured.gm.code.encode())
+        for k, t in sorted(self.analysis.captured.params.items()):
+            h.update(f"{k}:{tuple(t.shape)}:{t.dtype}".encode())
+        return h.hexdigest()[:16]
+
+    def save(self, directory) -> Path:
+        from .serialize import graph_to_json
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        manifest = {"format": FORMAT_VERSION, "devices": self.devices, "m": self.plan.m, "n": self.plan.n,
+                    "fingerprint": self.fingerprint(), "ranks": []}
+        (d / "plan.yaml").write_text(self.plan.to_yaml())
+        in_spec = out_spec = None
+        codegen = self.analysis.captured.gm.graph._codegen
+        info = getattr(codegen, "pytree_info", None)
+        if info is not None:
+            try:
+                in_spec = pytree.treespec_dumps(info.in_spec)
+            except Exception:
+                in_spec = None
+        manifest["in_spec"] = in_spec
+        for r in range(self.devices):
+            gm = self.rank_module(r)
+            gfile, wfile = d / f"rank{r}.graph.json", d / f"rank{r}.weights.pt"
+            gfile.write_text(json.dumps(graph_to_json(gm.graph)))
+            torch.save({k: t.contiguous() for k, t in self._localized.attrs[r].items()}, wfile)
+            manifest["ranks"].append({"graph": gfile.name, "weights": wfile.name,
+                                      "graph_sha256": _sha256(gfile), "weights_sha256": _sha256(wfile)})
+        (d / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        return d
+
+
+class LoadedRank(torch.nn.Module):
+    """A rank module read back from `save`: takes the model's flattened inputs, returns flat outputs."""
+
+    def __init__(self, gm: fx.GraphModule, in_spec, rank: int, manifest: dict):
+        super().__init__()
+        self.gm = gm
+        self.rank = rank
+        self.in_spec = in_spec
+        self.manifest = manifest
+
+    def forward(self, *args, **kwargs):
+        if self.in_spec is None:
+            leaves = pytree.tree_leaves((args, kwargs))
+        else:
+            import torch.fx._pytree as fx_pytree
+            leaves = fx_pytree.tree_flatten_spec((args, kwargs), self.in_spec)
+        return self.gm(*leaves)
+
+
+def load_rank_module(directory, rank: int) -> LoadedRank:
+    """Load one rank of a saved program; files are checked against the manifest's hashes."""
+    from .serialize import graph_from_json
+
+    d = Path(directory)
+    mpath = d / "manifest.json"
+    if not mpath.is_file():
+        raise HelixError(f"{mpath}: no manifest; is {d} a directory written by HelixProgram.save()?")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except json.JSONDecodeError as e:
+        raise HelixError(f"{mpath}: not valid JSON (line {e.lineno}); save the program again") from e
+    n = manifest.get("devices")
+    if not isinstance(rank, int) or not isinstance(n, int) or not 0 <= rank < n:
+        raise HelixError(f"rank must be an integer in [0, {n}) for the program in {d}, got {rank!r}")
+    entry = manifest["ranks"][rank]
+    gfile, wfile = d / entry["graph"], d / entry["weights"]
+    for f, key in ((gfile, "graph_sha256"), (wfile, "weights_sha256")):
+        if not f.is_file():
+            raise HelixError(f"{f}: rank file is missing; save the program again")
+        if _sha256(f) != entry[key]:
+            raise HelixError(f"{f}: contents do not match the manifest (modified or corrupt); save the program again")
+    graph = graph_from_json(json.loads(gfile.read_text()))
+    tensors = torch.load(wfile, weights_only=True, map_location="cpu")
+    from torch.fx.graph import CodeGen
+    graph._codegen = CodeGen()
+    gm = build_module(graph, tensors, f"HelixRank{rank}")
+    spec = manifest.get("in_spec")
+    return LoadedRank(gm, pytree.treespec_loads(spec) if spec else None, rank, manifest)
