@@ -183,7 +183,9 @@ def _provenance(proj: fx.Node, target: fx.Node) -> Provenance | None:
     if target is not proj and target not in reach:
         return None
     feats = int(shape(proj)[-1])
-    tags = {proj: torch.arange(feats, dtype=torch.float64).expand(*shape(proj)).contiguous()}
+    # Tags are expanded (stride 0) over the leading dims, so a 1024 x 10000 x 8192 projection
+    # costs nothing; dims that stay stride 0 are dropped before the rows are read.
+    tags = {proj: torch.arange(feats, dtype=torch.float64).expand(*hinted(shape(proj)))}
 
     def concrete(a):
         if isinstance(a, fx.Node):
@@ -191,28 +193,33 @@ def _provenance(proj: fx.Node, target: fx.Node) -> Provenance | None:
                 return tags[a]
             v = val(a)
             if isinstance(v, torch.Tensor):
-                return torch.full(tuple(v.shape), -1.0, dtype=torch.float64)
-            return v
+                return torch.tensor(-1.0, dtype=torch.float64).expand(*hinted(v.shape))
+            return hint(v)
         if isinstance(a, (list, tuple)):
             return type(a)(concrete(x) for x in a)
-        return a
+        return hint(a)
 
     for node in on_path:
         if node.target in MOVEMENT_OPS:
+            op = aten.reshape.default if node.target in (aten.view.default, aten._unsafe_view.default) \
+                else node.target
             try:
-                tags[node] = node.target(*concrete(node.args), **concrete(dict(node.kwargs)))
+                tags[node] = op(*concrete(node.args), **concrete(dict(node.kwargs)))
             except Exception:
                 return None
         else:
             path_in = [a for a in node.all_input_nodes if a in tags and isinstance(tags[a], torch.Tensor)]
-            same = [a for a in path_in if tuple(tags[a].shape) == shape(node)]
+            same = [a for a in path_in if tuple(tags[a].shape) == tuple(hinted(shape(node)))]
             if not same:
                 return None
             tags[node] = tags[same[0]]
     t = tags.get(target)
-    if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape(target):
+    if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(hinted(shape(target))):
         return None
     d = t.shape[-1]
+    for k in reversed(range(t.dim() - 1)):
+        if t.stride(k) == 0:
+            t = t.select(k, 0)
     rows = t.reshape(-1, d).numpy().astype(np.int64)
     heads, seen = [], set()
     for row in rows:
@@ -220,12 +227,21 @@ def _provenance(proj: fx.Node, target: fx.Node) -> Provenance | None:
         if key not in seen:
             seen.add(key)
             heads.append(row)
-        elif len(heads) and key == heads[0].tobytes() and len(seen) > 1:
-            pass
     heads = np.stack(heads)
     if (heads < 0).any():
         return None
     return Provenance(proj=proj, heads=heads, path=tuple(on_path))
+
+
+def hint(x):
+    """The example value of a symbolic size (export keeps it as the hint)."""
+    if isinstance(x, torch.SymInt):
+        return int(x.node.hint)
+    return x
+
+
+def hinted(sizes) -> list:
+    return [hint(s) for s in sizes]
 
 
 def _head_order(rows: np.ndarray, full: np.ndarray) -> list[int]:
@@ -345,9 +361,10 @@ def _match(core: Core, index: int) -> tuple[SiteMatch | None, str | None]:
     else:
         kv_of_q = tuple(h // (H // H_kv) for h in range(H))
     qv = val(core.q)
-    q_len = int(qv.shape[-2]) if qv.dim() >= 2 else 1
-    kv_len = int(val(core.k).shape[-2])
-    batch = max(1, int(qv.numel() // max(1, H * d * q_len)))
+    q_len = hint(qv.shape[-2]) if qv.dim() >= 2 else 1
+    kv_len = hint(val(core.k).shape[-2])
+    numel = int(np.prod(hinted(qv.shape)))
+    batch = max(1, numel // max(1, H * d * q_len))
     o = _output_projection(core.out)
     fused = projs["q"] is projs["k"] or projs["q"] is projs["v"]
     mask_shape = shape(core.mask) if core.mask is not None else ()

@@ -64,7 +64,7 @@ def find_mlp(gm: fx.GraphModule, site_projections: set) -> list[MlpSite]:
             continue
         tokens = 1
         for s in shape(ups[0])[:-1]:
-            tokens *= int(s)
+            tokens *= int(s.node.hint) if hasattr(s, 'node') else int(s)
         out.append(MlpSite(
             index=len(out), up=tuple(u.name for u in ups), down=down.name,
             up_weights=tuple(str(proj_weight_node(u).target) for u in ups),
