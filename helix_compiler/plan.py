@@ -91,7 +91,7 @@ class Plan:
         return out
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
 
     @classmethod
     def from_yaml(cls, text_or_path: str | Path) -> Plan:
