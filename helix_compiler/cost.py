@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections import Counter
 from dataclasses import dataclass
 
 import sympy
@@ -250,9 +251,7 @@ class _Machine:
 
 def group_span(ranks, cluster: ClusterSpec) -> tuple[int, int]:
     """(g, k): most ranks of the group on one node, nodes the group touches."""
-    per_node: dict[int, int] = {}
-    for r in ranks:
-        per_node[cluster.node_of(r)] = per_node.get(cluster.node_of(r), 0) + 1
+    per_node = Counter(cluster.node_of(r) for r in ranks)
     return max(per_node.values()), len(per_node)
 
 
@@ -424,11 +423,16 @@ def _activation_per_sequence(summary, site_peaks, mlps, lay: _Layout) -> float:
     """Residual stream + the largest block: blocks run one after another."""
     peaks = list(site_peaks) + [_ev("mlp_activation", _mlp_env(x, summary, 1, lay.shards))
                                 for x in mlps]
-    hidden = summary.sites[0].embed_dim if summary.sites else (
-        summary.mlps[0].hidden if summary.mlps else 0)
     residual = _ev("residual_activation", {"w": summary.dtype_bytes, "S": summary.seq_len,
-                                           "D": hidden})
+                                           "D": _hidden(summary)})
     return residual + max(peaks, default=0.0)
+
+
+def _hidden(summary: ModelSummary) -> int:
+    """D of the residual stream."""
+    if summary.sites:
+        return summary.sites[0].embed_dim
+    return summary.mlps[0].hidden if summary.mlps else 0
 
 
 def _micro_batch(summary, params: int, act: float, cluster: ClusterSpec) -> int:
@@ -537,7 +541,8 @@ def cost_plan(summary: ModelSummary, m: int, n: int, cluster: ClusterSpec,
                         f"got {variant!r}")
     name = f"m={m} x n={n}"
     _check_devices(name, m * n, cluster)
-    mach, lay, w = _Machine(cluster, profile or DEFAULT_PROFILE), _helix_layout(m, n), summary.dtype_bytes
+    mach, lay = _Machine(cluster, profile or DEFAULT_PROFILE), _helix_layout(m, n)
+    w = summary.dtype_bytes
     params = _params_per_rank(summary, summary.sites, summary.mlps, lay)
     cores = _choose_cores(summary, cluster, summary.sites, params, lay, mach, variant)
     act = _activation_per_sequence(
@@ -601,8 +606,7 @@ def cost_baseline(summary: ModelSummary, tp: int, pp: int, cluster: ClusterSpec,
     def recv_terms(s: int, size: int) -> list[tuple[str, str, float]]:
         if s == 0:
             return []
-        act_bytes = w * size * summary.seq_len * (summary.sites[0].embed_dim if summary.sites
-                                                  else summary.mlps[0].hidden)
+        act_bytes = w * size * summary.seq_len * _hidden(summary)
         part = act_bytes / tp if PP_SCATTER_GATHER else act_bytes
         senders = min(tp, cluster.gpus_per_node)
         t = p2p_s(part, (s - 1) * tp, s * tp, senders, cluster)

@@ -73,7 +73,8 @@ class Rate:
         if normalize_dtype(self.dtype) != self.dtype:
             raise HelixError(f"Rate.dtype must be one of {DTYPES}, got {self.dtype!r}")
         if not _positive(self.tflops):
-            raise HelixError(f"Rate {self.op} {self.shape}: tflops must be positive, got {self.tflops!r}")
+            raise HelixError(
+                f"Rate {self.op} {self.shape}: tflops must be positive, got {self.tflops!r}")
         if (self.op == "attention") != (self.backend in BACKENDS):
             raise HelixError(
                 f"Rate {self.op} {self.shape}: backend must be one of {BACKENDS} for attention "
@@ -113,7 +114,8 @@ class ComputeProfile:
         for key in ("hbm_gb_s", "softmax_gb_s", "elementwise_gb_s"):
             value = getattr(self, key)
             if not _positive(value):
-                raise HelixError(f"ComputeProfile {self.name!r}: {key} must be positive, got {value!r}")
+                raise HelixError(
+                    f"ComputeProfile {self.name!r}: {key} must be positive, got {value!r}")
         if not any(r.op == "matmul" for r in self.rates):
             raise HelixError(
                 f"ComputeProfile {self.name!r} has no matmul rate; add at least one "
