@@ -17,7 +17,7 @@ def _check_devices(devices) -> int:
 
 
 def plan_model(model: torch.nn.Module, devices: int = 16, example_inputs=(), example_kwargs=None,
-               cluster=None, plan=None, variant=None, profile=None, print_after=()):
+               cluster=None, plan=None, variant=None, profile=None, print_after=(), dynamic=True):
     """Capture, find attention and MLPs, solve and cost: (Plan, Analysis). Nothing is sharded."""
     from .cluster import load_cluster
     from .plan import Plan, make_plan
@@ -26,7 +26,8 @@ def plan_model(model: torch.nn.Module, devices: int = 16, example_inputs=(), exa
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
     spec = cluster if cluster is not None and not isinstance(cluster, str) else load_cluster(cluster or "paper")
-    analysis = analyze(model, example_inputs, example_kwargs or {}, print_after=print_after)
+    analysis = analyze(model, example_inputs, example_kwargs or {}, print_after=print_after,
+                       dynamic=dynamic)
     forced = None
     if isinstance(plan, Plan):
         forced = (plan.m, plan.n)
@@ -51,11 +52,28 @@ def helix_compile(model: torch.nn.Module, devices: int = 16, example_inputs=(), 
     plan=(m, n) forces a split; variant="score-reduce" | "qk-gather" forces the m > 1 variant
     of every site (for tests); cluster is a preset name, a YAML path or a ClusterSpec.
     """
+    result, analysis = plan_model(model, devices, example_inputs, example_kwargs, cluster, plan,
+                                  variant, profile, print_after)
+    prog = _shard(result, analysis)
+    if prog.replicated_ops and analysis.captured.dynamic:
+        # Some models merge the batch dim with the head dim ((B*H, S, d) in nn.MultiheadAttention):
+        # with a symbolic batch that reshape cannot be split exactly, so such a model is
+        # recaptured with static shapes rather than run with replicated attention.
+        r2, a2 = plan_model(model, devices, example_inputs, example_kwargs, cluster, plan, variant,
+                            profile, (), dynamic=False)
+        static = _shard(r2, a2)
+        if len(static.replicated_ops) < len(prog.replicated_ops):
+            static.notes.append(
+                f"captured with static shapes: with a symbolic batch/sequence size, "
+                f"{[n for n, _ in prog.replicated_ops]} could only run replicated")
+            return static
+    return prog
+
+
+def _shard(result, analysis) -> HelixProgram:
     from passes.seeds import mlp_seeds, site_seeds
     from passes.shard import localize
 
-    result, analysis = plan_model(model, devices, example_inputs, example_kwargs, cluster, plan,
-                                  variant, profile, print_after)
     mesh = Mesh(n=result.n, m=result.m)
     seeds, variants = {}, {}
     try:

@@ -25,6 +25,8 @@ class Captured:
     args: tuple
     kwargs: dict
     params: dict                  # parameter / buffer name -> tensor of the user's model
+    dynamic: bool = False         # batch and sequence dims captured as symbols
+    note: str = ""                # why a dynamic capture fell back to static shapes
 
 
 def _hint(model: torch.nn.Module, kwargs: dict) -> str:
@@ -35,13 +37,39 @@ def _hint(model: torch.nn.Module, kwargs: dict) -> str:
             "or pass example inputs the model accepts")
 
 
-def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> Captured:
-    """Export `model` on the example inputs; a failure becomes a CaptureError that says what to try."""
+def _dynamic_spec(x):
+    """Dim.AUTO on the batch and sequence dims (all but the last of a 3-D+ tensor)."""
+    if isinstance(x, torch.Tensor):
+        dims = range(x.dim()) if x.dim() <= 2 else range(x.dim() - 1)
+        return {d: torch.export.Dim.AUTO for d in dims if x.shape[d] > 1}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_dynamic_spec(y) for y in x)
+    if isinstance(x, dict):
+        return {k: _dynamic_spec(v) for k, v in x.items()}
+    return None
+
+
+def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
+            dynamic: bool = True) -> Captured:
+    """Export `model` on the example inputs; a failure becomes a CaptureError that says what to try.
+
+    With dynamic=True the batch and sequence dims are exported as symbols so the rank modules
+    run other sizes; a model that only exports with static shapes is captured static (`note`).
+    """
     kwargs = dict(kwargs or {})
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(args, tuple):
         args = (args,)
+    note = ""
+    if dynamic:
+        try:
+            spec = {"args": _dynamic_spec(args), "kwargs": _dynamic_spec(kwargs)}
+            ep = torch.export.export(model, args, kwargs, strict=False,
+                                     dynamic_shapes=_flat_spec(model, spec, args, kwargs))
+            return _finish(ep, model, args, kwargs, dynamic=True, note="")
+        except Exception as e:
+            note = f"dynamic capture failed ({type(e).__name__}), captured with static shapes"
     try:
         ep = torch.export.export(model, args, kwargs, strict=False)
     except Exception as e:  # torch.export raises many types; all mean the same to the user
@@ -49,6 +77,22 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> 
         raise CaptureError(
             f"torch.export could not capture {type(model).__name__}: {type(e).__name__}: {first[:300]}; "
             f"{_hint(model, kwargs)}") from e
+    return _finish(ep, model, args, kwargs, dynamic=False, note=note)
+
+
+def _flat_spec(model, spec, args, kwargs):
+    """dynamic_shapes keyed as export wants: positional args then kwargs by parameter name."""
+    import inspect
+
+    names = list(inspect.signature(model.forward).parameters)
+    out = {}
+    for name, a in zip(names, spec["args"]):
+        out[name] = a
+    out.update(spec["kwargs"])
+    return out
+
+
+def _finish(ep, model, args, kwargs, dynamic: bool, note: str) -> Captured:
     gm = ep.module()
     # The export guard re-checks the example shapes; rank modules run other shapes.
     for node in list(gm.graph.nodes):
@@ -60,4 +104,4 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> 
     params.update(dict(gm.named_buffers(remove_duplicate=False)))
     for name, tensor in model.state_dict(keep_vars=True).items():
         params.setdefault(name, tensor)
-    return Captured(gm=gm, args=args, kwargs=kwargs, params=params)
+    return Captured(gm=gm, args=args, kwargs=kwargs, params=params, dynamic=dynamic, note=note)

@@ -71,7 +71,7 @@ def summarize(captured, matches, mlps, name: str) -> ModelSummary:
                         batch=batch, seq_len=seq, name=name)
 
 
-def analyze(model, args, kwargs, print_after=()) -> Analysis:
+def analyze(model, args, kwargs, print_after=(), dynamic: bool = True) -> Analysis:
     from passes.find_attention import find_attention
     from passes.find_mlp import find_mlp
 
@@ -90,7 +90,7 @@ def analyze(model, args, kwargs, print_after=()) -> Analysis:
         done.append(name)
         return out
 
-    captured = stage("capture", lambda: capture(model, args, kwargs))
+    captured = stage("capture", lambda: capture(model, args, kwargs, dynamic=dynamic))
     _maybe_print("capture", captured.gm, print_after)
     matches, skipped = stage("find_attention", lambda: find_attention(captured.gm))
     nodes = {n.name: n for n in captured.gm.graph.nodes}

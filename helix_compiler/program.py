@@ -81,6 +81,7 @@ class HelixProgram:
         self.mesh = mesh
         self._localized = localized
         self._modules: dict = {}
+        self.notes: list = [analysis.captured.note] if analysis.captured.note else []
 
     @property
     def devices(self) -> int:
@@ -120,8 +121,20 @@ class HelixProgram:
 
     def simulate(self, *args, **kwargs) -> list:
         """Every rank's output, from the modules rank_module returns, run together in this process."""
+        self._check_static_shapes(args, kwargs)
         modules = [self.rank_module(r) for r in range(self.devices)]
         return run_ranks(modules, self.mesh, args, kwargs)
+
+    def _check_static_shapes(self, args, kwargs) -> None:
+        cap = self.analysis.captured
+        if cap.dynamic:
+            return
+        want = [tuple(t.shape) for t in pytree.tree_leaves((cap.args, cap.kwargs)) if isinstance(t, torch.Tensor)]
+        got = [tuple(t.shape) for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        if want != got:
+            raise HelixError(f"this program was captured with static shapes {want} "
+                             f"({'; '.join(self.notes) or 'dynamic capture was off'}), got inputs of shapes "
+                             f"{got}; compile again with example inputs of the shapes you will run")
 
     # ---- save / load ---------------------------------------------------------------------
     def fingerprint(self) -> str:

@@ -272,6 +272,17 @@ def rule(*targets):
     return deco
 
 
+def _one(x) -> bool:
+    """A size known to be 1 (export specializes sizes 0 and 1, so a symbol is never 1)."""
+    return isinstance(x, int) and x == 1
+
+
+def _sym(x):
+    import sympy
+
+    return x.node.expr if isinstance(x, torch.SymInt) else sympy.Integer(int(x))
+
+
 def _align(lz: Localizer, node: fx.Node, operands, out_ndim: int):
     """Elementwise alignment: the split of each output dim, and per-rank operand nodes sliced to it."""
     out_splits = []
@@ -280,7 +291,7 @@ def _align(lz: Localizer, node: fx.Node, operands, out_ndim: int):
         for a in operands:
             nd = len(shape(a))
             ka = k - (out_ndim - nd)
-            if ka >= 0 and shape(a)[ka] != 1 and lz.L(a)[ka] is not None:
+            if ka >= 0 and not _one(shape(a)[ka]) and lz.L(a)[ka] is not None:
                 cands.append(lz.L(a)[ka])
         if not cands:
             out_splits.append(None)
@@ -293,7 +304,7 @@ def _align(lz: Localizer, node: fx.Node, operands, out_ndim: int):
         for k in range(out_ndim):
             ka = k - (out_ndim - nd)
             t = out_splits[k]
-            if ka < 0 or shape(a)[ka] == 1 or t is None or same(lz.L(a)[ka], t):
+            if ka < 0 or _one(shape(a)[ka]) or t is None or same(lz.L(a)[ka], t):
                 continue
             locals_[a] = [lz.select(r, a, locals_[a][r], ka, lz.L(a)[ka], t.lists[r]) for r in range(lz.N)]
     return tuple(out_splits), locals_
@@ -381,42 +392,63 @@ def _view(lz, node):
     if not lz.is_split(x):
         lz.copy(node, None)
         return True
-    ins, outs = _int_shape(x), _int_shape(node)
-    if ins is None or outs is None:
-        return None
+    import sympy
+
+    ins, outs = [_sym(v) for v in shape(x)], [_sym(v) for v in shape(node)]
     in_l = lz.L(x)
     out_l = [None] * len(outs)
     i = j = 0
     while i < len(ins) or j < len(outs):
         gi, gj = [i], [j]
-        pi = ins[i] if i < len(ins) else 1
-        pj = outs[j] if j < len(outs) else 1
+        pi = ins[i] if i < len(ins) else sympy.Integer(1)
+        pj = outs[j] if j < len(outs) else sympy.Integer(1)
         i, j = i + 1, j + 1
-        while pi != pj:
-            if pi < pj:
+        while sympy.expand(pi - pj) != 0:
+            # grow the side whose product divides the other's (B*S vs B: grow the B side)
+            _, den = sympy.fraction(sympy.cancel(pi / pj))
+            grow_i = den != 1
+            if grow_i and i < len(ins):
                 pi *= ins[i]
                 gi.append(i)
                 i += 1
-            else:
+            elif j < len(outs):
                 pj *= outs[j]
                 gj.append(j)
                 j += 1
+            else:
+                return None
         gi = [k for k in gi if k < len(ins)]
         gj = [k for k in gj if k < len(outs)]
         splits = [in_l[k] for k in gi]
         if any(s is not None for s in splits):
-            merged = merge(splits, [ins[k] for k in gi], lz.N)
-            for k, s in zip(gj, factor(merged, [outs[k] for k in gj], lz.N, node.name)):
+            sizes_in, sizes_out = [ins[k] for k in gi], [outs[k] for k in gj]
+            if not all(v.is_Integer for v in sizes_in + sizes_out):
+                return None  # a split dim merged with a symbolic one: replicate (listed in the plan)
+            merged = merge(splits, [int(v) for v in sizes_in], lz.N)
+            for k, s in zip(gj, factor(merged, [int(v) for v in sizes_out], lz.N, node.name)):
                 out_l[k] = s
     out_l = tuple(out_l)
     sizes_arg = node.args[1] if node.target in (aten.view.default, aten.reshape.default,
                                                 aten._unsafe_view.default) else None
 
+    if node.target is aten.flatten.using_ints:  # local dims flatten to the local size
+        lz.copy(node, out_l)
+        return True
+    if node.target is aten.unflatten.int:
+        dim = norm_dim(node.args[1], len(ins))
+        new = range(dim, dim + len(node.args[2]))
+        lz.copy(node, out_l, args_for=lambda r: (
+            lz.local(r, x), dim,
+            [len(out_l[k].lists[r]) if out_l[k] is not None else lz.local(r, a)
+             for k, a in zip(new, node.args[2])]))
+        return True
+
     def args_for(r):
         if sizes_arg is not None and len(sizes_arg) == len(outs):
             sizes = [len(s.lists[r]) if s is not None else lz.local(r, a) for s, a in zip(out_l, sizes_arg)]
-        else:
-            sizes = [len(s.lists[r]) if s is not None else n for s, n in zip(out_l, outs)]
+        else:  # unflatten / flatten: static sizes, one symbolic size inferred
+            sizes = [len(s.lists[r]) if s is not None else (int(n) if n.is_Integer else -1)
+                     for s, n in zip(out_l, outs)]
         return (lz.local(r, x), sizes)
     for r in range(lz.N):
         lz.env[r][node] = lz.emit(r, aten.reshape.default, args_for(r), name=node.name)
@@ -453,12 +485,12 @@ def _squeeze(lz, node):
     xs = shape(node.args[0])
     lay = lz.L(node.args[0])
     if node.target is aten.squeeze.default:
-        dims = [k for k, s in enumerate(xs) if s == 1]
+        dims = [k for k, s in enumerate(xs) if _one(s)]
     elif node.target is aten.squeeze.dim:
         dims = [norm_dim(node.args[1], len(xs))]
     else:
         dims = [norm_dim(d, len(xs)) for d in node.args[1]]
-    dims = [k for k in dims if xs[k] == 1]
+    dims = [k for k in dims if _one(xs[k])]
     lz.copy(node, tuple(s for k, s in enumerate(lay) if k not in dims))
     return True
 
@@ -554,11 +586,11 @@ def _split(lz, node):
         return True
     dim = norm_dim(node.args[2] if len(node.args) > 2 else 0, len(xs))
     outs = val(node)
-    sizes = [int(o.shape[dim]) for o in outs]
     s = lz.L(x)[dim]
     if s is None:
-        lz.copy(node, [lz.L(x)] * len(sizes) if lz.is_split(x) else [None] * len(sizes))
+        lz.copy(node, [lz.L(x)] * len(outs) if lz.is_split(x) else [None] * len(outs))
         return True
+    sizes = [int(o.shape[dim]) for o in outs]
     bounds = np.cumsum([0] + sizes)
     per_out = [[] for _ in sizes]
     local_sizes = []
@@ -684,7 +716,7 @@ def _matmul_general(lz, node):
         cands = []
         for t, lt in ((a, la), (b, lb)):
             kt = k - (out_nd - len(shape(t)))
-            if kt >= 0 and shape(t)[kt] != 1 and lt[kt] is not None:
+            if kt >= 0 and not _one(shape(t)[kt]) and lt[kt] is not None:
                 cands.append(lt[kt])
         target = min(cands, key=lambda s: sum(len(x) for x in s.lists)) if cands else None
         batch.append(target)
@@ -692,7 +724,7 @@ def _matmul_general(lz, node):
             continue
         for t, lt in ((a, la), (b, lb)):
             kt = k - (out_nd - len(shape(t)))
-            if kt >= 0 and shape(t)[kt] != 1 and not same(lt[kt], target):
+            if kt >= 0 and not _one(shape(t)[kt]) and not same(lt[kt], target):
                 locals_[t] = [lz.select(r, t, locals_[t][r], kt, lt[kt], target.lists[r]) for r in range(lz.N)]
     ka, kb = la[-1], lb[-2]
     nd_a, nd_b = len(sa), len(sb)
