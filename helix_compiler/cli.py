@@ -1,0 +1,329 @@
+"""`helix`: the command line, a thin shell over the library.
+
+    helix plan [MODEL] --devices N     the candidate (m, n) splits, their costs, the chosen plan
+    helix run  [MODEL] --devices N     compile and run the N rank modules on N processes (torchrun)
+
+MODEL is a spec that `modelspec.load_model_spec` resolves (`file.py`,
+`file.py:function`, `module:function`). Each subcommand is one function that
+turns its arguments into a library call. A `HelixError` and an argument error
+print one line `error: ...` on stderr and exit 2; anything else is a bug and
+keeps its traceback.
+
+Exit status: 0 done; 2 a refused request (HelixError, bad arguments); 1 a rank
+of `helix run` failed or its error exceeded the tolerance; 124 `helix run`
+ran past --timeout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+from .errors import HelixError
+from .pipeline import STAGES
+
+EXIT_REFUSED = 2
+EXIT_RANK_FAILED = 1
+EXIT_TIMEOUT = 124
+
+# The paper's model lives in the repository's examples/, beside the package
+# (an editable install; a wheel does not carry examples/).
+PAPER_MODEL = Path(__file__).resolve().parent.parent / "examples" / "paper_model.py"
+FORMATS = ("table", "yaml", "json")
+BACKENDS = ("gloo", "nccl")
+DTYPES = ("float32", "float16", "bfloat16")
+# `helix run` stops with exit 1 when its max relative error exceeds this. fp32:
+# the ranks sum partial products in another order than the unsharded model, so
+# they differ by a few ulps (~1e-7 relative, measured); fp16 / bf16 ranks are
+# compared with the unsharded model in the same dtype, whose own rounding
+# (eps 9.8e-4 / 7.8e-3) then dominates.
+DEFAULT_TOLERANCE = {"float32": 1e-5, "float16": 1e-2, "bfloat16": 5e-2}
+DEFAULT_TIMEOUT_S = 300.0
+# After SIGTERM to a timed-out run, how long torchrun gets to stop its workers.
+KILL_GRACE_S = 10.0
+
+
+class _UsageError(Exception):
+    """An argument argparse refused; printed as one `error:` line like a HelixError."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse would print the usage and exit
+        raise _UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def _one_line(message: object) -> str:
+    return " ".join(str(message).split())
+
+
+def _plan_arg(text: str):
+    """--plan M,N -> (m, n); --plan FILE.yaml -> the path (read by Plan.from_yaml)."""
+    if text.endswith((".yaml", ".yml")):
+        return text
+    parts = text.split(",")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(
+            f"--plan takes M,N (m dim slices, n head groups; e.g. 4,4) or a plan .yaml file, got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def _resolve_plan(value):
+    from .plan import Plan
+
+    return Plan.from_yaml(Path(value)) if isinstance(value, str) else value
+
+
+def _paper_spec(function: str) -> str:
+    if not PAPER_MODEL.is_file():
+        raise HelixError(
+            f"no MODEL given and the paper's model {str(PAPER_MODEL)!r} is not there (the package was "
+            f"installed without the repository's examples/); pass a MODEL such as path/to/model.py")
+    return f"{PAPER_MODEL}:{function}"
+
+
+# ---- helix plan ------------------------------------------------------------------------
+def cmd_plan(args) -> int:
+    """Plan MODEL (default: the paper's model at the paper's sizes, on meta) and print it."""
+    from .api import helix_compile, plan_model
+    from .modelspec import load_model_spec
+    from .report import format_table
+
+    model, inputs, kwargs = load_model_spec(args.model or _paper_spec("paper_meta"))
+    stage = args.print_graph_after
+    common = dict(devices=args.devices, example_inputs=inputs, example_kwargs=kwargs,
+                  cluster=args.cluster, plan=_resolve_plan(args.plan),
+                  print_after=(stage,) if stage else ())
+    if stage in ("seeds", "shard"):
+        program = helix_compile(model, **common)
+        plan = program.plan
+        # seeds only records which features each rank computes; shard writes the rank graphs
+        print(f"# graph after {stage}: rank 0 of {program.devices} (m={plan.m} x n={plan.n})")
+        print(program.rank_module(0).code)
+    else:
+        plan, analysis = plan_model(model, **common)
+        if stage not in (None, "capture"):
+            # find_attention, find_mlp and plan read the captured graph and leave it as it is
+            print(f"# graph after {stage} (unchanged since capture)")
+            print(analysis.captured.gm.code)
+    if args.output:
+        Path(args.output).write_text(plan.to_yaml())
+    if args.format == "table":
+        print(format_table(plan))
+    elif args.format == "yaml":
+        print(plan.to_yaml(), end="")
+    else:
+        print(json.dumps(plan.to_dict(), indent=1))
+    return 0
+
+
+# ---- helix run -------------------------------------------------------------------------
+def _default_backend(devices: int) -> str:
+    import torch
+
+    return "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= devices else "gloo"
+
+
+def cmd_run(args) -> int:
+    """Check the request here, then run one worker per rank under torchrun and report."""
+    import torch
+
+    from .api import plan_model
+    from .modelspec import load_model_spec
+
+    spec = args.model or _paper_spec("helix_model")
+    backend = args.backend or _default_backend(args.devices)
+    if backend == "nccl" and torch.cuda.device_count() < args.devices:
+        raise HelixError(
+            f"--backend nccl needs one GPU per rank: {args.devices} ranks, but this machine has "
+            f"{torch.cuda.device_count()} CUDA devices; use --backend gloo (CPU) or fewer --devices")
+    # Fail here, once, on what every rank would refuse (a bad MODEL, an
+    # infeasible --plan) rather than in N processes.
+    model, inputs, kwargs = load_model_spec(spec)
+    plan_model(model, devices=args.devices, example_inputs=inputs, example_kwargs=kwargs,
+               cluster=args.cluster, plan=_resolve_plan(args.plan))
+    del model, inputs, kwargs
+
+    workdir = Path(tempfile.mkdtemp(prefix="helix-run-"))
+    tolerance = args.tolerance if args.tolerance is not None else DEFAULT_TOLERANCE[args.dtype]
+    worker = ["--backend", backend, "--steps", str(args.steps), "--timeout", str(args.timeout),
+              "--dtype", args.dtype, "--tolerance", repr(tolerance), "--result-dir", str(workdir),
+              "--cluster", args.cluster]
+    if args.plan is not None:
+        worker += ["--plan", args.plan if isinstance(args.plan, str) else f"{args.plan[0]},{args.plan[1]}"]
+    if args.json:
+        worker += ["--json", str(Path(args.json).resolve())]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", str(args.devices), "-m", "helix_compiler.worker", spec, *worker]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")   # N ranks share the cores (torchrun's default, without its warning)
+    log = workdir / "torchrun.log"
+    status = _launch(command, env, log, args.timeout)
+    if status == 0:
+        shutil.rmtree(workdir, ignore_errors=True)
+        return 0
+    if status is None:
+        print(f"error: helix run: timed out after {args.timeout:g} s (--timeout) and was stopped; "
+              f"{_rank_report(workdir, args.devices)}; log: {log}", file=sys.stderr)
+        return EXIT_TIMEOUT
+    print(f"error: helix run: torchrun exited with status {status}; {_rank_report(workdir, args.devices)}; "
+          f"log: {log}", file=sys.stderr)
+    return EXIT_RANK_FAILED
+
+
+def _launch(command: list, env: dict, log: Path, timeout_s: float) -> int | None:
+    """Run torchrun in its own process group: rank 0's stdout is echoed, stderr goes to `log`.
+    The exit status, or None after `timeout_s` (the whole group is killed)."""
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=err, env=env,
+                                start_new_session=True)
+        echo = threading.Thread(target=_echo, args=(proc.stdout,), daemon=True)
+        echo.start()
+        try:
+            status = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            status = None
+        except BaseException:  # Ctrl-C: no rank may outlive the command
+            _kill_group(proc)
+            raise
+        echo.join(timeout=KILL_GRACE_S)
+    return status
+
+
+def _echo(stream) -> None:
+    for line in iter(stream.readline, b""):
+        sys.stdout.write(line.decode(errors="replace"))
+        sys.stdout.flush()
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    for sig, grace in ((signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace)
+            if sig == signal.SIGTERM:
+                os.killpg(proc.pid, signal.SIGKILL)   # stragglers that ignored SIGTERM
+            return
+        except (subprocess.TimeoutExpired, ProcessLookupError):
+            continue
+
+
+def _rank_report(workdir: Path, devices: int) -> str:
+    """Which ranks failed (first failure first, with its message) and which never finished."""
+    from .worker import read_failures
+
+    failed = read_failures(workdir)
+    done = {r for r in range(devices) if (workdir / f"rank{r}.done").exists()}
+    parts = [f"rank {f['rank']} failed: {_one_line(f['error'])}" for f in failed]
+    silent = sorted(set(range(devices)) - done - {f["rank"] for f in failed})
+    if silent:
+        parts.append(f"rank{'s' if len(silent) > 1 else ''} {_ranges(silent)} did not finish")
+    return "; ".join(parts) or "every rank finished"
+
+
+def _ranges(ranks: list[int]) -> str:
+    runs, start = [], ranks[0]
+    for a, b in zip(ranks, ranks[1:] + [None]):
+        if b != a + 1:
+            runs.append(f"{start}" if start == a else f"{start}-{a}")
+            start = b
+    return ", ".join(runs)
+
+
+# ---- the parser ------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="helix", description=(
+        "Partition a model's attention over n head groups x m head-dim slices. "
+        "MODEL: a .py file defining helix_model(), file.py:function or module:function, "
+        "returning (model, args) or (model, args, kwargs)."))
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    plan = sub.add_parser("plan", help="show the candidate (m, n) splits, their costs and the chosen plan",
+                          description="Plan MODEL on --devices devices; nothing is sharded and, "
+                                      "for a model on the meta device, no weights are allocated.")
+    plan.add_argument("model", nargs="?", metavar="MODEL",
+                      help="model spec (default: the paper's 2-layer model at full size on the meta device)")
+    plan.add_argument("--devices", type=int, required=True, metavar="N", help="number of devices N = m * n")
+    plan.add_argument("--cluster", default="paper", metavar="PRESET|FILE",
+                      help="cluster preset (paper, h100x8) or cluster YAML file (default: paper)")
+    plan.add_argument("--format", choices=FORMATS, default="table", help="output format (default: table)")
+    plan.add_argument("--plan", type=_plan_arg, metavar="M,N|FILE",
+                      help="force the split m,n (or a plan YAML written with -o) instead of choosing")
+    plan.add_argument("--print-graph-after", choices=STAGES, metavar="STAGE",
+                      help=f"print the graph after a pipeline stage: {', '.join(STAGES)}")
+    plan.add_argument("-o", "--output", metavar="FILE", help="also write the plan as YAML to FILE")
+    plan.set_defaults(func=cmd_plan)
+
+    run = sub.add_parser("run", help="compile MODEL and run its N rank modules on N processes (torchrun)",
+                         description="Launch N processes with torchrun; each compiles the same program, "
+                                     "runs its rank module on the model's example inputs and compares its "
+                                     "output with the unsharded model's. Rank 0 prints one summary line.")
+    run.add_argument("model", nargs="?", metavar="MODEL",
+                     help="model spec (default: the paper's model scaled down: 16 heads, D=128)")
+    run.add_argument("--devices", type=int, required=True, metavar="N", help="number of processes N = m * n")
+    run.add_argument("--backend", choices=BACKENDS,
+                     help="nccl (one GPU per rank) or gloo (CPU); default nccl when N GPUs are visible")
+    run.add_argument("--cluster", default="paper", metavar="PRESET|FILE",
+                     help="cluster whose cost model picks the split (default: paper)")
+    run.add_argument("--plan", type=_plan_arg, metavar="M,N|FILE", help="force the split m,n (or a plan YAML)")
+    run.add_argument("--steps", type=_positive_int, default=10, metavar="K", help="timed steps (default 10)")
+    run.add_argument("--timeout", type=_positive_float, default=DEFAULT_TIMEOUT_S, metavar="S",
+                     help=f"stop every rank after S seconds, exit {EXIT_TIMEOUT} (default {DEFAULT_TIMEOUT_S:g})")
+    run.add_argument("--dtype", choices=DTYPES, default="float32",
+                     help="cast model and inputs before compiling (float16 for GPU runs; default float32)")
+    run.add_argument("--tolerance", type=_positive_float, metavar="TOL",
+                     help="largest max relative error that passes (default 1e-5 for float32, 1e-2 float16, "
+                          "5e-2 bfloat16: compared with the unsharded model in the same dtype)")
+    run.add_argument("--json", metavar="PATH", help="also write rank 0's summary as JSON to PATH")
+    run.set_defaults(func=cmd_run)
+    return parser
+
+
+def _main(argv: list[str]) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help(sys.stderr)
+            return EXIT_REFUSED
+        return args.func(args)
+    except (HelixError, _UsageError) as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_REFUSED
+    except SystemExit as e:   # --help
+        return e.code if isinstance(e.code, int) else EXIT_REFUSED
+
+
+def main() -> None:
+    sys.exit(_main(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()
