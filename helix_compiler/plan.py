@@ -144,6 +144,9 @@ def make_plan(summary: ModelSummary, devices: int, cluster: ClusterSpec,
     listing = ", ".join(str(c) for c in feasible) or "none"
     if forced is not None:
         m, n = forced
+        if not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in forced):
+            raise PlanError(f"forced (m, n) must be two positive integers, got {forced!r}; "
+                            f"feasible splits of {devices}: {listing}")
         if m * n != devices:
             raise PlanError(f"forced m={m} x n={n} = {m * n} devices, but devices={devices}; "
                             f"feasible splits of {devices}: {listing}")

@@ -59,6 +59,9 @@ def test_forced_infeasible_split_says_why_and_lists_feasible_ones():
     with pytest.raises(PlanError, match=r"forced m=3 x n=4 = 12 devices, but devices=16; "
                                         r"feasible splits of 16: m=4 x n=4"):
         make_plan(toy(H=12), 16, PAPER, forced=(3, 4))
+    with pytest.raises(PlanError, match=r"forced \(m, n\) must be two positive integers, got "
+                                        r"\(-1, -16\)"):
+        make_plan(toy(H=12), 16, PAPER, forced=(-1, -16))
 
 
 def test_no_feasible_split_lists_device_counts_that_fit():
