@@ -1,0 +1,123 @@
+"""Kernel choice for the attention core of a rank graph (one job: pick the core's kernel).
+
+On Hopper, PyTorch's SDPA has a flash / cuDNN kernel only up to head dim 256;
+above it SDPA falls back to the memory-efficient kernel, measured 2.3x slower
+than an explicit matmul -> softmax -> matmul at d = 512 (DESIGN.md section 7).
+This pass rewrites
+
+    aten.scaled_dot_product_attention(q, k, v, mask, dropout_p=0, is_causal, scale, enable_gqa)
+        with head dim d > head_dim_threshold
+    -> torch.ops.helix.chunked_attention(q, k, v, mask, is_causal, scale, chunk_bytes, 0)
+
+and (score-reduce variant) the materialized tail
+
+    torch.ops.helix.attend(scores, v, mask, is_causal, scale)
+    -> torch.ops.helix.chunked_attend(scores, v, mask, is_causal, scale, chunk_bytes)
+
+Both replacements compute the same function (helix_compiler/kernels_chunked.py),
+a block of query rows at a time, so at most `chunk_bytes` of scores are alive.
+
+The head dim is read from the graph's shapes: node.meta["val"] where the graph
+carries it, else from a FakeTensor propagation of `example_inputs`. Without
+either, SDPA nodes are rewritten with min_head_dim = head_dim_threshold and the
+op picks at run time (SDPA itself when d <= threshold), which is exact too.
+
+    gm = apply_kernel_choice(prog.rank_module(r))                       # in place, returns gm
+    gm = apply_kernel_choice(gm, example_inputs=(x,), chunk_bytes=16 << 20)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+import helix_compiler.kernels  # noqa: F401  (registers torch.ops.helix.attend)
+from helix_compiler.kernels_chunked import DEFAULT_CHUNK_BYTES
+
+aten = torch.ops.aten
+SDPA = aten.scaled_dot_product_attention.default
+
+
+def _shapes(gm: fx.GraphModule, example_inputs) -> dict:
+    """node -> shape of its value: from node.meta, else by fake propagation of example_inputs."""
+    out = {}
+    for node in gm.graph.nodes:
+        v = node.meta.get("val", node.meta.get("tensor_meta"))
+        if v is not None and hasattr(v, "shape"):
+            out[node] = tuple(v.shape)
+    if example_inputs is None or all(
+            n in out for n in gm.graph.nodes if n.op == "call_function" and n.target is SDPA):
+        return out
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fake = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
+    seen = {}
+
+    class _Prop(FakeTensorProp):
+        def run_node(self, n):
+            r = super().run_node(n)
+            if isinstance(r, torch.Tensor):
+                seen[n] = tuple(r.shape)
+            return r
+
+    with mode:
+        _Prop(gm, mode).propagate_dont_convert_inputs(*fake)
+    return {**seen, **out}
+
+
+def _sdpa_args(node: fx.Node):
+    """(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa) of an SDPA node."""
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+    defaults = (None, None, None, None, 0.0, False, None, False)
+    return {name: node.args[i] if i < len(node.args) else node.kwargs.get(name, default)
+            for i, (name, default) in enumerate(zip(names, defaults))}
+
+
+def apply_kernel_choice(gm: fx.GraphModule, head_dim_threshold: int = 256, *,
+                        example_inputs=None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                        rewrite_attend: bool = True) -> fx.GraphModule:
+    """Rewrite attention cores with head dim > head_dim_threshold (and, with
+    rewrite_attend, every helix.attend tail) into the exact chunked explicit form.
+    Works in place on `gm` and returns it; `gm.meta["kernel_choice"]` lists what changed."""
+    import helix_compiler.kernels_chunked  # noqa: F401  (registers the ops)
+
+    shapes = _shapes(gm, example_inputs)
+    changed = []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target is SDPA:
+            a = _sdpa_args(node)
+            if a["dropout_p"] not in (0, 0.0):
+                continue            # training-mode dropout: leave SDPA to do it
+            q_shape = shapes.get(a["query"])
+            if q_shape is not None and q_shape[-1] <= head_dim_threshold:
+                continue            # a fused kernel exists for this head dim
+            min_d = 0 if q_shape is not None else head_dim_threshold
+            with gm.graph.inserting_before(node):
+                new = gm.graph.call_function(
+                    torch.ops.helix.chunked_attention.default,
+                    (a["query"], a["key"], a["value"], a["attn_mask"], bool(a["is_causal"]),
+                     a["scale"], int(chunk_bytes), int(min_d)))
+            new.meta.update({k: v for k, v in node.meta.items() if k in ("val", "tensor_meta",
+                                                                         "stack_trace")})
+            node.replace_all_uses_with(new)
+            gm.graph.erase_node(node)
+            changed.append((new.name, "sdpa", None if q_shape is None else q_shape[-1]))
+        elif rewrite_attend and node.target is torch.ops.helix.attend.default:
+            scores, v, mask, is_causal, scale = (list(node.args) + [None] * 5)[:5]
+            with gm.graph.inserting_before(node):
+                new = gm.graph.call_function(
+                    torch.ops.helix.chunked_attend.default,
+                    (scores, v, mask, bool(is_causal), float(scale), int(chunk_bytes)))
+            new.meta.update({k: v for k, v in node.meta.items() if k in ("val", "tensor_meta",
+                                                                         "stack_trace")})
+            node.replace_all_uses_with(new)
+            gm.graph.erase_node(node)
+            changed.append((new.name, "attend", None))
+    gm.graph.lint()
+    gm.recompile()
+    gm.meta["kernel_choice"] = changed
+    return gm
