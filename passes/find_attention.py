@@ -221,13 +221,8 @@ def _provenance(proj: fx.Node, target: fx.Node) -> Provenance | None:
         if t.stride(k) == 0:
             t = t.select(k, 0)
     rows = t.reshape(-1, d).numpy().astype(np.int64)
-    heads, seen = [], set()
-    for row in rows:
-        key = row.tobytes()
-        if key not in seen:
-            seen.add(key)
-            heads.append(row)
-    heads = np.stack(heads)
+    _, first = np.unique(rows, axis=0, return_index=True)
+    heads = rows[np.sort(first)]  # distinct rows in order of first appearance: core head order
     if (heads < 0).any():
         return None
     return Provenance(proj=proj, heads=heads, path=tuple(on_path))
@@ -256,13 +251,16 @@ def _core_rows(proj: fx.Node, target: fx.Node, prov: Provenance) -> np.ndarray:
 
 
 def _rotary(q: Provenance, d: int) -> Rotary | None:
-    """Slices of the head dim on the q path reveal rotary embedding (DESIGN.md section 2)."""
+    """Slices of the head dim on the q path reveal rotary embedding (DESIGN.md section 2).
+
+    Only slices of a last dim no longer than d count: a fused QKV split of (B, S, 3D) is not rotary.
+    """
     bounds, interleaved = set(), False
     for node in q.path:
         if node.target == aten.slice.Tensor:
             src = shape(node.args[0])
             dim = norm_dim(node.args[1] if len(node.args) > 1 else 0, len(src))
-            if dim != len(src) - 1:
+            if dim != len(src) - 1 or hint(src[-1]) > d:
                 continue
             size = src[-1]
             start = node.args[2] if len(node.args) > 2 and node.args[2] is not None else 0
@@ -278,7 +276,7 @@ def _rotary(q: Provenance, d: int) -> Rotary | None:
         elif node.target in (aten.split.Tensor, aten.split_with_sizes.default):
             src = shape(node.args[0])
             dim = norm_dim(node.args[2] if len(node.args) > 2 else 0, len(src))
-            if dim != len(src) - 1:
+            if dim != len(src) - 1 or hint(src[-1]) > d:
                 continue
             sizes = node.args[1]
             sizes = [sizes] * (src[-1] // sizes) if isinstance(sizes, int) else list(sizes)
