@@ -26,6 +26,13 @@ def plan_model(model: torch.nn.Module, devices: int = 16, example_inputs=(), exa
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
     spec = cluster if cluster is not None and not isinstance(cluster, str) else load_cluster(cluster or "paper")
+    if cluster is None and devices > spec.nodes * spec.gpus_per_node:
+        # the default cluster is the paper's kind of node (8 x H100, NVLink, 8 NDR NICs), as many as needed
+        import dataclasses
+        import math
+
+        spec = dataclasses.replace(spec, name=f"{spec.name}-x{math.ceil(devices / spec.gpus_per_node)}nodes",
+                                   nodes=math.ceil(devices / spec.gpus_per_node))
     analysis = analyze(model, example_inputs, example_kwargs or {}, print_after=print_after,
                        dynamic=dynamic)
     forced = None
