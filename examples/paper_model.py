@@ -73,7 +73,7 @@ class SelfAttention(nn.Module):
         k = self.k_proj(x).view(B, S, H, d).transpose(1, 2)  # (B, H, S, d)
         v = self.v_proj(x).view(B, S, H, d).transpose(1, 2)  # (B, H, S, d)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=False)  # (B, H, S, d)
-        y = y.transpose(1, 2).reshape(B, S, D)  # (B, S, D), heads side by side
+        y = y.transpose(1, 2).reshape(B, S, H * d)  # (B, S, D), heads side by side
         return self.o_proj(y)
 
 
