@@ -241,7 +241,11 @@ def _rank_report(workdir: Path, devices: int) -> str:
 
     failed = read_failures(workdir)
     done = {r for r in range(devices) if (workdir / f"rank{r}.done").exists()}
-    parts = [f"rank {f['rank']} failed: {_one_line(f['error'])}" for f in failed]
+    by_message: dict[str, list[int]] = {}   # earliest failure first; ranks that agree, once
+    for f in failed:
+        by_message.setdefault(_one_line(f["error"]), []).append(f["rank"])
+    parts = [f"rank{'s' if len(rs) > 1 else ''} {_ranges(sorted(rs))} failed: {message}"
+             for message, rs in by_message.items()]
     silent = sorted(set(range(devices)) - done - {f["rank"] for f in failed})
     if silent:
         parts.append(f"rank{'s' if len(silent) > 1 else ''} {_ranges(silent)} did not finish")
@@ -322,7 +326,13 @@ def _main(argv: list[str]) -> int:
 
 
 def main() -> None:
-    sys.exit(_main(sys.argv[1:]))
+    try:
+        status = _main(sys.argv[1:])
+        sys.stdout.flush()
+    except BrokenPipeError:   # `helix plan ... | head`: the reader left, which is no error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        status = 0
+    sys.exit(status)
 
 
 if __name__ == "__main__":
