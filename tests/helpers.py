@@ -1,0 +1,154 @@
+"""Shared checks for the sharding tests: every rank computes what the unsharded model computes.
+
+The tolerance is one number for the whole suite: float32, relative error
+||a - b|| / ||b|| <= 1e-5 per floating leaf of the output pytree (HF
+ModelOutputs are registered pytree nodes, so they flatten like tuples of their
+non-None fields). Sharding only reorders float32 sums (a d/m-slice partial
+score, an N-way all-reduce of a row-sharded projection), so observed errors are
+~1e-7; 1e-5 leaves room for that and nothing else.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import Counter
+from collections.abc import Sequence
+
+import torch
+import torch.utils._pytree as pytree
+
+REL_TOL = 1e-5   # ||a - b|| / ||b|| per floating leaf, float32
+
+
+def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """||got - want|| / ||want|| in float64 (the absolute error when want is all zeros)."""
+    got, want = got.detach().double(), want.detach().double()
+    diff = torch.linalg.vector_norm(got - want).item()
+    scale = torch.linalg.vector_norm(want).item()
+    return diff / scale if scale > 0 else diff
+
+
+def _flat(tree) -> tuple[list, pytree.TreeSpec]:
+    return pytree.tree_flatten(tree)
+
+
+def assert_output_equal(got, want, *, tol: float = REL_TOL, label: str = "output") -> None:
+    """`got` has `want`'s pytree structure; each floating leaf within `tol` relative error,
+    every other leaf equal."""
+    got_leaves, got_spec = _flat(got)
+    want_leaves, want_spec = _flat(want)
+    assert got_spec == want_spec, f"{label}: pytree structure {got_spec} != reference {want_spec}"
+    assert_leaves_equal(got_leaves, want_leaves, tol=tol, label=label)
+
+
+def assert_leaves_equal(got: Sequence, want: Sequence, *, tol: float = REL_TOL,
+                        label: str = "output") -> None:
+    """Flat outputs (e.g. a loaded rank's) against the reference's leaves, in order."""
+    want = [w for w in want if w is not None]
+    got = [g for g in got if g is not None]
+    assert len(got) == len(want), f"{label}: {len(got)} leaves, reference has {len(want)}"
+    for k, (g, w) in enumerate(zip(got, want)):
+        where = f"{label} leaf {k}"
+        if not isinstance(w, torch.Tensor):
+            assert g == w, f"{where}: {g!r} != reference {w!r}"
+            continue
+        assert isinstance(g, torch.Tensor), f"{where}: {type(g).__name__}, reference is a tensor"
+        assert g.shape == w.shape, f"{where}: shape {tuple(g.shape)} != reference {tuple(w.shape)}"
+        assert g.dtype == w.dtype, f"{where}: dtype {g.dtype} != reference {w.dtype}"
+        if w.is_floating_point():
+            err = rel_error(g, w)
+            assert err <= tol, f"{where}: relative error {err:.3g} > {tol:g}"
+        else:
+            assert torch.equal(g, w), f"{where}: {w.dtype} values differ from the reference"
+
+
+def assert_ranks_equal(outputs: Sequence, want, *, devices: int, tol: float = REL_TOL,
+                       label: str = "") -> None:
+    """`devices` rank outputs, each equal to `want` (the unsharded model's output)."""
+    assert len(outputs) == devices, f"{label}: {len(outputs)} rank outputs for {devices} devices"
+    for r, out in enumerate(outputs):
+        assert_output_equal(out, want, tol=tol, label=f"{label} rank {r}".strip())
+
+
+def eager_output(model: torch.nn.Module, args: tuple, kwargs: dict):
+    """The unsharded eager model's output, the reference every rank must equal."""
+    with torch.no_grad():
+        return model(*args, **kwargs)
+
+
+def all_ranks_label(m: int, n: int) -> str:
+    """How `HelixProgram.collectives` names a group of all N ranks: the mesh axis that spans
+    them ("head" when m = 1, "dim" when n = 1), else "all"."""
+    if m == 1:
+        return "head"
+    if n == 1:
+        return "dim"
+    return "all"
+
+
+def expected_collectives(*, m: int, n: int, variant: str, sites: int, o_projs: int,
+                         mlps: int) -> dict[str, int]:
+    """The collectives one rank graph should hold (DESIGN.md section 2-3):
+
+    * per attention site with m > 1: score-reduce one all_reduce of the partial scores over
+      the m-group ("dim"); qk-gather two all_gathers (Q and K) over "dim";
+    * per output projection and per MLP: one all_reduce of the row-sharded partial sum over
+      all N ranks;
+    * with one device, none at all.
+    """
+    if m * n == 1:
+        return {}
+    counts: Counter = Counter()
+    if m > 1:
+        if variant == "score-reduce":
+            counts["all_reduce:dim"] += sites
+        elif variant == "qk-gather":
+            counts["all_gather:dim"] += 2 * sites
+        else:
+            raise ValueError(f"variant must be 'score-reduce' or 'qk-gather' when m > 1, got {variant!r}")
+    counts[f"all_reduce:{all_ranks_label(m, n)}"] += o_projs + mlps
+    return {k: v for k, v in counts.items() if v}
+
+
+def variants_for(m: int) -> tuple[str | None, ...]:
+    """The m > 1 variants to force, or (None,) for plain head parallelism."""
+    return ("score-reduce", "qk-gather") if m > 1 else (None,)
+
+
+def seeded(fn):
+    """Build `(model, args, kwargs)` under seed 0 without touching the caller's RNG;
+    the model comes back in float32 eval mode."""
+    @functools.wraps(fn)
+    def build():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model, args, kwargs = fn()
+        return model.float().eval(), args, kwargs
+
+    return build
+
+
+def compile_split(model, args: tuple, kwargs: dict, *, m: int, n: int, variant: str | None):
+    """helix_compile forced to the split (m, n) and variant; checks the plan took them."""
+    from helix_compiler import helix_compile
+
+    prog = helix_compile(model, devices=m * n, example_inputs=args, example_kwargs=kwargs,
+                         plan=(m, n), variant=variant)
+    assert (prog.plan.m, prog.plan.n) == (m, n), f"asked for m={m} x n={n}, got {prog.plan.m} x {prog.plan.n}"
+    assert prog.plan.variants == (variant or "heads",) * len(prog.plan.sites), prog.plan.variants
+    return prog
+
+
+def check_split(model, args: tuple, kwargs: dict, want, *, m: int, n: int, variant: str | None):
+    """Compile for (m, n, variant), simulate all m * n ranks, assert each equals `want`."""
+    prog = compile_split(model, args, kwargs, m=m, n=n, variant=variant)
+    outputs = prog.simulate(*args, **kwargs)
+    assert_ranks_equal(outputs, want, devices=m * n, label=f"m={m} x n={n} {variant or 'heads'}")
+    return prog
+
+
+def feasible_splits(summary, devices: int) -> list[tuple[int, int]]:
+    """The solver's feasible (m, n) for `devices`, smallest m first."""
+    from helix_compiler.solver import solve
+
+    return [(c.m, c.n) for c in solve(summary, devices) if c.feasible]
