@@ -43,7 +43,7 @@ def _env_rank() -> tuple[int, int, int]:
     missing = [k for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK") if k not in os.environ]
     if missing:
         raise HelixError(f"helix_compiler.worker runs one rank under torchrun, but {', '.join(missing)} "
-                         f"is not set; launch it with `helix run MODEL --devices N`")
+                         f"{'is' if len(missing) == 1 else 'are'} not set; launch it with `helix run MODEL --devices N`")
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
 
 
@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="One rank of `helix run` (start it with torchrun).")
     p.add_argument("model", metavar="MODEL")
     p.add_argument("--backend", choices=("gloo", "nccl"), default="gloo")
-    p.add_argument("--cluster", default="paper")
+    p.add_argument("--cluster", default=None)
     p.add_argument("--plan", default=None, help="M,N or a plan YAML file")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--timeout", type=float, default=300.0)
