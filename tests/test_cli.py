@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import re
-import textwrap
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -252,16 +252,20 @@ def test_run_four_gloo_processes_matches_unsharded_model(capsys, tiny_spec, tmp_
 
 
 @pytest.mark.slow
-def test_run_names_the_rank_that_failed(capsys, tiny_spec):
+def test_run_names_the_rank_that_failed_and_keeps_its_log(capsys, tiny_spec, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))   # where the kept log goes
     code, _, err = _run(capsys, "run", f"{tiny_spec}:fails_on_rank_1", "--devices", 2,
                         "--backend", "gloo", "--timeout", 120)
     assert code == EXIT_RANK_FAILED
-    assert "Traceback" not in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert re.search(r"rank 1 failed: .*rank one cannot build the model", err), err
+    log = Path(err.strip().rsplit("log: ", 1)[1])
+    assert log.is_relative_to(tmp_path) and "rank one cannot build the model" in log.read_text()
 
 
 @pytest.mark.slow
-def test_run_past_timeout_is_stopped(capsys, tiny_spec):
+def test_run_past_timeout_is_stopped(capsys, tiny_spec, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     code, _, err = _run(capsys, "run", f"{tiny_spec}:hangs_on_rank_1", "--devices", 2,
                         "--backend", "gloo", "--timeout", 6)
     assert code == EXIT_TIMEOUT
