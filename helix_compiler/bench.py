@@ -260,13 +260,17 @@ def class_split(fn, device) -> dict:
         if cuda:
             torch.cuda.synchronize()
     split: dict = {}
+    ops: dict = {}
     for ev in prof.key_averages():
         us = (getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0)
               if cuda else ev.self_cpu_time_total)
-        if not us or not ev.key.startswith("aten::"):
+        if not us or not ev.key.startswith(("aten::", "triton_")):   # triton_: compiled kernels
             continue
         c = op_class(ev.key)
         split[c] = split.get(c, 0.0) + us / 1e3
+        ops[ev.key] = (ops.get(ev.key, (0.0, 0))[0] + us / 1e3, ev.count)
+    top = sorted(ops.items(), key=lambda kv: -kv[1][0])[:14]
+    class_split.last_top = [[k, round(v[0], 4), v[1]] for k, v in top]
     return {k: round(v, 4) for k, v in sorted(split.items())}
 
 
@@ -293,10 +297,20 @@ def run_timed(make_fn, b: int, device, warmup: int, repeats: int, log):
             if torch.device(device).type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             fn = make_fn(b)
+            cuda = torch.device(device).type == "cuda"
             with torch.no_grad():
-                t = time_ms(fn, device, warmup=warmup, repeats=repeats)
-            if torch.device(device).type == "cuda":
+                if cuda:        # warm up here, so that the allocator counts cover timed calls only
+                    for _ in range(warmup):
+                        fn()
+                    torch.cuda.synchronize()
+                    s0 = torch.cuda.memory_stats()
+                t = time_ms(fn, device, warmup=0 if cuda else warmup, repeats=repeats)
+            if cuda:
+                s1 = torch.cuda.memory_stats()
                 t["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
+                t["alloc_retries"] = s1.get("num_alloc_retries", 0) - s0.get("num_alloc_retries", 0)
+                t["device_mallocs"] = (s1.get("segment.all.allocated", 0)
+                                       - s0.get("segment.all.allocated", 0))
             return b, t, fn
         except Exception as e:  # noqa: BLE001
             if not _is_oom(e):
@@ -448,7 +462,8 @@ def measure(runner, kernel_choice: bool, b: int, device, args, log) -> dict:
     b_used, t, fn = run_timed(make_fn, b, device, args.warmup, args.repeats, log)
     row = {"micro_batch": b_used, "ms_per_micro_batch": t["median_ms"],
            "ms_per_micro_batch_min": t["min_ms"], "ms_per_micro_batch_max": t["max_ms"],
-           "repeats": t["repeats"], "peak_gib": t.get("peak_gib")}
+           "repeats": t["repeats"], "peak_gib": t.get("peak_gib"),
+           "alloc_retries": t.get("alloc_retries"), "device_mallocs": t.get("device_mallocs")}
     del fn
     _free(device)
     try:
@@ -456,6 +471,7 @@ def measure(runner, kernel_choice: bool, b: int, device, args, log) -> dict:
         row["ms_per_sequence_b1"] = time_ms(one, device, warmup=1,
                                             repeats=args.repeats)["median_ms"]
         row["class_ms_per_sequence_b1"] = class_split(one, device)
+        row["top_ops_ms_per_sequence_b1"] = getattr(class_split, "last_top", None)
         del one
     except Exception as e:  # noqa: BLE001
         row["class_split_error"] = f"{type(e).__name__}: {e}"
@@ -608,6 +624,8 @@ def assemble(raw: dict, summary, cluster, profile, cfg) -> dict:
             "picks at this head dim (score-reduce is always explicit)",
         ],
         "plans": rows,
+        "b_sweep": raw.get("b_sweep"),
+        "compiled": raw.get("compiled"),
     }
 
 
@@ -725,7 +743,68 @@ def run_measurements(args, cfg, summary, cluster, profile, device, log) -> dict:
         collectives.bind(None)
         del runner
         _free(device)
+    if (args.b_sweep or args.compile_check) and not late():
+        extras(args, cfg, cluster, device, log, raw)
+        save()
     return raw
+
+
+def extras(args, cfg, cluster, device, log, raw) -> None:
+    """helix m=1 x n=N with kernel choice: ms per sequence at several micro-batches, and
+    the same rank graph through torch.compile (what fusing the elementwise ops gives)."""
+    from helix_compiler import collectives
+
+    from .calibrate import time_ms
+
+    runner = HelixRunner(cfg, 1, args.devices, None, args.devices, cluster, device,
+                         args.chunk_bytes)
+    runner._small = args.small
+    flops = runner.flops()
+    raw["b_sweep"] = []
+    for b in args.b_sweep or ():
+        try:
+            b_used, t, fn = run_timed(runner.make(True), b, device, args.warmup, args.repeats, log)
+            del fn
+            raw["b_sweep"].append({"b": b_used, "ms_per_micro_batch": t["median_ms"],
+                                   "ms_per_sequence": t["median_ms"] / b_used,
+                                   "tflops": flops * b_used / (t["median_ms"] * 1e-3) / 1e12,
+                                   **{k: t.get(k) for k in ("peak_gib", "alloc_retries",
+                                                             "device_mallocs")}})
+            log(f"  b-sweep m=1 kernel-choice b={b_used}: {t['median_ms'] / b_used:.2f} ms/seq")
+        except Exception as e:  # noqa: BLE001
+            raw["b_sweep"].append({"b": b, "error": f"{type(e).__name__}: {e}"})
+        _free(device)
+    if args.compile_check:
+        out = {"what": "rank graph m=1 with kernel choice, torch.compile (inductor, default "
+                       "mode), one sequence", "flops_per_sequence": flops}
+        try:
+            gm = materialize(runner.graph(1, True), device)
+            x = torch.randn(1, cfg.seq, cfg.hidden, dtype=cfg.dtype, device=device)
+            collectives.bind(StubCollectives())
+            eager = time_ms(lambda: gm(x), device, warmup=1, repeats=args.repeats)["median_ms"]
+            t0 = time.perf_counter()
+            cg = torch.compile(gm, dynamic=False)
+            with torch.no_grad():
+                cg(x)
+            out["compile_s"] = round(time.perf_counter() - t0, 1)
+            with torch.no_grad():
+                t = time_ms(lambda: cg(x), device, warmup=1, repeats=args.repeats)
+            out.update(eager_ms_per_sequence=eager, compiled_ms_per_sequence=t["median_ms"],
+                       eager_tflops=flops / (eager * 1e-3) / 1e12,
+                       compiled_tflops=flops / (t["median_ms"] * 1e-3) / 1e12)
+            with torch.no_grad():
+                out["compiled_class_ms"] = class_split(lambda: cg(x), device)
+                out["compiled_top_ops"] = getattr(class_split, "last_top", None)
+            log(f"  torch.compile m=1 kernel-choice: eager {eager:.2f} ms/seq, compiled "
+                f"{t['median_ms']:.2f} ms/seq ({out['compiled_tflops']:.0f} TFLOP/s), "
+                f"compile {out['compile_s']} s")
+        except Exception as e:  # noqa: BLE001
+            out["error"] = f"{type(e).__name__}: {str(e)[:500]}"
+            log(f"  torch.compile check failed: {out['error']}")
+        finally:
+            collectives.bind(None)
+        raw["compiled"] = out
+    _free(device)
 
 
 def table(result: dict) -> str:
@@ -766,6 +845,10 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--chunk-mib", type=int, default=None)
+    ap.add_argument("--b-sweep", type=int, nargs="*", default=None,
+                    help="also time helix m=1 (kernel choice) at these micro-batches")
+    ap.add_argument("--compile-check", action="store_true",
+                    help="also run helix m=1 (kernel choice) through torch.compile")
     ap.add_argument("--deadline-s", type=float, default=None,
                     help="skip the measurements left after this many seconds")
     args = ap.parse_args(argv)

@@ -18,8 +18,9 @@ The profile (helix_compiler/profile.py) gets the compute-bound matmul rows, one
 attention row per fused backend and head dim it ran at, the explicit core per
 head dim, softmax_gb_s derived from the explicit core at d = 512 (its time
 minus its two GEMMs', so that the cost model's op-by-op pricing adds up to the
-measured core), and elementwise_gb_s from layer norm + residual add (the
-cost model's norm + residual term). Peaks (`peak_tflops`, `hbm_gb_s`) are the
+measured core), and elementwise_gb_s from a block's tail as the rank graphs
+run it (bias add after the reduction, residual add, layer norm: the cost
+model's norm + residual term, 7 passes). Peaks (`peak_tflops`, `hbm_gb_s`) are the
 datasheet figures of the device, so efficiencies transfer to other GPUs.
 --json writes every measurement, with device, torch version and date.
 --small runs tiny shapes (on the CPU when there is no GPU) to test the script.
@@ -262,6 +263,10 @@ def bench_memory_ops(rows, width, mlp_width, dtype, device, repeats) -> list[dic
     ]
     h = _randn(rows, mlp_width, dtype=dtype, device=device)
     cases.append(("gelu", lambda: F.gelu(h), 2 * rows * mlp_width * e))
+    # a block's tail as the rank graphs run it: bias add after the reduction (2 passes),
+    # residual add (3), the next layer norm (2): 7 passes of rows x width
+    cases.append(("block_tail", lambda: F.layer_norm(x + (y + b), (width,), w, b),
+                  7 * rows * width * e))
     for name, fn, nbytes in cases:
         t = time_ms(fn, device, repeats=repeats)
         out.append({"op": name, "shape": [rows, mlp_width if name == "gelu" else width],
@@ -312,15 +317,19 @@ def make_profile(meas: dict, info: dict, chunk_bytes: int):
     big = max((r for r in meas["attention"] if r["backend"] == "explicit" and "tflops" in r),
               key=lambda r: r["shape"][-1])
     h, S, _, d = big["shape"]
-    gemm = {r["op"]: r["median_ms"] for r in meas["score_gemms"] if r["shape"][-1] == d
-            and r["shape"][0] == h}
+    # qk_gemm shape (bh, S, S, dk), pv_gemm shape (bh, S, dk, S)
+    gemm = {r["op"]: r["median_ms"] for r in meas["score_gemms"]
+            if r["shape"][0] == h and r["shape"][3 if r["op"] == "qk_gemm" else 2] == d}
     soft_ms = big["median_ms"] - gemm.get("qk_gemm", 0.0) - gemm.get("pv_gemm", 0.0)
     soft_bytes = 2 * 2 * h * S * S
     standalone = max(r["gb_s"] for r in meas["softmax_rows"])
     softmax_gb_s = soft_bytes / (soft_ms * 1e-3) / 1e9 if soft_ms > 0 else standalone
     mem = {r["op"]: r for r in meas["memory_ops"]}
-    ew_bytes = mem["layer_norm"]["bytes"] + mem["add"]["bytes"]
-    ew_ms = mem["layer_norm"]["median_ms"] + mem["add"]["median_ms"]
+    if "block_tail" in mem:          # the cost model's norm + residual term, as the graph runs it
+        ew_bytes, ew_ms = mem["block_tail"]["bytes"], mem["block_tail"]["median_ms"]
+    else:
+        ew_bytes = mem["layer_norm"]["bytes"] + mem["add"]["bytes"]
+        ew_ms = mem["layer_norm"]["median_ms"] + mem["add"]["median_ms"]
     name = f"{info.get('device', 'gpu')}-torch{info.get('torch', '').split('+')[0]}-calibrated"
     return ComputeProfile(
         name=name.replace(" ", "-"), device=f"{info.get('device')} (measured {info.get('date')})",
@@ -355,7 +364,7 @@ def calibrate(device=None, small: bool = False, repeats: int = 10,
     slices = sorted({top // m for m in (1, 2, 4, 8, 16) if top // m >= 1})
     meas["score_gemms"] = bench_score_gemms(S, slices, lambda dk: 1, dtype, device, repeats)
     log(f"[calibrate] score gemms {time.perf_counter() - t0:.1f} s")
-    sizes = [2 ** k for k in ((12, 14, 16) if small else (22, 23, 24, 25, 26, 27, 28))]
+    sizes = [2 ** k for k in ((12, 14, 16) if small else (24, 26, 27, 28, 29, 30))]
     meas["chunk_sweep"] = bench_chunk_sweep(S, top, (1, 2) if small else (1, 2, 16), dtype,
                                             device, repeats, sizes)
     log(f"[calibrate] chunk sweep {time.perf_counter() - t0:.1f} s")
@@ -406,10 +415,17 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--chunk-mib", type=int, default=None,
                     help="chunk of scores for the explicit core (default: kernels_chunked)")
+    ap.add_argument("--from-json", default=None,
+                    help="rebuild the profile from an earlier --json (no measuring)")
     args = ap.parse_args(argv)
     command = "helix calibrate " + " ".join(argv if argv is not None else sys.argv[1:])
-    meas, profile = calibrate(args.device, args.small, args.repeats,
-                              None if args.chunk_mib is None else args.chunk_mib << 20)
+    if args.from_json:
+        meas = json.loads(Path(args.from_json).read_text())
+        profile = make_profile(meas, meas["info"], meas.get("chunk_bytes") or 0)
+        command = meas.get("command", command) + f"  (profile rebuilt: {command})"
+    else:
+        meas, profile = calibrate(args.device, args.small, args.repeats,
+                                  None if args.chunk_mib is None else args.chunk_mib << 20)
     meas["command"] = command
     meas["best_chunk_bytes"] = {h: best_chunk_bytes(meas, h) for h in (1, 2, 16)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

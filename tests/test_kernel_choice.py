@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from examples.paper_model import PaperConfig, build
 from helix_compiler import helix_compile
-from helix_compiler.kernels_chunked import chunk_rows
+from helix_compiler.kernels_chunked import blocks
 from helix_compiler.program import run_ranks
 from passes.kernel_choice import apply_kernel_choice
 
@@ -50,13 +50,30 @@ def test_chunked_attention_several_blocks_and_gqa():
     q = torch.randn(1, 8, 300, 32, generator=g)       # 300 rows: blocks of 128, 128, 44
     k = torch.randn(1, 2, 300, 32, generator=g)       # GQA: 2 kv heads for 8 query heads
     v = torch.randn(1, 2, 300, 32, generator=g)
-    assert chunk_rows(8, 300, 4, 300, 1) == 128
+    assert [b[2:] for b in blocks(8, 300, 4, 300, 1)][:3] == [(0, 128), (128, 256), (256, 300)]
     ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     out = torch.ops.helix.chunked_attention(q, k, v, None, True, None, 1, 0)
     assert _rel(out, ref) < TOL
     # min_head_dim >= d: the op hands the core to SDPA
     out = torch.ops.helix.chunked_attention(q, k, v, None, True, None, 1, 32)
     assert _rel(out, ref) < TOL
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 300 * 300 * 4, 2 * 300 * 300 * 4 + 5, 2 ** 30])
+def test_head_blocks_with_a_per_head_mask(chunk_bytes):
+    """Blocks of 1, 2 or all heads, or row blocks; a mask that differs per batch and head."""
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 3, 300, 16, generator=g) for _ in range(3))
+    mask = torch.rand(2, 3, 300, 300, generator=g) > 0.3
+    mask[..., 0] = True
+    covered = sorted((h0, r0) for h0, h1, r0, r1 in blocks(6, 300, 300, 4, chunk_bytes))
+    assert covered[0] == (0, 0)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    out = torch.ops.helix.chunked_attention(q, k, v, mask, False, None, chunk_bytes, 0)
+    assert _rel(out, ref) < TOL
+    s = torch.randn(2, 3, 300, 300, generator=g)
+    ref = torch.ops.helix.attend(s, v, mask, False, 0.2)
+    assert _rel(torch.ops.helix.chunked_attend(s, v, mask, False, 0.2, chunk_bytes), ref) < TOL
 
 
 def test_chunked_attend_matches_attend():
