@@ -45,7 +45,11 @@ def plan_model(model: torch.nn.Module, devices: int = 16, example_inputs=(), exa
         if not (isinstance(plan, (tuple, list)) and len(plan) == 2 and all(isinstance(x, int) for x in plan)):
             raise PlanError(f"plan must be (m, n) with integers m * n = devices, got {plan!r}")
         forced = (int(plan[0]), int(plan[1]))
+    import time
+
+    t0 = time.perf_counter()
     result = make_plan(analysis.summary, devices, spec, profile=profile, forced=forced, variant=variant)
+    analysis.timings["plan"] = time.perf_counter() - t0
     if isinstance(plan, Plan) and plan.model != result.model:
         raise PlanError(f"plan was made for model {plan.model}, not for this model ({result.model}); "
                         f"make a new plan with `helix plan`")
@@ -77,6 +81,12 @@ def helix_compile(model: torch.nn.Module, devices: int = 16, example_inputs=(), 
     return prog
 
 
+# Rank graphs are emitted at compile time up to this many nodes in all (ranks x graph nodes);
+# above it, compile computes every placement (so any refusal surfaces now) and each rank's
+# graph is emitted when rank_module(r) first asks for it.  A 64-rank LLaMA-70B is ~360k nodes.
+EAGER_EMIT_NODES = 100_000
+
+
 def _shard(result, analysis) -> HelixProgram:
     from passes.seeds import mlp_seeds, site_seeds
     from passes.shard import localize
@@ -89,10 +99,23 @@ def _shard(result, analysis) -> HelixProgram:
             variants[match.site.core_nodes[0]] = site_plan.variant
         for mlp in analysis.mlps:
             seeds.update(mlp_seeds(mlp, mesh))
-        localized = localize(analysis.captured.gm, mesh, seeds, variants, analysis.captured.params)
     except HelixError:
         raise
-    except Exception as e:
-        raise HelixError(f"stage shard failed after capture, find_attention, find_mlp, plan: "
-                         f"{type(e).__name__}: {e}") from e
-    return HelixProgram(plan=result, analysis=analysis, localized=localized, mesh=mesh)
+
+    def run(active):
+        try:
+            return localize(analysis.captured.gm, mesh, seeds, variants, analysis.captured.params, active)
+        except HelixError:
+            raise
+        except Exception as e:
+            raise HelixError(f"stage shard failed after capture, find_attention, find_mlp, plan: "
+                             f"{type(e).__name__}: {e}") from e
+
+    import time
+
+    nodes = len(analysis.captured.gm.graph.nodes)
+    eager = mesh.size * nodes <= EAGER_EMIT_NODES
+    t0 = time.perf_counter()
+    localized = run(None if eager else ())
+    analysis.timings["shard"] = time.perf_counter() - t0
+    return HelixProgram(plan=result, analysis=analysis, localized=localized, mesh=mesh, localize=run)

@@ -33,6 +33,7 @@ class Analysis:
     skipped: tuple            # notes on attention cores left unsharded
     mlps: tuple               # MlpSite
     summary: ModelSummary
+    timings: dict             # stage -> seconds
 
 
 def _numel(t) -> int:
@@ -77,9 +78,12 @@ def analyze(model, args, kwargs, print_after=(), dynamic: bool = True) -> Analys
 
     from .capture import capture
 
-    done = []
+    import time
+
+    done, timings = [], {}
 
     def stage(name, fn):
+        t0 = time.perf_counter()
         try:
             out = fn()
         except HelixError:
@@ -88,6 +92,7 @@ def analyze(model, args, kwargs, print_after=(), dynamic: bool = True) -> Analys
             raise HelixError(f"stage {name} failed after {done or ['nothing']}: "
                              f"{type(e).__name__}: {e}") from e
         done.append(name)
+        timings[name] = time.perf_counter() - t0
         return out
 
     captured = stage("capture", lambda: capture(model, args, kwargs, dynamic=dynamic))
@@ -101,7 +106,7 @@ def analyze(model, args, kwargs, print_after=(), dynamic: bool = True) -> Analys
     mlps = stage("find_mlp", lambda: find_mlp(captured.gm, projs))
     summary = summarize(captured, matches, mlps, type(model).__name__)
     return Analysis(captured=captured, matches=tuple(matches), skipped=tuple(skipped),
-                    mlps=tuple(mlps), summary=summary)
+                    mlps=tuple(mlps), summary=summary, timings=timings)
 
 
 def _maybe_print(stage: str, gm: fx.GraphModule, print_after) -> None:

@@ -75,11 +75,13 @@ def run_ranks(modules, mesh: Mesh, args, kwargs, timeout_s: float = 300.0) -> li
 class HelixProgram:
     """The compiled program: `plan`, `rank_module(r)`, `simulate()`, `save()`."""
 
-    def __init__(self, *, plan, analysis, localized, mesh: Mesh):
+    def __init__(self, *, plan, analysis, localized, mesh: Mesh, localize=None):
         self.plan = plan
         self.analysis = analysis
         self.mesh = mesh
-        self._localized = localized
+        self._localized = localized       # placements for all ranks; graphs for some
+        self._localize = localize         # active ranks -> Localized (emits the missing graphs)
+        self._per_rank: dict = {}
         self._modules: dict = {}
         self.notes: list = [analysis.captured.note] if analysis.captured.note else []
 
@@ -100,9 +102,24 @@ class HelixProgram:
         if not isinstance(rank, int) or not 0 <= rank < self.devices:
             raise HelixError(f"rank must be an integer in [0, {self.devices}), got {rank!r}")
         if rank not in self._modules:
-            self._modules[rank] = build_module(self._localized.graphs[rank], self._localized.attrs[rank],
-                                               f"HelixRank{rank}")
+            loc = self._rank_localized(rank)
+            self._modules[rank] = build_module(loc.graphs[rank], loc.attrs[rank], f"HelixRank{rank}")
         return self._modules[rank]
+
+    def _rank_localized(self, rank: int):
+        if any(n.op == "output" for n in self._localized.graphs[rank].nodes):
+            return self._localized
+        if rank not in self._per_rank:
+            self._per_rank[rank] = self._localize({rank})
+        return self._per_rank[rank]
+
+    def rank_weights(self, rank: int) -> dict:
+        """Rank r's tensors by attribute name (its weight slices and index constants)."""
+        return self._rank_localized(rank).attrs[rank]
+
+    def rank_shards(self, rank: int) -> dict:
+        """attr name -> (source parameter name, ((dim, global indices), ...)) for rank r."""
+        return self._rank_localized(rank).shards[rank]
 
     def collectives(self, rank: int) -> dict:
         """Collective calls in rank r's graph, counted by "kind:axes"."""
@@ -167,7 +184,7 @@ class HelixProgram:
             gm = self.rank_module(r)
             gfile, wfile = d / f"rank{r}.graph.json", d / f"rank{r}.weights.pt"
             gfile.write_text(json.dumps(graph_to_json(gm.graph)))
-            torch.save({k: t.contiguous() for k, t in self._localized.attrs[r].items()}, wfile)
+            torch.save({k: t.contiguous() for k, t in self.rank_weights(r).items()}, wfile)
             manifest["ranks"].append({"graph": gfile.name, "weights": wfile.name,
                                       "graph_sha256": _sha256(gfile), "weights_sha256": _sha256(wfile)})
         (d / "manifest.json").write_text(json.dumps(manifest, indent=1))

@@ -217,8 +217,10 @@ def _provenance(proj: fx.Node, target: fx.Node) -> Provenance | None:
     if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(hinted(shape(target))):
         return None
     d = t.shape[-1]
+    # Drop dims along which every slice is the same (batch, sequence; stride 0 or copied by a
+    # reshape such as GQA's repeat_kv): what is left are the head dims.
     for k in reversed(range(t.dim() - 1)):
-        if t.stride(k) == 0:
+        if t.stride(k) == 0 or t.shape[k] == 1 or bool((t == t.narrow(k, 0, 1)).all()):
             t = t.select(k, 0)
     rows = t.reshape(-1, d).numpy().astype(np.int64)
     _, first = np.unique(rows, axis=0, return_index=True)
@@ -228,11 +230,36 @@ def _provenance(proj: fx.Node, target: fx.Node) -> Provenance | None:
     return Provenance(proj=proj, heads=heads, path=tuple(on_path))
 
 
+# Symbolic sizes (batch, sequence) are evaluated at small values for the provenance run: the
+# tags do not depend on them, and a 4096-token sequence would cost gigabytes per site.
+_SMALL: dict = {}
+
+
 def hint(x):
-    """The example value of a symbolic size (export keeps it as the hint)."""
+    """A concrete value for a size: symbols at their small provenance value, else the example's."""
     if isinstance(x, torch.SymInt):
+        expr = x.node.expr
+        if _SMALL and expr.free_symbols <= set(_SMALL):
+            return int(expr.subs(_SMALL))
         return int(x.node.hint)
     return x
+
+
+def _example(x) -> int:
+    """The example inputs' value of a size."""
+    return int(x.node.hint) if isinstance(x, torch.SymInt) else int(x)
+
+
+def _small_sizes(gm: fx.GraphModule) -> dict:
+    out = {}
+    for node in gm.graph.nodes:
+        v = node.meta.get("val")
+        if node.op == "placeholder" and isinstance(v, torch.Tensor):
+            for size in v.shape:
+                if isinstance(size, torch.SymInt):
+                    for sym in size.node.expr.free_symbols:
+                        out[sym] = min(int(size.node.hint), 4)
+    return out
 
 
 def hinted(sizes) -> list:
@@ -359,9 +386,9 @@ def _match(core: Core, index: int) -> tuple[SiteMatch | None, str | None]:
     else:
         kv_of_q = tuple(h // (H // H_kv) for h in range(H))
     qv = val(core.q)
-    q_len = hint(qv.shape[-2]) if qv.dim() >= 2 else 1
-    kv_len = hint(val(core.k).shape[-2])
-    numel = int(np.prod(hinted(qv.shape)))
+    q_len = _example(qv.shape[-2]) if qv.dim() >= 2 else 1
+    kv_len = _example(val(core.k).shape[-2])
+    numel = int(np.prod([_example(x) for x in qv.shape]))
     batch = max(1, numel // max(1, H * d * q_len))
     o = _output_projection(core.out)
     fused = projs["q"] is projs["k"] or projs["q"] is projs["v"]
@@ -386,10 +413,17 @@ def _match(core: Core, index: int) -> tuple[SiteMatch | None, str | None]:
 def find_attention(gm: fx.GraphModule) -> tuple[list[SiteMatch], list[str]]:
     """Every attention site of `gm` in graph order, and a note for each core left unsharded."""
     matches, skipped = [], []
-    for core in find_cores(gm):
-        m, why = _match(core, len(matches))
-        if m is None:
-            skipped.append(why)
-        else:
-            matches.append(m)
+    _SMALL.clear()
+    _SMALL.update(_small_sizes(gm))
+    try:
+        cores = find_cores(gm)
+        for core in cores:
+            m, why = _match(core, len(matches))
+            if m is None:
+                skipped.append(why)
+            else:
+                matches.append(m)
+    finally:
+        _SMALL.clear()
     return matches, skipped
+

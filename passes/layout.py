@@ -74,26 +74,45 @@ def merge(splits, sizes, ranks: int) -> Split | None:
     return make_split(int(np.prod(sizes)), per_rank)
 
 
+_FACTOR_CACHE: dict = {}
+
+
+def _first_seen(c: np.ndarray, size: int) -> np.ndarray:
+    """The distinct values of `c` in order of first appearance, in O(len(c) + size)."""
+    first = np.full(size, len(c), dtype=np.int64)
+    np.minimum.at(first, c, np.arange(len(c)))
+    present = np.nonzero(first < len(c))[0]
+    return present[np.argsort(first[present], kind="stable")]
+
+
+def _factor_one(li: np.ndarray, sizes: tuple):
+    key = (li.tobytes(), sizes)
+    hit = _FACTOR_CACHE.get(key)
+    if hit is None:
+        coords = np.unravel_index(li, sizes) if len(sizes) > 1 else (li,)
+        dims = [_first_seen(c, size) for c, size in zip(coords, sizes)]
+        rebuilt = np.zeros(1, dtype=np.int64)
+        for d_list, size in zip(dims, sizes):
+            rebuilt = (rebuilt[:, None] * size + d_list[None, :]).reshape(-1)
+        hit = dims if np.array_equal(rebuilt, li) else None
+        if len(_FACTOR_CACHE) > 100_000:
+            _FACTOR_CACHE.clear()
+        _FACTOR_CACHE[key] = hit
+    return hit
+
+
 def factor(split: Split | None, sizes, ranks: int, where: str) -> list:
     """Split one flattened dim into dims of `sizes`; each rank's list must be a row-major product."""
     if split is None:
         return [None] * len(sizes)
-    sizes = [int(s) for s in sizes]
+    sizes = tuple(int(s) for s in sizes)
     per_dim = [[] for _ in sizes]
     for r in range(ranks):
-        li = split.lists[r]
-        coords = np.unravel_index(li, sizes) if len(sizes) > 1 else (li,)
-        dims = []
-        for c in coords:
-            _, first = np.unique(c, return_index=True)
-            dims.append(c[np.sort(first)])
-        rebuilt = np.zeros(1, dtype=np.int64)
-        for d_list, size in zip(dims, sizes):
-            rebuilt = (rebuilt[:, None] * size + d_list[None, :]).reshape(-1)
-        if not np.array_equal(rebuilt, li):
+        dims = _factor_one(split.lists[r], sizes)
+        if dims is None:
             raise ShardingError(
                 f"node {where}: the elements rank {r} holds of a dim of size {split.size} do not form "
-                f"a row-major block of shape {sizes}; this reshape cannot be sharded exactly")
+                f"a row-major block of shape {list(sizes)}; this reshape cannot be sharded exactly")
         for k, d_list in enumerate(dims):
             per_dim[k].append(d_list)
     return [make_split(size, lists) for size, lists in zip(sizes, per_dim)]

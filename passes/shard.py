@@ -54,8 +54,12 @@ class Localized:
 
 
 class Localizer:
-    def __init__(self, gm: fx.GraphModule, mesh: Mesh, seeds: dict, variants: dict, params: dict):
+    def __init__(self, gm: fx.GraphModule, mesh: Mesh, seeds: dict, variants: dict, params: dict,
+                 active=None):
         self.gm, self.mesh, self.N = gm, mesh, mesh.size
+        # Placements are computed for every rank (collective groups need them all); graphs are
+        # emitted only for the `active` ranks, so a 64-rank compile need not build 64 graphs.
+        self.active = frozenset(range(self.N) if active is None else active)
         self.seeds, self.variants, self.params = seeds, variants, params
         self.graphs = [fx.Graph() for _ in range(self.N)]
         for g in self.graphs:
@@ -87,6 +91,8 @@ class Localizer:
 
     # ---- emission ------------------------------------------------------------------------
     def emit(self, r: int, target, args, kwargs=None, name=None) -> fx.Node:
+        if r not in self.active:
+            return None
         node = self.graphs[r].call_function(target, tuple(args), dict(kwargs or {}))
         if name:
             node.name = self.graphs[r]._graph_namespace.create_name(name, node)
@@ -98,6 +104,8 @@ class Localizer:
 
     def attr(self, r: int, source: fx.Node, sels=()) -> fx.Node:
         """A get_attr of the parameter `source`, sliced at compile time by `sels` [(dim, idx)]."""
+        if r not in self.active:
+            return None
         key = (source.target, tuple((d, idx.tobytes()) for d, idx in sels))
         cache = self._attr_cache[r]
         if key in cache:
@@ -121,6 +129,8 @@ class Localizer:
 
     def local(self, r: int, a):
         """The rank-r value of a graph argument (parameters materialized whole)."""
+        if r not in self.active:
+            return None
         if isinstance(a, fx.Node):
             if a.op == "get_attr":
                 return self.attr(r, a)
@@ -141,6 +151,8 @@ class Localizer:
 
     def select(self, r: int, node: fx.Node, local_node, dim: int, src, want: np.ndarray):
         """Rank r's `local_node` (global dim `dim` held as `src`) narrowed to the global indices `want`."""
+        if r not in self.active:
+            return None
         size = shape(node)[dim]
         src_list = lists_of(src, size, self.N)[r]
         pos = positions(src_list, want, node.name)
@@ -155,6 +167,8 @@ class Localizer:
         return self.emit(r, aten.index_select.default, (local_node, dim, idx))
 
     def attr_index(self, r: int, pos: np.ndarray) -> fx.Node:
+        if r not in self.active:
+            return None
         name = f"_helix_index_{len([k for k in self.attrs[r] if k.startswith('_helix_index_')])}"
         self.attrs[r][name] = torch.as_tensor(pos, dtype=torch.int64)
         return self.graphs[r].get_attr(name)
@@ -207,7 +221,7 @@ class Localizer:
     def run(self) -> Localized:
         for node in self.gm.graph.nodes:
             if node.op == "placeholder":
-                for r in range(self.N):
+                for r in self.active:
                     p = self.graphs[r].placeholder(node.target)
                     p.meta = dict(node.meta)
                     self.env[r][node] = p
@@ -221,13 +235,13 @@ class Localizer:
             elif node.op == "output":
                 outs = [list(x) for x in zip(*[self._output_locals(a) for a in node.args[0]])] \
                     if node.args[0] else [[] for _ in range(self.N)]
-                for r in range(self.N):
+                for r in self.active:
                     self.graphs[r].output(type(node.args[0])(outs[r]) if node.args[0] else node.args[0])
             else:
                 raise ShardingError(f"node {node.name}: op {node.op} ({node.target}) is not supported "
                                     f"in a captured graph; re-export the model")
-        for g in self.graphs:
-            g.lint()
+        for r in self.active:
+            self.graphs[r].lint()
         return Localized(graphs=self.graphs, attrs=self.attrs, shards=self.shards,
                          replicated=self.replicated, collectives=self.counts)
 
@@ -949,6 +963,7 @@ def val_len(lz, node, r, lay):
     return len(s.lists[r]) if s is not None else shape(node)[-3]
 
 
-def localize(gm: fx.GraphModule, mesh: Mesh, seeds: dict, variants: dict, params: dict) -> Localized:
-    """Run the shard pass; see the module docstring for the invariant it keeps."""
-    return Localizer(gm, mesh, seeds, variants, params).run()
+def localize(gm: fx.GraphModule, mesh: Mesh, seeds: dict, variants: dict, params: dict,
+             active=None) -> Localized:
+    """Run the shard pass (graphs for the `active` ranks, all by default); see the module docstring."""
+    return Localizer(gm, mesh, seeds, variants, params, active).run()
