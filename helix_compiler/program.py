@@ -30,7 +30,10 @@ def build_module(graph: fx.Graph, tensors: dict, name: str) -> fx.GraphModule:
     root = torch.nn.Module()
     for k, t in tensors.items():
         root.register_buffer(k, t)
-    return fx.GraphModule(root, graph, class_name=name)
+    g = fx.Graph()
+    g._codegen = graph._codegen
+    g.output(g.graph_copy(graph, {}))  # each module owns its graph
+    return fx.GraphModule(root, g, class_name=name)
 
 
 def _sha256(path: Path) -> str:
@@ -98,9 +101,17 @@ class HelixProgram:
         """Ops with no sharding rule, run on replicated inputs (a collective before each)."""
         return list(self._localized.replicated)
 
-    def rank_module(self, rank: int) -> fx.GraphModule:
+    def rank_module(self, rank: int, weights=None) -> fx.GraphModule:
+        """Rank r's GraphModule; weights=PATH reads only its slices from a checkpoint
+        (a torch state_dict file or a directory of safetensors files), memory-mapped."""
         if not isinstance(rank, int) or not 0 <= rank < self.devices:
             raise HelixError(f"rank must be an integer in [0, {self.devices}), got {rank!r}")
+        if weights is not None:
+            from .weights import load_rank_weights
+
+            loc = self._rank_localized(rank)
+            tensors = load_rank_weights(loc.shards[rank], loc.attrs[rank], weights)
+            return build_module(loc.graphs[rank], tensors, f"HelixRank{rank}")
         if rank not in self._modules:
             loc = self._rank_localized(rank)
             self._modules[rank] = build_module(loc.graphs[rank], loc.attrs[rank], f"HelixRank{rank}")
