@@ -495,6 +495,14 @@ def _baseline_predictions(summary, cluster, profile, tp, pp, backend):
         return cost_baseline(summary, tp, pp, cluster, profile)
 
 
+def tp_layer_flops(cfg, tp: int) -> int:
+    """FLOPs of one layer on one TP rank, one sequence: q, k, v, o projections, QK^T and PV,
+    the two MLP GEMMs (FlopCounterMode counts a DTensor module's global shapes)."""
+    S, D, F_, h = cfg.seq, cfg.hidden, cfg.mlp, cfg.heads // tp
+    return (4 * 2 * S * D * (D // tp) + 2 * 2 * h * S * S * cfg.head_dim
+            + 2 * 2 * S * D * (F_ // tp))
+
+
 def matmul_peak(profile) -> float:
     return max(r.tflops for r in profile.rates if r.op == "matmul")
 
@@ -555,6 +563,9 @@ def assemble(raw: dict, summary, cluster, profile, cfg) -> dict:
             t_stage = t_mb + comm / M
             bubble = (pp - 1) * t_stage        # (p-1)/(M+p-1) of (M+p-1) * t_stage
         step = compute + comm + bubble
+        if r["kind"] == "baseline":
+            r = {**r, "flops_per_sequence": r.get("stage_layers", cfg.layers)
+                 * tp_layer_flops(cfg, r["tp"])}
         flops = r["flops_per_sequence"] * B
         split = r.get("class_ms_per_sequence_b1") or {}
         row.update(
@@ -690,7 +701,7 @@ def run_measurements(args, cfg, summary, cluster, profile, device, log) -> dict:
                     runner = BaselineRunner(cfg, tp, layers, device, args.chunk_bytes, threshold)
                     row.update(measure(runner, kc, min(b_pred, args.max_micro_batch), device,
                                        args, log))
-                    row["flops_per_sequence"] = count_flops(runner.make_fn_meta())
+                    row["flops_per_sequence"] = layers * tp_layer_flops(cfg, tp)
                     row["local_shapes"] = runner.info
                     log(f"  {name}: b={row['micro_batch']} {row['ms_per_micro_batch']:.1f} ms/mb,"
                         f" {row.get('ms_per_sequence_b1', float('nan')):.2f} ms/seq at b=1")

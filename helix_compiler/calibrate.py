@@ -313,14 +313,16 @@ def make_profile(meas: dict, info: dict, chunk_bytes: int):
         rates.append(Rate(op="attention", backend=r["backend"], shape=tuple(r["shape"]),
                           dtype="fp16", tflops=_sig(r["tflops"]),
                           note=f"{note}: {r['median_ms']:.3f} ms{extra}"))
-    # softmax: the explicit core at the largest head dim minus its two GEMMs
+    # softmax: the explicit core at the largest head dim minus its two GEMMs as the cost
+    # model prices them (FLOPs at the rate of the nearest matmul row), so that the
+    # op-by-op pricing adds up to the measured core
     big = max((r for r in meas["attention"] if r["backend"] == "explicit" and "tflops" in r),
               key=lambda r: r["shape"][-1])
     h, S, _, d = big["shape"]
-    # qk_gemm shape (bh, S, S, dk), pv_gemm shape (bh, S, dk, S)
-    gemm = {r["op"]: r["median_ms"] for r in meas["score_gemms"]
-            if r["shape"][0] == h and r["shape"][3 if r["op"] == "qk_gemm" else 2] == d}
-    soft_ms = big["median_ms"] - gemm.get("qk_gemm", 0.0) - gemm.get("pv_gemm", 0.0)
+    gemm_flops = 2 * h * S * S * d
+    mm = [r for r in rates if r.op == "matmul"]
+    near = min(mm, key=lambda r: abs(math.log(r.flops) - math.log(gemm_flops)))
+    soft_ms = big["median_ms"] - 2 * gemm_flops / (near.tflops * 1e12) * 1e3
     soft_bytes = 2 * 2 * h * S * S
     standalone = max(r["gb_s"] for r in meas["softmax_rows"])
     softmax_gb_s = soft_bytes / (soft_ms * 1e-3) / 1e9 if soft_ms > 0 else standalone

@@ -190,7 +190,13 @@ _ATTN_FLOPS_D512 = 4 * 10_000 ** 2 * 512
 # Its two matmuls at the measured 756 TFLOP/s take 2.048e11 / 756e12 = 0.271 ms,
 # so softmax (+ scale and mask) over 1e8 fp16 scores, read once and written once
 # (4e8 bytes), took the other 0.414 ms: 4e8 / 0.414e-3 = 966 GB/s achieved.
+# (`helix calibrate` on one H100, 2026-11-26, measured the core at 0.608 ms per head
+# with whole-head blocks; helix_compiler/profiles/h100.yaml carries that figure.)
 _SOFTMAX_GB_S = 966.0
+# Norm + residual as the rank graphs run a block's tail (bias add after the
+# all-reduce, residual add, layer norm: 7 passes, cost.ELEMENTWISE_PASSES_PER_BLOCK),
+# timed as one on (40000, 8192) fp16 by the same calibration: 2.154 ms.
+_ELEMENTWISE_GB_S = 2129.3
 
 DEFAULT_PROFILE = ComputeProfile(
     name="h100-sxm-torch2.11-measured",
@@ -198,9 +204,7 @@ DEFAULT_PROFILE = ComputeProfile(
     peak_tflops=(("fp16", 989.0), ("bf16", 989.0), ("fp32", 67.0)),  # H100 SXM datasheet, dense
     hbm_gb_s=3350.0,                                                 # H100 SXM datasheet, HBM3
     softmax_gb_s=_SOFTMAX_GB_S,
-    # Not measured yet: 80% of HBM peak, typical of a streaming copy on H100.
-    # `helix calibrate` replaces it.
-    elementwise_gb_s=0.8 * 3350.0,
+    elementwise_gb_s=_ELEMENTWISE_GB_S,
     rates=(
         Rate(op="matmul", shape=(8192, 8192, 8192), dtype="fp16", tflops=756.0,
              note="measured, one H100, torch 2.11"),
@@ -212,8 +216,9 @@ DEFAULT_PROFILE = ComputeProfile(
         Rate(op="attention", backend="cudnn", shape=(2, 10_000, 10_000, 256), dtype="fp16",
              tflops=round(_ATTN_FLOPS_D512 / 0.47e-3 / 1e12, 1),
              note="measured, one H100, torch 2.11: 0.47 ms for 2 heads of 256"),
-        # explicit matmul -> softmax -> matmul, chunked over queries: 0.68 ms per head.
-        # The cost model prices explicit cores op by op; softmax_gb_s is derived from this row.
+        # explicit matmul -> softmax -> matmul, chunked over queries: 0.68 ms per head
+        # (calibrated since: 0.608 ms, profiles/h100.yaml). The cost model prices
+        # explicit cores op by op; softmax_gb_s above is derived from the calibration.
         Rate(op="attention", backend="explicit", shape=(1, 10_000, 10_000, 512), dtype="fp16",
              tflops=299.0, note="measured, one H100, torch 2.11: 0.68 ms per head, ~299 TFLOP/s"),
     ),
