@@ -134,7 +134,11 @@ def cmd_plan(args) -> int:
             print(f"# graph after {stage} (unchanged since capture)")
             print(analysis.captured.gm.code)
     if args.output:
-        Path(args.output).write_text(plan.to_yaml())
+        try:
+            Path(args.output).write_text(plan.to_yaml())
+        except OSError as e:
+            raise HelixError(f"-o {args.output}: cannot write the plan ({e.strerror}); "
+                             f"give a path in an existing, writable directory") from e
     if args.format == "table":
         print(format_table(plan))
     elif args.format == "yaml":
@@ -159,6 +163,9 @@ def cmd_run(args) -> int:
     from .modelspec import load_model_spec
 
     spec = args.model or _paper_spec("helix_model")
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        raise HelixError(f"--json {args.json}: directory {str(Path(args.json).resolve().parent)!r} "
+                         f"does not exist; create it or write the summary elsewhere")
     backend = args.backend or _default_backend(args.devices)
     if backend == "nccl" and torch.cuda.device_count() < args.devices:
         raise HelixError(

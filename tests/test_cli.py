@@ -177,6 +177,12 @@ def test_model_file_that_raises_is_named_with_its_exception(capsys, tmp_path):
     assert "helix_model() raised RuntimeError: no weights here" in line
 
 
+def test_unwritable_output_paths_are_refused(capsys, tmp_path):
+    nowhere = tmp_path / "no-such-dir"
+    assert "cannot write the plan" in _refused(capsys, "plan", SCALED, "--devices", 4, "-o", nowhere / "p.yaml")
+    assert "does not exist" in _refused(capsys, "run", SCALED, "--devices", 4, "--json", nowhere / "s.json")
+
+
 def test_missing_plan_file(capsys, tmp_path):
     line = _refused(capsys, "plan", SCALED, "--devices", 16, "--plan", tmp_path / "gone.yaml")
     assert "does not exist" in line
