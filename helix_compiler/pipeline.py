@@ -41,15 +41,33 @@ def _numel(t) -> int:
 
 
 def summarize(captured, matches, mlps, name: str) -> ModelSummary:
-    params = {k: v for k, v in captured.params.items() if isinstance(v, torch.Tensor)}
+    """Parameter counts the cost model needs: everything the graph reads, and what is not sharded.
+
+    Sharded: the weights of Q/K/V/O projections and MLP pairs, and the biases of the
+    column-sharded ones (Q/K/V, MLP up); the biases of the row-sharded ones (O, MLP down) are
+    added once after the reduction, so every rank holds them whole.
+    """
+    from passes.graph_utils import proj_bias
+
+    nodes = {n.name: n for n in captured.gm.graph.nodes}
+    used = {str(n.target) for n in captured.gm.graph.nodes if n.op == "get_attr"}
+
+    def bias(proj_name):
+        b = proj_bias(nodes[proj_name]) if proj_name else None
+        return {str(b.target)} if isinstance(b, torch.fx.Node) and b.op == "get_attr" else set()
+
     sharded = set()
     for m in matches:
         s = m.site
         sharded |= {s.q_weight, s.k_weight, s.v_weight}
+        sharded |= bias(s.q_proj) | bias(s.k_proj) | bias(s.v_proj)
         if s.o_weight:
             sharded.add(s.o_weight)
     for mlp in mlps:
         sharded |= set(mlp.up_weights) | {mlp.down_weight}
+        for up in mlp.up:
+            sharded |= bias(up)
+    params = {k: v for k, v in captured.params.items() if isinstance(v, torch.Tensor) and k in used}
     seen, total, replicated = set(), 0, 0
     for k, t in params.items():
         if id(t) in seen:

@@ -56,12 +56,17 @@ def find_mlp(gm: fx.GraphModule, site_projections: set) -> list[MlpSite]:
         if down is node:
             continue
         pairs.setdefault(down, []).append(node)
-    out = []
-    for down, ups in pairs.items():
+    out, used = [], set()
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    # a projection is in at most one pair: in Linear -> Linear -> Linear the first two pair up
+    for down, ups in sorted(pairs.items(), key=lambda kv: order[kv[0]]):
+        if down in used or any(u in used for u in ups):
+            continue
         ups = sorted(ups, key=lambda n: list(gm.graph.nodes).index(n))
         F = proj_out_features(ups[0])
         if any(proj_out_features(u) != F for u in ups):
             continue
+        used |= {down, *ups}
         tokens = 1
         for s in shape(ups[0])[:-1]:
             tokens *= int(s.node.hint) if hasattr(s, 'node') else int(s)
