@@ -57,15 +57,20 @@ def plan_model(model: torch.nn.Module, devices: int = 16, example_inputs=(), exa
 
 
 def helix_compile(model: torch.nn.Module, devices: int = 16, example_inputs=(), example_kwargs=None,
-                  cluster=None, plan=None, variant=None, profile=None, print_after=()) -> HelixProgram:
+                  cluster=None, plan=None, variant=None, profile=None, print_after=(),
+                  kernel_choice=None) -> HelixProgram:
     """Compile `model` for `devices` ranks: capture, plan, shard; returns a HelixProgram.
 
     plan=(m, n) forces a split; variant="score-reduce" | "qk-gather" forces the m > 1 variant
     of every site (for tests); cluster is a preset name, a YAML path or a ClusterSpec.
+    kernel_choice: rewrite attention cores whose head dim has no fused SDPA kernel (> 256 on
+    Hopper) into the exact chunked explicit form (passes/kernel_choice.py); None = when a
+    site's head dim is above 256.
     """
     result, analysis = plan_model(model, devices, example_inputs, example_kwargs, cluster, plan,
                                   variant, profile, print_after)
     prog = _shard(result, analysis)
+    prog.kernel_choice = _kernel_choice(kernel_choice, analysis)
     if prog.replicated_ops and analysis.captured.dynamic:
         # Some models merge the batch dim with the head dim ((B*H, S, d) in nn.MultiheadAttention):
         # with a symbolic batch that reshape cannot be split exactly, so such a model is
@@ -73,12 +78,22 @@ def helix_compile(model: torch.nn.Module, devices: int = 16, example_inputs=(), 
         r2, a2 = plan_model(model, devices, example_inputs, example_kwargs, cluster, plan, variant,
                             profile, (), dynamic=False)
         static = _shard(r2, a2)
+        static.kernel_choice = prog.kernel_choice
         if len(static.replicated_ops) < len(prog.replicated_ops):
             static.notes.append(
                 f"captured with static shapes: with a symbolic batch/sequence size, "
                 f"{[n for n, _ in prog.replicated_ops]} could only run replicated")
             return static
     return prog
+
+
+def _kernel_choice(requested, analysis) -> bool:
+    from .profile import KERNEL_MAX_HEAD_DIM
+
+    if requested is not None:
+        return bool(requested)
+    fused = KERNEL_MAX_HEAD_DIM["flash"]  # no flash or cuDNN kernel above this head dim on Hopper
+    return any(m.site.head_dim > fused for m in analysis.matches)
 
 
 # Rank graphs are emitted at compile time up to this many nodes in all (ranks x graph nodes);

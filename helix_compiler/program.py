@@ -86,6 +86,7 @@ class HelixProgram:
         self._localize = localize         # active ranks -> Localized (emits the missing graphs)
         self._per_rank: dict = {}
         self._modules: dict = {}
+        self.kernel_choice = False        # set by helix_compile: chunked explicit cores for large d
         self.notes: list = [analysis.captured.note] if analysis.captured.note else []
 
     @property
@@ -111,11 +112,18 @@ class HelixProgram:
 
             loc = self._rank_localized(rank)
             tensors = load_rank_weights(loc.shards[rank], loc.attrs[rank], weights)
-            return build_module(loc.graphs[rank], tensors, f"HelixRank{rank}")
+            return self._finish(build_module(loc.graphs[rank], tensors, f"HelixRank{rank}"))
         if rank not in self._modules:
             loc = self._rank_localized(rank)
-            self._modules[rank] = build_module(loc.graphs[rank], loc.attrs[rank], f"HelixRank{rank}")
+            self._modules[rank] = self._finish(build_module(loc.graphs[rank], loc.attrs[rank], f"HelixRank{rank}"))
         return self._modules[rank]
+
+    def _finish(self, gm: fx.GraphModule) -> fx.GraphModule:
+        if self.kernel_choice:
+            from passes.kernel_choice import apply_kernel_choice
+
+            apply_kernel_choice(gm)
+        return gm
 
     def _rank_localized(self, rank: int):
         if any(n.op == "output" for n in self._localized.graphs[rank].nodes):
