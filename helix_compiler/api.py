@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import HelixError, PlanError
+from .errors import HelixError, PlanError, first_line
 from .mesh import Mesh
 from .pipeline import analyze
 from .program import HelixProgram
@@ -12,7 +12,9 @@ from .program import HelixProgram
 
 def _check_devices(devices) -> int:
     if isinstance(devices, bool) or not isinstance(devices, int) or devices <= 0:
-        raise PlanError(f"devices must be a positive integer, got {devices!r}; try devices=8 or devices=16")
+        from .solver import check_devices
+
+        check_devices(devices)  # raises the one message for this rule
     return devices
 
 
@@ -23,6 +25,9 @@ def plan_model(model: torch.nn.Module, devices: int = 16, example_inputs=(), exa
     from .plan import Plan, make_plan
 
     devices = _check_devices(devices)
+    if variant not in (None, "score-reduce", "qk-gather"):
+        raise PlanError(f"variant must be 'score-reduce', 'qk-gather' or None (the cost model "
+                        f"chooses per site), got {variant!r}")
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
     spec = cluster if cluster is not None and not isinstance(cluster, str) else load_cluster(cluster or "paper")
@@ -124,7 +129,7 @@ def _shard(result, analysis) -> HelixProgram:
             raise
         except Exception as e:
             raise HelixError(f"stage shard failed after capture, find_attention, find_mlp, plan: "
-                             f"{type(e).__name__}: {e}") from e
+                             f"{first_line(e)}") from e
 
     import time
 

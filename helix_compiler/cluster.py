@@ -171,7 +171,11 @@ def safe_load_mapping(text: str, source: str) -> dict:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e)
+        problem = (getattr(e, "problem", None) or str(e)).splitlines()[0]
+        if isinstance(e, yaml.constructor.ConstructorError):
+            raise HelixError(
+                f"{source}:{where} uses a YAML tag that constructs objects ({problem}); only plain "
+                f"numbers, strings, lists and mappings are read: remove the tag") from e
         raise HelixError(
             f"{source}:{where} is not valid YAML ({problem}); check the indentation "
             f"and the ':' after each key") from e

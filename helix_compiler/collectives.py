@@ -36,8 +36,8 @@ def _backend():
     if b is None:
         raise HelixError(
             "a Helix rank module ran outside a Helix runtime, so its collectives have no group; "
-            "run it through HelixProgram.simulate(), `helix run`, or call "
-            "helix_compiler.runtime.init_distributed(plan) in each torchrun process first")
+            "run it through HelixProgram.simulate(), `helix run`, or in each torchrun process call "
+            "collectives.bind(collectives.DistributedBackend(Mesh(n=plan.n, m=plan.m), device_type)) first")
     return b
 
 

@@ -516,7 +516,7 @@ def _aggregate(index: int, variant: str, backend: str, per_micro) -> SiteCost:
 def _check_devices(name: str, devices: int, cluster: ClusterSpec) -> None:
     if devices > cluster.devices:
         raise PlanError(f"{name} needs {devices} GPUs but cluster {cluster.name!r} has "
-                        f"{cluster.devices} ({cluster.nodes} nodes x {cluster.gpus_per_node}); "
+                        f"{cluster.devices} ({cluster.nodes} node{'s' if cluster.nodes != 1 else ''} x {cluster.gpus_per_node}); "
                         f"try a larger cluster file or fewer devices")
 
 

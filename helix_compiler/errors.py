@@ -12,6 +12,12 @@ class HelixError(ValueError):
     """A request Helix cannot carry out exactly; the message says what to try."""
 
 
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """`Type: first line of the message`, for chaining a cause into a one-line error."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text[:limit]}"
+
+
 class CaptureError(HelixError):
     """torch.export could not capture the model."""
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from .errors import HelixError
+from .errors import HelixError, first_line
 from .sites import ModelSummary
 
 STAGES = ("capture", "find_attention", "find_mlp", "plan", "seeds", "shard")
@@ -108,7 +108,7 @@ def analyze(model, args, kwargs, print_after=(), dynamic: bool = True) -> Analys
             raise
         except Exception as e:
             raise HelixError(f"stage {name} failed after {done or ['nothing']}: "
-                             f"{type(e).__name__}: {e}") from e
+                             f"{first_line(e)}") from e
         done.append(name)
         timings[name] = time.perf_counter() - t0
         return out

@@ -20,7 +20,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from . import collectives
-from .errors import HelixError
+from .errors import HelixError, first_line
 from .mesh import Mesh
 
 FORMAT_VERSION = 1
@@ -68,7 +68,7 @@ def run_ranks(modules, mesh: Mesh, args, kwargs, timeout_s: float = 300.0) -> li
     first = [(r, e) for r, e in enumerate(errors) if e is not None and not isinstance(e, collectives._Aborted)]
     if first:
         r, e = first[0]
-        raise HelixError(f"rank {r} failed in simulation: {type(e).__name__}: {e}") from e
+        raise HelixError(f"rank {r} failed in simulation: {first_line(e)}") from e
     if any(e is not None for e in errors):
         r = next(r for r, e in enumerate(errors) if e is not None)
         raise HelixError(f"rank {r} failed in simulation: {errors[r]}") from errors[r]

@@ -134,7 +134,7 @@ def solve(summary: ModelSummary, devices: int,
         if cluster is not None and not reasons:
             if devices > cluster.devices:
                 reasons.append(f"{devices} devices but cluster {cluster.name!r} has "
-                               f"{cluster.devices} GPUs ({cluster.nodes} nodes x "
+                               f"{cluster.devices} GPUs ({cluster.nodes} node{'s' if cluster.nodes != 1 else ''} x "
                                f"{cluster.gpus_per_node})")
             elif (why := memory_reason(summary, m, n, cluster)) is not None:
                 reasons.append(why)
