@@ -110,6 +110,15 @@ def _paper_spec(function: str) -> str:
 
 
 # ---- helix plan ------------------------------------------------------------------------
+def _profile(path):
+    """A measured profile YAML (`helix calibrate` writes one), or None for the built-in H100 figures."""
+    if path is None:
+        return None
+    from .profile import load_profile
+
+    return load_profile(path)
+
+
 def cmd_plan(args) -> int:
     """Plan MODEL (default: the paper's model at the paper's sizes, on meta) and print it."""
     from .api import helix_compile, plan_model
@@ -120,7 +129,7 @@ def cmd_plan(args) -> int:
     stage = args.print_graph_after
     common = dict(devices=args.devices, example_inputs=inputs, example_kwargs=kwargs,
                   cluster=args.cluster, plan=_resolve_plan(args.plan),
-                  print_after=(stage,) if stage else ())
+                  print_after=(stage,) if stage else (), profile=_profile(args.profile))
     if stage in ("seeds", "shard"):
         program = helix_compile(model, **common)
         plan = program.plan
@@ -188,6 +197,11 @@ def cmd_run(args) -> int:
         worker += ["--plan", args.plan if isinstance(args.plan, str) else f"{args.plan[0]},{args.plan[1]}"]
     if args.json:
         worker += ["--json", str(Path(args.json).resolve())]
+    if args.weights:
+        if not Path(args.weights).exists():
+            raise HelixError(f"--weights {args.weights}: no such file or directory; pass a state_dict "
+                             f"file or a directory of safetensors files")
+        worker += ["--weights", str(Path(args.weights).resolve())]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc-per-node", str(args.devices), "-m", "helix_compiler.worker", spec, *worker]
     env = dict(os.environ)
@@ -296,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--print-graph-after", choices=STAGES, metavar="STAGE",
                       help=f"print the graph after a pipeline stage: {', '.join(STAGES)}")
     plan.add_argument("-o", "--output", metavar="FILE", help="also write the plan as YAML to FILE")
+    plan.add_argument("--profile", metavar="FILE",
+                      help="compute profile YAML written by `helix calibrate` (default: the built-in "
+                           "H100 figures; helix_compiler/profiles/h100.yaml is the one we measured)")
     plan.set_defaults(func=cmd_plan)
 
     run = sub.add_parser("run", help="compile MODEL and run its N rank modules on N processes (torchrun)",
@@ -319,8 +336,25 @@ def build_parser() -> argparse.ArgumentParser:
                      help="largest max relative error that passes (default 1e-5 for float32, 1e-2 float16, "
                           "5e-2 bfloat16: compared with the unsharded model in the same dtype)")
     run.add_argument("--json", metavar="PATH", help="also write rank 0's summary as JSON to PATH")
+    run.add_argument("--weights", metavar="PATH",
+                     help="read each rank's weight slices from this checkpoint (a torch state_dict file "
+                          "or a directory of safetensors files), memory-mapped; MODEL may be on meta")
     run.set_defaults(func=cmd_run)
+
+    for name, text in FORWARDED.items():  # listed in --help; parsed by their own modules
+        sub.add_parser(name, help=text, add_help=False)
     return parser
+
+
+FORWARDED = {"bench": "time one rank of every plan on this GPU, with modeled communication (docs/BENCHMARKS.md)",
+             "calibrate": "measure this GPU's op rates into a profile YAML the cost model reads (--profile)"}
+
+
+def _forward(module: str, argv: list) -> int:
+    """`helix bench` / `helix calibrate`: their own argument parsers live with them."""
+    import importlib
+
+    return importlib.import_module(f"helix_compiler.{module}").main(argv) or 0
 
 
 def _main(argv: list[str]) -> int:
@@ -328,6 +362,8 @@ def _main(argv: list[str]) -> int:
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
+        if argv and argv[0] in FORWARDED:  # their own parsers: `helix bench --help` is bench's help
+            return _forward(argv[0], list(argv[1:]))
         args = parser.parse_args(argv)
         if args.command is None:
             parser.print_help(sys.stderr)

@@ -68,3 +68,22 @@ def test_missing_weights_path_is_refused(tmp_path):
     _, _, _, prog_meta = _programs((2, 2))
     with pytest.raises(HelixError, match="does not exist"):
         prog_meta.rank_module(0, weights=tmp_path / "nope.pt")
+
+
+@pytest.mark.slow
+def test_helix_run_reads_each_ranks_slices_from_a_checkpoint(tmp_path, capsys):
+    """The checkpoint holds other weights than the MODEL spec builds: a run that ignored --weights
+    would disagree with the reference, which reads the same checkpoint."""
+    import json
+
+    from helix_compiler.cli import _main
+
+    other, _ = build(CFG, "cpu", seed=7)
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save(other.state_dict(), ckpt)
+    out = tmp_path / "summary.json"
+    status = _main(["run", "examples/paper_model.py", "--devices", "4", "--backend", "gloo",
+                    "--plan", "2,2", "--steps", "1", "--weights", str(ckpt), "--json", str(out)])
+    assert status == 0, capsys.readouterr()
+    summary = json.loads(out.read_text())
+    assert summary["max_relative_error"] <= 1e-5

@@ -1,0 +1,111 @@
+"""Scale benchmark (issue "Scale"): LLaMA-70B-class models on meta, compile time and memory.
+
+    .venv/bin/python benchmarks/scale.py [--layers 10 20 40 80] [--devices 64] [--out PATH]
+
+Each layer count runs in a fresh process (peak RSS is per process): helix_compile end to end
+with its stage timings (capture = torch.export, find_attention, find_mlp, plan, shard), and
+torch.export alone for comparison.  Plan search (solve + cost of every split) is timed for
+device counts up to 4096 on the 80-layer summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def _model(layers: int):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=128256, hidden_size=8192, intermediate_size=28672,
+                      num_hidden_layers=layers, num_attention_heads=64, num_key_value_heads=8)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    ids = torch.zeros(1, 4096, dtype=torch.long, device="meta")
+    return model, ids
+
+
+def one(layers: int, devices: int) -> dict:
+    import torch
+
+    from helix_compiler import helix_compile
+
+    model, ids = _model(layers)
+    t0 = time.perf_counter()
+    torch.export.export(model, (ids,), {"use_cache": False}, strict=False)
+    export_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    prog = helix_compile(model, devices=devices, example_inputs=(ids,), example_kwargs={"use_cache": False})
+    total = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    prog.rank_module(0)
+    emit_s = time.perf_counter() - t0
+    return {"layers": layers, "devices": devices, "sites": len(prog.plan.sites),
+            "plan": f"m={prog.plan.m} x n={prog.plan.n}", "compile_s": total,
+            "stages_s": dict(prog.analysis.timings), "export_alone_s": export_s,
+            "emit_rank0_s": emit_s, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+            "params_per_rank": prog.plan.cost.param_elements_per_rank}
+
+
+def plan_search(layers: int) -> list:
+    from helix_compiler.cluster import load_cluster
+    from helix_compiler.pipeline import analyze
+    from helix_compiler.plan import make_plan
+
+    model, ids = _model(layers)
+    summary = analyze(model, (ids,), {"use_cache": False}).summary
+    base = load_cluster("paper")
+    out = []
+    import dataclasses
+    for devices in (8, 16, 64, 256, 1024, 4096):
+        cluster = dataclasses.replace(base, nodes=max(1, devices // base.gpus_per_node))
+        t0 = time.perf_counter()
+        plan = make_plan(summary, devices, cluster)
+        out.append({"devices": devices, "plan_search_ms": (time.perf_counter() - t0) * 1e3,
+                    "chosen": f"m={plan.m} x n={plan.n}", "candidates": len(plan.candidates)})
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, nargs="*", default=[10, 20, 40, 80])
+    ap.add_argument("--devices", type=int, default=64)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/scale_llama70b.json"))
+    ap.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one is not None:
+        print(json.dumps(one(args.one, args.devices)))
+        return 0
+    rows = []
+    for layers in args.layers:
+        p = subprocess.run([sys.executable, __file__, "--one", str(layers), "--devices", str(args.devices)],
+                           capture_output=True, text=True, check=True)
+        rows.append(json.loads(p.stdout.strip().splitlines()[-1]))
+        r = rows[-1]
+        print(f"{layers:3d} layers: compile {r['compile_s']:.1f} s (export alone {r['export_alone_s']:.1f} s), "
+              f"peak RSS {r['peak_rss_gb']:.2f} GB, stages {', '.join(f'{k} {v:.2f}' for k, v in r['stages_s'].items())}")
+    search = plan_search(max(args.layers))
+    for s in search:
+        print(f"plan search {s['devices']:5d} devices: {s['plan_search_ms']:.1f} ms ({s['chosen']})")
+    import torch
+    res = {"device": f"CPU ({platform.processor() or platform.machine()}, 2 cores)", "torch": torch.__version__,
+           "date": datetime.date.today().isoformat(), "command": "python benchmarks/scale.py " + " ".join(sys.argv[1:]),
+           "config": "LLaMA-70B: 64 heads, 8 kv heads, d 128, D 8192, MLP 28672, vocab 128256, bf16, meta, seq 4096",
+           "compile": rows, "plan_search": search}
+    Path(args.out).write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
