@@ -36,7 +36,7 @@ def _model(layers: int):
     return model, ids
 
 
-def one(layers: int, devices: int) -> dict:
+def one(layers: int, devices: int, dynamic: bool = True) -> dict:
     import torch
 
     from helix_compiler import helix_compile
@@ -46,12 +46,13 @@ def one(layers: int, devices: int) -> dict:
     torch.export.export(model, (ids,), {"use_cache": False}, strict=False)
     export_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    prog = helix_compile(model, devices=devices, example_inputs=(ids,), example_kwargs={"use_cache": False})
+    prog = helix_compile(model, devices=devices, example_inputs=(ids,), example_kwargs={"use_cache": False},
+                         dynamic=dynamic)
     total = time.perf_counter() - t0
     t0 = time.perf_counter()
     prog.rank_module(0)
     emit_s = time.perf_counter() - t0
-    return {"layers": layers, "devices": devices, "sites": len(prog.plan.sites),
+    return {"layers": layers, "devices": devices, "dynamic": dynamic, "sites": len(prog.plan.sites),
             "plan": f"m={prog.plan.m} x n={prog.plan.n}", "compile_s": total,
             "stages_s": dict(prog.analysis.timings), "export_alone_s": export_s,
             "emit_rank0_s": emit_s, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
@@ -71,8 +72,12 @@ def plan_search(layers: int) -> list:
     for devices in (8, 16, 64, 256, 1024, 4096):
         cluster = dataclasses.replace(base, nodes=max(1, devices // base.gpus_per_node))
         t0 = time.perf_counter()
+        make_plan(summary, devices, cluster)
+        cold = (time.perf_counter() - t0) * 1e3
+        t0 = time.perf_counter()
         plan = make_plan(summary, devices, cluster)
         out.append({"devices": devices, "plan_search_ms": (time.perf_counter() - t0) * 1e3,
+                    "first_call_ms": cold,
                     "chosen": f"m={plan.m} x n={plan.n}", "candidates": len(plan.candidates)})
     return out
 
@@ -83,21 +88,24 @@ def main() -> int:
     ap.add_argument("--devices", type=int, default=64)
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/scale_llama70b.json"))
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--static", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one is not None:
-        print(json.dumps(one(args.one, args.devices)))
+        print(json.dumps(one(args.one, args.devices, dynamic=not args.static)))
         return 0
     rows = []
-    for layers in args.layers:
-        p = subprocess.run([sys.executable, __file__, "--one", str(layers), "--devices", str(args.devices)],
-                           capture_output=True, text=True, check=True)
+    runs = [(layers, False) for layers in args.layers] + [(max(args.layers), True)]
+    for layers, static in runs:
+        p = subprocess.run([sys.executable, __file__, "--one", str(layers), "--devices", str(args.devices)]
+                           + (["--static"] if static else []), capture_output=True, text=True, check=True)
         rows.append(json.loads(p.stdout.strip().splitlines()[-1]))
         r = rows[-1]
-        print(f"{layers:3d} layers: compile {r['compile_s']:.1f} s (export alone {r['export_alone_s']:.1f} s), "
+        print(f"{layers:3d} layers {'static ' if static else 'dynamic'}: compile {r['compile_s']:.1f} s (export alone {r['export_alone_s']:.1f} s), "
               f"peak RSS {r['peak_rss_gb']:.2f} GB, stages {', '.join(f'{k} {v:.2f}' for k, v in r['stages_s'].items())}")
     search = plan_search(max(args.layers))
     for s in search:
-        print(f"plan search {s['devices']:5d} devices: {s['plan_search_ms']:.1f} ms ({s['chosen']})")
+        print(f"plan search {s['devices']:5d} devices: {s['plan_search_ms']:.1f} ms, first call "
+              f"{s['first_call_ms']:.1f} ms ({s['chosen']})")
     import torch
     res = {"device": f"CPU ({platform.processor() or platform.machine()}, 2 cores)", "torch": torch.__version__,
            "date": datetime.date.today().isoformat(), "command": "python benchmarks/scale.py " + " ".join(sys.argv[1:]),

@@ -63,17 +63,18 @@ def plan_model(model: torch.nn.Module, devices: int = 16, example_inputs=(), exa
 
 def helix_compile(model: torch.nn.Module, devices: int = 16, example_inputs=(), example_kwargs=None,
                   cluster=None, plan=None, variant=None, profile=None, print_after=(),
-                  kernel_choice=None) -> HelixProgram:
+                  kernel_choice=None, dynamic: bool = True) -> HelixProgram:
     """Compile `model` for `devices` ranks: capture, plan, shard; returns a HelixProgram.
 
     plan=(m, n) forces a split; variant="score-reduce" | "qk-gather" forces the m > 1 variant
     of every site (for tests); cluster is a preset name, a YAML path or a ClusterSpec.
     kernel_choice: rewrite attention cores whose head dim has no fused SDPA kernel (> 256 on
     Hopper) into the exact chunked explicit form (passes/kernel_choice.py); None = when a
-    site's head dim is above 256.
+    site's head dim is above 256.  dynamic: capture batch and sequence sizes as symbols so the
+    rank modules run other sizes (about twice the export time of a static capture).
     """
     result, analysis = plan_model(model, devices, example_inputs, example_kwargs, cluster, plan,
-                                  variant, profile, print_after)
+                                  variant, profile, print_after, dynamic=dynamic)
     prog = _shard(result, analysis)
     prog.kernel_choice = _kernel_choice(kernel_choice, analysis)
     if prog.replicated_ops and analysis.captured.dynamic:

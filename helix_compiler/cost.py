@@ -250,11 +250,38 @@ class _Machine:
 
     def collective_s(self, kind: str, nbytes: float, groups) -> float:
         """The slowest of `groups` (rank tuples) running `kind` on `nbytes` at once."""
-        return max((collective_s(kind, nbytes, grp, self.cluster) for grp in groups), default=0.0)
+        return max((collective_s(kind, nbytes, grp, self.cluster)
+                    for grp in _distinct_groups(tuple(groups), self.cluster)), default=0.0)
+
+
+_GROUP_CACHE: dict = {}
+
+
+def _distinct_groups(groups: tuple, cluster: ClusterSpec) -> list:
+    """One group per distinct (size, node span): groups of one shape cost the same."""
+    if not groups:
+        return []
+    key = (len(groups), groups[0], groups[-1], cluster.nodes, cluster.gpus_per_node)
+    hit = _GROUP_CACHE.get(key)
+    if hit is None:
+        seen = {}
+        for grp in groups:
+            seen.setdefault((len(grp), group_span(grp, cluster)), grp)
+        hit = _GROUP_CACHE[key] = list(seen.values())
+        if len(_GROUP_CACHE) > 4096:
+            _GROUP_CACHE.clear()
+            _GROUP_CACHE[key] = hit
+    return hit
 
 
 def group_span(ranks, cluster: ClusterSpec) -> tuple[int, int]:
     """(g, k): most ranks of the group on one node, nodes the group touches."""
+    if len(ranks) > 64:  # the same count, vectorized, for 4096-rank groups
+        import numpy as np
+
+        counts = np.bincount(np.asarray(ranks) // cluster.gpus_per_node)
+        counts = counts[counts > 0]
+        return int(counts.max()), int(len(counts))
     per_node = Counter(cluster.node_of(r) for r in ranks)
     return max(per_node.values()), len(per_node)
 

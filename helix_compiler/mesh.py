@@ -41,10 +41,11 @@ class Mesh:
         raise ValueError(f"unknown mesh axes {axes!r}; expected one of {AXES}")
 
     def groups(self, axes: str) -> list[tuple[int, ...]]:
-        seen, out = set(), []
-        for r in range(self.size):
-            g = self.group(r, axes)
-            if g not in seen:
-                seen.add(g)
-                out.append(g)
-        return out
+        """Every group over `axes`, each once, in rank order of its first member."""
+        if axes == "dim":
+            return [tuple(range(i * self.m, (i + 1) * self.m)) for i in range(self.n)]
+        if axes == "head":
+            return [tuple(range(j, self.size, self.m)) for j in range(self.m)]
+        if axes == "all":
+            return [tuple(range(self.size))]
+        raise ValueError(f"unknown mesh axes {axes!r}; expected one of {AXES}")

@@ -162,15 +162,31 @@ class HelixProgram:
         return run_ranks(modules, self.mesh, args, kwargs)
 
     def _check_static_shapes(self, args, kwargs) -> None:
-        cap = self.analysis.captured
-        if cap.dynamic:
+        """Sizes the capture fixed (a static capture, or an example size of 1) must be given again."""
+        import torch.fx._pytree as fx_pytree
+
+        gm = self.analysis.captured.gm
+        info = getattr(gm.graph._codegen, "pytree_info", None)
+        if info is None:
             return
-        want = [tuple(t.shape) for t in pytree.tree_leaves((cap.args, cap.kwargs)) if isinstance(t, torch.Tensor)]
-        got = [tuple(t.shape) for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        if want != got:
-            raise HelixError(f"this program was captured with static shapes {want} "
-                             f"({'; '.join(self.notes) or 'dynamic capture was off'}), got inputs of shapes "
-                             f"{got}; compile again with example inputs of the shapes you will run")
+        try:
+            leaves = fx_pytree.tree_flatten_spec((args, kwargs), info.in_spec)
+        except Exception as e:
+            raise HelixError(f"inputs do not match the example inputs' structure ({first_line(e)}); "
+                             f"pass the same arguments the program was compiled with") from e
+        holders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        for node, x in zip(holders, leaves):
+            v = node.meta.get("val")
+            if not isinstance(v, torch.Tensor) or not isinstance(x, torch.Tensor):
+                continue
+            for dim, (want, got) in enumerate(zip(v.shape, x.shape)):
+                if isinstance(want, int) and want != got:
+                    why = "; ".join(self.notes) or (
+                        "export fixes sizes of 1" if want == 1 else "the model fixes this size")
+                    raise HelixError(
+                        f"input {node.name} dim {dim} has size {got}, but this program was captured "
+                        f"with it fixed at {want} ({why}); compile with example inputs of the sizes you "
+                        f"will run (sizes > 1 for the batch and sequence dims make them dynamic)")
 
     # ---- save / load ---------------------------------------------------------------------
     def fingerprint(self) -> str:

@@ -110,7 +110,11 @@ class Localizer:
         cache = self._attr_cache[r]
         if key in cache:
             return cache[key]
-        tensor = self.params[source.target]
+        tensor = self.params.get(source.target)
+        if tensor is None:  # a constant export lifted into the module (lifted_tensor_0, ...)
+            tensor = self.gm
+            for part in str(source.target).split("."):
+                tensor = getattr(tensor, part)
         for d, idx in sels:
             sl = as_slice(idx)
             if sl is not None and sl[2] == 1:
@@ -467,6 +471,25 @@ def _view(lz, node):
     for r in range(lz.N):
         lz.env[r][node] = lz.emit(r, aten.reshape.default, args_for(r), name=node.name)
     lz.lay[node] = out_l
+    return True
+
+
+@rule(aten.repeat_interleave.self_int)
+def _repeat_interleave(lz, node):
+    """GQA's kv-head repeat: element l becomes l*rep + t, t < rep (consecutive copies)."""
+    x, rep = node.args[0], node.args[1]
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+    if dim is None or not isinstance(rep, int) or len(node.args) > 3 or "output_size" in node.kwargs:
+        return None
+    dim = norm_dim(dim, len(shape(x)))
+    s = lz.L(x)[dim] if lz.is_split(x) else None
+    if s is None:
+        lz.copy(node, lz.L(x) if lz.is_split(x) else None)
+        return True
+    lay = list(lz.L(x))
+    lay[dim] = make_split(s.size * rep, [(li[:, None] * rep + np.arange(rep)[None, :]).reshape(-1)
+                                         for li in s.lists])
+    lz.copy(node, tuple(lay))
     return True
 
 
