@@ -550,6 +550,15 @@ def _check_devices(name: str, devices: int, cluster: ClusterSpec) -> None:
 def _finish(name, summary, devices, compute_s, comm_s, bubble_s, params, act, b, sites, mlps,
             notes=()) -> PlanCost:
     tokens = summary.batch * summary.seq_len
+    if compute_s + comm_s + bubble_s <= 0:  # nothing the model covers: no sites, no MLPs
+        notes = (*notes, "no attention site or MLP to cost: the step time covers none of the "
+                         "model's work, so tokens/s is not predicted")
+        return PlanCost(
+            name=name, devices=devices, compute_ms=0.0, comm_ms=0.0, bubble_ms=0.0, step_ms=0.0,
+            tokens_per_s=float("nan"), comm_ms_per_token=0.0,
+            memory_bytes_per_rank=math.ceil(params * summary.dtype_bytes), param_elements_per_rank=params,
+            micro_batch=b, micro_batches=int(_ev("micro_batches", {"B": summary.batch, "b": b})),
+            sites=tuple(sites), mlps=tuple(mlps), notes=tuple(notes))
     return PlanCost(
         name=name, devices=devices, compute_ms=compute_s * 1e3, comm_ms=comm_s * 1e3,
         bubble_ms=bubble_s * 1e3, step_ms=_ev("step", {"t_c": compute_s, "t_x": comm_s,

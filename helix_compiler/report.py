@@ -47,7 +47,9 @@ def format_table(plan: Plan) -> str:
                               for i, (v, w) in enumerate(zip(r, widths))).rstrip()
     head = (f"{plan.model} on {plan.devices} devices of cluster {plan.cluster!r}: "
             f"chosen m={plan.m} x n={plan.n}"
-            + (" (no attention: MLPs sharded over all devices)" if plan.no_attention else ""))
+            + ((" (no attention: MLPs sharded over all devices)" if plan.mlps else
+                " (no attention and no MLP found: every rank runs the whole model)")
+               if plan.no_attention else ""))
     lines = [head, fmt(list(_COLUMNS)), fmt(["-" * w for w in widths])]
     lines += [fmt(r) for r in rows]
     excluded = [cc.candidate for cc in plan.candidates if not cc.candidate.feasible]

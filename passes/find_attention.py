@@ -58,6 +58,7 @@ class Core:
     nodes: tuple[fx.Node, ...]
     mask: fx.Node | None
     is_causal: bool
+    biases: tuple = ()        # every tensor added to / masking the scores
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +102,7 @@ def _k_from_transposed(kt: fx.Node) -> fx.Node | None:
 
 def _explicit_core(softmax: fx.Node) -> Core | None:
     """matmul -> score ops -> softmax -> pass-through -> matmul, from the softmax."""
-    nodes, mask = [softmax], None
+    nodes, mask, biases = [softmax], None, []
     x = softmax.args[0]
     while isinstance(x, fx.Node) and x.target in SCORE_OPS:
         nodes.append(x)
@@ -110,8 +111,10 @@ def _explicit_core(softmax: fx.Node) -> Core | None:
         if not main:
             return None
         for o in others:
-            if len(shape(o)) >= 2 and mask is None:
-                mask = o
+            if len(shape(o)) >= 2:
+                biases.append(o)
+                if mask is None:
+                    mask = o
         x = main[0]
     if not (isinstance(x, fx.Node) and x.target in MATMUL_OPS):
         return None
@@ -127,7 +130,7 @@ def _explicit_core(softmax: fx.Node) -> Core | None:
     if len(pv) != 1:
         return None
     return Core(kind="explicit", q=qk.args[0], k=k, v=pv[0].args[1], out=pv[0],
-                nodes=(qk, *reversed(nodes), pv[0]), mask=mask, is_causal=False)
+                nodes=(qk, *reversed(nodes), pv[0]), mask=mask, is_causal=False, biases=tuple(biases))
 
 
 def _sdpa_core(node: fx.Node) -> Core:
@@ -208,11 +211,11 @@ def _provenance(proj: fx.Node, target: fx.Node) -> Provenance | None:
             except Exception:
                 return None
         else:
-            path_in = [a for a in node.all_input_nodes if a in tags and isinstance(tags[a], torch.Tensor)]
+            path_in = [a for a in node.all_input_nodes if isinstance(tags.get(a), torch.Tensor)]
             same = [a for a in path_in if tuple(tags[a].shape) == tuple(hinted(shape(node)))]
-            if not same:
-                return None
-            tags[node] = tags[same[0]]
+            # a reduction (a per-head norm's mean) carries no provenance: its consumer takes
+            # its path operand's tags
+            tags[node] = tags[same[0]] if same else None
     t = tags.get(target)
     if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(hinted(shape(target))):
         return None
@@ -392,8 +395,11 @@ def _match(core: Core, index: int) -> tuple[SiteMatch | None, str | None]:
     batch = max(1, numel // max(1, H * d * q_len))
     o = _output_projection(core.out)
     fused = projs["q"] is projs["k"] or projs["q"] is projs["v"]
-    mask_shape = shape(core.mask) if core.mask is not None else ()
-    head_bias = len(mask_shape) >= 3 and mask_shape[-3] not in (1,) and len(shape(core.q)) >= 4
+    head_bias = False
+    for b in (*core.biases, core.mask):
+        bs = shape(b) if b is not None else ()
+        if len(bs) >= 3 and len(shape(core.q)) >= 4 and not (isinstance(bs[-3], int) and bs[-3] == 1):
+            head_bias = True
     site = AttentionSite(
         index=index, q_proj=projs["q"].name, k_proj=projs["k"].name, v_proj=projs["v"].name,
         o_proj=o.name if o is not None else None, q_weight=_weight_name(projs["q"]),
