@@ -125,7 +125,8 @@ def _shard(result, analysis) -> HelixProgram:
 
     def run(active):
         try:
-            return localize(analysis.captured.gm, mesh, seeds, variants, analysis.captured.params, active)
+            return localize(analysis.captured.gm, mesh, seeds, variants, analysis.captured.params, active,
+                            analysis.views)
         except HelixError:
             raise
         except Exception as e:

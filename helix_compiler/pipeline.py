@@ -1,6 +1,7 @@
 """The compiler pipeline: one short list of named stages (DESIGN.md section 1).
 
     capture         torch.export (non-strict) -> ATen FX graph
+    fold_params     views of weights (W.T, W.split(...)[i]) become named parameters (passes/fold_params.py)
     find_attention  AttentionSite records (passes/find_attention.py)
     find_mlp        MlpSite records (passes/find_mlp.py)
     plan            solve + cost -> Plan (solver.py, cost.py, plan.py)
@@ -21,7 +22,7 @@ import torch.fx as fx
 from .errors import HelixError, first_line
 from .sites import ModelSummary
 
-STAGES = ("capture", "find_attention", "find_mlp", "plan", "seeds", "shard")
+STAGES = ("capture", "fold_params", "find_attention", "find_mlp", "plan", "seeds", "shard")
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class Analysis:
     mlps: tuple               # MlpSite
     summary: ModelSummary
     timings: dict             # stage -> seconds
+    views: dict = None        # derived parameter name -> fold_params.ParamView
 
 
 def _numel(t) -> int:
@@ -115,6 +117,9 @@ def analyze(model, args, kwargs, print_after=(), dynamic: bool = True) -> Analys
 
     captured = stage("capture", lambda: capture(model, args, kwargs, dynamic=dynamic))
     _maybe_print("capture", captured.gm, print_after)
+    from passes.fold_params import fold_params
+
+    views = stage("fold_params", lambda: fold_params(captured.gm, captured.params))
     matches, skipped = stage("find_attention", lambda: find_attention(captured.gm))
     nodes = {n.name: n for n in captured.gm.graph.nodes}
     projs = set()
@@ -124,7 +129,7 @@ def analyze(model, args, kwargs, print_after=(), dynamic: bool = True) -> Analys
     mlps = stage("find_mlp", lambda: find_mlp(captured.gm, projs))
     summary = summarize(captured, matches, mlps, type(model).__name__)
     return Analysis(captured=captured, matches=tuple(matches), skipped=tuple(skipped),
-                    mlps=tuple(mlps), summary=summary, timings=timings)
+                    mlps=tuple(mlps), summary=summary, timings=timings, views=views)
 
 
 def _maybe_print(stage: str, gm: fx.GraphModule, print_after) -> None:

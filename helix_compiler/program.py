@@ -137,7 +137,8 @@ class HelixProgram:
         return self._rank_localized(rank).attrs[rank]
 
     def rank_shards(self, rank: int) -> dict:
-        """attr name -> (source parameter name, ((dim, global indices), ...)) for rank r."""
+        """attr name -> (stored parameter name, ((dim, global indices), ...), dim permutation or
+        None) for rank r: how to read its tensor from a checkpoint of the model."""
         return self._rank_localized(rank).shards[rank]
 
     def collectives(self, rank: int) -> dict:

@@ -130,9 +130,11 @@ def load_rank_weights(shards: dict, current: dict, path) -> dict:
         if attr not in shards:
             out[attr] = tensor  # index constants made by the shard pass
             continue
-        name, sels = shards[attr]
+        name, sels, perm = shards[attr]
         if name in names:
             t = src.read(name, sels)
+            if perm is not None and list(perm) != list(range(t.dim())):
+                t = t.permute(*perm).contiguous()  # a transposed view of the stored weight
             if tuple(t.shape) != tuple(tensor.shape):
                 raise HelixError(f"{path}: {name} gives a slice of shape {tuple(t.shape)} where the "
                                  f"program expects {tuple(tensor.shape)}; is the checkpoint for this model?")

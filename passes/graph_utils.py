@@ -67,25 +67,37 @@ def tensor_inputs(node: fx.Node) -> list[fx.Node]:
     return [a for a in node.all_input_nodes if is_tensor_node(a)]
 
 
+# x @ W with a 2-D parameter W of shape (in, out) (Falcon's `x @ weight.T`, once fold_params
+# has named weight.T), a projection like addmm without bias.
+PARAM_MATMUL_OPS = {aten.matmul.default, aten.mm.default}
+
+
 def proj_weight_node(node: fx.Node) -> fx.Node | None:
     """The weight get_attr of a projection, or None when the weight is not a parameter."""
     if node.target in LINEAR_OPS:
         w = node.args[1]
     elif node.target in ADDMM_OPS:
         w = node.args[2]
+    elif node.target in PARAM_MATMUL_OPS:
+        w = node.args[1]
+        v = w.meta.get("val") if isinstance(w, fx.Node) else None
+        if not (isinstance(v, torch.Tensor) and v.dim() == 2):
+            return None
     else:
         return None
     return w if isinstance(w, fx.Node) and w.op == "get_attr" else None
 
 
 def proj_input(node: fx.Node) -> fx.Node:
-    return node.args[0] if node.target in LINEAR_OPS else node.args[1]
+    return node.args[1] if node.target in ADDMM_OPS else node.args[0]
 
 
 def proj_bias(node: fx.Node):
     if node.target in LINEAR_OPS:
         return node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-    return node.args[0]
+    if node.target in ADDMM_OPS:
+        return node.args[0]
+    return None
 
 
 def proj_out_features(node: fx.Node) -> int:

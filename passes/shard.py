@@ -55,7 +55,8 @@ class Localized:
 
 class Localizer:
     def __init__(self, gm: fx.GraphModule, mesh: Mesh, seeds: dict, variants: dict, params: dict,
-                 active=None):
+                 active=None, views=None):
+        self.views = views or {}  # derived parameter name -> fold_params.ParamView
         self.gm, self.mesh, self.N = gm, mesh, mesh.size
         # Placements are computed for every rank (collective groups need them all); graphs are
         # emitted only for the `active` ranks, so a 64-rank compile need not build 64 graphs.
@@ -126,7 +127,12 @@ class Localizer:
         while name in self.attrs[r]:
             name, k = f"{base}_{k}", k + 1
         self.attrs[r][name] = tensor.detach().contiguous() if sels else tensor.detach()
-        self.shards[r][name] = (str(source.target), tuple((d, np.asarray(i)) for d, i in sels))
+        sels = tuple((d, np.asarray(i)) for d, i in sels)
+        view = self.views.get(str(source.target))
+        if view is not None:  # a view of a parameter: its slices in the base's terms
+            self.shards[r][name] = (view.base, view.to_base(sels), view.perm)
+        else:
+            self.shards[r][name] = (str(source.target), sels, None)
         node = self.graphs[r].get_attr(name)
         cache[key] = node
         return node
@@ -738,6 +744,16 @@ def _linear(lz, node):
 @rule(aten.matmul.default, aten.bmm.default, aten.mm.default)
 def _matmul_general(lz, node):
     a, b = node.args[0], node.args[1]
+    seed = lz.seeds.get(node.name)
+    if seed is not None and isinstance(b, fx.Node) and b.op == "get_attr" and len(shape(b)) == 2 \
+            and lz.L(a)[-1] is None:
+        # x @ W, W (in, out) a parameter: column parallel like a seeded linear
+        out = make_split(int(shape(b)[1]), seed)
+        for r in range(lz.N):
+            lz.env[r][node] = lz.emit(r, node.target, (lz.local(r, a), lz.attr(r, b, ((1, seed[r]),))),
+                                      name=node.name)
+        lz.lay[node] = tuple(lz.L(a)[:-1]) + (out,)
+        return True
     if not (lz.is_split(a) or lz.is_split(b)):
         lz.copy(node, None)
         return True
@@ -987,6 +1003,6 @@ def val_len(lz, node, r, lay):
 
 
 def localize(gm: fx.GraphModule, mesh: Mesh, seeds: dict, variants: dict, params: dict,
-             active=None) -> Localized:
+             active=None, views=None) -> Localized:
     """Run the shard pass (graphs for the `active` ranks, all by default); see the module docstring."""
-    return Localizer(gm, mesh, seeds, variants, params, active).run()
+    return Localizer(gm, mesh, seeds, variants, params, active, views).run()
