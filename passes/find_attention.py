@@ -33,7 +33,7 @@ import torch.fx as fx
 from helix_compiler.sites import AttentionSite, Rotary
 
 from .graph_utils import (
-    MATMUL_OPS, MOVEMENT_OPS, PASS_THROUGH_OPS, SDPA_OPS, SOFTMAX_OPS, aten, is_projection,
+    MATMUL_OPS, MOVEMENT_OPS, constant_value, PASS_THROUGH_OPS, SDPA_OPS, SOFTMAX_OPS, aten, is_projection,
     is_tensor_node, norm_dim, real_users, proj_input, proj_weight_node, shape, tensor_inputs, val,
 )
 
@@ -41,8 +41,13 @@ from .graph_utils import (
 SCORE_OPS = {
     aten.div.Tensor, aten.div.Scalar, aten.mul.Tensor, aten.mul.Scalar, aten.add.Tensor,
     aten.sub.Tensor, aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.where.self,
-    aten.where.ScalarOther, aten.where.ScalarSelf,
+    aten.where.ScalarOther, aten.where.ScalarSelf, aten.div_.Tensor, aten.div_.Scalar,
+    aten.mul_.Tensor, aten.add_.Tensor, aten.masked_fill_.Scalar, aten.masked_fill_.Tensor,
 } | PASS_THROUGH_OPS
+# Reshapes between the scores and the softmax: (B*H, S, S) <-> (B, H, S, S) (BLOOM).
+SCORE_VIEW_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+# QK^T spellings: matmul / bmm, and baddbmm(bias, q, k^T) with an additive bias (BLOOM's ALiBi).
+QK_OPS = MATMUL_OPS | {aten.baddbmm.default}
 # Reductions over the head dim between projection and core: a per-head q/k norm.
 NORM_OPS = {aten.mean.dim, aten.var.correction, aten.var_mean.correction, aten.layer_norm.default,
             aten.rms_norm.default, aten.native_layer_norm.default, aten.sum.dim_IntList}
@@ -104,8 +109,11 @@ def _explicit_core(softmax: fx.Node) -> Core | None:
     """matmul -> score ops -> softmax -> pass-through -> matmul, from the softmax."""
     nodes, mask, biases = [softmax], None, []
     x = softmax.args[0]
-    while isinstance(x, fx.Node) and x.target in SCORE_OPS:
+    while isinstance(x, fx.Node) and (x.target in SCORE_OPS or x.target in SCORE_VIEW_OPS):
         nodes.append(x)
+        if x.target in SCORE_VIEW_OPS:
+            x = x.args[0]
+            continue
         main = [a for a in tensor_inputs(x) if shape(a) == shape(x) and a.target not in ()]
         others = [a for a in tensor_inputs(x) if a not in main[:1]]
         if not main:
@@ -116,20 +124,26 @@ def _explicit_core(softmax: fx.Node) -> Core | None:
                 if mask is None:
                     mask = o
         x = main[0]
-    if not (isinstance(x, fx.Node) and x.target in MATMUL_OPS):
+    if not (isinstance(x, fx.Node) and x.target in QK_OPS):
         return None
     qk = x
-    k = _k_from_transposed(qk.args[1])
+    if qk.target is aten.baddbmm.default:
+        biases.append(qk.args[0])
+        q_arg, kt_arg = qk.args[1], qk.args[2]
+    else:
+        q_arg, kt_arg = qk.args[0], qk.args[1]
+    k = _k_from_transposed(kt_arg)
     if k is None:
         return None
     p = softmax
-    while len(real_users(p)) == 1 and real_users(p)[0].target in PASS_THROUGH_OPS:
+    while len(real_users(p)) == 1 and (real_users(p)[0].target in PASS_THROUGH_OPS
+                                       or real_users(p)[0].target in SCORE_VIEW_OPS):
         p = real_users(p)[0]
         nodes.append(p)
     pv = [u for u in real_users(p) if u.target in MATMUL_OPS and u.args[0] is p]
     if len(pv) != 1:
         return None
-    return Core(kind="explicit", q=qk.args[0], k=k, v=pv[0].args[1], out=pv[0],
+    return Core(kind="explicit", q=q_arg, k=k, v=pv[0].args[1], out=pv[0],
                 nodes=(qk, *reversed(nodes), pv[0]), mask=mask, is_causal=False, biases=tuple(biases))
 
 
@@ -194,6 +208,9 @@ def _provenance(proj: fx.Node, target: fx.Node) -> Provenance | None:
         if isinstance(a, fx.Node):
             if a in tags:
                 return tags[a]
+            c = constant_value(a)
+            if c is not None:  # an index constant: its real values
+                return c
             v = val(a)
             if isinstance(v, torch.Tensor):
                 return torch.tensor(-1.0, dtype=torch.float64).expand(*hinted(v.shape))

@@ -107,8 +107,8 @@ def _apply(node: fx.Node, src):
     if t is None:
         return None
     nd = t.dim()
-    if op in (aten.t.default, aten.transpose.int, aten.permute.default):
-        if op is aten.t.default:
+    if op in (aten.t.default, aten.numpy_T.default, aten.transpose.int, aten.permute.default):
+        if op in (aten.t.default, aten.numpy_T.default):  # weight.T is numpy_T
             perm = list(range(nd))[::-1]
         elif op is aten.transpose.int:
             a, b = norm_dim(node.args[1], nd), norm_dim(node.args[2], nd)

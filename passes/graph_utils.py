@@ -20,13 +20,13 @@ SOFTMAX_OPS = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.defau
 # Ops that only move or retype elements (the provenance walk runs them on index tags).
 MOVEMENT_OPS = {
     aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int,
-    aten.permute.default, aten.t.default, aten.unsqueeze.default, aten.squeeze.dim,
+    aten.permute.default, aten.t.default, aten.numpy_T.default, aten.unsqueeze.default, aten.squeeze.dim,
     aten.squeeze.dims, aten.squeeze.default, aten.expand.default, aten.select.int,
     aten.slice.Tensor, aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int,
     aten.chunk.default, aten.cat.default, aten.stack.default, aten.unflatten.int,
     aten.flatten.using_ints, aten.contiguous.default, aten.clone.default, aten.alias.default,
     aten.detach.default, aten.repeat_interleave.self_int, aten.narrow.default,
-    operator.getitem,
+    aten.index.Tensor, operator.getitem,
 }
 # Ops between softmax and the value matmul that keep the probabilities.
 PASS_THROUGH_OPS = {
@@ -107,6 +107,19 @@ def proj_out_features(node: fx.Node) -> int:
 
 def is_projection(node) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_function" and proj_weight_node(node) is not None
+
+
+def constant_value(node):
+    """The real tensor behind a constant the graph holds (a lifted index such as Falcon's [-2])."""
+    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in (
+            aten.lift_fresh_copy.default, aten.clone.default, aten.detach.default, aten._to_copy.default):
+        node = node.args[0]
+    if not (isinstance(node, fx.Node) and node.op == "get_attr"):
+        return None
+    obj = node.graph.owning_module
+    for part in str(node.target).split("."):
+        obj = getattr(obj, part, None)
+    return obj if isinstance(obj, torch.Tensor) and obj.device.type != "meta" else None
 
 
 def norm_dim(dim: int, ndim: int) -> int:

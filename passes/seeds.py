@@ -56,7 +56,10 @@ def site_seeds(match: SiteMatch, mesh: Mesh) -> dict:
         i, j = mesh.coords(rank)
         heads = np.arange(i * H // n, (i + 1) * H // n)
         dims = head_dims(d, m, j, s.rotary)
-        vdims = np.arange(j * dv // m, (j + 1) * dv // m)
+        # v's dims are free (the output projection follows whatever a rank holds), but a
+        # projection fused with q/k must give every head the same dims to stay a product
+        fused_v = match.v.proj is match.q.proj or match.v.proj is match.k.proj
+        vdims = dims if fused_v and dv == d else np.arange(j * dv // m, (j + 1) * dv // m)
         kv = sorted({match.kv_of_q[h] for h in heads})
         feats = (
             (match.q.proj, match.q.heads[np.ix_(heads, dims)].reshape(-1)),

@@ -151,6 +151,10 @@ class Localizer:
             return {k: self.local(r, v) for k, v in a.items()}
         return a
 
+    def env_set(self, node: fx.Node, locals_) -> None:
+        for r in range(self.N):
+            self.env[r][node] = locals_[r]
+
     def copy(self, node: fx.Node, layout, args_for=None, kwargs_for=None) -> None:
         """Emit `node` on every rank with local operands; `args_for(r)` overrides its args."""
         for r in range(self.N):
@@ -364,7 +368,9 @@ POINTWISE = [
     aten.leaky_relu.default, aten.elu.default, aten.log1p.default, aten.expm1.default,
     aten.square.default, aten.sign.default, aten.floor.default, aten.round.default,
     aten.lift_fresh_copy.default, aten.gelu_.default if hasattr(aten, "gelu_") else aten.gelu.default,
-    aten.relu_.default, aten.silu_.default, aten.tanh_.default,
+    aten.relu_.default, aten.silu_.default, aten.tanh_.default, aten.div_.Tensor, aten.div_.Scalar,
+    aten.mul_.Tensor, aten.mul_.Scalar, aten.add_.Tensor, aten.add_.Scalar, aten.sub_.Tensor,
+    aten.masked_fill_.Scalar, aten.masked_fill_.Tensor,
 ]
 
 
@@ -499,11 +505,47 @@ def _repeat_interleave(lz, node):
     return True
 
 
-@rule(aten.transpose.int, aten.permute.default, aten.t.default)
+@rule(aten.index.Tensor)
+def _index(lz, node):
+    """x[..., idx, ...] with one constant 1-D index (Falcon's key = qkv[:, :, [-2]])."""
+    from .graph_utils import constant_value
+
+    x, indices = node.args[0], list(node.args[1])
+    if not lz.is_split(x):
+        lz.copy(node, None)
+        return True
+    used = [k for k, i in enumerate(indices) if i is not None]
+    if len(used) != 1:
+        return None
+    dim = used[0]
+    idx = constant_value(indices[dim])
+    if idx is None or idx.dim() != 1 or any(s is not None for s in lz.L(indices[dim])):
+        return None
+    lay = list(lz.L(x))
+    s = lay[dim]
+    if s is None:
+        lz.copy(node, tuple(lay))
+        return True
+    size = shape(x)[dim]
+    want = np.asarray([int(i) % size for i in idx.tolist()])
+    if not all(np.isin(want, li).all() for li in s.lists):
+        return None  # a rank lacks an indexed element: gather instead
+    pos = [positions(li, want, node.name) for li in s.lists]
+    lay[dim] = None
+
+    def args_for(r):
+        new = [lz.local(r, i) if i is not None else None for i in indices]
+        new[dim] = lz.attr_index(r, pos[r])
+        return (lz.local(r, x), new)
+    lz.copy(node, tuple(lay), args_for=args_for)
+    return True
+
+
+@rule(aten.transpose.int, aten.permute.default, aten.t.default, aten.numpy_T.default)
 def _permute(lz, node):
     lay = list(lz.L(node.args[0]))
     nd = len(lay)
-    if node.target is aten.t.default:
+    if node.target in (aten.t.default, aten.numpy_T.default):
         perm = list(range(nd))[::-1]
     elif node.target is aten.transpose.int:
         a, b = norm_dim(node.args[1], nd), norm_dim(node.args[2], nd)
@@ -757,6 +799,19 @@ def _matmul_general(lz, node):
     if not (lz.is_split(a) or lz.is_split(b)):
         lz.copy(node, None)
         return True
+    got = _contract(lz, node, a, b, node.target)
+    if got is None:
+        return None
+    lz.env_set(node, got[0])
+    lz.lay[node] = got[1]
+    return True
+
+
+def _contract(lz, node, a, b, op):
+    """a @ b on every rank: (per-rank local results, output layout), or None (no rule).
+
+    A contraction over a split dim is a partial sum, reduced at once (score-reduce), or its
+    operands are gathered first (qk-gather, or differently split operands)."""
     sa, sb = shape(a), shape(b)
     if len(sa) < 2 or len(sb) < 2:
         return None
@@ -789,8 +844,7 @@ def _matmul_general(lz, node):
         kb = ka
     out_lay = tuple(batch) + (la[-2], lb[-1])
     if ka is None:
-        lz.copy(node, out_lay, args_for=lambda r: (locals_[a][r], locals_[b][r]))
-        return True
+        return [lz.emit(r, op, (locals_[a][r], locals_[b][r])) for r in range(lz.N)], out_lay
     variant = lz.variants.get(node.name, "score-reduce")
     if not same(ka, kb) or variant == "qk-gather":
         # gather the contracted dim on both sides: every rank holds it whole, in the same order
@@ -798,12 +852,38 @@ def _matmul_general(lz, node):
             lz.replicated.append((node.name, "matmul over differently split dims"))
         ga = lz.gather_dim(a, locals_[a], nd_a - 1, ka)
         gb = lz.gather_dim(b, locals_[b], nd_b - 2, kb)
-        lz.copy(node, out_lay, args_for=lambda r: (ga[r], gb[r]))
+        return [lz.emit(r, op, (ga[r], gb[r])) for r in range(lz.N)], out_lay
+    parts = [lz.emit(r, op, (locals_[a][r], locals_[b][r])) for r in range(lz.N)]
+    return lz.all_reduce(node, parts, ka), out_lay
+
+
+@rule(aten.baddbmm.default)
+def _baddbmm(lz, node):
+    """beta * bias + alpha * (a @ b) (BLOOM's ALiBi scores): the product as any contraction,
+    the bias, sliced to the product's layout, added once after any reduction."""
+    bias, a, b = node.args[:3]
+    beta = node.args[3] if len(node.args) > 3 else node.kwargs.get("beta", 1)
+    alpha = node.args[4] if len(node.args) > 4 else node.kwargs.get("alpha", 1)
+    if not any(lz.is_split(t) for t in (bias, a, b)):
+        lz.copy(node, None)
         return True
-    parts = [lz.emit(r, node.target, (locals_[a][r], locals_[b][r])) for r in range(lz.N)]
-    reduced = lz.all_reduce(node, parts, ka)
+    got = _contract(lz, node, a, b, aten.bmm.default)
+    if got is None:
+        return None
+    prods, out_lay = got
+    nd = len(out_lay)
+    bl = [lz.local(r, bias) for r in range(lz.N)]
+    for k, s in enumerate(out_lay):
+        kb = k - (nd - len(shape(bias)))
+        if s is None or kb < 0 or _one(shape(bias)[kb]) or same(lz.L(bias)[kb], s):
+            continue
+        bl = [lz.select(r, bias, bl[r], kb, lz.L(bias)[kb], s.lists[r]) for r in range(lz.N)]
+    out = []
     for r in range(lz.N):
-        lz.env[r][node] = reduced[r]
+        p = lz.emit(r, aten.mul.Tensor, (prods[r], alpha)) if alpha != 1 else prods[r]
+        c = lz.emit(r, aten.mul.Tensor, (bl[r], beta)) if beta != 1 else bl[r]
+        out.append(lz.emit(r, aten.add.Tensor, (p, c)) if r in lz.active else None)
+    lz.env_set(node, out)
     lz.lay[node] = out_lay
     return True
 
@@ -924,6 +1004,8 @@ def _sdpa(lz, node):
         if hq is None:
             continue
         if not gqa:
+            if _one(shape(t)[-3]):
+                continue  # one kv head broadcast over the query heads (MQA without enable_gqa)
             if not same(lt[-3], hq):
                 locals_[t] = [lz.select(r, t, locals_[t][r], len(shape(t)) - 3, lt[-3], hq.lists[r])
                               for r in range(lz.N)]
