@@ -415,7 +415,8 @@ def _match(core: Core, index: int) -> tuple[SiteMatch | None, str | None]:
     head_bias = False
     for b in (*core.biases, core.mask):
         bs = shape(b) if b is not None else ()
-        if len(bs) >= 3 and len(shape(core.q)) >= 4 and not (isinstance(bs[-3], int) and bs[-3] == 1):
+        # dim -3 of the scores carries the heads ((B, H, S, S), or (B*H, S, S) as BLOOM has them)
+        if len(bs) >= 3 and not (isinstance(bs[-3], int) and bs[-3] == 1):
             head_bias = True
     site = AttentionSite(
         index=index, q_proj=projs["q"].name, k_proj=projs["k"].name, v_proj=projs["v"].name,
