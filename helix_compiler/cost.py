@@ -48,6 +48,8 @@ are computed from those very expressions (`_ev`).
 
 from __future__ import annotations
 
+import dataclasses
+
 import functools
 import math
 from collections import Counter
@@ -366,7 +368,7 @@ def _site_options(site: AttentionSite, lay: _Layout, mach: _Machine,
             for bk in (("explicit",) if v == "score-reduce" else ("explicit", *fused))]
 
 
-def _attention_terms(site, w, variant, backend, b, lay, mach) -> list[tuple[str, str, float]]:
+def _attention_terms_uncached(site, w, variant, backend, b, lay, mach) -> list[tuple[str, str, float]]:
     """[(term, "compute" | "comm", seconds)] of one micro-batch of b sequences."""
     env = _site_env(site, w, b, lay)
     dt = site.dtype
@@ -409,7 +411,7 @@ def _attention_terms(site, w, variant, backend, b, lay, mach) -> list[tuple[str,
     return terms
 
 
-def _mlp_terms(mlp, summary, b, lay, mach) -> list[tuple[str, str, float]]:
+def _mlp_terms_uncached(mlp, summary, b, lay, mach) -> list[tuple[str, str, float]]:
     env = _mlp_env(mlp, summary, b, lay.shards)
     dt = mlp.dtype
     ew = mach.profile.elementwise_efficiency
@@ -486,11 +488,14 @@ def memory_reason(summary: ModelSummary, m: int, n: int, cluster: ClusterSpec,
                   profile: ComputeProfile | None = None) -> str | None:
     """None when a one-sequence micro-batch of helix m x n fits on every rank
     (each site in its least-memory variant and core), else a sentence why not."""
+    _TERMS.clear()
     mach = _Machine(cluster, profile or DEFAULT_PROFILE)
     lay = _helix_layout(m, n)
     w = summary.dtype_bytes
-    peaks = [min(_site_activation(s, w, v, bk, lay) for v, bk in _site_options(s, lay, mach, None))
-             for s in summary.sites]
+    reps, idx = _unique(summary.sites)
+    rep_peaks = [min(_site_activation(s, w, v, bk, lay) for v, bk in _site_options(s, lay, mach, None))
+                 for s in reps]
+    peaks = [rep_peaks[k] for k in idx]
     params = _params_per_rank(summary, summary.sites, summary.mlps, lay)
     act = _activation_per_sequence(summary, peaks, summary.mlps, lay)
     return None if _micro_batch(summary, params, act, cluster) >= 1 else _memory_reason(
@@ -519,6 +524,45 @@ def _choose_cores(summary, cluster, sites, params: int, lay: _Layout, mach: _Mac
         else:
             chosen.append(min(options, key=act.__getitem__))
     return chosen
+
+
+# Terms of one site / MLP depend only on its shape: memoized for the duration of one public
+# call (lay and mach live as long), so 80 identical layers cost as one.
+_TERMS: dict = {}
+
+
+def _attention_terms(site, w, variant, backend, size, lay, mach):
+    key = ("a", _shape_key(site), w, variant, backend, size, id(lay), id(mach))
+    if key not in _TERMS:
+        _TERMS[key] = _attention_terms_uncached(site, w, variant, backend, size, lay, mach)
+    return _TERMS[key]
+
+
+def _mlp_terms(mlp, summary, size, lay, mach):
+    key = ("m", mlp.hidden, mlp.ffn, mlp.gated, mlp.tokens, mlp.dtype, id(summary), size, id(lay), id(mach))
+    if key not in _TERMS:
+        _TERMS[key] = _mlp_terms_uncached(mlp, summary, size, lay, mach)
+    return _TERMS[key]
+
+
+def _shape_key(site: AttentionSite) -> tuple:
+    """What the cost of a site depends on: every field but its index and node names."""
+    return (site.num_heads, site.num_kv_heads, site.head_dim, site.embed_dim, site.core,
+            site.mask is not None, site.is_causal, site.head_bias, site.rotary, bool(site.qk_norm),
+            site.cross, site.batch, site.q_len, site.kv_len, site.dtype)
+
+
+def _unique(sites) -> tuple[list, list[int]]:
+    """Sites of distinct shape, and for each site the position of its shape: the 80 layers of
+    a LLaMA-70B cost as one, so the plan search stays in milliseconds."""
+    reps, where, idx = [], {}, []
+    for s in sites:
+        key = _shape_key(s)
+        if key not in where:
+            where[key] = len(reps)
+            reps.append(s)
+        idx.append(where[key])
+    return reps, idx
 
 
 def _micro_batches(batch: int, b: int) -> list[tuple[int, int]]:
@@ -576,6 +620,7 @@ def cost_plan(summary: ModelSummary, m: int, n: int, cluster: ClusterSpec,
               profile: ComputeProfile | None = None, variant: str | None = None) -> PlanCost:
     """Predicted step of helix m x n. `variant` forces "score-reduce" or
     "qk-gather" on every site when m > 1; otherwise each site takes the faster."""
+    _TERMS.clear()
     if variant not in (None, "score-reduce", "qk-gather"):
         raise PlanError(f"variant must be 'score-reduce' or 'qk-gather' (or None to choose), "
                         f"got {variant!r}")
@@ -584,18 +629,19 @@ def cost_plan(summary: ModelSummary, m: int, n: int, cluster: ClusterSpec,
     mach, lay = _Machine(cluster, profile or DEFAULT_PROFILE), _helix_layout(m, n)
     w = summary.dtype_bytes
     params = _params_per_rank(summary, summary.sites, summary.mlps, lay)
-    cores = _choose_cores(summary, cluster, summary.sites, params, lay, mach, variant)
-    act = _activation_per_sequence(
-        summary, [_site_activation(s, w, *c, lay) for s, c in zip(summary.sites, cores)],
-        summary.mlps, lay)
+    reps, idx = _unique(summary.sites)
+    rep_cores = _choose_cores(summary, cluster, reps, params, lay, mach, variant)
+    rep_act = [_site_activation(s, w, *c, lay) for s, c in zip(reps, rep_cores)]
+    act = _activation_per_sequence(summary, [rep_act[k] for k in idx], summary.mlps, lay)
     b = _micro_batch(summary, params, act, cluster)
     if b < 1:
         raise PlanError(f"{name}: {_memory_reason(summary, params, act, cluster)}; "
                         f"try more devices or another split")
     counts = _micro_batches(summary.batch, b)
-    sites = [_aggregate(s.index, v, bk, [(c, _attention_terms(s, w, v, bk, size, lay, mach))
-                                         for size, c in counts])
-             for s, (v, bk) in zip(summary.sites, cores)]
+    rep_costs = [_aggregate(s.index, v, bk, [(c, _attention_terms(s, w, v, bk, size, lay, mach))
+                                             for size, c in counts])
+                 for s, (v, bk) in zip(reps, rep_cores)]
+    sites = [dataclasses.replace(rep_costs[k], index=s.index) for s, k in zip(summary.sites, idx)]
     mlps = [_aggregate(x.index, "mlp", "", [(c, _mlp_terms(x, summary, size, lay, mach))
                                             for size, c in counts]) for x in summary.mlps]
     compute = sum(s.compute_ms for s in sites + mlps) / 1e3
@@ -616,6 +662,7 @@ def cost_baseline(summary: ModelSummary, tp: int, pp: int, cluster: ClusterSpec,
                   profile: ComputeProfile | None = None) -> PlanCost:
     """Predicted step of Megatron TP x PP: heads and MLP columns over tp ranks,
     layers over pp stages (stage s on ranks [s*tp, (s+1)*tp))."""
+    _TERMS.clear()
     name = f"TP={tp} x PP={pp}" if pp > 1 else f"TP={tp}"
     _check_devices(name, tp * pp, cluster)
     for site in summary.sites:

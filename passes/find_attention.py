@@ -202,7 +202,7 @@ def _provenance(proj: fx.Node, target: fx.Node) -> Provenance | None:
     feats = int(shape(proj)[-1])
     # Tags are expanded (stride 0) over the leading dims, so a 1024 x 10000 x 8192 projection
     # costs nothing; dims that stay stride 0 are dropped before the rows are read.
-    tags = {proj: torch.arange(feats, dtype=torch.float64).expand(*hinted(shape(proj)))}
+    tags = {proj: torch.arange(feats, dtype=torch.float32).expand(*hinted(shape(proj)))}  # exact < 2^24
 
     def concrete(a):
         if isinstance(a, fx.Node):
@@ -213,7 +213,7 @@ def _provenance(proj: fx.Node, target: fx.Node) -> Provenance | None:
                 return c
             v = val(a)
             if isinstance(v, torch.Tensor):
-                return torch.tensor(-1.0, dtype=torch.float64).expand(*hinted(v.shape))
+                return torch.tensor(-1.0, dtype=torch.float32).expand(*hinted(v.shape))
             return hint(v)
         if isinstance(a, (list, tuple)):
             return type(a)(concrete(x) for x in a)
@@ -239,8 +239,12 @@ def _provenance(proj: fx.Node, target: fx.Node) -> Provenance | None:
     d = t.shape[-1]
     # Drop dims along which every slice is the same (batch, sequence; stride 0 or copied by a
     # reshape such as GQA's repeat_kv): what is left are the head dims.
+    # Tags depend on the head and the dim only, so a dim is a batch / sequence dim when its
+    # first, second and last slices agree (a GQA repeat differs between its first and last).
     for k in reversed(range(t.dim() - 1)):
-        if t.stride(k) == 0 or t.shape[k] == 1 or bool((t == t.narrow(k, 0, 1)).all()):
+        n = t.shape[k]
+        if t.stride(k) == 0 or n == 1 or (torch.equal(t.select(k, 0), t.select(k, 1))
+                                          and torch.equal(t.select(k, 0), t.select(k, n - 1))):
             t = t.select(k, 0)
     rows = t.reshape(-1, d).numpy().astype(np.int64)
     _, first = np.unique(rows, axis=0, return_index=True)
