@@ -30,6 +30,7 @@ from pathlib import Path
 
 from .errors import HelixError
 from .pipeline import STAGES
+from .text import ranges as _ranges
 
 EXIT_REFUSED = 2
 EXIT_RANK_FAILED = 1
@@ -277,14 +278,6 @@ def _rank_report(workdir: Path, devices: int) -> str:
         parts.append(f"rank{'s' if len(silent) > 1 else ''} {_ranges(silent)} did not finish")
     return "; ".join(parts) or "every rank finished"
 
-
-def _ranges(ranks: list[int]) -> str:
-    runs, start = [], ranks[0]
-    for a, b in zip(ranks, ranks[1:] + [None]):
-        if b != a + 1:
-            runs.append(f"{start}" if start == a else f"{start}-{a}")
-            start = b
-    return ", ".join(runs)
 
 
 # ---- the parser ------------------------------------------------------------------------

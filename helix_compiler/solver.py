@@ -32,6 +32,7 @@ from .cluster import ClusterSpec
 from .cost import memory_reason
 from .errors import PlanError
 from .sites import AttentionSite, ModelSummary
+from .text import ranges as _ranges
 
 NO_ATTENTION = "no attention: only n = devices"
 # Device counts `require_feasible` lists when nothing fits: up to
@@ -106,15 +107,6 @@ def _merge(per_site: list[tuple[int, str]]) -> tuple[str, ...]:
     return tuple(f"{text} (site{'s' if len(ix) > 1 else ''} {_ranges(ix)})"
                  for text, ix in sites.items())
 
-
-def _ranges(ix: list[int]) -> str:
-    ix = sorted(ix)
-    runs, start = [], ix[0]
-    for a, b in zip(ix, ix[1:] + [None]):
-        if b != a + 1:
-            runs.append(f"{start}" if start == a else f"{start}-{a}")
-            start = b
-    return ", ".join(runs)
 
 
 def solve(summary: ModelSummary, devices: int,

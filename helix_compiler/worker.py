@@ -32,6 +32,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from .errors import HelixError
+from .text import ranges as _ranges
 
 # Untimed steps before the timed ones: the first call allocates, and on CUDA
 # loads kernels and sets up NCCL communicators, per process group.
@@ -88,14 +89,6 @@ def check_same_program(keys: list[str]) -> None:
         f"the ranks hold different {what}: {listing}; every rank must build the same model from the "
         f"same seed: make the MODEL function deterministic (seed it, no time- or rank-dependent choices)")
 
-
-def _ranges(ranks: list[int]) -> str:
-    runs, start = [], ranks[0]
-    for a, b in zip(ranks, ranks[1:] + [None]):
-        if b != a + 1:
-            runs.append(f"{start}" if start == a else f"{start}-{a}")
-            start = b
-    return ", ".join(runs)
 
 
 def relative_error(out, ref) -> float:

@@ -367,7 +367,7 @@ POINTWISE = [
     aten.minimum.default, aten.softplus.default, aten.mish.default, aten.hardtanh.default,
     aten.leaky_relu.default, aten.elu.default, aten.log1p.default, aten.expm1.default,
     aten.square.default, aten.sign.default, aten.floor.default, aten.round.default,
-    aten.lift_fresh_copy.default, aten.gelu_.default if hasattr(aten, "gelu_") else aten.gelu.default,
+    aten.lift_fresh_copy.default, aten.gelu_.default,
     aten.relu_.default, aten.silu_.default, aten.tanh_.default, aten.div_.Tensor, aten.div_.Scalar,
     aten.mul_.Tensor, aten.mul_.Scalar, aten.add_.Tensor, aten.add_.Scalar, aten.sub_.Tensor,
     aten.masked_fill_.Scalar, aten.masked_fill_.Tensor,
