@@ -1,0 +1,407 @@
+"""Real implementations of the attention features Helix has to shard, one model per feature.
+
+Each entry builds `(model, args, kwargs)` from a small Hugging Face Config object or from
+torch.nn (nothing is downloaded), seeded, float32, eval mode, batch B = 2, and says what
+`find_attention` should report: `sites` attention subgraphs of H = `heads` query heads,
+H_kv = `kv_heads` and head dim d = `head_dim`, plus the feature flags a site carries
+(`rotary` dims, `qk_norm`, `head_bias`, `cross`).  `features` names the rows of
+docs/features.md the model stands for (`FEATURES`), `devices` the device counts
+test_features.py compiles it for (every feasible (m, n) of each).
+
+HF models come twice where they support both: attn_implementation "eager" (explicit
+matmul -> softmax -> matmul) and "sdpa" (aten.scaled_dot_product_attention).
+Transformers 5.x decoders need use_cache=False (a DynamicCache does not export).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+BATCH = 2
+SEQ = 8        # S (encoder / query length)
+DEC_SEQ = 5    # decoder length of the encoder-decoders: S_q = 5 != S_k = 8 in cross-attention
+VOCAB = 256
+# Device counts each model is compiled for (every feasible (m, n) of each): the eager spelling
+# gets 2, 8 and 16 (m and n from 1 to 8), its sdpa twin 4 and 16, to keep the file's runtime
+# near five minutes on two cores.
+DEVICES = (2, 8, 16)
+TWIN_DEVICES = (4, 16)
+
+# What a feature means, as docs/features.md lists it.
+FEATURES = {
+    "gqa": "grouped-query attention, n > H_kv (kv heads replicated over head groups)",
+    "mqa": "multi-query attention, H_kv = 1",
+    "fused_qkv": "fused QKV projection (one weight for q, k, v)",
+    "rotary_full": "rotary embedding on all d dims, m > 1",
+    "rotary_partial": "partial rotary embedding (r < d), m > 1",
+    "qk_norm": "per-head RMSNorm / LayerNorm of q and k, m > 1",
+    "causal_mask": "causal mask",
+    "padding_mask": "padding mask from attention_mask",
+    "alibi": "ALiBi bias (head axis, sliced per head group)",
+    "relative_bias": "relative position bias (head axis)",
+    "no_scale": "attention without 1/sqrt(d) scaling",
+    "explicit_softmax": "explicit matmul -> softmax -> matmul",
+    "sdpa": "F.scaled_dot_product_attention",
+    "cross_attention": "cross-attention, key length != query length",
+    "encoder_decoder": "encoder-decoder model",
+    "vision": "vision transformer (patch embedding, CLS token)",
+    "m_forced": "head count forcing m > 1 (12 heads on 16 devices)",
+    "many_devices": "32 devices",
+}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FeatureModel:
+    name: str
+    build: Callable[[], tuple[nn.Module, tuple, dict]]
+    features: tuple[str, ...]
+    description: str        # the model as docs/features.md names it
+    sites: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    rotary_dims: int = 0    # r, 0 without rotary
+    qk_norm: bool = False
+    head_bias: bool = False
+    cross_sites: int = 0    # sites whose K/V come from another input
+    devices: tuple[int, ...] = DEVICES
+
+    def __post_init__(self) -> None:
+        unknown = set(self.features) - set(FEATURES)
+        if unknown:
+            raise ValueError(f"FeatureModel {self.name}: unknown features {sorted(unknown)}")
+        if self.heads % self.kv_heads or (self.rotary_dims and self.rotary_dims > self.head_dim):
+            raise ValueError(f"FeatureModel {self.name}: H={self.heads}, H_kv={self.kv_heads}, "
+                             f"d={self.head_dim}, r={self.rotary_dims}")
+
+    def __repr__(self) -> str:
+        return f"FeatureModel({self.name})"
+
+
+def _seeded(fn: Callable[..., tuple[nn.Module, tuple, dict]]) -> Callable[..., tuple[nn.Module, tuple, dict]]:
+    @functools.wraps(fn)
+    def build(*a, **k) -> tuple[nn.Module, tuple, dict]:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model, args, kwargs = fn(*a, **k)
+        return model.float().eval(), args, kwargs
+
+    return build
+
+
+def _ids(seq: int = SEQ) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (BATCH, seq))  # (B, S); 0-2 left to pad / bos / eos
+
+
+def _padding_mask() -> torch.Tensor:
+    mask = torch.ones(BATCH, SEQ, dtype=torch.long)  # (B, S)
+    mask[1, -3:] = 0  # the second sequence is 5 tokens long
+    return mask
+
+
+# ---- decoders: GQA, MQA, rotary, q/k norm, ALiBi ---------------------------------------------
+
+@_seeded
+def _llama(attn: str, kv_heads: int):
+    # LLaMA: separate q/k/v/o, GQA repeat_kv, rotary "half" on all d = 8 dims, RMSNorm, gated MLP.
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=8,
+                         num_key_value_heads=kv_heads, intermediate_size=128, vocab_size=VOCAB,
+                         max_position_embeddings=64, attn_implementation=attn)
+    return LlamaForCausalLM(config), (_ids(),), {"use_cache": False}
+
+
+@_seeded
+def _falcon(attn: str):
+    # Falcon-7B layout: multi_query fused query_key_value (D -> (H + 2) * d), rotary, parallel attn + MLP.
+    from transformers import FalconConfig, FalconForCausalLM
+
+    config = FalconConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=8, vocab_size=VOCAB,
+                          multi_query=True, new_decoder_architecture=False, alibi=False,
+                          parallel_attn=True, bias=False, bos_token_id=1, eos_token_id=2,
+                          attn_implementation=attn)
+    return FalconForCausalLM(config), (_ids(),), {"use_cache": False}
+
+
+@_seeded
+def _falcon_alibi(attn: str):
+    # Falcon-RW layout: ALiBi instead of rotary, fused query_key_value, MHA.
+    from transformers import FalconConfig, FalconForCausalLM
+
+    config = FalconConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=8, vocab_size=VOCAB,
+                          multi_query=False, new_decoder_architecture=False, alibi=True,
+                          parallel_attn=False, bias=True, bos_token_id=1, eos_token_id=2,
+                          attn_implementation=attn)
+    return FalconForCausalLM(config), (_ids(),), {"use_cache": False}
+
+
+@_seeded
+def _gpt_bigcode(attn: str):
+    # StarCoder: multi_query c_attn Linear(D, D + 2d), q | k | v with one kv head.
+    from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM
+
+    config = GPTBigCodeConfig(n_layer=2, n_embd=64, n_head=8, n_positions=64, vocab_size=VOCAB,
+                              multi_query=True, bos_token_id=1, eos_token_id=2, attn_implementation=attn)
+    return GPTBigCodeForCausalLM(config), (_ids(),), {"use_cache": False}
+
+
+@_seeded
+def _gpt2(attn: str, heads: int = 8, hidden: int = 64):
+    # GPT-2: Conv1D c_attn (weight (D, 3D), addmm), causal mask by where.
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(n_layer=2, n_embd=hidden, n_head=heads, n_positions=64, vocab_size=VOCAB,
+                        bos_token_id=1, eos_token_id=2, attn_implementation=attn)
+    return GPT2LMHeadModel(config), (_ids(),), {"use_cache": False}
+
+
+@_seeded
+def _gpt_neox(attn: str):
+    # Pythia: query_key_value weight laid out [H, 3, d] (heads interleaved), rotary on 25% of d.
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    config = GPTNeoXConfig(num_hidden_layers=2, hidden_size=128, num_attention_heads=8,
+                           intermediate_size=256, vocab_size=VOCAB, max_position_embeddings=64,
+                           rotary_pct=0.25, bos_token_id=1, eos_token_id=2, attn_implementation=attn)
+    return GPTNeoXForCausalLM(config), (_ids(),), {"use_cache": False}
+
+
+@_seeded
+def _phi(attn: str):
+    # Phi-2: separate q/k/v + dense, rotary on half of d (partial_rotary_factor 0.5), parallel block.
+    from transformers import PhiConfig, PhiForCausalLM
+
+    config = PhiConfig(num_hidden_layers=2, hidden_size=128, num_attention_heads=8, intermediate_size=256,
+                       vocab_size=VOCAB, max_position_embeddings=64, partial_rotary_factor=0.5,
+                       bos_token_id=1, eos_token_id=2, attn_implementation=attn)
+    return PhiForCausalLM(config), (_ids(),), {"use_cache": False}
+
+
+@_seeded
+def _phi_qk_layernorm(attn: str):
+    # Phi with qk_layernorm: LayerNorm over the head dim of q and k (mean and variance over d).
+    from transformers import PhiConfig, PhiForCausalLM
+
+    config = PhiConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=8, intermediate_size=128,
+                       vocab_size=VOCAB, max_position_embeddings=64, partial_rotary_factor=1.0,
+                       qk_layernorm=True, bos_token_id=1, eos_token_id=2, attn_implementation=attn)
+    return PhiForCausalLM(config), (_ids(),), {"use_cache": False}
+
+
+@_seeded
+def _qwen3(attn: str):
+    # Qwen3: RMSNorm over the head dim of q and k (q_norm / k_norm) before rotary; GQA 8 / 4.
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(num_hidden_layers=2, hidden_size=64, num_attention_heads=8, num_key_value_heads=4,
+                         head_dim=8, intermediate_size=128, vocab_size=VOCAB, max_position_embeddings=64,
+                         bos_token_id=1, eos_token_id=2, attn_implementation=attn)
+    return Qwen3ForCausalLM(config), (_ids(),), {"use_cache": False}
+
+
+@_seeded
+def _bloom(attn: str):
+    # BLOOM: ALiBi slopes per head added by baddbmm, query_key_value [H, 3, d].
+    from transformers import BloomConfig, BloomForCausalLM
+
+    config = BloomConfig(n_layer=2, hidden_size=64, n_head=8, vocab_size=VOCAB, bos_token_id=1,
+                         eos_token_id=2, attn_implementation=attn)
+    return BloomForCausalLM(config), (_ids(),), {"use_cache": False}
+
+
+@_seeded
+def _mpt(attn: str):
+    # MPT: ALiBi (attn_config.alibi), fused Wqkv, no biases.
+    from transformers import MptConfig, MptForCausalLM
+
+    config = MptConfig(n_layers=2, d_model=64, n_heads=8, expansion_ratio=2, max_seq_len=64,
+                       vocab_size=VOCAB, attn_implementation=attn)
+    return MptForCausalLM(config), (_ids(),), {"use_cache": False}
+
+
+# ---- encoders, encoder-decoders, vision -------------------------------------------------------
+
+@_seeded
+def _bert(attn: str):
+    # BERT: padding mask from attention_mask (zeros in the second row), not causal.
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=8, intermediate_size=128,
+                        vocab_size=VOCAB, max_position_embeddings=64, attn_implementation=attn)
+    ids = _ids()
+    return BertModel(config), (ids,), {"attention_mask": _padding_mask()}
+
+
+@_seeded
+def _t5(attn: str):
+    # T5: relative position bias (B, H, S_q, S_k) shared by the layers of a stack, no 1/sqrt(d),
+    # encoder self, decoder self (causal) and decoder cross-attention (S_q = 5, S_k = 8).
+    from transformers import T5Config, T5Model
+
+    config = T5Config(num_layers=1, num_decoder_layers=1, d_model=64, d_kv=8, num_heads=8, d_ff=128,
+                      vocab_size=VOCAB, relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                      decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, attn_implementation=attn)
+    return T5Model(config), (_ids(),), {"decoder_input_ids": _ids(DEC_SEQ), "attention_mask": _padding_mask(),
+                                        "use_cache": False}
+
+
+@_seeded
+def _bart(attn: str):
+    # BART: encoder self, decoder self (causal) and cross-attention (S_q = 5, S_k = 8), scaled q.
+    from transformers import BartConfig, BartModel
+
+    config = BartConfig(encoder_layers=1, decoder_layers=1, d_model=64, encoder_attention_heads=8,
+                        decoder_attention_heads=8, encoder_ffn_dim=128, decoder_ffn_dim=128, vocab_size=VOCAB,
+                        max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                        decoder_start_token_id=2, forced_eos_token_id=2, attn_implementation=attn)
+    return BartModel(config), (_ids(),), {"decoder_input_ids": _ids(DEC_SEQ), "use_cache": False}
+
+
+@_seeded
+def _vit(attn: str):
+    # ViT: Conv2d patch embedding of a 16x16 image into 4x4 patches + CLS: S = 17 tokens.
+    from transformers import ViTConfig, ViTModel
+
+    config = ViTConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=8, intermediate_size=128,
+                       image_size=16, patch_size=4, num_channels=3, attn_implementation=attn)
+    return ViTModel(config, add_pooling_layer=False), (torch.randn(BATCH, 3, 16, 16),), {}
+
+
+class _PackedMHA(nn.Module):
+    """nn.MultiheadAttention self-attention with its packed in_proj_weight (3D, D), causal."""
+
+    def __init__(self, dim: int = 64, heads: int = 8, layers: int = 2) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.MultiheadAttention(dim, heads, batch_first=True) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        S = x.shape[1]
+        causal = torch.ones(S, S, dtype=torch.bool).triu(1)  # True = may not attend
+        for attn in self.layers:
+            x = x + attn(x, x, x, attn_mask=causal, need_weights=False)[0]  # (B, S, D)
+        return x
+
+
+@_seeded
+def _packed_mha():
+    return _PackedMHA(), (torch.randn(BATCH, SEQ, 64),), {}
+
+
+@_seeded
+def _transformer_decoder():
+    # nn.TransformerDecoder: causal self-attention on tgt (S_q = 5) and cross-attention to
+    # memory (S_k = 8) whose k/v use rows D: of the packed in_proj_weight.
+    layer = nn.TransformerDecoderLayer(d_model=64, nhead=8, dim_feedforward=128, batch_first=True)
+    model = _Decoder(nn.TransformerDecoder(layer, num_layers=2))
+    tgt, memory = torch.randn(BATCH, DEC_SEQ, 64), torch.randn(BATCH, SEQ, 64)
+    return model, (tgt, memory), {}
+
+
+class _Decoder(nn.Module):
+    def __init__(self, decoder: nn.TransformerDecoder) -> None:
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, tgt: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        S = tgt.shape[1]
+        causal = nn.Transformer.generate_square_subsequent_mask(S)  # (S, S), -inf above the diagonal
+        # tgt_is_causal=True: otherwise the decoder compares the mask with a causal one
+        # (torch.equal), a data-dependent branch torch.export cannot capture.
+        return self.decoder(tgt, memory, tgt_mask=causal, tgt_is_causal=True)
+
+
+@_seeded
+def _paper_32():
+    # 32 heads of d = 8 (D = 256): 32 devices split as (1, 32), (2, 16), (4, 8), (8, 4).
+    from examples.paper_model import PaperConfig, build
+
+    model, args = build(PaperConfig(heads=32, head_dim=8, mlp=512, batch=BATCH, seq=SEQ, dtype=torch.float32))
+    return model, args, {}
+
+
+def _both(name: str, build: Callable, features: tuple[str, ...], **kw) -> tuple[FeatureModel, ...]:
+    """The eager (explicit softmax) and the sdpa spelling of one HF model."""
+    return (
+        FeatureModel(name=f"{name}_eager", build=functools.partial(build, "eager"),
+                     features=(*features, "explicit_softmax"), **kw),
+        FeatureModel(name=f"{name}_sdpa", build=functools.partial(build, "sdpa"),
+                     features=(*features, "sdpa"), devices=TWIN_DEVICES, **kw),
+    )
+
+
+FEATURE_MODELS: tuple[FeatureModel, ...] = (
+    *_both("llama_gqa", functools.partial(_llama, kv_heads=2), ("gqa", "rotary_full", "causal_mask"),
+           description="HF LLaMA, 8 heads / 2 kv heads, d = 8", sites=2, heads=8, kv_heads=2, head_dim=8,
+           rotary_dims=8),
+    *_both("llama_mqa", functools.partial(_llama, kv_heads=1), ("mqa", "rotary_full", "causal_mask"),
+           description="HF LLaMA, 8 heads / 1 kv head, d = 8", sites=2, heads=8, kv_heads=1, head_dim=8,
+           rotary_dims=8),
+    *_both("falcon_mqa", _falcon, ("mqa", "fused_qkv", "rotary_full", "causal_mask"),
+           description="HF Falcon (multi_query, fused query_key_value), 8 heads, d = 8", sites=2, heads=8,
+           kv_heads=1, head_dim=8, rotary_dims=8),
+    *_both("gpt_bigcode_mqa", _gpt_bigcode, ("mqa", "fused_qkv", "causal_mask"),
+           description="HF GPTBigCode (multi_query c_attn), 8 heads, d = 8", sites=2, heads=8, kv_heads=1,
+           head_dim=8),
+    *_both("gpt2", _gpt2, ("fused_qkv", "causal_mask"),
+           description="HF GPT-2 (Conv1D c_attn), 8 heads, d = 8", sites=2, heads=8, kv_heads=8, head_dim=8),
+    FeatureModel(name="packed_mha", build=_packed_mha, features=("fused_qkv", "causal_mask", "sdpa"),
+                 description="nn.MultiheadAttention (packed in_proj_weight), 8 heads, d = 8", sites=2,
+                 heads=8, kv_heads=8, head_dim=8),
+    *_both("gpt_neox", _gpt_neox, ("fused_qkv", "rotary_partial", "causal_mask"),
+           description="HF GPT-NeoX ([H, 3, d] query_key_value, rotary_pct 0.25), 8 heads, d = 16",
+           sites=2, heads=8, kv_heads=8, head_dim=16, rotary_dims=4),
+    *_both("phi", _phi, ("rotary_partial", "causal_mask"),
+           description="HF Phi (partial_rotary_factor 0.5), 8 heads, d = 16", sites=2, heads=8, kv_heads=8,
+           head_dim=16, rotary_dims=8),
+    *_both("qwen3", _qwen3, ("qk_norm", "gqa", "rotary_full", "causal_mask"),
+           description="HF Qwen3 (q_norm / k_norm), 8 heads / 4 kv heads, d = 8", sites=2, heads=8,
+           kv_heads=4, head_dim=8, rotary_dims=8, qk_norm=True),
+    *_both("phi_qk_layernorm", _phi_qk_layernorm, ("qk_norm", "rotary_full", "causal_mask"),
+           description="HF Phi (qk_layernorm), 8 heads, d = 8", sites=2, heads=8, kv_heads=8, head_dim=8,
+           rotary_dims=8, qk_norm=True),
+    # BLOOM and MPT have no sdpa implementation in transformers ("does not support an attention
+    # implementation through torch.nn.functional.scaled_dot_product_attention yet").
+    FeatureModel(name="bloom_eager", build=functools.partial(_bloom, "eager"),
+                 features=("alibi", "fused_qkv", "causal_mask", "explicit_softmax"),
+                 description="HF BLOOM (ALiBi by baddbmm), 8 heads, d = 8", sites=2, heads=8, kv_heads=8,
+                 head_dim=8, head_bias=True),
+    FeatureModel(name="mpt_eager", build=functools.partial(_mpt, "eager"),
+                 features=("alibi", "fused_qkv", "causal_mask", "explicit_softmax"),
+                 description="HF MPT (ALiBi), 8 heads, d = 8", sites=2, heads=8, kv_heads=8, head_dim=8,
+                 head_bias=True),
+    *_both("falcon_alibi", _falcon_alibi, ("alibi", "fused_qkv", "causal_mask"),
+           description="HF Falcon (alibi=True), 8 heads, d = 8", sites=2, heads=8, kv_heads=8, head_dim=8,
+           head_bias=True),
+    *_both("bert_padding", _bert, ("padding_mask",),
+           description="HF BERT, attention_mask with padding in one row, 8 heads, d = 8", sites=2, heads=8,
+           kv_heads=8, head_dim=8),
+    *_both("t5", _t5, ("relative_bias", "no_scale", "encoder_decoder", "cross_attention", "padding_mask",
+                       "causal_mask"),
+           description="HF T5 (1 + 1 layers), 8 heads, d = 8", sites=3, heads=8, kv_heads=8, head_dim=8,
+           head_bias=True, cross_sites=1),
+    *_both("bart", _bart, ("encoder_decoder", "cross_attention", "causal_mask"),
+           description="HF BART (1 + 1 layers), 8 heads, d = 8", sites=3, heads=8, kv_heads=8, head_dim=8,
+           cross_sites=1),
+    FeatureModel(name="transformer_decoder", build=_transformer_decoder,
+                 features=("cross_attention", "fused_qkv", "causal_mask", "sdpa"),
+                 description="nn.TransformerDecoder (2 layers: self + cross), 8 heads, d = 8", sites=4, heads=8,
+                 kv_heads=8, head_dim=8, cross_sites=2),
+    *_both("vit", _vit, ("vision",),
+           description="HF ViT (16x16 image, 4x4 patches), 8 heads, d = 8", sites=2, heads=8, kv_heads=8,
+           head_dim=8),
+    FeatureModel(name="gpt2_12_heads", build=functools.partial(_gpt2, "eager", heads=12, hidden=96),
+                 features=("m_forced", "fused_qkv", "causal_mask", "explicit_softmax"),
+                 description="HF GPT-2, 12 heads, d = 8, on 16 devices", sites=2, heads=12, kv_heads=12,
+                 head_dim=8, devices=(16,)),
+    FeatureModel(name="paper_32_heads", build=_paper_32, features=("many_devices", "sdpa"),
+                 description="examples/paper_model.py, 32 heads, d = 8, on 32 devices", sites=2, heads=32,
+                 kv_heads=32, head_dim=8, devices=(32,)),
+)
+
+FEATURE_MODELS_BY_NAME: dict[str, FeatureModel] = {f.name: f for f in FEATURE_MODELS}
