@@ -93,6 +93,39 @@ def helix_compile(model: torch.nn.Module, devices: int = 16, example_inputs=(), 
     return prog
 
 
+def recompile(program: HelixProgram, plan, devices: int | None = None, variant=None, cluster=None,
+              profile=None) -> HelixProgram:
+    """The same captured model planned and sharded again for another split or device count.
+
+    Capture (torch.export) is most of a compile; a search over splits, or a test of every split,
+    pays it once.  The capture's mode (dynamic or static) and kernel choice carry over."""
+    from .cluster import load_cluster
+    from .plan import make_plan
+
+    analysis = program.analysis
+    if devices is None:
+        if not (isinstance(plan, (tuple, list)) and len(plan) == 2):
+            raise PlanError(f"recompile needs devices= or plan=(m, n), got plan={plan!r}")
+        devices = plan[0] * plan[1]
+    devices = _check_devices(devices)
+    if variant not in (None, "score-reduce", "qk-gather"):
+        raise PlanError(f"variant must be 'score-reduce', 'qk-gather' or None (the cost model "
+                        f"chooses per site), got {variant!r}")
+    spec = cluster if cluster is not None and not isinstance(cluster, str) else load_cluster(cluster or "paper")
+    if cluster is None and devices > spec.nodes * spec.gpus_per_node:
+        import dataclasses
+        import math
+
+        spec = dataclasses.replace(spec, name=f"{spec.name}-x{math.ceil(devices / spec.gpus_per_node)}nodes",
+                                   nodes=math.ceil(devices / spec.gpus_per_node))
+    forced = None if plan is None else (int(plan[0]), int(plan[1]))
+    result = make_plan(analysis.summary, devices, spec, profile=profile, forced=forced, variant=variant)
+    prog = _shard(result, analysis)
+    prog.kernel_choice = program.kernel_choice
+    prog.notes = list(program.notes)
+    return prog
+
+
 def _kernel_choice(requested, analysis) -> bool:
     from .profile import KERNEL_MAX_HEAD_DIM
 

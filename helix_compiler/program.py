@@ -89,6 +89,13 @@ class HelixProgram:
         self.kernel_choice = False        # set by helix_compile: chunked explicit cores for large d
         self.notes: list = [analysis.captured.note] if analysis.captured.note else []
 
+    def recompile(self, plan=None, devices=None, variant=None, cluster=None, profile=None) -> "HelixProgram":
+        """This program's capture, planned and sharded for another split (plan=(m, n)) or device
+        count, without capturing the model again."""
+        from .api import recompile
+
+        return recompile(self, plan, devices=devices, variant=variant, cluster=cluster, profile=profile)
+
     @property
     def devices(self) -> int:
         return self.mesh.size

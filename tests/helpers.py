@@ -128,12 +128,22 @@ def seeded(fn):
     return build
 
 
+# The last model captured, and its program: every split of one model reuses the capture
+# (HelixProgram.recompile), which is most of a compile's time.
+_CAPTURED: list = []
+
+
 def compile_split(model, args: tuple, kwargs: dict, *, m: int, n: int, variant: str | None):
     """helix_compile forced to the split (m, n) and variant; checks the plan took them."""
     from helix_compiler import helix_compile
 
-    prog = helix_compile(model, devices=m * n, example_inputs=args, example_kwargs=kwargs,
-                         plan=(m, n), variant=variant)
+    key = (model, tuple(a.shape if hasattr(a, "shape") else a for a in args), tuple(sorted(kwargs)))
+    if _CAPTURED and _CAPTURED[0][0] is model and _CAPTURED[0][1] == key[1:]:
+        prog = _CAPTURED[0][2].recompile(plan=(m, n), variant=variant)
+    else:
+        prog = helix_compile(model, devices=m * n, example_inputs=args, example_kwargs=kwargs,
+                             plan=(m, n), variant=variant)
+        _CAPTURED[:] = [(model, key[1:], prog)]
     assert (prog.plan.m, prog.plan.n) == (m, n), f"asked for m={m} x n={n}, got {prog.plan.m} x {prog.plan.n}"
     assert prog.plan.variants == (variant or "heads",) * len(prog.plan.sites), prog.plan.variants
     return prog

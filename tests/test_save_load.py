@@ -115,3 +115,22 @@ def test_loaded_rank_run_outside_a_helix_runtime_raises_helix_error(saved):
     rank = load_rank_module(directory, 0)
     with pytest.raises(HelixError, match="outside a Helix runtime"):
         rank(*args, **kwargs)
+
+
+def test_recompile_reuses_the_capture_and_equals_a_fresh_compile():
+    import torch
+
+    from examples.paper_model import PaperConfig, build
+    from helix_compiler import helix_compile
+
+    model, (x,) = build(PaperConfig.scaled(), "cpu", seed=0)
+    first = helix_compile(model, devices=4, example_inputs=(x,), plan=(2, 2))
+    again = first.recompile(plan=(4, 4), variant="qk-gather")
+    fresh = helix_compile(model, devices=16, example_inputs=(x,), plan=(4, 4), variant="qk-gather")
+    assert again.analysis is first.analysis  # no second capture
+    assert (again.plan.m, again.plan.n, again.devices) == (4, 4, 16)
+    for r in (0, 7, 15):
+        a, b = again.rank_module(r).state_dict(), fresh.rank_module(r).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with torch.no_grad():
+        assert max(((o - model(x)).norm() / model(x).norm()).item() for o in again.simulate(x)) <= 1e-5
