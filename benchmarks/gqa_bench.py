@@ -16,9 +16,9 @@ grown to as many 8-GPU nodes as needed, as gqa_plan.py does):
   choice: at d = 128 the compiler applies none). The capture is made at batch 2 so the
   batch stays a symbol and the same graph runs any micro-batch, under torch.no_grad()
   (transformers 5.17's rotary embedding otherwise becomes a grad-mode submodule). Its
-  meta tensors are materialized on the GPU with random values x 0.02; its non-meta buffers (the int64
-  index tensors of the head-dim split) keep their values and move to the GPU; factory
-  calls the capture pinned to the meta device are re-pointed at the GPU;
+  meta tensors are materialized on the GPU with random values x 0.02; its non-meta
+  buffers (the int64 index tensors of the head-dim split) keep their values and move to
+  the GPU; factory calls the capture pinned to the meta device are re-pointed at the GPU;
 - the TP baseline as PyTorch builds it (DTensor `parallelize_module`: colwise q, k, v,
   gate, up; rowwise o, down; fake process group), TP = 8 on 8 devices only (TP = 32
   cannot split 8 kv heads; TP = 8 x PP = 4 needs 4 layers);
