@@ -65,13 +65,15 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
     if dynamic:
         try:
             spec = {"args": _dynamic_spec(args), "kwargs": _dynamic_spec(kwargs)}
-            ep = torch.export.export(model, args, kwargs, strict=False,
-                                     dynamic_shapes=_flat_spec(model, spec, args, kwargs))
+            with torch.no_grad():  # inference graphs: no grad-mode regions (HF rotary's @no_grad)
+                ep = torch.export.export(model, args, kwargs, strict=False,
+                                         dynamic_shapes=_flat_spec(model, spec, args, kwargs))
             return _finish(ep, model, args, kwargs, dynamic=True, note="")
         except Exception as e:
             note = f"dynamic capture failed ({type(e).__name__}), captured with static shapes"
     try:
-        ep = torch.export.export(model, args, kwargs, strict=False)
+        with torch.no_grad():
+            ep = torch.export.export(model, args, kwargs, strict=False)
     except Exception as e:  # torch.export raises many types; all mean the same to the user
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise CaptureError(

@@ -116,6 +116,12 @@ class Localizer:
             tensor = self.gm
             for part in str(source.target).split("."):
                 tensor = getattr(tensor, part)
+        if not isinstance(tensor, torch.Tensor):
+            raise ShardingError(
+                f"node {source.name}: {source.target} is a {type(tensor).__name__}, not a tensor: the "
+                f"graph holds a control-flow or grad-mode region (torch.cond, a @no_grad function "
+                f"captured with grad enabled); Helix shards graphs without such regions: capture the "
+                f"model for inference (helix_compile does, under torch.no_grad) or without torch.cond")
         for d, idx in sels:
             sl = as_slice(idx)
             if sl is not None and sl[2] == 1:
