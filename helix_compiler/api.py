@@ -77,19 +77,28 @@ def helix_compile(model: torch.nn.Module, devices: int = 16, example_inputs=(), 
                                   variant, profile, print_after, dynamic=dynamic)
     prog = _shard(result, analysis)
     prog.kernel_choice = _kernel_choice(kernel_choice, analysis)
-    if prog.replicated_ops and analysis.captured.dynamic:
-        # Some models merge the batch dim with the head dim ((B*H, S, d) in nn.MultiheadAttention):
-        # with a symbolic batch that reshape cannot be split exactly, so such a model is
-        # recaptured with static shapes rather than run with replicated attention.
-        r2, a2 = plan_model(model, devices, example_inputs, example_kwargs, cluster, plan, variant,
-                            profile, (), dynamic=False)
-        static = _shard(r2, a2)
-        static.kernel_choice = prog.kernel_choice
-        if len(static.replicated_ops) < len(prog.replicated_ops):
-            static.notes.append(
-                f"captured with static shapes: with a symbolic batch/sequence size, "
-                f"{[n for n, _ in prog.replicated_ops]} could only run replicated")
-            return static
+    prog._source = dict(model=model, example_inputs=example_inputs, example_kwargs=example_kwargs,
+                        cluster=cluster, profile=profile)
+    return _static_if_better(prog, devices, plan, variant)
+
+
+def _static_if_better(prog: HelixProgram, devices: int, plan, variant) -> HelixProgram:
+    """Some models merge the batch dim with the head dim ((B*H, S, d) in nn.MultiheadAttention):
+    with a symbolic batch that reshape cannot be split exactly, so such a model is recaptured
+    with static shapes rather than run with replicated attention."""
+    src = getattr(prog, "_source", None)
+    if not prog.replicated_ops or not prog.analysis.captured.dynamic or src is None:
+        return prog
+    r2, a2 = plan_model(src["model"], devices, src["example_inputs"], src["example_kwargs"],
+                        src["cluster"], plan, variant, src["profile"], (), dynamic=False)
+    static = _shard(r2, a2)
+    static.kernel_choice = prog.kernel_choice
+    static._source = src
+    if len(static.replicated_ops) < len(prog.replicated_ops):
+        static.notes.append(
+            f"captured with static shapes: with a symbolic batch/sequence size, "
+            f"{[n for n, _ in prog.replicated_ops]} could only run replicated")
+        return static
     return prog
 
 
@@ -123,7 +132,8 @@ def recompile(program: HelixProgram, plan, devices: int | None = None, variant=N
     prog = _shard(result, analysis)
     prog.kernel_choice = program.kernel_choice
     prog.notes = list(program.notes)
-    return prog
+    prog._source = getattr(program, "_source", None)
+    return _static_if_better(prog, devices, forced, variant)
 
 
 def _kernel_choice(requested, analysis) -> bool:

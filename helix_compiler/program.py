@@ -87,6 +87,7 @@ class HelixProgram:
         self._per_rank: dict = {}
         self._modules: dict = {}
         self.kernel_choice = False        # set by helix_compile: chunked explicit cores for large d
+        self._source = None               # helix_compile's model and inputs, for a static recapture
         self.notes: list = [analysis.captured.note] if analysis.captured.note else []
 
     def recompile(self, plan=None, devices=None, variant=None, cluster=None, profile=None) -> "HelixProgram":

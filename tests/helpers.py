@@ -140,6 +140,8 @@ def compile_split(model, args: tuple, kwargs: dict, *, m: int, n: int, variant: 
     key = (model, tuple(a.shape if hasattr(a, "shape") else a for a in args), tuple(sorted(kwargs)))
     if _CAPTURED and _CAPTURED[0][0] is model and _CAPTURED[0][1] == key[1:]:
         prog = _CAPTURED[0][2].recompile(plan=(m, n), variant=variant)
+        if prog.analysis is not _CAPTURED[0][2].analysis:  # recaptured static: keep that one
+            _CAPTURED[:] = [(model, key[1:], prog)]
     else:
         prog = helix_compile(model, devices=m * n, example_inputs=args, example_kwargs=kwargs,
                              plan=(m, n), variant=variant)
