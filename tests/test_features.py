@@ -14,7 +14,8 @@ import pytest
 from helix_compiler.pipeline import analyze
 from helix_compiler.solver import solve
 from tests.attention_models import FEATURE_MODELS, FeatureModel
-from tests.helpers import check_split, eager_output, expected_collectives, feasible_splits, variants_for
+from tests.helpers import (assert_ranks_equal, check_split, compile_split, eager_output,
+                           expected_collectives, feasible_splits, variants_for)
 
 # Features that are only exercised when the head dim is split (m > 1).
 NEEDS_M_ABOVE_ONE = {"rotary_full", "rotary_partial", "qk_norm", "m_forced"}
@@ -143,3 +144,68 @@ def test_32_heads_on_32_devices_admit_m_2(built):
     entry = next(e for e in FEATURE_MODELS if e.name == "paper_32_heads")
     *_, analysis = built(entry)
     assert feasible_splits(analysis.summary, 32) == [(1, 32), (2, 16), (4, 8), (8, 4)]
+
+
+def _resized(args, kwargs, program):
+    """The example inputs at other sizes: every symbolic size of the capture grows by 1 (one
+    value per symbol, so ids and their attention mask stay consistent); fixed sizes stay."""
+    import torch
+    import torch.fx._pytree as fx_pytree
+    import torch.utils._pytree as pytree
+
+    gm = program.analysis.captured.gm
+    spec = gm.graph._codegen.pytree_info.in_spec
+    leaves = fx_pytree.tree_flatten_spec((args, kwargs), spec)
+    holders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    new_value = {}
+    out = []
+    gen = torch.Generator().manual_seed(1)
+    for node, x in zip(holders, leaves):
+        v = node.meta.get("val")
+        if not isinstance(x, torch.Tensor) or not isinstance(v, torch.Tensor):
+            out.append(x)
+            continue
+        shape = []
+        for size in v.shape:
+            if isinstance(size, torch.SymInt):
+                expr = size.node.expr
+                env = size.node.shape_env
+                values = getattr(env, "backed_var_to_val", None) or env.var_to_val  # torch 2.11: var_to_val
+                for sym in expr.free_symbols:
+                    new_value.setdefault(sym, int(values[sym]) + 1)
+                shape.append(int(expr.subs(new_value)))
+            else:
+                shape.append(int(size))
+        if x.dtype == torch.bool:
+            out.append(torch.ones(shape, dtype=torch.bool))
+        elif x.is_floating_point():
+            out.append(torch.randn(shape, generator=gen, dtype=x.dtype))
+        elif x.numel() and x.min() >= 0 and x.max() <= 1:  # an attention mask of 0/1
+            out.append(torch.ones(shape, dtype=x.dtype))
+        else:
+            out.append(torch.randint(0, int(x.max()) + 1, shape, generator=gen, dtype=x.dtype))
+    new_args, new_kwargs = pytree.tree_unflatten(out, spec)
+    return tuple(new_args), dict(new_kwargs)
+
+
+@pytest.mark.parametrize("entry", [pytest.param(e, id=e.name) for e in FEATURE_MODELS])
+def test_the_same_program_runs_another_batch_and_sequence_size(entry, built):
+    """Dynamic shapes: one compile, a second batch and sequence size (static captures, for
+    models that merge the batch into the head dim, refuse other sizes by name instead)."""
+    from helix_compiler import HelixError
+
+    model, args, kwargs, _, analysis = built(entry)
+    m, n = feasible_splits(analysis.summary, 4)[-1]
+    prog = compile_split(model, args, kwargs, m=m, n=n, variant=None if m == 1 else "score-reduce")
+    new_args, new_kwargs = _resized(args, kwargs, prog)
+    if not prog.analysis.captured.dynamic:
+        pytest.skip(f"captured with static shapes: {prog.notes}")
+    if all(a.shape == b.shape for a, b in zip(
+            [t for t in (*args, *kwargs.values()) if hasattr(t, "shape")],
+            [t for t in (*new_args, *new_kwargs.values()) if hasattr(t, "shape")])):
+        pytest.skip("no input size of this model is symbolic")
+    try:
+        outputs = prog.simulate(*new_args, **new_kwargs)
+    except HelixError as e:
+        pytest.fail(f"the program refused sizes the capture made symbolic: {e}")
+    assert_ranks_equal(outputs, eager_output(model, new_args, new_kwargs), devices=m * n)
