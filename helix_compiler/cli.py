@@ -347,6 +347,8 @@ def _forward(module: str, argv: list) -> int:
     """`helix bench` / `helix calibrate`: their own argument parsers live with them."""
     import importlib
 
+    if module == "calibrate" and "--collectives" in argv:  # NCCL sweep over this machine's GPUs
+        module = "calibrate_collectives"
     return importlib.import_module(f"helix_compiler.{module}").main(argv) or 0
 
 
