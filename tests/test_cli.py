@@ -276,3 +276,13 @@ def test_run_past_timeout_is_stopped(capsys, tiny_spec, tmp_path, monkeypatch):
                         "--backend", "gloo", "--timeout", 6)
     assert code == EXIT_TIMEOUT
     assert "timed out after 6 s" in err and "did not finish" in err
+
+
+def test_calibrate_collectives_without_gpus_is_refused_in_one_line(capsys):
+    import torch
+
+    if torch.cuda.device_count() >= 2:
+        pytest.skip("this machine has GPUs to sweep")
+    assert _main(["calibrate", "--collectives"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: helix calibrate --collectives needs 2 or more GPUs")
