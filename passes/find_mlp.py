@@ -16,7 +16,7 @@ import torch.fx as fx
 from helix_compiler.sites import MlpSite
 
 from .graph_utils import is_projection, proj_input, proj_out_features, proj_weight_node, shape, real_users
-from .shard import POINTWISE
+from .shard_rules import POINTWISE
 
 REGION_OPS = set(POINTWISE) | {
     __import__("torch").ops.aten.view.default, __import__("torch").ops.aten.reshape.default,
