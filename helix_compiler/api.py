@@ -18,26 +18,37 @@ def _check_devices(devices) -> int:
     return devices
 
 
-def plan_model(model: torch.nn.Module, devices: int = 16, example_inputs=(), example_kwargs=None,
-               cluster=None, plan=None, variant=None, profile=None, print_after=(), dynamic=True):
-    """Capture, find attention and MLPs, solve and cost: (Plan, Analysis). Nothing is sharded."""
-    from .cluster import load_cluster
-    from .plan import Plan, make_plan
-
-    devices = _check_devices(devices)
+def _check_variant(variant) -> None:
     if variant not in (None, "score-reduce", "qk-gather"):
         raise PlanError(f"variant must be 'score-reduce', 'qk-gather' or None (the cost model "
                         f"chooses per site), got {variant!r}")
-    if not isinstance(example_inputs, tuple):
-        example_inputs = (example_inputs,)
+
+
+def _cluster_spec(cluster, devices: int):
+    """A ClusterSpec from a spec, preset name or YAML path; by default the paper's kind of node
+    (8 x H100, NVLink, 8 NDR NICs), as many as `devices` needs."""
+    import dataclasses
+    import math
+
+    from .cluster import load_cluster
+
     spec = cluster if cluster is not None and not isinstance(cluster, str) else load_cluster(cluster or "paper")
     if cluster is None and devices > spec.nodes * spec.gpus_per_node:
-        # the default cluster is the paper's kind of node (8 x H100, NVLink, 8 NDR NICs), as many as needed
-        import dataclasses
-        import math
+        nodes = math.ceil(devices / spec.gpus_per_node)
+        spec = dataclasses.replace(spec, name=f"{spec.name}-x{nodes}nodes", nodes=nodes)
+    return spec
 
-        spec = dataclasses.replace(spec, name=f"{spec.name}-x{math.ceil(devices / spec.gpus_per_node)}nodes",
-                                   nodes=math.ceil(devices / spec.gpus_per_node))
+
+def plan_model(model: torch.nn.Module, devices: int = 16, example_inputs=(), example_kwargs=None,
+               cluster=None, plan=None, variant=None, profile=None, print_after=(), dynamic=True):
+    """Capture, find attention and MLPs, solve and cost: (Plan, Analysis). Nothing is sharded."""
+    from .plan import Plan, make_plan
+
+    devices = _check_devices(devices)
+    _check_variant(variant)
+    if not isinstance(example_inputs, tuple):
+        example_inputs = (example_inputs,)
+    spec = _cluster_spec(cluster, devices)
     analysis = analyze(model, example_inputs, example_kwargs or {}, print_after=print_after,
                        dynamic=dynamic)
     forced = None
@@ -108,7 +119,6 @@ def recompile(program: HelixProgram, plan, devices: int | None = None, variant=N
 
     Capture (torch.export) is most of a compile; a search over splits, or a test of every split,
     pays it once.  The capture's mode (dynamic or static) and kernel choice carry over."""
-    from .cluster import load_cluster
     from .plan import make_plan
 
     analysis = program.analysis
@@ -117,16 +127,8 @@ def recompile(program: HelixProgram, plan, devices: int | None = None, variant=N
             raise PlanError(f"recompile needs devices= or plan=(m, n), got plan={plan!r}")
         devices = plan[0] * plan[1]
     devices = _check_devices(devices)
-    if variant not in (None, "score-reduce", "qk-gather"):
-        raise PlanError(f"variant must be 'score-reduce', 'qk-gather' or None (the cost model "
-                        f"chooses per site), got {variant!r}")
-    spec = cluster if cluster is not None and not isinstance(cluster, str) else load_cluster(cluster or "paper")
-    if cluster is None and devices > spec.nodes * spec.gpus_per_node:
-        import dataclasses
-        import math
-
-        spec = dataclasses.replace(spec, name=f"{spec.name}-x{math.ceil(devices / spec.gpus_per_node)}nodes",
-                                   nodes=math.ceil(devices / spec.gpus_per_node))
+    _check_variant(variant)
+    spec = _cluster_spec(cluster, devices)
     forced = None if plan is None else (int(plan[0]), int(plan[1]))
     result = make_plan(analysis.summary, devices, spec, profile=profile, forced=forced, variant=variant)
     prog = _shard(result, analysis)

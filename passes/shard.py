@@ -279,16 +279,18 @@ class Localizer:
                                     f"whose parts are sharded; no rule handles it")
         self.replicated.append((node.name, str(node.target)))
         reps = {a: self.replicate(a) for a in split_inputs}
+        self.copy(node, None, args_for=lambda r: self.local_args(r, node, reps)[0],
+                  kwargs_for=lambda r: self.local_args(r, node, reps)[1])
 
-        def args_for(r):
-            def sub(x):
-                if isinstance(x, fx.Node) and x in reps:
-                    return reps[x][r]
-                if isinstance(x, (list, tuple)):
-                    return type(x)(sub(y) for y in x)
-                return self.local(r, x)
-            return sub(node.args)
-        self.copy(node, None, args_for=args_for)
+    def local_args(self, r: int, node: fx.Node, replaced: dict) -> tuple:
+        """Rank r's (args, kwargs) of `node`: nodes in `replaced` by their rank-r node there."""
+        def sub(x):
+            if isinstance(x, fx.Node) and x in replaced:
+                return replaced[x][r]
+            if isinstance(x, (list, tuple)):
+                return type(x)(sub(y) for y in x)
+            return self.local(r, x)
+        return sub(node.args), {k: sub(v) for k, v in node.kwargs.items()}
 
 
 def localize(gm: fx.GraphModule, mesh: Mesh, seeds: dict, variants: dict, params: dict,

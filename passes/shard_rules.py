@@ -76,16 +76,6 @@ def _align(lz, node: fx.Node, operands, out_ndim: int):
     return tuple(out_splits), locals_
 
 
-def _sub_args(lz, node, r, locals_):
-    def sub(x):
-        if isinstance(x, fx.Node) and x in locals_:
-            return locals_[x][r]
-        if isinstance(x, (list, tuple)):
-            return type(x)(sub(y) for y in x)
-        return lz.local(r, x)
-    return sub(node.args), {k: sub(v) for k, v in node.kwargs.items()}
-
-
 POINTWISE = [
     aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar, aten.rsub.Scalar,
     aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar, aten.div.Tensor_mode,
@@ -119,8 +109,8 @@ def _pointwise(lz, node):
         lz.copy(node, None)
         return True
     out_splits, locals_ = _align(lz, node, operands, len(shape(node)))
-    lz.copy(node, out_splits, args_for=lambda r: _sub_args(lz, node, r, locals_)[0],
-            kwargs_for=lambda r: _sub_args(lz, node, r, locals_)[1])
+    lz.copy(node, out_splits, args_for=lambda r: lz.local_args(r, node, locals_)[0],
+            kwargs_for=lambda r: lz.local_args(r, node, locals_)[1])
     return True
 
 
