@@ -79,15 +79,15 @@ def helix_compile(model: torch.nn.Module, devices: int = 16, example_inputs=(), 
 
     plan=(m, n) forces a split; variant="score-reduce" | "qk-gather" forces the m > 1 variant
     of every site (for tests); cluster is a preset name, a YAML path or a ClusterSpec.
-    kernel_choice: rewrite attention cores whose head dim has no fused SDPA kernel (> 256 on
-    Hopper) into the exact chunked explicit form (passes/kernel_choice.py); None = when a
-    site's head dim is above 256.  dynamic: capture batch and sequence sizes as symbols so the
+    kernel_choice: rewrite attention cores whose head dims no fused SDPA kernel takes (> 256 on
+    Hopper, or not a multiple of 8, as a qk-gather core's d/m can be) into the exact chunked
+    explicit form (passes/kernel_choice.py); None = when the plan has such a core.  dynamic: capture batch and sequence sizes as symbols so the
     rank modules run other sizes (about twice the export time of a static capture).
     """
     result, analysis = plan_model(model, devices, example_inputs, example_kwargs, cluster, plan,
                                   variant, profile, print_after, dynamic=dynamic)
     prog = _shard(result, analysis)
-    prog.kernel_choice = _kernel_choice(kernel_choice, analysis)
+    prog.kernel_choice = _kernel_choice(kernel_choice, analysis, prog.plan.m)
     prog._source = dict(model=model, example_inputs=example_inputs, example_kwargs=example_kwargs,
                         cluster=cluster, profile=profile)
     return _static_if_better(prog, devices, plan, variant)
@@ -132,19 +132,33 @@ def recompile(program: HelixProgram, plan, devices: int | None = None, variant=N
     forced = None if plan is None else (int(plan[0]), int(plan[1]))
     result = make_plan(analysis.summary, devices, spec, profile=profile, forced=forced, variant=variant)
     prog = _shard(result, analysis)
-    prog.kernel_choice = program.kernel_choice
+    prog.kernel_choice = program.kernel_choice or needs_kernel_choice(analysis, prog.plan.m)
     prog.notes = list(program.notes)
     prog._source = getattr(program, "_source", None)
     return _static_if_better(prog, devices, forced, variant)
 
 
-def _kernel_choice(requested, analysis) -> bool:
-    from .profile import KERNEL_MAX_HEAD_DIM
-
+def _kernel_choice(requested, analysis, m: int = 1) -> bool:
     if requested is not None:
         return bool(requested)
+    return needs_kernel_choice(analysis, m)
+
+
+def needs_kernel_choice(analysis, m: int = 1) -> bool:
+    """Whether some attention core of the m-way split needs the chunked explicit form: head
+    dim above 256 on Hopper or a slice d/m not a multiple of 8 (no fused SDPA kernel), or
+    m > 1 (a score-reduce core's softmax tail then runs in blocks of at most chunk_bytes of
+    scores, the form `helix calibrate` measures; a whole (b, h, S, S) tail can take GBs)."""
+    from passes.kernel_choice import fused_kernel_exists
+
+    if m > 1 and analysis.matches:
+        return True
+
+    from .profile import KERNEL_MAX_HEAD_DIM
+
     fused = KERNEL_MAX_HEAD_DIM["flash"]  # no flash or cuDNN kernel above this head dim on Hopper
-    return any(m.site.head_dim > fused for m in analysis.matches)
+    return any(not fused_kernel_exists(s.head_dim, s.head_dim // m if s.head_dim % m == 0 else 1,
+                                       fused) for s in (x.site for x in analysis.matches))
 
 
 # Rank graphs are emitted at compile time up to this many nodes in all (ranks x graph nodes);

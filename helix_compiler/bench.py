@@ -141,7 +141,10 @@ def compile_rank(cfg, m: int, n: int, variant: str | None, devices: int, cluster
     from helix_compiler import helix_compile
 
     model, (x,) = build(dataclasses.replace(cfg, batch=1), "meta")
-    prog = helix_compile(model, devices, (x,), plan=(m, n), variant=variant, cluster=cluster)
+    # kernel_choice=False: the runner applies it or not per row ([sdpa] rows run SDPA as
+    # PyTorch picks; [kernel-choice] rows the chunked explicit core)
+    prog = helix_compile(model, devices, (x,), plan=(m, n), variant=variant, cluster=cluster,
+                         kernel_choice=False)
     gm = prog.rank_module(0)
     return fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__), prog.plan
 

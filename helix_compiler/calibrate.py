@@ -11,7 +11,14 @@ What it measures (fp16, CUDA events, warm-up, median of repeats):
   (flash, cuDNN, efficient, math) and the explicit matmul -> softmax -> matmul
   chunked over queries (torch.ops.helix.chunked_attention), each with its error
   against an fp32 reference on a slice of query rows; a sweep of the chunk size;
+- the fused backends as real plans run them, per head dim <= 256: causal
+  (is_causal), with a materialized bool (1, 1, S, S) mask (what Hugging Face
+  models hand SDPA once captured), and with V narrower than Q and K (a
+  qk-gather core holds V at d/m) at d_v = d/2 .. 8, under each mask;
 - softmax, layer norm, residual add and GELU bandwidth (bytes read + written);
+- an explicit core's passes over a 256 MiB block of scores per sequence length
+  S in {4096, 8192, 10000, 16384}: scale, causal fill, softmax (a softmax over
+  8192 columns ran at 1012 GB/s, over 10000 at 1715, on one H100);
 - a device-to-device copy (the memory roofline).
 
 The profile (helix_compiler/profile.py) gets the compute-bound matmul rows, one
@@ -215,6 +222,48 @@ def bench_attention(S, dims, heads_for, dtype, device, repeats, chunk_bytes) -> 
     return out
 
 
+def bench_attention_variants(S, dims, heads_for, dtype, device, repeats) -> list[dict]:
+    """Fused SDPA backends as plans run them: causal (is_causal) and with a materialized bool
+    mask (HF's (1, 1, S, S)), per head dim d; and with V narrower than Q, K (a qk-gather core:
+    V at d/m) at d_v = d/2 .. 8, under each mask. FLOPs count every score:
+    2 * h * S^2 * (d + d_v)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                "efficient": SDPBackend.EFFICIENT_ATTENTION}
+    out = []
+    g = torch.Generator(device=device).manual_seed(1)
+    keep = torch.ones(S, S, dtype=torch.bool, device=device).tril()[None, None]
+    for d in dims:
+        h = heads_for(d)
+        q, k = (_randn(1, h, S, d, dtype=dtype, device=device, gen=g) for _ in range(2))
+        cases = [(d, "causal"), (d, "tensor")]
+        cases += [(dv, mk) for dv in (d // 2, d // 4, d // 8, d // 16) if dv >= 8
+                  for mk in ("none", "causal", "tensor")]
+        for d_v, mask in cases:
+            v = _randn(1, h, S, d_v, dtype=dtype, device=device, gen=g)
+            flops = 2 * h * S * S * (d + d_v)
+            row = {"op": "attention", "shape": [h, S, S, d], "value_dim": d_v, "mask": mask,
+                   "flops": flops}
+            kw = {"is_causal": True} if mask == "causal" else (
+                {"attn_mask": keep} if mask == "tensor" else {})
+            for name, bk in backends.items():
+                try:
+                    with sdpa_kernel([bk]):
+                        fn = lambda: F.scaled_dot_product_attention(q, k, v, **kw)  # noqa: E731
+                        fn()
+                        t = time_ms(fn, device, repeats=repeats)
+                    out.append({**row, "backend": name, **t,
+                                "tflops": flops / (t["median_ms"] * 1e-3) / 1e12})
+                except Exception as e:  # no kernel for these dims / this mask
+                    out.append({**row, "backend": name,
+                                "error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"})
+                sync(device)
+            del v
+        del q, k
+    return out
+
+
 def bench_chunk_sweep(S, d, heads, dtype, device, repeats, sizes) -> list[dict]:
     """The explicit core at head dim d for several chunk sizes (bytes of scores per block)."""
     from . import kernels  # noqa: F401  (helix.attend)
@@ -287,6 +336,31 @@ def bench_softmax_rows(S, row_blocks, dtype, device, repeats) -> list[dict]:
     return out
 
 
+def bench_score_ops(widths, dtype, device, repeats, block_bytes=256 << 20) -> list[dict]:
+    """An explicit core's passes over one block of scores (h, S, S), as kernels_chunked runs
+    them, per sequence length S: the scale (a multiply), the causal fill (the mask compared
+    from aranges, masked_fill_ in place), the softmax. GB/s count the score bytes read and
+    written (2 passes), so the cost model's pass counts use them as they are."""
+    out = []
+    for S in widths:
+        h = max(1, block_bytes // (S * S * torch.empty((), dtype=dtype).element_size()))
+        s = _randn(h, S, S, dtype=dtype, device=device)
+        nbytes = 2 * s.numel() * s.element_size()
+        rows = torch.arange(S, device=device).unsqueeze(-1)
+        cols = torch.arange(S, device=device)
+
+        def fill():
+            s.masked_fill_(cols > rows, float("-inf"))
+
+        for op, fn in (("pointwise", lambda: s * 0.05), ("mask_fill", fill),
+                       ("softmax", lambda: torch.softmax(s, dim=-1))):
+            t = time_ms(fn, device, repeats=repeats)
+            out.append({"op": op, "shape": [h * S, S], "bytes": nbytes, **t,
+                        "gb_s": nbytes / (t["median_ms"] * 1e-3) / 1e9})
+        del s
+    return out
+
+
 # --- the profile ----------------------------------------------------------------------
 def _sig(x: float) -> float:
     return round(x, 1) if x >= 10 else float(f"{x:.3g}")
@@ -313,19 +387,31 @@ def make_profile(meas: dict, info: dict, chunk_bytes: int):
         rates.append(Rate(op="attention", backend=r["backend"], shape=tuple(r["shape"]),
                           dtype="fp16", tflops=_sig(r["tflops"]),
                           note=f"{note}: {r['median_ms']:.3f} ms{extra}"))
-    # softmax: the explicit core at the largest head dim minus its two GEMMs as the cost
-    # model prices them (FLOPs at the rate of the nearest matmul row), so that the
-    # op-by-op pricing adds up to the measured core
-    big = max((r for r in meas["attention"] if r["backend"] == "explicit" and "tflops" in r),
-              key=lambda r: r["shape"][-1])
-    h, S, _, d = big["shape"]
-    gemm_flops = 2 * h * S * S * d
-    mm = [r for r in rates if r.op == "matmul"]
-    near = min(mm, key=lambda r: abs(math.log(r.flops) - math.log(gemm_flops)))
-    soft_ms = big["median_ms"] - 2 * gemm_flops / (near.tflops * 1e12) * 1e3
-    soft_bytes = 2 * 2 * h * S * S
-    standalone = max(r["gb_s"] for r in meas["softmax_rows"])
-    softmax_gb_s = soft_bytes / (soft_ms * 1e-3) / 1e9 if soft_ms > 0 else standalone
+    for r in meas.get("attention_variants", ()):
+        if "tflops" not in r:
+            continue
+        d_v = r["value_dim"] if r["value_dim"] != r["shape"][-1] else 0
+        rates.append(Rate(op="attention", backend=r["backend"], shape=tuple(r["shape"]),
+                          dtype="fp16", tflops=_sig(r["tflops"]), mask=r["mask"], value_dim=d_v,
+                          note=f"{note}: {r['median_ms']:.3f} ms"))
+    for r in meas.get("score_gemms", ()):   # an explicit core's QK^T and PV, per slice d/m
+        bh, S_ = r["shape"][0], r["shape"][1]
+        dk = r["shape"][3] if r["op"] == "qk_gemm" else r["shape"][2]
+        rates.append(Rate(op=r["op"], shape=(bh, S_, S_, dk), dtype="fp16",
+                          tflops=_sig(r["tflops"]), note=f"{note}: {r['median_ms']:.3f} ms"))
+    # softmax: whole rows of one head's scores (the explicit core's blocks are whole heads at
+    # its chunk size), the widest measured
+    softmax_gb_s = max(meas["softmax_rows"], key=lambda r: r["shape"][0] * r["shape"][1])["gb_s"]
+    # memory-bound classes by row width: the score passes per S, the model's own tensors
+    mem_rows = list(meas.get("score_ops", ()))
+    mem_rows += [{**r, "op": "softmax"} for r in meas["softmax_rows"]]
+    for r in meas["memory_ops"]:
+        op = {"add": "pointwise", "layer_norm": "norm", "softmax": "softmax"}.get(r["op"])
+        if op:
+            mem_rows.append({**r, "op": op})
+    for r in mem_rows:
+        rates.append(Rate(op=r["op"], shape=tuple(r["shape"]), dtype="fp16",
+                          gb_s=_sig(r["gb_s"]), note=f"{note}: {r['median_ms']:.3f} ms"))
     mem = {r["op"]: r for r in meas["memory_ops"]}
     if "block_tail" in mem:          # the cost model's norm + residual term, as the graph runs it
         ew_bytes, ew_ms = mem["block_tail"]["bytes"], mem["block_tail"]["median_ms"]
@@ -374,6 +460,13 @@ def calibrate(device=None, small: bool = False, repeats: int = 10,
     meas["chunk_bytes"] = chunk_bytes
     meas["attention"] = bench_attention(S, dims, heads_for, dtype, device, repeats, chunk_bytes)
     log(f"[calibrate] attention {time.perf_counter() - t0:.1f} s")
+    meas["score_ops"] = bench_score_ops((128, 256) if small else (4096, 8192, 10_000, 16_384),
+                                        dtype, device, repeats)
+    log(f"[calibrate] score ops {time.perf_counter() - t0:.1f} s")
+    fused_dims = [d for d in dims if d <= 256]
+    meas["attention_variants"] = bench_attention_variants(S, fused_dims, heads_for, dtype,
+                                                          device, repeats)
+    log(f"[calibrate] attention variants {time.perf_counter() - t0:.1f} s")
     profile = make_profile(meas, info, chunk_bytes)
     meas["seconds"] = round(time.perf_counter() - t0, 1)
     return meas, profile

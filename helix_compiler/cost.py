@@ -61,7 +61,7 @@ from sympy import Max, Min, ceiling, floor
 from .cluster import ClusterSpec, normalize_dtype
 from .errors import PlanError
 from .mesh import Mesh
-from .profile import DEFAULT_PROFILE, ComputeProfile
+from .profile import DEFAULT_PROFILE, FUSED_ALIGN, ComputeProfile
 from .sites import AttentionSite, MlpSite, ModelSummary
 
 # --- settings -----------------------------------------------------------------
@@ -89,11 +89,11 @@ VARIANTS = ("heads", "score-reduce", "qk-gather")
 _S = sympy.symbols(
     "b B S S_q S_k T H H_kv d D F u m n N w o c_kv g_qk x_s C L E phi Mem "
     "FLOPs Q P eta BW eta_mem X p alpha beta g k R alpha_nv alpha_net B_nv B_nic "
-    "t_c t_x t_b t_stage M p_pp A P_r",
+    "t_c t_x t_b t_stage M p_pp A P_r W_r W_n W_q W_kv F_r P_s",
     positive=True)
 (b, B, S, S_q, S_k, T, H, H_kv, d, D, F, u, m, n, N, w, o, c_kv, g_qk, x_s, C, L, E, phi, Mem,
  FLOPs, Q, P, eta, BW, eta_mem, X, p, alpha, beta, g, k, R, alpha_nv, alpha_net, B_nv, B_nic,
- t_c, t_x, t_b, t_stage, M, p_pp, A, P_r) = _S
+ t_c, t_x, t_b, t_stage, M, p_pp, A, P_r, W_r, W_n, W_q, W_kv, F_r, P_s) = _S
 _h = H / n                    # query heads per rank
 _h_kv = Max(H_kv / n, 1)      # kv heads per rank (replicated when n > H_kv)
 _f = ceiling(F / N)           # MLP columns of the largest shard
@@ -126,6 +126,9 @@ _FORMULAS: dict[str, sympy.Expr] = {
     "qk_flops_full": 2 * b * _h * S_q * S_k * d,
     "qk_bytes_full": w * b * ((_h * S_q + _h_kv * S_k) * d + _h * S_q * S_k),
     "softmax_bytes": 2 * w * b * _h * S_q * S_k,
+    # an explicit core's other passes over the scores (kernels.py / kernels_chunked.py): the
+    # scale of all-reduced scores (2: read, write), a mask or causal fill (2)
+    "score_passes_bytes": P_s * w * b * _h * S_q * S_k,
     "pv_flops": 2 * b * _h * S_q * S_k * d / m,
     "pv_bytes": w * b * (_h * S_q * S_k + (_h_kv * S_k + _h * S_q) * d / m),
     "fused_core_flops": 2 * b * _h * S_q * S_k * (d + d / m),
@@ -133,6 +136,12 @@ _FORMULAS: dict[str, sympy.Expr] = {
     "o_proj_flops": 2 * b * S_q * _h * d / m * D,
     "o_proj_bytes": w * (b * S_q * _h * d / m + _h * d / m * D + b * S_q * D),
     "block_elementwise_bytes": E * w * b * S_q * D,
+    # ops read from the graph (passes/workload.py), per micro-batch, per rank (of a stage):
+    # W_* bytes and F_r FLOPs per sequence of the whole model, over p_pp stages
+    "graph_replicated_bytes": b * W_r / p_pp,
+    "graph_norm_bytes": b * W_n / p_pp,
+    "graph_replicated_flops": b * F_r / p_pp,
+    "graph_head_bytes": b * (W_q / (n * m) + W_kv * Max(H_kv / n, 1) / (H_kv * m)) / p_pp,
     "score_reduce_bytes": w * b * _h * S_q * S_k,
     "qk_gather_bytes": w * b * (_h * S_q + _h_kv * S_k) * d,
     "qk_norm_bytes": 4 * b * (_h * S_q + _h_kv * S_k),        # fp32 partial sums of squares
@@ -196,9 +205,9 @@ class SiteCost:
     terms: tuple[tuple[str, float], ...] = ()   # (term, ms), compute then communication
 
     def __post_init__(self) -> None:
-        if self.variant not in VARIANTS + ("mlp",):
+        if self.variant not in VARIANTS + ("mlp", "graph"):
             raise PlanError(f"SiteCost {self.index}: unknown variant {self.variant!r}; "
-                            f"expected one of {VARIANTS + ('mlp',)}")
+                            f"expected one of {VARIANTS + ('mlp', 'graph')}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -219,6 +228,7 @@ class PlanCost:
     micro_batches: int
     sites: tuple[SiteCost, ...] = ()
     mlps: tuple[SiteCost, ...] = ()
+    graph: tuple[SiteCost, ...] = ()   # ops read from the graph (norms, residuals, rotary, masks)
     notes: tuple[str, ...] = ()
 
     @property
@@ -236,9 +246,17 @@ class _Machine:
         eta_ = self.profile.matmul_efficiency(flops, dtype)
         return self._op(flops, nbytes, eta_, dtype)
 
+    def score_gemm_s(self, op: str, flops: float, nbytes: float, head_dim: int,
+                     dtype: str) -> float:
+        """An explicit core's QK^T or PV at its measured rate (the matmul rows without one)."""
+        eta_ = self.profile.score_gemm_efficiency(op, head_dim, dtype)
+        if eta_ is None:
+            return self.matmul_s(flops, nbytes, dtype)
+        return self._op(flops, nbytes, eta_, dtype)
+
     def attention_s(self, backend: str, flops: float, nbytes: float, head_dim: int,
-                    dtype: str) -> float | None:
-        eta_ = self.profile.attention_efficiency(backend, head_dim, dtype)
+                    dtype: str, mask: str = "none", value_dim: int | None = None) -> float | None:
+        eta_ = self.profile.attention_efficiency(backend, head_dim, dtype, mask, value_dim)
         return None if eta_ is None else self._op(flops, nbytes, eta_, dtype)
 
     def memory_s(self, nbytes: float, efficiency: float) -> float:
@@ -362,13 +380,39 @@ def _site_options(site: AttentionSite, lay: _Layout, mach: _Machine,
         variants = (variant,)
     else:
         variants = ("score-reduce", "qk-gather")
+    mask = mask_kind(site)
     fused = [bk for bk in ("flash", "cudnn", "efficient")
-             if mach.profile.attention_efficiency(bk, site.head_dim, site.dtype) is not None]
+             if mach.profile.attention_efficiency(bk, site.head_dim, site.dtype, mask) is not None]
     return [(v, bk) for v in variants
-            for bk in (("explicit",) if v == "score-reduce" else ("explicit", *fused))]
+            for bk in (("explicit",) if v == "score-reduce" else
+                       ("explicit", *[bk for bk in fused
+                                      if fused_takes(bk, site.head_dim, _value_dim(site, v, lay))]))]
 
 
-def _attention_terms_uncached(site, w, variant, backend, b, lay, mach) -> list[tuple[str, str, float]]:
+
+
+def fused_takes(backend: str, d_qk: int, d_v: int) -> bool:
+    """Whether SDPA's `backend` runs q/k of head dim d_qk with v of head dim d_v: both
+    multiples of FUSED_ALIGN; flash needs them equal (a qk-gather core has V at d/m)."""
+    if d_qk % FUSED_ALIGN or d_v % FUSED_ALIGN:
+        return False
+    return d_qk == d_v if backend == "flash" else True
+
+
+def _value_dim(site: AttentionSite, variant: str, lay: _Layout) -> int:
+    """V's head dim at the core: d/m in both m > 1 variants."""
+    return site.head_dim if variant == "heads" else site.head_dim // lay.m
+
+
+def mask_kind(site: AttentionSite) -> str:
+    """"tensor" (a mask or bias the core reads), "causal" (is_causal), or "none"."""
+    if site.head_bias or (site.mask is not None and not site.mask_causal):
+        return "tensor"
+    return "causal" if site.is_causal or site.mask_causal else "none"
+
+
+def _attention_terms_uncached(site, w, variant, backend, b, lay, mach,
+                              blockwise: bool = True) -> list[tuple[str, str, float]]:
     """[(term, "compute" | "comm", seconds)] of one micro-batch of b sequences."""
     env = _site_env(site, w, b, lay)
     dt = site.dtype
@@ -378,21 +422,39 @@ def _attention_terms_uncached(site, w, variant, backend, b, lay, mach) -> list[t
     if variant == "qk-gather":
         terms.append(("Q,K all-gather (m-group)", "comm",
                       mach.collective_s("all_gather", _ev("qk_gather_bytes", env), lay.m_groups)))
+        # the gathered chunks are stacked along d (functional all_gather_tensor's cat): a copy
+        terms.append(("Q,K reassembly after the gather", "compute",
+                      mach.memory_s(2 * _ev("qk_gather_bytes", env),
+                                    mach.profile.bandwidth_efficiency("pointwise"))))
     if backend != "explicit":
         t = mach.attention_s(backend, _ev("fused_core_flops", env), _ev("fused_core_bytes", env),
-                             site.head_dim, dt)
+                             site.head_dim, dt, mask_kind(site), _value_dim(site, variant, lay))
         terms.append((f"attention core ({backend})", "compute", t))
     else:
         qk = "partial" if variant == "score-reduce" else "full"   # d/m or all d in QK^T
+        d_qk = site.head_dim // lay.m if qk == "partial" else site.head_dim
         terms.append(("QK^T over d/m" if qk == "partial" else "QK^T", "compute",
-                      mach.matmul_s(_ev(f"qk_flops_{qk}", env), _ev(f"qk_bytes_{qk}", env), dt)))
+                      mach.score_gemm_s("qk_gemm", _ev(f"qk_flops_{qk}", env),
+                                        _ev(f"qk_bytes_{qk}", env), d_qk, dt)))
         if variant == "score-reduce":
             terms.append(("score all-reduce (m-group)", "comm",
                           mach.collective_s("all_reduce", _ev("score_reduce_bytes", env),
                                             lay.m_groups)))
+        prof, cols = mach.profile, site.kv_len
+        if variant == "score-reduce":    # the all-reduced scores, scaled: read, write
+            terms.append(("scale of scores", "compute",
+                          mach.memory_s(_ev("score_passes_bytes", {**env, "P_s": 2}),
+                                        prof.bandwidth_efficiency("pointwise", cols))))
+        if mask_kind(site) != "none":    # masked_fill_ in place: read, write
+            terms.append(("mask over scores", "compute",
+                          mach.memory_s(_ev("score_passes_bytes", {**env, "P_s": 2}),
+                                        prof.bandwidth_efficiency("mask_fill", cols))))
         terms += [("softmax", "compute",
-                   mach.memory_s(_ev("softmax_bytes", env), mach.profile.softmax_efficiency)),
-                  ("PV", "compute", mach.matmul_s(_ev("pv_flops", env), _ev("pv_bytes", env), dt))]
+                   mach.memory_s(_ev("softmax_bytes", env),
+                                 prof.bandwidth_efficiency("softmax", cols))),
+                  ("PV", "compute", mach.score_gemm_s("pv_gemm", _ev("pv_flops", env),
+                                                      _ev("pv_bytes", env),
+                                                      _value_dim(site, variant, lay), dt))]
     if site.qk_norm and lay.m > 1:
         terms.append(("q/k norm all-reduce (m-group)", "comm",
                       mach.collective_s("all_reduce", _ev("qk_norm_bytes", env), lay.m_groups)))
@@ -405,9 +467,10 @@ def _attention_terms_uncached(site, w, variant, backend, b, lay, mach) -> list[t
         terms.append(("output all-gather", "comm",
                       mach.collective_s("all_gather", _ev("attn_gather_bytes", env),
                                         lay.out_groups)))
-    terms.append(("norm + residual", "compute",
-                  mach.memory_s(_ev("block_elementwise_bytes", env),
-                                mach.profile.elementwise_efficiency)))
+    if blockwise:   # no graph to read the elementwise ops from (a hand-written summary)
+        terms.append(("norm + residual", "compute",
+                      mach.memory_s(_ev("block_elementwise_bytes", env),
+                                    mach.profile.elementwise_efficiency)))
     return terms
 
 
@@ -415,17 +478,19 @@ def _mlp_terms_uncached(mlp, summary, b, lay, mach) -> list[tuple[str, str, floa
     env = _mlp_env(mlp, summary, b, lay.shards)
     dt = mlp.dtype
     ew = mach.profile.elementwise_efficiency
+    tail = [] if summary.workload is not None else [
+        ("norm + residual", "compute",
+         mach.memory_s(_ev("block_elementwise_bytes", {**env, "S_q": env["T"]}), ew))]
     return [
         ("up projection", "compute",
          mach.matmul_s(_ev("mlp_up_flops", env), _ev("mlp_up_bytes", env), dt)),
-        ("activation", "compute", mach.memory_s(_ev("mlp_act_bytes", env), ew)),
+        ("activation", "compute", mach.memory_s(_ev("mlp_act_bytes", env),
+                                                mach.profile.bandwidth_efficiency("pointwise"))),
         ("down projection", "compute",
          mach.matmul_s(_ev("mlp_down_flops", env), _ev("mlp_down_bytes", env), dt)),
         ("MLP all-reduce", "comm",
          mach.collective_s("all_reduce", _ev("mlp_out_bytes", env), lay.out_groups)),
-        ("norm + residual", "compute",
-         mach.memory_s(_ev("block_elementwise_bytes", {**env, "S_q": env["T"]}), ew)),
-    ]
+    ] + tail
 
 
 # --- memory -----------------------------------------------------------------------
@@ -520,7 +585,8 @@ def _choose_cores(summary, cluster, sites, params: int, lay: _Layout, mach: _Mac
             summary, params, _activation_per_sequence(summary, [act[o]], (), lay), cluster) >= 1]
         if fits:
             chosen.append(min(fits, key=lambda o: (
-                _seconds(_attention_terms(site, w, *o, 1, lay, mach)), VARIANTS.index(o[0]))))
+                _seconds(_attention_terms(site, w, *o, 1, lay, mach, summary.workload is None)),
+                VARIANTS.index(o[0]))))
         else:
             chosen.append(min(options, key=act.__getitem__))
     return chosen
@@ -531,11 +597,41 @@ def _choose_cores(summary, cluster, sites, params: int, lay: _Layout, mach: _Mac
 _TERMS: dict = {}
 
 
-def _attention_terms(site, w, variant, backend, size, lay, mach):
-    key = ("a", _shape_key(site), w, variant, backend, size, id(lay), id(mach))
+def _attention_terms(site, w, variant, backend, size, lay, mach, blockwise=True):
+    key = ("a", _shape_key(site), w, variant, backend, size, id(lay), id(mach), blockwise)
     if key not in _TERMS:
-        _TERMS[key] = _attention_terms_uncached(site, w, variant, backend, size, lay, mach)
+        _TERMS[key] = _attention_terms_uncached(site, w, variant, backend, size, lay, mach,
+                                                blockwise)
     return _TERMS[key]
+
+
+def _graph_terms(summary, size, lay, mach, pp: int = 1) -> list[tuple[str, str, float]]:
+    """Terms of the ops read from the graph (summary.workload), one micro-batch of `size`."""
+    wl = summary.workload
+    if wl is None or size == 0:
+        return []
+    key = ("g", id(summary), size, id(lay), id(mach), pp)
+    if key in _TERMS:
+        return _TERMS[key]
+    site = summary.sites[0] if summary.sites else None
+    env = {"b": size, "W_r": wl.replicated_bytes + wl.mask_bytes, "F_r": wl.replicated_flops,
+           "W_n": wl.replicated_norm_bytes, "W_q": wl.q_head_bytes, "W_kv": wl.kv_head_bytes,
+           "n": lay.n, "m": lay.m, "H_kv": site.num_kv_heads if site else 1, "p_pp": pp}
+    ew = mach.profile.bandwidth_efficiency("pointwise")
+    dt = site.dtype if site else (summary.mlps[0].dtype if summary.mlps else "float32")
+    terms = [("replicated ops (residuals, casts, mask)", "compute",
+              mach.memory_s(_ev("graph_replicated_bytes", env), ew)),
+             ("replicated norms and reductions", "compute",
+              mach.memory_s(_ev("graph_norm_bytes", env),
+                            mach.profile.bandwidth_efficiency("norm")))]
+    if wl.replicated_flops:
+        terms.append(("replicated matmuls (outside sites and MLPs)", "compute",
+                      mach.matmul_s(_ev("graph_replicated_flops", env), 0.0, dt)))
+    if wl.q_head_bytes or wl.kv_head_bytes:
+        terms.append(("head-path ops (rotary, repeat_kv, copies)", "compute",
+                      mach.memory_s(_ev("graph_head_bytes", env), ew)))
+    _TERMS[key] = terms
+    return terms
 
 
 def _mlp_terms(mlp, summary, size, lay, mach):
@@ -548,7 +644,7 @@ def _mlp_terms(mlp, summary, size, lay, mach):
 def _shape_key(site: AttentionSite) -> tuple:
     """What the cost of a site depends on: every field but its index and node names."""
     return (site.num_heads, site.num_kv_heads, site.head_dim, site.embed_dim, site.core,
-            site.mask is not None, site.is_causal, site.head_bias, site.rotary, bool(site.qk_norm),
+            site.mask is not None, site.is_causal, site.mask_causal, site.head_bias, site.rotary, bool(site.qk_norm),
             site.cross, site.batch, site.q_len, site.kv_len, site.dtype)
 
 
@@ -592,7 +688,10 @@ def _check_devices(name: str, devices: int, cluster: ClusterSpec) -> None:
 
 
 def _finish(name, summary, devices, compute_s, comm_s, bubble_s, params, act, b, sites, mlps,
-            notes=()) -> PlanCost:
+            notes=(), graph=()) -> PlanCost:
+    if summary.workload is None:
+        notes = (*notes, f"no graph behind this summary: norms and residual adds priced as "
+                         f"{ELEMENTWISE_PASSES_PER_BLOCK} passes over b*S*D per block")
     tokens = summary.batch * summary.seq_len
     if compute_s + comm_s + bubble_s <= 0:  # nothing the model covers: no sites, no MLPs
         notes = (*notes, "no attention site or MLP to cost: the step time covers none of the "
@@ -602,7 +701,7 @@ def _finish(name, summary, devices, compute_s, comm_s, bubble_s, params, act, b,
             tokens_per_s=float("nan"), comm_ms_per_token=0.0,
             memory_bytes_per_rank=math.ceil(params * summary.dtype_bytes), param_elements_per_rank=params,
             micro_batch=b, micro_batches=int(_ev("micro_batches", {"B": summary.batch, "b": b})),
-            sites=tuple(sites), mlps=tuple(mlps), notes=tuple(notes))
+            sites=tuple(sites), mlps=tuple(mlps), graph=tuple(graph), notes=tuple(notes))
     return PlanCost(
         name=name, devices=devices, compute_ms=compute_s * 1e3, comm_ms=comm_s * 1e3,
         bubble_ms=bubble_s * 1e3, step_ms=_ev("step", {"t_c": compute_s, "t_x": comm_s,
@@ -613,7 +712,7 @@ def _finish(name, summary, devices, compute_s, comm_s, bubble_s, params, act, b,
         memory_bytes_per_rank=math.ceil(params * summary.dtype_bytes + b * act),
         param_elements_per_rank=params, micro_batch=b,
         micro_batches=int(_ev("micro_batches", {"B": summary.batch, "b": b})),
-        sites=tuple(sites), mlps=tuple(mlps), notes=tuple(notes))
+        sites=tuple(sites), mlps=tuple(mlps), graph=tuple(graph), notes=tuple(notes))
 
 
 def cost_plan(summary: ModelSummary, m: int, n: int, cluster: ClusterSpec,
@@ -638,15 +737,26 @@ def cost_plan(summary: ModelSummary, m: int, n: int, cluster: ClusterSpec,
         raise PlanError(f"{name}: {_memory_reason(summary, params, act, cluster)}; "
                         f"try more devices or another split")
     counts = _micro_batches(summary.batch, b)
-    rep_costs = [_aggregate(s.index, v, bk, [(c, _attention_terms(s, w, v, bk, size, lay, mach))
+    blockwise = summary.workload is None
+    rep_costs = [_aggregate(s.index, v, bk, [(c, _attention_terms(s, w, v, bk, size, lay, mach,
+                                                                  blockwise))
                                              for size, c in counts])
                  for s, (v, bk) in zip(reps, rep_cores)]
     sites = [dataclasses.replace(rep_costs[k], index=s.index) for s, k in zip(summary.sites, idx)]
     mlps = [_aggregate(x.index, "mlp", "", [(c, _mlp_terms(x, summary, size, lay, mach))
                                             for size, c in counts]) for x in summary.mlps]
-    compute = sum(s.compute_ms for s in sites + mlps) / 1e3
-    comm = sum(s.comm_ms for s in sites + mlps) / 1e3
-    return _finish(name, summary, m * n, compute, comm, 0.0, params, act, b, sites, mlps)
+    graph = _graph_cost(summary, counts, lay, mach)
+    compute = sum(s.compute_ms for s in sites + mlps + graph) / 1e3
+    comm = sum(s.comm_ms for s in sites + mlps + graph) / 1e3
+    return _finish(name, summary, m * n, compute, comm, 0.0, params, act, b, sites, mlps,
+                   graph=graph)
+
+
+def _graph_cost(summary, counts, lay, mach, pp: int = 1) -> list[SiteCost]:
+    if summary.workload is None:
+        return []
+    return [_aggregate(-1, "graph", "", [(c, _graph_terms(summary, size, lay, mach, pp))
+                                         for size, c in counts])]
 
 
 def _tp_reason(site: AttentionSite, tp: int) -> str | None:
@@ -701,22 +811,26 @@ def cost_baseline(summary: ModelSummary, tp: int, pp: int, cluster: ClusterSpec,
             t += collective_s("all_gather", act_bytes, range(s * tp, (s + 1) * tp), cluster)
         return [("stage-boundary send", "comm", t)]
 
-    site_costs, mlp_costs, per_stage = [], [], []
+    blockwise = summary.workload is None
+    site_costs, mlp_costs, graph_costs, per_stage = [], [], [], []
     for s, lay, sites, mlps, cores, params, act in stages:
-        sc = [_aggregate(x.index, v, bk, [(c, _attention_terms(x, w, v, bk, size, lay, mach))
+        sc = [_aggregate(x.index, v, bk, [(c, _attention_terms(x, w, v, bk, size, lay, mach,
+                                                               blockwise))
                                           for size, c in counts])
               for x, (v, bk) in zip(sites, cores)]
         mc = [_aggregate(x.index, "mlp", "", [(c, _mlp_terms(x, summary, size, lay, mach))
                                               for size, c in counts]) for x in mlps]
+        gc = _graph_cost(summary, counts, lay, mach, pp)     # a stage's share of the graph's ops
         send = sum(c * _seconds(recv_terms(s, size)) for size, c in counts)
-        compute = sum(x.compute_ms for x in sc + mc) / 1e3
-        comm = sum(x.comm_ms for x in sc + mc) / 1e3 + send
-        one = sum(_seconds(_attention_terms(x, w, *core, b, lay, mach))
+        compute = sum(x.compute_ms for x in sc + mc + gc) / 1e3
+        comm = sum(x.comm_ms for x in sc + mc + gc) / 1e3 + send
+        one = sum(_seconds(_attention_terms(x, w, *core, b, lay, mach, blockwise))
                   for x, core in zip(sites, cores)) + sum(
             _seconds(_mlp_terms(x, summary, b, lay, mach)) for x in mlps) + _seconds(
-            recv_terms(s, b))
+            recv_terms(s, b)) + _seconds(_graph_terms(summary, b, lay, mach, pp))
         site_costs += sc
         mlp_costs += mc
+        graph_costs = gc
         per_stage.append((compute + comm, compute, comm, send, one, params, act))
     _, compute, comm, send, t_stage, params, act = max(per_stage)
     m_count = int(_ev("micro_batches", {"B": summary.batch, "b": b}))
@@ -726,4 +840,4 @@ def cost_baseline(summary: ModelSummary, tp: int, pp: int, cluster: ClusterSpec,
     notes = [f"slowest stage: compute {compute * 1e3:.1f} ms + comm {comm * 1e3:.1f} ms"
              f"{sends} over {m_count} micro-batches"]
     return _finish(name, summary, tp * pp, compute, comm, bubble, params, act, b,
-                   site_costs, mlp_costs, notes)
+                   site_costs, mlp_costs, notes, graph=graph_costs)

@@ -14,8 +14,8 @@ scores are alive at a time (256 MiB: one 10k x 10k fp16 head). The arithmetic is
 backend, in the inputs' dtype with fp32 accumulation (softmax accumulates in
 fp32 for fp16/bf16 inputs).
 
-`min_head_dim`: when q's head dim is <= it, the op calls SDPA itself (the
-fused kernel). passes/kernel_choice.py sets it to 0 where it knows the head
+`min_head_dim`: when q's head dim is <= it (and q's and v's head dims are
+multiples of 8), the op calls SDPA itself (the fused kernel). passes/kernel_choice.py sets it to 0 where it knows the head
 dim from the graph's shapes (the rewrite is then unconditional) and to the
 threshold where the graph carries no shapes (the choice is made at run time).
 
@@ -28,6 +28,9 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from .kernels import broadcasts_to
+from .profile import FUSED_ALIGN
 
 # Scores alive at once per block, in bytes. Measured on H100 (torch 2.11, d=512,
 # S=10000): larger blocks are faster (4 MiB 3.98 ms per head, 32 MiB 0.75, 256 MiB
@@ -70,13 +73,19 @@ def _block_mask(mask, lead, bh, h0, h1, r0, r1, s_k):
 
 def _apply_mask(s: torch.Tensor, mask: torch.Tensor | None, is_causal: bool, start: int,
                 s_k: int) -> torch.Tensor:
+    """`s` is a fresh block of scores: bool fills work in place (no clone pass)."""
     if is_causal:
         # top-left aligned lower triangle: query row i keeps keys j <= i
         rows = torch.arange(start, start + s.shape[-2], device=s.device).unsqueeze(-1)
         cols = torch.arange(s_k, device=s.device)
-        s = s.masked_fill(cols > rows, float("-inf"))
+        s.masked_fill_(cols > rows, float("-inf"))
     if mask is not None:
-        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
+        if mask.dtype != torch.bool:
+            s = s + mask
+        elif broadcasts_to(mask.shape, s.shape):
+            s.masked_fill_(~mask, float("-inf"))
+        else:
+            s = s.masked_fill(~mask, float("-inf"))
     return s
 
 
@@ -105,7 +114,8 @@ def _explicit(q, k, v, mask, is_causal: bool, scale: float, chunk_bytes: int) ->
 def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                       is_causal: bool, scale: float | None, chunk_bytes: int,
                       min_head_dim: int) -> torch.Tensor:
-    if q.shape[-1] <= min_head_dim:
+    if q.shape[-1] <= min_head_dim and q.shape[-1] % FUSED_ALIGN == 0 \
+            and v.shape[-1] % FUSED_ALIGN == 0:   # a fused kernel takes these head dims
         gqa = q.dim() >= 3 and k.dim() >= 3 and q.shape[-3] != k.shape[-3]
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                               scale=scale, enable_gqa=gqa)

@@ -50,6 +50,7 @@ def summarize(captured, matches, mlps, name: str) -> ModelSummary:
     added once after the reduction, so every rank holds them whole.
     """
     from passes.graph_utils import proj_bias
+    from passes.workload import measure
 
     nodes = {n.name: n for n in captured.gm.graph.nodes}
     used = {str(n.target) for n in captured.gm.graph.nodes if n.op == "get_attr"}
@@ -89,7 +90,8 @@ def summarize(captured, matches, mlps, name: str) -> ModelSummary:
         seq = mlps[0].tokens
     return ModelSummary(sites=tuple(m.site for m in matches), mlps=tuple(mlps), param_elements=total,
                         replicated_elements=replicated, dtype_bytes=torch.empty((), dtype=dtype).element_size(),
-                        batch=batch, seq_len=seq, name=name)
+                        batch=batch, seq_len=seq, name=name,
+                        workload=measure(captured.gm, matches, mlps, batch))
 
 
 def analyze(model, args, kwargs, print_after=(), dynamic: bool = True) -> Analysis:
@@ -121,6 +123,9 @@ def analyze(model, args, kwargs, print_after=(), dynamic: bool = True) -> Analys
 
     views = stage("fold_params", lambda: fold_params(captured.gm, captured.params))
     matches, skipped = stage("find_attention", lambda: find_attention(captured.gm))
+    from passes.size_masks import causal_at_example
+
+    matches = stage("size_masks", lambda: causal_at_example(captured.gm, matches))
     nodes = {n.name: n for n in captured.gm.graph.nodes}
     projs = set()
     for m in matches:

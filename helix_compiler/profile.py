@@ -15,6 +15,9 @@ Lookups:
 - attention (shape (batch*heads, S_q, S_k, d), 4*batch*heads*S_q*S_k*d
   FLOPs) per backend: the measurement with the nearest head dim, and only for
   head dims the backend has a kernel for (`KERNEL_MAX_HEAD_DIM`).
+- qk_gemm / pv_gemm (shape (batch*heads, S_q, S_k, d), 2*bh*S_q*S_k*d FLOPs): an
+  explicit core's score GEMMs at the nearest head dim (slice) measured; without
+  such rows the matmul lookup prices them.
 - softmax / elementwise: one achieved bandwidth each (bytes read + written).
 
 `helix calibrate` writes this YAML on a GPU; `load_profile` reads it:
@@ -41,14 +44,26 @@ import yaml
 from .cluster import DTYPES, normalize_dtype, safe_load_mapping
 from .errors import HelixError
 
-OPS = ("matmul", "attention")
+# qk_gemm / pv_gemm: the batched score GEMMs of an explicit core, QK^T (S_q x S_k over d) and
+# PV (S_q x d over S_k), shape (batch*heads, S_q, S_k, d) like attention.
+OPS = ("matmul", "attention", "qk_gemm", "pv_gemm")
+# Memory-bound op classes, shape (rows, cols), achieved GB/s (bytes read + written / time):
+# pointwise (add, mul, casts, copies), norm (layer norm and other row reductions), softmax,
+# mask_fill (an in-place masked_fill of scores, as the explicit cores apply a causal mask).
+MEMORY_OPS = ("pointwise", "norm", "softmax", "mask_fill")
 # Attention backends: fused SDPA kernels. "explicit" (matmul -> softmax ->
 # matmul) is not a kernel: the cost model prices it op by op.
 BACKENDS = ("flash", "cudnn", "efficient", "explicit")
+# What an attention core masks: nothing, causal (is_causal: fused kernels skip the upper
+# triangle), or a materialized mask tensor (read by the kernel, no skipping; flash takes none).
+MASKS = ("none", "causal", "tensor")
 # Largest head dim each SDPA kernel takes on Hopper: FlashAttention-2/3 and
 # cuDNN stop at 256 (no flash or cuDNN kernel ran at d=512 on H100, torch 2.11);
 # the memory-efficient kernel has no limit. None: no limit.
 KERNEL_MAX_HEAD_DIM = {"flash": 256, "cudnn": 256, "efficient": None, "explicit": None}
+# The fused kernels load head dims in multiples of this (16 bytes of fp16): with q's or v's
+# head dim not a multiple (a qk-gather V of d/m = 4), SDPA runs its math path.
+FUSED_ALIGN = 8
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -58,23 +73,32 @@ class Rate:
     op: str                     # "matmul" | "attention"
     shape: tuple[int, ...]      # matmul (M, N, K); attention (batch*heads, S_q, S_k, d)
     dtype: str
-    tflops: float
+    tflops: float = 0.0         # compute ops
+    gb_s: float = 0.0           # memory ops (MEMORY_OPS)
     backend: str = ""           # attention only: one of BACKENDS
+    mask: str = "none"          # attention only: one of MASKS (FLOPs count every score)
+    value_dim: int = 0          # attention only: V's head dim when it differs from d (qk-gather)
     note: str = ""              # where the figure comes from
 
     def __post_init__(self) -> None:
-        if self.op not in OPS:
-            raise HelixError(f"Rate.op must be one of {OPS}, got {self.op!r}")
-        want = 3 if self.op == "matmul" else 4
+        if self.op not in OPS + MEMORY_OPS:
+            raise HelixError(f"Rate.op must be one of {OPS + MEMORY_OPS}, got {self.op!r}")
+        want, what = {"matmul": (3, "M, N, K")}.get(self.op, (4, "batch*heads, S_q, S_k, d"))
+        if self.op in MEMORY_OPS:
+            want, what = 2, "rows, cols"
         if len(self.shape) != want or any(not isinstance(s, int) or s <= 0 for s in self.shape):
             raise HelixError(
-                f"Rate {self.op}: shape must be {want} positive integers "
-                f"({'M, N, K' if want == 3 else 'batch*heads, S_q, S_k, d'}), got {self.shape!r}")
+                f"Rate {self.op}: shape must be {want} positive integers ({what}), "
+                f"got {self.shape!r}")
         if normalize_dtype(self.dtype) != self.dtype:
             raise HelixError(f"Rate.dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if not _positive(self.tflops):
-            raise HelixError(
-                f"Rate {self.op} {self.shape}: tflops must be positive, got {self.tflops!r}")
+        key = "gb_s" if self.op in MEMORY_OPS else "tflops"
+        if not _positive(getattr(self, key)):
+            raise HelixError(f"Rate {self.op} {self.shape}: {key} must be positive, "
+                             f"got {getattr(self, key)!r}")
+        if self.mask not in MASKS:
+            raise HelixError(f"Rate {self.op} {self.shape}: mask must be one of {MASKS}, "
+                             f"got {self.mask!r}")
         if (self.op == "attention") != (self.backend in BACKENDS):
             raise HelixError(
                 f"Rate {self.op} {self.shape}: backend must be one of {BACKENDS} for attention "
@@ -86,7 +110,9 @@ class Rate:
             m, n, k = self.shape
             return 2 * m * n * k
         bh, s_q, s_k, d = self.shape
-        return 4 * bh * s_q * s_k * d   # QK^T and PV
+        if self.op != "attention":
+            return 2 * bh * s_q * s_k * d
+        return 2 * bh * s_q * s_k * (d + (self.value_dim or d))   # QK^T and PV
 
     @property
     def head_dim(self) -> int:
@@ -135,17 +161,51 @@ class ComputeProfile:
         nearest = min(same, key=lambda r: abs(math.log(r.flops) - math.log(max(flops, 1.0))))
         return self.efficiency(nearest)
 
-    def attention_efficiency(self, backend: str, head_dim: int, dtype: str) -> float | None:
-        """Efficiency of `backend` at `head_dim`, or None: no kernel or never measured."""
-        limit = KERNEL_MAX_HEAD_DIM[backend]
-        if limit is not None and head_dim > limit:
-            return None
-        rows = [r for r in self.rates if r.op == "attention" and r.backend == backend]
+    def bandwidth_efficiency(self, op: str, cols: int | None = None) -> float:
+        """Achieved / peak HBM bandwidth of a memory-bound op class: the row of the nearest row
+        width `cols` (log scale; None: the largest measurement); a profile with no row of the
+        class answers with softmax_gb_s (softmax) or elementwise_gb_s (the others)."""
+        rows = [r for r in self.rates if r.op == op]
+        if not rows:
+            return (self.softmax_gb_s if op == "softmax" else self.elementwise_gb_s) / self.hbm_gb_s
+        if cols is None:
+            best = max(rows, key=lambda r: r.shape[0] * r.shape[1])
+        else:
+            # the nearest width; of equal widths the largest block (a whole head of scores)
+            best = min(rows, key=lambda r: (abs(math.log(r.shape[1]) - math.log(max(cols, 1))),
+                                            -r.shape[0]))
+        return best.gb_s / self.hbm_gb_s
+
+    def score_gemm_efficiency(self, op: str, head_dim: int, dtype: str) -> float | None:
+        """Efficiency of an explicit core's QK^T ("qk_gemm") or PV ("pv_gemm") at the nearest
+        measured head dim (slice), or None when the profile has no such row."""
+        rows = [r for r in self.rates if r.op == op]
         rows = [r for r in rows if r.dtype == normalize_dtype(dtype)] or rows
         if not rows:
             return None
-        nearest = min(rows, key=lambda r: abs(math.log(r.head_dim) - math.log(head_dim)))
-        return self.efficiency(nearest)
+        return self.efficiency(min(rows, key=lambda r: abs(math.log(r.head_dim)
+                                                            - math.log(max(head_dim, 1)))))
+
+    def attention_efficiency(self, backend: str, head_dim: int, dtype: str,
+                             mask: str = "none", value_dim: int | None = None) -> float | None:
+        """Efficiency of `backend` at `head_dim` under `mask` (FLOPs of every score), or None:
+        no kernel, or never measured. The row of the nearest head dim, then of the nearest
+        value head dim (`value_dim`: V's, when a qk-gather core has it at d/m). A profile with
+        no row for `mask` answers with its unmasked rows (written before masks were measured)."""
+        limit = KERNEL_MAX_HEAD_DIM[backend]
+        if limit is not None and head_dim > limit:
+            return None
+        if backend == "flash" and mask == "tensor":
+            return None                     # FlashAttention takes no mask tensor
+        rows = [r for r in self.rates if r.op == "attention" and r.backend == backend]
+        rows = [r for r in rows if r.mask == mask] or [r for r in rows if r.mask == "none"]
+        rows = [r for r in rows if r.dtype == normalize_dtype(dtype)] or rows
+        if not rows:
+            return None
+        d_near = min(rows, key=lambda r: abs(math.log(r.head_dim) - math.log(head_dim))).head_dim
+        rows = [r for r in rows if r.head_dim == d_near]
+        d_v = math.log(value_dim or head_dim)
+        return self.efficiency(min(rows, key=lambda r: abs(math.log(r.value_dim or r.head_dim) - d_v)))
 
     @property
     def softmax_efficiency(self) -> float:
@@ -175,9 +235,17 @@ def _positive(value: object) -> bool:
 
 
 def _rate_dict(rate: Rate) -> dict:
-    row = {"op": rate.op, "shape": list(rate.shape), "dtype": rate.dtype, "tflops": rate.tflops}
+    row = {"op": rate.op, "shape": list(rate.shape), "dtype": rate.dtype}
+    if rate.op in MEMORY_OPS:
+        row["gb_s"] = rate.gb_s
+    else:
+        row["tflops"] = rate.tflops
     if rate.backend:
         row["backend"] = rate.backend
+    if rate.mask != "none":
+        row["mask"] = rate.mask
+    if rate.value_dim:
+        row["value_dim"] = rate.value_dim
     if rate.note:
         row["note"] = rate.note
     return row
@@ -236,7 +304,7 @@ def load_profile(path: str | Path) -> ComputeProfile:
 
 
 _KEYS = ("name", "device", "peak_tflops", "hbm_gb_s", "softmax_gb_s", "elementwise_gb_s", "rates")
-_RATE_KEYS = ("op", "shape", "dtype", "tflops", "backend", "note")
+_RATE_KEYS = ("op", "shape", "dtype", "tflops", "gb_s", "backend", "mask", "value_dim", "note")
 
 
 def profile_from_yaml(text: str, *, source: str = "profile YAML") -> ComputeProfile:
@@ -261,7 +329,9 @@ def profile_from_yaml(text: str, *, source: str = "profile YAML") -> ComputeProf
         try:
             rates.append(Rate(op=row.get("op"), shape=tuple(row.get("shape") or ()),
                               dtype=normalize_dtype(row.get("dtype", "")),
-                              tflops=row.get("tflops"), backend=row.get("backend", ""),
+                              tflops=row.get("tflops", 0.0), gb_s=row.get("gb_s", 0.0),
+                              backend=row.get("backend", ""),
+                              mask=row.get("mask", "none"), value_dim=row.get("value_dim", 0),
                               note=row.get("note", "")))
         except (HelixError, TypeError) as e:
             raise HelixError(f"{source}: rates[{i}]: {e}") from e

@@ -127,11 +127,13 @@ class HelixProgram:
         return self._modules[rank]
 
     def _finish(self, gm: fx.GraphModule) -> fx.GraphModule:
+        from passes.size_masks import apply_size_masks
+
         if self.kernel_choice:
             from passes.kernel_choice import apply_kernel_choice
 
             apply_kernel_choice(gm)
-        return gm
+        return apply_size_masks(gm)
 
     def _rank_localized(self, rank: int):
         if any(n.op == "output" for n in self._localized.graphs[rank].nodes):

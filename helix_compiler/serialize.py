@@ -1,7 +1,9 @@
 """Rank graphs to and from plain JSON: no pickle, no code execution on load.
 
 A node is [name, op, target, args, kwargs]; targets are OpOverload names
-("aten::linear.default", "helix::all_reduce.default") or "operator.getitem";
+("aten::linear.default", "helix::all_reduce.default"), "operator.getitem" or
+"helix.size_mask" (helix_compiler/masks.py: its graph travels as a JSON string) or
+Python's size arithmetic ("operator.mul", ...);
 arguments are JSON values, node references {"node": name} and typed scalars
 ({"dtype": "float32"}, {"device": "cpu"}, ...).
 """
@@ -14,8 +16,13 @@ import torch
 import torch.fx as fx
 
 from .errors import HelixError
+from .masks import size_mask
 
-_FUNCS = {"operator.getitem": operator.getitem}
+_FUNCS = {"operator.getitem": operator.getitem, "helix.size_mask": size_mask}
+# size arithmetic on symbolic ints (batch * heads, seq // 2, ...)
+_FUNCS.update({f"operator.{f}": getattr(operator, f) for f in (
+    "add", "sub", "mul", "floordiv", "truediv", "mod", "neg", "pow", "eq", "ne", "lt", "le",
+    "gt", "ge")})
 
 
 def _target_name(t) -> str:
@@ -24,7 +31,7 @@ def _target_name(t) -> str:
     for k, v in _FUNCS.items():
         if v is t:
             return k
-    raise HelixError(f"cannot save a graph calling {t!r}; only ATen, helix ops and getitem are saved")
+    raise HelixError(f"cannot save a graph calling {t!r}; only ATen, helix ops, getitem and size arithmetic are saved")
 
 
 def _resolve(name: str):

@@ -54,6 +54,9 @@ class AttentionSite:
     core_nodes: tuple[str, ...]
     mask: str | None = None
     is_causal: bool = False
+    # the mask is built from sizes alone and is SDPA's causal mask at the example sizes: the
+    # program runs the core with is_causal and builds no mask (passes/size_masks.py)
+    mask_causal: bool = False
     head_bias: bool = False  # a mask/bias with a head axis (ALiBi, relative position bias)
     rotary: Rotary | None = None
     qk_norm: tuple[str, ...] = ()
@@ -93,6 +96,20 @@ class MlpSite:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Workload:
+    """Per sequence, the work outside projections, attention cores and MLP interiors
+    (passes/workload.py reads it from the graph, op by op as eager PyTorch runs it)."""
+
+    replicated_bytes: float = 0.0   # pointwise ops every rank runs whole (residual adds, casts)
+    replicated_norm_bytes: float = 0.0  # norms and row reductions every rank runs whole
+    q_head_bytes: float = 0.0       # on query-head tensors: divides over n * m ranks
+    kv_head_bytes: float = 0.0      # on key/value-head tensors: over min(n, H_kv) * m ranks
+    mask_bytes: float = 0.0         # building a materialized (.., S_q, S_k) attention mask
+    replicated_flops: float = 0.0   # matmuls outside sites and MLPs (an LM head)
+    ops: int = 0                    # kernels counted
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ModelSummary:
     """What the solver and the cost model need to know about a captured model."""
 
@@ -104,4 +121,7 @@ class ModelSummary:
     batch: int = 1               # B of the example inputs
     seq_len: int = 1             # S of the example inputs (tokens per sequence)
     name: str = "model"
+    # None for a summary written by hand: the cost model then prices a block's norm and
+    # residual by cost.ELEMENTWISE_PASSES_PER_BLOCK (and says so in the plan's notes)
+    workload: Workload | None = None
     extra: dict = field(default_factory=dict, compare=False, hash=False)

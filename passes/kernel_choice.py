@@ -9,7 +9,8 @@ This pass rewrites
         with head dim d > head_dim_threshold
     -> torch.ops.helix.chunked_attention(q, k, v, mask, is_causal, scale, chunk_bytes, 0)
 
-and (score-reduce variant) the materialized tail
+and where a head dim is not a multiple of 8 (no fused kernel loads it; SDPA would run its
+math path), and (score-reduce variant) the materialized tail
 
     torch.ops.helix.attend(scores, v, mask, is_causal, scale)
     -> torch.ops.helix.chunked_attend(scores, v, mask, is_causal, scale, chunk_bytes)
@@ -67,6 +68,22 @@ def _shapes(gm: fx.GraphModule, example_inputs) -> dict:
     return {**seen, **out}
 
 
+def fused_kernel_exists(d_qk: int, d_v: int | None, head_dim_threshold: int = 256) -> bool:
+    """Whether SDPA has a fused kernel for q/k head dim d_qk and v head dim d_v: both
+    multiples of FUSED_ALIGN (a qk-gather core's V has d/m, 4 wide at d = 128, m = 32:
+    SDPA would fall back to its math path) and d_qk within the threshold."""
+    from helix_compiler.cost import fused_takes
+
+    d_v = d_qk if d_v is None else d_v
+    return d_qk <= head_dim_threshold and fused_takes("cudnn", int(d_qk), int(d_v))
+
+
+def _flag(x):
+    """is_causal as the graph has it: a constant, or a node (passes/size_masks.py decides it
+    at run time)."""
+    return x if isinstance(x, fx.Node) else bool(x)
+
+
 def _sdpa_args(node: fx.Node):
     """(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa) of an SDPA node."""
     names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -78,7 +95,8 @@ def _sdpa_args(node: fx.Node):
 def apply_kernel_choice(gm: fx.GraphModule, head_dim_threshold: int = 256, *,
                         example_inputs=None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                         rewrite_attend: bool = True) -> fx.GraphModule:
-    """Rewrite attention cores with head dim > head_dim_threshold (and, with
+    """Rewrite attention cores no fused kernel takes (head dim > head_dim_threshold, or q / v
+    head dims not multiples of 8) (and, with
     rewrite_attend, every helix.attend tail) into the exact chunked explicit form.
     Works in place on `gm` and returns it; `gm.meta["kernel_choice"]` lists what changed."""
     import helix_compiler.kernels_chunked  # noqa: F401  (registers the ops)
@@ -92,14 +110,16 @@ def apply_kernel_choice(gm: fx.GraphModule, head_dim_threshold: int = 256, *,
             a = _sdpa_args(node)
             if a["dropout_p"] not in (0, 0.0):
                 continue            # training-mode dropout: leave SDPA to do it
-            q_shape = shapes.get(a["query"])
-            if q_shape is not None and q_shape[-1] <= head_dim_threshold:
-                continue            # a fused kernel exists for this head dim
-            min_d = 0 if q_shape is not None else head_dim_threshold
+            q_shape, v_shape = shapes.get(a["query"]), shapes.get(a["value"])
+            known = q_shape is not None and v_shape is not None
+            if known and fused_kernel_exists(q_shape[-1], v_shape[-1], head_dim_threshold):
+                continue            # a fused kernel takes these head dims
+            # shapes unknown: the op decides at run time (SDPA where a fused kernel takes them)
+            min_d = 0 if known else head_dim_threshold
             with gm.graph.inserting_before(node):
                 new = gm.graph.call_function(
                     torch.ops.helix.chunked_attention.default,
-                    (a["query"], a["key"], a["value"], a["attn_mask"], bool(a["is_causal"]),
+                    (a["query"], a["key"], a["value"], a["attn_mask"], _flag(a["is_causal"]),
                      a["scale"], int(chunk_bytes), int(min_d)))
             new.meta.update({k: v for k, v in node.meta.items() if k in ("val", "tensor_meta",
                                                                          "stack_trace")})
@@ -111,7 +131,7 @@ def apply_kernel_choice(gm: fx.GraphModule, head_dim_threshold: int = 256, *,
             with gm.graph.inserting_before(node):
                 new = gm.graph.call_function(
                     torch.ops.helix.chunked_attend.default,
-                    (scores, v, mask, bool(is_causal), float(scale), int(chunk_bytes)))
+                    (scores, v, mask, _flag(is_causal), float(scale), int(chunk_bytes)))
             new.meta.update({k: v for k, v in node.meta.items() if k in ("val", "tensor_meta",
                                                                          "stack_trace")})
             node.replace_all_uses_with(new)

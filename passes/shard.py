@@ -188,8 +188,12 @@ class Localizer:
         self.attrs[r][name] = torch.as_tensor(pos, dtype=torch.int64)
         return self.graphs[r].get_attr(name)
 
-    def gather_dim(self, node: fx.Node, locals_, dim: int, split: Split) -> list:
-        """All-gather a split dim so every rank holds it whole, in global order."""
+    def gather_dim(self, node: fx.Node, locals_, dim: int, split: Split,
+                   ordered: bool = True) -> list:
+        """All-gather a split dim so every rank holds it whole, in global order; with
+        ordered=False, in the group's order when that is a permutation of the dim (for a
+        contraction whose other operand is gathered the same way: a dot product does not
+        depend on the order of its terms, so no reorder pass is needed)."""
         axes = varying_axes(split, self.mesh)
         if axes is None:
             raise ShardingError(f"node {node.name}: every rank holds the same part of dim {dim}; "
@@ -207,7 +211,9 @@ class Localizer:
                                     f"{split.size} elements of dim {dim}")
             x = self.emit(r, helix.all_gather.default, (locals_[r], axes, dim, sizes))
             pos = np.array([first[g] for g in range(split.size)], dtype=np.int64)
-            if not np.array_equal(pos, np.arange(len(cat))):
+            if not ordered and len(cat) == split.size:
+                pass                    # a permutation: the contraction takes it as it is
+            elif not np.array_equal(pos, np.arange(len(cat))):
                 sl = as_slice(pos)
                 if sl is not None:
                     x = self.emit(r, aten.slice.Tensor, (x, dim, sl[0], sl[1], sl[2]))

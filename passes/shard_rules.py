@@ -494,19 +494,24 @@ def _linear(lz, node):
             lz.env[r][node] = lz.emit(r, node.target, args, name=node.name)
         lz.lay[node] = tuple(xl[:-1]) + (out,)
         return True
-    # row parallel: a partial sum over the split input features, reduced once; bias after.
+    # row parallel: a partial sum over the split input features, reduced once. The bias rides
+    # in the partial of the one rank per reduction group that holds input feature 0 (the group
+    # partitions the features: all_reduce checks it), in the GEMM's epilogue: the sum then
+    # holds it once, with no pass over the output after the reduction.
     parts = []
     for r in range(lz.N):
         wl = lz.attr(r, w, ((in_dim, sx.lists[r]),))
         xr = lz.local(r, x)
-        parts.append(lz.emit(r, aten.mm.default, (xr, wl)) if addmm
-                     else lz.emit(r, aten.linear.default, (xr, wl)))
+        if b is not None and bool((np.asarray(sx.lists[r]) == 0).any()):
+            bl = lz.attr(r, b)
+            parts.append(lz.emit(r, aten.addmm.default, (bl, xr, wl)) if addmm
+                         else lz.emit(r, aten.linear.default, (xr, wl, bl)))
+        else:
+            parts.append(lz.emit(r, aten.mm.default, (xr, wl)) if addmm
+                         else lz.emit(r, aten.linear.default, (xr, wl)))
     reduced = lz.all_reduce(node, parts, sx)
     for r in range(lz.N):
-        out = reduced[r]
-        if b is not None:
-            out = lz.emit(r, aten.add.Tensor, (out, lz.attr(r, b)))
-        lz.env[r][node] = out
+        lz.env[r][node] = reduced[r]
     lz.lay[node] = tuple(xl[:-1]) + (None,)
     return True
 
@@ -578,8 +583,9 @@ def _contract(lz, node, a, b, op):
         # gather the contracted dim on both sides: every rank holds it whole, in the same order
         if not same(ka, kb):
             lz.replicated.append((node.name, "matmul over differently split dims"))
-        ga = lz.gather_dim(a, locals_[a], nd_a - 1, ka)
-        gb = lz.gather_dim(b, locals_[b], nd_b - 2, kb)
+        alike = same(ka, kb)    # the same permutation on both sides: no reorder needed
+        ga = lz.gather_dim(a, locals_[a], nd_a - 1, ka, ordered=not alike)
+        gb = lz.gather_dim(b, locals_[b], nd_b - 2, kb, ordered=not alike)
         return [lz.emit(r, op, (ga[r], gb[r])) for r in range(lz.N)], out_lay
     parts = [lz.emit(r, op, (locals_[a][r], locals_[b][r])) for r in range(lz.N)]
     return lz.all_reduce(node, parts, ka), out_lay
@@ -776,8 +782,10 @@ def _sdpa(lz, node):
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     variant = lz.variants.get(node.name, "score-reduce")
     if variant == "qk-gather":
-        gq = lz.gather_dim(q, locals_[q], len(shape(q)) - 1, dq)
-        gk = lz.gather_dim(k, locals_[k], len(shape(k)) - 1, dk)
+        # Q and K are split alike (same(dq, dk)): gathered in the group's order, both carry the
+        # same permutation of d, which Q K^T sums over
+        gq = lz.gather_dim(q, locals_[q], len(shape(q)) - 1, dq, ordered=False)
+        gk = lz.gather_dim(k, locals_[k], len(shape(k)) - 1, dk, ordered=False)
         for r in range(lz.N):
             kw = {"attn_mask": mask_locals[r] if mask_locals else None,
                   "is_causal": bool(args.get("is_causal", False)), "scale": scale,
