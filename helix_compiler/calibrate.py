@@ -48,6 +48,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .profile import KERNEL_MAX_HEAD_DIM
+
 # Datasheet peaks (dense) by device name fragment: (fp16, bf16, fp32 TFLOP/s, HBM GB/s).
 DATASHEETS = {
     "H100 80GB HBM3": (989.0, 989.0, 67.0, 3350.0),      # H100 SXM5
@@ -222,8 +224,11 @@ def bench_attention(S, dims, heads_for, dtype, device, repeats, chunk_bytes) -> 
     return out
 
 
+VARIANT_HEADS = 8
+
+
 def bench_attention_variants(S, dims, heads_for, dtype, device, repeats) -> list[dict]:
-    """Fused SDPA backends as plans run them: causal (is_causal) and with a materialized bool
+    """Fused SDPA backends (those with a kernel for d) as plans run them: causal (is_causal) and with a materialized bool
     mask (HF's (1, 1, S, S)), per head dim d; and with V narrower than Q, K (a qk-gather core:
     V at d/m) at d_v = d/2 .. 8, under each mask. FLOPs count every score:
     2 * h * S^2 * (d + d_v)."""
@@ -235,7 +240,10 @@ def bench_attention_variants(S, dims, heads_for, dtype, device, repeats) -> list
     g = torch.Generator(device=device).manual_seed(1)
     keep = torch.ones(S, S, dtype=torch.bool, device=device).tril()[None, None]
     for d in dims:
-        h = heads_for(d)
+        # at least VARIANT_HEADS heads: a grid of (heads x query tiles) that fills the GPU, as a
+        # plan's micro-batch of several sequences does (one head of 10k rows is 79 tiles: at
+        # d = 512, d_v = 32 that ran at 125 TFLOP/s where 16 heads in a plan ran at 160)
+        h = max(heads_for(d), VARIANT_HEADS)
         q, k = (_randn(1, h, S, d, dtype=dtype, device=device, gen=g) for _ in range(2))
         cases = [(d, "causal"), (d, "tensor")]
         cases += [(dv, mk) for dv in (d // 2, d // 4, d // 8, d // 16) if dv >= 8
@@ -248,6 +256,9 @@ def bench_attention_variants(S, dims, heads_for, dtype, device, repeats) -> list
             kw = {"is_causal": True} if mask == "causal" else (
                 {"attn_mask": keep} if mask == "tensor" else {})
             for name, bk in backends.items():
+                limit = KERNEL_MAX_HEAD_DIM[name]
+                if limit is not None and d > limit:
+                    continue            # no such kernel (the efficient one runs at d = 512)
                 try:
                     with sdpa_kernel([bk]):
                         fn = lambda: F.scaled_dot_product_attention(q, k, v, **kw)  # noqa: E731
@@ -338,8 +349,9 @@ def bench_softmax_rows(S, row_blocks, dtype, device, repeats) -> list[dict]:
 
 def bench_score_ops(widths, dtype, device, repeats, block_bytes=256 << 20) -> list[dict]:
     """An explicit core's passes over one block of scores (h, S, S), as kernels_chunked runs
-    them, per sequence length S: the scale (a multiply), the causal fill (the mask compared
-    from aranges, masked_fill_ in place), the softmax. GB/s count the score bytes read and
+    them, per sequence length S: the scale (a multiply), the softmax, the causal fill (the mask
+    compared from aranges, masked_fill_ in place), the softmax of causally masked rows (half
+    -inf: measured slower, 871 against 1012 GB/s at S = 8192). GB/s count the score bytes read and
     written (2 passes), so the cost model's pass counts use them as they are."""
     out = []
     for S in widths:
@@ -352,8 +364,10 @@ def bench_score_ops(widths, dtype, device, repeats, block_bytes=256 << 20) -> li
         def fill():
             s.masked_fill_(cols > rows, float("-inf"))
 
-        for op, fn in (("pointwise", lambda: s * 0.05), ("mask_fill", fill),
-                       ("softmax", lambda: torch.softmax(s, dim=-1))):
+        # in this order: the softmax of random scores, then the fill (in place: from here on
+        # the upper triangle is -inf), then the softmax of the causally masked scores
+        for op, fn in (("pointwise", lambda: s * 0.05), ("softmax", lambda: torch.softmax(s, -1)),
+                       ("mask_fill", fill), ("masked_softmax", lambda: torch.softmax(s, -1))):
             t = time_ms(fn, device, repeats=repeats)
             out.append({"op": op, "shape": [h * S, S], "bytes": nbytes, **t,
                         "gb_s": nbytes / (t["median_ms"] * 1e-3) / 1e9})
@@ -404,6 +418,11 @@ def make_profile(meas: dict, info: dict, chunk_bytes: int):
     softmax_gb_s = max(meas["softmax_rows"], key=lambda r: r["shape"][0] * r["shape"][1])["gb_s"]
     # memory-bound classes by row width: the score passes per S, the model's own tensors
     mem_rows = list(meas.get("score_ops", ()))
+    if not any(r["op"] == "masked_softmax" for r in mem_rows):
+        # runs before masked_softmax was its own row timed "softmax" after the in-place causal
+        # fill of the same scores: that softmax is the masked one
+        mem_rows = [{**r, "op": "masked_softmax"} if r["op"] == "softmax" else r
+                    for r in mem_rows]
     mem_rows += [{**r, "op": "softmax"} for r in meas["softmax_rows"]]
     for r in meas["memory_ops"]:
         op = {"add": "pointwise", "layer_norm": "norm", "softmax": "softmax"}.get(r["op"])
@@ -463,9 +482,8 @@ def calibrate(device=None, small: bool = False, repeats: int = 10,
     meas["score_ops"] = bench_score_ops((128, 256) if small else (4096, 8192, 10_000, 16_384),
                                         dtype, device, repeats)
     log(f"[calibrate] score ops {time.perf_counter() - t0:.1f} s")
-    fused_dims = [d for d in dims if d <= 256]
-    meas["attention_variants"] = bench_attention_variants(S, fused_dims, heads_for, dtype,
-                                                          device, repeats)
+    meas["attention_variants"] = bench_attention_variants(S, dims, heads_for, dtype, device,
+                                                          repeats)
     log(f"[calibrate] attention variants {time.perf_counter() - t0:.1f} s")
     profile = make_profile(meas, info, chunk_bytes)
     meas["seconds"] = round(time.perf_counter() - t0, 1)

@@ -449,9 +449,9 @@ def _attention_terms_uncached(site, w, variant, backend, b, lay, mach,
             terms.append(("mask over scores", "compute",
                           mach.memory_s(_ev("score_passes_bytes", {**env, "P_s": 2}),
                                         prof.bandwidth_efficiency("mask_fill", cols))))
+        soft = "softmax" if mask_kind(site) == "none" else "masked_softmax"
         terms += [("softmax", "compute",
-                   mach.memory_s(_ev("softmax_bytes", env),
-                                 prof.bandwidth_efficiency("softmax", cols))),
+                   mach.memory_s(_ev("softmax_bytes", env), prof.bandwidth_efficiency(soft, cols))),
                   ("PV", "compute", mach.score_gemm_s("pv_gemm", _ev("pv_flops", env),
                                                       _ev("pv_bytes", env),
                                                       _value_dim(site, variant, lay), dt))]

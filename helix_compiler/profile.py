@@ -49,8 +49,9 @@ from .errors import HelixError
 OPS = ("matmul", "attention", "qk_gemm", "pv_gemm")
 # Memory-bound op classes, shape (rows, cols), achieved GB/s (bytes read + written / time):
 # pointwise (add, mul, casts, copies), norm (layer norm and other row reductions), softmax,
-# mask_fill (an in-place masked_fill of scores, as the explicit cores apply a causal mask).
-MEMORY_OPS = ("pointwise", "norm", "softmax", "mask_fill")
+# masked_softmax (rows with a causal -inf triangle), mask_fill (an in-place masked_fill of
+# scores, as the explicit cores apply a causal mask).
+MEMORY_OPS = ("pointwise", "norm", "softmax", "masked_softmax", "mask_fill")
 # Attention backends: fused SDPA kernels. "explicit" (matmul -> softmax ->
 # matmul) is not a kernel: the cost model prices it op by op.
 BACKENDS = ("flash", "cudnn", "efficient", "explicit")
@@ -166,6 +167,8 @@ class ComputeProfile:
         width `cols` (log scale; None: the largest measurement); a profile with no row of the
         class answers with softmax_gb_s (softmax) or elementwise_gb_s (the others)."""
         rows = [r for r in self.rates if r.op == op]
+        if not rows and op == "masked_softmax":
+            return self.bandwidth_efficiency("softmax", cols)
         if not rows:
             return (self.softmax_gb_s if op == "softmax" else self.elementwise_gb_s) / self.hbm_gb_s
         if cols is None:
