@@ -223,7 +223,7 @@ class PlanCost:
     tokens_per_s: float
     comm_ms_per_token: float           # comm_ms / (B * S)
     memory_bytes_per_rank: int         # at the chosen micro-batch
-    param_elements_per_rank: int
+    param_elements_per_rank: int       # the largest rank's (it holds the row-parallel biases)
     micro_batch: int                   # sequences per micro-batch
     micro_batches: int
     sites: tuple[SiteCost, ...] = ()

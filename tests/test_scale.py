@@ -17,8 +17,10 @@ def test_params_per_rank_in_plan_match_emitted_modules(z):
     plans = [(1, 4), (2, 2), (4, 1)] if z.sites else [(1, 4)]
     for plan in plans:
         prog = helix_compile(model, devices=4, example_inputs=args, example_kwargs=kwargs, plan=plan)
-        for r in range(4):
-            assert _rank_params(prog, r) == prog.plan.cost.param_elements_per_rank, (z.name, plan, r)
+        # the plan counts the largest rank: the one that holds the row-parallel biases (they
+        # ride in one rank's partial per reduction group); no rank holds more
+        held = [_rank_params(prog, r) for r in range(4)]
+        assert max(held) == prog.plan.cost.param_elements_per_rank, (z.name, plan, held)
 
 
 def test_llama70b_layers_on_meta_shard_without_allocating():
