@@ -49,9 +49,10 @@ def _summary(model, *args, **kwargs):
 def test_a_block_counts_its_norms_residuals_and_output_copy_by_hand():
     s = _summary(Block(), torch.randn(B, S, D))
     wl, bsd = s.workload, S * D * 4          # fp32 bytes of one (S, D) tensor, per sequence
-    # two layer norms (read x, write y) and two residual adds (read 2, write 1); the layer
-    # norm's weight and bias are read too
-    assert wl.replicated_bytes == pytest.approx(2 * 2 * bsd + 2 * 3 * bsd + 2 * 2 * D * 4 / B)
+    # two residual adds (read 2, write 1); two layer norms (read x, write y, and their weight
+    # and bias), priced apart at the norm rate
+    assert wl.replicated_bytes == pytest.approx(2 * 3 * bsd)
+    assert wl.replicated_norm_bytes == pytest.approx(2 * 2 * bsd + 2 * 2 * D * 4 / B)
     # the core's output (B, H, S, d) -> transpose -> reshape copies it: read and write
     assert wl.q_head_bytes == pytest.approx(2 * bsd)
     assert wl.kv_head_bytes == 0 and wl.mask_bytes == 0 and wl.replicated_flops == 0
@@ -89,7 +90,7 @@ def test_replicated_ops_cost_the_same_on_every_split_and_head_ops_divide():
     for m, n in ((1, 1), (1, 4), (2, 2), (4, 1)):
         terms = dict(cost_plan(s, m, n, NODE).graph[0].terms)
         graph[m, n] = terms
-    rep = "replicated ops (norms, residuals, casts, mask)"
+    rep = "replicated ops (residuals, casts, mask)"
     head = "head-path ops (rotary, repeat_kv, copies)"
     assert len({round(t[rep], 9) for t in graph.values()}) == 1
     assert graph[1, 4][head] == pytest.approx(graph[1, 1][head] / 4, rel=1e-6)
@@ -303,3 +304,21 @@ def test_a_mask_changed_in_place_after_it_is_built_is_left_alone():
     apply_size_masks(gm)
     assert gm.meta["size_masks"] == []
     assert torch.allclose(gm(q, k, v), ref)
+
+
+def test_memory_rates_are_read_by_row_width_and_fall_back_by_class():
+    peak = DEFAULT_PROFILE.hbm_gb_s
+    assert DEFAULT_PROFILE.bandwidth_efficiency("pointwise") == pytest.approx(
+        DEFAULT_PROFILE.elementwise_gb_s / peak)
+    assert DEFAULT_PROFILE.bandwidth_efficiency("masked_softmax", 8192) == pytest.approx(
+        DEFAULT_PROFILE.softmax_gb_s / peak)
+    prof = _with_rows(Rate(op="softmax", shape=(1024, 10000), dtype="fp16", gb_s=1100.0),
+                      Rate(op="softmax", shape=(10000, 10000), dtype="fp16", gb_s=1700.0),
+                      Rate(op="softmax", shape=(16384, 8192), dtype="fp16", gb_s=1000.0))
+    assert prof.bandwidth_efficiency("softmax", 8192) == pytest.approx(1000 / peak)
+    # of equal widths, the largest block: a whole head of scores
+    assert prof.bandwidth_efficiency("softmax", 10000) == pytest.approx(1700 / peak)
+    assert prof.bandwidth_efficiency("masked_softmax", 9800) == pytest.approx(1700 / peak)
+    assert profile_from_yaml(prof.to_yaml()) == prof
+    with pytest.raises(Exception, match="gb_s must be positive"):
+        Rate(op="softmax", shape=(2, 2), dtype="fp16", tflops=1.0)
