@@ -44,6 +44,26 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def on_device(gm: fx.GraphModule, device) -> fx.GraphModule:
+    """`gm` with its parameters and buffers on `device`, and every device its graphs name
+    (factory calls such as arange, `.to(device=...)`, export's metadata asserts) pointed there
+    too: a graph captured on the CPU or on meta then runs on the GPU. In place; returns gm."""
+    device = torch.device(device)
+    gm.to(device)
+
+    def repoint(a):
+        return device if isinstance(a, torch.device) else a
+
+    for sub in gm.modules():
+        if not isinstance(sub, fx.GraphModule):
+            continue
+        for node in sub.graph.nodes:
+            node.args = fx.node.map_aggregate(node.args, repoint)
+            node.kwargs = fx.node.map_aggregate(node.kwargs, repoint)
+        sub.recompile()
+    return gm
+
+
 def run_ranks(modules, mesh: Mesh, args, kwargs, timeout_s: float = 300.0) -> list:
     """Run rank modules concurrently in this process with simulated collectives."""
     sim = collectives.SimulatedBackend(mesh, timeout_s=timeout_s)

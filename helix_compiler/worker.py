@@ -144,6 +144,7 @@ def run_rank(args, rank: int, world: int, local_rank: int) -> dict:
     from .collectives import DistributedBackend
     from .modelspec import load_model_spec
     from .plan import Plan
+    from .program import on_device
 
     if args.backend == "nccl":
         device = torch.device("cuda", local_rank)
@@ -169,10 +170,10 @@ def run_rank(args, rank: int, world: int, local_rank: int) -> dict:
     collectives.bind(DistributedBackend(prog.mesh, device.type))
     if args.weights:
         # only this rank's slices are read from the checkpoint (memory-mapped)
-        module = prog.rank_module(rank, weights=args.weights).to(device)
+        module = on_device(prog.rank_module(rank, weights=args.weights), device)
         _load_reference_weights(prog, args.weights)
     else:
-        module = prog.rank_module(rank).to(device)
+        module = on_device(prog.rank_module(rank), device)
     inputs, kwargs = _to((inputs, kwargs), device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     barrier = (lambda: dist.barrier(device_ids=[local_rank])) if device.type == "cuda" else dist.barrier
@@ -186,7 +187,7 @@ def run_rank(args, rank: int, world: int, local_rank: int) -> dict:
             out = module(*inputs, **kwargs)
         sync()
         ms = (time.perf_counter() - start) * 1e3 / args.steps
-        prog.analysis.captured.gm.to(device)
+        on_device(prog.analysis.captured.gm, device)
         ref = prog.reference(*inputs, **kwargs)
     error = relative_error(out, ref)
     reduced = torch.tensor([error, ms], dtype=torch.float64, device=device)
