@@ -74,19 +74,28 @@ def plan_model(model: torch.nn.Module, devices: int = 16, example_inputs=(), exa
 
 def helix_compile(model: torch.nn.Module, devices: int = 16, example_inputs=(), example_kwargs=None,
                   cluster=None, plan=None, variant=None, profile=None, print_after=(),
-                  kernel_choice=None, dynamic: bool = True) -> HelixProgram:
+                  kernel_choice=None, dynamic: bool = True,
+                  sequence_parallel: bool = False) -> HelixProgram:
     """Compile `model` for `devices` ranks: capture, plan, shard; returns a HelixProgram.
 
     plan=(m, n) forces a split; variant="score-reduce" | "qk-gather" forces the m > 1 variant
     of every site (for tests); cluster is a preset name, a YAML path or a ClusterSpec.
     kernel_choice: rewrite attention cores whose head dims no fused SDPA kernel takes (> 256 on
     Hopper, or not a multiple of 8, as a qk-gather core's d/m can be) into the exact chunked
-    explicit form (passes/kernel_choice.py); None = when the plan has such a core.  dynamic: capture batch and sequence sizes as symbols so the
-    rank modules run other sizes (about twice the export time of a static capture).
+    explicit form (passes/kernel_choice.py); None = when the plan has such a core.
+    dynamic: capture batch and sequence sizes as symbols so the rank modules run other sizes
+    (about twice the export time of a static capture).  sequence_parallel: hold the residual
+    stream after each row-parallel projection split along the sequence over all ranks, so
+    norms and residual adds run on 1/N of the tokens; it is gathered again before each
+    column-parallel projection. Needs a static sequence length (dynamic=False); off by
+    default (the planner does not price it yet).
     """
+    if sequence_parallel and dynamic:
+        raise PlanError("sequence_parallel=True needs a static sequence length; pass "
+                        "dynamic=False as well")
     result, analysis = plan_model(model, devices, example_inputs, example_kwargs, cluster, plan,
                                   variant, profile, print_after, dynamic=dynamic)
-    prog = _shard(result, analysis)
+    prog = _shard(result, analysis, sequence_parallel)
     prog.kernel_choice = _kernel_choice(kernel_choice, analysis, prog.plan.m)
     prog._source = dict(model=model, example_inputs=example_inputs, example_kwargs=example_kwargs,
                         cluster=cluster, profile=profile)
@@ -167,7 +176,7 @@ def needs_kernel_choice(analysis, m: int = 1) -> bool:
 EAGER_EMIT_NODES = 100_000
 
 
-def _shard(result, analysis) -> HelixProgram:
+def _shard(result, analysis, sequence_parallel: bool = False) -> HelixProgram:
     from passes.seeds import mlp_seeds, site_seeds
     from passes.shard import localize
 
@@ -185,7 +194,7 @@ def _shard(result, analysis) -> HelixProgram:
     def run(active):
         try:
             return localize(analysis.captured.gm, mesh, seeds, variants, analysis.captured.params, active,
-                            analysis.views)
+                            analysis.views, sequence_parallel=sequence_parallel)
         except HelixError:
             raise
         except Exception as e:

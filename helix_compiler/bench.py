@@ -121,6 +121,11 @@ class StubCollectives:
     def all_reduce(self, x, axes, op):
         return torch.empty_like(x)
 
+    def reduce_scatter(self, x, axes, dim, sizes):
+        shape = list(x.shape)
+        shape[dim % x.dim()] = sizes[0]    # rank 0's chunk: the benches time rank 0
+        return x.new_empty(shape)
+
     def all_gather(self, x, axes, dim, sizes):
         dim = dim % x.dim()
         parts = []
@@ -135,7 +140,8 @@ class StubCollectives:
 
 
 # --- rank graphs --------------------------------------------------------------------------
-def compile_rank(cfg, m: int, n: int, variant: str | None, devices: int, cluster):
+def compile_rank(cfg, m: int, n: int, variant: str | None, devices: int, cluster,
+                 sequence_parallel: bool = False):
     """rank_module(0) of helix m x n for one sequence (meta buffers), and its plan."""
     from examples.paper_model import build
     from helix_compiler import helix_compile
@@ -144,7 +150,8 @@ def compile_rank(cfg, m: int, n: int, variant: str | None, devices: int, cluster
     # kernel_choice=False: the runner applies it or not per row ([sdpa] rows run SDPA as
     # PyTorch picks; [kernel-choice] rows the chunked explicit core)
     prog = helix_compile(model, devices, (x,), plan=(m, n), variant=variant, cluster=cluster,
-                         kernel_choice=False)
+                         kernel_choice=False, sequence_parallel=sequence_parallel,
+                         dynamic=not sequence_parallel)
     gm = prog.rank_module(0)
     return fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__), prog.plan
 
@@ -328,9 +335,11 @@ def run_timed(make_fn, b: int, device, warmup: int, repeats: int, log):
 class HelixRunner:
     """One helix rank graph, compiled once, runnable at any micro-batch, either kernel mode."""
 
-    def __init__(self, cfg, m, n, variant, devices, cluster, device, chunk_bytes):
+    def __init__(self, cfg, m, n, variant, devices, cluster, device, chunk_bytes,
+                 sequence_parallel: bool = False):
         self.cfg, self.device, self.chunk_bytes = cfg, device, chunk_bytes
-        self.gm1, self.plan = compile_rank(cfg, m, n, variant, devices, cluster)
+        self.gm1, self.plan = compile_rank(cfg, m, n, variant, devices, cluster,
+                                           sequence_parallel)
         self.shape1 = (1, cfg.seq, cfg.hidden)
 
     def graph(self, b: int, kernel_choice: bool) -> fx.GraphModule:
@@ -640,6 +649,7 @@ def assemble(raw: dict, summary, cluster, profile, cfg) -> dict:
         "plans": rows,
         "b_sweep": raw.get("b_sweep"),
         "compiled": raw.get("compiled"),
+        "sequence_parallel": raw.get("sequence_parallel"),
     }
 
 
@@ -788,6 +798,8 @@ def extras(args, cfg, cluster, device, log, raw) -> None:
         except Exception as e:  # noqa: BLE001
             raw["b_sweep"].append({"b": b, "error": f"{type(e).__name__}: {e}"})
         _free(device)
+    if args.b_sweep:
+        sequence_parallel_sweep(args, cfg, cluster, device, log, raw, flops)
     if args.compile_check:
         out = {"what": "rank graph m=1 with kernel choice, torch.compile (inductor, default "
                        "mode), one sequence", "flops_per_sequence": flops}
@@ -819,6 +831,49 @@ def extras(args, cfg, cluster, device, log, raw) -> None:
             collectives.bind(None)
         raw["compiled"] = out
     _free(device)
+
+
+def sequence_parallel_sweep(args, cfg, cluster, device, log, raw, flops) -> None:
+    """helix m=1 x n=N with kernel choice and sequence-parallel norms (helix_compile's
+    sequence_parallel=True): ms per sequence at the b-sweep's micro-batches, one rank, the
+    reduce-scatter and all-gather stubbed like the other collectives."""
+    raw["sequence_parallel"] = []
+    try:
+        runner = HelixRunner(cfg, 1, args.devices, None, args.devices, cluster, device,
+                             args.chunk_bytes, sequence_parallel=True)
+        runner._small = args.small
+    except Exception as e:  # noqa: BLE001
+        raw["sequence_parallel"].append({"error": f"compile: {type(e).__name__}: {e}"})
+        log(f"  sequence parallel: compile failed: {e}")
+        return
+    for b in args.b_sweep:
+        try:
+            b_used, t, fn = run_timed(runner.make(True), b, device, args.warmup, args.repeats, log)
+            del fn
+            row = {"b": b_used, "ms_per_micro_batch": t["median_ms"],
+                   "ms_per_sequence": t["median_ms"] / b_used,
+                   "tflops": flops * b_used / (t["median_ms"] * 1e-3) / 1e12,
+                   **{k: t.get(k) for k in ("peak_gib", "alloc_retries", "device_mallocs")}}
+            if b_used == 1:
+                gm = materialize(runner.graph(1, True), device)
+                x = torch.randn(1, cfg.seq, cfg.hidden, dtype=cfg.dtype, device=device)
+                from helix_compiler import collectives
+
+                collectives.bind(StubCollectives())
+                try:
+                    with torch.no_grad():
+                        row["class_ms_per_sequence"] = class_split(lambda: gm(x), device)
+                        row["top_ops"] = getattr(class_split, "last_top", None)
+                finally:
+                    collectives.bind(None)
+                del gm
+            raw["sequence_parallel"].append(row)
+            log(f"  sequence parallel m=1 kernel-choice b={b_used}: "
+                f"{t['median_ms'] / b_used:.2f} ms/seq ({row['tflops']:.0f} TFLOP/s)")
+        except Exception as e:  # noqa: BLE001
+            raw["sequence_parallel"].append({"b": b, "error": f"{type(e).__name__}: {e}"})
+            log(f"  sequence parallel b={b}: FAILED {e}")
+        _free(device)
 
 
 def table(result: dict) -> str:

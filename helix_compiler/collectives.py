@@ -63,6 +63,20 @@ def _(x, axes, dim, sizes):
     return x.new_empty(shape)
 
 
+@torch.library.custom_op("helix::reduce_scatter", mutates_args=())
+def reduce_scatter(x: torch.Tensor, axes: str, dim: int, sizes: list[int]) -> torch.Tensor:
+    """The sum over the group, of which this rank keeps its chunk along `dim`: `sizes` are the
+    chunks of the group's ranks in group order."""
+    return _backend().reduce_scatter(x, axes, dim, sizes)
+
+
+@reduce_scatter.register_fake
+def _(x, axes, dim, sizes):
+    shape = list(x.shape)
+    shape[dim] = max(sizes)
+    return x.new_empty(shape)
+
+
 class _Aborted(HelixError):
     pass
 
@@ -133,6 +147,10 @@ class _RankView:
         return self.sim._exchange(self.rank, axes, f"all_gather{dim}", x,
                                   lambda xs: torch.cat(xs, dim=dim)).clone()
 
+    def reduce_scatter(self, x, axes, dim, sizes):
+        pos = self.sim.mesh.group(self.rank, axes).index(self.rank)
+        return self.all_reduce(x, axes, "sum").narrow(dim, sum(sizes[:pos]), sizes[pos]).clone()
+
 
 class DistributedBackend:
     """torch.distributed functional collectives on the sub-groups of a ("head", "dim") DeviceMesh."""
@@ -151,6 +169,17 @@ class DistributedBackend:
 
         out = funcol.all_reduce(x.contiguous(), {"sum": "sum", "max": "max"}[op], self.groups[axes])
         return funcol.wait_tensor(out) if hasattr(funcol, "wait_tensor") else out
+
+    def reduce_scatter(self, x, axes, dim, sizes):
+        import torch.distributed._functional_collectives as funcol
+
+        group = self.groups[axes]
+        pos = torch.distributed.get_rank(group)
+        if len(set(sizes)) == 1:
+            out = funcol.reduce_scatter_tensor(x.contiguous(), "sum", dim, group)
+            return funcol.wait_tensor(out) if hasattr(funcol, "wait_tensor") else out
+        # uneven chunks: the whole sum, then this rank's chunk
+        return self.all_reduce(x, axes, "sum").narrow(dim, sum(sizes[:pos]), sizes[pos])
 
     def all_gather(self, x, axes, dim, sizes):
         import torch.distributed._functional_collectives as funcol

@@ -34,7 +34,7 @@ from helix_compiler.errors import ShardingError
 from helix_compiler.mesh import Mesh
 
 from .graph_utils import aten, shape
-from .layout import Split, as_slice, check_partition, lists_of, positions, varying_axes
+from .layout import Split, as_slice, check_partition, lists_of, make_split, positions, varying_axes
 
 helix = torch.ops.helix
 
@@ -50,7 +50,7 @@ class Localized:
 
 class Localizer:
     def __init__(self, gm: fx.GraphModule, mesh: Mesh, seeds: dict, variants: dict, params: dict,
-                 active=None, views=None):
+                 active=None, views=None, sequence_parallel: bool = False):
         self.views = views or {}  # derived parameter name -> fold_params.ParamView
         self.gm, self.mesh, self.N = gm, mesh, mesh.size
         # Placements are computed for every rank (collective groups need them all); graphs are
@@ -67,6 +67,8 @@ class Localizer:
         self._attr_cache = [dict() for _ in range(self.N)]
         self.replicated = []
         self.counts = [dict() for _ in range(self.N)]
+        self.sequence_parallel = sequence_parallel
+        self._gathered: dict = {}         # node -> its per-rank locals with split dims gathered
 
     # ---- layouts -------------------------------------------------------------------------
     def L(self, node) -> tuple:
@@ -92,8 +94,10 @@ class Localizer:
         node = self.graphs[r].call_function(target, tuple(args), dict(kwargs or {}))
         if name:
             node.name = self.graphs[r]._graph_namespace.create_name(name, node)
-        if target in (helix.all_reduce.default, helix.all_gather.default):
-            kind = "all_reduce" if target is helix.all_reduce.default else "all_gather"
+        if target in (helix.all_reduce.default, helix.all_gather.default,
+                      helix.reduce_scatter.default):
+            kind = {helix.all_reduce.default: "all_reduce", helix.all_gather.default: "all_gather",
+                    helix.reduce_scatter.default: "reduce_scatter"}[target]
             key = f"{kind}:{args[1]}"
             self.counts[r][key] = self.counts[r].get(key, 0) + 1
         return node
@@ -222,6 +226,37 @@ class Localizer:
             out.append(x)
         return out
 
+    def reduce_scatter(self, node: fx.Node, locals_, split: Split, lay: tuple):
+        """Sequence parallelism: the partial sums of a contraction over `split` reduced over
+        its group, each rank keeping a contiguous chunk of the sequence (the second to last
+        dim of a (batch.., S, D) output). (locals, layout), or None when off or not possible
+        (a symbolic or too short sequence, one already split, or a 2-D (tokens, D) output,
+        whose flattened chunks would not gather back dim by dim)."""
+        dims = shape(node)
+        if not self.sequence_parallel or len(dims) < 3:
+            return None
+        axes = varying_axes(split, self.mesh)
+        dim = len(dims) - 2
+        size = dims[dim]
+        groups = self.mesh.groups(axes) if axes else ()
+        g = len(groups[0]) if groups else 1
+        if g == 1 or not isinstance(size, int) or size < g or lay[dim] is not None:
+            return None
+        check_partition(split, self.mesh, axes, node.name)
+        chunks = np.array_split(np.arange(size), g)
+        sizes = [len(c) for c in chunks]
+        lists = [chunks[self.mesh.group(r, axes).index(r)] for r in range(self.N)]
+        out = [self.emit(r, helix.reduce_scatter.default, (locals_[r], axes, dim, sizes))
+               for r in range(self.N)]
+        seq = make_split(size, lists)
+        return out, tuple(seq if i == dim else s for i, s in enumerate(lay))
+
+    def gathered(self, node: fx.Node) -> list:
+        """Per-rank locals of `node` with every split dim gathered (once per node)."""
+        if node not in self._gathered:
+            self._gathered[node] = self.replicate(node)
+        return self._gathered[node]
+
     def replicate(self, node: fx.Node) -> list:
         """Per-rank local nodes holding `node` whole."""
         locals_ = [self.local(r, node) for r in range(self.N)]
@@ -300,6 +335,6 @@ class Localizer:
 
 
 def localize(gm: fx.GraphModule, mesh: Mesh, seeds: dict, variants: dict, params: dict,
-             active=None, views=None) -> Localized:
+             active=None, views=None, sequence_parallel: bool = False) -> Localized:
     """Run the shard pass (graphs for the `active` ranks, all by default); see the module docstring."""
-    return Localizer(gm, mesh, seeds, variants, params, active, views).run()
+    return Localizer(gm, mesh, seeds, variants, params, active, views, sequence_parallel).run()

@@ -487,10 +487,14 @@ def _linear(lz, node):
         return True
     if sx is None:  # column parallel: this rank computes the seeded output features
         out = make_split(int(val(w).shape[out_dim]), seed)
+        xs = [lz.local(r, x) for r in range(lz.N)]
+        if lz.sequence_parallel and any(s is not None for s in xl[:-1]):
+            # a sequence-split residual stream: every rank needs all tokens for its features
+            xs, xl = lz.gathered(x), (None,) * len(xl)
         for r in range(lz.N):
             wl = lz.attr(r, w, ((out_dim, seed[r]),))
             bl = lz.attr(r, b, ((0, seed[r]),)) if b is not None else None
-            args = (bl, lz.local(r, x), wl) if addmm else (lz.local(r, x), wl, bl)
+            args = (bl, xs[r], wl) if addmm else (xs[r], wl, bl)
             lz.env[r][node] = lz.emit(r, node.target, args, name=node.name)
         lz.lay[node] = tuple(xl[:-1]) + (out,)
         return True
@@ -509,10 +513,14 @@ def _linear(lz, node):
         else:
             parts.append(lz.emit(r, aten.mm.default, (xr, wl)) if addmm
                          else lz.emit(r, aten.linear.default, (xr, wl)))
-    reduced = lz.all_reduce(node, parts, sx)
+    lay = tuple(xl[:-1]) + (None,)
+    # sequence parallel: reduce-scatter, each rank keeping a chunk of the sequence (the norms
+    # and residual adds that follow run on 1/g of the tokens); else all-reduce
+    scattered = lz.reduce_scatter(node, parts, sx, lay)
+    reduced, lay = scattered if scattered is not None else (lz.all_reduce(node, parts, sx), lay)
     for r in range(lz.N):
         lz.env[r][node] = reduced[r]
-    lz.lay[node] = tuple(xl[:-1]) + (None,)
+    lz.lay[node] = lay
     return True
 
 
