@@ -198,6 +198,8 @@ def cmd_run(args) -> int:
         worker += ["--plan", args.plan if isinstance(args.plan, str) else f"{args.plan[0]},{args.plan[1]}"]
     if args.json:
         worker += ["--json", str(Path(args.json).resolve())]
+    if args.sequence_parallel:
+        worker += ["--sequence-parallel"]
     if args.weights:
         if not Path(args.weights).exists():
             raise HelixError(f"--weights {args.weights}: no such file or directory; pass a state_dict "
@@ -332,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--weights", metavar="PATH",
                      help="read each rank's weight slices from this checkpoint (a torch state_dict file "
                           "or a directory of safetensors files), memory-mapped; MODEL may be on meta")
+    run.add_argument("--sequence-parallel", action="store_true",
+                     help="split the residual stream along the sequence between blocks "
+                          "(reduce-scatter / all-gather; the model is captured with static sizes)")
     run.set_defaults(func=cmd_run)
 
     for name, text in FORWARDED.items():  # listed in --help; parsed by their own modules

@@ -161,7 +161,8 @@ def run_rank(args, rank: int, world: int, local_rank: int) -> dict:
     plan = Plan.from_yaml(Path(args.plan)) if args.plan and args.plan.endswith((".yaml", ".yml")) else (
         tuple(int(x) for x in args.plan.split(",")) if args.plan else None)
     prog = helix_compile(model, devices=world, example_inputs=inputs, example_kwargs=kwargs,
-                         cluster=args.cluster, plan=plan)
+                         cluster=args.cluster, plan=plan, sequence_parallel=args.sequence_parallel,
+                         dynamic=not args.sequence_parallel)
 
     keys = [None] * world
     dist.all_gather_object(keys, f"{prog.fingerprint()}/{weights_digest(prog.analysis.captured.params)}")
@@ -220,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None)
     p.add_argument("--weights", default=None, help="checkpoint: a state_dict file or safetensors directory")
     p.add_argument("--result-dir", default=None)
+    p.add_argument("--sequence-parallel", action="store_true")
     return p
 
 

@@ -258,6 +258,18 @@ def test_run_four_gloo_processes_matches_unsharded_model(capsys, tiny_spec, tmp_
 
 
 @pytest.mark.slow
+def test_run_sequence_parallel_on_four_gloo_processes(capsys, tmp_path):
+    """Reduce-scatter and the in-place all-gather (a batch of 1) through torch.distributed."""
+    spec = str(Path(__file__).parent / "spec_batch1.py")
+    summary = tmp_path / "summary.json"
+    code, out, err = _run(capsys, "run", spec, "--devices", 4, "--backend", "gloo",
+                          "--sequence-parallel", "--steps", 2, "--timeout", 120,
+                          "--json", summary)
+    assert code == 0, err
+    assert json.loads(summary.read_text())["max_relative_error"] <= 1e-5
+
+
+@pytest.mark.slow
 def test_run_names_the_rank_that_failed_and_keeps_its_log(capsys, tiny_spec, tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))   # where the kept log goes
     code, _, err = _run(capsys, "run", f"{tiny_spec}:fails_on_rank_1", "--devices", 2,
