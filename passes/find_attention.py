@@ -33,7 +33,7 @@ import torch.fx as fx
 from helix_compiler.sites import AttentionSite, Rotary
 
 from .graph_utils import (
-    MATMUL_OPS, MOVEMENT_OPS, constant_value, PASS_THROUGH_OPS, SDPA_OPS, SOFTMAX_OPS, aten, is_projection,
+    MATMUL_OPS, MOVEMENT_OPS, constant_value, PASS_THROUGH_OPS, SDPA_OPS, SOFTMAX_OPS, aten, example_size, is_projection,
     is_tensor_node, norm_dim, real_users, proj_input, proj_weight_node, shape, tensor_inputs, val,
 )
 
@@ -269,11 +269,6 @@ def hint(x):
     return x
 
 
-def _example(x) -> int:
-    """The example inputs' value of a size."""
-    return int(x.node.hint) if isinstance(x, torch.SymInt) else int(x)
-
-
 def _small_sizes(gm: fx.GraphModule) -> dict:
     out = {}
     for node in gm.graph.nodes:
@@ -410,9 +405,9 @@ def _match(core: Core, index: int) -> tuple[SiteMatch | None, str | None]:
     else:
         kv_of_q = tuple(h // (H // H_kv) for h in range(H))
     qv = val(core.q)
-    q_len = _example(qv.shape[-2]) if qv.dim() >= 2 else 1
-    kv_len = _example(val(core.k).shape[-2])
-    numel = int(np.prod([_example(x) for x in qv.shape]))
+    q_len = example_size(qv.shape[-2]) if qv.dim() >= 2 else 1
+    kv_len = example_size(val(core.k).shape[-2])
+    numel = int(np.prod([example_size(x) for x in qv.shape]))
     batch = max(1, numel // max(1, H * d * q_len))
     o = _output_projection(core.out)
     fused = projs["q"] is projs["k"] or projs["q"] is projs["v"]

@@ -15,7 +15,8 @@ import torch.fx as fx
 
 from helix_compiler.sites import MlpSite
 
-from .graph_utils import is_projection, proj_input, proj_out_features, proj_weight_node, shape, real_users
+from .graph_utils import (example_size, is_projection, proj_input, proj_out_features,
+                          proj_weight_node, real_users, shape)
 from .shard_rules import POINTWISE
 
 REGION_OPS = set(POINTWISE) | {
@@ -69,7 +70,7 @@ def find_mlp(gm: fx.GraphModule, site_projections: set) -> list[MlpSite]:
         used |= {down, *ups}
         tokens = 1
         for s in shape(ups[0])[:-1]:
-            tokens *= int(s.node.hint) if hasattr(s, 'node') else int(s)
+            tokens *= example_size(s)
         out.append(MlpSite(
             index=len(out), up=tuple(u.name for u in ups), down=down.name,
             up_weights=tuple(str(proj_weight_node(u).target) for u in ups),

@@ -58,6 +58,11 @@ def real_users(node: fx.Node) -> list[fx.Node]:
     return [u for u in node.users if u.target is not aten._assert_tensor_metadata.default]
 
 
+def example_size(x) -> int:
+    """A size at the example inputs' value (a symbolic size's hint)."""
+    return int(x.node.hint) if isinstance(x, torch.SymInt) else int(x)
+
+
 def shape(node) -> tuple:
     v = val(node)
     return tuple(v.shape) if isinstance(v, torch.Tensor) else ()

@@ -26,6 +26,8 @@ import torch.fx as fx
 from helix_compiler.errors import HelixError
 from helix_compiler.masks import size_mask
 
+from .graph_utils import example_size
+
 aten = torch.ops.aten
 
 # Ops that read only their tensor argument's metadata (shape, dtype, device).
@@ -76,7 +78,7 @@ def size_only_subgraph(mask: fx.Node):
         seen.add(node)
         if node.op != "call_function" or node.target in RANDOM_OPS:
             return None
-        for i, a in enumerate(node.all_input_nodes):
+        for a in node.all_input_nodes:
             if a.op == "placeholder":
                 if node.target not in METADATA_OPS or a is not node.args[0]:
                     return None                    # an input's values are read
@@ -215,7 +217,7 @@ def _causal_at_example(mask: fx.Node) -> bool:
         return False
     numel = 1
     for x in val.shape:
-        numel *= int(x.node.hint) if isinstance(x, torch.SymInt) else int(x)
+        numel *= example_size(x)
     got = size_only_subgraph(mask)
     if got is None or numel > EVAL_MAX_ELEMENTS:
         return False
@@ -223,8 +225,7 @@ def _causal_at_example(mask: fx.Node) -> bool:
     inputs = []
     for x in externals:
         v = x.meta.get("val")
-        shape = [int(s.node.hint) if isinstance(s, torch.SymInt) else int(s) for s in v.shape]
-        inputs.append(torch.empty(shape, dtype=v.dtype))
+        inputs.append(torch.empty([example_size(s) for s in v.shape], dtype=v.dtype))
     from helix_compiler.masks import builder
 
     try:
