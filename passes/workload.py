@@ -41,7 +41,7 @@ import torch.fx as fx
 from helix_compiler.sites import Workload
 
 from .graph_utils import (ADDMM_OPS, LINEAR_OPS, MATMUL_OPS, PARAM_MATMUL_OPS, SDPA_OPS,
-                          proj_input, real_users, val)
+                          example_size, proj_input, real_users, val)
 
 aten = torch.ops.aten
 
@@ -71,14 +71,10 @@ NORM_OPS = {
 MATMUL_FAMILY = LINEAR_OPS | ADDMM_OPS | MATMUL_OPS | PARAM_MATMUL_OPS | {aten.mm.default}
 
 
-def _size(x) -> int:
-    return int(x.node.hint) if isinstance(x, torch.SymInt) else int(x)
-
-
 def _numel(t: torch.Tensor) -> int:
     n = 1
     for s in t.shape:
-        n *= _size(s)
+        n *= example_size(s)
     return n
 
 
@@ -86,7 +82,8 @@ def _extent(t: torch.Tensor) -> int:
     """Elements of storage a read of `t` touches: a stride-0 (broadcast) dim counts once."""
     if _numel(t) == 0:
         return 0
-    return 1 + sum((_size(n) - 1) * abs(_size(s)) for n, s in zip(t.shape, t.stride()))
+    return 1 + sum((example_size(n) - 1) * abs(example_size(s))
+                   for n, s in zip(t.shape, t.stride()))
 
 
 def _tensors(x) -> list[torch.Tensor]:
@@ -137,7 +134,7 @@ def op_cost(node: fx.Node) -> tuple[str, float, list[tuple[torch.Tensor, int]]]:
         return "memory", 0.0, written + written + idx
     if node.target in MATMUL_FAMILY or node.target in SDPA_OPS:
         a = _tensors(val(proj_input(node) if node.target in ADDMM_OPS else node.args[0]))[0]
-        k = _size(a.shape[-1])
+        k = example_size(a.shape[-1])
         return "matmul", 2.0 * sum(_numel(t) for t in outs) * k, _bytes_read(node) + written
     return ("norm" if node.target in NORM_OPS else "memory"), 0.0, _bytes_read(node) + written
 
@@ -168,21 +165,28 @@ def _backward_from(node: fx.Node, stop: set) -> set:
 
 
 def _post_core(core_out: fx.Node, o_proj: fx.Node | None) -> set:
-    """Nodes between a core's output and its output projection's input (transpose, reshape)."""
+    """Nodes between a core's output and its output projection's input (transpose, reshape):
+    the ancestors of that input, stopping at the core, that the core reaches."""
     if o_proj is None:
         return set()
     start = proj_input(o_proj)
     if start is core_out:
         return set()
     back = _backward_from(start, {core_out}) | {start}
-    return {x for x in back if core_out in _backward_from(x, set()) or x is start}
+    on_path, stack = set(), [core_out]
+    while stack:
+        for u in stack.pop().users:
+            if u in back and u not in on_path:
+                on_path.add(u)
+                stack.append(u)
+    return on_path
 
 
 def measure(gm: fx.GraphModule, matches, mlps, batch: int) -> Workload:
     """The Workload of `gm` (per sequence) given its attention sites and MLPs."""
     nodes = {n.name: n for n in gm.graph.nodes}
     owned: set = set()            # priced by the site / MLP formulas
-    head: dict = {}               # node -> (H, H_kv, d) of its site
+    head: dict = {}               # node -> (H, H_kv, d, tokens) of its site
     mask_nodes: set = set()
     dropped: set = set()
     for m in matches:
@@ -202,8 +206,8 @@ def measure(gm: fx.GraphModule, matches, mlps, batch: int) -> Workload:
     for x in mlps:
         ups = [nodes[u] for u in x.up]
         down = nodes[x.down]
-        owned |= set(ups) | {down}
-        owned |= _forward_between(ups, {down}) & (_backward_from(down, set()) - set(ups))
+        # the interior: find_mlp's region, closed on `down` (every user inside it or `down`)
+        owned |= set(ups) | {down} | _forward_between(ups, {down})
     rep = {"memory": 0.0, "norm": 0.0, "matmul": 0.0}
     q_bytes = kv_bytes = head_rep = mask = 0.0
     ops = 0
@@ -245,5 +249,5 @@ def measure(gm: fx.GraphModule, matches, mlps, batch: int) -> Workload:
 def _score_shaped(node: fx.Node) -> bool:
     """A tensor whose last two dims are (S_q, S_k): a mask or bias over scores."""
     ts = _tensors(val(node))
-    return bool(ts) and ts[0].dim() >= 2 and _size(ts[0].shape[-1]) > 1 \
-        and _size(ts[0].shape[-2]) > 1
+    return bool(ts) and ts[0].dim() >= 2 and example_size(ts[0].shape[-1]) > 1 \
+        and example_size(ts[0].shape[-2]) > 1
