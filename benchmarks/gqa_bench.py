@@ -172,21 +172,16 @@ class GqaHelixRunner:
         self.kernel_choice = prog.kernel_choice
 
     def _graph_on_device(self) -> fx.GraphModule:
-        gm = fx.GraphModule(self.gm_meta, copy.deepcopy(self.gm_meta.graph), class_name="Rank")
-        meta = torch.device("meta")
+        from helix_compiler.program import on_device
 
-        def repoint(a):
-            return self.device if isinstance(a, torch.device) and a == meta else a
-        for node in gm.graph.nodes:         # factory calls and .to() the capture pinned to meta
-            node.args = fx.node.map_aggregate(node.args, repoint)
-            node.kwargs = fx.node.map_aggregate(node.kwargs, repoint)
-        gm.recompile()
+        gm = fx.GraphModule(self.gm_meta, copy.deepcopy(self.gm_meta.graph), class_name="Rank")
         gen = _seeded(self.device)
         for name, t in list(gm.named_buffers()) + list(gm.named_parameters()):
             v = (_random(tuple(t.shape), t.dtype, self.device, gen) if t.is_meta
                  else t.detach().to(self.device))
             hb._set_attr(gm, name, v)
-        return gm
+        # factory calls and .to() the capture pinned to meta
+        return on_device(gm, self.device)
 
     def flops(self) -> int:
         from helix_compiler import collectives

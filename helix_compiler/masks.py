@@ -35,15 +35,13 @@ def builder(spec: str, device: torch.device) -> fx.GraphModule:
     key = (spec, str(device))
     gm = _BUILDERS.get(key)
     if gm is None:
+        from .program import on_device
         from .serialize import graph_from_json
 
         graph = graph_from_json(json.loads(spec))
-        for node in graph.nodes:   # the capture's device (often meta) -> where the mask is used
-            node.args = fx.node.map_aggregate(
-                node.args, lambda a: device if isinstance(a, torch.device) else a)
-            node.kwargs = fx.node.map_aggregate(
-                node.kwargs, lambda a: device if isinstance(a, torch.device) else a)
-        gm = _BUILDERS[key] = fx.GraphModule(torch.nn.Module(), graph, class_name="SizeMask")
+        # the capture's device (often meta) -> where the mask is used
+        gm = _BUILDERS[key] = on_device(
+            fx.GraphModule(torch.nn.Module(), graph, class_name="SizeMask"), device)
     return gm
 
 
