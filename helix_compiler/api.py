@@ -154,20 +154,20 @@ def _kernel_choice(requested, analysis, m: int = 1) -> bool:
 
 
 def needs_kernel_choice(analysis, m: int = 1) -> bool:
-    """Whether some attention core of the m-way split needs the chunked explicit form: head
-    dim above 256 on Hopper or a slice d/m not a multiple of 8 (no fused SDPA kernel), or
-    m > 1 (a score-reduce core's softmax tail then runs in blocks of at most chunk_bytes of
-    scores, the form `helix calibrate` measures; a whole (b, h, S, S) tail can take GBs)."""
+    """Whether some attention core of the m-way split needs the chunked explicit form: m > 1
+    (a score-reduce core's softmax tail then runs in blocks of at most chunk_bytes of scores,
+    the form `helix calibrate` measures, a whole (b, h, S, S) tail can take GBs; and a d/m
+    slice that is not a multiple of 8 has no fused kernel), or a head dim that no fused SDPA
+    kernel takes (above 256 on Hopper, or not a multiple of 8)."""
     from passes.kernel_choice import fused_kernel_exists
-
-    if m > 1 and analysis.matches:
-        return True
 
     from .profile import KERNEL_MAX_HEAD_DIM
 
+    if m > 1 and analysis.matches:
+        return True
     fused = KERNEL_MAX_HEAD_DIM["flash"]  # no flash or cuDNN kernel above this head dim on Hopper
-    return any(not fused_kernel_exists(s.head_dim, s.head_dim // m if s.head_dim % m == 0 else 1,
-                                       fused) for s in (x.site for x in analysis.matches))
+    return any(not fused_kernel_exists(x.site.head_dim, x.site.head_dim, fused)
+               for x in analysis.matches)
 
 
 # Rank graphs are emitted at compile time up to this many nodes in all (ranks x graph nodes);

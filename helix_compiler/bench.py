@@ -118,7 +118,8 @@ class StubCollectives:
     fresh buffer of x's shape (a custom op may not return its input; a copy would add
     a memory pass that the real collective's modeled time already contains)."""
 
-    _gathered: dict = {}
+    def __init__(self):
+        self._gathered: dict = {}   # (shape, dtype, device) -> the in-place gather's buffer
 
     def all_reduce(self, x, axes, op):
         return torch.empty_like(x)
@@ -799,14 +800,9 @@ def extras(args, cfg, cluster, device, log, raw) -> None:
     raw["b_sweep"] = []
     for b in args.b_sweep or ():
         try:
-            b_used, t, fn = run_timed(runner.make(True), b, device, args.warmup, args.repeats, log)
-            del fn
-            raw["b_sweep"].append({"b": b_used, "ms_per_micro_batch": t["median_ms"],
-                                   "ms_per_sequence": t["median_ms"] / b_used,
-                                   "tflops": flops * b_used / (t["median_ms"] * 1e-3) / 1e12,
-                                   **{k: t.get(k) for k in ("peak_gib", "alloc_retries",
-                                                             "device_mallocs")}})
-            log(f"  b-sweep m=1 kernel-choice b={b_used}: {t['median_ms'] / b_used:.2f} ms/seq")
+            row = _sweep_row(runner, b, flops, device, args, log)
+            raw["b_sweep"].append(row)
+            log(f"  b-sweep m=1 kernel-choice b={row['b']}: {row['ms_per_sequence']:.2f} ms/seq")
         except Exception as e:  # noqa: BLE001
             raw["b_sweep"].append({"b": b, "error": f"{type(e).__name__}: {e}"})
         _free(device)
@@ -845,6 +841,16 @@ def extras(args, cfg, cluster, device, log, raw) -> None:
     _free(device)
 
 
+def _sweep_row(runner, b: int, flops: int, device, args, log) -> dict:
+    """One rank graph with kernel choice timed at micro-batch b (halved until it fits)."""
+    b_used, t, fn = run_timed(runner.make(True), b, device, args.warmup, args.repeats, log)
+    del fn
+    return {"b": b_used, "ms_per_micro_batch": t["median_ms"],
+            "ms_per_sequence": t["median_ms"] / b_used,
+            "tflops": flops * b_used / (t["median_ms"] * 1e-3) / 1e12,
+            **{k: t.get(k) for k in ("peak_gib", "alloc_retries", "device_mallocs")}}
+
+
 def sequence_parallel_sweep(args, cfg, cluster, device, log, raw, flops) -> None:
     """helix m=1 x n=N with kernel choice and sequence-parallel norms (helix_compile's
     sequence_parallel=True): ms per sequence at the b-sweep's micro-batches, one rank, the
@@ -860,13 +866,8 @@ def sequence_parallel_sweep(args, cfg, cluster, device, log, raw, flops) -> None
         return
     for b in args.b_sweep:
         try:
-            b_used, t, fn = run_timed(runner.make(True), b, device, args.warmup, args.repeats, log)
-            del fn
-            row = {"b": b_used, "ms_per_micro_batch": t["median_ms"],
-                   "ms_per_sequence": t["median_ms"] / b_used,
-                   "tflops": flops * b_used / (t["median_ms"] * 1e-3) / 1e12,
-                   **{k: t.get(k) for k in ("peak_gib", "alloc_retries", "device_mallocs")}}
-            if b_used == 1:
+            row = _sweep_row(runner, b, flops, device, args, log)
+            if row["b"] == 1:
                 gm = materialize(runner.graph(1, True), device)
                 x = torch.randn(1, cfg.seq, cfg.hidden, dtype=cfg.dtype, device=device)
                 from helix_compiler import collectives
@@ -880,8 +881,8 @@ def sequence_parallel_sweep(args, cfg, cluster, device, log, raw, flops) -> None
                     collectives.bind(None)
                 del gm
             raw["sequence_parallel"].append(row)
-            log(f"  sequence parallel m=1 kernel-choice b={b_used}: "
-                f"{t['median_ms'] / b_used:.2f} ms/seq ({row['tflops']:.0f} TFLOP/s)")
+            log(f"  sequence parallel m=1 kernel-choice b={row['b']}: "
+                f"{row['ms_per_sequence']:.2f} ms/seq ({row['tflops']:.0f} TFLOP/s)")
         except Exception as e:  # noqa: BLE001
             raw["sequence_parallel"].append({"b": b, "error": f"{type(e).__name__}: {e}"})
             log(f"  sequence parallel b={b}: FAILED {e}")

@@ -389,8 +389,6 @@ def _site_options(site: AttentionSite, lay: _Layout, mach: _Machine,
                                       if fused_takes(bk, site.head_dim, _value_dim(site, v, lay))]))]
 
 
-
-
 def fused_takes(backend: str, d_qk: int, d_v: int) -> bool:
     """Whether SDPA's `backend` runs q/k of head dim d_qk with v of head dim d_v: both
     multiples of FUSED_ALIGN; flash needs them equal (a qk-gather core has V at d/m)."""

@@ -208,7 +208,8 @@ class ComputeProfile:
         d_near = min(rows, key=lambda r: abs(math.log(r.head_dim) - math.log(head_dim))).head_dim
         rows = [r for r in rows if r.head_dim == d_near]
         d_v = math.log(value_dim or head_dim)
-        return self.efficiency(min(rows, key=lambda r: abs(math.log(r.value_dim or r.head_dim) - d_v)))
+        return self.efficiency(min(rows, key=lambda r: abs(math.log(r.value_dim or r.head_dim)
+                                                            - d_v)))
 
     @property
     def softmax_efficiency(self) -> float:
