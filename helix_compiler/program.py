@@ -267,6 +267,11 @@ class LoadedRank(torch.nn.Module):
         self.in_spec = in_spec
         self.manifest = manifest
 
+    @property
+    def mesh(self) -> Mesh:
+        """The program's (n, m) mesh: bind `collectives.DistributedBackend(module.mesh, ...)`."""
+        return Mesh(n=self.manifest["n"], m=self.manifest["m"])
+
     def forward(self, *args, **kwargs):
         if self.in_spec is None:
             leaves = pytree.tree_leaves((args, kwargs))

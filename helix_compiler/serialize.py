@@ -15,6 +15,9 @@ import operator
 import torch
 import torch.fx as fx
 
+# every module that registers a torch.ops.helix op a rank graph may call: a saved graph is
+# loaded in a fresh process (a torchrun rank) that imported nothing else of Helix
+from . import collectives, kernels, kernels_chunked  # noqa: F401
 from .errors import HelixError
 from .masks import size_mask
 
