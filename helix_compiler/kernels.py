@@ -3,7 +3,15 @@
 `torch.ops.helix.attend(scores, v, mask, is_causal, scale)` computes
 softmax(scale * scores + mask) @ v with SDPA's mask semantics (a bool mask
 marks positions to keep, a float mask is added; is_causal keeps the
-top-left-aligned lower triangle).
+top-left-aligned lower triangle; with both, a key is visible where both keep it).
+
+A query row with no visible key (every score -inf after the mask: a left-padded
+row's first queries under a causal mask, a fully padded row, padding that fills a
+sliding window) gives 0, as SDPA does since torch 2.5 (its math path's
+`aten._safe_softmax`, and its fused CPU kernel), not the NaN of a plain softmax:
+`masked_softmax` below, shared with the chunked kernels (kernels_chunked.py). A
+float mask of large finite negatives (Hugging Face's finfo.min) is not -inf: such
+a row stays a uniform softmax, as in SDPA and in the model.
 """
 
 from __future__ import annotations
@@ -26,7 +34,19 @@ def attend(scores: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_
             s.masked_fill_(~mask, float("-inf"))
         else:                           # a mask that widens the scores: out of place
             s = s.masked_fill(~mask, float("-inf"))
-    return torch.softmax(s, dim=-1) @ v
+    return masked_softmax(s) @ v
+
+
+def masked_softmax(s: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """softmax(s) over `dim`, with 0 in every row whose scores are all -inf (no visible key).
+
+    `aten._safe_softmax`'s semantics (rows holding a NaN stay NaN), without its two
+    full-size temporaries (an s == -inf mask and a torch.where copy): the dead rows are
+    found from the row max (one read of `s`, a row-sized result) and zeroed in place."""
+    if s.shape[dim] == 0:                                      # no keys at all: nothing to zero
+        return torch.softmax(s, dim=dim)
+    dead = s.amax(dim=dim, keepdim=True) == float("-inf")      # (..., rows, 1)
+    return torch.softmax(s, dim=dim).masked_fill_(dead, 0.0)
 
 
 def broadcasts_to(small, big) -> bool:

@@ -20,6 +20,10 @@ dim from the graph's shapes (the rewrite is then unconditional) and to the
 threshold where the graph carries no shapes (the choice is made at run time).
 
 GQA (fewer kv heads than query heads) repeats k and v over their query heads.
+
+Fully masked rows: a query row with no visible key (mask and is_causal together
+leave every score -inf) gives 0, as SDPA does (kernels.masked_softmax, the
+helper helix.attend uses; docs/numerics.md), never NaN.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .kernels import broadcasts_to
+from .kernels import broadcasts_to, masked_softmax
 from .profile import FUSED_ALIGN
 
 # Scores alive at once per block, in bytes. Measured on H100 (torch 2.11, d=512,
@@ -106,7 +110,7 @@ def _explicit(q, k, v, mask, is_causal: bool, scale: float, chunk_bytes: int) ->
         s = torch.baddbmm(q3.new_empty(()).expand(h1 - h0, r1 - r0, s_k), q3[h0:h1, r0:r1],
                           kt[h0:h1], beta=0.0, alpha=scale)
         s = _apply_mask(s, _block_mask(mask, lead, bh, h0, h1, r0, r1, s_k), is_causal, r0, s_k)
-        torch.bmm(torch.softmax(s, dim=-1), v3[h0:h1], out=out[h0:h1, r0:r1])
+        torch.bmm(masked_softmax(s), v3[h0:h1], out=out[h0:h1, r0:r1])
     return out.reshape(*lead, s_q, d_v)
 
 
@@ -145,7 +149,7 @@ def chunked_attend(scores: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | N
     for h0, h1, r0, r1 in blocks(bh, s_q, s_k, scores.element_size(), chunk_bytes):
         s = s3[h0:h1, r0:r1] * scale
         s = _apply_mask(s, _block_mask(mask, lead, bh, h0, h1, r0, r1, s_k), is_causal, r0, s_k)
-        torch.bmm(torch.softmax(s, dim=-1).to(v3.dtype), v3[h0:h1], out=out[h0:h1, r0:r1])
+        torch.bmm(masked_softmax(s).to(v3.dtype), v3[h0:h1], out=out[h0:h1, r0:r1])
     return out.reshape(*lead, s_q, d_v)
 
 
