@@ -22,7 +22,7 @@ import torch.fx as fx
 from .errors import HelixError, first_line
 from .sites import ModelSummary
 
-STAGES = ("capture", "fold_params", "find_attention", "find_mlp", "plan", "seeds", "shard")
+STAGES = ("capture", "fold_params", "slice_copies", "find_attention", "find_mlp", "plan", "seeds", "shard")
 
 
 @dataclass(frozen=True)
@@ -122,6 +122,11 @@ def analyze(model, args, kwargs, print_after=(), dynamic: bool = True) -> Analys
     from passes.fold_params import fold_params
 
     views = stage("fold_params", lambda: fold_params(captured.gm, captured.params))
+    from passes.slice_copies import slice_copies
+
+    # a buffer filled by copies into its slices (DeepSeek's MLA key) becomes one cat
+    stage("slice_copies", lambda: slice_copies(captured.gm))
+    _maybe_print("slice_copies", captured.gm, print_after)
     matches, skipped = stage("find_attention", lambda: find_attention(captured.gm))
     from passes.size_masks import causal_at_example
 

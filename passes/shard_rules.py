@@ -826,3 +826,48 @@ def _sdpa(lz, node):
 def val_len(lz, node, r, lay):
     s = lay[-3]
     return len(s.lists[r]) if s is not None else shape(node)[-3]
+
+
+@rule(aten.view_as_complex.default, aten.view_as_real.default)
+def _complex_view(lz, node):
+    """(..., k, 2) real <-> (..., k) complex (DeepSeek-V2's rotary): the pair dim stays whole,
+    every other dim keeps its placement."""
+    x = node.args[0]
+    if not lz.is_split(x):
+        lz.copy(node, None)
+        return True
+    lay = lz.L(x)
+    if node.target is aten.view_as_complex.default:
+        if lay[-1] is not None:
+            return None
+        lz.copy(node, tuple(lay[:-1]))
+    else:
+        lz.copy(node, tuple(lay) + (None,))
+    return True
+
+
+@rule(aten.gather.default)
+def _gather(lz, node):
+    """torch.gather(x, dim, index) along a dim x holds whole (DeBERTa's c2p / p2c terms
+    gathered by relative position): the index, an unsplit tensor of the output's shape, is
+    sliced to x's placement on the other dims, as an elementwise operand would be."""
+    x, index = node.args[0], node.args[2]
+    dim = norm_dim(node.args[1], len(shape(x)))
+    if not lz.is_split(x):
+        if lz.is_split(index):
+            return None
+        lz.copy(node, None)
+        return True
+    lay = lz.L(x)
+    if lay[dim] is not None or lz.is_split(index) or len(shape(index)) != len(lay) \
+            or node.kwargs.get("sparse_grad") or len(node.args) > 3:
+        return None
+    idx = [lz.local(r, index) for r in range(lz.N)]
+    for k, s in enumerate(lay):
+        if s is None or _one(shape(index)[k]):
+            continue
+        if shape(index)[k] != shape(x)[k]:
+            return None   # the index covers part of a split dim: which rows a rank needs is unclear
+        idx = [lz.select(r, index, idx[r], k, None, s.lists[r]) for r in range(lz.N)]
+    lz.copy(node, tuple(lay), args_for=lambda r: (lz.local(r, x), node.args[1], idx[r]))
+    return True

@@ -52,6 +52,9 @@ FEATURES = {
     "vision": "vision transformer (patch embedding, CLS token)",
     "m_forced": "head count forcing m > 1 (12 heads on 16 devices)",
     "many_devices": "32 devices",
+    "mla": "multi-head latent attention (low-rank q / kv, rope key shared by all heads), m = 1",
+    "output_gate": "output gate packed into q_proj (attn_output * sigmoid(gate) before o_proj)",
+    "disentangled_relative": "disentangled relative attention (c2p + p2c terms gathered by relative position)",
 }
 
 
@@ -70,6 +73,12 @@ class FeatureModel:
     head_bias: bool = False
     cross_sites: int = 0    # sites whose K/V come from another input
     devices: tuple[int, ...] = DEVICES
+    v_head_dim: int = 0     # d_v when it differs from d (MLA), else 0
+    k_shared_dims: int = 0  # key dims from a projection shared by all heads (MLA's rope key)
+    gated: bool = False     # an output gate between the core and o_proj
+    # all-reduces over the m-group per site with m > 1 beyond the core's own (DeBERTa: the
+    # c2p and p2c terms contract q / k with the relative embeddings over d)
+    extra_dim_reduces: int = 0
 
     def __post_init__(self) -> None:
         unknown = set(self.features) - set(FEATURES)
@@ -325,6 +334,55 @@ def _paper_32():
     return model, args, {}
 
 
+# --- features-b builders
+
+@_seeded
+def _deepseek(attn: str, version: int):
+    # MLA: q = q_b_proj(norm(q_a_proj(x))); kv_a_proj_with_mqa(x) -> latent (16) | k_pe (4, one
+    # rope key for all heads); k = cat(k_nope from kv_b_proj, k_pe expanded to H heads), built by
+    # copies into new_empty; v from kv_b_proj with d_v = 6 != d = 12. Dense MLPs in both layers
+    # (first_k_dense_replace = 2); the MoE layers capture too, but are not what this row tests.
+    if version == 2:
+        from transformers import DeepseekV2Config as Config, DeepseekV2Model as Model
+    else:
+        from transformers import DeepseekV3Config as Config, DeepseekV3Model as Model
+    config = Config(num_hidden_layers=2, hidden_size=64, num_attention_heads=8, num_key_value_heads=8,
+                    intermediate_size=128, moe_intermediate_size=32, vocab_size=VOCAB, max_position_embeddings=64,
+                    q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6,
+                    n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=2,
+                    attn_implementation=attn)
+    return Model(config), (_ids(),), {"attention_mask": _padding_mask(), "use_cache": False}
+
+
+@_seeded
+def _qwen3_next(attn: str):
+    # Qwen3-Next's full-attention layers: q_proj gives (B, S, H, 2d), chunked into query and gate;
+    # attn_output * sigmoid(gate) before o_proj. layer_types all "full_attention" (no gated delta
+    # net layers) and dense MLPs (mlp_only_layers), q_norm / k_norm, rotary on 4 of d = 8 dims.
+    from transformers import Qwen3NextConfig, Qwen3NextModel
+
+    config = Qwen3NextConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=8, num_key_value_heads=4,
+                             head_dim=8, intermediate_size=128, moe_intermediate_size=32, vocab_size=VOCAB,
+                             max_position_embeddings=64, layer_types=["full_attention"] * 2, num_experts=4,
+                             num_experts_per_tok=2, mlp_only_layers=[0, 1], partial_rotary_factor=0.5,
+                             attn_implementation=attn)
+    return Qwen3NextModel(config), (_ids(),), {"attention_mask": _padding_mask(), "use_cache": False}
+
+
+@_seeded
+def _deberta_v2():
+    # DeBERTa-v2: scores = q k^T / sqrt(3d) + c2p + p2c; c2p = q against key_proj(rel_embeddings),
+    # p2c = k against query_proj(rel_embeddings) (share_att_key), gathered by relative position;
+    # (B*H, S, d) layout, k^T scaled before the matmul. Eager only in transformers.
+    from transformers import DebertaV2Config, DebertaV2Model
+
+    config = DebertaV2Config(num_hidden_layers=2, hidden_size=64, num_attention_heads=8, intermediate_size=128,
+                             vocab_size=VOCAB, max_position_embeddings=64, relative_attention=True,
+                             position_buckets=8, max_relative_positions=16, pos_att_type=["p2c", "c2p"],
+                             share_att_key=True, norm_rel_ebd="layer_norm", attn_implementation="eager")
+    return DebertaV2Model(config), (_ids(),), {"attention_mask": _padding_mask()}
+
+
 def _both(name: str, build: Callable, features: tuple[str, ...], **kw) -> tuple[FeatureModel, ...]:
     """The eager (explicit softmax) and the sdpa spelling of one HF model."""
     return (
@@ -402,6 +460,29 @@ FEATURE_MODELS: tuple[FeatureModel, ...] = (
     FeatureModel(name="paper_32_heads", build=_paper_32, features=("many_devices", "sdpa"),
                  description="examples/paper_model.py, 32 heads, d = 8, on 32 devices", sites=2, heads=32,
                  kv_heads=32, head_dim=8, devices=(32,)),
+    # --- features-b: MLA (DeepSeek-V2 / V3), Qwen3-Next's output gate, DeBERTa-v2's relative terms
+    *(FeatureModel(name=f"deepseek_v2_mla_{attn}", build=functools.partial(_deepseek, attn, version=2),
+                   features=("mla", "padding_mask", "causal_mask", feature),
+                   description="HF DeepSeek-V2 (q_lora_rank 32, kv_lora_rank 16, d = 8 + 4 rope, d_v = 6), "
+                               "8 heads", sites=2, heads=8, kv_heads=8, head_dim=12, v_head_dim=6, k_shared_dims=4,
+                   devices=devices)
+      for attn, feature, devices in (("eager", "explicit_softmax", (4, 8)), ("sdpa", "sdpa", (4,)))),
+    FeatureModel(name="deepseek_v3_mla_eager", build=functools.partial(_deepseek, "eager", version=3),
+                 features=("mla", "padding_mask", "causal_mask", "explicit_softmax"),
+                 description="HF DeepSeek-V3 (interleaved rope on the shared key), 8 heads, d = 12, d_v = 6",
+                 sites=2, heads=8, kv_heads=8, head_dim=12, v_head_dim=6, k_shared_dims=4, devices=(4,)),
+    *(FeatureModel(name=f"qwen3_next_gate_{attn}", build=functools.partial(_qwen3_next, attn),
+                   features=("output_gate", "qk_norm", "rotary_partial", "padding_mask", "causal_mask",
+                             feature),
+                   description="HF Qwen3-Next (full-attention layers: gate packed in q_proj), 8 heads / 4 kv "
+                               "heads, d = 8", sites=2, heads=8, kv_heads=4, head_dim=8, rotary_dims=4,
+                   qk_norm=True, gated=True, devices=devices)
+      for attn, feature, devices in (("eager", "explicit_softmax", (4, 8)), ("sdpa", "sdpa", (4,)))),
+    FeatureModel(name="deberta_v2_eager", build=_deberta_v2,
+                 features=("disentangled_relative", "padding_mask", "explicit_softmax"),
+                 description="HF DeBERTa-v2 (c2p + p2c, share_att_key), 8 heads, d = 8", sites=2, heads=8,
+                 kv_heads=8, head_dim=8, head_bias=True, extra_dim_reduces=2, devices=(4, 8)),
 )
+
 
 FEATURE_MODELS_BY_NAME: dict[str, FeatureModel] = {f.name: f for f in FEATURE_MODELS}
