@@ -96,7 +96,7 @@ def _clamped_softmax(prog_or_plan) -> str:
 def test_clamped_core_is_named_in_a_helix_warning_and_the_plan_and_still_runs_exactly():
     model, args = clamped_model()
     with pytest.warns(HelixWarning, match=r"1 attention core no site owns.*clamp") as caught:
-        prog = helix_compile(model, devices=2, example_inputs=args)
+        prog = helix_compile(model, devices=2, example_inputs=args, dynamic=False)
     assert len(prog.plan.sites) == 1, "the plain block is a site, the clamped one is not"
     (core,) = prog.unpartitioned
     assert core.node == _clamped_softmax(prog) and core.op == "softmax"
@@ -112,7 +112,7 @@ def test_clamped_core_is_named_in_a_helix_warning_and_the_plan_and_still_runs_ex
 def test_strict_refuses_a_model_with_an_unpartitioned_core():
     model, args = clamped_model()
     with pytest.raises(UnpartitionedError, match=r"strict: 1 attention core .*clamp"):
-        plan_model(model, devices=2, example_inputs=args, strict=True)
+        plan_model(model, devices=2, example_inputs=args, strict=True, dynamic=False)
 
 
 def test_clean_model_and_router_softmax_give_no_warning():
@@ -122,10 +122,10 @@ def test_clean_model_and_router_softmax_give_no_warning():
         warnings.simplefilter("error", HelixWarning)
         model, args = build(PaperConfig(layers=1, heads=4, head_dim=8, mlp=64, batch=2, seq=5,
                                         dtype=torch.float32))
-        plan, _ = plan_model(model, devices=4, example_inputs=args)
+        plan, _ = plan_model(model, devices=4, example_inputs=args, dynamic=False)
         assert plan.unpartitioned == () and len(plan.sites) == 1
         model, args = clean_model()      # the router softmax over x @ W is no attention core
-        plan, _ = plan_model(model, devices=2, example_inputs=args)
+        plan, _ = plan_model(model, devices=2, example_inputs=args, dynamic=False)
         assert plan.unpartitioned == () and len(plan.sites) == 2
 
 
@@ -135,7 +135,6 @@ def _cli(capsys, *argv):
     return code, out, err
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["table", "yaml", "json"])
 def test_helix_plan_prints_the_unpartitioned_core_in_every_format(capsys, fmt):
     code, out, _ = _cli(capsys, "plan", f"{HERE}:clamped_model", "--devices", 2, "--format", fmt)
@@ -175,11 +174,10 @@ def _llama_static_cache():
     return wrapper, {"input_ids": torch.tensor([[5]]), "cache_position": torch.tensor([3])}
 
 
-@pytest.mark.slow
 def test_hf_static_cache_wrapper_core_is_reported_not_replicated_silently():
     wrapper, kwargs = _llama_static_cache()
     with pytest.warns(HelixWarning, match="scaled_dot_product_attention") as caught:
-        plan, _ = plan_model(wrapper, devices=2, example_kwargs=kwargs)
+        plan, _ = plan_model(wrapper, devices=2, example_kwargs=kwargs, dynamic=False)
     assert plan.sites == ()
     (core,) = plan.unpartitioned
     assert core.op == "sdpa" and "could not trace k" in core.reason
