@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 
 from .errors import HelixError
@@ -364,7 +365,23 @@ def _forward(module: str, argv: list) -> int:
     return importlib.import_module(f"helix_compiler.{module}").main(argv) or 0
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A HelixWarning as one line `warning: ...` on stderr; any other warning as Python shows it."""
+    from .errors import HelixWarning
+
+    if issubclass(category, HelixWarning):
+        print(f"warning: {_one_line(message)}", file=sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
 def _main(argv: list[str]) -> int:
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        return _main_inner(argv)
+
+
+def _main_inner(argv: list[str]) -> int:
     parser = build_parser()
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)

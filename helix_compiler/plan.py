@@ -174,9 +174,9 @@ def make_plan(summary: ModelSummary, devices: int, cluster: ClusterSpec,
             raise PlanError(f"forced m={m} x n={n} is infeasible: {'; '.join(chosen.reasons)}. "
                             f"Feasible splits of {devices}: {listing}")
     elif not feasible and refused:
-        raise PlanError(f"no split of {devices} devices can be sharded: the shard pass refused "
-                        + "; ".join(f"m={m} x n={n} ({why})" for (m, n), why in refused.items())
-                        + "; see docs/troubleshooting.md for the node it names")
+        raise PlanError(f"no split of {devices} devices can be built: "
+                        + "; ".join(f"m={m} x n={n}: {why}" for (m, n), why in refused.items())
+                        + "; docs/troubleshooting.md says what to do about the node named")
     elif not feasible:
         require_feasible(summary, devices, cluster)   # raises, listing counts that fit
     costs = {}

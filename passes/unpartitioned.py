@@ -62,7 +62,10 @@ def _passes_scores(node: fx.Node) -> bool:
         return True
     if t in CONTRACTION_OPS or t in SOFTMAX_OPS:
         return False
-    return bool(shape(node)) and any(shape(a) == shape(node) for a in tensor_inputs(node))
+    out = node.meta.get("val")
+    outs = out if isinstance(out, (list, tuple)) else (out,)   # sort: (values, indices)
+    shapes = {tuple(o.shape) for o in outs if isinstance(o, torch.Tensor) and o.dim()}
+    return any(shape(a) in shapes for a in tensor_inputs(node))
 
 
 def _is_weight(node) -> bool:

@@ -120,6 +120,6 @@ def test_a_forced_split_keeps_the_refusal_and_refusing_all_is_a_plan_error(paper
     with pytest.raises(ShardingError, match="test refusal of m=1 x n=4"):
         plan_buildable(paper_analysis, 4, spec, forced=(1, 4), build=_refusing((1, 4)))
     every = tuple((m, 4 // m) for m in (1, 2, 4))
-    with pytest.raises(PlanError, match="no split of 4 devices can be sharded"):
+    with pytest.raises(PlanError, match="no split of 4 devices can be built: m=1 x n=4: the shard pass refuses it"):
         plan_buildable(paper_analysis, 4, spec, build=_refusing(*every))
 

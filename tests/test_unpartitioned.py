@@ -137,8 +137,9 @@ def _cli(capsys, *argv):
 
 @pytest.mark.parametrize("fmt", ["table", "yaml", "json"])
 def test_helix_plan_prints_the_unpartitioned_core_in_every_format(capsys, fmt):
-    code, out, _ = _cli(capsys, "plan", f"{HERE}:clamped_model", "--devices", 2, "--format", fmt)
+    code, out, err = _cli(capsys, "plan", f"{HERE}:clamped_model", "--devices", 2, "--format", fmt)
     assert code == 0
+    assert err.startswith("warning: 1 attention core no site owns") and err.count("\n") == 1, err
     if fmt == "table":
         assert "unpartitioned attention cores" in out and "clamp" in out
         return
