@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 
 from .errors import HelixError
@@ -130,7 +131,8 @@ def cmd_plan(args) -> int:
     stage = args.print_graph_after
     common = dict(devices=args.devices, example_inputs=inputs, example_kwargs=kwargs,
                   cluster=args.cluster, plan=_resolve_plan(args.plan),
-                  print_after=(stage,) if stage else (), profile=_profile(args.profile))
+                  print_after=(stage,) if stage else (), profile=_profile(args.profile),
+                  strict=args.strict)
     if stage in ("seeds", "shard"):
         program = helix_compile(model, **common)
         plan = program.plan
@@ -185,7 +187,7 @@ def cmd_run(args) -> int:
     # infeasible --plan) rather than in N processes.
     model, inputs, kwargs = load_model_spec(spec)
     plan_model(model, devices=args.devices, example_inputs=inputs, example_kwargs=kwargs,
-               cluster=args.cluster, plan=_resolve_plan(args.plan))
+               cluster=args.cluster, plan=_resolve_plan(args.plan), strict=args.strict)
     del model, inputs, kwargs
 
     workdir = Path(tempfile.mkdtemp(prefix="helix-run-"))
@@ -283,6 +285,10 @@ def _rank_report(workdir: Path, devices: int) -> str:
 
 
 # ---- the parser ------------------------------------------------------------------------
+STRICT_HELP = ("refuse (exit 2) a model with an attention core no site owns, which would run "
+               "replicated on every rank (default: a warning, and the plan lists it)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="helix", description=(
         "Partition a model's attention over n head groups x m head-dim slices. "
@@ -308,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--profile", metavar="FILE",
                       help="compute profile YAML written by `helix calibrate` (default: the built-in "
                            "H100 figures; helix_compiler/profiles/h100.yaml is the one we measured)")
+    plan.add_argument("--strict", action="store_true", help=STRICT_HELP)
     plan.set_defaults(func=cmd_plan)
 
     run = sub.add_parser("run", help="compile MODEL and run its N rank modules on N processes (torchrun)",
@@ -337,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--sequence-parallel", action="store_true",
                      help="split the residual stream along the sequence between blocks "
                           "(reduce-scatter / all-gather; the model is captured with static sizes)")
+    run.add_argument("--strict", action="store_true", help=STRICT_HELP)
     run.set_defaults(func=cmd_run)
 
     for name, text in FORWARDED.items():  # listed in --help; parsed by their own modules
@@ -357,7 +365,23 @@ def _forward(module: str, argv: list) -> int:
     return importlib.import_module(f"helix_compiler.{module}").main(argv) or 0
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A HelixWarning as one line `warning: ...` on stderr; any other warning as Python shows it."""
+    from .errors import HelixWarning
+
+    if issubclass(category, HelixWarning):
+        print(f"warning: {_one_line(message)}", file=sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
 def _main(argv: list[str]) -> int:
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        return _main_inner(argv)
+
+
+def _main_inner(argv: list[str]) -> int:
     parser = build_parser()
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)

@@ -126,6 +126,11 @@ class HelixProgram:
         return self.analysis.summary
 
     @property
+    def unpartitioned(self) -> tuple:
+        """Attention cores no site owns (plan.UnpartitionedCore): every rank runs them whole."""
+        return self.plan.unpartitioned
+
+    @property
     def replicated_ops(self) -> list:
         """Ops with no sharding rule, run on replicated inputs (a collective before each)."""
         return list(self._localized.replicated)

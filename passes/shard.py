@@ -265,12 +265,19 @@ class Localizer:
                 locals_ = self.gather_dim(node, locals_, dim, s)
         return locals_
 
-    def all_reduce(self, node: fx.Node, locals_, split: Split, op: str = "sum") -> list:
+    def all_reduce(self, node: fx.Node, locals_, split: Split, op: str = "sum",
+                   replicas: bool = False) -> list:
+        """Reduce per-rank partials over the group `split` varies along.  With `replicas` (a sum,
+        a mean or a norm's statistics), a dim each group holds c times over (k features of kv heads
+        that n > H_kv q-head groups replicate, under a norm over the whole projected width) is
+        exact too: each partial is divided by c before the sum (a max needs no correction)."""
         axes = varying_axes(split, self.mesh)
         if axes is None:
             raise ShardingError(f"node {node.name}: a contraction over a dim every rank holds the "
                                 f"same part of cannot be reduced exactly")
-        check_partition(split, self.mesh, axes, node.name)
+        c = check_partition(split, self.mesh, axes, node.name, replicas=replicas)
+        if c > 1 and op == "sum":
+            locals_ = [self.emit(r, aten.div.Tensor, (locals_[r], c)) for r in range(self.N)]
         return [self.emit(r, helix.all_reduce.default, (locals_[r], axes, op)) for r in range(self.N)]
 
     # ---- driver --------------------------------------------------------------------------

@@ -676,7 +676,7 @@ def _reduce(lz, node):
                 total = int(np.prod([shape(x)[k] for k in dims]))
                 p = lz.emit(r, aten.div.Tensor, (p, total))
         parts.append(p)
-    reduced = lz.all_reduce(node, parts, s, op)
+    reduced = lz.all_reduce(node, parts, s, op, replicas=True)
     for r in range(lz.N):
         lz.env[r][node] = reduced[r]
     lz.lay[node] = out_lay
@@ -705,7 +705,7 @@ def _norm(lz, node):
     def partial_mean(y_locals):
         parts = [lz.emit(r, aten.div.Tensor, (lz.emit(r, aten.sum.dim_IntList, (y_locals[r], [-1], True)), d))
                  for r in range(lz.N)]
-        return lz.all_reduce(node, parts, s)
+        return lz.all_reduce(node, parts, s, replicas=True)
     xs = [lz.local(r, x) for r in range(lz.N)]
     if rms:
         centered = xs
