@@ -130,7 +130,8 @@ def cmd_plan(args) -> int:
     stage = args.print_graph_after
     common = dict(devices=args.devices, example_inputs=inputs, example_kwargs=kwargs,
                   cluster=args.cluster, plan=_resolve_plan(args.plan),
-                  print_after=(stage,) if stage else (), profile=_profile(args.profile))
+                  print_after=(stage,) if stage else (), profile=_profile(args.profile),
+                  verbose=args.verbose)
     if stage in ("seeds", "shard"):
         program = helix_compile(model, **common)
         plan = program.plan
@@ -185,7 +186,7 @@ def cmd_run(args) -> int:
     # infeasible --plan) rather than in N processes.
     model, inputs, kwargs = load_model_spec(spec)
     plan_model(model, devices=args.devices, example_inputs=inputs, example_kwargs=kwargs,
-               cluster=args.cluster, plan=_resolve_plan(args.plan))
+               cluster=args.cluster, plan=_resolve_plan(args.plan), verbose=args.verbose)
     del model, inputs, kwargs
 
     workdir = Path(tempfile.mkdtemp(prefix="helix-run-"))
@@ -283,6 +284,10 @@ def _rank_report(workdir: Path, devices: int) -> str:
 
 
 # ---- the parser ------------------------------------------------------------------------
+VERBOSE_HELP = ("let torch.export print what it prints while capturing MODEL (the partial graph and "
+                "logs of a failed capture); by default only Helix's one-line error is shown")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="helix", description=(
         "Partition a model's attention over n head groups x m head-dim slices. "
@@ -308,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--profile", metavar="FILE",
                       help="compute profile YAML written by `helix calibrate` (default: the built-in "
                            "H100 figures; helix_compiler/profiles/h100.yaml is the one we measured)")
+    plan.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     plan.set_defaults(func=cmd_plan)
 
     run = sub.add_parser("run", help="compile MODEL and run its N rank modules on N processes (torchrun)",
@@ -337,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--sequence-parallel", action="store_true",
                      help="split the residual stream along the sequence between blocks "
                           "(reduce-scatter / all-gather; the model is captured with static sizes)")
+    run.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     run.set_defaults(func=cmd_run)
 
     for name, text in FORWARDED.items():  # listed in --help; parsed by their own modules
