@@ -41,20 +41,23 @@ def _cluster_spec(cluster, devices: int):
 
 def plan_model(model: torch.nn.Module, devices: int = 16, example_inputs=(), example_kwargs=None,
                cluster=None, plan=None, variant=None, profile=None, print_after=(), dynamic=True,
-               strict: bool = False):
+               strict: bool = False, verbose: bool = False):
     """Capture, find attention and MLPs, solve and cost: (Plan, Analysis). Nothing is sharded,
     but the chosen split is one the shard pass builds (its placements are computed; a split it
     refuses is excluded with its reason and the next best chosen, see `plan_buildable`).
 
     An attention core no site owns runs replicated: a HelixWarning names it and the plan lists
-    it (plan.unpartitioned); strict=True refuses it with an UnpartitionedError instead."""
+    it (plan.unpartitioned); strict=True refuses it with an UnpartitionedError instead.
+    verbose: let torch.export print as it captures (by default held back; a capture error
+    keeps it, on the exception torch raised, the CaptureError's __cause__)."""
     result, analysis, _ = _plan(model, devices, example_inputs, example_kwargs, cluster, plan,
-                                variant, profile, print_after, dynamic, _placements, strict)
+                                variant, profile, print_after, dynamic, _placements, strict,
+                                verbose=verbose)
     return result, analysis
 
 
 def _plan(model, devices, example_inputs, example_kwargs, cluster, plan, variant, profile,
-          print_after, dynamic, build, strict=False, warn=True):
+          print_after, dynamic, build, strict=False, warn=True, verbose=False):
     """plan_model's work: (Plan, Analysis, what `build(plan, analysis)` returned)."""
     from .plan import Plan
 
@@ -64,7 +67,7 @@ def _plan(model, devices, example_inputs, example_kwargs, cluster, plan, variant
         example_inputs = (example_inputs,)
     spec = _cluster_spec(cluster, devices)
     analysis = analyze(model, example_inputs, example_kwargs or {}, print_after=print_after,
-                       dynamic=dynamic)
+                       dynamic=dynamic, verbose=verbose)
     _report_unpartitioned(analysis.unpartitioned, strict, warn)
     forced = None
     if isinstance(plan, Plan):
@@ -142,7 +145,8 @@ def plan_buildable(analysis, devices: int, spec, *, profile=None, forced=None, v
 def helix_compile(model: torch.nn.Module, devices: int = 16, example_inputs=(), example_kwargs=None,
                   cluster=None, plan=None, variant=None, profile=None, print_after=(),
                   kernel_choice=None, dynamic: bool = True,
-                  sequence_parallel: bool = False, strict: bool = False) -> HelixProgram:
+                  sequence_parallel: bool = False, strict: bool = False,
+                  verbose: bool = False) -> HelixProgram:
     """Compile `model` for `devices` ranks: capture, plan, shard; returns a HelixProgram.
 
     plan=(m, n) forces a split; variant="score-reduce" | "qk-gather" forces the m > 1 variant
@@ -158,16 +162,20 @@ def helix_compile(model: torch.nn.Module, devices: int = 16, example_inputs=(), 
     default (the planner does not price it yet).
     strict: refuse (UnpartitionedError) a model with an attention core no site owns, instead
     of the HelixWarning that names it (program.unpartitioned lists them).
+    verbose: let torch.export print its partial graphs and logs as it captures; by default
+    they are held back and a capture error is one CaptureError whose __cause__ (torch's
+    exception) keeps them.
     """
     if sequence_parallel and dynamic:
         raise PlanError("sequence_parallel=True needs a static sequence length; pass "
                         "dynamic=False as well")
     result, analysis, prog = _plan(model, devices, example_inputs, example_kwargs, cluster, plan,
                                    variant, profile, print_after, dynamic,
-                                   lambda r, a: _shard(r, a, sequence_parallel), strict)
+                                   lambda r, a: _shard(r, a, sequence_parallel), strict,
+                                   verbose=verbose)
     prog.kernel_choice = _kernel_choice(kernel_choice, analysis, prog.plan.m)
     prog._source = dict(model=model, example_inputs=example_inputs, example_kwargs=example_kwargs,
-                        cluster=cluster, profile=profile)
+                        cluster=cluster, profile=profile, verbose=verbose)
     return _static_if_better(prog, devices, plan, variant)
 
 
@@ -180,7 +188,7 @@ def _static_if_better(prog: HelixProgram, devices: int, plan, variant) -> HelixP
         return prog
     _, _, static = _plan(src["model"], devices, src["example_inputs"], src["example_kwargs"],
                          src["cluster"], plan, variant, src["profile"], (), False, _shard,
-                         warn=False)
+                         warn=False, verbose=src.get("verbose", False))
     static.kernel_choice = prog.kernel_choice
     static._source = src
     if len(static.replicated_ops) < len(prog.replicated_ops):

@@ -132,7 +132,7 @@ def cmd_plan(args) -> int:
     common = dict(devices=args.devices, example_inputs=inputs, example_kwargs=kwargs,
                   cluster=args.cluster, plan=_resolve_plan(args.plan),
                   print_after=(stage,) if stage else (), profile=_profile(args.profile),
-                  strict=args.strict)
+                  strict=args.strict, verbose=args.verbose)
     if stage in ("seeds", "shard"):
         program = helix_compile(model, **common)
         plan = program.plan
@@ -187,7 +187,8 @@ def cmd_run(args) -> int:
     # infeasible --plan) rather than in N processes.
     model, inputs, kwargs = load_model_spec(spec)
     plan_model(model, devices=args.devices, example_inputs=inputs, example_kwargs=kwargs,
-               cluster=args.cluster, plan=_resolve_plan(args.plan), strict=args.strict)
+               cluster=args.cluster, plan=_resolve_plan(args.plan), strict=args.strict,
+               verbose=args.verbose)
     del model, inputs, kwargs
 
     workdir = Path(tempfile.mkdtemp(prefix="helix-run-"))
@@ -287,6 +288,8 @@ def _rank_report(workdir: Path, devices: int) -> str:
 # ---- the parser ------------------------------------------------------------------------
 STRICT_HELP = ("refuse (exit 2) a model with an attention core no site owns, which would run "
                "replicated on every rank (default: a warning, and the plan lists it)")
+VERBOSE_HELP = ("let torch.export print what it prints while capturing MODEL (the partial graph and "
+                "logs of a failed capture); by default only Helix's one-line error is shown")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -315,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="compute profile YAML written by `helix calibrate` (default: the built-in "
                            "H100 figures; helix_compiler/profiles/h100.yaml is the one we measured)")
     plan.add_argument("--strict", action="store_true", help=STRICT_HELP)
+    plan.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     plan.set_defaults(func=cmd_plan)
 
     run = sub.add_parser("run", help="compile MODEL and run its N rank modules on N processes (torchrun)",
@@ -345,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="split the residual stream along the sequence between blocks "
                           "(reduce-scatter / all-gather; the model is captured with static sizes)")
     run.add_argument("--strict", action="store_true", help=STRICT_HELP)
+    run.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     run.set_defaults(func=cmd_run)
 
     for name, text in FORWARDED.items():  # listed in --help; parsed by their own modules

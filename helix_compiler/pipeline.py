@@ -97,7 +97,7 @@ def summarize(captured, matches, mlps, name: str) -> ModelSummary:
                         workload=measure(captured.gm, matches, mlps, batch))
 
 
-def analyze(model, args, kwargs, print_after=(), dynamic: bool = True) -> Analysis:
+def analyze(model, args, kwargs, print_after=(), dynamic: bool = True, verbose: bool = False) -> Analysis:
     from passes.find_attention import find_attention
     from passes.find_mlp import find_mlp
 
@@ -120,7 +120,8 @@ def analyze(model, args, kwargs, print_after=(), dynamic: bool = True) -> Analys
         timings[name] = time.perf_counter() - t0
         return out
 
-    captured = stage("capture", lambda: capture(model, args, kwargs, dynamic=dynamic))
+    captured = stage("capture", lambda: capture(model, args, kwargs, dynamic=dynamic,
+                                                       verbose=verbose))
     _maybe_print("capture", captured.gm, print_after)
     from passes.fold_params import fold_params
 

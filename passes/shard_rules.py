@@ -361,10 +361,11 @@ def _slice(lz, node):
         locs.append(sl)
     new = list(lz.L(x))
     new[dim] = make_split(len(sel), lists)
-    lz.copy(node, tuple(new),
-            args_for=lambda r: (lz.local(r, x), dim, locs[r][0], locs[r][1], locs[r][2]))
+    # narrow(x, dim, start, length) becomes the local slice; emitted as aten.slice itself (an
+    # inactive rank has no node to retarget: emit returns None for it)
     for r in range(lz.N):
-        lz.env[r][node].target = aten.slice.Tensor
+        lz.env[r][node] = lz.emit(r, aten.slice.Tensor, (lz.local(r, x), dim, *locs[r]), name=node.name)
+    lz.lay[node] = tuple(new)
     return True
 
 
