@@ -127,7 +127,8 @@ def cmd_plan(args) -> int:
     from .modelspec import load_model_spec
     from .report import format_table
 
-    model, inputs, kwargs = load_model_spec(args.model or _paper_spec("paper_meta"))
+    model, inputs, kwargs = load_model_spec(args.model or _paper_spec("paper_meta"),
+                                            batch=args.batch, seq=args.seq, init="meta")
     stage = args.print_graph_after
     common = dict(devices=args.devices, example_inputs=inputs, example_kwargs=kwargs,
                   cluster=args.cluster, plan=_resolve_plan(args.plan),
@@ -185,7 +186,7 @@ def cmd_run(args) -> int:
             f"{torch.cuda.device_count()} CUDA devices; use --backend gloo (CPU) or fewer --devices")
     # Fail here, once, on what every rank would refuse (a bad MODEL, an
     # infeasible --plan) rather than in N processes.
-    model, inputs, kwargs = load_model_spec(spec)
+    model, inputs, kwargs = load_model_spec(spec, batch=args.batch, seq=args.seq, init="meta")
     plan_model(model, devices=args.devices, example_inputs=inputs, example_kwargs=kwargs,
                cluster=args.cluster, plan=_resolve_plan(args.plan), strict=args.strict,
                verbose=args.verbose)
@@ -203,6 +204,9 @@ def cmd_run(args) -> int:
         worker += ["--json", str(Path(args.json).resolve())]
     if args.sequence_parallel:
         worker += ["--sequence-parallel"]
+    for flag, value in (("--batch", args.batch), ("--seq", args.seq)):
+        if value is not None:
+            worker += [flag, str(value)]
     if args.weights:
         if not Path(args.weights).exists():
             raise HelixError(f"--weights {args.weights}: no such file or directory; pass a state_dict "
@@ -292,11 +296,19 @@ VERBOSE_HELP = ("let torch.export print what it prints while capturing MODEL (th
                 "logs of a failed capture); by default only Helix's one-line error is shown")
 
 
+def _add_size_flags(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--batch", type=_positive_int, metavar="B",
+                     help="example batch size for a Hugging Face model directory (default 2)")
+    sub.add_argument("--seq", type=_positive_int, metavar="S",
+                     help="example sequence length for a Hugging Face model directory (default 128)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="helix", description=(
         "Partition a model's attention over n head groups x m head-dim slices. "
         "MODEL: a .py file defining helix_model(), file.py:function or module:function, "
-        "returning (model, args) or (model, args, kwargs)."))
+        "returning (model, args) or (model, args, kwargs); or a Hugging Face model directory "
+        "(config.json, built on meta; --weights reads its safetensors per rank)."))
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     plan = sub.add_parser("plan", help="show the candidate (m, n) splits, their costs and the chosen plan",
@@ -314,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--print-graph-after", choices=STAGES, metavar="STAGE",
                       help=f"print the graph after a pipeline stage: {', '.join(STAGES)}")
     plan.add_argument("-o", "--output", metavar="FILE", help="also write the plan as YAML to FILE")
+    _add_size_flags(plan)
     plan.add_argument("--profile", metavar="FILE",
                       help="compute profile YAML written by `helix calibrate` (default: the built-in "
                            "H100 figures; helix_compiler/profiles/h100.yaml is the one we measured)")
@@ -350,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "(reduce-scatter / all-gather; the model is captured with static sizes)")
     run.add_argument("--strict", action="store_true", help=STRICT_HELP)
     run.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
+    _add_size_flags(run)
     run.set_defaults(func=cmd_run)
 
     for name, text in FORWARDED.items():  # listed in --help; parsed by their own modules
