@@ -36,13 +36,16 @@ from .graph_utils import (
     MATMUL_OPS, MOVEMENT_OPS, constant_value, PASS_THROUGH_OPS, SDPA_OPS, SOFTMAX_OPS, aten, example_size, is_projection,
     is_tensor_node, norm_dim, real_users, proj_input, proj_weight_node, shape, tensor_inputs, val,
 )
+from .graph_utils import ROW_MAX_OPS
 
-# Ops allowed between the QK^T matmul and the softmax (scale, mask, bias, casts).
+# Ops allowed between the QK^T matmul and the softmax (scale, mask, bias, casts; tanh for
+# logit softcapping, Gemma 2's c * tanh(scores / c)).
 SCORE_OPS = {
     aten.div.Tensor, aten.div.Scalar, aten.mul.Tensor, aten.mul.Scalar, aten.add.Tensor,
     aten.sub.Tensor, aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.where.self,
     aten.where.ScalarOther, aten.where.ScalarSelf, aten.div_.Tensor, aten.div_.Scalar,
     aten.mul_.Tensor, aten.add_.Tensor, aten.masked_fill_.Scalar, aten.masked_fill_.Tensor,
+    aten.tanh.default, aten.tanh_.default,
 } | PASS_THROUGH_OPS
 # Reshapes between the scores and the softmax: (B*H, S, S) <-> (B, H, S, S) (BLOOM).
 SCORE_VIEW_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
@@ -126,20 +129,88 @@ def _scalar(x) -> bool:
     return not isinstance(x, fx.Node) or (is_tensor_node(x) and len(shape(x)) == 0)
 
 
+def _row_max_of(o: fx.Node, x: fx.Node) -> list[fx.Node] | None:
+    """The nodes computing `o` as x's max over the last dim, kept (a stable softmax's shift
+    ``x - x.max(-1, keepdim=True).values``: a function of the scores, not a bias), or None."""
+    chain = []
+    while isinstance(o, fx.Node) and o.target in PASS_THROUGH_OPS:
+        chain.append(o)
+        o = o.args[0]
+    if isinstance(o, fx.Node) and o.target is operator.getitem and o.args[1] == 0:
+        chain.append(o)
+        o = o.args[0]
+    if not (isinstance(o, fx.Node) and o.target in ROW_MAX_OPS and o.args[0] is x):
+        return None
+    nd = len(shape(x))
+    dims = o.args[1] if len(o.args) > 1 else o.kwargs.get("dim")
+    dims = dims if isinstance(dims, (list, tuple)) else [dims]
+    keep = o.args[2] if len(o.args) > 2 else o.kwargs.get("keepdim", False)
+    if not keep or [norm_dim(int(k), nd) for k in dims] != [nd - 1]:
+        return None
+    return [o, *reversed(chain)]
+
+
+def _logit_columns(cat: fx.Node):
+    """A cat of extra logit columns onto the scores along the last dim (attention sinks,
+    GPT-OSS's per-head (B, H, S_q, 1) column): (the scores operand, its column range
+    [lo, hi) at the example sizes, the extra columns), or None."""
+    tensors = list(cat.args[0])
+    nd = len(shape(cat))
+    dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
+    if len(tensors) < 2 or not all(is_tensor_node(t) for t in tensors) or norm_dim(dim, nd) != nd - 1:
+        return None
+    widths = [example_size(shape(t)[-1]) for t in tensors]
+    k = max(range(len(tensors)), key=lambda i: widths[i])  # the scores: the widest operand
+    lo = sum(widths[:k])
+    return tensors[k], (lo, lo + widths[k]), tuple(t for i, t in enumerate(tensors) if i != k)
+
+
+def _drops_columns(node: fx.Node, softmax: fx.Node, keep: tuple[int, int]) -> bool:
+    """`node` slices the softmax's last dim down to the score columns `keep` (sinks dropped)."""
+    if node.target is not aten.slice.Tensor:
+        return False
+    nd = len(shape(node.args[0]))
+    if norm_dim(node.args[1] if len(node.args) > 1 else 0, nd) != nd - 1:
+        return False
+    size = example_size(shape(softmax)[-1])
+    start = node.args[2] if len(node.args) > 2 and node.args[2] is not None else 0
+    end = node.args[3] if len(node.args) > 3 and node.args[3] is not None else size
+    step = node.args[4] if len(node.args) > 4 else 1
+    start, end = (example_size(start), example_size(end))
+    start, end = (start + size if start < 0 else start), (end + size if end < 0 else end)
+    return step == 1 and (max(0, start), min(end, size)) == keep
+
+
 def _explicit_core(softmax: fx.Node) -> Core | None:
-    """matmul -> score ops -> softmax -> pass-through -> matmul, from the softmax."""
-    nodes, mask, biases = [softmax], None, []
+    """matmul -> score ops -> softmax -> pass-through -> matmul, from the softmax.
+
+    Between the scores and the softmax: scale, masks, biases, casts, softcapping (tanh), the
+    stable-softmax shift by the row max, and logit columns cat onto the scores (attention
+    sinks), which a slice after the softmax must then drop again before P @ V."""
+    nodes, mask, biases, keep = [softmax], None, [], None
     x = softmax.args[0]
-    while isinstance(x, fx.Node) and (x.target in SCORE_OPS or x.target in SCORE_VIEW_OPS):
+    while isinstance(x, fx.Node) and (x.target in SCORE_OPS or x.target in SCORE_VIEW_OPS
+                                      or x.target is aten.cat.default):
         nodes.append(x)
         if x.target in SCORE_VIEW_OPS:
             x = x.args[0]
+            continue
+        if x.target is aten.cat.default:
+            cols = _logit_columns(x)
+            if cols is None or keep is not None:
+                return None
+            x, keep, extra = cols
+            biases.extend(extra)
             continue
         main = [a for a in tensor_inputs(x) if shape(a) == shape(x) and a.target not in ()]
         others = [a for a in tensor_inputs(x) if a not in main[:1]]
         if not main:
             return None
         for o in others:
+            shift = _row_max_of(o, main[0])
+            if shift is not None:
+                nodes.extend(reversed(shift))  # `nodes` runs backwards from the softmax
+                continue
             if len(shape(o)) >= 2:
                 biases.append(o)
                 if mask is None:
@@ -158,9 +229,14 @@ def _explicit_core(softmax: fx.Node) -> Core | None:
         return None
     p = softmax
     while len(real_users(p)) == 1 and (real_users(p)[0].target in PASS_THROUGH_OPS
-                                       or real_users(p)[0].target in SCORE_VIEW_OPS):
+                                       or real_users(p)[0].target in SCORE_VIEW_OPS
+                                       or (keep is not None and _drops_columns(real_users(p)[0], softmax, keep))):
+        if real_users(p)[0].target is aten.slice.Tensor:
+            keep = None  # the extra columns are dropped
         p = real_users(p)[0]
         nodes.append(p)
+    if keep is not None:
+        return None  # extra logit columns reach P @ V: not attention over the keys alone
     pv = [u for u in real_users(p) if u.target in MATMUL_OPS and u.args[0] is p]
     if len(pv) != 1:
         return None
@@ -336,8 +412,12 @@ def _rotary(q: Provenance, d: int) -> Rotary | None:
     """Slices of the head dim on the q path reveal rotary embedding (DESIGN.md section 2).
 
     Only slices of a last dim no longer than d count: a fused QKV split of (B, S, 3D) is not rotary.
+    Rotate-half (LLaMA, NeoX) cuts the span at r/2 (and at r when partial). Pairs (2t, 2t + 1)
+    are spelled as step-2 slices ``x[..., 0::2]`` / ``x[..., 1::2]`` (GPT-J, Cohere) or as a
+    complex view of the last dim (``view_as_complex``: Meta's LLaMA, Llama 4): the rotated span
+    is then the slice's source length, or twice the complex view's length.
     """
-    bounds, interleaved = set(), False
+    bounds, pairs = set(), set()
     for node in q.path:
         if node.target == aten.slice.Tensor:
             src = shape(node.args[0])
@@ -348,26 +428,31 @@ def _rotary(q: Provenance, d: int) -> Rotary | None:
             start = node.args[2] if len(node.args) > 2 and node.args[2] is not None else 0
             end = node.args[3] if len(node.args) > 3 and node.args[3] is not None else size
             step = node.args[4] if len(node.args) > 4 else 1
-            if step == 2:
-                interleaved = True
+            if step == 2:  # start 0 or 1 picks the pair member, not a bound
+                pairs.add(int(size))
+                continue
             for b in (start, min(end, size)):
                 if 0 < b < size:
                     bounds.add(int(b))
-            if step == 2 and size < d:
-                bounds.add(int(size))
-        elif node.target in (aten.split.Tensor, aten.split_with_sizes.default):
+        elif node.target is aten.view_as_complex.default:
+            src = shape(node.args[0])  # (..., r/2, 2) real pairs as r/2 complex numbers
+            if len(src) >= 2 and 2 * hint(src[-2]) <= d:
+                pairs.add(2 * int(src[-2]))
+        elif node.target in (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default):
             src = shape(node.args[0])
             dim = norm_dim(node.args[2] if len(node.args) > 2 else 0, len(src))
             if dim != len(src) - 1 or hint(src[-1]) > d:
                 continue
             sizes = node.args[1]
+            if node.target is aten.chunk.default:  # chunks of ceil(size / chunks) (GPT-OSS)
+                sizes = -(-src[-1] // sizes)
             sizes = [sizes] * (src[-1] // sizes) if isinstance(sizes, int) else list(sizes)
             acc = 0
             for s in sizes[:-1]:
                 acc += s
                 bounds.add(int(acc))
-    if interleaved:
-        return Rotary(dims=max(bounds) if bounds else d, style="interleaved")
+    if pairs:
+        return Rotary(dims=max(pairs), style="interleaved")
     if not bounds:
         return None
     r = max(bounds) if len(bounds) >= 2 else 2 * min(bounds)

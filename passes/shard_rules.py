@@ -872,3 +872,23 @@ def _gather(lz, node):
         idx = [lz.select(r, index, idx[r], k, None, s.lists[r]) for r in range(lz.N)]
     lz.copy(node, tuple(lay), args_for=lambda r: (lz.local(r, x), node.args[1], idx[r]))
     return True
+
+
+@rule(aten.max.dim, aten.min.dim)
+def _max_dim(lz, node):
+    """(values, indices) of a max / min over one dim (a stable softmax's row max): local when
+    the reduced dim is whole on every rank; over a split dim the indices would be local ones,
+    so the op then runs on gathered inputs (listed in replicated_ops)."""
+    x = node.args[0]
+    if not lz.is_split(x):
+        lz.copy(node, [None, None])
+        return True
+    nd = len(shape(x))
+    dim = norm_dim(node.args[1], nd)
+    keep = bool(node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False))
+    lay = lz.L(x)
+    if lay[dim] is not None:
+        return None
+    out = tuple(None if k == dim else s for k, s in enumerate(lay) if keep or k != dim)
+    lz.copy(node, [out, out])
+    return True
