@@ -18,7 +18,8 @@ from tests.helpers import (assert_ranks_equal, check_split, compile_split, eager
                            expected_collectives, feasible_splits, variants_for)
 
 # Features that are only exercised when the head dim is split (m > 1).
-NEEDS_M_ABOVE_ONE = {"rotary_full", "rotary_partial", "qk_norm", "m_forced"}
+NEEDS_M_ABOVE_ONE = {"rotary_full", "rotary_partial", "rotary_interleaved", "rotary_complex", "qk_norm",
+                     "m_forced"}
 
 # Errors find_attention / helix_compile give today, by model name; each keeps the model's
 # tests as strict xfails whose reason is the error. Empty: the Falcon (x @ W.T projections,
@@ -70,7 +71,7 @@ def test_find_attention_reports_every_site_with_its_heads_and_features(entry, bu
         [(entry.heads, entry.kv_heads, entry.head_dim)] * entry.sites
     if entry.rotary_dims:
         assert [(s.rotary.dims, s.rotary.style) if s.rotary else None for s in sites] == \
-            [(entry.rotary_dims, "half")] * entry.sites
+            [(entry.rotary_dims, entry.rotary_style)] * entry.sites
     else:
         assert all(s.rotary is None for s in sites), [s.rotary for s in sites]
     assert [bool(s.qk_norm) for s in sites] == [entry.qk_norm] * entry.sites
