@@ -64,7 +64,8 @@ def _passes_scores(node: fx.Node) -> bool:
         return False
     out = node.meta.get("val")
     outs = out if isinstance(out, (list, tuple)) else (out,)   # sort: (values, indices)
-    shapes = {tuple(o.shape) for o in outs if isinstance(o, torch.Tensor) and o.dim()}
+    # a list, not a set: a symbolic size (SymInt) is not hashable (GPT-OSS's MoE router topk)
+    shapes = [tuple(o.shape) for o in outs if isinstance(o, torch.Tensor) and o.dim()]
     return any(shape(a) in shapes for a in tensor_inputs(node))
 
 
