@@ -54,7 +54,7 @@ def one(layers: int, devices: int, dynamic: bool = True) -> dict:
     emit_s = time.perf_counter() - t0
     return {"layers": layers, "devices": devices, "dynamic": dynamic, "sites": len(prog.plan.sites),
             "plan": f"m={prog.plan.m} x n={prog.plan.n}", "compile_s": total,
-            "stages_s": dict(prog.analysis.timings), "export_alone_s": export_s,
+            "stages_s": dict(prog.timings), "export_alone_s": export_s,
             "emit_rank0_s": emit_s, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
             "params_per_rank": prog.plan.cost.param_elements_per_rank}
 

@@ -30,7 +30,7 @@ import warnings
 from pathlib import Path
 
 from .errors import HelixError
-from .pipeline import STAGES
+from .pipeline import PASS_NAMES, PASSES
 from .text import ranges as _ranges
 
 EXIT_REFUSED = 2
@@ -53,6 +53,8 @@ DEFAULT_TIMEOUT_S = 300.0
 # torch.export logs a graph dump at WARNING when it gives up on a data-dependent
 # branch; the capture error names the cause in one line, so the CLI shows only that.
 QUIET_LOGGERS = ("torch.fx.experimental.symbolic_shapes",)
+# Passes after which `helix plan --print-graph-after` compiles (rank graphs), not only plans.
+EMITTING_PASSES = tuple(p.name for p in PASSES if p.kind in ("emit", "rank"))
 # After SIGTERM to a timed-out run, how long torchrun gets to stop its workers.
 KILL_GRACE_S = 10.0
 
@@ -134,18 +136,11 @@ def cmd_plan(args) -> int:
                   cluster=args.cluster, plan=_resolve_plan(args.plan),
                   print_after=(stage,) if stage else (), profile=_profile(args.profile),
                   strict=args.strict, verbose=args.verbose)
-    if stage in ("seeds", "shard"):
-        program = helix_compile(model, **common)
-        plan = program.plan
-        # seeds only records which features each rank computes; shard writes the rank graphs
-        print(f"# graph after {stage}: rank 0 of {program.devices} (m={plan.m} x n={plan.n})")
-        print(program.rank_module(0).code)
+    # the library prints the graph after the pass; shard and the rank passes need rank graphs
+    if stage in EMITTING_PASSES:
+        plan = helix_compile(model, **common).plan
     else:
-        plan, analysis = plan_model(model, **common)
-        if stage not in (None, "capture"):
-            # find_attention, find_mlp and plan read the captured graph and leave it as it is
-            print(f"# graph after {stage} (unchanged since capture)")
-            print(analysis.captured.gm.code)
+        plan, _ = plan_model(model, **common)
     if args.output:
         try:
             Path(args.output).write_text(plan.to_yaml())
@@ -323,8 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--format", choices=FORMATS, default="table", help="output format (default: table)")
     plan.add_argument("--plan", type=_plan_arg, metavar="M,N|FILE",
                       help="force the split m,n (or a plan YAML written with -o) instead of choosing")
-    plan.add_argument("--print-graph-after", choices=STAGES, metavar="STAGE",
-                      help=f"print the graph after a pipeline stage: {', '.join(STAGES)}")
+    plan.add_argument("--print-graph-after", choices=PASS_NAMES, metavar="PASS",
+                      help=f"print the graph after a pass of the pipeline (rank 0's after shard "
+                           f"and the rank passes): {', '.join(PASS_NAMES)}")
     plan.add_argument("-o", "--output", metavar="FILE", help="also write the plan as YAML to FILE")
     _add_size_flags(plan)
     plan.add_argument("--profile", metavar="FILE",

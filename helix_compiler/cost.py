@@ -61,7 +61,8 @@ from sympy import Max, Min, ceiling, floor
 from .cluster import ClusterSpec, normalize_dtype
 from .errors import PlanError
 from .mesh import Mesh
-from .profile import DEFAULT_PROFILE, FUSED_ALIGN, ComputeProfile
+from .kernels import fused_takes
+from .profile import DEFAULT_PROFILE, ComputeProfile
 from .sites import AttentionSite, MlpSite, ModelSummary
 
 # --- settings -----------------------------------------------------------------
@@ -387,14 +388,6 @@ def _site_options(site: AttentionSite, lay: _Layout, mach: _Machine,
             for bk in (("explicit",) if v == "score-reduce" else
                        ("explicit", *[bk for bk in fused
                                       if fused_takes(bk, site.head_dim, _value_dim(site, v, lay))]))]
-
-
-def fused_takes(backend: str, d_qk: int, d_v: int) -> bool:
-    """Whether SDPA's `backend` runs q/k of head dim d_qk with v of head dim d_v: both
-    multiples of FUSED_ALIGN; flash needs them equal (a qk-gather core has V at d/m)."""
-    if d_qk % FUSED_ALIGN or d_v % FUSED_ALIGN:
-        return False
-    return d_qk == d_v if backend == "flash" else True
 
 
 def _value_dim(site: AttentionSite, variant: str, lay: _Layout) -> int:

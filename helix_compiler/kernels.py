@@ -18,6 +18,25 @@ from __future__ import annotations
 
 import torch
 
+# --- settings: which head dims SDPA's fused kernels take -------------------------
+# Largest head dim of the fused SDPA kernels (FlashAttention-2/3 and cuDNN) on Hopper:
+# no flash or cuDNN kernel ran at d = 512 on H100 (torch 2.11); the memory-efficient
+# kernel has no limit. The one copy of this number: the cost model's kernel table
+# (profile.KERNEL_MAX_HEAD_DIM), the kernel-choice pass (passes/kernel_choice.py) and
+# the chunked op's run-time check (kernels_chunked.py) read it from here.
+FUSED_MAX_HEAD_DIM = 256
+# The fused kernels load head dims in multiples of this (16 bytes of fp16): with q's or v's
+# head dim not a multiple (a qk-gather V of d/m = 4), SDPA runs its math path.
+FUSED_ALIGN = 8
+
+
+def fused_takes(backend: str, d_qk: int, d_v: int) -> bool:
+    """Whether SDPA's `backend` runs q/k of head dim d_qk with v of head dim d_v: both
+    multiples of FUSED_ALIGN; flash needs them equal (a qk-gather core has V at d/m)."""
+    if d_qk % FUSED_ALIGN or d_v % FUSED_ALIGN:
+        return False
+    return d_qk == d_v if backend == "flash" else True
+
 
 @torch.library.custom_op("helix::attend", mutates_args=())
 def attend(scores: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,

@@ -33,8 +33,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .kernels import broadcasts_to, masked_softmax
-from .profile import FUSED_ALIGN
+from .kernels import FUSED_ALIGN, broadcasts_to, masked_softmax
 
 # Scores alive at once per block, in bytes. Measured on H100 (torch 2.11, d=512,
 # S=10000): larger blocks are faster (4 MiB 3.98 ms per head, 32 MiB 0.75, 256 MiB

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .errors import HelixError
+
 AXES = ("head", "dim", "all")
 
 
@@ -20,7 +22,8 @@ class Mesh:
 
     def __post_init__(self) -> None:
         if self.n < 1 or self.m < 1:
-            raise ValueError(f"Mesh needs n >= 1 and m >= 1, got n={self.n}, m={self.m}")
+            raise HelixError(f"Mesh needs n >= 1 head groups and m >= 1 dim slices, got n={self.n}, "
+                             f"m={self.m}; pass a split (m, n) of positive integers")
 
     @property
     def size(self) -> int:
@@ -38,7 +41,7 @@ class Mesh:
             return tuple(ii * self.m + j for ii in range(self.n))
         if axes == "all":
             return tuple(range(self.size))
-        raise ValueError(f"unknown mesh axes {axes!r}; expected one of {AXES}")
+        raise HelixError(f"Mesh: unknown mesh axes {axes!r}; expected one of {AXES}")
 
     def groups(self, axes: str) -> list[tuple[int, ...]]:
         """Every group over `axes`, each once, in rank order of its first member."""
@@ -48,4 +51,4 @@ class Mesh:
             return [tuple(range(j, self.size, self.m)) for j in range(self.m)]
         if axes == "all":
             return [tuple(range(self.size))]
-        raise ValueError(f"unknown mesh axes {axes!r}; expected one of {AXES}")
+        raise HelixError(f"Mesh: unknown mesh axes {axes!r}; expected one of {AXES}")

@@ -1,60 +1,400 @@
-"""The compiler pipeline: one short list of named stages (DESIGN.md section 1).
+"""The compiler pipeline: the one ordered list of passes (DESIGN.md sections 1 and 10).
 
-    capture         torch.export (non-strict) -> ATen FX graph
-    fold_params     views of weights (W.T, W.split(...)[i]) become named parameters (passes/fold_params.py)
-    find_attention  AttentionSite records (passes/find_attention.py)
-    unpartitioned   attention-like cores no site owns, with why (passes/unpartitioned.py)
-    find_mlp        MlpSite records (passes/find_mlp.py)
-    plan            solve + cost -> Plan (solver.py, cost.py, plan.py)
-    seeds           per-rank output features of column-sharded projections (passes/seeds.py)
-    shard           placements, collectives, localized rank graphs (passes/shard.py)
+Each pass is a `Pass` value: its name, its kind, what it needs, what it keeps, and
+the function that runs it. `PASSES` lists them all, in the order they run:
 
-`--print-graph-after STAGE` (CLI) and `print_after=` (API) print the graph
-after a stage.  A stage that fails is named, with the stages that ran before.
+    capture            graph     torch.export (non-strict) -> ATen FX graph
+    fold_params        graph     views of weights (W.T, W.split(...)[i]) become named parameters
+    slice_copies       graph     a buffer filled by copies into its slices becomes one cat
+    find_attention     analysis  AttentionSite records (passes/find_attention.py)
+    causal_at_example  analysis  sites whose size-only mask is causal at the example sizes
+    unpartitioned      analysis  attention-like cores no site owns, with why
+    find_mlp           analysis  MlpSite records (passes/find_mlp.py)
+    summarize          analysis  parameter counts and per-op workload for the cost model
+    plan               analysis  solve + cost -> Plan (solver.py, cost.py, plan.py)
+    seeds              analysis  per-rank output features of column-sharded projections
+    shard              emit      placements, collectives, one localized graph per rank
+    kernel_choice      rank      attention cores no fused kernel takes -> chunked explicit form
+    size_masks         rank      masks built from sizes alone -> one size_mask call
+
+"graph" passes rewrite the captured graph (checked with `graph.lint()` after each);
+"analysis" passes read it and leave it as it is; "emit" writes the rank graphs; "rank"
+passes rewrite each rank graph, in `rank_module(r)` (HelixProgram.rank_passes is
+RANK_PASSES). One back edge: a ShardingError from seeds or shard under the cost model's
+choice of split excludes that split and runs plan again (`plan_buildable`).
+
+`print_after=` (API) and `--print-graph-after NAME` (CLI) print the graph after any
+pass: the graph a graph pass produced, the unchanged graph after an analysis pass
+(labelled with the pass that last rewrote it), rank 0's graph after shard and the
+rank passes. A pass that fails is named, with the passes that ran before it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
-from .errors import HelixError, first_line
+from passes.find_attention import find_attention
+from passes.find_mlp import find_mlp
+from passes.fold_params import fold_params
+from passes.graph_utils import proj_bias
+from passes.kernel_choice import apply_kernel_choice, fused_kernel_exists
+from passes.seeds import mlp_seeds, site_seeds
+from passes.shard import Localized, localize
+from passes.size_masks import apply_size_masks, causal_at_example
+from passes.slice_copies import slice_copies
+from passes.unpartitioned import find_unpartitioned
+from passes.workload import measure
+
+from .capture import Captured, capture
+from .cluster import ClusterSpec, load_cluster
+from .errors import HelixError, HelixWarning, PlanError, ShardingError, UnpartitionedError, first_line
+from .kernels import FUSED_MAX_HEAD_DIM
+from .mesh import Mesh
+from .plan import Plan, make_plan, model_fingerprint
+from .profile import ComputeProfile
+from .program import Analysis, HelixProgram, Source
 from .sites import ModelSummary
+from .solver import check_devices
 
-STAGES = ("capture", "fold_params", "slice_copies", "find_attention", "unpartitioned", "find_mlp", "plan",
-          "seeds", "shard")
+__all__ = ["PASSES", "MODEL_PASSES", "PLAN_PASSES", "RANK_PASSES", "PASS_NAMES", "Pass", "Analysis",
+           "analyze", "request", "run_plan", "run_compile", "recompile", "plan_buildable", "placements",
+           "needs_kernel_choice", "check_print_after", "summarize"]
 
+KINDS = ("graph", "analysis", "emit", "rank")
+VARIANTS = (None, "score-reduce", "qk-gather")
 
-@dataclass(frozen=True)
-class Analysis:
-    """What capture + find_attention + find_mlp learned about a model."""
-
-    captured: object          # capture.Captured
-    matches: tuple            # find_attention.SiteMatch per site, graph order
-    skipped: tuple            # notes on attention cores left unsharded
-    mlps: tuple               # MlpSite
-    summary: ModelSummary
-    timings: dict             # stage -> seconds
-    views: dict = None        # derived parameter name -> fold_params.ParamView
-    unpartitioned: tuple = ()  # plan.UnpartitionedCore: attention cores every rank runs whole
+# Rank graphs are emitted at compile time up to this many nodes in all (ranks x graph nodes);
+# above it, compile computes every placement (so any refusal surfaces now) and each rank's
+# graph is emitted when rank_module(r) first asks for it.  A 64-rank LLaMA-70B is ~360k nodes.
+EAGER_EMIT_NODES = 100_000
 
 
-def _numel(t) -> int:
-    return int(t.numel())
+# ---- the values passes read and write -----------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class Request:
+    """What the caller asked for (checked by `request`)."""
+
+    model: torch.nn.Module | None = None
+    args: tuple = ()
+    kwargs: dict = dataclasses.field(default_factory=dict)
+    dynamic: bool = True
+    verbose: bool = False
+    devices: int = 1
+    cluster: ClusterSpec | None = None
+    cluster_arg: object = None              # as the caller gave it (None, a name, a spec)
+    profile: ComputeProfile | None = None
+    forced: tuple[int, int] | None = None   # (m, n) the caller fixed
+    plan: Plan | None = None                # a plan the caller gave (its split is `forced`)
+    variant: str | None = None
+    sequence_parallel: bool = False
+    emit: bool = True                       # shard writes rank graphs (helix_compile) or not
+    print_after: frozenset = frozenset()
 
 
-def summarize(captured, matches, mlps, name: str) -> ModelSummary:
+@dataclass(frozen=True, kw_only=True)
+class State:
+    """What the passes so far produced; each pass returns a new State."""
+
+    request: Request
+    captured: Captured | None = None
+    views: dict | None = None
+    matches: tuple = ()
+    skipped: tuple = ()
+    unpartitioned: tuple = ()
+    mlps: tuple = ()
+    summary: ModelSummary | None = None
+    refused: tuple = ()                     # ((m, n), why): splits seeds / shard refused
+    plan: Plan | None = None
+    seeds: dict | None = None
+    variants: dict | None = None            # attention core node name -> variant
+    localized: Localized | None = None
+    localize: Callable | None = None        # ranks -> Localized with their graphs
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Pass:
+    """One named pass: `run(state) -> state` (model passes) or `run(gm, program) -> gm` (rank
+    passes, which rewrite one rank graph in place)."""
+
+    name: str
+    kind: str          # KINDS
+    needs: str         # the precondition, in words
+    keeps: str         # the invariant it keeps
+    run: Callable
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise HelixError(f"Pass {self.name}: kind must be one of {KINDS}, got {self.kind!r}")
+
+    def run_rank(self, gm: fx.GraphModule, program: HelixProgram, rank: int) -> fx.GraphModule:
+        """This rank pass on rank r's module, its graph checked after; a failure names the pass."""
+        done = [p.name for p in PASSES[:PASSES.index(self)]]
+        try:
+            gm = self.run(gm, program)
+            gm.graph.lint()
+        except HelixError:
+            raise
+        except Exception as e:
+            raise HelixError(f"stage {self.name} failed after {done} on rank {rank}: "
+                             f"{first_line(e)}") from e
+        return gm
+
+
+# ---- model passes -------------------------------------------------------------------------
+def _capture(s: State) -> State:
+    r = s.request
+    return dataclasses.replace(s, captured=capture(r.model, r.args, r.kwargs, dynamic=r.dynamic,
+                                                   verbose=r.verbose))
+
+
+def _fold_params(s: State) -> State:
+    return dataclasses.replace(s, views=fold_params(s.captured.gm, s.captured.params))
+
+
+def _slice_copies(s: State) -> State:
+    slice_copies(s.captured.gm)
+    return s
+
+
+def _find_attention(s: State) -> State:
+    matches, skipped = find_attention(s.captured.gm)
+    return dataclasses.replace(s, matches=tuple(matches), skipped=tuple(skipped))
+
+
+def _causal_at_example(s: State) -> State:
+    return dataclasses.replace(s, matches=tuple(causal_at_example(s.captured.gm, s.matches)))
+
+
+def _unpartitioned(s: State) -> State:
+    return dataclasses.replace(s, unpartitioned=tuple(
+        find_unpartitioned(s.captured.gm, s.matches, s.skipped)))
+
+
+def _find_mlp(s: State) -> State:
+    nodes = {n.name: n for n in s.captured.gm.graph.nodes}
+    projs = set()
+    for m in s.matches:
+        site = m.site
+        projs |= {nodes[x] for x in (site.q_proj, site.k_proj, site.v_proj, site.o_proj) if x}
+    return dataclasses.replace(s, mlps=tuple(find_mlp(s.captured.gm, projs)))
+
+
+def _summarize(s: State) -> State:
+    return dataclasses.replace(s, summary=summarize(s.captured, s.matches, s.mlps,
+                                                    type(s.request.model).__name__))
+
+
+def _plan(s: State) -> State:
+    r = s.request
+    result = make_plan(s.summary, r.devices, r.cluster, profile=r.profile, forced=r.forced,
+                       variant=r.variant, refused=dict(s.refused))
+    return dataclasses.replace(s, plan=dataclasses.replace(result, unpartitioned=s.unpartitioned))
+
+
+def _seeds(s: State) -> State:
+    mesh = Mesh(n=s.plan.n, m=s.plan.m)
+    seeds = {}
+    for match in s.matches:
+        seeds.update(site_seeds(match, mesh))
+    for mlp in s.mlps:
+        seeds.update(mlp_seeds(mlp, mesh))
+    return dataclasses.replace(s, seeds=seeds, variants=site_variants(s.plan, s.matches))
+
+
+def site_variants(plan: Plan, matches: Iterable) -> dict[str, str]:
+    """Attention core node name -> the plan's variant for that site, matched by site index
+    (a plan read from YAML lists its sites by index, in any order)."""
+    by_index = {sp.index: sp for sp in plan.sites}
+    out = {}
+    for match in matches:
+        sp = by_index.get(match.site.index)
+        if sp is None:
+            raise PlanError(f"plan has no entry for attention site {match.site.index} (core "
+                            f"{match.site.core_nodes[0]}); its sites are {sorted(by_index)}; "
+                            f"make a new plan for this model")
+        out[match.site.core_nodes[0]] = sp.variant
+    return out
+
+
+def _shard(s: State) -> State:
+    r = s.request
+    mesh = Mesh(n=s.plan.n, m=s.plan.m)
+    captured, seeds, variants, views = s.captured, s.seeds, s.variants, s.views
+
+    def run(active):
+        return localize(captured.gm, mesh, seeds, variants, captured.params, active, views,
+                        sequence_parallel=r.sequence_parallel)
+
+    eager = r.emit and mesh.size * len(captured.gm.graph.nodes) <= EAGER_EMIT_NODES
+    localized = run(None if eager else ())
+    for g in localized.graphs:
+        if any(n.op == "output" for n in g.nodes):
+            g.lint()
+    return dataclasses.replace(s, localized=localized, localize=_named_localize(run))
+
+
+def _named_localize(run: Callable) -> Callable:
+    """`run` (a rank graph emitted on demand) with a failure named as the shard pass's."""
+    done = _names_before("shard")
+
+    def named(active):
+        try:
+            return run(active)
+        except HelixError:
+            raise
+        except Exception as e:
+            raise HelixError(f"stage shard failed after {done}: {first_line(e)}") from e
+    return named
+
+
+# ---- rank passes: (rank module, program) -> rank module, in place ---------------------------
+def _kernel_choice(gm: fx.GraphModule, program: HelixProgram) -> fx.GraphModule:
+    return apply_kernel_choice(gm) if program.kernel_choice else gm
+
+
+def _size_masks(gm: fx.GraphModule, program: HelixProgram) -> fx.GraphModule:
+    return apply_size_masks(gm)
+
+
+SAME = "the graph computes what it computed"
+UNCHANGED = "the graph is not modified"
+
+MODEL_PASSES = (
+    Pass(name="capture", kind="graph", run=_capture,
+         needs="an nn.Module and example inputs its forward accepts",
+         keeps="the graph computes the model's forward (batch / sequence sizes symbolic when "
+               "dynamic); parameters are get_attr nodes"),
+    Pass(name="fold_params", kind="graph", run=_fold_params,
+         needs="the captured graph and the model's parameters",
+         keeps=f"{SAME}; a view chain of a weight is one get_attr of a derived tensor "
+               f"(passes/fold_params.py)"),
+    # a buffer filled by copies into its slices (DeepSeek's MLA key) becomes one cat
+    Pass(name="slice_copies", kind="graph", run=_slice_copies,
+         needs="a graph with weights folded",
+         keeps=f"{SAME}; a rewritten buffer is no longer mutated (passes/slice_copies.py)"),
+    Pass(name="find_attention", kind="analysis", run=_find_attention,
+         needs="the folded graph",
+         keeps=f"{UNCHANGED}; each AttentionSite names its nodes and head structure "
+               f"(passes/find_attention.py)"),
+    Pass(name="causal_at_example", kind="analysis", run=_causal_at_example,
+         needs="the attention sites",
+         keeps=f"{UNCHANGED}; a site is marked mask_causal only where its size-only mask is "
+               f"SDPA's causal mask at the example sizes (passes/size_masks.py)"),
+    # no silent replication: every attention-like core no site owns is named, with why
+    Pass(name="unpartitioned", kind="analysis", run=_unpartitioned,
+         needs="the attention sites and find_attention's skip notes",
+         keeps=f"{UNCHANGED}; every attention-like core no site owns is listed "
+               f"(passes/unpartitioned.py)"),
+    Pass(name="find_mlp", kind="analysis", run=_find_mlp,
+         needs="the attention sites (their projections are not MLPs)",
+         keeps=f"{UNCHANGED}; each MlpSite names its projections (passes/find_mlp.py)"),
+    Pass(name="summarize", kind="analysis", run=_summarize,
+         needs="the attention and MLP sites",
+         keeps=f"{UNCHANGED}; ModelSummary counts every parameter the graph reads once "
+               f"(passes/workload.py)"),
+)
+PLAN_PASSES = (
+    Pass(name="plan", kind="analysis", run=_plan,
+         needs="the summary, a device count and a cluster",
+         keeps=f"{UNCHANGED}; the split is feasible (solver.py) and the cost model's best "
+               f"among those seeds and shard build"),
+    Pass(name="seeds", kind="analysis", run=_seeds,
+         needs="a plan and the sites",
+         keeps=f"{UNCHANGED}; per site, the ranks' head-dim slices partition [0, d) "
+               f"(passes/seeds.py)"),
+    Pass(name="shard", kind="emit", run=_shard,
+         needs="seeds and a variant per attention core",
+         keeps="the rank graphs, run together, compute what the graph computed; every rank "
+               "holds the full outputs (passes/shard.py)"),
+)
+RANK_PASSES = (
+    Pass(name="kernel_choice", kind="rank", run=_kernel_choice,
+         needs="a rank graph; the program's kernel_choice on (else the graph is left as it is)",
+         keeps=f"{SAME}; attention cores no fused SDPA kernel takes run the chunked explicit "
+               f"form (passes/kernel_choice.py)"),
+    Pass(name="size_masks", kind="rank", run=_size_masks,
+         needs="a rank graph (after kernel_choice: it rewrites the cores kernel_choice emits too)",
+         keeps=f"{SAME}; a mask built from sizes alone is one size_mask call "
+               f"(passes/size_masks.py)"),
+)
+PASSES = MODEL_PASSES + PLAN_PASSES + RANK_PASSES
+PASS_NAMES = tuple(p.name for p in PASSES)
+assert len(set(PASS_NAMES)) == len(PASS_NAMES), PASS_NAMES
+
+
+def _names_before(name: str) -> list[str]:
+    return list(PASS_NAMES[:PASS_NAMES.index(name)])
+
+
+# ---- running passes -------------------------------------------------------------------------
+class _Runner:
+    """Runs model passes in order: times them, checks the graph after graph passes, names a
+    failure with the passes that ran before it, and prints where print_after asks."""
+
+    def __init__(self, print_after: frozenset, done: Iterable[str] = (), timings=()):
+        self.print_after = print_after
+        self.done = list(done)
+        self.timings = dict(timings)
+        self.rewritten_by = "capture"       # the graph pass that last changed the graph
+
+    def run(self, p: Pass, s: State) -> State:
+        t0 = time.perf_counter()
+        try:
+            out = p.run(s)
+            if p.kind == "graph":
+                out.captured.gm.graph.lint()
+                out.captured.gm.recompile()
+        except HelixError:
+            raise
+        except Exception as e:
+            raise HelixError(f"stage {p.name} failed after {self.done or ['nothing']}: "
+                             f"{first_line(e)}") from e
+        self.timings[p.name] = self.timings.get(p.name, 0.0) + time.perf_counter() - t0
+        if p.name not in self.done:
+            self.done.append(p.name)
+        if p.kind == "graph":
+            self.rewritten_by = p.name
+        if p.name in self.print_after and p.kind != "emit":
+            label = "" if p.kind == "graph" else (
+                f" (an analysis pass: the graph as {self.rewritten_by} left it)")
+            print(f"# graph after {p.name}{label}")
+            print(out.captured.gm.code)
+        return out
+
+
+def check_print_after(print_after: str | Iterable[str] | None,
+                      allowed: tuple[str, ...] = PASS_NAMES) -> frozenset:
+    """print_after as a set of pass names; an unknown name is refused with the valid ones."""
+    if print_after is None:
+        return frozenset()
+    names = (print_after,) if isinstance(print_after, str) else tuple(print_after)
+    for name in names:
+        if name not in PASS_NAMES:
+            raise HelixError(f"print_after: no pass is named {name!r}; the passes are "
+                             f"{', '.join(PASS_NAMES)}")
+        if name not in allowed:
+            raise HelixError(f"print_after: {name!r} runs only in helix_compile (plan_model "
+                             f"emits no rank graph); print after one of {', '.join(allowed)}, "
+                             f"or call helix_compile")
+    return frozenset(names)
+
+
+def summarize(captured: Captured, matches: Iterable, mlps: Iterable, name: str) -> ModelSummary:
     """Parameter counts the cost model needs: everything the graph reads, and what is not sharded.
 
     Sharded: the weights of Q/K/V/O projections and MLP pairs, and the biases of the
     column-sharded ones (Q/K/V, MLP up); the biases of the row-sharded ones (O, MLP down) are
     added once after the reduction, so every rank holds them whole.
     """
-    from passes.graph_utils import proj_bias
-    from passes.workload import measure
-
+    matches, mlps = tuple(matches), tuple(mlps)
     nodes = {n.name: n for n in captured.gm.graph.nodes}
     used = {str(n.target) for n in captured.gm.graph.nodes if n.op == "get_attr"}
 
@@ -79,9 +419,9 @@ def summarize(captured, matches, mlps, name: str) -> ModelSummary:
         if id(t) in seen:
             continue
         seen.add(id(t))
-        total += _numel(t)
+        total += int(t.numel())
         if k not in sharded:
-            replicated += _numel(t)
+            replicated += int(t.numel())
     dtype = torch.float32
     batch, seq = 1, 1
     if matches:
@@ -97,61 +437,267 @@ def summarize(captured, matches, mlps, name: str) -> ModelSummary:
                         workload=measure(captured.gm, matches, mlps, batch))
 
 
-def analyze(model, args, kwargs, print_after=(), dynamic: bool = True, verbose: bool = False) -> Analysis:
-    from passes.find_attention import find_attention
-    from passes.find_mlp import find_mlp
+def _analysis(s: State, runner: _Runner) -> Analysis:
+    return Analysis(captured=s.captured, matches=s.matches, skipped=s.skipped, mlps=s.mlps,
+                    summary=s.summary, timings=tuple(runner.timings.items()), views=s.views,
+                    unpartitioned=s.unpartitioned)
 
-    from .capture import capture
 
-    import time
+def _state_of(analysis: Analysis, request: Request) -> State:
+    """The State after the model passes, from an Analysis (recompile starts here)."""
+    return State(request=request, captured=analysis.captured, views=analysis.views,
+                 matches=analysis.matches, skipped=analysis.skipped,
+                 unpartitioned=analysis.unpartitioned, mlps=analysis.mlps, summary=analysis.summary)
 
-    done, timings = [], {}
 
-    def stage(name, fn):
-        t0 = time.perf_counter()
+# ---- entry points ---------------------------------------------------------------------------
+def analyze(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
+            print_after: str | Iterable[str] | None = (), dynamic: bool = True,
+            verbose: bool = False) -> Analysis:
+    """The model passes (capture ... summarize): what they learned about `model`."""
+    names = tuple(p.name for p in MODEL_PASSES)
+    printing = check_print_after(print_after, names)
+    request = Request(model=model, args=args if isinstance(args, tuple) else (args,),
+                      kwargs=dict(kwargs or {}), dynamic=dynamic, verbose=verbose,
+                      print_after=printing)
+    return _run_model_passes(request)[0]
+
+
+def _run_model_passes(request: Request) -> tuple[Analysis, _Runner]:
+    runner = _Runner(request.print_after)
+    s = State(request=request)
+    for p in MODEL_PASSES:
+        s = runner.run(p, s)
+    return _analysis(s, runner), runner
+
+
+def plan_buildable(analysis: Analysis, devices: int, spec: ClusterSpec, *,
+                   profile: ComputeProfile | None = None, forced: tuple[int, int] | None = None,
+                   variant: str | None = None,
+                   build: Callable[[Plan, Analysis], object] | None = None) -> tuple[Plan, object]:
+    """The plan pass, checked with the shard pass's own rules: `build(plan, analysis)` (by
+    default `placements`: seeds and shard, no rank graph emitted) runs for the chosen split;
+    when it raises a ShardingError and the split was the cost model's choice, not `forced`,
+    that split is excluded with the sharder's reason (in the candidate table and the plan's
+    notes) and the next best by the cost model is tried.  A forced split keeps the sharder's
+    refusal.
+
+    (Plan, what build returned)."""
+    build = build or placements
+    refused: dict = {}
+    request = Request(devices=devices, cluster=spec, profile=profile, forced=forced, variant=variant)
+    while True:
+        s = _plan(dataclasses.replace(_state_of(analysis, request), refused=tuple(refused.items())))
         try:
-            out = fn()
-        except HelixError:
-            raise
-        except Exception as e:
-            raise HelixError(f"stage {name} failed after {done or ['nothing']}: "
-                             f"{first_line(e)}") from e
-        done.append(name)
-        timings[name] = time.perf_counter() - t0
-        return out
-
-    captured = stage("capture", lambda: capture(model, args, kwargs, dynamic=dynamic,
-                                                       verbose=verbose))
-    _maybe_print("capture", captured.gm, print_after)
-    from passes.fold_params import fold_params
-
-    views = stage("fold_params", lambda: fold_params(captured.gm, captured.params))
-    from passes.slice_copies import slice_copies
-
-    # a buffer filled by copies into its slices (DeepSeek's MLA key) becomes one cat
-    stage("slice_copies", lambda: slice_copies(captured.gm))
-    _maybe_print("slice_copies", captured.gm, print_after)
-    matches, skipped = stage("find_attention", lambda: find_attention(captured.gm))
-    from passes.size_masks import causal_at_example
-
-    matches = stage("size_masks", lambda: causal_at_example(captured.gm, matches))
-    from passes.unpartitioned import find_unpartitioned
-
-    # no silent replication: every attention-like core no site owns is named, with why
-    unpartitioned = stage("unpartitioned", lambda: find_unpartitioned(captured.gm, matches, skipped))
-    nodes = {n.name: n for n in captured.gm.graph.nodes}
-    projs = set()
-    for m in matches:
-        s = m.site
-        projs |= {nodes[x] for x in (s.q_proj, s.k_proj, s.v_proj, s.o_proj) if x}
-    mlps = stage("find_mlp", lambda: find_mlp(captured.gm, projs))
-    summary = summarize(captured, matches, mlps, type(model).__name__)
-    return Analysis(captured=captured, matches=tuple(matches), skipped=tuple(skipped),
-                    mlps=tuple(mlps), summary=summary, timings=timings, views=views,
-                    unpartitioned=unpartitioned)
+            return s.plan, build(s.plan, analysis)
+        except ShardingError as e:
+            if forced is not None:
+                raise
+            refused[(s.plan.m, s.plan.n)] = f"the shard pass refuses it: {first_line(e)}"
 
 
-def _maybe_print(stage: str, gm: fx.GraphModule, print_after) -> None:
-    if stage in print_after:
-        print(f"# graph after {stage}")
+def placements(result: Plan, analysis: Analysis) -> Localized:
+    """The shard pass's placements for every rank, no rank graph emitted: what raises a
+    ShardingError for a split the sharder refuses, at a fraction of a compile."""
+    s = dataclasses.replace(_state_of(analysis, Request(emit=False)), plan=result)
+    return _shard(_seeds(s)).localized
+
+
+def _run_plan_passes(s: State, runner: _Runner) -> State:
+    """plan -> seeds -> shard; a ShardingError from seeds or shard under the cost model's
+    choice (not a forced split) excludes that split and runs plan again."""
+    refused: dict = {}
+    while True:
+        planned = runner.run(PLAN_PASSES[0], dataclasses.replace(s, refused=tuple(refused.items())))
+        try:
+            out = planned
+            for p in PLAN_PASSES[1:]:
+                out = runner.run(p, out)
+            return out
+        except ShardingError as e:
+            if s.request.forced is not None:
+                raise
+            refused[(planned.plan.m, planned.plan.n)] = f"the shard pass refuses it: {first_line(e)}"
+
+
+def request(model: torch.nn.Module | None, devices: object, example_inputs: object = (),
+            example_kwargs: dict | None = None, cluster: object = None, plan: object = None,
+            variant: str | None = None, profile: ComputeProfile | None = None,
+            print_after: str | Iterable[str] | None = (), dynamic: bool = True,
+            verbose: bool = False, sequence_parallel: bool = False, emit: bool = True) -> Request:
+    """The caller's arguments checked and normalized (one message per rule)."""
+    devices = check_devices(devices)
+    if variant not in VARIANTS:
+        raise PlanError(f"variant must be 'score-reduce', 'qk-gather' or None (the cost model "
+                        f"chooses per site), got {variant!r}")
+    forced, given = None, None
+    if isinstance(plan, Plan):
+        forced, given = (plan.m, plan.n), plan
+        if plan.devices != devices:
+            raise PlanError(f"plan is for {plan.devices} devices, not devices={devices}; "
+                            f"compile with devices={plan.devices} or make a new plan")
+    elif plan is not None:
+        if not (isinstance(plan, (tuple, list)) and len(plan) == 2 and all(isinstance(x, int) for x in plan)):
+            raise PlanError(f"plan must be (m, n) with integers m * n = devices, got {plan!r}")
+        forced = (int(plan[0]), int(plan[1]))
+    allowed = PASS_NAMES if emit else tuple(p.name for p in MODEL_PASSES + PLAN_PASSES
+                                             if p.kind != "emit")
+    return Request(model=model, args=example_inputs if isinstance(example_inputs, tuple) else (example_inputs,),
+                   kwargs=dict(example_kwargs or {}), dynamic=dynamic, verbose=verbose,
+                   devices=devices, cluster=cluster_spec(cluster, devices), cluster_arg=cluster,
+                   profile=profile,
+                   forced=forced, plan=given, variant=variant, sequence_parallel=sequence_parallel,
+                   emit=emit, print_after=check_print_after(print_after, allowed))
+
+
+def cluster_spec(cluster: ClusterSpec | str | None, devices: int) -> ClusterSpec:
+    """A ClusterSpec from a spec, preset name or YAML path; by default the paper's kind of node
+    (8 x H100, NVLink, 8 NDR NICs), as many as `devices` needs."""
+    spec = cluster if cluster is not None and not isinstance(cluster, str) else load_cluster(cluster or "paper")
+    if cluster is None and devices > spec.nodes * spec.gpus_per_node:
+        nodes = math.ceil(devices / spec.gpus_per_node)
+        spec = dataclasses.replace(spec, name=f"{spec.name}-x{nodes}nodes", nodes=nodes)
+    return spec
+
+
+def run_plan(req: Request, strict: bool = False) -> tuple[Plan, Analysis]:
+    """The model passes, then plan, seeds and shard's placements (no rank graph): the plan is
+    one the shard pass builds."""
+    analysis, runner = _run_model_passes(req)
+    _check_plan_model(req, analysis)
+    _report_unpartitioned(analysis.unpartitioned, strict, warn=True)
+    s = _run_plan_passes(_state_of(analysis, req), runner)
+    return s.plan, dataclasses.replace(analysis, timings=tuple(runner.timings.items()))
+
+
+def run_compile(req: Request, strict: bool = False, kernel_choice: bool | None = None,
+            warn: bool = True) -> HelixProgram:
+    """Every pass: a HelixProgram whose rank_module(r) runs the rank passes."""
+    analysis, runner = _run_model_passes(req)
+    _check_plan_model(req, analysis)
+    _report_unpartitioned(analysis.unpartitioned, strict, warn)
+    s = _run_plan_passes(_state_of(analysis, req), runner)
+    source = Source(model=req.model, example_inputs=req.args, example_kwargs=req.kwargs,
+                    cluster=req.cluster_arg, profile=req.profile, verbose=req.verbose)
+    prog = _program(s, analysis, runner, source,
+                    kernel_choice=_kernel_choice_for(kernel_choice, analysis, s.plan.m),
+                    notes=(analysis.captured.note,) if analysis.captured.note else ())
+    _print_rank_passes(prog, req.print_after)
+    return _static_if_better(prog, req)
+
+
+def _check_plan_model(req: Request, analysis: Analysis) -> None:
+    """A plan the caller gave must be for this model (checked before any sharding)."""
+    if req.plan is not None and req.plan.model != model_fingerprint(analysis.summary):
+        raise PlanError(f"plan was made for model {req.plan.model}, not for this model "
+                        f"({model_fingerprint(analysis.summary)}); make a new plan with `helix plan`")
+
+
+def _program(s: State, analysis: Analysis, runner: _Runner, source: Source | None, *,
+             kernel_choice: bool, notes: tuple) -> HelixProgram:
+    return HelixProgram(plan=s.plan, analysis=analysis, mesh=Mesh(n=s.plan.n, m=s.plan.m),
+                        kernel_choice=kernel_choice, notes=tuple(notes),
+                        timings=tuple(runner.timings.items()), rank_passes=RANK_PASSES,
+                        _localized=s.localized, _localize=s.localize, _recompile=recompile,
+                        _source=source)
+
+
+def _print_rank_passes(prog: HelixProgram, print_after: frozenset) -> None:
+    """Rank 0's graph after shard and after each rank pass print_after names."""
+    names = {"shard"} | {p.name for p in RANK_PASSES}
+    if not print_after & names:
+        return
+    where = f"rank 0 of {prog.devices} (m={prog.plan.m} x n={prog.plan.n})"
+    gm = prog.emitted_module(0)
+    if "shard" in print_after:
+        print(f"# graph after shard: {where}")
         print(gm.code)
+
+    def show(p: Pass, gm: fx.GraphModule) -> None:
+        if p.name in print_after:
+            print(f"# graph after {p.name}: {where}")
+            print(gm.code)
+    if print_after & {p.name for p in RANK_PASSES}:
+        prog.apply_rank_passes(0, gm, each=show)
+
+
+def _static_if_better(prog: HelixProgram, req: Request) -> HelixProgram:
+    """Some models merge the batch dim with the head dim ((B*H, S, d) in nn.MultiheadAttention):
+    with a symbolic batch that reshape cannot be split exactly, so such a model is recaptured
+    with static shapes rather than run with replicated attention."""
+    src = prog._source
+    if not prog.replicated_ops or not prog.analysis.captured.dynamic or src is None:
+        return prog
+    static_req = dataclasses.replace(
+        req, model=src.model, args=src.example_inputs, kwargs=dict(src.example_kwargs or {}),
+        cluster=cluster_spec(src.cluster, req.devices), cluster_arg=src.cluster,
+        profile=src.profile, verbose=src.verbose, dynamic=False,
+        print_after=frozenset())
+    static = run_compile(static_req, kernel_choice=prog.kernel_choice, warn=False)
+    if len(static.replicated_ops) < len(prog.replicated_ops):
+        note = (f"captured with static shapes: with a symbolic batch/sequence size, "
+                f"{[n for n, _ in prog.replicated_ops]} could only run replicated")
+        return dataclasses.replace(static, notes=static.notes + (note,))
+    return prog
+
+
+def recompile(program: HelixProgram, plan: tuple[int, int] | None = None,
+              devices: int | None = None, variant: str | None = None,
+              cluster: ClusterSpec | str | None = None,
+              profile: ComputeProfile | None = None) -> HelixProgram:
+    """plan, seeds and shard again on `program`'s analysis, for another split or device count:
+    a new program (`program` is left as it is). The capture's mode (dynamic or static) and the
+    kernel choice carry over."""
+    analysis = program.analysis
+    if devices is None:
+        if not (isinstance(plan, (tuple, list)) and len(plan) == 2):
+            raise PlanError(f"recompile needs devices= or plan=(m, n), got plan={plan!r}")
+        devices = plan[0] * plan[1]
+    req = request(program._source.model if program._source else None, devices, plan=plan,
+                  variant=variant, cluster=cluster, profile=profile,
+                  dynamic=analysis.captured.dynamic)
+    if program._source is not None:
+        src = program._source
+        req = dataclasses.replace(req, args=src.example_inputs, kwargs=dict(src.example_kwargs or {}),
+                                  verbose=src.verbose)
+    runner = _Runner(frozenset(), done=[p.name for p in MODEL_PASSES], timings=analysis.timings)
+    s = _run_plan_passes(_state_of(analysis, req), runner)
+    prog = _program(s, analysis, runner, program._source,
+                    kernel_choice=program.kernel_choice or needs_kernel_choice(analysis, s.plan.m),
+                    notes=program.notes)
+    return _static_if_better(prog, req)
+
+
+def _report_unpartitioned(cores: tuple, strict: bool, warn: bool) -> None:
+    """No silent replication: a HelixWarning (or, strict, an UnpartitionedError) naming every
+    attention core no site owns and why."""
+    if not cores:
+        return
+    text = (f"{len(cores)} attention core{'s' if len(cores) > 1 else ''} no site owns, run "
+            f"unpartitioned (every rank computes {'them' if len(cores) > 1 else 'it'} whole): "
+            + "; ".join(str(c) for c in cores))
+    if strict:
+        raise UnpartitionedError(f"strict: {text}; write the core in a spelling "
+                                 f"passes/find_attention.py knows, or drop strict (--strict) "
+                                 f"to run it replicated")
+    if warn:
+        warnings.warn(f"{text}; strict=True (--strict) refuses such a model", HelixWarning,
+                      stacklevel=4)
+
+
+def _kernel_choice_for(requested: bool | None, analysis: Analysis, m: int = 1) -> bool:
+    if requested is not None:
+        return bool(requested)
+    return needs_kernel_choice(analysis, m)
+
+
+def needs_kernel_choice(analysis: Analysis, m: int = 1) -> bool:
+    """Whether some attention core of the m-way split needs the chunked explicit form: m > 1
+    (a score-reduce core's softmax tail then runs in blocks of at most chunk_bytes of scores,
+    the form `helix calibrate` measures, a whole (b, h, S, S) tail can take GBs; and a d/m
+    slice that is not a multiple of 8 has no fused kernel), or a head dim that no fused SDPA
+    kernel takes (above kernels.FUSED_MAX_HEAD_DIM on Hopper, or not a multiple of 8)."""
+    if m > 1 and analysis.matches:
+        return True
+    return any(not fused_kernel_exists(x.site.head_dim, x.site.head_dim, FUSED_MAX_HEAD_DIM)
+               for x in analysis.matches)

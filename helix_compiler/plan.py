@@ -201,11 +201,12 @@ def make_plan(summary: ModelSummary, devices: int, cluster: ClusterSpec,
         except PlanError as e:
             notes.append(f"baseline skipped: {e}")
     cost = costs[chosen]
+    by_index = {sc.index: sc for sc in cost.sites}    # a site's cost, matched by site index
     return Plan(
         devices=devices, m=chosen.m, n=chosen.n, cluster=cluster.name,
         model=model_fingerprint(summary),
-        sites=tuple(SitePlan(index=s.index, site=s, variant=sc.variant, cost=sc)
-                    for s, sc in zip(summary.sites, cost.sites)),
+        sites=tuple(SitePlan(index=s.index, site=s, variant=by_index[s.index].variant,
+                             cost=by_index[s.index]) for s in summary.sites),
         mlps=len(summary.mlps), cost=cost,
         candidates=tuple(CandidateCost(candidate=c, cost=costs.get(c)) for c in candidates),
         baselines=tuple(baselines), notes=tuple(notes))

@@ -43,6 +43,7 @@ import yaml
 
 from .cluster import DTYPES, normalize_dtype, safe_load_mapping
 from .errors import HelixError
+from .kernels import FUSED_MAX_HEAD_DIM
 
 # qk_gemm / pv_gemm: the batched score GEMMs of an explicit core, QK^T (S_q x S_k over d) and
 # PV (S_q x d over S_k), shape (batch*heads, S_q, S_k, d) like attention.
@@ -58,13 +59,10 @@ BACKENDS = ("flash", "cudnn", "efficient", "explicit")
 # What an attention core masks: nothing, causal (is_causal: fused kernels skip the upper
 # triangle), or a materialized mask tensor (read by the kernel, no skipping; flash takes none).
 MASKS = ("none", "causal", "tensor")
-# Largest head dim each SDPA kernel takes on Hopper: FlashAttention-2/3 and
-# cuDNN stop at 256 (no flash or cuDNN kernel ran at d=512 on H100, torch 2.11);
-# the memory-efficient kernel has no limit. None: no limit.
-KERNEL_MAX_HEAD_DIM = {"flash": 256, "cudnn": 256, "efficient": None, "explicit": None}
-# The fused kernels load head dims in multiples of this (16 bytes of fp16): with q's or v's
-# head dim not a multiple (a qk-gather V of d/m = 4), SDPA runs its math path.
-FUSED_ALIGN = 8
+# Largest head dim each SDPA kernel takes on Hopper (kernels.FUSED_MAX_HEAD_DIM for
+# FlashAttention-2/3 and cuDNN); the memory-efficient kernel has no limit. None: no limit.
+KERNEL_MAX_HEAD_DIM = {"flash": FUSED_MAX_HEAD_DIM, "cudnn": FUSED_MAX_HEAD_DIM, "efficient": None,
+                       "explicit": None}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -1,11 +1,16 @@
-"""HelixProgram: a plan and one executable GraphModule per rank.
+"""HelixProgram: a plan and one executable GraphModule per rank (a value).
 
 `rank_module(r)` is a GraphModule whose code a user can read, collectives
-visible as `torch.ops.helix.*` calls.  `simulate()` runs those very modules,
-all N in this process, one thread each, their collectives carried out among
-them (collectives.SimulatedBackend).  `save(dir)` writes each rank as a JSON
-graph plus a weights file; `load_rank_module(dir, rank)` reads one rank back
-without the model's code, weights read with weights_only=True.
+visible as `torch.ops.helix.*` calls: the graph the shard pass emitted for rank
+r, rewritten by the per-rank passes (`rank_passes`, listed in pipeline.py), in
+order.  `simulate()` runs those very modules, all N in this process, one thread
+each, their collectives carried out among them (collectives.SimulatedBackend).
+`save(dir)` writes each rank as a JSON graph plus a weights file;
+`load_rank_module(dir, rank)` reads one rank back without the model's code,
+weights read with weights_only=True.
+
+A program is not changed once made: its fields are frozen, the rank modules it
+builds are cached privately, and `recompile` returns a new program.
 """
 
 from __future__ import annotations
@@ -13,27 +18,57 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.fx as fx
+import torch.fx._pytree as fx_pytree
 import torch.utils._pytree as pytree
+from torch.fx.graph import CodeGen
 
 from . import collectives
+from . import masks  # noqa: F401  (registers helix.size_mask: saved rank graphs call it)
+from .capture import Captured
 from .errors import HelixError, first_line
+from .graphs import build_module, on_device
 from .mesh import Mesh
+from .plan import Plan
+from .serialize import graph_from_json, graph_to_json
+from .sites import ModelSummary
+from .weights import load_rank_weights
+
+__all__ = ["Analysis", "HelixProgram", "LoadedRank", "Source", "build_module", "load_rank_module",
+           "on_device", "run_ranks"]
 
 FORMAT_VERSION = 1
 
 
-def build_module(graph: fx.Graph, tensors: dict, name: str) -> fx.GraphModule:
-    root = torch.nn.Module()
-    for k, t in tensors.items():
-        root.register_buffer(k, t)
-    g = fx.Graph()
-    g._codegen = graph._codegen
-    g.output(g.graph_copy(graph, {}))  # each module owns its graph
-    return fx.GraphModule(root, g, class_name=name)
+@dataclass(frozen=True, kw_only=True)
+class Analysis:
+    """What the model passes (capture ... summarize, pipeline.py) learned about a model."""
+
+    captured: Captured
+    matches: tuple            # find_attention.SiteMatch per site, graph order
+    skipped: tuple            # notes on attention cores left unsharded
+    mlps: tuple               # MlpSite
+    summary: ModelSummary
+    timings: tuple = ()       # (pass name, seconds), in the order the passes ran
+    views: dict | None = None  # derived parameter name -> fold_params.ParamView
+    unpartitioned: tuple = ()  # plan.UnpartitionedCore: attention cores every rank runs whole
+
+
+@dataclass(frozen=True, kw_only=True)
+class Source:
+    """What helix_compile was given, kept for a static recapture (pipeline.py)."""
+
+    model: torch.nn.Module
+    example_inputs: tuple
+    example_kwargs: dict | None
+    cluster: object
+    profile: object
+    verbose: bool = False
 
 
 def _sha256(path: Path) -> str:
@@ -44,27 +79,8 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def on_device(gm: fx.GraphModule, device) -> fx.GraphModule:
-    """`gm` with its parameters and buffers on `device`, and every device its graphs name
-    (factory calls such as arange, `.to(device=...)`, export's metadata asserts) pointed there
-    too: a graph captured on the CPU or on meta then runs on the GPU. In place; returns gm."""
-    device = torch.device(device)
-    gm.to(device)
-
-    def repoint(a):
-        return device if isinstance(a, torch.device) else a
-
-    for sub in gm.modules():
-        if not isinstance(sub, fx.GraphModule):
-            continue
-        for node in sub.graph.nodes:
-            node.args = fx.node.map_aggregate(node.args, repoint)
-            node.kwargs = fx.node.map_aggregate(node.kwargs, repoint)
-        sub.recompile()
-    return gm
-
-
-def run_ranks(modules, mesh: Mesh, args, kwargs, timeout_s: float = 300.0) -> list:
+def run_ranks(modules: list, mesh: Mesh, args: tuple, kwargs: dict,
+              timeout_s: float = 300.0) -> list:
     """Run rank modules concurrently in this process with simulated collectives."""
     sim = collectives.SimulatedBackend(mesh, timeout_s=timeout_s)
     outs, errors = [None] * len(modules), [None] * len(modules)
@@ -95,34 +111,46 @@ def run_ranks(modules, mesh: Mesh, args, kwargs, timeout_s: float = 300.0) -> li
     return outs
 
 
+@dataclass(frozen=True, eq=False, kw_only=True)
 class HelixProgram:
-    """The compiled program: `plan`, `rank_module(r)`, `simulate()`, `save()`."""
+    """The compiled program: `plan`, `rank_module(r)`, `simulate()`, `save()`.
 
-    def __init__(self, *, plan, analysis, localized, mesh: Mesh, localize=None):
-        self.plan = plan
-        self.analysis = analysis
-        self.mesh = mesh
-        self._localized = localized       # placements for all ranks; graphs for some
-        self._localize = localize         # active ranks -> Localized (emits the missing graphs)
-        self._per_rank: dict = {}
-        self._modules: dict = {}
-        self.kernel_choice = False        # set by helix_compile: chunked explicit cores for large d
-        self._source = None               # helix_compile's model and inputs, for a static recapture
-        self.notes: list = [analysis.captured.note] if analysis.captured.note else []
+    Made by pipeline.py (`helix_compile`), never changed afterwards: `recompile` gives a
+    program for another split, `dataclasses.replace(program, kernel_choice=...)` one with
+    another kernel choice (both start with no rank module built)."""
 
-    def recompile(self, plan=None, devices=None, variant=None, cluster=None, profile=None) -> "HelixProgram":
+    plan: Plan
+    analysis: Analysis
+    mesh: Mesh
+    kernel_choice: bool = False       # the kernel_choice rank pass rewrites cores (chunked explicit)
+    notes: tuple[str, ...] = ()       # capture notes, a static recapture's reason
+    timings: tuple = ()               # (pass name, seconds): the analysis's, then plan ... shard
+    rank_passes: tuple = ()           # pipeline.RANK_PASSES: what rank_module(r) applies, in order
+    _localized: object = field(default=None, repr=False)  # shard.Localized: placements, some graphs
+    _localize: Callable | None = field(default=None, repr=False)   # ranks -> Localized with their graphs
+    _recompile: Callable | None = field(default=None, repr=False)  # pipeline.recompile
+    _source: Source | None = field(default=None, repr=False)
+    # derived caches (rank -> Localized / GraphModule): built on first use, never set from outside
+    _per_rank: dict = field(default_factory=dict, init=False, repr=False)
+    _modules: dict = field(default_factory=dict, init=False, repr=False)
+
+    def recompile(self, plan: tuple[int, int] | Plan | None = None, devices: int | None = None,
+                  variant: str | None = None, cluster: object = None,
+                  profile: object = None) -> HelixProgram:
         """This program's capture, planned and sharded for another split (plan=(m, n)) or device
-        count, without capturing the model again."""
-        from .api import recompile
-
-        return recompile(self, plan, devices=devices, variant=variant, cluster=cluster, profile=profile)
+        count, without capturing the model again: a new program; this one is left as it is."""
+        if self._recompile is None:
+            raise HelixError("this HelixProgram was not made by helix_compile, so it cannot be "
+                             "recompiled; compile the model with helix_compile")
+        return self._recompile(self, plan, devices=devices, variant=variant, cluster=cluster,
+                               profile=profile)
 
     @property
     def devices(self) -> int:
         return self.mesh.size
 
     @property
-    def summary(self):
+    def summary(self) -> ModelSummary:
         return self.analysis.summary
 
     @property
@@ -135,33 +163,43 @@ class HelixProgram:
         """Ops with no sharding rule, run on replicated inputs (a collective before each)."""
         return list(self._localized.replicated)
 
-    def rank_module(self, rank: int, weights=None) -> fx.GraphModule:
-        """Rank r's GraphModule; weights=PATH reads only its slices from a checkpoint
-        (a torch state_dict file or a directory of safetensors files), memory-mapped, into a
-        module on the CPU (the devices its graph names, meta for a model built under
-        `empty_weights()`, pointed there too; `on_device(gm, "cuda")` moves it on)."""
-        if not isinstance(rank, int) or not 0 <= rank < self.devices:
+    def _check_rank(self, rank: int) -> None:
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < self.devices:
             raise HelixError(f"rank must be an integer in [0, {self.devices}), got {rank!r}")
-        if weights is not None:
-            from .weights import load_rank_weights
 
+    def emitted_module(self, rank: int) -> fx.GraphModule:
+        """Rank r's module as the shard pass emitted it, before the per-rank passes (a new
+        module on each call)."""
+        self._check_rank(rank)
+        loc = self._rank_localized(rank)
+        return build_module(loc.graphs[rank], loc.attrs[rank], f"HelixRank{rank}")
+
+    def apply_rank_passes(self, rank: int, gm: fx.GraphModule,
+                          each: Callable | None = None) -> fx.GraphModule:
+        """`rank_passes` applied in order to rank r's module `gm` (as emitted, in place);
+        `each(pass, gm)` is called after each."""
+        for p in self.rank_passes:
+            gm = p.run_rank(gm, self, rank)
+            if each is not None:
+                each(p, gm)
+        return gm
+
+    def rank_module(self, rank: int, weights: str | Path | None = None) -> fx.GraphModule:
+        """Rank r's GraphModule: the shard pass's graph for rank r, then `rank_passes`.
+        weights=PATH reads only its slices from a checkpoint (a torch state_dict file or a
+        directory of safetensors files), memory-mapped, into a module on the CPU (the devices
+        its graph names, meta for a model built under `empty_weights()`, pointed there too;
+        `on_device(gm, "cuda")` moves it on)."""
+        self._check_rank(rank)
+        if weights is not None:
             loc = self._rank_localized(rank)
             buffers = {name for name, _ in self.analysis.captured.gm.named_buffers()}
             tensors = load_rank_weights(loc.shards[rank], loc.attrs[rank], weights, buffers)
-            return on_device(self._finish(build_module(loc.graphs[rank], tensors, f"HelixRank{rank}")), "cpu")
+            gm = build_module(loc.graphs[rank], tensors, f"HelixRank{rank}")
+            return on_device(self.apply_rank_passes(rank, gm), "cpu")
         if rank not in self._modules:
-            loc = self._rank_localized(rank)
-            self._modules[rank] = self._finish(build_module(loc.graphs[rank], loc.attrs[rank], f"HelixRank{rank}"))
+            self._modules[rank] = self.apply_rank_passes(rank, self.emitted_module(rank))
         return self._modules[rank]
-
-    def _finish(self, gm: fx.GraphModule) -> fx.GraphModule:
-        from passes.size_masks import apply_size_masks
-
-        if self.kernel_choice:
-            from passes.kernel_choice import apply_kernel_choice
-
-            apply_kernel_choice(gm)
-        return apply_size_masks(gm)
 
     def _rank_localized(self, rank: int):
         if any(n.op == "output" for n in self._localized.graphs[rank].nodes):
@@ -202,8 +240,6 @@ class HelixProgram:
 
     def _check_static_shapes(self, args, kwargs) -> None:
         """Sizes the capture fixed (a static capture, or an example size of 1) must be given again."""
-        import torch.fx._pytree as fx_pytree
-
         gm = self.analysis.captured.gm
         info = getattr(gm.graph._codegen, "pytree_info", None)
         if info is None:
@@ -237,9 +273,7 @@ class HelixProgram:
             h.update(f"{k}:{tuple(t.shape)}:{t.dtype}".encode())
         return h.hexdigest()[:16]
 
-    def save(self, directory) -> Path:
-        from .serialize import graph_to_json
-
+    def save(self, directory: str | Path) -> Path:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         manifest = {"format": FORMAT_VERSION, "devices": self.devices, "m": self.plan.m, "n": self.plan.n,
@@ -284,15 +318,12 @@ class LoadedRank(torch.nn.Module):
         if self.in_spec is None:
             leaves = pytree.tree_leaves((args, kwargs))
         else:
-            import torch.fx._pytree as fx_pytree
             leaves = fx_pytree.tree_flatten_spec((args, kwargs), self.in_spec)
         return self.gm(*leaves)
 
 
-def load_rank_module(directory, rank: int) -> LoadedRank:
+def load_rank_module(directory: str | Path, rank: int) -> LoadedRank:
     """Load one rank of a saved program; files are checked against the manifest's hashes."""
-    from .serialize import graph_from_json
-
     d = Path(directory)
     mpath = d / "manifest.json"
     if not mpath.is_file():
@@ -313,7 +344,6 @@ def load_rank_module(directory, rank: int) -> LoadedRank:
             raise HelixError(f"{f}: contents do not match the manifest (modified or corrupt); save the program again")
     graph = graph_from_json(json.loads(gfile.read_text()))
     tensors = torch.load(wfile, weights_only=True, map_location="cpu")
-    from torch.fx.graph import CodeGen
     graph._codegen = CodeGen()
     gm = build_module(graph, tensors, f"HelixRank{rank}")
     spec = manifest.get("in_spec")

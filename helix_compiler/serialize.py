@@ -19,13 +19,23 @@ import torch.fx as fx
 # loaded in a fresh process (a torchrun rank) that imported nothing else of Helix
 from . import collectives, kernels, kernels_chunked  # noqa: F401
 from .errors import HelixError
-from .masks import size_mask
 
-_FUNCS = {"operator.getitem": operator.getitem, "helix.size_mask": size_mask}
+# Python functions a saved graph may call, by saved name. Modules above this one add their
+# own with `register_function` (helix_compiler/masks.py: "helix.size_mask"); whatever loads
+# a saved rank graph imports them first (program.py imports masks).
+_FUNCS = {"operator.getitem": operator.getitem}
 # size arithmetic on symbolic ints (batch * heads, seq // 2, ...)
 _FUNCS.update({f"operator.{f}": getattr(operator, f) for f in (
     "add", "sub", "mul", "floordiv", "truediv", "mod", "neg", "pow", "eq", "ne", "lt", "le",
     "gt", "ge")})
+
+
+def register_function(name: str, fn) -> None:
+    """Let saved graphs call `fn` under `name` (one name per function)."""
+    if _FUNCS.get(name, fn) is not fn:
+        raise HelixError(f"serialize: {name!r} is already registered for {_FUNCS[name]!r}; "
+                         f"register {fn!r} under another name")
+    _FUNCS[name] = fn
 
 
 def _target_name(t) -> str:

@@ -1,6 +1,7 @@
 """Kernel choice for the attention core of a rank graph (one job: pick the core's kernel).
 
-On Hopper, PyTorch's SDPA has a flash / cuDNN kernel only up to head dim 256;
+On Hopper, PyTorch's SDPA has a flash / cuDNN kernel only up to head dim 256
+(helix_compiler.kernels.FUSED_MAX_HEAD_DIM);
 above it SDPA falls back to the memory-efficient kernel, measured 2.3x slower
 than an explicit matmul -> softmax -> matmul at d = 512 (DESIGN.md section 7).
 This pass rewrites
@@ -31,8 +32,11 @@ from __future__ import annotations
 
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-import helix_compiler.kernels  # noqa: F401  (registers torch.ops.helix.attend)
+import helix_compiler.kernels_chunked  # noqa: F401  (registers the chunked ops)
+from helix_compiler.kernels import FUSED_MAX_HEAD_DIM, fused_takes
 from helix_compiler.kernels_chunked import DEFAULT_CHUNK_BYTES
 
 aten = torch.ops.aten
@@ -49,9 +53,6 @@ def _shapes(gm: fx.GraphModule, example_inputs) -> dict:
     if example_inputs is None or all(
             n in out for n in gm.graph.nodes if n.op == "call_function" and n.target is SDPA):
         return out
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
-
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fake = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
     seen = {}
@@ -68,12 +69,11 @@ def _shapes(gm: fx.GraphModule, example_inputs) -> dict:
     return {**seen, **out}
 
 
-def fused_kernel_exists(d_qk: int, d_v: int | None, head_dim_threshold: int = 256) -> bool:
+def fused_kernel_exists(d_qk: int, d_v: int | None,
+                        head_dim_threshold: int = FUSED_MAX_HEAD_DIM) -> bool:
     """Whether SDPA has a fused kernel for q/k head dim d_qk and v head dim d_v: both
     multiples of FUSED_ALIGN (a qk-gather core's V has d/m, 4 wide at d = 128, m = 32:
     SDPA would fall back to its math path) and d_qk within the threshold."""
-    from helix_compiler.cost import fused_takes
-
     d_v = d_qk if d_v is None else d_v
     return d_qk <= head_dim_threshold and fused_takes("cudnn", int(d_qk), int(d_v))
 
@@ -92,15 +92,13 @@ def _sdpa_args(node: fx.Node):
             for i, (name, default) in enumerate(zip(names, defaults))}
 
 
-def apply_kernel_choice(gm: fx.GraphModule, head_dim_threshold: int = 256, *,
+def apply_kernel_choice(gm: fx.GraphModule, head_dim_threshold: int = FUSED_MAX_HEAD_DIM, *,
                         example_inputs=None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                         rewrite_attend: bool = True) -> fx.GraphModule:
     """Rewrite attention cores no fused kernel takes (head dim > head_dim_threshold, or q / v
     head dims not multiples of 8) (and, with
     rewrite_attend, every helix.attend tail) into the exact chunked explicit form.
     Works in place on `gm` and returns it; `gm.meta["kernel_choice"]` lists what changed."""
-    import helix_compiler.kernels_chunked  # noqa: F401  (registers the ops)
-
     shapes = _shapes(gm, example_inputs)
     changed = []
     for node in list(gm.graph.nodes):

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from helix_compiler import helix_compile
-from helix_compiler.api import _placements, plan_buildable, plan_model
+from helix_compiler.api import plan_model
+from helix_compiler.pipeline import placements as _placements, plan_buildable
 from helix_compiler.cluster import load_cluster
 from helix_compiler.errors import PlanError, ShardingError
 from helix_compiler.mesh import Mesh

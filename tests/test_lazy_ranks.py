@@ -1,4 +1,4 @@
-"""Rank graphs emitted on demand (api.EAGER_EMIT_NODES): a big compile computes every placement
+"""Rank graphs emitted on demand (pipeline.EAGER_EMIT_NODES): a big compile computes every placement
 but emits no graph; `rank_module(r)` emits rank r's then.  Ranks outside the emitted set have no
 nodes, so no rule may touch an emitted node of theirs (issue 12, item 4: `_slice` retargeted
 one and crashed every m > 1 plan of a 20+ layer LLaMA on 64 devices)."""
@@ -6,7 +6,7 @@ one and crashed every m > 1 plan of a 20+ layer LLaMA on 64 devices)."""
 import pytest
 import torch
 
-import helix_compiler.api as api
+import helix_compiler.pipeline as api
 from helix_compiler import helix_compile
 from tests.helpers import assert_ranks_equal, eager_output, expected_collectives
 
