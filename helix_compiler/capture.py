@@ -8,6 +8,7 @@ all of them, so it is the only capture path (DESIGN.md section 1).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import logging
 from dataclasses import dataclass
@@ -138,8 +139,6 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
 
 def _flat_spec(model, spec, args, kwargs):
     """dynamic_shapes keyed as export wants: positional args then kwargs by parameter name."""
-    import inspect
-
     names = list(inspect.signature(model.forward).parameters)
     out = {}
     for name, a in zip(names, spec["args"]):

@@ -29,8 +29,16 @@ import threading
 import warnings
 from pathlib import Path
 
-from .errors import HelixError
+import torch
+
+from .api import helix_compile, plan_model
+from .errors import HelixError, HelixWarning
+from .modelspec import load_model_spec
 from .pipeline import PASS_NAMES, PASSES
+from .plan import Plan
+from .profile import load_profile
+from .report import format_table
+from .worker import read_failures
 from .text import ranges as _ranges
 
 EXIT_REFUSED = 2
@@ -100,8 +108,6 @@ def _positive_int(text: str) -> int:
 
 
 def _resolve_plan(value):
-    from .plan import Plan
-
     return Plan.from_yaml(Path(value)) if isinstance(value, str) else value
 
 
@@ -118,17 +124,11 @@ def _profile(path):
     """A measured profile YAML (`helix calibrate` writes one), or None for the built-in H100 figures."""
     if path is None:
         return None
-    from .profile import load_profile
-
     return load_profile(path)
 
 
 def cmd_plan(args) -> int:
     """Plan MODEL (default: the paper's model at the paper's sizes, on meta) and print it."""
-    from .api import helix_compile, plan_model
-    from .modelspec import load_model_spec
-    from .report import format_table
-
     model, inputs, kwargs = load_model_spec(args.model or _paper_spec("paper_meta"),
                                             batch=args.batch, seq=args.seq, init="meta")
     stage = args.print_graph_after
@@ -158,18 +158,11 @@ def cmd_plan(args) -> int:
 
 # ---- helix run -------------------------------------------------------------------------
 def _default_backend(devices: int) -> str:
-    import torch
-
     return "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= devices else "gloo"
 
 
 def cmd_run(args) -> int:
     """Check the request here, then run one worker per rank under torchrun and report."""
-    import torch
-
-    from .api import plan_model
-    from .modelspec import load_model_spec
-
     spec = args.model or _paper_spec("helix_model")
     if args.json and not Path(args.json).resolve().parent.is_dir():
         raise HelixError(f"--json {args.json}: directory {str(Path(args.json).resolve().parent)!r} "
@@ -268,8 +261,6 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 def _rank_report(workdir: Path, devices: int) -> str:
     """Which ranks failed (first failure first, with its message) and which never finished."""
-    from .worker import read_failures
-
     failed = read_failures(workdir)
     done = {r for r in range(devices) if (workdir / f"rank{r}.done").exists()}
     by_message: dict[str, list[int]] = {}   # earliest failure first; ranks that agree, once
@@ -382,8 +373,6 @@ def _forward(module: str, argv: list) -> int:
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """A HelixWarning as one line `warning: ...` on stderr; any other warning as Python shows it."""
-    from .errors import HelixWarning
-
     if issubclass(category, HelixWarning):
         print(f"warning: {_one_line(message)}", file=sys.stderr)
     else:

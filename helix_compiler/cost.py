@@ -55,6 +55,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 
+import numpy as np
 import sympy
 from sympy import Max, Min, ceiling, floor
 
@@ -298,8 +299,6 @@ def _distinct_groups(groups: tuple, cluster: ClusterSpec) -> list:
 def group_span(ranks, cluster: ClusterSpec) -> tuple[int, int]:
     """(g, k): most ranks of the group on one node, nodes the group touches."""
     if len(ranks) > 64:  # the same count, vectorized, for 4096-rank groups
-        import numpy as np
-
         counts = np.bincount(np.asarray(ranks) // cluster.gpus_per_node)
         counts = counts[counts > 0]
         return int(counts.max()), int(len(counts))

@@ -29,9 +29,17 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.utils._pytree as pytree
 
+from . import collectives
+from .api import helix_compile
+from .collectives import DistributedBackend
 from .errors import HelixError
+from .graphs import on_device
+from .modelspec import load_model_spec
+from .plan import Plan
+from .weights import open_checkpoint
 from .text import ranges as _ranges
 
 # Untimed steps before the timed ones: the first call allocates, and on CUDA
@@ -67,8 +75,6 @@ def weights_digest(params: dict) -> str:
 
 def _load_reference_weights(prog, path) -> None:
     """The unsharded reference reads the same checkpoint, whole (small models only)."""
-    from .weights import open_checkpoint
-
     src = open_checkpoint(path)
     names = src.names()
     state = {k: src.read(k, ()) for k in prog.analysis.captured.params if k in names}
@@ -137,15 +143,6 @@ def _to(tree, device: torch.device, dtype: torch.dtype | None = None):
 
 def run_rank(args, rank: int, world: int, local_rank: int) -> dict:
     """Compile, check, run and compare on this rank; the reduced summary (on every rank)."""
-    import torch.distributed as dist
-
-    from . import collectives
-    from .api import helix_compile
-    from .collectives import DistributedBackend
-    from .modelspec import load_model_spec
-    from .plan import Plan
-    from .program import on_device
-
     if args.backend == "nccl":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -259,8 +256,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _shutdown() -> None:
-    import torch.distributed as dist
-
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -1,5 +1,7 @@
 """FX graph passes of the Helix compiler, one job per module.
 
-The pipeline (helix_compiler.pipeline) runs them in this order:
-find_attention -> find_mlp -> shard (placements, collectives, localized rank graphs).
+helix_compiler/pipeline.py runs them in the order of its list `PASSES`:
+fold_params -> slice_copies -> find_attention -> size_masks.causal_at_example ->
+unpartitioned -> find_mlp -> (workload) -> seeds -> shard (placements, collectives,
+localized rank graphs), then on each rank graph kernel_choice -> size_masks.
 """

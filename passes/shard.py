@@ -35,6 +35,7 @@ from helix_compiler.mesh import Mesh
 
 from .graph_utils import aten, shape
 from .layout import Split, as_slice, check_partition, lists_of, make_split, positions, varying_axes
+from .shard_rules import RULES
 
 helix = torch.ops.helix
 
@@ -105,7 +106,7 @@ class Localizer:
     def attr(self, r: int, source: fx.Node, sels=()) -> fx.Node:
         """A get_attr of the parameter `source`, sliced at compile time by `sels` [(dim, idx)]."""
         # the refusal below holds for every rank: checked before the active test, so a compile
-        # that emits no graph (api.EAGER_EMIT_NODES) still raises it
+        # that emits no graph (pipeline.EAGER_EMIT_NODES) still raises it
         tensor = self.params.get(source.target)
         if tensor is None:  # a constant export lifted into the module (lifted_tensor_0, ...)
             tensor = self.gm
@@ -293,8 +294,6 @@ class Localizer:
             elif node.op == "get_attr":
                 continue  # materialized on use, sliced or whole
             elif node.op == "call_function":
-                from .shard_rules import RULES
-
                 rule = RULES.get(node.target)
                 done = rule(self, node) if rule is not None else None
                 if not done:

@@ -15,12 +15,13 @@ import math
 import operator
 
 import numpy as np
+import sympy
 import torch
 import torch.fx as fx
 
 from helix_compiler.errors import ShardingError
 
-from .graph_utils import aten, norm_dim, shape, val
+from .graph_utils import aten, constant_value, norm_dim, shape, val
 from .layout import as_slice, lists_of, make_split, merge, positions, same, factor
 
 helix = torch.ops.helix
@@ -44,8 +45,6 @@ def _one(x) -> bool:
 
 
 def _sym(x):
-    import sympy
-
     return x.node.expr if isinstance(x, torch.SymInt) else sympy.Integer(int(x))
 
 
@@ -150,8 +149,6 @@ def _view(lz, node):
     if not lz.is_split(x):
         lz.copy(node, None)
         return True
-    import sympy
-
     ins, outs = [_sym(v) for v in shape(x)], [_sym(v) for v in shape(node)]
     in_l = lz.L(x)
     out_l = [None] * len(outs)
@@ -236,8 +233,6 @@ def _repeat_interleave(lz, node):
 @rule(aten.index.Tensor)
 def _index(lz, node):
     """x[..., idx, ...] with one constant 1-D index (Falcon's key = qkv[:, :, [-2]])."""
-    from .graph_utils import constant_value
-
     x, indices = node.args[0], list(node.args[1])
     if not lz.is_split(x):
         lz.copy(node, None)

@@ -17,16 +17,20 @@ subgraph's nodes are removed when nothing else reads them.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import operator
 
 import torch
 import torch.fx as fx
 
+import helix_compiler.kernels_chunked  # noqa: F401  (registers the chunked cores)
 from helix_compiler.errors import HelixError
-from helix_compiler.masks import size_mask
+from helix_compiler.masks import builder, is_sdpa_causal, size_mask
+from helix_compiler.serialize import graph_to_json
 
 from .graph_utils import example_size
+from .workload import FREE_OPS
 
 aten = torch.ops.aten
 
@@ -42,9 +46,6 @@ RANDOM_OPS = {aten.rand.default, aten.randn.default, aten.randint.default, aten.
 
 
 def _cores():
-    import helix_compiler.kernels  # noqa: F401  (registers helix.attend)
-    import helix_compiler.kernels_chunked  # noqa: F401
-
     helix = torch.ops.helix
     # op -> (index of the mask argument, index of is_causal)
     return {aten.scaled_dot_product_attention.default: (3, 5),
@@ -101,8 +102,6 @@ def _mutates(node: fx.Node) -> bool:
 
 def _written(node: fx.Node) -> bool:
     """Whether an in-place op writes `node`'s value, directly or through a view of it."""
-    from passes.workload import FREE_OPS
-
     stack, seen = [node], set()
     while stack:
         x = stack.pop()
@@ -118,8 +117,6 @@ def _written(node: fx.Node) -> bool:
 
 
 def _spec(order, externals, mask: fx.Node) -> str:
-    from helix_compiler.serialize import graph_to_json
-
     g = fx.Graph()
     env = {}
     for x in externals:
@@ -193,8 +190,6 @@ def causal_at_example(gm: fx.GraphModule, matches) -> list:
     """`matches` with site.mask_causal set where the core's mask is built from sizes alone and,
     at the example inputs' sizes, is SDPA's causal mask: what `size_mask` will find at run time
     at those sizes, so the cost model prices those cores as causal and the mask as never built."""
-    import dataclasses
-
     out, seen = [], {}
     for m in matches:
         mask = m.core.mask
@@ -210,8 +205,6 @@ def causal_at_example(gm: fx.GraphModule, matches) -> list:
 
 
 def _causal_at_example(mask: fx.Node) -> bool:
-    from helix_compiler.masks import is_sdpa_causal
-
     val = mask.meta.get("val")
     if not isinstance(val, torch.Tensor):
         return False
@@ -226,8 +219,6 @@ def _causal_at_example(mask: fx.Node) -> bool:
     for x in externals:
         v = x.meta.get("val")
         inputs.append(torch.empty([example_size(s) for s in v.shape], dtype=v.dtype))
-    from helix_compiler.masks import builder
-
     try:
         with torch.no_grad():
             built = builder(_spec(order, externals, mask), torch.device("cpu"))(*inputs)

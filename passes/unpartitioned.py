@@ -25,6 +25,7 @@ import torch.fx as fx
 
 from helix_compiler.plan import UnpartitionedCore
 
+from .find_attention import SCORE_OPS, SCORE_VIEW_OPS, find_cores
 from .graph_utils import (
     MATMUL_OPS, MOVEMENT_OPS, PASS_THROUGH_OPS, SDPA_OPS, SOFTMAX_OPS, aten, shape, tensor_inputs,
 )
@@ -123,8 +124,6 @@ def score_path(softmax: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
 def find_unpartitioned(gm: fx.GraphModule, matches, skipped) -> tuple[UnpartitionedCore, ...]:
     """Every attention-like core of `gm` that none of `matches` (find_attention's SiteMatch)
     owns, in graph order, with find_attention's note from `skipped` when it has one."""
-    from .find_attention import SCORE_OPS, SCORE_VIEW_OPS, find_cores
-
     owned = {name for m in matches for name in m.site.core_nodes}
     notes = {}
     for note in skipped:   # "attention core at node <out>: <why>"
