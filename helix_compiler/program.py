@@ -227,18 +227,18 @@ class HelixProgram:
                 counts[key] = counts.get(key, 0) + 1
         return counts
 
-    def reference(self, *args, **kwargs):
+    def reference(self, *args: object, **kwargs: object) -> object:
         """The unsharded captured model's output."""
         with torch.no_grad():
             return self.analysis.captured.gm(*args, **kwargs)
 
-    def simulate(self, *args, **kwargs) -> list:
+    def simulate(self, *args: object, **kwargs: object) -> list:
         """Every rank's output, from the modules rank_module returns, run together in this process."""
         self._check_static_shapes(args, kwargs)
         modules = [self.rank_module(r) for r in range(self.devices)]
         return run_ranks(modules, self.mesh, args, kwargs)
 
-    def _check_static_shapes(self, args, kwargs) -> None:
+    def _check_static_shapes(self, args: tuple, kwargs: dict) -> None:
         """Sizes the capture fixed (a static capture, or an example size of 1) must be given again."""
         gm = self.analysis.captured.gm
         info = getattr(gm.graph._codegen, "pytree_info", None)
@@ -302,7 +302,7 @@ class HelixProgram:
 class LoadedRank(torch.nn.Module):
     """A rank module read back from `save`: takes the model's flattened inputs, returns flat outputs."""
 
-    def __init__(self, gm: fx.GraphModule, in_spec, rank: int, manifest: dict):
+    def __init__(self, gm: fx.GraphModule, in_spec: pytree.TreeSpec | None, rank: int, manifest: dict):
         super().__init__()
         self.gm = gm
         self.rank = rank
@@ -314,7 +314,7 @@ class LoadedRank(torch.nn.Module):
         """The program's (n, m) mesh: bind `collectives.DistributedBackend(module.mesh, ...)`."""
         return Mesh(n=self.manifest["n"], m=self.manifest["m"])
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args: object, **kwargs: object) -> object:
         if self.in_spec is None:
             leaves = pytree.tree_leaves((args, kwargs))
         else:

@@ -131,6 +131,41 @@ def test_cli_unknown_pass_is_refused_in_one_line_exit_2(capsys, tiny_spec):
     assert "capture" in lines[0] and "size_masks" in lines[0]
 
 
+def test_a_failing_pass_is_named_with_the_passes_before_it(model_and_inputs, monkeypatch):
+    model, args = model_and_inputs
+
+    def boom(state):
+        raise RuntimeError("no MLP today")
+    passes = tuple(dataclasses.replace(p, run=boom) if p.name == "find_mlp" else p
+                   for p in pipeline.MODEL_PASSES)
+    monkeypatch.setattr(pipeline, "MODEL_PASSES", passes)
+    with pytest.raises(HelixError) as e:
+        pipeline.analyze(model, args, dynamic=False)
+    assert str(e.value) == ("stage find_mlp failed after ['capture', 'fold_params', 'slice_copies', "
+                            "'find_attention', 'causal_at_example', 'unpartitioned']: "
+                            "RuntimeError: no MLP today")
+
+
+def test_rank_module_applies_exactly_the_program_rank_passes(printed_after_every_pass):
+    prog, _ = printed_after_every_pass
+    seen = []
+
+    def record(gm, program):
+        seen.append(program is other)
+        return gm
+
+    def boom(gm, program):
+        raise RuntimeError("bad rank graph")
+    mine = (pipeline.Pass(name="record", kind="rank", needs="-", keeps="-", run=record),
+            pipeline.Pass(name="boom", kind="rank", needs="-", keeps="-", run=boom))
+    other = dataclasses.replace(prog, rank_passes=mine[:1])
+    assert other.rank_module(1).code == other.emitted_module(1).code and seen == [True]
+    with pytest.raises(HelixError, match=r"stage boom failed after \[.*'shard', 'record'\] on rank 2: "
+                                         r"RuntimeError: bad rank graph"):
+        dataclasses.replace(prog, rank_passes=mine).rank_module(2)
+    assert [p.name for p in prog.rank_passes] == ["kernel_choice", "size_masks"]
+
+
 # ---- the program is a value -------------------------------------------------------------
 def test_program_cannot_be_changed_from_outside(printed_after_every_pass):
     prog, _ = printed_after_every_pass
