@@ -381,7 +381,7 @@ def _forward(module: str, argv: list) -> int:
 
     if module == "calibrate" and "--collectives" in argv:  # NCCL sweep over this machine's GPUs
         module = "calibrate_collectives"
-    return importlib.import_module(f"helix_compiler.{module}").main(argv) or 0
+    return importlib.import_module(f"helix_compiler.measure.{module}").main(argv) or 0
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
