@@ -1,6 +1,6 @@
 """`helix calibrate`: measure one GPU's op-class rates and write a profile YAML.
 
-    python -m helix_compiler.calibrate --out h100.yaml [--json calib.json] [--small]
+    helix calibrate --out h100.yaml [--json calib.json] [--small]
 
 What it measures (fp16, CUDA events, warm-up, median of repeats):
 - matmul TFLOP/s at the GEMM shapes the paper model's plans produce
