@@ -32,7 +32,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from .errors import HelixError
-from .numerics import relative_error
+from .numerics import relative_error as leaf_relative_error
 from .text import ranges as _ranges
 
 # Untimed steps before the timed ones: the first call allocates, and on CUDA
@@ -109,7 +109,7 @@ def relative_error(out, ref) -> float:
         if not r.is_floating_point():
             worst = max(worst, 0.0 if torch.equal(o, r) else float("inf"))
             continue
-        worst = max(worst, relative_error(o, r))
+        worst = max(worst, leaf_relative_error(o, r))
     return worst
 
 
