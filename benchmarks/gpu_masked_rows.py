@@ -104,7 +104,7 @@ def llama_rows(device) -> list:
     with torch.no_grad():
         want = model(ids_d, **kw_d).last_hidden_state
     rows = []
-    from helix_compiler.program import on_device
+    from helix_compiler.graphs import on_device
 
     for plan, variant in (((1, 4), None), ((2, 2), "score-reduce"), ((2, 2), "qk-gather"), ((4, 1), "score-reduce")):
         p = prog.recompile(plan=plan, variant=variant)

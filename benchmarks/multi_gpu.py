@@ -25,14 +25,14 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from examples.paper_model import PaperConfig, build  # noqa: E402
+from helix_compiler.models.paper import PaperConfig, build  # noqa: E402
 from helix_compiler import collectives, helix_compile  # noqa: E402
 from helix_compiler.mesh import Mesh  # noqa: E402
+from helix_compiler.numerics import relative_error  # noqa: E402
 import torch.utils._pytree as pytree  # noqa: E402
 
 
-def rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+rel = relative_error
 
 
 def timed(fn, warmup=3, reps=10):

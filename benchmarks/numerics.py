@@ -15,8 +15,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from examples.paper_model import PaperConfig, build  # noqa: E402
+from helix_compiler.models.paper import PaperConfig, build  # noqa: E402
 from helix_compiler import helix_compile  # noqa: E402
+from helix_compiler.numerics import relative_error  # noqa: E402
 
 PLANS = (((1, 4), None), ((2, 2), "score-reduce"), ((4, 1), "qk-gather"))
 
@@ -31,7 +32,7 @@ def main() -> int:
             prog = helix_compile(model, devices=4, example_inputs=(x,), plan=plan, variant=variant)
             with torch.no_grad():
                 want = model(x).float()
-                worst = max([worst] + [((o.float() - want).norm() / want.norm()).item() for o in prog.simulate(x)])
+                worst = max([worst] + [relative_error(o, want) for o in prog.simulate(x)])
         rows[name] = worst
         print(f"{name}: {worst:.1e}")
     out = {"device": "CPU", "torch": torch.__version__, "date": datetime.date.today().isoformat(),

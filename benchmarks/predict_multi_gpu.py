@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from examples.paper_model import PaperConfig, build  # noqa: E402
+from helix_compiler.models.paper import PaperConfig, build  # noqa: E402
 from helix_compiler import plan_model  # noqa: E402
 from helix_compiler.cluster import load_cluster  # noqa: E402
 from helix_compiler.cost import cost_baseline  # noqa: E402

@@ -47,7 +47,7 @@ EXIT_TIMEOUT = 124
 
 # The paper's model lives in the repository's examples/, beside the package
 # (an editable install; a wheel does not carry examples/).
-PAPER_MODEL = Path(__file__).resolve().parent.parent / "examples" / "paper_model.py"
+PAPER_MODEL = "helix_compiler.models.paper"      # MODEL when none is given
 FORMATS = ("table", "yaml", "json")
 BACKENDS = ("gloo", "nccl")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -112,10 +112,7 @@ def _resolve_plan(value):
 
 
 def _paper_spec(function: str) -> str:
-    if not PAPER_MODEL.is_file():
-        raise HelixError(
-            f"no MODEL given and the paper's model {str(PAPER_MODEL)!r} is not there (the package was "
-            f"installed without the repository's examples/); pass a MODEL such as path/to/model.py")
+    """The paper's model, shipped with the package (helix_compiler/models/paper.py)."""
     return f"{PAPER_MODEL}:{function}"
 
 
@@ -368,7 +365,7 @@ def _forward(module: str, argv: list) -> int:
 
     if module == "calibrate" and "--collectives" in argv:  # NCCL sweep over this machine's GPUs
         module = "calibrate_collectives"
-    return importlib.import_module(f"helix_compiler.{module}").main(argv) or 0
+    return importlib.import_module(f"helix_compiler.measure.{module}").main(argv) or 0
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

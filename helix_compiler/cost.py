@@ -371,9 +371,11 @@ def _tokens_per_sequence(mlp: MlpSite, summary: ModelSummary) -> int:
 
 
 def _site_options(site: AttentionSite, lay: _Layout, mach: _Machine,
-                  variant: str | None) -> list[tuple[str, str]]:
+                  variant: str | None, backend: str | None = None) -> list[tuple[str, str]]:
     """(variant, core backend) pairs a site may take: score-reduce is always an
-    explicit core; heads and qk-gather may use any fused kernel the profile has for d."""
+    explicit core; heads and qk-gather may use any fused kernel the profile has for d.
+    `backend` ("explicit" or a fused one) keeps only the pairs with that core, where the
+    site has one (what a graph that runs that core costs); a site with none keeps all."""
     if lay.m == 1:
         variants = ("heads",)
     elif variant is not None:
@@ -383,10 +385,13 @@ def _site_options(site: AttentionSite, lay: _Layout, mach: _Machine,
     mask = mask_kind(site)
     fused = [bk for bk in ("flash", "cudnn", "efficient")
              if mach.profile.attention_efficiency(bk, site.head_dim, site.dtype, mask) is not None]
-    return [(v, bk) for v in variants
-            for bk in (("explicit",) if v == "score-reduce" else
-                       ("explicit", *[bk for bk in fused
-                                      if fused_takes(bk, site.head_dim, _value_dim(site, v, lay))]))]
+    options = [(v, bk) for v in variants
+               for bk in (("explicit",) if v == "score-reduce" else
+                          ("explicit", *[bk for bk in fused
+                                         if fused_takes(bk, site.head_dim, _value_dim(site, v, lay))]))]
+    if backend is None:
+        return options
+    return [o for o in options if o[0] == "score-reduce" or o[1] == backend] or options
 
 
 def _value_dim(site: AttentionSite, variant: str, lay: _Layout) -> int:
@@ -563,13 +568,13 @@ def _seconds(terms, kind: str | None = None) -> float:
 
 
 def _choose_cores(summary, cluster, sites, params: int, lay: _Layout, mach: _Machine,
-                  variant: str | None) -> list[tuple[str, str]]:
+                  variant: str | None, backend: str | None = None) -> list[tuple[str, str]]:
     """Per site the (variant, backend) fastest for one sequence among those whose
     one-sequence micro-batch fits; the least-memory one when none fits."""
     w = summary.dtype_bytes
     chosen = []
     for site in sites:
-        options = _site_options(site, lay, mach, variant)
+        options = _site_options(site, lay, mach, variant, backend)
         act = {o: _site_activation(site, w, *o, lay) for o in options}
         fits = [o for o in options if _micro_batch(
             summary, params, _activation_per_sequence(summary, [act[o]], (), lay), cluster) >= 1]
@@ -706,9 +711,12 @@ def _finish(name, summary, devices, compute_s, comm_s, bubble_s, params, act, b,
 
 
 def cost_plan(summary: ModelSummary, m: int, n: int, cluster: ClusterSpec,
-              profile: ComputeProfile | None = None, variant: str | None = None) -> PlanCost:
+              profile: ComputeProfile | None = None, variant: str | None = None,
+              backend: str | None = None) -> PlanCost:
     """Predicted step of helix m x n. `variant` forces "score-reduce" or
-    "qk-gather" on every site when m > 1; otherwise each site takes the faster."""
+    "qk-gather" on every site when m > 1; otherwise each site takes the faster.
+    `backend` prices every core that can take it with that core ("explicit", "flash",
+    "cudnn", "efficient"; score-reduce is always explicit) instead of the fastest one."""
     _TERMS.clear()
     if variant not in (None, "score-reduce", "qk-gather"):
         raise PlanError(f"variant must be 'score-reduce' or 'qk-gather' (or None to choose), "
@@ -719,7 +727,7 @@ def cost_plan(summary: ModelSummary, m: int, n: int, cluster: ClusterSpec,
     w = summary.dtype_bytes
     params = _params_per_rank(summary, summary.sites, summary.mlps, lay)
     reps, idx = _unique(summary.sites)
-    rep_cores = _choose_cores(summary, cluster, reps, params, lay, mach, variant)
+    rep_cores = _choose_cores(summary, cluster, reps, params, lay, mach, variant, backend)
     rep_act = [_site_activation(s, w, *c, lay) for s, c in zip(reps, rep_cores)]
     act = _activation_per_sequence(summary, [rep_act[k] for k in idx], summary.mlps, lay)
     b = _micro_batch(summary, params, act, cluster)
@@ -759,9 +767,9 @@ def _tp_reason(site: AttentionSite, tp: int) -> str | None:
 
 
 def cost_baseline(summary: ModelSummary, tp: int, pp: int, cluster: ClusterSpec,
-                  profile: ComputeProfile | None = None) -> PlanCost:
+                  profile: ComputeProfile | None = None, backend: str | None = None) -> PlanCost:
     """Predicted step of Megatron TP x PP: heads and MLP columns over tp ranks,
-    layers over pp stages (stage s on ranks [s*tp, (s+1)*tp))."""
+    layers over pp stages (stage s on ranks [s*tp, (s+1)*tp)). `backend` as in cost_plan."""
     _TERMS.clear()
     name = f"TP={tp} x PP={pp}" if pp > 1 else f"TP={tp}"
     _check_devices(name, tp * pp, cluster)
@@ -779,7 +787,7 @@ def cost_baseline(summary: ModelSummary, tp: int, pp: int, cluster: ClusterSpec,
         sites = [x for i, x in enumerate(summary.sites) if i * pp // len(summary.sites) == s]
         mlps = [x for i, x in enumerate(summary.mlps) if i * pp // len(summary.mlps) == s]
         params = _params_per_rank(summary, sites, mlps, lay)
-        cores = _choose_cores(summary, cluster, sites, params, lay, mach, None)
+        cores = _choose_cores(summary, cluster, sites, params, lay, mach, None, backend)
         act = _activation_per_sequence(
             summary, [_site_activation(x, w, *c, lay) for x, c in zip(sites, cores)], mlps, lay)
         stages.append((s, lay, sites, mlps, cores, params, act))

@@ -149,11 +149,13 @@ def model_fingerprint(summary: ModelSummary) -> str:
 
 def make_plan(summary: ModelSummary, devices: int, cluster: ClusterSpec,
               profile: ComputeProfile | None = None, forced: tuple[int, int] | None = None,
-              variant: str | None = None, refused: dict | None = None) -> Plan:
+              variant: str | None = None, refused: dict | None = None,
+              backend: str | None = None) -> Plan:
     """Solve, cost every feasible split and pick the most tokens/s (ties: the
     smaller m), or the `forced` (m, n). `variant` forces "score-reduce" or
     "qk-gather" on every site of an m > 1 split. `refused` maps an (m, n) the
-    shard pass refused to its reason: that split is excluded with it."""
+    shard pass refused to its reason: that split is excluded with it. `backend` prices
+    every attention core with that core where it can take it (cost.cost_plan)."""
     check_devices(devices)
     refused = refused or {}
     candidates = tuple(
@@ -184,7 +186,7 @@ def make_plan(summary: ModelSummary, devices: int, cluster: ClusterSpec,
              f"next best split the shard pass builds" for (m, n), why in refused.items()]
     for c in feasible:
         try:
-            costs[c] = cost_plan(summary, c.m, c.n, cluster, profile, variant)
+            costs[c] = cost_plan(summary, c.m, c.n, cluster, profile, variant, backend)
         except PlanError as e:
             notes.append(f"{c} not costed: {e}")
     if forced is not None and chosen not in costs:
@@ -197,7 +199,7 @@ def make_plan(summary: ModelSummary, devices: int, cluster: ClusterSpec,
     baselines = []
     for tp, pp in _baseline_shapes(devices, cluster):
         try:
-            baselines.append(cost_baseline(summary, tp, pp, cluster, profile))
+            baselines.append(cost_baseline(summary, tp, pp, cluster, profile, backend))
         except PlanError as e:
             notes.append(f"baseline skipped: {e}")
     cost = costs[chosen]

@@ -38,6 +38,7 @@ from .collectives import DistributedBackend
 from .errors import HelixError
 from .graphs import on_device
 from .modelspec import load_model_spec
+from .numerics import relative_error as leaf_relative_error
 from .plan import Plan
 from .weights import open_checkpoint
 from .text import ranges as _ranges
@@ -114,9 +115,7 @@ def relative_error(out, ref) -> float:
         if not r.is_floating_point():
             worst = max(worst, 0.0 if torch.equal(o, r) else float("inf"))
             continue
-        diff = torch.linalg.vector_norm((o.double() - r.double()).flatten()).item()
-        scale = torch.linalg.vector_norm(r.double().flatten()).item()
-        worst = max(worst, diff / scale if scale > 0 else diff)
+        worst = max(worst, leaf_relative_error(o, r))
     return worst
 
 

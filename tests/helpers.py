@@ -17,15 +17,13 @@ from collections.abc import Sequence
 import torch
 import torch.utils._pytree as pytree
 
+from helix_compiler.numerics import relative_error
+
 REL_TOL = 1e-5   # ||a - b|| / ||b|| per floating leaf, float32
 
 
-def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    """||got - want|| / ||want|| in float64 (the absolute error when want is all zeros)."""
-    got, want = got.detach().double(), want.detach().double()
-    diff = torch.linalg.vector_norm(got - want).item()
-    scale = torch.linalg.vector_norm(want).item()
-    return diff / scale if scale > 0 else diff
+# ||got - want|| / ||want|| in float64 (the absolute error when want is all zeros)
+rel_error = relative_error
 
 
 def _flat(tree) -> tuple[list, pytree.TreeSpec]:

@@ -9,14 +9,14 @@ import torch.nn.functional as F
 from examples.paper_model import PaperConfig, build
 from helix_compiler import helix_compile
 from helix_compiler.kernels_chunked import blocks
+from helix_compiler.numerics import relative_error
 from helix_compiler.program import run_ranks
 from passes.kernel_choice import apply_kernel_choice
 
 TOL = 1e-5
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
+_rel = relative_error
 
 
 def _ops(gm) -> set[str]:

@@ -21,13 +21,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+
+from helix_compiler.cluster import load_cluster
+from helix_compiler.errors import HelixError
+
+PRESETS = Path(__file__).resolve().parents[1] / "clusters"     # helix_compiler/clusters
 SIZES_MIB = (1, 4, 16, 64, 256)
 KINDS = ("all_reduce", "all_gather", "reduce_scatter")
 
 
 def _worker(args) -> int:
-    import torch
-    import torch.distributed as dist
 
     dist.init_process_group("nccl", timeout=datetime.timedelta(seconds=120))
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -75,7 +82,6 @@ def _worker(args) -> int:
 
 def _fit(rows, p: int) -> dict:
     """Least squares for t = alpha + c (p-1)/p X * inv_bw over every row."""
-    import numpy as np
 
     a = np.array([[1.0, (2.0 if r["kind"] == "all_reduce" else 1.0) * (p - 1) / p * r["bytes"]] for r in rows])
     t = np.array([r["seconds"] for r in rows])
@@ -84,12 +90,9 @@ def _fit(rows, p: int) -> dict:
 
 
 def _write_cluster(args, result) -> None:
-    import yaml
-
-    from .cluster import load_cluster
 
     base = load_cluster(args.base)
-    src = (Path(__file__).parent / "clusters" / f"{args.base}.yaml")
+    src = PRESETS / f"{args.base}.yaml"
     data = yaml.safe_load(src.read_text()) if src.is_file() else yaml.safe_load(Path(args.base).read_text())
     fit = result["fit"]
     data.update({"name": f"{base.name}-measured", "gpus_per_node": result["gpus"],
@@ -114,16 +117,12 @@ def main(argv=None) -> int:
     args.argv = [a for a in argv if a not in ("--collectives", "--worker")]
     if args.worker:
         return _worker(args)
-    import torch
-
-    from .errors import HelixError
-
     gpus = torch.cuda.device_count()
     if gpus < 2:
         raise HelixError(f"helix calibrate --collectives needs 2 or more GPUs, this machine has {gpus}; "
                          f"run it on the multi-GPU machine whose figures you want")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(gpus),
-           "-m", "helix_compiler.calibrate_collectives", "--worker", *args.argv]
+           "-m", "helix_compiler.measure.calibrate_collectives", "--worker", *args.argv]
     return subprocess.call(cmd)
 
 

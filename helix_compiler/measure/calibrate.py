@@ -1,6 +1,6 @@
 """`helix calibrate`: measure one GPU's op-class rates and write a profile YAML.
 
-    python -m helix_compiler.calibrate --out h100.yaml [--json calib.json] [--small]
+    helix calibrate --out h100.yaml [--json calib.json] [--small]
 
 What it measures (fp16, CUDA events, warm-up, median of repeats):
 - matmul TFLOP/s at the GEMM shapes the paper model's plans produce
@@ -36,11 +36,9 @@ datasheet figures of the device, so efficiencies transfer to other GPUs.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
+import logging
 import math
-import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -48,7 +46,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .profile import KERNEL_MAX_HEAD_DIM
+import helix_compiler.kernels  # noqa: F401  (registers torch.ops.helix.attend)
+from helix_compiler.kernels_chunked import DEFAULT_CHUNK_BYTES
+from helix_compiler.measure import configure_logging
+from helix_compiler.measure.timing import Timer, device_info, sync
+from helix_compiler.numerics import relative_error
+from helix_compiler.profile import KERNEL_MAX_HEAD_DIM, ComputeProfile, Rate
+
+log = logging.getLogger(__name__)
 
 # Datasheet peaks (dense) by device name fragment: (fp16, bf16, fp32 TFLOP/s, HBM GB/s).
 DATASHEETS = {
@@ -60,49 +65,6 @@ DATASHEETS = {
 }
 HEAD_DIMS = (64, 128, 256, 512)
 BACKENDS = ("flash", "cudnn", "efficient", "math")
-
-
-# --- timing -----------------------------------------------------------------------
-def sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_ms(fn, device, *, warmup: int = 2, repeats: int = 10) -> dict:
-    """Median / min / spread of `fn()` in ms: CUDA events on a GPU, perf_counter on the CPU."""
-    cuda = torch.device(device).type == "cuda"
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        if cuda:
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
-            "repeats": repeats}
-
-
-def device_info(device) -> dict:
-    device = torch.device(device)
-    info = {"torch": torch.__version__, "python": platform.python_version(),
-            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
-    if device.type == "cuda":
-        p = torch.cuda.get_device_properties(device)
-        info.update(device=p.name, sms=p.multi_processor_count,
-                    memory_gib=round(p.total_memory / 2 ** 30, 1), cuda=torch.version.cuda,
-                    cudnn=torch.backends.cudnn.version())
-    else:
-        info.update(device=f"cpu ({platform.processor() or platform.machine()})")
-    return info
 
 
 def datasheet(name: str) -> tuple[float, float, float, float]:
@@ -132,12 +94,13 @@ def matmul_shapes(small: bool) -> list[tuple[int, int, int]]:
     return shapes
 
 
-def bench_matmul(shapes, dtype, device, repeats) -> list[dict]:
+def bench_matmul(shapes, dtype, timer: Timer) -> list[dict]:
+    device = timer.device
     out = []
     for (M, N, K) in shapes:
         x = _randn(M, K, dtype=dtype, device=device)
         w = _randn(N, K, dtype=dtype, device=device) / math.sqrt(K)
-        t = time_ms(lambda: F.linear(x, w), device, repeats=repeats)
+        t = timer(lambda: F.linear(x, w))
         flops = 2 * M * N * K
         nbytes = x.element_size() * (M * K + N * K + M * N)
         out.append({"op": "matmul", "shape": [M, N, K], "flops": flops, "bytes": nbytes,
@@ -147,21 +110,22 @@ def bench_matmul(shapes, dtype, device, repeats) -> list[dict]:
     return out
 
 
-def bench_score_gemms(S, dims, heads_for, dtype, device, repeats) -> list[dict]:
+def bench_score_gemms(S, dims, heads_for, dtype, timer: Timer) -> list[dict]:
     """QK^T (bh, S, S, dk) and PV (bh, S, dk, S) batched GEMMs at head dim slices dk."""
+    device = timer.device
     out = []
     for dk in dims:
         bh = heads_for(dk)
         q = _randn(bh, S, dk, dtype=dtype, device=device)
         k = _randn(bh, S, dk, dtype=dtype, device=device)
-        t = time_ms(lambda: torch.bmm(q, k.transpose(1, 2)), device, repeats=repeats)
+        t = timer(lambda: torch.bmm(q, k.transpose(1, 2)))
         flops = 2 * bh * S * S * dk
         nbytes = q.element_size() * bh * (2 * S * dk + S * S)
         out.append({"op": "qk_gemm", "shape": [bh, S, S, dk], "flops": flops, "bytes": nbytes,
                     **t, "tflops": flops / (t["median_ms"] * 1e-3) / 1e12})
         p = torch.softmax(_randn(bh, S, S, dtype=dtype, device=device), dim=-1)
         v = _randn(bh, S, dk, dtype=dtype, device=device)
-        t = time_ms(lambda: torch.bmm(p, v), device, repeats=repeats)
+        t = timer(lambda: torch.bmm(p, v))
         out.append({"op": "pv_gemm", "shape": [bh, S, dk, S], "flops": flops, "bytes": nbytes,
                     **t, "tflops": flops / (t["median_ms"] * 1e-3) / 1e12})
         del q, k, p, v
@@ -175,18 +139,10 @@ def _reference_rows(q, k, v, rows: int) -> torch.Tensor:
     return torch.softmax(s, dim=-1) @ vf
 
 
-def _rel_err(out, ref) -> float:
-    out = out.float()
-    if not torch.isfinite(out).all():
-        return float("nan")
-    return float((out - ref).norm() / ref.norm())
-
-
-def bench_attention(S, dims, heads_for, dtype, device, repeats, chunk_bytes) -> list[dict]:
+def bench_attention(S, dims, heads_for, dtype, timer: Timer, chunk_bytes) -> list[dict]:
     """Every SDPA backend and the chunked explicit core per head dim d (h = heads_for(d))."""
+    device = timer.device
     from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    from .kernels_chunked import chunked_attention  # noqa: F401  (registers the op)
 
     backends = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
                 "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
@@ -206,9 +162,9 @@ def bench_attention(S, dims, heads_for, dtype, device, repeats, chunk_bytes) -> 
                 with sdpa_kernel([bk]):
                     fn = lambda: F.scaled_dot_product_attention(q, k, v)   # noqa: E731
                     y = fn()
-                    err = _rel_err(y[..., :ref.shape[-2], :], ref)
+                    err = relative_error(y[..., :ref.shape[-2], :], ref)
                     del y
-                    t = time_ms(fn, device, repeats=repeats)
+                    t = timer(fn)
                 out.append({**row, "backend": name, **t, "rel_err_vs_fp32": err,
                             "tflops": flops / (t["median_ms"] * 1e-3) / 1e12})
             except Exception as e:  # no kernel for this head dim / dtype / device
@@ -216,8 +172,8 @@ def bench_attention(S, dims, heads_for, dtype, device, repeats, chunk_bytes) -> 
                             "error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"})
             sync(device)
         fn = lambda: torch.ops.helix.chunked_attention(q, k, v, None, False, None, chunk_bytes, 0)  # noqa: E731
-        err = _rel_err(fn()[..., :ref.shape[-2], :], ref)
-        t = time_ms(fn, device, repeats=repeats)
+        err = relative_error(fn()[..., :ref.shape[-2], :], ref)
+        t = timer(fn)
         out.append({**row, "backend": "explicit", "chunk_bytes": chunk_bytes, **t,
                     "rel_err_vs_fp32": err, "tflops": flops / (t["median_ms"] * 1e-3) / 1e12})
         del q, k, v
@@ -227,11 +183,12 @@ def bench_attention(S, dims, heads_for, dtype, device, repeats, chunk_bytes) -> 
 VARIANT_HEADS = 8
 
 
-def bench_attention_variants(S, dims, heads_for, dtype, device, repeats) -> list[dict]:
+def bench_attention_variants(S, dims, heads_for, dtype, timer: Timer) -> list[dict]:
     """Fused SDPA backends (those with a kernel for d) as plans run them: causal (is_causal) and with a materialized bool
     mask (HF's (1, 1, S, S)), per head dim d; and with V narrower than Q, K (a qk-gather core:
     V at d/m) at d_v = d/2 .. 8, under each mask. FLOPs count every score:
     2 * h * S^2 * (d + d_v)."""
+    device = timer.device
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     backends = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -263,7 +220,7 @@ def bench_attention_variants(S, dims, heads_for, dtype, device, repeats) -> list
                     with sdpa_kernel([bk]):
                         fn = lambda: F.scaled_dot_product_attention(q, k, v, **kw)  # noqa: E731
                         fn()
-                        t = time_ms(fn, device, repeats=repeats)
+                        t = timer(fn)
                     out.append({**row, "backend": name, **t,
                                 "tflops": flops / (t["median_ms"] * 1e-3) / 1e12})
                 except Exception as e:  # no kernel for these dims / this mask
@@ -275,20 +232,17 @@ def bench_attention_variants(S, dims, heads_for, dtype, device, repeats) -> list
     return out
 
 
-def bench_chunk_sweep(S, d, heads, dtype, device, repeats, sizes) -> list[dict]:
+def bench_chunk_sweep(S, d, heads, dtype, timer: Timer, sizes) -> list[dict]:
     """The explicit core at head dim d for several chunk sizes (bytes of scores per block)."""
-    from . import kernels  # noqa: F401  (helix.attend)
-    from .kernels_chunked import chunked_attention  # noqa: F401
-
+    device = timer.device
     out = []
     for h in heads:
         q, k, v = (_randn(1, h, S, d, dtype=dtype, device=device) for _ in range(3))
         flops = 4 * h * S * S * d
         for cb in sizes:
             try:
-                t = time_ms(lambda: torch.ops.helix.chunked_attention(q, k, v, None, False, None,
-                                                                      cb, 0),
-                            device, repeats=repeats)
+                t = timer(lambda: torch.ops.helix.chunked_attention(q, k, v, None, False, None,
+                                                                      cb, 0))
                 out.append({"op": "explicit_chunk_sweep", "shape": [h, S, S, d],
                             "chunk_bytes": cb, **t,
                             "tflops": flops / (t["median_ms"] * 1e-3) / 1e12})
@@ -299,17 +253,16 @@ def bench_chunk_sweep(S, d, heads, dtype, device, repeats, sizes) -> list[dict]:
         # the score-reduce tail (scores already materialized): chunked_attend
         s = _randn(1, h, S, S, dtype=dtype, device=device)
         for cb in sizes[:: max(1, len(sizes) // 3)]:
-            t = time_ms(lambda: torch.ops.helix.chunked_attend(s, v, None, False, 0.05, cb),
-                        device, repeats=repeats)
+            t = timer(lambda: torch.ops.helix.chunked_attend(s, v, None, False, 0.05, cb))
             out.append({"op": "chunked_attend", "shape": [h, S, S, d], "chunk_bytes": cb, **t})
-        t = time_ms(lambda: torch.ops.helix.attend(s, v, None, False, 0.05), device,
-                    repeats=repeats)
+        t = timer(lambda: torch.ops.helix.attend(s, v, None, False, 0.05))
         out.append({"op": "attend", "shape": [h, S, S, d], **t})
         del q, k, v, s
     return out
 
 
-def bench_memory_ops(rows, width, mlp_width, dtype, device, repeats) -> list[dict]:
+def bench_memory_ops(rows, width, mlp_width, dtype, timer: Timer) -> list[dict]:
+    device = timer.device
     out = []
     x = _randn(rows, width, dtype=dtype, device=device)
     y = _randn(rows, width, dtype=dtype, device=device)
@@ -328,31 +281,33 @@ def bench_memory_ops(rows, width, mlp_width, dtype, device, repeats) -> list[dic
     cases.append(("block_tail", lambda: F.layer_norm(x + (y + b), (width,), w, b),
                   7 * rows * width * e))
     for name, fn, nbytes in cases:
-        t = time_ms(fn, device, repeats=repeats)
+        t = timer(fn)
         out.append({"op": name, "shape": [rows, mlp_width if name == "gelu" else width],
                     "bytes": nbytes, **t, "gb_s": nbytes / (t["median_ms"] * 1e-3) / 1e9})
     return out
 
 
-def bench_softmax_rows(S, row_blocks, dtype, device, repeats) -> list[dict]:
+def bench_softmax_rows(S, row_blocks, dtype, timer: Timer) -> list[dict]:
     """Softmax over rows of S scores: a full head (S rows) and L2-sized blocks."""
+    device = timer.device
     out = []
     for rows in row_blocks:
         x = _randn(rows, S, dtype=dtype, device=device)
         nbytes = 2 * x.numel() * x.element_size()
-        t = time_ms(lambda: torch.softmax(x, dim=-1), device, repeats=repeats)
+        t = timer(lambda: torch.softmax(x, dim=-1))
         out.append({"op": "softmax_rows", "shape": [rows, S], "bytes": nbytes, **t,
                     "gb_s": nbytes / (t["median_ms"] * 1e-3) / 1e9})
         del x
     return out
 
 
-def bench_score_ops(widths, dtype, device, repeats, block_bytes=256 << 20) -> list[dict]:
+def bench_score_ops(widths, dtype, timer: Timer, block_bytes=256 << 20) -> list[dict]:
     """An explicit core's passes over one block of scores (h, S, S), as kernels_chunked runs
     them, per sequence length S: the scale (a multiply), the softmax, the causal fill (the mask
     compared from aranges, masked_fill_ in place), the softmax of causally masked rows (half
     -inf: measured slower, 871 against 1012 GB/s at S = 8192). GB/s count the score bytes read and
     written (2 passes), so the cost model's pass counts use them as they are."""
+    device = timer.device
     out = []
     for S in widths:
         h = max(1, block_bytes // (S * S * torch.empty((), dtype=dtype).element_size()))
@@ -368,7 +323,7 @@ def bench_score_ops(widths, dtype, device, repeats, block_bytes=256 << 20) -> li
         # the upper triangle is -inf), then the softmax of the causally masked scores
         for op, fn in (("pointwise", lambda: s * 0.05), ("softmax", lambda: torch.softmax(s, -1)),
                        ("mask_fill", fill), ("masked_softmax", lambda: torch.softmax(s, -1))):
-            t = time_ms(fn, device, repeats=repeats)
+            t = timer(fn)
             out.append({"op": op, "shape": [h * S, S], "bytes": nbytes, **t,
                         "gb_s": nbytes / (t["median_ms"] * 1e-3) / 1e9})
         del s
@@ -382,8 +337,6 @@ def _sig(x: float) -> float:
 
 def make_profile(meas: dict, info: dict, chunk_bytes: int):
     """A ComputeProfile from the measurements (see the module docstring)."""
-    from .profile import ComputeProfile, Rate
-
     fp16, bf16, fp32, hbm = datasheet(info.get("device", ""))
     note = f"measured, {info.get('device')}, torch {info.get('torch')}, {info.get('date')}"
     rates = []
@@ -446,10 +399,8 @@ def make_profile(meas: dict, info: dict, chunk_bytes: int):
 
 
 def calibrate(device=None, small: bool = False, repeats: int = 10,
-              chunk_bytes: int | None = None, log=print) -> tuple[dict, object]:
+              chunk_bytes: int | None = None) -> tuple[dict, ComputeProfile]:
     """(measurements, ComputeProfile) on `device` (the GPU when there is one)."""
-    from .kernels_chunked import DEFAULT_CHUNK_BYTES
-
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     info = device_info(device)
@@ -459,32 +410,32 @@ def calibrate(device=None, small: bool = False, repeats: int = 10,
     heads_for = lambda dk: max(1, top // dk)          # noqa: E731  same FLOPs as one head of `top`
     if small:
         repeats = min(repeats, 3)
+    timer = Timer(device, repeats=repeats)
     meas: dict = {"info": info}
     t0 = time.perf_counter()
     meas["memory_ops"] = bench_memory_ops(1024 if small else 40_000, 256 if small else 8192,
-                                          64 if small else 2048, dtype, device, repeats)
-    log(f"[calibrate] memory ops {time.perf_counter() - t0:.1f} s")
+                                          64 if small else 2048, dtype, timer)
+    log.info("[calibrate] memory ops %.1f s", time.perf_counter() - t0)
     meas["softmax_rows"] = bench_softmax_rows(S, (64, 256) if small else (1024, 2048, 10_000),
-                                              dtype, device, repeats)
-    meas["matmul"] = bench_matmul(matmul_shapes(small), dtype, device, repeats)
-    log(f"[calibrate] matmul {time.perf_counter() - t0:.1f} s")
+                                              dtype, timer)
+    meas["matmul"] = bench_matmul(matmul_shapes(small), dtype, timer)
+    log.info("[calibrate] matmul %.1f s", time.perf_counter() - t0)
     slices = sorted({top // m for m in (1, 2, 4, 8, 16) if top // m >= 1})
-    meas["score_gemms"] = bench_score_gemms(S, slices, lambda dk: 1, dtype, device, repeats)
-    log(f"[calibrate] score gemms {time.perf_counter() - t0:.1f} s")
+    meas["score_gemms"] = bench_score_gemms(S, slices, lambda dk: 1, dtype, timer)
+    log.info("[calibrate] score gemms %.1f s", time.perf_counter() - t0)
     sizes = [2 ** k for k in ((12, 14, 16) if small else (24, 26, 27, 28, 29, 30))]
     meas["chunk_sweep"] = bench_chunk_sweep(S, top, (1, 2) if small else (1, 2, 16), dtype,
-                                            device, repeats, sizes)
-    log(f"[calibrate] chunk sweep {time.perf_counter() - t0:.1f} s")
+                                            timer, sizes)
+    log.info("[calibrate] chunk sweep %.1f s", time.perf_counter() - t0)
     chunk_bytes = chunk_bytes or best_chunk_bytes(meas, 1) or DEFAULT_CHUNK_BYTES
     meas["chunk_bytes"] = chunk_bytes
-    meas["attention"] = bench_attention(S, dims, heads_for, dtype, device, repeats, chunk_bytes)
-    log(f"[calibrate] attention {time.perf_counter() - t0:.1f} s")
+    meas["attention"] = bench_attention(S, dims, heads_for, dtype, timer, chunk_bytes)
+    log.info("[calibrate] attention %.1f s", time.perf_counter() - t0)
     meas["score_ops"] = bench_score_ops((128, 256) if small else (4096, 8192, 10_000, 16_384),
-                                        dtype, device, repeats)
-    log(f"[calibrate] score ops {time.perf_counter() - t0:.1f} s")
-    meas["attention_variants"] = bench_attention_variants(S, dims, heads_for, dtype, device,
-                                                          repeats)
-    log(f"[calibrate] attention variants {time.perf_counter() - t0:.1f} s")
+                                        dtype, timer)
+    log.info("[calibrate] score ops %.1f s", time.perf_counter() - t0)
+    meas["attention_variants"] = bench_attention_variants(S, dims, heads_for, dtype, timer)
+    log.info("[calibrate] attention variants %.1f s", time.perf_counter() - t0)
     profile = make_profile(meas, info, chunk_bytes)
     meas["seconds"] = round(time.perf_counter() - t0, 1)
     return meas, profile
@@ -520,6 +471,7 @@ def summary_table(meas: dict) -> str:
 
 
 def main(argv=None) -> int:
+    configure_logging()
     ap = argparse.ArgumentParser(prog="helix calibrate", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="profile.yaml", help="profile YAML to write")
     ap.add_argument("--json", default=None, help="also write every measurement here")

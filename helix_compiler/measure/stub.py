@@ -1,0 +1,64 @@
+"""Compute-only collectives for timing one rank: the right shapes, no transfer (the
+benchmarks add the cost model's communication time instead)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from helix_compiler import collectives
+
+
+class StubCollectives:
+    """A collectives backend (helix_compiler.collectives.bind) that moves nothing.
+
+    all_reduce hands back a fresh buffer of x's shape (a custom op may not return its
+    input; a copy would add a memory pass that the real collective's modeled time already
+    contains); reduce_scatter rank 0's chunk (the benches time rank 0); all_gather the
+    concatenation, or in place where NCCL would gather in place."""
+
+    def __init__(self):
+        self._gathered: dict = {}   # (shape, dtype, device) -> the in-place gather's buffer
+
+    def all_reduce(self, x, axes, op):
+        return torch.empty_like(x)
+
+    def reduce_scatter(self, x, axes, dim, sizes):
+        shape = list(x.shape)
+        shape[dim % x.dim()] = sizes[0]
+        return x.new_empty(shape)
+
+    def all_gather(self, x, axes, dim, sizes):
+        dim = dim % x.dim()
+        if len(set(sizes)) == 1 and all(x.shape[i] == 1 for i in range(dim)):
+            # DistributedBackend gathers such a tensor in place (NCCL writes the chunks one
+            # after another): no copy on the GPU's compute side. A buffer of finite random
+            # values, made once per shape, stands for what NCCL would have written.
+            shape = list(x.shape)
+            shape[dim] = sum(sizes)
+            key = (tuple(shape), x.dtype, x.device)
+            if key not in self._gathered:
+                self._gathered[key] = torch.randn(shape, dtype=x.dtype, device=x.device)
+            return self._gathered[key]
+        parts = []
+        for s in sizes:
+            if x.shape[dim] >= s:
+                parts.append(x.narrow(dim, 0, s))
+            else:
+                pad = list(x.shape)
+                pad[dim] = s - x.shape[dim]
+                parts.append(torch.cat([x, x.new_zeros(pad)], dim=dim))
+        return torch.cat(parts, dim=dim)
+
+
+@contextlib.contextmanager
+def stubbed(stub: StubCollectives | None = None):
+    """Rank graphs run with `stub` (a fresh StubCollectives by default) bound to this
+    thread inside the block. A timed call binds one stub for all its calls, so that the
+    in-place gather buffers are made once, as NCCL's output would be."""
+    collectives.bind(stub or StubCollectives())
+    try:
+        yield
+    finally:
+        collectives.bind(None)

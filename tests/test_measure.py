@@ -1,0 +1,93 @@
+"""The measurement harness (helix_compiler/measure/): its CLI entry points, the library's
+independence from it, the cost model's backend argument it prices rows with, a CPU run of
+`helix bench --small`, and an installed copy working outside the repository."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from helix_compiler.cli import _main
+from helix_compiler.cluster import load_cluster
+from helix_compiler.cost import cost_baseline, cost_plan
+from helix_compiler.profile import load_profile
+from tests.test_cost import paper_model
+
+ROOT = Path(__file__).resolve().parents[1]
+H100 = load_profile(ROOT / "helix_compiler" / "profiles" / "h100.yaml")
+
+
+@pytest.mark.parametrize("command", ["bench", "calibrate"])
+def test_bench_and_calibrate_help_exit_zero(command, capsys):
+    assert _main([command, "--help"]) == 0
+    assert f"helix {command}" in capsys.readouterr().out
+
+
+def test_library_modules_do_not_import_the_harness():
+    script = ("import sys, helix_compiler.api, helix_compiler.pipeline, helix_compiler.cli, "
+              "passes.shard, passes.kernel_choice; "
+              "print(sorted(m for m in sys.modules if m.startswith('helix_compiler.measure')))")
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120, check=True).stdout
+    assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("backend", ["explicit", "efficient"])
+def test_backend_argument_prices_every_core_with_that_core(backend):
+    summary, cluster = paper_model(), load_cluster("paper")
+    plan = cost_plan(summary, 1, 16, cluster, H100, backend=backend)
+    base = cost_baseline(summary, 8, 2, cluster, H100, backend=backend)
+    assert {s.backend for s in plan.sites} == {backend}
+    assert {s.backend for s in base.sites} == {backend}
+
+
+def test_backend_none_is_the_cost_models_own_choice():
+    summary, cluster = paper_model(), load_cluster("paper")
+    chosen = cost_plan(summary, 2, 8, cluster, H100)
+    forced = cost_plan(summary, 2, 8, cluster, H100, backend=chosen.sites[0].backend)
+    assert forced.compute_ms == chosen.compute_ms
+    other = "explicit" if chosen.sites[0].backend != "explicit" else "efficient"
+    assert cost_plan(summary, 2, 8, cluster, H100, backend=other).compute_ms != chosen.compute_ms
+
+
+@pytest.mark.slow
+def test_bench_small_on_cpu_measures_and_predicts_every_row(tmp_path):
+    out, raw = tmp_path / "small.json", tmp_path / "small.raw.json"
+    status = _main(["bench", "--small", "--device", "cpu", "--only", "1x16", "2x8",
+                    "--modes", "kernel-choice", "--warmup", "0", "--repeats", "1",
+                    "--out", str(out), "--raw-out", str(raw)])
+    assert status == 0
+    result = json.loads(out.read_text())
+    rows = [r for r in result["plans"] if r["kind"] != "peer"]
+    # TP=8 x PP=2, TP=16, helix 1x16, 2x8 in both variants
+    assert len(rows) == 5 and not [r for r in rows if r.get("error")], rows
+    assert all(r["measured_compute_ms"] > 0 and r["predicted_compute_ms"] > 0 for r in rows)
+    assert len(json.loads(raw.read_text())["rows"]) == 5
+
+
+@pytest.mark.slow
+def test_installed_copy_benches_and_plans_outside_the_repository(tmp_path):
+    target, cwd = tmp_path / "site", tmp_path / "elsewhere"
+    cwd.mkdir()
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                    "--no-build-isolation", "--target", str(target), str(ROOT)],
+                   check=True, capture_output=True, timeout=300)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target),
+                                                        sysconfig.get_paths()["purelib"]])}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "helix_compiler.cli", *a],  # noqa: E731
+                                    cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    where = subprocess.run([sys.executable, "-c", "import helix_compiler.measure.bench as b; "
+                            "print(b.__file__)"], cwd=cwd, env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert where.stdout.startswith(str(target)), where.stdout + where.stderr
+    bench = run("bench", "--help")
+    assert bench.returncode == 0 and "--model" in bench.stdout, bench.stderr
+    plan = run("plan", "--devices", "16")
+    assert plan.returncode == 0, plan.stderr
+    assert "m=1 x n=16" in plan.stdout
