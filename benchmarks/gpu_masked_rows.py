@@ -26,7 +26,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from helix_compiler import helix_compile  # noqa: E402
-from helix_compiler import kernels, kernels_chunked  # noqa: E402,F401
+from helix_compiler.runtime import kernels, kernels_chunked  # noqa: E402,F401
 from tests.helpers import rel_error  # noqa: E402
 
 BACKENDS = {"math": SDPBackend.MATH, "efficient": SDPBackend.EFFICIENT_ATTENTION,
@@ -104,7 +104,7 @@ def llama_rows(device) -> list:
     with torch.no_grad():
         want = model(ids_d, **kw_d).last_hidden_state
     rows = []
-    from helix_compiler.graphs import on_device
+    from helix_compiler.runtime.graphs import on_device
 
     for plan, variant in (((1, 4), None), ((2, 2), "score-reduce"), ((2, 2), "qk-gather"), ((4, 1), "score-reduce")):
         p = prog.recompile(plan=plan, variant=variant)

@@ -26,8 +26,9 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from helix_compiler.models.paper import PaperConfig, build  # noqa: E402
-from helix_compiler import collectives, helix_compile  # noqa: E402
-from helix_compiler.mesh import Mesh  # noqa: E402
+from helix_compiler import helix_compile
+from helix_compiler.runtime import collectives  # noqa: E402
+from helix_compiler.runtime.mesh import Mesh  # noqa: E402
 from helix_compiler.numerics import relative_error  # noqa: E402
 import torch.utils._pytree as pytree  # noqa: E402
 

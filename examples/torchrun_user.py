@@ -29,8 +29,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from helix_compiler import collectives, helix_compile, load_rank_module
-from helix_compiler.collectives import DistributedBackend
+from helix_compiler import helix_compile, load_rank_module
+
+from helix_compiler.runtime import collectives
+from helix_compiler.runtime.collectives import DistributedBackend
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from examples.paper_model import PaperConfig, build  # noqa: E402

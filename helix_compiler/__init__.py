@@ -1,7 +1,7 @@
 """Helix: partition transformer attention over n head groups x m head-dim slices.
 
 The public names are loaded on first use (PEP 562): `passes/` imports the runtime modules
-of this package (errors, mesh, kernels, ...), and the pipeline, which the public names sit
+of this package (errors, runtime/), and the pipeline, which the public names sit
 on, imports `passes/`; importing the package itself must not load the pipeline, or a pass
 would import itself through it.
 """
@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING
 __all__ = ["helix_compile", "plan_model", "HelixError", "HelixProgram", "load_rank_module", "empty_weights"]
 
 _WHERE = {"helix_compile": "api", "plan_model": "api", "HelixError": "errors",
-          "HelixProgram": "program", "load_rank_module": "program", "empty_weights": "weights"}
+          "HelixProgram": "program", "load_rank_module": "program", "empty_weights": "runtime.weights"}
 
 if TYPE_CHECKING:
     from .api import helix_compile, plan_model
     from .errors import HelixError
     from .program import HelixProgram, load_rank_module
-    from .weights import empty_weights
+    from .runtime.weights import empty_weights
 
 
 def __getattr__(name: str):

@@ -61,8 +61,8 @@ from sympy import Max, Min, ceiling, floor
 
 from .cluster import ClusterSpec, normalize_dtype
 from .errors import PlanError
-from .mesh import Mesh
-from .kernels import fused_takes
+from .runtime.mesh import Mesh
+from .runtime.kernels import fused_takes
 from .profile import DEFAULT_PROFILE, ComputeProfile
 from .sites import AttentionSite, MlpSite, ModelSummary
 

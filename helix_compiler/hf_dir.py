@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from .errors import HelixError
-from .weights import empty_weights
+from .runtime.weights import empty_weights
 
 __all__ = ["INITS", "is_hf_dir", "load_hf_dir"]
 

@@ -56,8 +56,8 @@ from passes.workload import measure
 from .capture import Captured, capture
 from .cluster import ClusterSpec, load_cluster
 from .errors import HelixError, HelixWarning, PlanError, ShardingError, UnpartitionedError, first_line
-from .kernels import FUSED_MAX_HEAD_DIM
-from .mesh import Mesh
+from .runtime.kernels import FUSED_MAX_HEAD_DIM
+from .runtime.mesh import Mesh
 from .plan import Plan, make_plan, model_fingerprint
 from .profile import ComputeProfile
 from .program import Analysis, HelixProgram, Source

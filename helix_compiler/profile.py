@@ -43,7 +43,7 @@ import yaml
 
 from .cluster import DTYPES, normalize_dtype, safe_load_mapping
 from .errors import HelixError
-from .kernels import FUSED_MAX_HEAD_DIM
+from .runtime.kernels import FUSED_MAX_HEAD_DIM
 
 # qk_gemm / pv_gemm: the batched score GEMMs of an explicit core, QK^T (S_q x S_k over d) and
 # PV (S_q x d over S_k), shape (batch*heads, S_q, S_k, d) like attention.

@@ -28,16 +28,16 @@ import torch.fx._pytree as fx_pytree
 import torch.utils._pytree as pytree
 from torch.fx.graph import CodeGen
 
-from . import collectives
-from . import masks  # noqa: F401  (registers helix.size_mask: saved rank graphs call it)
+from .runtime import collectives
+from .runtime import masks  # noqa: F401  (registers helix.size_mask: saved rank graphs call it)
 from .capture import Captured
 from .errors import HelixError, first_line
-from .graphs import build_module, on_device
-from .mesh import Mesh
+from .runtime.graphs import build_module, on_device
+from .runtime.mesh import Mesh
 from .plan import Plan
-from .serialize import graph_from_json, graph_to_json
+from .runtime.serialize import graph_from_json, graph_to_json
 from .sites import ModelSummary
-from .weights import load_rank_weights
+from .runtime.weights import load_rank_weights
 
 __all__ = ["Analysis", "HelixProgram", "LoadedRank", "Source", "build_module", "load_rank_module",
            "on_device", "run_ranks"]

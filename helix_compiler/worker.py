@@ -32,15 +32,15 @@ import torch
 import torch.distributed as dist
 import torch.utils._pytree as pytree
 
-from . import collectives
+from .runtime import collectives
 from .api import helix_compile
-from .collectives import DistributedBackend
+from .runtime.collectives import DistributedBackend
 from .errors import HelixError
-from .graphs import on_device
+from .runtime.graphs import on_device
 from .modelspec import load_model_spec
 from .numerics import relative_error as leaf_relative_error
 from .plan import Plan
-from .weights import open_checkpoint
+from .runtime.weights import open_checkpoint
 from .text import ranges as _ranges
 
 # Untimed steps before the timed ones: the first call allocates, and on CUDA

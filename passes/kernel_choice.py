@@ -1,7 +1,7 @@
 """Kernel choice for the attention core of a rank graph (one job: pick the core's kernel).
 
 On Hopper, PyTorch's SDPA has a flash / cuDNN kernel only up to head dim 256
-(helix_compiler.kernels.FUSED_MAX_HEAD_DIM);
+(helix_compiler.runtime.kernels.FUSED_MAX_HEAD_DIM);
 above it SDPA falls back to the memory-efficient kernel, measured 2.3x slower
 than an explicit matmul -> softmax -> matmul at d = 512 (DESIGN.md section 7).
 This pass rewrites
@@ -16,7 +16,7 @@ math path), and (score-reduce variant) the materialized tail
     torch.ops.helix.attend(scores, v, mask, is_causal, scale)
     -> torch.ops.helix.chunked_attend(scores, v, mask, is_causal, scale, chunk_bytes)
 
-Both replacements compute the same function (helix_compiler/kernels_chunked.py),
+Both replacements compute the same function (helix_compiler/runtime/kernels_chunked.py),
 a block of query rows at a time, so at most `chunk_bytes` of scores are alive.
 
 The head dim is read from the graph's shapes: node.meta["val"] where the graph
@@ -35,9 +35,9 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-import helix_compiler.kernels_chunked  # noqa: F401  (registers the chunked ops)
-from helix_compiler.kernels import FUSED_MAX_HEAD_DIM, fused_takes
-from helix_compiler.kernels_chunked import DEFAULT_CHUNK_BYTES
+import helix_compiler.runtime.kernels_chunked  # noqa: F401  (registers the chunked ops)
+from helix_compiler.runtime.kernels import FUSED_MAX_HEAD_DIM, fused_takes
+from helix_compiler.runtime.kernels_chunked import DEFAULT_CHUNK_BYTES
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from helix_compiler.errors import ShardingError
-from helix_compiler.mesh import Mesh
+from helix_compiler.runtime.mesh import Mesh
 
 
 @dataclass(frozen=True, eq=False, slots=True)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from helix_compiler.errors import ShardingError
-from helix_compiler.mesh import Mesh
+from helix_compiler.runtime.mesh import Mesh
 from helix_compiler.sites import MlpSite
 
 from .find_attention import SiteMatch

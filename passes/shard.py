@@ -28,10 +28,10 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from helix_compiler import collectives as _c  # noqa: F401  (registers torch.ops.helix)
-from helix_compiler import kernels as _k  # noqa: F401
+from helix_compiler.runtime import collectives as _c  # noqa: F401  (registers torch.ops.helix)
+from helix_compiler.runtime import kernels as _k  # noqa: F401
 from helix_compiler.errors import ShardingError
-from helix_compiler.mesh import Mesh
+from helix_compiler.runtime.mesh import Mesh
 
 from .graph_utils import aten, shape
 from .layout import Split, as_slice, check_partition, lists_of, make_split, positions, varying_axes

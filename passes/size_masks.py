@@ -5,11 +5,11 @@ mask is a node, not is_causal: if the mask's ancestors read no parameter, buffer
 input value (inputs only through their sizes: sym_size, new_ones, ...) and draw no
 random numbers, the subgraph is cut out, saved as JSON in the call, and the core takes
 
-    mask, causal = helix_compiler.masks.size_mask(spec, q, *inputs)
+    mask, causal = helix_compiler.runtime.masks.size_mask(spec, q, *inputs)
     core(q, k, v, attn_mask=mask, is_causal=causal)
 
 which at run time drops the mask for is_causal wherever it is SDPA's causal mask (checked
-whole, once per size: helix_compiler/masks.py). Cores sharing a mask share one call. The
+whole, once per size: helix_compiler/runtime/masks.py). Cores sharing a mask share one call. The
 subgraph's nodes are removed when nothing else reads them.
 
     gm = apply_size_masks(gm)          # in place; gm.meta["size_masks"] lists the cores
@@ -24,10 +24,10 @@ import operator
 import torch
 import torch.fx as fx
 
-import helix_compiler.kernels_chunked  # noqa: F401  (registers the chunked cores)
+import helix_compiler.runtime.kernels_chunked  # noqa: F401  (registers the chunked cores)
 from helix_compiler.errors import HelixError
-from helix_compiler.masks import builder, is_sdpa_causal, size_mask
-from helix_compiler.serialize import graph_to_json
+from helix_compiler.runtime.masks import builder, is_sdpa_causal, size_mask
+from helix_compiler.runtime.serialize import graph_to_json
 
 from .graph_utils import example_size
 from .workload import FREE_OPS

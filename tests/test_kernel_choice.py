@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from examples.paper_model import PaperConfig, build
 from helix_compiler import helix_compile
-from helix_compiler.kernels_chunked import blocks
+from helix_compiler.runtime.kernels_chunked import blocks
 from helix_compiler.numerics import relative_error
 from helix_compiler.program import run_ranks
 from passes.kernel_choice import apply_kernel_choice

@@ -23,11 +23,11 @@ import torch
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
 
-import helix_compiler.kernels  # noqa: F401  (registers helix.attend)
-import helix_compiler.kernels_chunked  # noqa: F401  (registers the chunked ops)
+import helix_compiler.runtime.kernels  # noqa: F401  (registers helix.attend)
+import helix_compiler.runtime.kernels_chunked  # noqa: F401  (registers the chunked ops)
 from helix_compiler import helix_compile
-from helix_compiler.kernels import masked_softmax
-from helix_compiler.kernels_chunked import blocks
+from helix_compiler.runtime.kernels import masked_softmax
+from helix_compiler.runtime.kernels_chunked import blocks
 from tests.helpers import (assert_ranks_equal, compile_split, eager_output, feasible_splits,
                            rel_error, seeded, variants_for)
 

@@ -220,7 +220,8 @@ def test_a_row_sharded_bias_rides_in_one_partial_per_reduction_group():
 
 # --- passes/size_masks.py ------------------------------------------------------------
 def test_hf_causal_mask_is_dropped_for_is_causal_and_priced_as_never_built():
-    from helix_compiler import helix_compile, masks
+    from helix_compiler import helix_compile
+    from helix_compiler.runtime import masks
     from tests.helpers import assert_ranks_equal, eager_output
 
     model, args, kwargs = zoo("llama").build()
@@ -238,7 +239,7 @@ def test_hf_causal_mask_is_dropped_for_is_causal_and_priced_as_never_built():
 
 
 def test_a_mask_that_is_not_causal_is_built_every_call_and_one_that_reads_inputs_is_left():
-    from helix_compiler import masks
+    from helix_compiler.runtime import masks
     from passes.size_masks import apply_size_masks
 
     class Window(nn.Module):             # causal within a window of 3: not SDPA's causal mask

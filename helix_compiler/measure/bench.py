@@ -28,7 +28,7 @@ import torch
 
 from helix_compiler.cluster import load_cluster
 from helix_compiler.errors import HelixError
-from helix_compiler.kernels_chunked import DEFAULT_CHUNK_BYTES
+from helix_compiler.runtime.kernels_chunked import DEFAULT_CHUNK_BYTES
 from helix_compiler.measure import configure_logging, gqa, paper
 from helix_compiler.measure.record import RawRecord
 from helix_compiler.measure.timing import Timer, device_info

@@ -46,8 +46,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import helix_compiler.kernels  # noqa: F401  (registers torch.ops.helix.attend)
-from helix_compiler.kernels_chunked import DEFAULT_CHUNK_BYTES
+import helix_compiler.runtime.kernels  # noqa: F401  (registers torch.ops.helix.attend)
+from helix_compiler.runtime.kernels_chunked import DEFAULT_CHUNK_BYTES
 from helix_compiler.measure import configure_logging
 from helix_compiler.measure.timing import Timer, device_info, sync
 from helix_compiler.numerics import relative_error

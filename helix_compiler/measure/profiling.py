@@ -11,8 +11,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
-import helix_compiler.kernels  # noqa: F401  (registers torch.ops.helix.attend)
-import helix_compiler.kernels_chunked  # noqa: F401  (torch.ops.helix.chunked_*)
+import helix_compiler.runtime.kernels  # noqa: F401  (registers torch.ops.helix.attend)
+import helix_compiler.runtime.kernels_chunked  # noqa: F401  (torch.ops.helix.chunked_*)
 from helix_compiler.measure.timing import is_cuda
 
 TOP_OPS = 14          # ops listed by time in a split

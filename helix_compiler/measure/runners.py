@@ -33,7 +33,7 @@ from helix_compiler.measure.surgery import (check_shapes, copy_graph, init_tenso
                                             rebatch, small_random)
 from helix_compiler.measure.timing import Timer, free_memory, is_cuda, is_oom
 from helix_compiler.models import llama_gqa, paper
-from helix_compiler.graphs import on_device
+from helix_compiler.runtime.graphs import on_device
 from passes.kernel_choice import apply_kernel_choice
 
 log = logging.getLogger(__name__)

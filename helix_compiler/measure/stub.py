@@ -7,11 +7,11 @@ import contextlib
 
 import torch
 
-from helix_compiler import collectives
+from helix_compiler.runtime import collectives
 
 
 class StubCollectives:
-    """A collectives backend (helix_compiler.collectives.bind) that moves nothing.
+    """A collectives backend (helix_compiler.runtime.collectives.bind) that moves nothing.
 
     all_reduce hands back a fresh buffer of x's shape (a custom op may not return its
     input; a copy would add a memory pass that the real collective's modeled time already

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import HelixError
+from ..errors import HelixError
 
 
 @contextlib.contextmanager

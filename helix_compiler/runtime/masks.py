@@ -9,7 +9,7 @@ sizes only (no parameter, no input's values), into a call of `size_mask`:
 
     mask, causal = size_mask(spec, like, *inputs)
 
-`spec` is the subgraph as JSON (helix_compiler/serialize.py), `like` a tensor on
+`spec` is the subgraph as JSON (helix_compiler/runtime/serialize.py), `like` a tensor on
 the device the mask lives on, `inputs` the tensors whose sizes the subgraph reads.
 The first call for given sizes builds the mask and compares it with SDPA's own
 causal mask (keep key j <= query i, top-left aligned, over every leading index);

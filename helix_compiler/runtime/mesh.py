@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import HelixError
+from ..errors import HelixError
 
 AXES = ("head", "dim", "all")
 

@@ -20,7 +20,7 @@ import threading
 
 import torch
 
-from .errors import HelixError
+from ..errors import HelixError
 from .mesh import Mesh
 
 _local = threading.local()

@@ -2,7 +2,7 @@
 
 A node is [name, op, target, args, kwargs]; targets are OpOverload names
 ("aten::linear.default", "helix::all_reduce.default"), "operator.getitem" or
-"helix.size_mask" (helix_compiler/masks.py: its graph travels as a JSON string) or
+"helix.size_mask" (helix_compiler/runtime/masks.py: its graph travels as a JSON string) or
 Python's size arithmetic ("operator.mul", ...);
 arguments are JSON values, node references {"node": name} and typed scalars
 ({"dtype": "float32"}, {"device": "cpu"}, ...).
@@ -18,10 +18,10 @@ import torch.fx as fx
 # every module that registers a torch.ops.helix op a rank graph may call: a saved graph is
 # loaded in a fresh process (a torchrun rank) that imported nothing else of Helix
 from . import collectives, kernels, kernels_chunked  # noqa: F401
-from .errors import HelixError
+from ..errors import HelixError
 
 # Python functions a saved graph may call, by saved name. Modules above this one add their
-# own with `register_function` (helix_compiler/masks.py: "helix.size_mask"); whatever loads
+# own with `register_function` (helix_compiler/runtime/masks.py: "helix.size_mask"); whatever loads
 # a saved rank graph imports them first (program.py imports masks).
 _FUNCS = {"operator.getitem": operator.getitem}
 # size arithmetic on symbolic ints (batch * heads, seq // 2, ...)
