@@ -40,7 +40,8 @@ def _cluster_spec(cluster, devices: int):
 
 
 def plan_model(model: torch.nn.Module, devices: int = 16, example_inputs=(), example_kwargs=None,
-               cluster=None, plan=None, variant=None, profile=None, print_after=(), dynamic=True):
+               cluster=None, plan=None, variant=None, profile=None, print_after=(), dynamic=True,
+               repeat_blocks=True):
     """Capture, find attention and MLPs, solve and cost: (Plan, Analysis). Nothing is sharded."""
     from .plan import Plan, make_plan
 
@@ -50,7 +51,7 @@ def plan_model(model: torch.nn.Module, devices: int = 16, example_inputs=(), exa
         example_inputs = (example_inputs,)
     spec = _cluster_spec(cluster, devices)
     analysis = analyze(model, example_inputs, example_kwargs or {}, print_after=print_after,
-                       dynamic=dynamic)
+                       dynamic=dynamic, repeat_blocks=repeat_blocks)
     forced = None
     if isinstance(plan, Plan):
         forced = (plan.m, plan.n)
@@ -75,7 +76,7 @@ def plan_model(model: torch.nn.Module, devices: int = 16, example_inputs=(), exa
 def helix_compile(model: torch.nn.Module, devices: int = 16, example_inputs=(), example_kwargs=None,
                   cluster=None, plan=None, variant=None, profile=None, print_after=(),
                   kernel_choice=None, dynamic: bool = True,
-                  sequence_parallel: bool = False) -> HelixProgram:
+                  sequence_parallel: bool = False, repeat_blocks: bool = True) -> HelixProgram:
     """Compile `model` for `devices` ranks: capture, plan, shard; returns a HelixProgram.
 
     plan=(m, n) forces a split; variant="score-reduce" | "qk-gather" forces the m > 1 variant
@@ -88,17 +89,20 @@ def helix_compile(model: torch.nn.Module, devices: int = 16, example_inputs=(), 
     stream after each row-parallel projection split along the sequence over all ranks, so
     norms and residual adds run on 1/N of the tokens; it is gathered again before each
     column-parallel projection. Needs a static sequence length (dynamic=False); off by
-    default (the planner does not price it yet).
+    default (the planner does not price it yet).  repeat_blocks: capture a list of identical
+    layers (>= repeat.MIN_LAYERS) by exporting layers 0, 1, 2 and the last and copying the
+    rest in the graph (helix_compiler/repeat.py); False exports every layer.
     """
     if sequence_parallel and dynamic:
         raise PlanError("sequence_parallel=True needs a static sequence length; pass "
                         "dynamic=False as well")
     result, analysis = plan_model(model, devices, example_inputs, example_kwargs, cluster, plan,
-                                  variant, profile, print_after, dynamic=dynamic)
+                                  variant, profile, print_after, dynamic=dynamic,
+                                  repeat_blocks=repeat_blocks)
     prog = _shard(result, analysis, sequence_parallel)
     prog.kernel_choice = _kernel_choice(kernel_choice, analysis, prog.plan.m)
     prog._source = dict(model=model, example_inputs=example_inputs, example_kwargs=example_kwargs,
-                        cluster=cluster, profile=profile)
+                        cluster=cluster, profile=profile, repeat_blocks=repeat_blocks)
     return _static_if_better(prog, devices, plan, variant)
 
 
@@ -110,7 +114,8 @@ def _static_if_better(prog: HelixProgram, devices: int, plan, variant) -> HelixP
     if not prog.replicated_ops or not prog.analysis.captured.dynamic or src is None:
         return prog
     r2, a2 = plan_model(src["model"], devices, src["example_inputs"], src["example_kwargs"],
-                        src["cluster"], plan, variant, src["profile"], (), dynamic=False)
+                        src["cluster"], plan, variant, src["profile"], (), dynamic=False,
+                        repeat_blocks=src.get("repeat_blocks", True))
     static = _shard(r2, a2)
     static.kernel_choice = prog.kernel_choice
     static._source = src

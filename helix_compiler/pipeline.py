@@ -94,7 +94,8 @@ def summarize(captured, matches, mlps, name: str) -> ModelSummary:
                         workload=measure(captured.gm, matches, mlps, batch))
 
 
-def analyze(model, args, kwargs, print_after=(), dynamic: bool = True) -> Analysis:
+def analyze(model, args, kwargs, print_after=(), dynamic: bool = True,
+            repeat_blocks: bool = True) -> Analysis:
     from passes.find_attention import find_attention
     from passes.find_mlp import find_mlp
 
@@ -117,7 +118,8 @@ def analyze(model, args, kwargs, print_after=(), dynamic: bool = True) -> Analys
         timings[name] = time.perf_counter() - t0
         return out
 
-    captured = stage("capture", lambda: capture(model, args, kwargs, dynamic=dynamic))
+    captured = stage("capture", lambda: capture(model, args, kwargs, dynamic=dynamic,
+                                                     repeat_blocks=repeat_blocks))
     _maybe_print("capture", captured.gm, print_after)
     from passes.fold_params import fold_params
 
