@@ -118,8 +118,10 @@ def main() -> int:
     for s in search:
         print(f"plan search {s['devices']:5d} devices: {s['plan_search_ms']:.1f} ms, first call "
               f"{s['first_call_ms']:.1f} ms ({s['chosen']})")
-    import torch
     import os
+
+    import torch
+    import transformers
 
     res = {"device": f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
                      + (f", {args.machine_note}" if args.machine_note else ""), "torch": torch.__version__,

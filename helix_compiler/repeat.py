@@ -1,40 +1,49 @@
-"""Capture a stack of identical layers once: export a few layers, copy the graph of one.
+"""Capture a stack of identical layers once: export four layers, copy the graph of one.
 
 torch.export's time grows with the number of layers it traces (LLaMA-70B, 80 layers: 15 s of
 a 17 s compile, docs/SCALE.md), yet nearly every transformer is a ModuleList of one layer
 class with one config.  `capture_repeated` exports a shallow stand-in of the model whose
-ModuleList holds only layers 0, 1, 2 and L-1 of the user's L layers, checks that the three
-last of them captured to the same graph, and builds the full graph from it:
+list holds the user's layers 0, 1, 2 and L-1 at their own indices and a `_Skipped` (returns
+its hidden-state input) at every other index, checks that layers 1, 2 and L-1 captured to
+the same graph, and builds the full graph from it:
 
     pre-layer nodes (embedding, rotary cos/sin, masks)        as captured
     layer 0, 1, 2                                             as captured
     layer j = 3 .. L-2                                        layer 2's nodes, parameters layers.2.* -> layers.j.*,
-                                                              inputs from layer j-1 where layer 2 read layer 1
-    layer L-1                                                 as captured (the user's last layer), inputs from layer L-2
+                                                              reading layer j-1 where layer 2 read layer 1
+    layer L-1                                                 as captured (the user's last layer), reading layer L-2
     post-layer nodes (final norm, LM head, outputs)           as captured
 
-Layer 0 is captured on its own because its input is the embedding, not a layer; the real last
-layer is captured so that a model that treats it differently (or branches on the layer index
-with a threshold anywhere between 2 and L-1) shows a different graph and falls back.
+The stubs keep the parent's loop running over all L indices as on the model (HF indexes
+`config.layer_types[i]`; an op the parent adds after layer k lands between layer runs and
+is refused).  Layer 0 is captured on its own because it reads the embedding; the real last
+layer so that a model that treats it differently (or branches on the layer index with a
+threshold anywhere between 2 and L-1) shows a different graph and falls back.
 
-What must hold, else the full capture runs and `Captured.note` says why (`fallback`):
-  - one ModuleList of at least MIN_LAYERS layers (the outermost one), distinct module objects
-    of one class, with the same submodules, parameter and buffer names, shapes and dtypes;
+What must hold, else the full capture runs and `Captured.note` says why (`_Fallback`):
+  - one ModuleList of at least MIN_LAYERS layers (the longest outermost one), distinct
+    module objects of one class, with the same submodules, parameter and buffer names,
+    shapes and dtypes;
   - the same attribute values in every layer's modules (vars() less parameters, buffers and
-    submodules), except index-like ints (INDEX_FIELDS) -- those only pass because the
-    captured graphs of layers 1, 2 and L-1 are then also compared; no forward hooks;
-  - no per-layer list in the model's config (`layer_types` with two kinds, `no_rope_layers`...);
-  - in the stand-in's graph each layer is one contiguous run of nodes (nn_module_stack), a
-    layer reads only its own parameters, the previous layer's values and pre-layer values,
-    the post-layer nodes read only the last layer, and layers 1, 2 and L-1 are the same
-    graph (ops, constants, shapes, parameter names relative to the layer, which positions of
-    the previous layer and which pre-layer values they read).
+    submodules), except index-like ints (INDEX_FIELDS) -- those pass only because the
+    captured graphs of layers 1, 2 and L-1 are compared as well; no forward hooks;
+  - no per-layer list in a config (`layer_types` with two kinds, `no_rope_layers`...);
+  - in the stand-in's graph each layer is one contiguous run of nodes (nn_module_stack) with
+    nothing of the parent between runs, a layer reads only its own parameters, the
+    previous layer's values and pre-layer values, the post-layer nodes read only layer L-1,
+    and layers 1, 2 and L-1 are the same graph (ops, constants, shapes, parameter names
+    relative to the layer, which positions of the previous layer and which pre-layer
+    values they read).
 
-Not proven: a parent forward that branches on the loop index (`for i, layer in
-enumerate(self.layers)`) in a way that does not show in layers 0, 1, 2, L-1 or in the config.
+Not proven: a parent forward whose per-index behaviour shows neither in layers 0, 1, 2,
+L-1, in the layers' attributes, in the config, nor as ops between layers; a layer forward
+that acts on its own index field (`if self.layer_idx == 7`) for an index other than 1, 2
+and L-1 without a per-layer config list saying so (HF layers use layer_idx for the KV cache
+and look up per-layer config lists, which are checked).  repeat_blocks=False is the way out.
 
-Invariant: the returned graph is the graph the full capture would produce, up to node names;
-its get_attr targets and `params` name every tensor as in model.state_dict().
+Invariant: the returned graph is the graph the full capture produces, up to node names and
+the order of get_attr nodes; its get_attr targets and `params` name every tensor as in
+model.state_dict(), and they are the user's tensors.
 """
 
 from __future__ import annotations
@@ -62,7 +71,7 @@ class _Fallback(Exception):
 
 
 def capture_repeated(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool, capture_fn):
-    """The full model's Captured from a capture of layers 0, 1, 2, L-1; or a str: why not
+    """The full model's Captured from a capture of layers 0, 1, 2 and L-1; or a str: why not
     ("" when the model has no ModuleList of MIN_LAYERS layers, so there is nothing to say).
 
     capture_fn(module, args, kwargs, dynamic) is capture.capture without this step."""
