@@ -339,7 +339,7 @@ def _encode(body, s: int, prev: int, pos, owner, path: str) -> list:
             return ("self", pos[s][a])
         if a.op != "get_attr" and o == prev:
             return ("prev", pos[prev][a])
-        raise _Fallback(f"layer {s}'s {a.name} is read by another layer's nodes")
+        raise _Fallback(f"layer {s} reads {a.name} of layer {o}, not of the layer before it")
 
     def leaf(x):
         if isinstance(x, fx.Node):

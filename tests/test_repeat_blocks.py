@@ -95,6 +95,7 @@ def test_repeated_llama_sharded_2x2_equals_model_on_every_rank(llama, prog22):
     assert_ranks_equal(prog.simulate(*args, **kwargs), eager_output(model, args, kwargs), devices=4)
 
 
+@pytest.mark.slow
 def test_repeated_meta_compile_loads_each_ranks_weights_by_state_dict_name(tmp_path, llama, prog22):
     model = llama[0]
     meta, margs, mkwargs = _llama("meta")
@@ -112,6 +113,7 @@ def test_repeated_meta_compile_loads_each_ranks_weights_by_state_dict_name(tmp_p
         assert all(torch.equal(want[k], got[k]) for k in want)
 
 
+@pytest.mark.slow
 def test_gemma2_sliding_and_global_layers_fall_back_and_equal_the_model():
     from transformers import Gemma2Config, Gemma2Model
 
@@ -184,3 +186,32 @@ def test_hand_written_stack_repeats_only_when_layers_are_alike(model, reason):
     y = torch.randn(3, 4, 8)
     with torch.no_grad():
         assert torch.equal(got.gm(y), model(y))
+
+
+def _gpt2():
+    from transformers import GPT2Config, GPT2Model
+
+    return GPT2Model(GPT2Config(n_layer=8, n_embd=32, n_head=4, vocab_size=64, n_positions=32,
+                                bos_token_id=0, eos_token_id=0))
+
+
+def _mistral_sliding():
+    from transformers import MistralConfig, MistralModel
+
+    return MistralModel(MistralConfig(num_hidden_layers=8, hidden_size=32, intermediate_size=64,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
+                                      sliding_window=3, attn_implementation="sdpa"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("build, path", [(_gpt2, "h"), (_mistral_sliding, "layers")])
+def test_gpt2_and_mistral_sliding_window_repeat_and_equal_the_model(build, path):
+    torch.manual_seed(0)
+    model = build().eval()
+    am = torch.ones(2, 9, dtype=torch.long)
+    am[0, :3] = 0
+    args, kwargs = (torch.randint(0, 64, (2, 9)),), {"attention_mask": am, "use_cache": False}
+    got = capture(model, args, kwargs)
+    assert got.gm.meta["repeat_blocks"]["list"] == path and got.note == ""
+    with torch.no_grad():
+        assert torch.equal(got.gm(*args, **kwargs)[0], model(*args, **kwargs)[0])
