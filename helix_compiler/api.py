@@ -41,9 +41,25 @@ def _cluster_spec(cluster, devices: int):
 
 def plan_model(model: torch.nn.Module, devices: int = 16, example_inputs=(), example_kwargs=None,
                cluster=None, plan=None, variant=None, profile=None, print_after=(), dynamic=True,
-               repeat_blocks=True):
-    """Capture, find attention and MLPs, solve and cost: (Plan, Analysis). Nothing is sharded."""
-    from .plan import Plan, make_plan
+               strict: bool = False, verbose: bool = False, repeat_blocks: bool = True):
+    """Capture, find attention and MLPs, solve and cost: (Plan, Analysis). Nothing is sharded,
+    but the chosen split is one the shard pass builds (its placements are computed; a split it
+    refuses is excluded with its reason and the next best chosen, see `plan_buildable`).
+
+    An attention core no site owns runs replicated: a HelixWarning names it and the plan lists
+    it (plan.unpartitioned); strict=True refuses it with an UnpartitionedError instead.
+    verbose: let torch.export print as it captures (by default held back; a capture error
+    keeps it, on the exception torch raised, the CaptureError's __cause__)."""
+    result, analysis, _ = _plan(model, devices, example_inputs, example_kwargs, cluster, plan,
+                                variant, profile, print_after, dynamic, _placements, strict,
+                                verbose=verbose, repeat_blocks=repeat_blocks)
+    return result, analysis
+
+
+def _plan(model, devices, example_inputs, example_kwargs, cluster, plan, variant, profile,
+          print_after, dynamic, build, strict=False, warn=True, verbose=False, repeat_blocks=True):
+    """plan_model's work: (Plan, Analysis, what `build(plan, analysis)` returned)."""
+    from .plan import Plan
 
     devices = _check_devices(devices)
     _check_variant(variant)
@@ -51,7 +67,8 @@ def plan_model(model: torch.nn.Module, devices: int = 16, example_inputs=(), exa
         example_inputs = (example_inputs,)
     spec = _cluster_spec(cluster, devices)
     analysis = analyze(model, example_inputs, example_kwargs or {}, print_after=print_after,
-                       dynamic=dynamic, repeat_blocks=repeat_blocks)
+                       dynamic=dynamic, verbose=verbose, repeat_blocks=repeat_blocks)
+    _report_unpartitioned(analysis.unpartitioned, strict, warn)
     forced = None
     if isinstance(plan, Plan):
         forced = (plan.m, plan.n)
@@ -62,21 +79,74 @@ def plan_model(model: torch.nn.Module, devices: int = 16, example_inputs=(), exa
         if not (isinstance(plan, (tuple, list)) and len(plan) == 2 and all(isinstance(x, int) for x in plan)):
             raise PlanError(f"plan must be (m, n) with integers m * n = devices, got {plan!r}")
         forced = (int(plan[0]), int(plan[1]))
+    if isinstance(plan, Plan):   # the model check comes before any sharding
+        from .plan import model_fingerprint
+
+        if plan.model != model_fingerprint(analysis.summary):
+            raise PlanError(f"plan was made for model {plan.model}, not for this model "
+                            f"({model_fingerprint(analysis.summary)}); make a new plan with `helix plan`")
+    result, built = plan_buildable(analysis, devices, spec, profile=profile, forced=forced,
+                                   variant=variant, build=build)
+    return result, analysis, built
+
+
+def _report_unpartitioned(cores, strict: bool, warn: bool) -> None:
+    """No silent replication: a HelixWarning (or, strict, an UnpartitionedError) naming every
+    attention core no site owns and why."""
+    if not cores:
+        return
+    import warnings
+
+    from .errors import HelixWarning, UnpartitionedError
+
+    text = (f"{len(cores)} attention core{'s' if len(cores) > 1 else ''} no site owns, run "
+            f"unpartitioned (every rank computes {'them' if len(cores) > 1 else 'it'} whole): "
+            + "; ".join(str(c) for c in cores))
+    if strict:
+        raise UnpartitionedError(f"strict: {text}; write the core in a spelling "
+                                 f"passes/find_attention.py knows, or drop strict (--strict) "
+                                 f"to run it replicated")
+    if warn:
+        warnings.warn(f"{text}; strict=True (--strict) refuses such a model", HelixWarning,
+                      stacklevel=4)
+
+
+def plan_buildable(analysis, devices: int, spec, *, profile=None, forced=None, variant=None,
+                   build=None):
+    """make_plan, checked with the shard pass's own rules: `build(plan, analysis)` (by default
+    the placements of every rank) runs for the chosen split; when it raises a ShardingError
+    and the split was the cost model's choice, not `forced`, that split is excluded with the
+    sharder's reason (in the candidate table and the plan's notes) and the next best by the
+    cost model is tried.  A forced split keeps the sharder's refusal.
+
+    (Plan, what build returned)."""
+    import dataclasses
     import time
 
-    t0 = time.perf_counter()
-    result = make_plan(analysis.summary, devices, spec, profile=profile, forced=forced, variant=variant)
-    analysis.timings["plan"] = time.perf_counter() - t0
-    if isinstance(plan, Plan) and plan.model != result.model:
-        raise PlanError(f"plan was made for model {plan.model}, not for this model ({result.model}); "
-                        f"make a new plan with `helix plan`")
-    return result, analysis
+    from .errors import ShardingError
+    from .plan import make_plan
+
+    build = build or _placements
+    refused = {}
+    while True:
+        t0 = time.perf_counter()
+        result = make_plan(analysis.summary, devices, spec, profile=profile, forced=forced,
+                           variant=variant, refused=refused)
+        result = dataclasses.replace(result, unpartitioned=tuple(analysis.unpartitioned))
+        analysis.timings["plan"] = analysis.timings.get("plan", 0.0) + time.perf_counter() - t0
+        try:
+            return result, build(result, analysis)
+        except ShardingError as e:
+            if forced is not None:
+                raise
+            refused[(result.m, result.n)] = f"the shard pass refuses it: {first_line(e)}"
 
 
 def helix_compile(model: torch.nn.Module, devices: int = 16, example_inputs=(), example_kwargs=None,
                   cluster=None, plan=None, variant=None, profile=None, print_after=(),
                   kernel_choice=None, dynamic: bool = True,
-                  sequence_parallel: bool = False, repeat_blocks: bool = True) -> HelixProgram:
+                  sequence_parallel: bool = False, strict: bool = False,
+                  verbose: bool = False, repeat_blocks: bool = True) -> HelixProgram:
     """Compile `model` for `devices` ranks: capture, plan, shard; returns a HelixProgram.
 
     plan=(m, n) forces a split; variant="score-reduce" | "qk-gather" forces the m > 1 variant
@@ -89,20 +159,26 @@ def helix_compile(model: torch.nn.Module, devices: int = 16, example_inputs=(), 
     stream after each row-parallel projection split along the sequence over all ranks, so
     norms and residual adds run on 1/N of the tokens; it is gathered again before each
     column-parallel projection. Needs a static sequence length (dynamic=False); off by
-    default (the planner does not price it yet).  repeat_blocks: capture a list of identical
-    layers (>= repeat.MIN_LAYERS) by exporting layers 0, 1, 2 and the last and copying the
-    rest in the graph (helix_compiler/repeat.py); False exports every layer.
+    default (the planner does not price it yet).
+    strict: refuse (UnpartitionedError) a model with an attention core no site owns, instead
+    of the HelixWarning that names it (program.unpartitioned lists them).
+    verbose: let torch.export print its partial graphs and logs as it captures; by default
+    they are held back and a capture error is one CaptureError whose __cause__ (torch's
+    exception) keeps them.
+    repeat_blocks: capture a list of identical layers (>= repeat.MIN_LAYERS) by exporting
+    layers 0, 1, 2 and the last and copying the rest in the graph (helix_compiler/repeat.py);
+    False exports every layer.
     """
     if sequence_parallel and dynamic:
         raise PlanError("sequence_parallel=True needs a static sequence length; pass "
                         "dynamic=False as well")
-    result, analysis = plan_model(model, devices, example_inputs, example_kwargs, cluster, plan,
-                                  variant, profile, print_after, dynamic=dynamic,
-                                  repeat_blocks=repeat_blocks)
-    prog = _shard(result, analysis, sequence_parallel)
+    result, analysis, prog = _plan(model, devices, example_inputs, example_kwargs, cluster, plan,
+                                   variant, profile, print_after, dynamic,
+                                   lambda r, a: _shard(r, a, sequence_parallel), strict,
+                                   verbose=verbose, repeat_blocks=repeat_blocks)
     prog.kernel_choice = _kernel_choice(kernel_choice, analysis, prog.plan.m)
     prog._source = dict(model=model, example_inputs=example_inputs, example_kwargs=example_kwargs,
-                        cluster=cluster, profile=profile, repeat_blocks=repeat_blocks)
+                        cluster=cluster, profile=profile, verbose=verbose, repeat_blocks=repeat_blocks)
     return _static_if_better(prog, devices, plan, variant)
 
 
@@ -113,10 +189,10 @@ def _static_if_better(prog: HelixProgram, devices: int, plan, variant) -> HelixP
     src = getattr(prog, "_source", None)
     if not prog.replicated_ops or not prog.analysis.captured.dynamic or src is None:
         return prog
-    r2, a2 = plan_model(src["model"], devices, src["example_inputs"], src["example_kwargs"],
-                        src["cluster"], plan, variant, src["profile"], (), dynamic=False,
-                        repeat_blocks=src.get("repeat_blocks", True))
-    static = _shard(r2, a2)
+    _, _, static = _plan(src["model"], devices, src["example_inputs"], src["example_kwargs"],
+                         src["cluster"], plan, variant, src["profile"], (), False, _shard,
+                         warn=False, verbose=src.get("verbose", False),
+                         repeat_blocks=src.get("repeat_blocks", True))
     static.kernel_choice = prog.kernel_choice
     static._source = src
     if len(static.replicated_ops) < len(prog.replicated_ops):
@@ -133,8 +209,6 @@ def recompile(program: HelixProgram, plan, devices: int | None = None, variant=N
 
     Capture (torch.export) is most of a compile; a search over splits, or a test of every split,
     pays it once.  The capture's mode (dynamic or static) and kernel choice carry over."""
-    from .plan import make_plan
-
     analysis = program.analysis
     if devices is None:
         if not (isinstance(plan, (tuple, list)) and len(plan) == 2):
@@ -144,8 +218,8 @@ def recompile(program: HelixProgram, plan, devices: int | None = None, variant=N
     _check_variant(variant)
     spec = _cluster_spec(cluster, devices)
     forced = None if plan is None else (int(plan[0]), int(plan[1]))
-    result = make_plan(analysis.summary, devices, spec, profile=profile, forced=forced, variant=variant)
-    prog = _shard(result, analysis)
+    _, prog = plan_buildable(analysis, devices, spec, profile=profile, forced=forced,
+                             variant=variant, build=_shard)
     prog.kernel_choice = program.kernel_choice or needs_kernel_choice(analysis, prog.plan.m)
     prog.notes = list(program.notes)
     prog._source = getattr(program, "_source", None)
@@ -181,7 +255,13 @@ def needs_kernel_choice(analysis, m: int = 1) -> bool:
 EAGER_EMIT_NODES = 100_000
 
 
-def _shard(result, analysis, sequence_parallel: bool = False) -> HelixProgram:
+def _placements(result, analysis) -> HelixProgram:
+    """The shard pass's placements for every rank, no rank graph emitted: what raises a
+    ShardingError for a split the sharder refuses, at a fraction of a compile."""
+    return _shard(result, analysis, emit=False)
+
+
+def _shard(result, analysis, sequence_parallel: bool = False, emit: bool = True) -> HelixProgram:
     from passes.seeds import mlp_seeds, site_seeds
     from passes.shard import localize
 
@@ -209,8 +289,9 @@ def _shard(result, analysis, sequence_parallel: bool = False) -> HelixProgram:
     import time
 
     nodes = len(analysis.captured.gm.graph.nodes)
-    eager = mesh.size * nodes <= EAGER_EMIT_NODES
+    eager = emit and mesh.size * nodes <= EAGER_EMIT_NODES
     t0 = time.perf_counter()
     localized = run(None if eager else ())
-    analysis.timings["shard"] = time.perf_counter() - t0
+    if emit:
+        analysis.timings["shard"] = time.perf_counter() - t0
     return HelixProgram(plan=result, analysis=analysis, localized=localized, mesh=mesh, localize=run)

@@ -7,7 +7,10 @@ all of them, so it is the only capture path (DESIGN.md section 1).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -50,12 +53,58 @@ def _dynamic_spec(x):
     return None
 
 
+def _torch_stream_handlers() -> list:
+    """The handlers torch's loggers write to the terminal with (torch._logging installs a plain
+    StreamHandler on "torch" and on each registered logger, none of which propagate); file
+    handlers and the structured-trace handler (TORCH_TRACE, a subclass) are left alone."""
+    found = {}
+    for name, lg in list(logging.Logger.manager.loggerDict.items()):
+        if isinstance(lg, logging.Logger) and (name == "torch" or name.startswith("torch.")):
+            for h in lg.handlers:
+                if type(h) is logging.StreamHandler:
+                    found[id(h)] = h
+    return list(found.values())
+
+
+@contextlib.contextmanager
+def _quiet_torch(verbose: bool):
+    """torch.export's own output held back while it runs, unless `verbose`: on a failure it
+    prints the partial graph it traced (a bare print to sys.stderr in torch/export/_trace.py)
+    and symbolic_shapes / export log records ("Unable to find user code corresponding to
+    {u0}") through torch's stream handlers, dozens of lines before Helix's one-line error, once
+    per attempt. Yields the buffer that holds them; streams are restored afterwards."""
+    buf = io.StringIO()
+    if verbose:
+        yield buf
+        return
+    handlers = _torch_stream_handlers()
+    streams = [(h, h.stream) for h in handlers]
+    try:
+        for h in handlers:
+            h.setStream(buf)
+        with contextlib.redirect_stderr(buf):
+            yield buf
+    finally:
+        for h, stream in streams:
+            h.setStream(stream)
+
+
+def _held_back(e: BaseException, buf: io.StringIO) -> None:
+    """The output `_quiet_torch` held back, kept on the exception (shown with its traceback)."""
+    text = buf.getvalue().strip()
+    if text and hasattr(e, "add_note"):
+        e.add_note("torch.export's output, held back (helix_compile(verbose=True) or "
+                   "`helix plan --verbose` prints it as it comes):\n" + text)
+
+
 def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
-            dynamic: bool = True, repeat_blocks: bool = True) -> Captured:
-    """Export `model` on the example inputs; a failure becomes a CaptureError that says what to try.
+            dynamic: bool = True, verbose: bool = False, repeat_blocks: bool = True) -> Captured:
+    """Export `model` on the example inputs; a failure becomes a CaptureError that says what to try
+    (the exception torch raised is its `__cause__`).
 
     With dynamic=True the batch and sequence dims are exported as symbols so the rank modules
     run other sizes; a model that only exports with static shapes is captured static (`note`).
+    torch's own output during the export is held back unless `verbose`.
     repeat_blocks: export only layers 0, 1, 2, L-1 of a list of identical layers and copy
     the rest in the graph (repeat.py); a model it cannot prove safe is captured whole (`note`).
     """
@@ -63,10 +112,10 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
         from .repeat import capture_repeated
 
         got = capture_repeated(model, args if isinstance(args, tuple) else (args,), dict(kwargs or {}),
-                               dynamic, lambda *a: capture(*a, repeat_blocks=False))
+                               dynamic, lambda *a: capture(*a, verbose=verbose, repeat_blocks=False))
         if not isinstance(got, str):
             return got
-        whole = capture(model, args, kwargs, dynamic, repeat_blocks=False)
+        whole = capture(model, args, kwargs, dynamic, verbose=verbose, repeat_blocks=False)
         note = "; ".join(x for x in (whole.note, got and f"repeat_blocks: {got}") if x)
         return dataclasses.replace(whole, note=note)
     kwargs = dict(kwargs or {})
@@ -78,15 +127,20 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
     if dynamic:
         try:
             spec = {"args": _dynamic_spec(args), "kwargs": _dynamic_spec(kwargs)}
-            with torch.no_grad():  # inference graphs: no grad-mode regions (HF rotary's @no_grad)
+            # inference graphs: no grad-mode regions (HF rotary's @no_grad)
+            with torch.no_grad(), _quiet_torch(verbose):
                 ep = torch.export.export(model, args, kwargs, strict=False,
                                          dynamic_shapes=_flat_spec(model, spec, args, kwargs))
             return _finish(ep, model, args, kwargs, dynamic=True, note="")
         except Exception as e:
             note = f"dynamic capture failed ({type(e).__name__}), captured with static shapes"
     try:
-        with torch.no_grad():
-            ep = torch.export.export(model, args, kwargs, strict=False)
+        with torch.no_grad(), _quiet_torch(verbose) as held:
+            try:
+                ep = torch.export.export(model, args, kwargs, strict=False)
+            except Exception as e:
+                _held_back(e, held)
+                raise
     except Exception as e:  # torch.export raises many types; all mean the same to the user
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise CaptureError(

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 
 from .errors import HelixError
@@ -126,11 +127,13 @@ def cmd_plan(args) -> int:
     from .modelspec import load_model_spec
     from .report import format_table
 
-    model, inputs, kwargs = load_model_spec(args.model or _paper_spec("paper_meta"))
+    model, inputs, kwargs = load_model_spec(args.model or _paper_spec("paper_meta"),
+                                            batch=args.batch, seq=args.seq, init="meta")
     stage = args.print_graph_after
     common = dict(devices=args.devices, example_inputs=inputs, example_kwargs=kwargs,
                   cluster=args.cluster, plan=_resolve_plan(args.plan),
-                  print_after=(stage,) if stage else (), profile=_profile(args.profile))
+                  print_after=(stage,) if stage else (), profile=_profile(args.profile),
+                  strict=args.strict, verbose=args.verbose)
     if stage in ("seeds", "shard"):
         program = helix_compile(model, **common)
         plan = program.plan
@@ -183,9 +186,10 @@ def cmd_run(args) -> int:
             f"{torch.cuda.device_count()} CUDA devices; use --backend gloo (CPU) or fewer --devices")
     # Fail here, once, on what every rank would refuse (a bad MODEL, an
     # infeasible --plan) rather than in N processes.
-    model, inputs, kwargs = load_model_spec(spec)
+    model, inputs, kwargs = load_model_spec(spec, batch=args.batch, seq=args.seq, init="meta")
     plan_model(model, devices=args.devices, example_inputs=inputs, example_kwargs=kwargs,
-               cluster=args.cluster, plan=_resolve_plan(args.plan))
+               cluster=args.cluster, plan=_resolve_plan(args.plan), strict=args.strict,
+               verbose=args.verbose)
     del model, inputs, kwargs
 
     workdir = Path(tempfile.mkdtemp(prefix="helix-run-"))
@@ -200,6 +204,9 @@ def cmd_run(args) -> int:
         worker += ["--json", str(Path(args.json).resolve())]
     if args.sequence_parallel:
         worker += ["--sequence-parallel"]
+    for flag, value in (("--batch", args.batch), ("--seq", args.seq)):
+        if value is not None:
+            worker += [flag, str(value)]
     if args.weights:
         if not Path(args.weights).exists():
             raise HelixError(f"--weights {args.weights}: no such file or directory; pass a state_dict "
@@ -283,11 +290,25 @@ def _rank_report(workdir: Path, devices: int) -> str:
 
 
 # ---- the parser ------------------------------------------------------------------------
+STRICT_HELP = ("refuse (exit 2) a model with an attention core no site owns, which would run "
+               "replicated on every rank (default: a warning, and the plan lists it)")
+VERBOSE_HELP = ("let torch.export print what it prints while capturing MODEL (the partial graph and "
+                "logs of a failed capture); by default only Helix's one-line error is shown")
+
+
+def _add_size_flags(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--batch", type=_positive_int, metavar="B",
+                     help="example batch size for a Hugging Face model directory (default 2)")
+    sub.add_argument("--seq", type=_positive_int, metavar="S",
+                     help="example sequence length for a Hugging Face model directory (default 128)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="helix", description=(
         "Partition a model's attention over n head groups x m head-dim slices. "
         "MODEL: a .py file defining helix_model(), file.py:function or module:function, "
-        "returning (model, args) or (model, args, kwargs)."))
+        "returning (model, args) or (model, args, kwargs); or a Hugging Face model directory "
+        "(config.json, built on meta; --weights reads its safetensors per rank)."))
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     plan = sub.add_parser("plan", help="show the candidate (m, n) splits, their costs and the chosen plan",
@@ -305,9 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--print-graph-after", choices=STAGES, metavar="STAGE",
                       help=f"print the graph after a pipeline stage: {', '.join(STAGES)}")
     plan.add_argument("-o", "--output", metavar="FILE", help="also write the plan as YAML to FILE")
+    _add_size_flags(plan)
     plan.add_argument("--profile", metavar="FILE",
                       help="compute profile YAML written by `helix calibrate` (default: the built-in "
                            "H100 figures; helix_compiler/profiles/h100.yaml is the one we measured)")
+    plan.add_argument("--strict", action="store_true", help=STRICT_HELP)
+    plan.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     plan.set_defaults(func=cmd_plan)
 
     run = sub.add_parser("run", help="compile MODEL and run its N rank modules on N processes (torchrun)",
@@ -337,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--sequence-parallel", action="store_true",
                      help="split the residual stream along the sequence between blocks "
                           "(reduce-scatter / all-gather; the model is captured with static sizes)")
+    run.add_argument("--strict", action="store_true", help=STRICT_HELP)
+    run.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
+    _add_size_flags(run)
     run.set_defaults(func=cmd_run)
 
     for name, text in FORWARDED.items():  # listed in --help; parsed by their own modules
@@ -357,7 +384,23 @@ def _forward(module: str, argv: list) -> int:
     return importlib.import_module(f"helix_compiler.{module}").main(argv) or 0
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A HelixWarning as one line `warning: ...` on stderr; any other warning as Python shows it."""
+    from .errors import HelixWarning
+
+    if issubclass(category, HelixWarning):
+        print(f"warning: {_one_line(message)}", file=sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
 def _main(argv: list[str]) -> int:
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        return _main_inner(argv)
+
+
+def _main_inner(argv: list[str]) -> int:
     parser = build_parser()
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)

@@ -28,3 +28,13 @@ class PlanError(HelixError):
 
 class ShardingError(HelixError):
     """A node the passes cannot shard exactly; the message names the node."""
+
+
+class UnpartitionedError(HelixError):
+    """strict=True (--strict): an attention core no site owns would run replicated."""
+
+
+class HelixWarning(UserWarning):
+    """Something Helix does exactly but not as the plan prices it (an attention core that
+    every rank runs whole); `warnings.simplefilter("error", HelixWarning)` or strict=True
+    turns it into a refusal."""

@@ -5,6 +5,8 @@ A spec is one of
     path/to/file.py:function    another function of that file
     package.module:function     an importable module's function
     package.module              that module's `helix_model()`
+    path/to/hf_model_dir        a Hugging Face model directory (or its config.json): the model
+                                is built from the config alone (helix_compiler/hf_dir.py)
 and the function takes no arguments and returns `(model, args)` or
 `(model, args, kwargs)`: an nn.Module, a tuple of positional example inputs
 and a dict of keyword example inputs, exactly what `torch.export.export`
@@ -24,18 +26,29 @@ from typing import Any
 import torch.nn as nn
 
 from .errors import HelixError
+from .hf_dir import is_hf_dir, load_hf_dir
 
 __all__ = ["DEFAULT_FUNCTION", "load_model_spec"]
 
 DEFAULT_FUNCTION = "helix_model"
 
 _FORMS = ("a .py file that defines helix_model(), path.py:function, "
-          "module:function or module (for module:helix_model)")
+          "module:function, module (for module:helix_model) or a Hugging Face model directory")
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
-def load_model_spec(spec: str) -> tuple[nn.Module, tuple, dict]:
-    """Call the spec's function and return `(model, args, kwargs)`, kwargs {} if it gave none."""
+def load_model_spec(spec: str, *, batch: int | None = None, seq: int | None = None,
+                    init: str = "meta") -> tuple[nn.Module, tuple, dict]:
+    """Call the spec's function and return `(model, args, kwargs)`, kwargs {} if it gave none.
+
+    A Hugging Face model directory is built from its config (`init`: "meta", "empty" or
+    "random", see hf_dir.py) with example inputs of `batch` x `seq`; those two apply to such a
+    directory only (a MODEL function chooses its own inputs)."""
+    if isinstance(spec, str) and is_hf_dir(spec):
+        return load_hf_dir(spec, batch=batch, seq=seq, init=init)
+    if batch is not None or seq is not None:
+        raise HelixError(f"--batch / --seq apply to a Hugging Face model directory; model spec {spec!r} "
+                         f"chooses its own example inputs: change them in its function")
     target, function = _split(spec)
     if target.endswith(".py") or "/" in target or "\\" in target or Path(target).is_file():
         module = _load_file(spec, Path(target))

@@ -3,6 +3,7 @@
     capture         torch.export (non-strict) -> ATen FX graph
     fold_params     views of weights (W.T, W.split(...)[i]) become named parameters (passes/fold_params.py)
     find_attention  AttentionSite records (passes/find_attention.py)
+    unpartitioned   attention-like cores no site owns, with why (passes/unpartitioned.py)
     find_mlp        MlpSite records (passes/find_mlp.py)
     plan            solve + cost -> Plan (solver.py, cost.py, plan.py)
     seeds           per-rank output features of column-sharded projections (passes/seeds.py)
@@ -22,7 +23,8 @@ import torch.fx as fx
 from .errors import HelixError, first_line
 from .sites import ModelSummary
 
-STAGES = ("capture", "fold_params", "find_attention", "find_mlp", "plan", "seeds", "shard")
+STAGES = ("capture", "fold_params", "slice_copies", "find_attention", "unpartitioned", "find_mlp", "plan",
+          "seeds", "shard")
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class Analysis:
     summary: ModelSummary
     timings: dict             # stage -> seconds
     views: dict = None        # derived parameter name -> fold_params.ParamView
+    unpartitioned: tuple = ()  # plan.UnpartitionedCore: attention cores every rank runs whole
 
 
 def _numel(t) -> int:
@@ -94,7 +97,7 @@ def summarize(captured, matches, mlps, name: str) -> ModelSummary:
                         workload=measure(captured.gm, matches, mlps, batch))
 
 
-def analyze(model, args, kwargs, print_after=(), dynamic: bool = True,
+def analyze(model, args, kwargs, print_after=(), dynamic: bool = True, verbose: bool = False,
             repeat_blocks: bool = True) -> Analysis:
     from passes.find_attention import find_attention
     from passes.find_mlp import find_mlp
@@ -119,15 +122,24 @@ def analyze(model, args, kwargs, print_after=(), dynamic: bool = True,
         return out
 
     captured = stage("capture", lambda: capture(model, args, kwargs, dynamic=dynamic,
-                                                     repeat_blocks=repeat_blocks))
+                                                       verbose=verbose, repeat_blocks=repeat_blocks))
     _maybe_print("capture", captured.gm, print_after)
     from passes.fold_params import fold_params
 
     views = stage("fold_params", lambda: fold_params(captured.gm, captured.params))
+    from passes.slice_copies import slice_copies
+
+    # a buffer filled by copies into its slices (DeepSeek's MLA key) becomes one cat
+    stage("slice_copies", lambda: slice_copies(captured.gm))
+    _maybe_print("slice_copies", captured.gm, print_after)
     matches, skipped = stage("find_attention", lambda: find_attention(captured.gm))
     from passes.size_masks import causal_at_example
 
     matches = stage("size_masks", lambda: causal_at_example(captured.gm, matches))
+    from passes.unpartitioned import find_unpartitioned
+
+    # no silent replication: every attention-like core no site owns is named, with why
+    unpartitioned = stage("unpartitioned", lambda: find_unpartitioned(captured.gm, matches, skipped))
     nodes = {n.name: n for n in captured.gm.graph.nodes}
     projs = set()
     for m in matches:
@@ -136,7 +148,8 @@ def analyze(model, args, kwargs, print_after=(), dynamic: bool = True,
     mlps = stage("find_mlp", lambda: find_mlp(captured.gm, projs))
     summary = summarize(captured, matches, mlps, type(model).__name__)
     return Analysis(captured=captured, matches=tuple(matches), skipped=tuple(skipped),
-                    mlps=tuple(mlps), summary=summary, timings=timings, views=views)
+                    mlps=tuple(mlps), summary=summary, timings=timings, views=views,
+                    unpartitioned=unpartitioned)
 
 
 def _maybe_print(stage: str, gm: fx.GraphModule, print_after) -> None:

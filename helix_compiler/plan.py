@@ -41,6 +41,20 @@ class SitePlan:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class UnpartitionedCore:
+    """An attention-like core no site owns (passes/unpartitioned.py): every rank computes it
+    whole. `node` is its node in the captured graph, `op` "sdpa", "flex_attention" or
+    "softmax", `reason` why find_attention did not make it a site."""
+
+    node: str
+    op: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"node {self.node} ({self.op}): {self.reason}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class CandidateCost:
     """A split the solver considered and, when feasible, its predicted cost."""
 
@@ -61,6 +75,7 @@ class Plan:
     candidates: tuple[CandidateCost, ...] = ()
     baselines: tuple[PlanCost, ...] = ()
     notes: tuple[str, ...] = ()
+    unpartitioned: tuple[UnpartitionedCore, ...] = ()   # attention cores every rank runs whole
 
     def __post_init__(self) -> None:
         if self.m < 1 or self.n < 1 or self.m * self.n != self.devices:
@@ -86,7 +101,7 @@ class Plan:
         # a site's cost is written once, under cost.sites
         out["sites"] = [{"index": sp.index, "variant": sp.variant, "site": _encode(sp.site)}
                         for sp in self.sites]
-        for name in ("cost", "candidates", "baselines", "notes"):
+        for name in ("cost", "candidates", "baselines", "notes", "unpartitioned"):
             out[name] = _encode(getattr(self, name))
         return out
 
@@ -134,12 +149,16 @@ def model_fingerprint(summary: ModelSummary) -> str:
 
 def make_plan(summary: ModelSummary, devices: int, cluster: ClusterSpec,
               profile: ComputeProfile | None = None, forced: tuple[int, int] | None = None,
-              variant: str | None = None) -> Plan:
+              variant: str | None = None, refused: dict | None = None) -> Plan:
     """Solve, cost every feasible split and pick the most tokens/s (ties: the
     smaller m), or the `forced` (m, n). `variant` forces "score-reduce" or
-    "qk-gather" on every site of an m > 1 split."""
+    "qk-gather" on every site of an m > 1 split. `refused` maps an (m, n) the
+    shard pass refused to its reason: that split is excluded with it."""
     check_devices(devices)
-    candidates = solve(summary, devices, cluster)
+    refused = refused or {}
+    candidates = tuple(
+        replace(c, feasible=False, reasons=c.reasons + (refused[(c.m, c.n)],))
+        if (c.m, c.n) in refused else c for c in solve(summary, devices, cluster))
     feasible = [c for c in candidates if c.feasible]
     listing = ", ".join(str(c) for c in feasible) or "none"
     if forced is not None:
@@ -154,9 +173,15 @@ def make_plan(summary: ModelSummary, devices: int, cluster: ClusterSpec,
         if not chosen.feasible:
             raise PlanError(f"forced m={m} x n={n} is infeasible: {'; '.join(chosen.reasons)}. "
                             f"Feasible splits of {devices}: {listing}")
+    elif not feasible and refused:
+        raise PlanError(f"no split of {devices} devices can be built: "
+                        + "; ".join(f"m={m} x n={n}: {why}" for (m, n), why in refused.items())
+                        + "; docs/troubleshooting.md says what to do about the node named")
     elif not feasible:
         require_feasible(summary, devices, cluster)   # raises, listing counts that fit
-    costs, notes = {}, []
+    costs = {}
+    notes = [f"m={m} x n={n} excluded although the cost model chose it: {why}; chose the "
+             f"next best split the shard pass builds" for (m, n), why in refused.items()]
     for c in feasible:
         try:
             costs[c] = cost_plan(summary, c.m, c.n, cluster, profile, variant)

@@ -126,21 +126,29 @@ class HelixProgram:
         return self.analysis.summary
 
     @property
+    def unpartitioned(self) -> tuple:
+        """Attention cores no site owns (plan.UnpartitionedCore): every rank runs them whole."""
+        return self.plan.unpartitioned
+
+    @property
     def replicated_ops(self) -> list:
         """Ops with no sharding rule, run on replicated inputs (a collective before each)."""
         return list(self._localized.replicated)
 
     def rank_module(self, rank: int, weights=None) -> fx.GraphModule:
         """Rank r's GraphModule; weights=PATH reads only its slices from a checkpoint
-        (a torch state_dict file or a directory of safetensors files), memory-mapped."""
+        (a torch state_dict file or a directory of safetensors files), memory-mapped, into a
+        module on the CPU (the devices its graph names, meta for a model built under
+        `empty_weights()`, pointed there too; `on_device(gm, "cuda")` moves it on)."""
         if not isinstance(rank, int) or not 0 <= rank < self.devices:
             raise HelixError(f"rank must be an integer in [0, {self.devices}), got {rank!r}")
         if weights is not None:
             from .weights import load_rank_weights
 
             loc = self._rank_localized(rank)
-            tensors = load_rank_weights(loc.shards[rank], loc.attrs[rank], weights)
-            return self._finish(build_module(loc.graphs[rank], tensors, f"HelixRank{rank}"))
+            buffers = {name for name, _ in self.analysis.captured.gm.named_buffers()}
+            tensors = load_rank_weights(loc.shards[rank], loc.attrs[rank], weights, buffers)
+            return on_device(self._finish(build_module(loc.graphs[rank], tensors, f"HelixRank{rank}")), "cpu")
         if rank not in self._modules:
             loc = self._rank_localized(rank)
             self._modules[rank] = self._finish(build_module(loc.graphs[rank], loc.attrs[rank], f"HelixRank{rank}"))

@@ -47,8 +47,10 @@ def format_table(plan: Plan) -> str:
                               for i, (v, w) in enumerate(zip(r, widths))).rstrip()
     head = (f"{plan.model} on {plan.devices} devices of cluster {plan.cluster!r}: "
             f"chosen m={plan.m} x n={plan.n}"
-            + ((" (no attention: MLPs sharded over all devices)" if plan.mlps else
-                " (no attention and no MLP found: every rank runs the whole model)")
+            + ((f" (no attention{' site' if plan.unpartitioned else ''}: MLPs sharded over all devices)"
+                if plan.mlps else
+                f" (no attention{' site' if plan.unpartitioned else ''} and no MLP found: every rank "
+                f"runs the whole model)")
                if plan.no_attention else ""))
     lines = [head, fmt(list(_COLUMNS)), fmt(["-" * w for w in widths])]
     lines += [fmt(r) for r in rows]
@@ -61,6 +63,10 @@ def format_table(plan: Plan) -> str:
     lines += [f"site {sp.index}: {sp.variant}" + (f", core {sp.cost.backend}" if sp.cost else "")
               for sp in plan.sites]
     lines += [f"note: {x}" for x in plan.notes]
+    if plan.unpartitioned:
+        lines += ["", "unpartitioned attention cores (every rank runs them whole; not in the costs "
+                      "above; --strict refuses them):"]
+        lines += [f"  {c}" for c in plan.unpartitioned]
     for b in plan.baselines:
         lines += [f"{b.name}: {x}" for x in b.notes]
     return "\n".join(lines)

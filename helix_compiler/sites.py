@@ -65,6 +65,15 @@ class AttentionSite:
     q_len: int = 1           # S_q
     kv_len: int = 1          # S_k
     dtype: str = "float32"
+    # MLA (DeepSeek-V2/V3): the last k_shared_dims dims of every key head come from one
+    # projection all heads read alike (the decoupled rope key k_pe of kv_a_proj_with_mqa),
+    # which every rank runs whole; the rest of k from a per-head projection (kv_b_proj)
+    k_shared_proj: str | None = None
+    k_shared_dims: int = 0
+    v_head_dim: int = 0      # d_v of the value heads; 0 when not recorded (then d)
+    # an output gate: core output * sigmoid(gate) before o_proj, the gate's features column
+    # sharded like the heads they gate (Qwen3-Next packs them into q_proj)
+    gate_proj: str | None = None
 
     def __post_init__(self) -> None:
         if self.core not in CORES:

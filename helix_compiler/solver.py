@@ -11,6 +11,7 @@ such that every site can be split into n head groups of m dim slices:
     d_s % m == 0                                           dims per slice
     n <= H_kv_s:  H_kv_s % n == 0                          kv heads per group
     n >  H_kv_s:  n % H_kv_s == 0                          kv head replicated n/H_kv times
+    k_shared_s > 0 (MLA rope key):  m == 1                 heads only
     rotary "half", r dims:         (r/2) % m == 0, (d - r) % m == 0
     rotary "interleaved", r dims:  r % (2m) == 0,  (d - r) % m == 0
                                    (each slice gets whole rotary pairs)
@@ -86,6 +87,12 @@ def _site_reasons(site: AttentionSite, m: int, n: int) -> list[str]:
     elif n > H_kv and n % H_kv:
         out.append(f"n={n} is not a multiple of H_kv={H_kv} kv heads "
                    f"(each kv head must be replicated over a whole number of groups)")
+    if site.k_shared_dims and m > 1:
+        # MLA: q's rope dims are per head, k's are one tensor read by every head; a d/m slice
+        # of the scores would need the rank's slice of that shared key (not built: the shared
+        # projection runs whole on every rank and the head dim is not split)
+        out.append(f"{site.k_shared_dims} of the d={d} key dims come from one projection shared "
+                   f"by all heads (MLA's rope key); Helix splits such a site over heads only (m = 1)")
     if site.rotary is not None and m > 1:
         r = site.rotary.dims
         if site.rotary.style == "half" and (r // 2) % m:

@@ -9,10 +9,15 @@ Two layouts, as users have them:
   one contiguous run of rows or columns at a time.
 
 Slices are (dim, global indices) pairs from the shard pass (`HelixProgram.rank_shards`).
+
+A model meant to be loaded this way is built under `empty_weights()`: its parameters on the
+meta device (no memory), its buffers real, since a checkpoint holds no non-persistent buffer
+(Hugging Face rotary's `inv_freq`) and a buffer computed on meta has no values.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -20,6 +25,37 @@ import numpy as np
 import torch
 
 from .errors import HelixError
+
+
+@contextlib.contextmanager
+def empty_weights():
+    """Build a model with its parameters on the meta device and its buffers real (on the default
+    device), for `helix_compile` and then `rank_module(r, weights=PATH)`:
+
+        with helix_compiler.empty_weights():
+            model = LlamaForCausalLM(config)
+
+    Each parameter is moved to meta as a module registers it, before the module initializes it,
+    so no weight is ever filled in memory; buffers (rotary `inv_freq`, which no checkpoint
+    holds) are computed as usual. `torch.device("meta")` instead puts buffers on meta too, and
+    such a model's program cannot be loaded from a checkpoint. The patch of
+    `nn.Module.register_parameter` is process-wide for the duration of the block (not
+    thread-safe), as accelerate's `init_empty_weights(include_buffers=False)` does it."""
+    register = torch.nn.Module.register_parameter
+
+    def register_on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            p = module._parameters[name]
+            moved = type(p)(p.to("meta"), requires_grad=p.requires_grad)
+            moved.__dict__.update(p.__dict__)
+            module._parameters[name] = moved
+
+    torch.nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
 
 
 def _runs(idx: np.ndarray):
@@ -117,11 +153,12 @@ def open_checkpoint(path) -> object:
                      f"directory of safetensors files")
 
 
-def load_rank_weights(shards: dict, current: dict, path) -> dict:
+def load_rank_weights(shards: dict, current: dict, path, buffers=frozenset()) -> dict:
     """attr name -> tensor for one rank, sliced from the checkpoint at `path`.
 
     `shards` maps attr -> (source name, selections); `current` holds the compiled tensors
-    (used for index constants and for buffers a checkpoint does not store, when real).
+    (used for index constants and for buffers a checkpoint does not store, when real);
+    `buffers` names the model's buffers (for the message when one is on meta).
     """
     src = open_checkpoint(path)
     names = src.names()
@@ -143,6 +180,12 @@ def load_rank_weights(shards: dict, current: dict, path) -> dict:
             out[attr] = tensor
         else:
             missing.append(name)
+    lost = [name for name in missing if name in buffers]
+    if lost:
+        raise HelixError(f"{path}: buffer {lost[0]!r} is on the meta device and no checkpoint holds it"
+                         f"{f' ({len(lost) - 1} more buffers likewise)' if len(lost) > 1 else ''}: "
+                         f"build the model under helix_compiler.empty_weights() (parameters on "
+                         f"meta, buffers real) instead of torch.device('meta'), and compile again")
     if missing:
         raise HelixError(f"{path}: the checkpoint lacks {len(missing)} tensors the program needs "
                          f"({', '.join(missing[:4])}{'...' if len(missing) > 4 else ''}) and the "

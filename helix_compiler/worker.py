@@ -155,7 +155,8 @@ def run_rank(args, rank: int, world: int, local_rank: int) -> dict:
 
     torch.manual_seed(args.seed)
     dtype = DTYPES[args.dtype]
-    model, inputs, kwargs = load_model_spec(args.model)
+    model, inputs, kwargs = load_model_spec(
+        args.model, batch=args.batch, seq=args.seq, init="empty" if args.weights else "random")
     model = model.to(dtype) if dtype != torch.float32 else model
     inputs, kwargs = _to((inputs, kwargs), torch.device("cpu"), dtype)
     plan = Plan.from_yaml(Path(args.plan)) if args.plan and args.plan.endswith((".yaml", ".yml")) else (
@@ -222,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default=None, help="checkpoint: a state_dict file or safetensors directory")
     p.add_argument("--result-dir", default=None)
     p.add_argument("--sequence-parallel", action="store_true")
+    p.add_argument("--batch", type=int, default=None, help="example batch of a Hugging Face model directory")
+    p.add_argument("--seq", type=int, default=None, help="example length of a Hugging Face model directory")
     return p
 
 

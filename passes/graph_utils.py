@@ -28,6 +28,8 @@ MOVEMENT_OPS = {
     aten.detach.default, aten.repeat_interleave.self_int, aten.narrow.default,
     aten.index.Tensor, operator.getitem,
 }
+# A row's max (a stable softmax's shift: max.dim gives (values, indices)).
+ROW_MAX_OPS = {aten.amax.default, aten.max.dim}
 # Ops between softmax and the value matmul that keep the probabilities.
 PASS_THROUGH_OPS = {
     aten.dropout.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device,

@@ -136,14 +136,26 @@ def varying_axes(split: Split, mesh: Mesh) -> str | None:
     return None
 
 
-def check_partition(split: Split, mesh: Mesh, axes: str, where: str) -> None:
-    """A sum over this dim's holders is exact only if each group holds every index exactly once."""
+def check_partition(split: Split, mesh: Mesh, axes: str, where: str, replicas: bool = False) -> int:
+    """A sum over this dim's holders is exact only if each group holds every index exactly once.
+
+    With `replicas`, also when each group holds every index the same number of times c (a kv
+    head replicated over the n / H_kv q-head groups that share it): the group's sum is then c
+    times the sum, and the caller divides by c.  Returns c (1 for a partition)."""
+    count = None
     for g in mesh.groups(axes):
         allidx = np.concatenate([split.lists[r] for r in g])
-        if len(allidx) != split.size or not np.array_equal(np.sort(allidx), np.arange(split.size)):
+        held = np.bincount(allidx, minlength=split.size) if len(allidx) else np.zeros(split.size, int)
+        c = int(held.min()) if split.size else 0
+        even = len(held) == split.size and c >= 1 and bool((held == c).all())
+        if not even or (c > 1 and not replicas) or (count is not None and c != count):
+            many = (f"; each group holds every element {c} times, which only a sum, a mean or a "
+                    f"norm's statistics divide out" if even and c > 1 and not replicas else "")
             raise ShardingError(
                 f"node {where}: ranks {list(g)} do not hold each of the {split.size} elements of the "
-                f"contracted dim exactly once, so a sum over them would not be exact")
+                f"contracted dim exactly once, so a sum over them would not be exact{many}")
+        count = c
+    return count or 1
 
 
 def positions(src: np.ndarray, want: np.ndarray, where: str) -> np.ndarray:

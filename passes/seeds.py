@@ -45,6 +45,10 @@ def site_seeds(match: SiteMatch, mesh: Mesh) -> dict:
     if H % n or d % m or dv % m:
         raise ShardingError(f"attention site {s.index}: H={H}, d={d} cannot be split into n={n} head "
                             f"groups of m={m} dim slices; choose a feasible (m, n)")
+    if s.k_shared_dims and m > 1:
+        raise ShardingError(f"attention site {s.index}: {s.k_shared_dims} of the d={d} key dims come from "
+                            f"{s.k_shared_proj}, shared by all heads (MLA); Helix splits such a site's "
+                            f"heads only: choose m = 1")
     if s.rotary is not None:
         r = s.rotary.dims
         unit = r // 2 if s.rotary.style == "half" else r
@@ -61,11 +65,16 @@ def site_seeds(match: SiteMatch, mesh: Mesh) -> dict:
         fused_v = match.v.proj is match.q.proj or match.v.proj is match.k.proj
         vdims = dims if fused_v and dv == d else np.arange(j * dv // m, (j + 1) * dv // m)
         kv = sorted({match.kv_of_q[h] for h in heads})
-        feats = (
+        # dims of k from a projection all heads share (MLA's rope key) are not seeded: every
+        # rank runs that projection whole and its expand to H heads is sliced to the rank's
+        kdims = np.setdiff1d(dims, match.k.shared_dims)
+        feats = [
             (match.q.proj, match.q.heads[np.ix_(heads, dims)].reshape(-1)),
-            (match.k.proj, match.k_groups[np.ix_(kv, dims)].reshape(-1)),
+            (match.k.proj, match.k_groups[np.ix_(kv, kdims)].reshape(-1)),
             (match.v.proj, match.v_groups[np.ix_(kv, vdims)].reshape(-1)),
-        )
+        ]
+        if match.gate is not None:  # an output gate: the features gating the rank's outputs
+            feats.append((match.gate_proj, match.gate[np.ix_(heads, vdims)].reshape(-1)))
         for proj, fs in feats:  # one fused projection may serve all three
             per_proj.setdefault(proj.name, [[] for _ in range(mesh.size)])
             per_proj[proj.name][rank].append(np.asarray(fs, dtype=np.int64))

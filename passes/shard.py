@@ -104,12 +104,8 @@ class Localizer:
 
     def attr(self, r: int, source: fx.Node, sels=()) -> fx.Node:
         """A get_attr of the parameter `source`, sliced at compile time by `sels` [(dim, idx)]."""
-        if r not in self.active:
-            return None
-        key = (source.target, tuple((d, idx.tobytes()) for d, idx in sels))
-        cache = self._attr_cache[r]
-        if key in cache:
-            return cache[key]
+        # the refusal below holds for every rank: checked before the active test, so a compile
+        # that emits no graph (api.EAGER_EMIT_NODES) still raises it
         tensor = self.params.get(source.target)
         if tensor is None:  # a constant export lifted into the module (lifted_tensor_0, ...)
             tensor = self.gm
@@ -121,6 +117,12 @@ class Localizer:
                 f"graph holds a control-flow or grad-mode region (torch.cond, a @no_grad function "
                 f"captured with grad enabled); Helix shards graphs without such regions: capture the "
                 f"model for inference (helix_compile does, under torch.no_grad) or without torch.cond")
+        if r not in self.active:
+            return None
+        key = (source.target, tuple((d, idx.tobytes()) for d, idx in sels))
+        cache = self._attr_cache[r]
+        if key in cache:
+            return cache[key]
         for d, idx in sels:
             sl = as_slice(idx)
             if sl is not None and sl[2] == 1:
@@ -173,11 +175,11 @@ class Localizer:
 
     def select(self, r: int, node: fx.Node, local_node, dim: int, src, want: np.ndarray):
         """Rank r's `local_node` (global dim `dim` held as `src`) narrowed to the global indices `want`."""
-        if r not in self.active:
-            return None
         size = shape(node)[dim]
         src_list = lists_of(src, size, self.N)[r]
-        pos = positions(src_list, want, node.name)
+        pos = positions(src_list, want, node.name)  # raises for every rank, active or not
+        if r not in self.active:
+            return None
         if len(pos) == len(src_list) and np.array_equal(pos, np.arange(len(src_list))):
             return local_node
         if node.op == "get_attr" and src is None:
@@ -268,12 +270,19 @@ class Localizer:
                 locals_ = self.gather_dim(node, locals_, dim, s)
         return locals_
 
-    def all_reduce(self, node: fx.Node, locals_, split: Split, op: str = "sum") -> list:
+    def all_reduce(self, node: fx.Node, locals_, split: Split, op: str = "sum",
+                   replicas: bool = False) -> list:
+        """Reduce per-rank partials over the group `split` varies along.  With `replicas` (a sum,
+        a mean or a norm's statistics), a dim each group holds c times over (k features of kv heads
+        that n > H_kv q-head groups replicate, under a norm over the whole projected width) is
+        exact too: each partial is divided by c before the sum (a max needs no correction)."""
         axes = varying_axes(split, self.mesh)
         if axes is None:
             raise ShardingError(f"node {node.name}: a contraction over a dim every rank holds the "
                                 f"same part of cannot be reduced exactly")
-        check_partition(split, self.mesh, axes, node.name)
+        c = check_partition(split, self.mesh, axes, node.name, replicas=replicas)
+        if c > 1 and op == "sum":
+            locals_ = [self.emit(r, aten.div.Tensor, (locals_[r], c)) for r in range(self.N)]
         return [self.emit(r, helix.all_reduce.default, (locals_[r], axes, op)) for r in range(self.N)]
 
     # ---- driver --------------------------------------------------------------------------

@@ -361,10 +361,11 @@ def _slice(lz, node):
         locs.append(sl)
     new = list(lz.L(x))
     new[dim] = make_split(len(sel), lists)
-    lz.copy(node, tuple(new),
-            args_for=lambda r: (lz.local(r, x), dim, locs[r][0], locs[r][1], locs[r][2]))
+    # narrow(x, dim, start, length) becomes the local slice; emitted as aten.slice itself (an
+    # inactive rank has no node to retarget: emit returns None for it)
     for r in range(lz.N):
-        lz.env[r][node].target = aten.slice.Tensor
+        lz.env[r][node] = lz.emit(r, aten.slice.Tensor, (lz.local(r, x), dim, *locs[r]), name=node.name)
+    lz.lay[node] = tuple(new)
     return True
 
 
@@ -676,7 +677,7 @@ def _reduce(lz, node):
                 total = int(np.prod([shape(x)[k] for k in dims]))
                 p = lz.emit(r, aten.div.Tensor, (p, total))
         parts.append(p)
-    reduced = lz.all_reduce(node, parts, s, op)
+    reduced = lz.all_reduce(node, parts, s, op, replicas=True)
     for r in range(lz.N):
         lz.env[r][node] = reduced[r]
     lz.lay[node] = out_lay
@@ -705,7 +706,7 @@ def _norm(lz, node):
     def partial_mean(y_locals):
         parts = [lz.emit(r, aten.div.Tensor, (lz.emit(r, aten.sum.dim_IntList, (y_locals[r], [-1], True)), d))
                  for r in range(lz.N)]
-        return lz.all_reduce(node, parts, s)
+        return lz.all_reduce(node, parts, s, replicas=True)
     xs = [lz.local(r, x) for r in range(lz.N)]
     if rms:
         centered = xs
@@ -826,3 +827,68 @@ def _sdpa(lz, node):
 def val_len(lz, node, r, lay):
     s = lay[-3]
     return len(s.lists[r]) if s is not None else shape(node)[-3]
+
+
+@rule(aten.view_as_complex.default, aten.view_as_real.default)
+def _complex_view(lz, node):
+    """(..., k, 2) real <-> (..., k) complex (DeepSeek-V2's rotary): the pair dim stays whole,
+    every other dim keeps its placement."""
+    x = node.args[0]
+    if not lz.is_split(x):
+        lz.copy(node, None)
+        return True
+    lay = lz.L(x)
+    if node.target is aten.view_as_complex.default:
+        if lay[-1] is not None:
+            return None
+        lz.copy(node, tuple(lay[:-1]))
+    else:
+        lz.copy(node, tuple(lay) + (None,))
+    return True
+
+
+@rule(aten.gather.default)
+def _gather(lz, node):
+    """torch.gather(x, dim, index) along a dim x holds whole (DeBERTa's c2p / p2c terms
+    gathered by relative position): the index, an unsplit tensor of the output's shape, is
+    sliced to x's placement on the other dims, as an elementwise operand would be."""
+    x, index = node.args[0], node.args[2]
+    dim = norm_dim(node.args[1], len(shape(x)))
+    if not lz.is_split(x):
+        if lz.is_split(index):
+            return None
+        lz.copy(node, None)
+        return True
+    lay = lz.L(x)
+    if lay[dim] is not None or lz.is_split(index) or len(shape(index)) != len(lay) \
+            or node.kwargs.get("sparse_grad") or len(node.args) > 3:
+        return None
+    idx = [lz.local(r, index) for r in range(lz.N)]
+    for k, s in enumerate(lay):
+        if s is None or _one(shape(index)[k]):
+            continue
+        if shape(index)[k] != shape(x)[k]:
+            return None   # the index covers part of a split dim: which rows a rank needs is unclear
+        idx = [lz.select(r, index, idx[r], k, None, s.lists[r]) for r in range(lz.N)]
+    lz.copy(node, tuple(lay), args_for=lambda r: (lz.local(r, x), node.args[1], idx[r]))
+    return True
+
+
+@rule(aten.max.dim, aten.min.dim)
+def _max_dim(lz, node):
+    """(values, indices) of a max / min over one dim (a stable softmax's row max): local when
+    the reduced dim is whole on every rank; over a split dim the indices would be local ones,
+    so the op then runs on gathered inputs (listed in replicated_ops)."""
+    x = node.args[0]
+    if not lz.is_split(x):
+        lz.copy(node, [None, None])
+        return True
+    nd = len(shape(x))
+    dim = norm_dim(node.args[1], nd)
+    keep = bool(node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False))
+    lay = lz.L(x)
+    if lay[dim] is not None:
+        return None
+    out = tuple(None if k == dim else s for k, s in enumerate(lay) if keep or k != dim)
+    lz.copy(node, [out, out])
+    return True

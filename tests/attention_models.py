@@ -52,6 +52,14 @@ FEATURES = {
     "vision": "vision transformer (patch embedding, CLS token)",
     "m_forced": "head count forcing m > 1 (12 heads on 16 devices)",
     "many_devices": "32 devices",
+    "mla": "multi-head latent attention (low-rank q / kv, rope key shared by all heads), m = 1",
+    "output_gate": "output gate packed into q_proj (attn_output * sigmoid(gate) before o_proj)",
+    "disentangled_relative": "disentangled relative attention (c2p + p2c terms gathered by relative position)",
+    # features-a
+    "rotary_interleaved": "interleaved rotary (pairs 2t, 2t + 1 by x[..., 0::2] / x[..., 1::2]), m > 1",
+    "rotary_complex": "complex rotary (view_as_complex, pairs 2t, 2t + 1 times a complex freqs table), m > 1",
+    "softcap": "attention-logit softcapping (c * tanh(scores / c) before the softmax)",
+    "sinks": "attention sinks (a learned per-head logit column cat onto the scores, dropped after the softmax)",
 }
 
 
@@ -66,18 +74,26 @@ class FeatureModel:
     kv_heads: int
     head_dim: int
     rotary_dims: int = 0    # r, 0 without rotary
+    rotary_style: str = "half"  # "half" (rotate_half) or "interleaved" (pairs 2t, 2t + 1)
     qk_norm: bool = False
     head_bias: bool = False
     cross_sites: int = 0    # sites whose K/V come from another input
     devices: tuple[int, ...] = DEVICES
+    v_head_dim: int = 0     # d_v when it differs from d (MLA), else 0
+    k_shared_dims: int = 0  # key dims from a projection shared by all heads (MLA's rope key)
+    gated: bool = False     # an output gate between the core and o_proj
+    # all-reduces over the m-group per site with m > 1 beyond the core's own (DeBERTa: the
+    # c2p and p2c terms contract q / k with the relative embeddings over d)
+    extra_dim_reduces: int = 0
 
     def __post_init__(self) -> None:
         unknown = set(self.features) - set(FEATURES)
         if unknown:
             raise ValueError(f"FeatureModel {self.name}: unknown features {sorted(unknown)}")
-        if self.heads % self.kv_heads or (self.rotary_dims and self.rotary_dims > self.head_dim):
+        if self.heads % self.kv_heads or (self.rotary_dims and self.rotary_dims > self.head_dim) \
+                or self.rotary_style not in ("half", "interleaved"):
             raise ValueError(f"FeatureModel {self.name}: H={self.heads}, H_kv={self.kv_heads}, "
-                             f"d={self.head_dim}, r={self.rotary_dims}")
+                             f"d={self.head_dim}, r={self.rotary_dims} ({self.rotary_style!r})")
 
     def __repr__(self) -> str:
         return f"FeatureModel({self.name})"
@@ -325,6 +341,144 @@ def _paper_32():
     return model, args, {}
 
 
+# --- features-b builders
+
+@_seeded
+def _deepseek(attn: str, version: int):
+    # MLA: q = q_b_proj(norm(q_a_proj(x))); kv_a_proj_with_mqa(x) -> latent (16) | k_pe (4, one
+    # rope key for all heads); k = cat(k_nope from kv_b_proj, k_pe expanded to H heads), built by
+    # copies into new_empty; v from kv_b_proj with d_v = 6 != d = 12. Dense MLPs in both layers
+    # (first_k_dense_replace = 2); the MoE layers capture too, but are not what this row tests.
+    if version == 2:
+        from transformers import DeepseekV2Config as Config, DeepseekV2Model as Model
+    else:
+        from transformers import DeepseekV3Config as Config, DeepseekV3Model as Model
+    config = Config(num_hidden_layers=2, hidden_size=64, num_attention_heads=8, num_key_value_heads=8,
+                    intermediate_size=128, moe_intermediate_size=32, vocab_size=VOCAB, max_position_embeddings=64,
+                    q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6,
+                    n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=2,
+                    attn_implementation=attn)
+    return Model(config), (_ids(),), {"attention_mask": _padding_mask(), "use_cache": False}
+
+
+@_seeded
+def _qwen3_next(attn: str):
+    # Qwen3-Next's full-attention layers: q_proj gives (B, S, H, 2d), chunked into query and gate;
+    # attn_output * sigmoid(gate) before o_proj. layer_types all "full_attention" (no gated delta
+    # net layers) and dense MLPs (mlp_only_layers), q_norm / k_norm, rotary on 4 of d = 8 dims.
+    from transformers import Qwen3NextConfig, Qwen3NextModel
+
+    config = Qwen3NextConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=8, num_key_value_heads=4,
+                             head_dim=8, intermediate_size=128, moe_intermediate_size=32, vocab_size=VOCAB,
+                             max_position_embeddings=64, layer_types=["full_attention"] * 2, num_experts=4,
+                             num_experts_per_tok=2, mlp_only_layers=[0, 1], partial_rotary_factor=0.5,
+                             attn_implementation=attn)
+    return Qwen3NextModel(config), (_ids(),), {"attention_mask": _padding_mask(), "use_cache": False}
+
+
+@_seeded
+def _deberta_v2():
+    # DeBERTa-v2: scores = q k^T / sqrt(3d) + c2p + p2c; c2p = q against key_proj(rel_embeddings),
+    # p2c = k against query_proj(rel_embeddings) (share_att_key), gathered by relative position;
+    # (B*H, S, d) layout, k^T scaled before the matmul. Eager only in transformers.
+    from transformers import DebertaV2Config, DebertaV2Model
+
+    config = DebertaV2Config(num_hidden_layers=2, hidden_size=64, num_attention_heads=8, intermediate_size=128,
+                             vocab_size=VOCAB, max_position_embeddings=64, relative_attention=True,
+                             position_buckets=8, max_relative_positions=16, pos_att_type=["p2c", "c2p"],
+                             share_att_key=True, norm_rel_ebd="layer_norm", attn_implementation="eager")
+    return DebertaV2Model(config), (_ids(),), {"attention_mask": _padding_mask()}
+
+
+# ---- features-a: interleaved and complex rotary, logit softcapping, attention sinks -----------
+# Inputs a user would pass: B = 3, S = 6, attention_mask with one full row, one left-padded
+# by 2 and one fully padded row.
+PAD_BATCH, PAD_SEQ = 3, 6
+PAD_DEVICES = (4,)  # (1, 4) with n > H_kv = 2, (2, 2) and (4, 1) in both m > 1 variants
+
+
+def _padded_ids() -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(3, VOCAB, (PAD_BATCH, PAD_SEQ))  # (B, S)
+    mask = torch.ones(PAD_BATCH, PAD_SEQ, dtype=torch.long)
+    mask[1, :2] = 0  # left-padded
+    mask[2] = 0      # fully padded
+    ids[mask == 0] = 0
+    return ids, mask
+
+
+def _decoder_inputs(model: nn.Module) -> tuple[nn.Module, tuple, dict]:
+    ids, mask = _padded_ids()
+    return model, (ids,), {"attention_mask": mask, "use_cache": False}
+
+
+@_seeded
+def _cohere():
+    # Cohere (Command-R): rotate_half over x[..., ::2] / x[..., 1::2] (pairs 2t, 2t + 1) on all
+    # d = 8 dims, cos / sin by repeat_interleave; GQA 8 / 2; parallel attention + MLP.
+    from transformers import CohereConfig, CohereModel
+
+    config = CohereConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=8, num_key_value_heads=2,
+                          intermediate_size=128, vocab_size=VOCAB, max_position_embeddings=64, pad_token_id=0,
+                          bos_token_id=1, eos_token_id=2, attn_implementation="eager")
+    return _decoder_inputs(CohereModel(config))
+
+
+@_seeded
+def _llama4():
+    # Llama 4 text: rotary as view_as_complex(q.reshape(..., d/2, 2)) * freqs_cis, view_as_real,
+    # flatten (Meta's reference LLaMA spelling); L2 q/k norm after it (use_qk_norm); GQA 8 / 2.
+    from transformers import Llama4TextConfig, Llama4TextModel
+
+    config = Llama4TextConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=8, num_key_value_heads=2,
+                              head_dim=8, intermediate_size=128, intermediate_size_mlp=128, vocab_size=VOCAB,
+                              max_position_embeddings=64, num_local_experts=1, pad_token_id=0, bos_token_id=1,
+                              eos_token_id=2, attn_implementation="eager")
+    return _decoder_inputs(Llama4TextModel(config))
+
+
+@_seeded
+def _gemma2():
+    # Gemma 2 eager: scores / c -> tanh -> * c (attn_logit_softcapping) between QK^T and the
+    # softmax; sliding-window and full layers. c = 0.02: the random model's scores are ~0.015,
+    # so tanh is far from linear and a softcap of partial (per-slice) scores would show.
+    from transformers import Gemma2Config, Gemma2Model
+
+    config = Gemma2Config(num_hidden_layers=2, hidden_size=64, num_attention_heads=8, num_key_value_heads=2,
+                          head_dim=8, intermediate_size=128, vocab_size=VOCAB, max_position_embeddings=64,
+                          sliding_window=4, attn_logit_softcapping=0.02, pad_token_id=0, bos_token_id=1,
+                          eos_token_id=2, attn_implementation="eager")
+    return _decoder_inputs(Gemma2Model(config))
+
+
+@_seeded
+def _gpt_oss():
+    # GPT-OSS eager: a learned sinks (H,) column reshaped / expanded to (B, H, S, 1), cat onto
+    # the scores, minus the row max, softmax, probs[..., :-1]; rotate-half by chunk; a
+    # sliding-window and a full layer; MoE blocks (4 experts, top 2), run whole on every rank.
+    from transformers import GptOssConfig, GptOssModel
+
+    config = GptOssConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=8, num_key_value_heads=2,
+                          head_dim=8, intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=64,
+                          num_local_experts=4, num_experts_per_tok=2, sliding_window=4, pad_token_id=0,
+                          bos_token_id=1, eos_token_id=2, attn_implementation="eager")
+    model, args, kwargs = _decoder_inputs(GptOssModel(config))
+    with torch.no_grad():  # sinks large enough to take a visible share of the probability
+        for layer in model.layers:
+            layer.self_attn.sinks.normal_(0.0, 1.0)
+    return model, args, kwargs
+
+
+@_seeded
+def _gptj():
+    # GPT-J: rotate_every_two (x[..., ::2] / x[..., 1::2], stack, flatten) on rotary_dim = 8 of
+    # d = 16 dims: partial interleaved rotary (the [:r] slice and the stride-2 slices together).
+    from transformers import GPTJConfig, GPTJModel
+
+    config = GPTJConfig(n_layer=2, n_embd=64, n_head=4, rotary_dim=8, n_positions=64, n_inner=128,
+                        vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, attn_implementation="eager")
+    return _decoder_inputs(GPTJModel(config))
+
+
 def _both(name: str, build: Callable, features: tuple[str, ...], **kw) -> tuple[FeatureModel, ...]:
     """The eager (explicit softmax) and the sdpa spelling of one HF model."""
     return (
@@ -402,6 +556,54 @@ FEATURE_MODELS: tuple[FeatureModel, ...] = (
     FeatureModel(name="paper_32_heads", build=_paper_32, features=("many_devices", "sdpa"),
                  description="examples/paper_model.py, 32 heads, d = 8, on 32 devices", sites=2, heads=32,
                  kv_heads=32, head_dim=8, devices=(32,)),
+    # --- features-b: MLA (DeepSeek-V2 / V3), Qwen3-Next's output gate, DeBERTa-v2's relative terms
+    *(FeatureModel(name=f"deepseek_v2_mla_{attn}", build=functools.partial(_deepseek, attn, version=2),
+                   features=("mla", "padding_mask", "causal_mask", feature),
+                   description="HF DeepSeek-V2 (q_lora_rank 32, kv_lora_rank 16, d = 8 + 4 rope, d_v = 6), "
+                               "8 heads", sites=2, heads=8, kv_heads=8, head_dim=12, v_head_dim=6, k_shared_dims=4,
+                   devices=devices)
+      for attn, feature, devices in (("eager", "explicit_softmax", (4, 8)), ("sdpa", "sdpa", (4,)))),
+    FeatureModel(name="deepseek_v3_mla_eager", build=functools.partial(_deepseek, "eager", version=3),
+                 features=("mla", "padding_mask", "causal_mask", "explicit_softmax"),
+                 description="HF DeepSeek-V3 (interleaved rope on the shared key), 8 heads, d = 12, d_v = 6",
+                 sites=2, heads=8, kv_heads=8, head_dim=12, v_head_dim=6, k_shared_dims=4, devices=(4,)),
+    *(FeatureModel(name=f"qwen3_next_gate_{attn}", build=functools.partial(_qwen3_next, attn),
+                   features=("output_gate", "qk_norm", "rotary_partial", "padding_mask", "causal_mask",
+                             feature),
+                   description="HF Qwen3-Next (full-attention layers: gate packed in q_proj), 8 heads / 4 kv "
+                               "heads, d = 8", sites=2, heads=8, kv_heads=4, head_dim=8, rotary_dims=4,
+                   qk_norm=True, gated=True, devices=devices)
+      for attn, feature, devices in (("eager", "explicit_softmax", (4, 8)), ("sdpa", "sdpa", (4,)))),
+    FeatureModel(name="deberta_v2_eager", build=_deberta_v2,
+                 features=("disentangled_relative", "padding_mask", "explicit_softmax"),
+                 description="HF DeBERTa-v2 (c2p + p2c, share_att_key), 8 heads, d = 8", sites=2, heads=8,
+                 kv_heads=8, head_dim=8, head_bias=True, extra_dim_reduces=2, devices=(4, 8)),
+    # --- features-a
+    FeatureModel(name="cohere_interleaved_rotary", build=_cohere,
+                 features=("rotary_interleaved", "gqa", "causal_mask", "padding_mask", "explicit_softmax"),
+                 description="HF Cohere (rotate_half on x[..., ::2] / x[..., 1::2]), 8 heads / 2 kv heads, d = 8",
+                 sites=2, heads=8, kv_heads=2, head_dim=8, rotary_dims=8, rotary_style="interleaved",
+                 devices=PAD_DEVICES),
+    FeatureModel(name="llama4_complex_rotary", build=_llama4,
+                 features=("rotary_complex", "qk_norm", "gqa", "causal_mask", "padding_mask", "explicit_softmax"),
+                 description="HF Llama 4 text (view_as_complex rotary, L2 q/k norm), 8 heads / 2 kv heads, d = 8",
+                 sites=2, heads=8, kv_heads=2, head_dim=8, rotary_dims=8, rotary_style="interleaved",
+                 qk_norm=True, devices=PAD_DEVICES),
+    FeatureModel(name="gemma2_softcap", build=_gemma2,
+                 features=("softcap", "rotary_full", "gqa", "causal_mask", "padding_mask", "explicit_softmax"),
+                 description="HF Gemma 2 eager (attn_logit_softcapping), 8 heads / 2 kv heads, d = 8",
+                 sites=2, heads=8, kv_heads=2, head_dim=8, rotary_dims=8, devices=PAD_DEVICES),
+    FeatureModel(name="gpt_oss_sinks", build=_gpt_oss,
+                 features=("sinks", "rotary_full", "gqa", "causal_mask", "padding_mask", "explicit_softmax"),
+                 description="HF GPT-OSS eager (attention sinks, MoE), 8 heads / 2 kv heads, d = 8",
+                 sites=2, heads=8, kv_heads=2, head_dim=8, rotary_dims=8, head_bias=True, devices=PAD_DEVICES),
+    FeatureModel(name="gptj_partial_interleaved", build=_gptj,
+                 features=("rotary_interleaved", "rotary_partial", "causal_mask", "padding_mask",
+                           "explicit_softmax"),
+                 description="HF GPT-J (rotate_every_two, rotary_dim 8 of d = 16), 4 heads, d = 16",
+                 sites=2, heads=4, kv_heads=4, head_dim=16, rotary_dims=8, rotary_style="interleaved",
+                 devices=PAD_DEVICES),
 )
+
 
 FEATURE_MODELS_BY_NAME: dict[str, FeatureModel] = {f.name: f for f in FEATURE_MODELS}

@@ -13,12 +13,13 @@ import pytest
 
 from helix_compiler.pipeline import analyze
 from helix_compiler.solver import solve
-from tests.attention_models import FEATURE_MODELS, FeatureModel
+from tests.attention_models import FEATURE_MODELS, FEATURE_MODELS_BY_NAME, FeatureModel
 from tests.helpers import (assert_ranks_equal, check_split, compile_split, eager_output,
                            expected_collectives, feasible_splits, variants_for)
 
 # Features that are only exercised when the head dim is split (m > 1).
-NEEDS_M_ABOVE_ONE = {"rotary_full", "rotary_partial", "qk_norm", "m_forced"}
+NEEDS_M_ABOVE_ONE = {"rotary_full", "rotary_partial", "rotary_interleaved", "rotary_complex", "qk_norm",
+                     "m_forced"}
 
 # Errors find_attention / helix_compile give today, by model name; each keeps the model's
 # tests as strict xfails whose reason is the error. Empty: the Falcon (x @ W.T projections,
@@ -70,12 +71,15 @@ def test_find_attention_reports_every_site_with_its_heads_and_features(entry, bu
         [(entry.heads, entry.kv_heads, entry.head_dim)] * entry.sites
     if entry.rotary_dims:
         assert [(s.rotary.dims, s.rotary.style) if s.rotary else None for s in sites] == \
-            [(entry.rotary_dims, "half")] * entry.sites
+            [(entry.rotary_dims, entry.rotary_style)] * entry.sites
     else:
         assert all(s.rotary is None for s in sites), [s.rotary for s in sites]
     assert [bool(s.qk_norm) for s in sites] == [entry.qk_norm] * entry.sites
     assert [s.head_bias for s in sites] == [entry.head_bias] * entry.sites
     assert sum(s.cross for s in sites) == entry.cross_sites
+    assert [(s.k_shared_dims, s.v_head_dim) for s in sites] == \
+        [(entry.k_shared_dims, entry.v_head_dim or entry.head_dim)] * entry.sites
+    assert [s.gate_proj is not None for s in sites] == [entry.gated] * entry.sites
     for s in sites:
         assert s.core == ("sdpa" if "sdpa" in entry.features else "explicit"), s
         if s.cross:
@@ -100,6 +104,8 @@ def _check_collectives(prog, entry: FeatureModel, m: int, n: int, variant: str |
     sites = prog.plan.sites
     want = expected_collectives(m=m, n=n, variant=variant, sites=len(sites),
                                 o_projs=sum(sp.site.o_proj is not None for sp in sites), mlps=prog.plan.mlps)
+    if m > 1 and entry.extra_dim_reduces:
+        want["all_reduce:dim"] = want.get("all_reduce:dim", 0) + entry.extra_dim_reduces * len(sites)
     for r in range(m * n):
         got = dict(prog.collectives(r))
         if entry.qk_norm and m > 1:
@@ -138,6 +144,17 @@ def test_12_heads_on_16_devices_admit_only_splits_whose_n_divides_12(built):
     assert any("H=12 heads not divisible by n=16" in r for r in cands[1, 16].reasons)
     assert any("H=12 heads not divisible by n=8" in r for r in cands[2, 8].reasons)
     assert any("d=8 not divisible by m=16" in r for r in cands[16, 1].reasons)
+
+
+@pytest.mark.parametrize("name", ["deepseek_v2_mla_eager", "deepseek_v3_mla_eager"])
+def test_mla_sites_split_heads_only_and_the_solver_says_why_not_m_above_1(name, built):
+    """The rope key of MLA is one tensor read by every head: heads split, head dims do not."""
+    *_, analysis = built(FEATURE_MODELS_BY_NAME[name])
+    cands = {(c.m, c.n): c for c in solve(analysis.summary, 8)}
+    assert [k for k, c in cands.items() if c.feasible] == [(1, 8)]
+    for m in (2, 4, 8):
+        assert any("4 of the d=12 key dims come from one projection shared by all heads" in r
+                   for r in cands[m, 8 // m].reasons), cands[m, 8 // m].reasons
 
 
 def test_32_heads_on_32_devices_admit_m_2(built):
