@@ -36,25 +36,28 @@ def _model(layers: int):
     return model, ids
 
 
-def one(layers: int, devices: int, dynamic: bool = True) -> dict:
+def one(layers: int, devices: int, dynamic: bool = True, repeat: bool = True) -> dict:
     import torch
 
     from helix_compiler import helix_compile
 
     model, ids = _model(layers)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     torch.export.export(model, (ids,), {"use_cache": False}, strict=False)
-    export_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    export_s, export_cpu = time.perf_counter() - t0, time.process_time() - c0
+    t0, c0 = time.perf_counter(), time.process_time()
     prog = helix_compile(model, devices=devices, example_inputs=(ids,), example_kwargs={"use_cache": False},
-                         dynamic=dynamic)
-    total = time.perf_counter() - t0
+                         dynamic=dynamic, repeat_blocks=repeat)
+    total, total_cpu = time.perf_counter() - t0, time.process_time() - c0
     t0 = time.perf_counter()
     prog.rank_module(0)
     emit_s = time.perf_counter() - t0
-    return {"layers": layers, "devices": devices, "dynamic": dynamic, "sites": len(prog.plan.sites),
-            "plan": f"m={prog.plan.m} x n={prog.plan.n}", "compile_s": total,
-            "stages_s": dict(prog.timings), "export_alone_s": export_s,
+    # process CPU seconds next to wall seconds: on a machine shared with other jobs the
+    # wall time of one run moves by 2-3x, its CPU time much less
+    return {"layers": layers, "devices": devices, "dynamic": dynamic, "repeat_blocks": repeat,
+            "repeated": prog.analysis.captured.gm.meta.get("repeat_blocks"), "sites": len(prog.plan.sites),
+            "plan": f"m={prog.plan.m} x n={prog.plan.n}", "compile_s": total, "compile_cpu_s": total_cpu,
+            "stages_s": dict(prog.timings), "export_alone_s": export_s, "export_alone_cpu_s": export_cpu,
             "emit_rank0_s": emit_s, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
             "params_per_rank": prog.plan.cost.param_elements_per_rank}
 
@@ -89,26 +92,40 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/scale_llama70b.json"))
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--static", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--machine-note", default="", help="e.g. '2-core CPU shared with other jobs'")
+    ap.add_argument("--no-repeat", action="store_true",
+                    help="helix_compile(repeat_blocks=False): export every layer (the largest count "
+                         "is always also run this way, for comparison)")
     args = ap.parse_args()
     if args.one is not None:
-        print(json.dumps(one(args.one, args.devices, dynamic=not args.static)))
+        print(json.dumps(one(args.one, args.devices, dynamic=not args.static, repeat=not args.no_repeat)))
         return 0
     rows = []
-    runs = [(layers, False) for layers in args.layers] + [(max(args.layers), True)]
-    for layers, static in runs:
+    top = max(args.layers)
+    runs = [(layers, False, args.no_repeat) for layers in args.layers] + [(top, True, args.no_repeat)]
+    if not args.no_repeat:
+        runs.append((top, False, True))
+    for layers, static, no_repeat in runs:
         p = subprocess.run([sys.executable, __file__, "--one", str(layers), "--devices", str(args.devices)]
-                           + (["--static"] if static else []), capture_output=True, text=True, check=True)
+                           + (["--static"] if static else []) + (["--no-repeat"] if no_repeat else []),
+                           capture_output=True, text=True, check=True)
         rows.append(json.loads(p.stdout.strip().splitlines()[-1]))
         r = rows[-1]
-        print(f"{layers:3d} layers {'static ' if static else 'dynamic'}: compile {r['compile_s']:.1f} s (export alone {r['export_alone_s']:.1f} s), "
+        print(f"{layers:3d} layers {'static ' if static else 'dynamic'}{' no-repeat' if no_repeat else ''}: "
+              f"compile {r['compile_s']:.1f} s ({r['compile_cpu_s']:.1f} s CPU; export alone {r['export_alone_s']:.1f} s), "
               f"peak RSS {r['peak_rss_gb']:.2f} GB, stages {', '.join(f'{k} {v:.2f}' for k, v in r['stages_s'].items())}")
     search = plan_search(max(args.layers))
     for s in search:
         print(f"plan search {s['devices']:5d} devices: {s['plan_search_ms']:.1f} ms, first call "
               f"{s['first_call_ms']:.1f} ms ({s['chosen']})")
+    import os
+
     import torch
-    res = {"device": f"CPU ({platform.processor() or platform.machine()}, 2 cores)", "torch": torch.__version__,
-           "date": datetime.date.today().isoformat(), "command": "python benchmarks/scale.py " + " ".join(sys.argv[1:]),
+    import transformers
+
+    res = {"device": f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+                     + (f", {args.machine_note}" if args.machine_note else ""), "torch": torch.__version__,
+           "transformers": transformers.__version__, "date": datetime.date.today().isoformat(), "command": "python benchmarks/scale.py " + " ".join(sys.argv[1:]),
            "config": "LLaMA-70B: 64 heads, 8 kv heads, d 128, D 8192, MLP 28672, vocab 128256, bf16, meta, seq 4096",
            "compile": rows, "plan_search": search}
     Path(args.out).write_text(json.dumps(res, indent=1))

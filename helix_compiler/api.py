@@ -21,7 +21,8 @@ def plan_model(model: torch.nn.Module, devices: int = 16, example_inputs: tuple 
                plan: Plan | tuple[int, int] | None = None, variant: str | None = None,
                profile: ComputeProfile | None = None,
                print_after: str | Iterable[str] | None = (), dynamic: bool = True,
-               strict: bool = False, verbose: bool = False) -> tuple[Plan, Analysis]:
+               strict: bool = False, verbose: bool = False,
+               repeat_blocks: bool = True) -> tuple[Plan, Analysis]:
     """Capture, find attention and MLPs, solve and cost: (Plan, Analysis). Nothing is sharded,
     but the chosen split is one the shard pass builds (its placements are computed; a split it
     refuses is excluded with its reason and the next best chosen, see
@@ -32,9 +33,12 @@ def plan_model(model: torch.nn.Module, devices: int = 16, example_inputs: tuple 
     print_after: pass names (pipeline.PASS_NAMES up to seeds) whose graph is printed after
     them; shard and the rank passes need helix_compile.
     verbose: let torch.export print as it captures (by default held back; a capture error
-    keeps it, on the exception torch raised, the CaptureError's __cause__)."""
+    keeps it, on the exception torch raised, the CaptureError's __cause__).
+    repeat_blocks: export a stack of identical layers once and copy it (helix_compiler/repeat.py;
+    a stack it cannot prove identical is exported whole, the program's notes say why)."""
     req = pipeline.request(model, devices, example_inputs, example_kwargs, cluster, plan, variant,
-                           profile, print_after, dynamic, verbose, emit=False)
+                           profile, print_after, dynamic, verbose, emit=False,
+                           repeat_blocks=repeat_blocks)
     return pipeline.run_plan(req, strict=strict)
 
 
@@ -46,7 +50,7 @@ def helix_compile(model: torch.nn.Module, devices: int = 16,
                   print_after: str | Iterable[str] | None = (),
                   kernel_choice: bool | None = None, dynamic: bool = True,
                   sequence_parallel: bool = False, strict: bool = False,
-                  verbose: bool = False) -> HelixProgram:
+                  verbose: bool = False, repeat_blocks: bool = True) -> HelixProgram:
     """Compile `model` for `devices` ranks: every pass of pipeline.PASSES; returns a HelixProgram.
 
     plan=(m, n) forces a split; variant="score-reduce" | "qk-gather" forces the m > 1 variant
@@ -68,13 +72,16 @@ def helix_compile(model: torch.nn.Module, devices: int = 16,
     verbose: let torch.export print its partial graphs and logs as it captures; by default
     they are held back and a capture error is one CaptureError whose __cause__ (torch's
     exception) keeps them.
+    repeat_blocks: export a stack of identical layers (an nn.ModuleList of one class and
+    config, 8 or more) once and copy its graph for the others (helix_compiler/repeat.py);
+    False exports every layer.
     """
     if sequence_parallel and dynamic:
         raise PlanError("sequence_parallel=True needs a static sequence length; pass "
                         "dynamic=False as well")
     req = pipeline.request(model, devices, example_inputs, example_kwargs, cluster, plan, variant,
                            profile, print_after, dynamic, verbose,
-                           sequence_parallel=sequence_parallel)
+                           sequence_parallel=sequence_parallel, repeat_blocks=repeat_blocks)
     return pipeline.run_compile(req, strict=strict, kernel_choice=kernel_choice)
 
 

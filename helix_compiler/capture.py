@@ -8,6 +8,7 @@ all of them, so it is the only capture path (DESIGN.md section 1).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import io
 import logging
@@ -98,14 +99,26 @@ def _held_back(e: BaseException, buf: io.StringIO) -> None:
 
 
 def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
-            dynamic: bool = True, verbose: bool = False) -> Captured:
+            dynamic: bool = True, verbose: bool = False, repeat_blocks: bool = True) -> Captured:
     """Export `model` on the example inputs; a failure becomes a CaptureError that says what to try
     (the exception torch raised is its `__cause__`).
 
     With dynamic=True the batch and sequence dims are exported as symbols so the rank modules
     run other sizes; a model that only exports with static shapes is captured static (`note`).
     torch's own output during the export is held back unless `verbose`.
+    repeat_blocks: export only layers 0, 1, 2, L-1 of a list of identical layers and copy
+    the rest in the graph (repeat.py); a model it cannot prove safe is captured whole (`note`).
     """
+    if repeat_blocks and isinstance(model, torch.nn.Module):
+        from .repeat import capture_repeated
+
+        got = capture_repeated(model, args if isinstance(args, tuple) else (args,), dict(kwargs or {}),
+                               dynamic, lambda *a: capture(*a, verbose=verbose, repeat_blocks=False))
+        if not isinstance(got, str):
+            return got
+        whole = capture(model, args, kwargs, dynamic, verbose=verbose, repeat_blocks=False)
+        note = "; ".join(x for x in (whole.note, got and f"repeat_blocks: {got}") if x)
+        return dataclasses.replace(whole, note=note)
     kwargs = dict(kwargs or {})
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"model must be a torch.nn.Module, got {type(model).__name__}")

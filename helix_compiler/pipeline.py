@@ -87,6 +87,7 @@ class Request:
     kwargs: dict = dataclasses.field(default_factory=dict)
     dynamic: bool = True
     verbose: bool = False
+    repeat_blocks: bool = True              # capture a repeated layer stack once (repeat.py)
     devices: int = 1
     cluster: ClusterSpec | None = None
     cluster_arg: object = None              # as the caller gave it (None, a name, a spec)
@@ -153,7 +154,8 @@ class Pass:
 def _capture(s: State) -> State:
     r = s.request
     return dataclasses.replace(s, captured=capture(r.model, r.args, r.kwargs, dynamic=r.dynamic,
-                                                   verbose=r.verbose))
+                                                   verbose=r.verbose,
+                                                   repeat_blocks=r.repeat_blocks))
 
 
 def _fold_params(s: State) -> State:
@@ -454,13 +456,13 @@ def _state_of(analysis: Analysis, request: Request) -> State:
 # ---- entry points ---------------------------------------------------------------------------
 def analyze(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
             print_after: str | Iterable[str] | None = (), dynamic: bool = True,
-            verbose: bool = False) -> Analysis:
+            verbose: bool = False, repeat_blocks: bool = True) -> Analysis:
     """The model passes (capture ... summarize): what they learned about `model`."""
     names = tuple(p.name for p in MODEL_PASSES)
     printing = check_print_after(print_after, names)
     request = Request(model=model, args=args if isinstance(args, tuple) else (args,),
                       kwargs=dict(kwargs or {}), dynamic=dynamic, verbose=verbose,
-                      print_after=printing)
+                      repeat_blocks=repeat_blocks, print_after=printing)
     return _run_model_passes(request)[0]
 
 
@@ -525,7 +527,8 @@ def request(model: torch.nn.Module | None, devices: object, example_inputs: obje
             example_kwargs: dict | None = None, cluster: object = None, plan: object = None,
             variant: str | None = None, profile: ComputeProfile | None = None,
             print_after: str | Iterable[str] | None = (), dynamic: bool = True,
-            verbose: bool = False, sequence_parallel: bool = False, emit: bool = True) -> Request:
+            verbose: bool = False, sequence_parallel: bool = False, emit: bool = True,
+            repeat_blocks: bool = True) -> Request:
     """The caller's arguments checked and normalized (one message per rule)."""
     devices = check_devices(devices)
     if variant not in VARIANTS:
@@ -545,7 +548,7 @@ def request(model: torch.nn.Module | None, devices: object, example_inputs: obje
                                              if p.kind != "emit")
     return Request(model=model, args=example_inputs if isinstance(example_inputs, tuple) else (example_inputs,),
                    kwargs=dict(example_kwargs or {}), dynamic=dynamic, verbose=verbose,
-                   devices=devices, cluster=cluster_spec(cluster, devices), cluster_arg=cluster,
+                   repeat_blocks=repeat_blocks, devices=devices, cluster=cluster_spec(cluster, devices), cluster_arg=cluster,
                    profile=profile,
                    forced=forced, plan=given, variant=variant, sequence_parallel=sequence_parallel,
                    emit=emit, print_after=check_print_after(print_after, allowed))

@@ -76,9 +76,10 @@ def site_seeds(match: SiteMatch, mesh: Mesh) -> dict:
         if match.gate is not None:  # an output gate: the features gating the rank's outputs
             feats.append((match.gate_proj, match.gate[np.ix_(heads, vdims)].reshape(-1)))
         for proj, fs in feats:  # one fused projection may serve all three
-            per_proj.setdefault(proj.name, [set() for _ in range(mesh.size)])
-            per_proj[proj.name][rank].update(int(f) for f in fs)
-    return {name: tuple(np.array(sorted(x), dtype=np.int64) for x in lists)
+            per_proj.setdefault(proj.name, [[] for _ in range(mesh.size)])
+            per_proj[proj.name][rank].append(np.asarray(fs, dtype=np.int64))
+    # sorted distinct features per rank (np.unique sorts)
+    return {name: tuple(np.unique(np.concatenate(x)) for x in lists)
             for name, lists in per_proj.items()}
 
 

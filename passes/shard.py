@@ -166,6 +166,9 @@ class Localizer:
     def copy(self, node: fx.Node, layout, args_for=None, kwargs_for=None) -> None:
         """Emit `node` on every rank with local operands; `args_for(r)` overrides its args."""
         for r in range(self.N):
+            if r not in self.active:    # emit would give None: skip building its operands
+                self.env[r][node] = None
+                continue
             args = args_for(r) if args_for else self.local(r, node.args)
             kwargs = kwargs_for(r) if kwargs_for else self.local(r, dict(node.kwargs))
             self.env[r][node] = self.emit(r, node.target, args, kwargs, name=node.name)
