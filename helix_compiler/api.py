@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .errors import HelixError, PlanError, first_line
@@ -41,7 +43,8 @@ def _cluster_spec(cluster, devices: int):
 
 def plan_model(model: torch.nn.Module, devices: int = 16, example_inputs=(), example_kwargs=None,
                cluster=None, plan=None, variant=None, profile=None, print_after=(), dynamic=True,
-               strict: bool = False, verbose: bool = False):
+               strict: bool = False, verbose: bool = False, *, objective: str = "throughput",
+               memory_cap_gib: float | None = None, dp: int | None = None):
     """Capture, find attention and MLPs, solve and cost: (Plan, Analysis). Nothing is sharded,
     but the chosen split is one the shard pass builds (its placements are computed; a split it
     refuses is excluded with its reason and the next best chosen, see `plan_buildable`).
@@ -49,15 +52,35 @@ def plan_model(model: torch.nn.Module, devices: int = 16, example_inputs=(), exa
     An attention core no site owns runs replicated: a HelixWarning names it and the plan lists
     it (plan.unpartitioned); strict=True refuses it with an UnpartitionedError instead.
     verbose: let torch.export print as it captures (by default held back; a capture error
-    keeps it, on the exception torch raised, the CaptureError's __cause__)."""
+    keeps it, on the exception torch raised, the CaptureError's __cause__).
+    objective: "throughput" (tokens/s of the example batch) or "latency" (time of one batch);
+    memory_cap_gib: GiB per rank below the GPU's; dp: data replicas (None: every dp dividing
+    devices and the batch, the planner chooses; plan=(dp, m, n) forces one)."""
     result, analysis, _ = _plan(model, devices, example_inputs, example_kwargs, cluster, plan,
                                 variant, profile, print_after, dynamic, _placements, strict,
-                                verbose=verbose)
+                                verbose=verbose, search=_search(objective, memory_cap_gib, dp))
     return result, analysis
 
 
+def _search(objective="throughput", memory_cap_gib=None, dp=1) -> dict:
+    """make_plan's keywords for the (dp, m, n) space (plan.make_plan)."""
+    return {"objective": objective, "memory_cap_gib": memory_cap_gib, "dp": dp}
+
+
+def _forced_split(plan, devices: int):
+    """--plan's (m, n) or (dp, m, n) as a tuple, or None; PlanError for anything else."""
+    if plan is None:
+        return None
+    if not (isinstance(plan, (tuple, list)) and len(plan) in (2, 3)
+            and all(isinstance(x, int) and not isinstance(x, bool) for x in plan)):
+        raise PlanError(f"plan must be (m, n) or (dp, m, n) with integers dp * m * n = devices, "
+                        f"got {plan!r}")
+    return tuple(int(x) for x in plan)
+
+
+
 def _plan(model, devices, example_inputs, example_kwargs, cluster, plan, variant, profile,
-          print_after, dynamic, build, strict=False, warn=True, verbose=False):
+          print_after, dynamic, build, strict=False, warn=True, verbose=False, search=None):
     """plan_model's work: (Plan, Analysis, what `build(plan, analysis)` returned)."""
     from .plan import Plan
 
@@ -71,14 +94,12 @@ def _plan(model, devices, example_inputs, example_kwargs, cluster, plan, variant
     _report_unpartitioned(analysis.unpartitioned, strict, warn)
     forced = None
     if isinstance(plan, Plan):
-        forced = (plan.m, plan.n)
+        forced = (plan.dp, plan.m, plan.n)
         if plan.devices != devices:
             raise PlanError(f"plan is for {plan.devices} devices, not devices={devices}; "
                             f"compile with devices={plan.devices} or make a new plan")
-    elif plan is not None:
-        if not (isinstance(plan, (tuple, list)) and len(plan) == 2 and all(isinstance(x, int) for x in plan)):
-            raise PlanError(f"plan must be (m, n) with integers m * n = devices, got {plan!r}")
-        forced = (int(plan[0]), int(plan[1]))
+    else:
+        forced = _forced_split(plan, devices)
     if isinstance(plan, Plan):   # the model check comes before any sharding
         from .plan import model_fingerprint
 
@@ -86,7 +107,7 @@ def _plan(model, devices, example_inputs, example_kwargs, cluster, plan, variant
             raise PlanError(f"plan was made for model {plan.model}, not for this model "
                             f"({model_fingerprint(analysis.summary)}); make a new plan with `helix plan`")
     result, built = plan_buildable(analysis, devices, spec, profile=profile, forced=forced,
-                                   variant=variant, build=build)
+                                   variant=variant, build=build, search=search)
     return result, analysis, built
 
 
@@ -112,7 +133,7 @@ def _report_unpartitioned(cores, strict: bool, warn: bool) -> None:
 
 
 def plan_buildable(analysis, devices: int, spec, *, profile=None, forced=None, variant=None,
-                   build=None):
+                   build=None, search=None):
     """make_plan, checked with the shard pass's own rules: `build(plan, analysis)` (by default
     the placements of every rank) runs for the chosen split; when it raises a ShardingError
     and the split was the cost model's choice, not `forced`, that split is excluded with the
@@ -131,7 +152,7 @@ def plan_buildable(analysis, devices: int, spec, *, profile=None, forced=None, v
     while True:
         t0 = time.perf_counter()
         result = make_plan(analysis.summary, devices, spec, profile=profile, forced=forced,
-                           variant=variant, refused=refused)
+                           variant=variant, refused=refused, **(search or {}))
         result = dataclasses.replace(result, unpartitioned=tuple(analysis.unpartitioned))
         analysis.timings["plan"] = analysis.timings.get("plan", 0.0) + time.perf_counter() - t0
         try:
@@ -139,14 +160,15 @@ def plan_buildable(analysis, devices: int, spec, *, profile=None, forced=None, v
         except ShardingError as e:
             if forced is not None:
                 raise
-            refused[(result.m, result.n)] = f"the shard pass refuses it: {first_line(e)}"
+            refused[result.split] = f"the shard pass refuses it: {first_line(e)}"
 
 
 def helix_compile(model: torch.nn.Module, devices: int = 16, example_inputs=(), example_kwargs=None,
                   cluster=None, plan=None, variant=None, profile=None, print_after=(),
                   kernel_choice=None, dynamic: bool = True,
                   sequence_parallel: bool = False, strict: bool = False,
-                  verbose: bool = False) -> HelixProgram:
+                  verbose: bool = False, *, objective: str = "throughput",
+                  memory_cap_gib: float | None = None, dp: int | None = 1) -> HelixProgram:
     """Compile `model` for `devices` ranks: capture, plan, shard; returns a HelixProgram.
 
     plan=(m, n) forces a split; variant="score-reduce" | "qk-gather" forces the m > 1 variant
@@ -165,6 +187,10 @@ def helix_compile(model: torch.nn.Module, devices: int = 16, example_inputs=(), 
     verbose: let torch.export print its partial graphs and logs as it captures; by default
     they are held back and a capture error is one CaptureError whose __cause__ (torch's
     exception) keeps them.
+    objective / memory_cap_gib: as for plan_model. dp: data replicas; 1 by default (the example
+    batch is rarely the batch the program will run, so the batch is split only when asked:
+    dp=None lets the planner choose, plan=(dp, m, n) or a Plan with dp forces it). A dp > 1
+    program (helix_compiler.data.DataParallelProgram) feeds rank r the batch shard r // (m n).
     """
     if sequence_parallel and dynamic:
         raise PlanError("sequence_parallel=True needs a static sequence length; pass "
@@ -172,7 +198,7 @@ def helix_compile(model: torch.nn.Module, devices: int = 16, example_inputs=(), 
     result, analysis, prog = _plan(model, devices, example_inputs, example_kwargs, cluster, plan,
                                    variant, profile, print_after, dynamic,
                                    lambda r, a: _shard(r, a, sequence_parallel), strict,
-                                   verbose=verbose)
+                                   verbose=verbose, search=_search(objective, memory_cap_gib, dp))
     prog.kernel_choice = _kernel_choice(kernel_choice, analysis, prog.plan.m)
     prog._source = dict(model=model, example_inputs=example_inputs, example_kwargs=example_kwargs,
                         cluster=cluster, profile=profile, verbose=verbose)
@@ -188,7 +214,8 @@ def _static_if_better(prog: HelixProgram, devices: int, plan, variant) -> HelixP
         return prog
     _, _, static = _plan(src["model"], devices, src["example_inputs"], src["example_kwargs"],
                          src["cluster"], plan, variant, src["profile"], (), False, _shard,
-                         warn=False, verbose=src.get("verbose", False))
+                         warn=False, verbose=src.get("verbose", False),
+                         search=_search(prog.plan.objective, None, prog.plan.dp))
     static.kernel_choice = prog.kernel_choice
     static._source = src
     if len(static.replicated_ops) < len(prog.replicated_ops):
@@ -207,13 +234,14 @@ def recompile(program: HelixProgram, plan, devices: int | None = None, variant=N
     pays it once.  The capture's mode (dynamic or static) and kernel choice carry over."""
     analysis = program.analysis
     if devices is None:
-        if not (isinstance(plan, (tuple, list)) and len(plan) == 2):
-            raise PlanError(f"recompile needs devices= or plan=(m, n), got plan={plan!r}")
-        devices = plan[0] * plan[1]
+        if not (isinstance(plan, (tuple, list)) and len(plan) in (2, 3)):
+            raise PlanError(f"recompile needs devices= or plan=(m, n) / (dp, m, n), "
+                            f"got plan={plan!r}")
+        devices = math.prod(plan)
     devices = _check_devices(devices)
     _check_variant(variant)
     spec = _cluster_spec(cluster, devices)
-    forced = None if plan is None else (int(plan[0]), int(plan[1]))
+    forced = _forced_split(plan, devices)
     _, prog = plan_buildable(analysis, devices, spec, profile=profile, forced=forced,
                              variant=variant, build=_shard)
     prog.kernel_choice = program.kernel_choice or needs_kernel_choice(analysis, prog.plan.m)
@@ -290,4 +318,9 @@ def _shard(result, analysis, sequence_parallel: bool = False, emit: bool = True)
     localized = run(None if eager else ())
     if emit:
         analysis.timings["shard"] = time.perf_counter() - t0
-    return HelixProgram(plan=result, analysis=analysis, localized=localized, mesh=mesh, localize=run)
+    prog = HelixProgram(plan=result, analysis=analysis, localized=localized, mesh=mesh, localize=run)
+    if result.dp > 1:   # dp replicas of the m x n program (data.py): the same rank modules
+        from .data import DataParallelProgram
+
+        prog = DataParallelProgram.of(prog)
+    return prog

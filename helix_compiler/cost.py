@@ -348,9 +348,14 @@ class _Layout:
     out_groups: tuple[tuple[int, ...], ...] = ()
 
 
-def _helix_layout(m: int, n: int) -> _Layout:
-    mesh = Mesh(n=n, m=m)
-    return _Layout(m, n, m * n, tuple(mesh.groups("dim")), tuple(mesh.groups("all")))
+def _helix_layout(m: int, n: int, dp: int = 1) -> _Layout:
+    """Groups of every replica: replica r holds ranks [r m n, (r + 1) m n), so each of its
+    m-groups and output groups is the first replica's shifted by r m n (rank = ((r n) + i) m + j;
+    the chattiest, the m-group, contiguous and inside a node, then the n-groups)."""
+    mesh, size = Mesh(n=n, m=m), m * n
+    shift = lambda groups: tuple(tuple(x + r * size for x in g)   # noqa: E731
+                                 for r in range(dp) for g in groups)
+    return _Layout(m, n, size, shift(mesh.groups("dim")), shift(mesh.groups("all")))
 
 
 def _site_env(site: AttentionSite, w: int, b: int, lay: _Layout) -> dict:
@@ -691,11 +696,14 @@ def _check_devices(name: str, devices: int, cluster: ClusterSpec) -> None:
 
 
 def _finish(name, summary, devices, compute_s, comm_s, bubble_s, params, act, b, sites, mlps,
-            notes=(), graph=()) -> PlanCost:
+            notes=(), graph=(), global_batch: int | None = None) -> PlanCost:
+    """`summary` is one replica's (batch B/dp); tokens/s counts `global_batch` (B) over the
+    replica's step, since the dp replicas run their shards at once."""
     if summary.workload is None:
         notes = (*notes, f"no graph behind this summary: norms and residual adds priced as "
                          f"{ELEMENTWISE_PASSES_PER_BLOCK} passes over b*S*D per block")
-    tokens = summary.batch * summary.seq_len
+    global_batch = summary.batch if global_batch is None else global_batch
+    tokens = global_batch * summary.seq_len
     if compute_s + comm_s + bubble_s <= 0:  # nothing the model covers: no sites, no MLPs
         notes = (*notes, "no attention site or MLP to cost: the step time covers none of the "
                          "model's work, so tokens/s is not predicted")
@@ -709,7 +717,7 @@ def _finish(name, summary, devices, compute_s, comm_s, bubble_s, params, act, b,
         name=name, devices=devices, compute_ms=compute_s * 1e3, comm_ms=comm_s * 1e3,
         bubble_ms=bubble_s * 1e3, step_ms=_ev("step", {"t_c": compute_s, "t_x": comm_s,
                                                        "t_b": bubble_s}) * 1e3,
-        tokens_per_s=_ev("tokens_per_s", {"B": summary.batch, "S": summary.seq_len,
+        tokens_per_s=_ev("tokens_per_s", {"B": global_batch, "S": summary.seq_len,
                                           "t_c": compute_s, "t_x": comm_s, "t_b": bubble_s}),
         comm_ms_per_token=comm_s * 1e3 / tokens,
         memory_bytes_per_rank=math.ceil(params * summary.dtype_bytes + b * act),
@@ -718,20 +726,40 @@ def _finish(name, summary, devices, compute_s, comm_s, bubble_s, params, act, b,
         sites=tuple(sites), mlps=tuple(mlps), graph=tuple(graph), notes=tuple(notes))
 
 
+def replica_summary(summary: ModelSummary, dp: int) -> ModelSummary:
+    """What one of dp data replicas runs: the same model on B/dp sequences (T tokens each)."""
+    if dp == 1:
+        return summary
+    if summary.batch % dp:
+        raise PlanError(f"dp={dp}: the global batch B={summary.batch} does not split into {dp} "
+                        f"equal shards; try a dp that divides {summary.batch}")
+    local = summary.batch // dp
+    mlps = tuple(dataclasses.replace(x, tokens=x.tokens // dp)
+                 if x.tokens >= summary.batch and x.tokens % summary.batch == 0 else x
+                 for x in summary.mlps)
+    return dataclasses.replace(summary, batch=local, mlps=mlps)
+
+
 def cost_plan(summary: ModelSummary, m: int, n: int, cluster: ClusterSpec,
               profile: ComputeProfile | None = None, variant: str | None = None,
-              backend: str | None = None) -> PlanCost:
-    """Predicted step of helix m x n. `variant` forces "score-reduce" or
-    "qk-gather" on every site when m > 1; otherwise each site takes the faster.
+              backend: str | None = None, dp: int = 1) -> PlanCost:
+    """Predicted step of helix m x n, or of dp replicas of it. `variant` forces "score-reduce"
+    or "qk-gather" on every site when m > 1; otherwise each site takes the faster.
     `backend` prices every core that can take it with that core ("explicit", "flash",
-    "cudnn", "efficient"; score-reduce is always explicit) instead of the fastest one."""
+    "cudnn", "efficient"; score-reduce is always explicit) instead of the fastest one.
+
+    dp > 1: each replica is the m x n program on its B/dp sequences, priced exactly as an
+    m x n plan of that batch (a forward pass sends nothing between replicas); its groups lie
+    at ranks shifted by a replica's m n, so a collective costs what its node span says; the
+    step is one replica's (they run at once) and tokens/s counts all B sequences."""
     _TERMS.clear()
     if variant not in (None, "score-reduce", "qk-gather"):
         raise PlanError(f"variant must be 'score-reduce' or 'qk-gather' (or None to choose), "
                         f"got {variant!r}")
-    name = f"m={m} x n={n}"
-    _check_devices(name, m * n, cluster)
-    mach, lay = _Machine(cluster, profile or DEFAULT_PROFILE), _helix_layout(m, n)
+    name = f"m={m} x n={n}" if dp == 1 else f"dp={dp} x m={m} x n={n}"
+    _check_devices(name, dp * m * n, cluster)
+    global_batch, summary = summary.batch, replica_summary(summary, dp)
+    mach, lay = _Machine(cluster, profile or DEFAULT_PROFILE), _helix_layout(m, n, dp)
     w = summary.dtype_bytes
     params = _params_per_rank(summary, summary.sites, summary.mlps, lay)
     reps, idx = _unique(summary.sites)
@@ -754,8 +782,8 @@ def cost_plan(summary: ModelSummary, m: int, n: int, cluster: ClusterSpec,
     graph = _graph_cost(summary, counts, lay, mach)
     compute = sum(s.compute_ms for s in sites + mlps + graph) / 1e3
     comm = sum(s.comm_ms for s in sites + mlps + graph) / 1e3
-    return _finish(name, summary, m * n, compute, comm, 0.0, params, act, b, sites, mlps,
-                   graph=graph)
+    return _finish(name, summary, dp * m * n, compute, comm, 0.0, params, act, b, sites, mlps,
+                   graph=graph, global_batch=global_batch)
 
 
 def _graph_cost(summary, counts, lay, mach, pp: int = 1) -> list[SiteCost]:

@@ -1,0 +1,181 @@
+"""Data parallelism: dp replicas of one m x n program, each fed its shard of the batch.
+
+Rank r = ((d * n) + i) * m + j: replica d in [0, dp) holds ranks [d m n, (d + 1) m n), and
+inside it the head group i and dim slice j of mesh.py, so the chattiest group (the m-group)
+and then the replica's n-groups stay inside a node. A forward pass sends nothing between
+replicas: every collective of a rank graph ("dim", "head", "all") means its own replica.
+
+Replica d runs the m x n program's rank modules on the contiguous batch rows
+[d B/dp, (d + 1) B/dp): the modules are the very objects of local ranks 0..m n - 1 (weights
+are not copied per replica). `gather_replicas` concatenates the replicas' outputs back into
+the whole batch, so a caller compares with the unsharded model.
+
+Invariant: replica d's ranks each return what the unsharded model returns for the rows of
+shard d.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+import torch.utils._pytree as pytree
+
+from .errors import HelixError, first_line
+from .program import HelixProgram, run_ranks
+
+
+class DataParallelProgram(HelixProgram):
+    """A HelixProgram of dp replicas of the plan's m x n program (plan.dp > 1)."""
+
+    @classmethod
+    def of(cls, program: HelixProgram) -> DataParallelProgram:
+        """The dp replicas of `program`, whose plan has dp > 1 and whose mesh is one
+        replica's (n, m); shares its captured graph, placements and rank modules."""
+        if program.plan.dp < 2 or program.mesh.size * program.plan.dp != program.plan.devices:
+            raise HelixError(f"DataParallelProgram needs a plan with dp > 1 over a mesh of m x n "
+                             f"ranks, got dp={program.plan.dp}, mesh {program.mesh}")
+        out = cls.__new__(cls)
+        out.__dict__.update(program.__dict__)
+        return out
+
+    @property
+    def dp(self) -> int:
+        return self.plan.dp
+
+    @property
+    def replica_devices(self) -> int:
+        """m * n: the ranks of one replica."""
+        return self.mesh.size
+
+    @property
+    def devices(self) -> int:
+        return self.dp * self.mesh.size
+
+    def replica_of(self, rank: int) -> tuple[int, int]:
+        """(replica d, local rank in the m x n program)."""
+        self._check_rank(rank)
+        return divmod(rank, self.mesh.size)
+
+    def _check_rank(self, rank) -> None:
+        if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank < self.devices:
+            raise HelixError(f"rank must be an integer in [0, {self.devices}) (dp={self.dp} x "
+                             f"m={self.plan.m} x n={self.plan.n}), got {rank!r}")
+
+    def rank_module(self, rank: int, weights=None):
+        """Rank r's module: the m x n program's module of local rank r % (m n), the same
+        object for every replica (weights=PATH reads that local rank's slices)."""
+        _, local = self.replica_of(rank)
+        return super().rank_module(local, weights)
+
+    def rank_weights(self, rank: int) -> dict:
+        return super().rank_weights(self.replica_of(rank)[1])
+
+    def rank_shards(self, rank: int) -> dict:
+        return super().rank_shards(self.replica_of(rank)[1])
+
+    def collectives(self, rank: int) -> dict:
+        """Collective calls in rank r's graph, by "kind:axes"; axes mean r's replica."""
+        return super().collectives(self.replica_of(rank)[1])
+
+    def shard_inputs(self, *args, **kwargs) -> list[tuple[tuple, dict]]:
+        """The dp (args, kwargs) shards: every input whose dim 0 is the batch, cut into dp
+        contiguous equal parts; other inputs are given whole to every replica."""
+        return shard_inputs(self.analysis.captured.gm, args, kwargs, self.dp)
+
+    def simulate(self, *args, **kwargs) -> list:
+        """Every rank's output (rank r's is the output of its replica's shard), each replica's
+        m n rank modules run together in this process, one replica after another."""
+        modules = [super(DataParallelProgram, self).rank_module(r) for r in range(self.mesh.size)]
+        outs = []
+        for d, (a, k) in enumerate(self.shard_inputs(*args, **kwargs)):
+            self._check_static_shapes(a, k)
+            try:
+                outs += run_ranks(modules, self.mesh, a, k)
+            except HelixError as e:
+                raise HelixError(f"replica {d} of {self.dp}: {first_line(e)}") from e
+        return outs
+
+    def gather(self, outputs: list):
+        """The whole batch's output from simulate's (or every rank's) outputs."""
+        return gather_replicas(outputs, self.dp, self.mesh.size)
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(f"dp{self.dp}:{super().fingerprint()}".encode()).hexdigest()[:16]
+
+    def save(self, directory):
+        raise HelixError(f"save of a dp={self.dp} program is not supported yet; save the m x n "
+                         f"program (recompile with plan=({self.plan.m}, {self.plan.n})): every "
+                         f"replica loads the same {self.mesh.size} rank files")
+
+
+def _batch_leaves(gm, args: tuple, kwargs: dict) -> tuple[set, int, object]:
+    """ids of the input tensors whose dim 0 is the batch, the batch size and its captured size
+    (a symbol in a dynamic capture): the inputs
+    whose captured dim 0 is the first input's (the same symbol in a dynamic capture)."""
+    import torch.fx._pytree as fx_pytree
+
+    info = getattr(gm.graph._codegen, "pytree_info", None)
+    leaves = (fx_pytree.tree_flatten_spec((args, kwargs), info.in_spec) if info is not None
+              else pytree.tree_leaves((args, kwargs)))
+    holders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    vals = [h.meta.get("val") for h in holders] if len(holders) == len(leaves) else [None] * len(leaves)
+    tensors = [(x, v) for x, v in zip(leaves, vals) if isinstance(x, torch.Tensor) and x.dim() >= 1]
+    if not tensors:
+        raise HelixError("data parallelism splits the batch dim of the inputs, but no input is "
+                         "a tensor with a batch dim; pass the batch as a tensor argument")
+    first, first_val = tensors[0]
+    want = first_val.shape[0] if isinstance(first_val, torch.Tensor) else first.shape[0]
+    ids = set()
+    for x, v in tensors:
+        dim0 = v.shape[0] if isinstance(v, torch.Tensor) else x.shape[0]
+        if (str(dim0) == str(want)) and x.shape[0] == first.shape[0]:
+            ids.add(id(x))
+    return ids, first.shape[0], want
+
+
+def shard_inputs(gm, args: tuple, kwargs: dict, dp: int) -> list[tuple[tuple, dict]]:
+    """dp (args, kwargs): batch rows [d B/dp, (d + 1) B/dp) of every batch input."""
+    ids, batch, captured = _batch_leaves(gm, args, kwargs)
+    if batch % dp:
+        raise HelixError(f"batch of {batch} sequences does not split into dp={dp} equal shards; "
+                         f"feed a batch that is a multiple of {dp}")
+    if dp > 1 and isinstance(captured, int):
+        raise HelixError(f"dp={dp} feeds each replica {batch // dp} of the {batch} sequences, but "
+                         f"the program was captured with a static batch of {captured}; compile "
+                         f"with dynamic=True (the default)")
+    size = batch // dp
+
+    def part(d):
+        return pytree.tree_map(lambda x: x.narrow(0, d * size, size)
+                               if isinstance(x, torch.Tensor) and id(x) in ids else x,
+                               (args, kwargs))
+
+    return [part(d) for d in range(dp)]
+
+
+def gather_replicas(outputs: list, dp: int, replica_devices: int):
+    """Replica d's output (its first rank's) for d in [0, dp), concatenated along dim 0 of
+    every tensor leaf: the output of the whole batch. Other leaves must agree."""
+    if len(outputs) != dp * replica_devices:
+        raise HelixError(f"gather_replicas needs {dp} x {replica_devices} rank outputs, got "
+                         f"{len(outputs)}")
+    firsts = [outputs[d * replica_devices] for d in range(dp)]
+    flat = [pytree.tree_flatten(o) for o in firsts]
+    spec = flat[0][1]
+    if any(s != spec for _, s in flat):
+        raise HelixError("the replicas returned outputs of different structures; they run one "
+                         "program, so this is a Helix bug")
+    merged = []
+    for k, leaves in enumerate(zip(*(f[0] for f in flat))):
+        if isinstance(leaves[0], torch.Tensor):
+            if leaves[0].dim() == 0:
+                raise HelixError(f"output leaf {k} is a scalar tensor: it has no batch dim to "
+                                 f"gather the {dp} replicas along")
+            merged.append(torch.cat(leaves, dim=0))
+        elif all(x == leaves[0] for x in leaves):
+            merged.append(leaves[0])
+        else:
+            raise HelixError(f"output leaf {k} differs between replicas ({leaves!r}) and is "
+                             f"not a tensor to concatenate")
+    return pytree.tree_unflatten(merged, spec)
