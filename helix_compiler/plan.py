@@ -315,10 +315,11 @@ def _why_notes(summary: ModelSummary, chosen: Candidate, costs: dict, candidates
             out.append(f"dp={devices} (one GPU per replica) is excluded: "
                        f"{'; '.join(pure.reasons)}")
         elif pure in costs:
-            out.append(f"dp={devices} (one GPU per replica) predicted "
-                       f"{costs[pure].step_ms / costs[chosen].step_ms:.2f}x the step of "
-                       f"{chosen}: its micro-batch of {costs[pure].micro_batch} sequences "
-                       f"vs {costs[chosen].micro_batch}")
+            p, q = costs[pure], costs[chosen]
+            out.append(f"dp={devices} (one GPU per replica) predicted {p.step_ms / q.step_ms:.2f}x "
+                       f"the step of {chosen}: compute {p.compute_ms:,.0f} vs {q.compute_ms:,.0f} "
+                       f"ms (micro-batches of {p.micro_batch} vs {q.micro_batch} sequences), "
+                       f"comm {p.comm_ms:,.0f} vs {q.comm_ms:,.0f} ms")
     if chosen.m > 1 and summary.sites:
         gqa = [s for s in summary.sites if chosen.n * chosen.m > s.num_kv_heads]
         if gqa:
