@@ -110,9 +110,11 @@ class DataParallelProgram(HelixProgram):
 
 
 def _batch_leaves(gm, args: tuple, kwargs: dict) -> tuple[set, int, object]:
-    """ids of the input tensors whose dim 0 is the batch, the batch size and its captured size
-    (a symbol in a dynamic capture): the inputs
-    whose captured dim 0 is the first input's (the same symbol in a dynamic capture)."""
+    """ids of the input tensors whose dim 0 is the batch, the batch size B and the first
+    input's captured dim 0. An input's dim 0 is the batch when it is B and was captured as B
+    was: a symbol (export may give ids and attention_mask different symbols for one batch),
+    or, in a static capture, the same number; a dim 0 fixed at capture while B is symbolic
+    is no batch dim."""
     import torch.fx._pytree as fx_pytree
 
     info = getattr(gm.graph._codegen, "pytree_info", None)
@@ -129,7 +131,8 @@ def _batch_leaves(gm, args: tuple, kwargs: dict) -> tuple[set, int, object]:
     ids = set()
     for x, v in tensors:
         dim0 = v.shape[0] if isinstance(v, torch.Tensor) else x.shape[0]
-        if (str(dim0) == str(want)) and x.shape[0] == first.shape[0]:
+        same_kind = isinstance(dim0, int) == isinstance(want, int)
+        if same_kind and x.shape[0] == first.shape[0]:
             ids.add(id(x))
     return ids, first.shape[0], want
 

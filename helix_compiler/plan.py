@@ -275,10 +275,11 @@ def _key3(key: tuple) -> tuple[int, int, int]:
 
 
 def _forced3(forced, devices: int) -> tuple[int, int, int]:
+    three = isinstance(forced, (tuple, list)) and len(forced) == 3
     if not (isinstance(forced, (tuple, list)) and len(forced) in (2, 3)
             and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in forced)):
-        raise PlanError(f"forced split must be (m, n) or (dp, m, n), positive integers "
-                        f"multiplying to devices={devices}, got {forced!r}")
+        raise PlanError(f"forced {'(dp, m, n) must be three' if three else '(m, n) must be two'} "
+                        f"positive integers, got {forced!r}; they multiply to devices={devices}")
     return _key3(tuple(forced))
 
 
