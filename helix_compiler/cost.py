@@ -348,13 +348,20 @@ class _Layout:
     out_groups: tuple[tuple[int, ...], ...] = ()
 
 
-def _helix_layout(m: int, n: int, dp: int = 1) -> _Layout:
-    """Groups of every replica: replica r holds ranks [r m n, (r + 1) m n), so each of its
+def _helix_layout(m: int, n: int, dp: int = 1, node: int | None = None) -> _Layout:
+    """Groups of the replicas: replica r holds ranks [r m n, (r + 1) m n), so each of its
     m-groups and output groups is the first replica's shifted by r m n (rank = ((r n) + i) m + j;
-    the chattiest, the m-group, contiguous and inside a node, then the n-groups)."""
+    the chattiest, the m-group, contiguous and inside a node, then the n-groups). A group's
+    node span is unchanged by a shift of whole nodes (`node` GPUs each), so only replicas at
+    distinct offsets r m n mod `node` are listed: they have every group shape there is."""
     mesh, size = Mesh(n=n, m=m), m * n
+    offsets = {}
+    for r in range(dp):
+        offsets.setdefault((r * size) % node if node else r, r)
+        if node and len(offsets) == node:
+            break
     shift = lambda groups: tuple(tuple(x + r * size for x in g)   # noqa: E731
-                                 for r in range(dp) for g in groups)
+                                 for r in offsets.values() for g in groups)
     return _Layout(m, n, size, shift(mesh.groups("dim")), shift(mesh.groups("all")))
 
 
@@ -502,11 +509,41 @@ def _mlp_terms_uncached(mlp, summary, b, lay, mach) -> list[tuple[str, str, floa
 
 
 # --- memory -----------------------------------------------------------------------
+_SHAPES: dict = {}   # (id(items), key) -> (items, result): a summary's tuples are reused
+
+
+def _by_shape(items, key) -> list[tuple[object, int]]:
+    """(one item, how many) per distinct key: 80 identical layers are counted, not summed."""
+    hit = _SHAPES.get((id(items), key))
+    if hit is not None and hit[0] is items:
+        return hit[1]
+    out = _by_shape_uncached(items, key)
+    if isinstance(items, tuple):
+        if len(_SHAPES) > 256:
+            _SHAPES.clear()
+        _SHAPES[(id(items), key)] = (items, out)
+    return out
+
+
+def _by_shape_uncached(items, key) -> list[tuple[object, int]]:
+    reps: dict = {}
+    for x in items:
+        k = key(x)
+        reps[k] = (reps[k][0], reps[k][1] + 1) if k in reps else (x, 1)
+    return list(reps.values())
+
+
+def _mlp_shape(x: MlpSite) -> tuple:
+    return (x.hidden, x.ffn, len(x.up_weights))
+
+
 def _full_weights(summary: ModelSummary) -> int:
     """Elements of every attention and MLP weight, unsharded."""
     one = _Layout(1, 1, 1)
-    return (sum(round(_ev("attn_params", _site_env(s, 1, 1, one))) for s in summary.sites)
-            + sum(round(_ev("mlp_params", _mlp_env(x, summary, 1, 1))) for x in summary.mlps))
+    return (sum(c * round(_ev("attn_params", _site_env(s, 1, 1, one)))
+                for s, c in _by_shape(summary.sites, _shape_key))
+            + sum(c * round(_ev("mlp_params", _mlp_env(x, summary, 1, 1)))
+                  for x, c in _by_shape(summary.mlps, _mlp_shape)))
 
 
 def _params_per_rank(summary: ModelSummary, sites, mlps, lay: _Layout) -> int:
@@ -514,9 +551,10 @@ def _params_per_rank(summary: ModelSummary, sites, mlps, lay: _Layout) -> int:
     over `lay.shards` ranks; parameters no site explains (biases) over the shards too."""
     other = max(0, summary.param_elements - summary.replicated_elements - _full_weights(summary))
     return (summary.replicated_elements + math.ceil(other / lay.shards)
-            + sum(math.ceil(_ev("attn_params", _site_env(s, 1, 1, lay))) for s in sites)
-            + sum(math.ceil(_ev("mlp_params", _mlp_env(x, summary, 1, lay.shards)))
-                  for x in mlps))
+            + sum(c * math.ceil(_ev("attn_params", _site_env(s, 1, 1, lay)))
+                  for s, c in _by_shape(sites, _shape_key))
+            + sum(c * math.ceil(_ev("mlp_params", _mlp_env(x, summary, 1, lay.shards)))
+                  for x, c in _by_shape(mlps, _mlp_shape)))
 
 
 def _site_activation(site, w: int, variant: str, backend: str, lay: _Layout) -> float:
@@ -659,6 +697,16 @@ def _shape_key(site: AttentionSite) -> tuple:
 def _unique(sites) -> tuple[list, list[int]]:
     """Sites of distinct shape, and for each site the position of its shape: the 80 layers of
     a LLaMA-70B cost as one, so the plan search stays in milliseconds."""
+    hit = _SHAPES.get((id(sites), "unique"))
+    if hit is not None and hit[0] is sites:
+        return hit[1]
+    out = _unique_uncached(sites)
+    if isinstance(sites, tuple):
+        _SHAPES[(id(sites), "unique")] = (sites, out)
+    return out
+
+
+def _unique_uncached(sites) -> tuple[list, list[int]]:
     reps, where, idx = [], {}, []
     for s in sites:
         key = _shape_key(s)
@@ -726,10 +774,24 @@ def _finish(name, summary, devices, compute_s, comm_s, bubble_s, params, act, b,
         sites=tuple(sites), mlps=tuple(mlps), graph=tuple(graph), notes=tuple(notes))
 
 
+_REPLICAS: dict = {}
+
+
 def replica_summary(summary: ModelSummary, dp: int) -> ModelSummary:
     """What one of dp data replicas runs: the same model on B/dp sequences (T tokens each)."""
     if dp == 1:
         return summary
+    hit = _REPLICAS.get((id(summary), dp))
+    if hit is not None and hit[0] is summary:
+        return hit[1]
+    local = _replica_summary(summary, dp)
+    if len(_REPLICAS) > 64:
+        _REPLICAS.clear()
+    _REPLICAS[(id(summary), dp)] = (summary, local)
+    return local
+
+
+def _replica_summary(summary: ModelSummary, dp: int) -> ModelSummary:
     if summary.batch % dp:
         raise PlanError(f"dp={dp}: the global batch B={summary.batch} does not split into {dp} "
                         f"equal shards; try a dp that divides {summary.batch}")
@@ -759,7 +821,8 @@ def cost_plan(summary: ModelSummary, m: int, n: int, cluster: ClusterSpec,
     name = f"m={m} x n={n}" if dp == 1 else f"dp={dp} x m={m} x n={n}"
     _check_devices(name, dp * m * n, cluster)
     global_batch, summary = summary.batch, replica_summary(summary, dp)
-    mach, lay = _Machine(cluster, profile or DEFAULT_PROFILE), _helix_layout(m, n, dp)
+    mach = _Machine(cluster, profile or DEFAULT_PROFILE)
+    lay = _helix_layout(m, n, dp, cluster.gpus_per_node)
     w = summary.dtype_bytes
     params = _params_per_rank(summary, summary.sites, summary.mlps, lay)
     reps, idx = _unique(summary.sites)
@@ -777,8 +840,15 @@ def cost_plan(summary: ModelSummary, m: int, n: int, cluster: ClusterSpec,
                                              for size, c in counts])
                  for s, (v, bk) in zip(reps, rep_cores)]
     sites = [dataclasses.replace(rep_costs[k], index=s.index) for s, k in zip(summary.sites, idx)]
-    mlps = [_aggregate(x.index, "mlp", "", [(c, _mlp_terms(x, summary, size, lay, mach))
-                                            for size, c in counts]) for x in summary.mlps]
+    mlp_costs: dict = {}      # MLPs of one shape aggregate once (80 layers of a large model)
+    for x in summary.mlps:
+        key = (x.hidden, x.ffn, x.gated, x.tokens, x.dtype, len(x.up_weights))
+        if key not in mlp_costs:
+            mlp_costs[key] = _aggregate(x.index, "mlp", "", [
+                (c, _mlp_terms(x, summary, size, lay, mach)) for size, c in counts])
+    mlps = [dataclasses.replace(mlp_costs[(x.hidden, x.ffn, x.gated, x.tokens, x.dtype,
+                                           len(x.up_weights))], index=x.index)
+            for x in summary.mlps]
     graph = _graph_cost(summary, counts, lay, mach)
     compute = sum(s.compute_ms for s in sites + mlps + graph) / 1e3
     comm = sum(s.comm_ms for s in sites + mlps + graph) / 1e3
