@@ -220,12 +220,15 @@ def make_plan(summary: ModelSummary, devices: int, cluster: ClusterSpec,
         raise PlanError(f"no split of {devices} devices can be built: "
                         + "; ".join(f"{split_name(*k)}: {why}" for k, why in refused.items())
                         + "; docs/troubleshooting.md says what to do about the node named")
-    elif not feasible and dp == 1:
-        require_feasible(summary, devices, cluster)   # raises, listing counts that fit
     elif not feasible:
-        raise PlanError(f"no (dp, m, n) split of {devices} devices fits model "
-                        f"{summary.name!r}: " + "; ".join(f"{c}: {', '.join(c.reasons)}"
-                                                         for c in candidates))
+        try:
+            require_feasible(summary, devices, cluster)   # raises, listing counts that fit
+        except PlanError as e:
+            more = [c for c in candidates if c.dp > 1]
+            if not more:
+                raise
+            raise PlanError(f"{e}; and with data replicas: " + "; ".join(
+                f"{c}: {', '.join(c.reasons)}" for c in more)) from None
     costs = {}
     notes = [f"{split_name(*k)} excluded although the cost model chose it: {why}; chose the "
              f"next best split the shard pass builds" for k, why in refused.items()]
