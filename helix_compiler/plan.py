@@ -199,9 +199,9 @@ def make_plan(summary: ModelSummary, devices: int, cluster: ClusterSpec,
                         f"time of one batch (set its size with --batch)")
     cluster, cap_note = _capped(cluster, memory_cap_gib)
     refused = {_key3(k): v for k, v in (refused or {}).items()}
-    if forced is not None:
-        forced = _forced3(forced, devices)
-        dp = forced[0]
+    if forced is not None:   # the table lists the space the split was forced in: (m, n) or all
+        shape, forced = forced, _forced3(forced, devices)
+        dp = 1 if len(shape) == 2 else None
     candidates = tuple(
         replace(c, feasible=False, reasons=c.reasons + (refused[c.key],))
         if c.key in refused else c for c in solve_space(summary, devices, cluster, dp))
@@ -212,7 +212,7 @@ def make_plan(summary: ModelSummary, devices: int, cluster: ClusterSpec,
         if k * m * n != devices:
             raise PlanError(f"forced {split_name(k, m, n)} = {k * m * n} devices, but "
                             f"devices={devices}; feasible splits of {devices}: {listing}")
-        chosen = next(c for c in candidates if c.key == forced)
+        chosen = next(c for c in candidates if c.key == forced)   # dp * m * n = devices
         if not chosen.feasible:
             raise PlanError(f"forced {chosen} is infeasible: {'; '.join(chosen.reasons)}. "
                             f"Feasible splits of {devices}: {listing}")
