@@ -357,9 +357,10 @@ def _helix_layout(m: int, n: int, dp: int = 1, node: int | None = None) -> _Layo
     mesh, size = Mesh(n=n, m=m), m * n
     offsets = {}
     for r in range(dp):
-        offsets.setdefault((r * size) % node if node else r, r)
-        if node and len(offsets) == node:
+        at = (r * size) % node if node else r
+        if at in offsets:   # r size mod node repeats with period node / gcd(size, node)
             break
+        offsets[at] = r
     shift = lambda groups: tuple(tuple(x + r * size for x in g)   # noqa: E731
                                  for r in offsets.values() for g in groups)
     return _Layout(m, n, size, shift(mesh.groups("dim")), shift(mesh.groups("all")))
@@ -537,6 +538,10 @@ def _mlp_shape(x: MlpSite) -> tuple:
     return (x.hidden, x.ffn, len(x.up_weights))
 
 
+def _mlp_tokens_shape(x: MlpSite) -> tuple:
+    return (x.hidden, x.ffn, len(x.up_weights), x.tokens)
+
+
 def _full_weights(summary: ModelSummary) -> int:
     """Elements of every attention and MLP weight, unsharded."""
     one = _Layout(1, 1, 1)
@@ -566,7 +571,7 @@ def _site_activation(site, w: int, variant: str, backend: str, lay: _Layout) -> 
 def _activation_per_sequence(summary, site_peaks, mlps, lay: _Layout) -> float:
     """Residual stream + the largest block: blocks run one after another."""
     peaks = list(site_peaks) + [_ev("mlp_activation", _mlp_env(x, summary, 1, lay.shards))
-                                for x in mlps]
+                                for x, _ in _by_shape(mlps, _mlp_tokens_shape)]
     residual = _ev("residual_activation", {"w": summary.dtype_bytes, "S": summary.seq_len,
                                            "D": _hidden(summary)})
     return residual + max(peaks, default=0.0)
