@@ -141,19 +141,23 @@ def _profile(path):
     return load_profile(path)
 
 
+def _plan_model_spec(model: str | None, batch: int | None, seq: int | None):
+    """(model, args, kwargs) for helix plan, on meta: one --batch / --seq pair sizes a Hugging
+    Face model directory or, with no MODEL, the paper's model (its default 1024 x 10000;
+    --objective latency: --batch 1); a MODEL function chooses its own inputs (refused)."""
+    if model is not None or (batch is None and seq is None):
+        return load_model_spec(model or _paper_spec("paper_meta"), batch=batch, seq=seq,
+                               init="meta")
+    from .models.paper import PaperConfig, build
+
+    config = PaperConfig(**{k: v for k, v in (("batch", batch), ("seq", seq)) if v is not None})
+    model_, inputs = build(config, "meta")
+    return model_, inputs, {}
+
+
 def cmd_plan(args) -> int:
     """Plan MODEL (default: the paper's model at the paper's sizes, on meta) and print it."""
-    if args.model is None and (args.batch is not None or args.seq is not None):
-        from .models.paper import PaperConfig, build
-
-        # the paper's model at another batch / length (--objective latency: --batch 1)
-        config = PaperConfig(**{k: v for k, v in (("batch", args.batch), ("seq", args.seq))
-                                if v is not None})
-        model, inputs = build(config, "meta")
-        kwargs = {}
-    else:
-        model, inputs, kwargs = load_model_spec(args.model or _paper_spec("paper_meta"),
-                                                batch=args.batch, seq=args.seq, init="meta")
+    model, inputs, kwargs = _plan_model_spec(args.model, args.batch, args.seq)
     stage = args.print_graph_after
     common = dict(devices=args.devices, example_inputs=inputs, example_kwargs=kwargs,
                   cluster=args.cluster, plan=_resolve_plan(args.plan),
@@ -307,11 +311,16 @@ VERBOSE_HELP = ("let torch.export print what it prints while capturing MODEL (th
 
 
 def _add_size_flags(sub: argparse.ArgumentParser, paper: bool = False) -> None:
-    also = " or, for helix plan, the paper's model (default 1024 x 10000)" if paper else ""
+    """One --batch / --seq pair: a Hugging Face model directory's example sizes and, for helix
+    plan (paper=True), the default paper model's; a MODEL function refuses them."""
+    def also(default: int) -> str:
+        return f" or, with no MODEL, of the paper's model (default {default})" if paper else ""
     sub.add_argument("--batch", type=_positive_int, metavar="B",
-                     help=f"example batch size for a Hugging Face model directory (default 2){also}")
+                     help=f"example batch size for a Hugging Face model directory (default 2)"
+                          f"{also(1024)}")
     sub.add_argument("--seq", type=_positive_int, metavar="S",
-                     help=f"example sequence length for a Hugging Face model directory (default 128){also}")
+                     help=f"example sequence length for a Hugging Face model directory (default 128)"
+                          f"{also(10000)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
