@@ -139,11 +139,12 @@ class HelixProgram:
     _per_rank: dict = field(default_factory=dict, init=False, repr=False)
     _modules: dict = field(default_factory=dict, init=False, repr=False)
 
-    def recompile(self, plan: tuple[int, int] | Plan | None = None, devices: int | None = None,
+    def recompile(self, plan: tuple[int, ...] | Plan | None = None, devices: int | None = None,
                   variant: str | None = None, cluster: object = None,
                   profile: object = None) -> HelixProgram:
-        """This program's capture, planned and sharded for another split (plan=(m, n)) or device
-        count, without capturing the model again: a new program; this one is left as it is."""
+        """This program's capture, planned and sharded for another split (plan=(m, n), or
+        (dp, m, n) for dp data replicas of it) or device count, without capturing the model
+        again: a new program; this one is left as it is."""
         if self._recompile is None:
             raise HelixError("this HelixProgram was not made by helix_compile, so it cannot be "
                              "recompiled; compile the model with helix_compile")
