@@ -18,11 +18,13 @@ __all__ = ["helix_compile", "plan_model", "recompile"]
 
 def plan_model(model: torch.nn.Module, devices: int = 16, example_inputs: tuple | torch.Tensor = (),
                example_kwargs: dict | None = None, cluster: ClusterSpec | str | None = None,
-               plan: Plan | tuple[int, int] | None = None, variant: str | None = None,
+               plan: Plan | tuple[int, ...] | None = None, variant: str | None = None,
                profile: ComputeProfile | None = None,
                print_after: str | Iterable[str] | None = (), dynamic: bool = True,
                strict: bool = False, verbose: bool = False,
-               repeat_blocks: bool = True) -> tuple[Plan, Analysis]:
+               repeat_blocks: bool = True, *, objective: str = "throughput",
+               memory_cap_gib: float | None = None,
+               dp: int | None = None) -> tuple[Plan, Analysis]:
     """Capture, find attention and MLPs, solve and cost: (Plan, Analysis). Nothing is sharded,
     but the chosen split is one the shard pass builds (its placements are computed; a split it
     refuses is excluded with its reason and the next best chosen, see
@@ -35,22 +37,28 @@ def plan_model(model: torch.nn.Module, devices: int = 16, example_inputs: tuple 
     verbose: let torch.export print as it captures (by default held back; a capture error
     keeps it, on the exception torch raised, the CaptureError's __cause__).
     repeat_blocks: export a stack of identical layers once and copy it (helix_compiler/repeat.py;
-    a stack it cannot prove identical is exported whole, the program's notes say why)."""
+    a stack it cannot prove identical is exported whole, the program's notes say why).
+    objective: "throughput" (tokens/s of the example batch) or "latency" (time of one batch);
+    memory_cap_gib: GiB per rank below the GPU's; dp: data replicas (None: every dp dividing
+    devices and the batch, the planner chooses; plan=(dp, m, n) forces one)."""
     req = pipeline.request(model, devices, example_inputs, example_kwargs, cluster, plan, variant,
                            profile, print_after, dynamic, verbose, emit=False,
-                           repeat_blocks=repeat_blocks)
+                           repeat_blocks=repeat_blocks, objective=objective,
+                           memory_cap_gib=memory_cap_gib, dp=dp)
     return pipeline.run_plan(req, strict=strict)
 
 
 def helix_compile(model: torch.nn.Module, devices: int = 16,
                   example_inputs: tuple | torch.Tensor = (), example_kwargs: dict | None = None,
                   cluster: ClusterSpec | str | None = None,
-                  plan: Plan | tuple[int, int] | None = None, variant: str | None = None,
+                  plan: Plan | tuple[int, ...] | None = None, variant: str | None = None,
                   profile: ComputeProfile | None = None,
                   print_after: str | Iterable[str] | None = (),
                   kernel_choice: bool | None = None, dynamic: bool = True,
                   sequence_parallel: bool = False, strict: bool = False,
-                  verbose: bool = False, repeat_blocks: bool = True) -> HelixProgram:
+                  verbose: bool = False, repeat_blocks: bool = True, *,
+                  objective: str = "throughput", memory_cap_gib: float | None = None,
+                  dp: int | None = 1) -> HelixProgram:
     """Compile `model` for `devices` ranks: every pass of pipeline.PASSES; returns a HelixProgram.
 
     plan=(m, n) forces a split; variant="score-reduce" | "qk-gather" forces the m > 1 variant
@@ -75,17 +83,23 @@ def helix_compile(model: torch.nn.Module, devices: int = 16,
     repeat_blocks: export a stack of identical layers (an nn.ModuleList of one class and
     config, 8 or more) once and copy its graph for the others (helix_compiler/repeat.py);
     False exports every layer.
+    objective / memory_cap_gib: as for plan_model. dp: data replicas; 1 by default (the example
+    batch is rarely the batch the program will run, so the batch is split only when asked:
+    dp=None lets the planner choose, plan=(dp, m, n) or a Plan with dp forces it). A dp > 1
+    program runs its m x n rank modules once per replica: rank r gets the batch shard r // (m n)
+    (`simulate` shards the batch, `gather` joins the replicas' outputs; helix_compiler/data.py).
     """
     if sequence_parallel and dynamic:
         raise PlanError("sequence_parallel=True needs a static sequence length; pass "
                         "dynamic=False as well")
     req = pipeline.request(model, devices, example_inputs, example_kwargs, cluster, plan, variant,
                            profile, print_after, dynamic, verbose,
-                           sequence_parallel=sequence_parallel, repeat_blocks=repeat_blocks)
+                           sequence_parallel=sequence_parallel, repeat_blocks=repeat_blocks,
+                           objective=objective, memory_cap_gib=memory_cap_gib, dp=dp)
     return pipeline.run_compile(req, strict=strict, kernel_choice=kernel_choice)
 
 
-def recompile(program: HelixProgram, plan: Plan | tuple[int, int] | None = None,
+def recompile(program: HelixProgram, plan: Plan | tuple[int, ...] | None = None,
               devices: int | None = None, variant: str | None = None,
               cluster: ClusterSpec | str | None = None,
               profile: ComputeProfile | None = None) -> HelixProgram:

@@ -35,7 +35,7 @@ from .api import helix_compile, plan_model
 from .errors import HelixError, HelixWarning
 from .modelspec import load_model_spec
 from .pipeline import PASS_NAMES, PASSES
-from .plan import Plan
+from .plan import OBJECTIVES, Plan
 from .profile import load_profile
 from .report import format_table
 from .worker import read_failures
@@ -81,14 +81,31 @@ def _one_line(message: object) -> str:
 
 
 def _plan_arg(text: str):
-    """--plan M,N -> (m, n); --plan FILE.yaml -> the path (read by Plan.from_yaml)."""
+    """--plan M,N -> (m, n); --plan DP,M,N -> (dp, m, n); --plan FILE.yaml -> the path (read by
+    Plan.from_yaml)."""
     if text.endswith((".yaml", ".yml")):
         return text
     parts = text.split(",")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+    if len(parts) not in (2, 3) or not all(p.strip().isdigit() for p in parts):
         raise argparse.ArgumentTypeError(
-            f"--plan takes M,N (m dim slices, n head groups; e.g. 4,4) or a plan .yaml file, got {text!r}")
-    return int(parts[0]), int(parts[1])
+            f"--plan takes M,N (m dim slices, n head groups; e.g. 4,4), DP,M,N (dp data replicas "
+            f"of it; e.g. 2,1,2) or a plan .yaml file, got {text!r}")
+    return tuple(int(p) for p in parts)
+
+
+def _plan_text(plan) -> str:
+    """--plan as the worker takes it."""
+    return plan if isinstance(plan, str) else ",".join(map(str, plan))
+
+
+def _positive_gib(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of GiB per rank, got {text!r}")
+    return value
 
 
 def _positive_float(text: str) -> float:
@@ -124,15 +141,29 @@ def _profile(path):
     return load_profile(path)
 
 
+def _plan_model_spec(model: str | None, batch: int | None, seq: int | None):
+    """(model, args, kwargs) for helix plan, on meta: one --batch / --seq pair sizes a Hugging
+    Face model directory or, with no MODEL, the paper's model (its default 1024 x 10000;
+    --objective latency: --batch 1); a MODEL function chooses its own inputs (refused)."""
+    if model is not None or (batch is None and seq is None):
+        return load_model_spec(model or _paper_spec("paper_meta"), batch=batch, seq=seq,
+                               init="meta")
+    from .models.paper import PaperConfig, build
+
+    config = PaperConfig(**{k: v for k, v in (("batch", batch), ("seq", seq)) if v is not None})
+    model_, inputs = build(config, "meta")
+    return model_, inputs, {}
+
+
 def cmd_plan(args) -> int:
     """Plan MODEL (default: the paper's model at the paper's sizes, on meta) and print it."""
-    model, inputs, kwargs = load_model_spec(args.model or _paper_spec("paper_meta"),
-                                            batch=args.batch, seq=args.seq, init="meta")
+    model, inputs, kwargs = _plan_model_spec(args.model, args.batch, args.seq)
     stage = args.print_graph_after
     common = dict(devices=args.devices, example_inputs=inputs, example_kwargs=kwargs,
                   cluster=args.cluster, plan=_resolve_plan(args.plan),
                   print_after=(stage,) if stage else (), profile=_profile(args.profile),
-                  strict=args.strict, verbose=args.verbose)
+                  strict=args.strict, verbose=args.verbose, objective=args.objective,
+                  memory_cap_gib=args.memory_cap, dp=args.dp)
     # the library prints the graph after the pass; shard and the rank passes need rank graphs
     if stage in EMITTING_PASSES:
         plan = helix_compile(model, **common).plan
@@ -174,7 +205,7 @@ def cmd_run(args) -> int:
     model, inputs, kwargs = load_model_spec(spec, batch=args.batch, seq=args.seq, init="meta")
     plan_model(model, devices=args.devices, example_inputs=inputs, example_kwargs=kwargs,
                cluster=args.cluster, plan=_resolve_plan(args.plan), strict=args.strict,
-               verbose=args.verbose)
+               verbose=args.verbose, dp=1 if args.plan is None else None)
     del model, inputs, kwargs
 
     workdir = Path(tempfile.mkdtemp(prefix="helix-run-"))
@@ -184,7 +215,7 @@ def cmd_run(args) -> int:
     if args.cluster is not None:
         worker += ["--cluster", args.cluster]
     if args.plan is not None:
-        worker += ["--plan", args.plan if isinstance(args.plan, str) else f"{args.plan[0]},{args.plan[1]}"]
+        worker += ["--plan", _plan_text(args.plan)]
     if args.json:
         worker += ["--json", str(Path(args.json).resolve())]
     if args.sequence_parallel:
@@ -279,11 +310,17 @@ VERBOSE_HELP = ("let torch.export print what it prints while capturing MODEL (th
                 "logs of a failed capture); by default only Helix's one-line error is shown")
 
 
-def _add_size_flags(sub: argparse.ArgumentParser) -> None:
+def _add_size_flags(sub: argparse.ArgumentParser, paper: bool = False) -> None:
+    """One --batch / --seq pair: a Hugging Face model directory's example sizes and, for helix
+    plan (paper=True), the default paper model's; a MODEL function refuses them."""
+    def also(default: int) -> str:
+        return f" or, with no MODEL, of the paper's model (default {default})" if paper else ""
     sub.add_argument("--batch", type=_positive_int, metavar="B",
-                     help="example batch size for a Hugging Face model directory (default 2)")
+                     help=f"example batch size for a Hugging Face model directory (default 2)"
+                          f"{also(1024)}")
     sub.add_argument("--seq", type=_positive_int, metavar="S",
-                     help="example sequence length for a Hugging Face model directory (default 128)")
+                     help=f"example sequence length for a Hugging Face model directory (default 128)"
+                          f"{also(10000)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -304,13 +341,21 @@ def build_parser() -> argparse.ArgumentParser:
                       help="cluster preset (paper, h100x8) or cluster YAML file (default: the paper's "
                            "nodes of 8 H100s, as many as --devices needs)")
     plan.add_argument("--format", choices=FORMATS, default="table", help="output format (default: table)")
-    plan.add_argument("--plan", type=_plan_arg, metavar="M,N|FILE",
-                      help="force the split m,n (or a plan YAML written with -o) instead of choosing")
+    plan.add_argument("--plan", type=_plan_arg, metavar="[DP,]M,N|FILE",
+                      help="force the split m,n, or dp data replicas of it (dp,m,n), or a plan YAML "
+                           "written with -o, instead of choosing")
+    plan.add_argument("--objective", choices=OBJECTIVES, default="throughput",
+                      help="throughput: the most tokens/s for the batch (default); latency: the "
+                           "shortest time to finish one batch (set its size with --batch, e.g. 1)")
+    plan.add_argument("--memory-cap", type=_positive_gib, metavar="GIB",
+                      help="GiB of memory per rank a plan may use (default: the GPU's)")
+    plan.add_argument("--dp", type=_positive_int, metavar="K",
+                      help="only plans of K data replicas (default: every K dividing N and the batch)")
     plan.add_argument("--print-graph-after", choices=PASS_NAMES, metavar="PASS",
                       help=f"print the graph after a pass of the pipeline (rank 0's after shard "
                            f"and the rank passes): {', '.join(PASS_NAMES)}")
     plan.add_argument("-o", "--output", metavar="FILE", help="also write the plan as YAML to FILE")
-    _add_size_flags(plan)
+    _add_size_flags(plan, paper=True)
     plan.add_argument("--profile", metavar="FILE",
                       help="compute profile YAML written by `helix calibrate` (default: the built-in "
                            "H100 figures; helix_compiler/profiles/h100.yaml is the one we measured)")
@@ -329,7 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="nccl (one GPU per rank) or gloo (CPU); default nccl when N GPUs are visible")
     run.add_argument("--cluster", metavar="PRESET|FILE",
                      help="cluster whose cost model picks the split (default: as for helix plan)")
-    run.add_argument("--plan", type=_plan_arg, metavar="M,N|FILE", help="force the split m,n (or a plan YAML)")
+    run.add_argument("--plan", type=_plan_arg, metavar="[DP,]M,N|FILE",
+                     help="force the split m,n, dp replicas of it (dp,m,n; each rank runs its "
+                          "replica's batch shard), or a plan YAML; default: the best m x n (dp = 1)")
     run.add_argument("--steps", type=_positive_int, default=10, metavar="K", help="timed steps (default 10)")
     run.add_argument("--timeout", type=_positive_float, default=DEFAULT_TIMEOUT_S, metavar="S",
                      help=f"stop every rank after S seconds, exit {EXIT_TIMEOUT} (default {DEFAULT_TIMEOUT_S:g})")

@@ -348,9 +348,22 @@ class _Layout:
     out_groups: tuple[tuple[int, ...], ...] = ()
 
 
-def _helix_layout(m: int, n: int) -> _Layout:
-    mesh = Mesh(n=n, m=m)
-    return _Layout(m, n, m * n, tuple(mesh.groups("dim")), tuple(mesh.groups("all")))
+def _helix_layout(m: int, n: int, dp: int = 1, node: int | None = None) -> _Layout:
+    """Groups of the replicas: replica r holds ranks [r m n, (r + 1) m n), so each of its
+    m-groups and output groups is the first replica's shifted by r m n (rank = ((r n) + i) m + j;
+    the chattiest, the m-group, contiguous and inside a node, then the n-groups). A group's
+    node span is unchanged by a shift of whole nodes (`node` GPUs each), so only replicas at
+    distinct offsets r m n mod `node` are listed: they have every group shape there is."""
+    mesh, size = Mesh(n=n, m=m), m * n
+    offsets = {}
+    for r in range(dp):
+        at = (r * size) % node if node else r
+        if at in offsets:   # r size mod node repeats with period node / gcd(size, node)
+            break
+        offsets[at] = r
+    shift = lambda groups: tuple(tuple(x + r * size for x in g)   # noqa: E731
+                                 for r in offsets.values() for g in groups)
+    return _Layout(m, n, size, shift(mesh.groups("dim")), shift(mesh.groups("all")))
 
 
 def _site_env(site: AttentionSite, w: int, b: int, lay: _Layout) -> dict:
@@ -489,11 +502,45 @@ def _mlp_terms_uncached(mlp, summary, b, lay, mach) -> list[tuple[str, str, floa
 
 
 # --- memory -----------------------------------------------------------------------
+_SHAPES: dict = {}   # (id(items), key) -> (items, result): a summary's tuples are reused
+
+
+def _by_shape(items, key) -> list[tuple[object, int]]:
+    """(one item, how many) per distinct key: 80 identical layers are counted, not summed."""
+    hit = _SHAPES.get((id(items), key))
+    if hit is not None and hit[0] is items:
+        return hit[1]
+    out = _by_shape_uncached(items, key)
+    if isinstance(items, tuple):
+        if len(_SHAPES) > 256:
+            _SHAPES.clear()
+        _SHAPES[(id(items), key)] = (items, out)
+    return out
+
+
+def _by_shape_uncached(items, key) -> list[tuple[object, int]]:
+    reps: dict = {}
+    for x in items:
+        k = key(x)
+        reps[k] = (reps[k][0], reps[k][1] + 1) if k in reps else (x, 1)
+    return list(reps.values())
+
+
+def _mlp_shape(x: MlpSite) -> tuple:
+    return (x.hidden, x.ffn, len(x.up_weights))
+
+
+def _mlp_tokens_shape(x: MlpSite) -> tuple:
+    return (x.hidden, x.ffn, len(x.up_weights), x.tokens)
+
+
 def _full_weights(summary: ModelSummary) -> int:
     """Elements of every attention and MLP weight, unsharded."""
     one = _Layout(1, 1, 1)
-    return (sum(round(_ev("attn_params", _site_env(s, 1, 1, one))) for s in summary.sites)
-            + sum(round(_ev("mlp_params", _mlp_env(x, summary, 1, 1))) for x in summary.mlps))
+    return (sum(c * round(_ev("attn_params", _site_env(s, 1, 1, one)))
+                for s, c in _by_shape(summary.sites, _shape_key))
+            + sum(c * round(_ev("mlp_params", _mlp_env(x, summary, 1, 1)))
+                  for x, c in _by_shape(summary.mlps, _mlp_shape)))
 
 
 def _params_per_rank(summary: ModelSummary, sites, mlps, lay: _Layout) -> int:
@@ -501,9 +548,10 @@ def _params_per_rank(summary: ModelSummary, sites, mlps, lay: _Layout) -> int:
     over `lay.shards` ranks; parameters no site explains (biases) over the shards too."""
     other = max(0, summary.param_elements - summary.replicated_elements - _full_weights(summary))
     return (summary.replicated_elements + math.ceil(other / lay.shards)
-            + sum(math.ceil(_ev("attn_params", _site_env(s, 1, 1, lay))) for s in sites)
-            + sum(math.ceil(_ev("mlp_params", _mlp_env(x, summary, 1, lay.shards)))
-                  for x in mlps))
+            + sum(c * math.ceil(_ev("attn_params", _site_env(s, 1, 1, lay)))
+                  for s, c in _by_shape(sites, _shape_key))
+            + sum(c * math.ceil(_ev("mlp_params", _mlp_env(x, summary, 1, lay.shards)))
+                  for x, c in _by_shape(mlps, _mlp_shape)))
 
 
 def _site_activation(site, w: int, variant: str, backend: str, lay: _Layout) -> float:
@@ -515,7 +563,7 @@ def _site_activation(site, w: int, variant: str, backend: str, lay: _Layout) -> 
 def _activation_per_sequence(summary, site_peaks, mlps, lay: _Layout) -> float:
     """Residual stream + the largest block: blocks run one after another."""
     peaks = list(site_peaks) + [_ev("mlp_activation", _mlp_env(x, summary, 1, lay.shards))
-                                for x in mlps]
+                                for x, _ in _by_shape(mlps, _mlp_tokens_shape)]
     residual = _ev("residual_activation", {"w": summary.dtype_bytes, "S": summary.seq_len,
                                            "D": _hidden(summary)})
     return residual + max(peaks, default=0.0)
@@ -646,6 +694,16 @@ def _shape_key(site: AttentionSite) -> tuple:
 def _unique(sites) -> tuple[list, list[int]]:
     """Sites of distinct shape, and for each site the position of its shape: the 80 layers of
     a LLaMA-70B cost as one, so the plan search stays in milliseconds."""
+    hit = _SHAPES.get((id(sites), "unique"))
+    if hit is not None and hit[0] is sites:
+        return hit[1]
+    out = _unique_uncached(sites)
+    if isinstance(sites, tuple):
+        _SHAPES[(id(sites), "unique")] = (sites, out)
+    return out
+
+
+def _unique_uncached(sites) -> tuple[list, list[int]]:
     reps, where, idx = [], {}, []
     for s in sites:
         key = _shape_key(s)
@@ -683,11 +741,14 @@ def _check_devices(name: str, devices: int, cluster: ClusterSpec) -> None:
 
 
 def _finish(name, summary, devices, compute_s, comm_s, bubble_s, params, act, b, sites, mlps,
-            notes=(), graph=()) -> PlanCost:
+            notes=(), graph=(), global_batch: int | None = None) -> PlanCost:
+    """`summary` is one replica's (batch B/dp); tokens/s counts `global_batch` (B) over the
+    replica's step, since the dp replicas run their shards at once."""
     if summary.workload is None:
         notes = (*notes, f"no graph behind this summary: norms and residual adds priced as "
                          f"{ELEMENTWISE_PASSES_PER_BLOCK} passes over b*S*D per block")
-    tokens = summary.batch * summary.seq_len
+    global_batch = summary.batch if global_batch is None else global_batch
+    tokens = global_batch * summary.seq_len
     if compute_s + comm_s + bubble_s <= 0:  # nothing the model covers: no sites, no MLPs
         notes = (*notes, "no attention site or MLP to cost: the step time covers none of the "
                          "model's work, so tokens/s is not predicted")
@@ -701,7 +762,7 @@ def _finish(name, summary, devices, compute_s, comm_s, bubble_s, params, act, b,
         name=name, devices=devices, compute_ms=compute_s * 1e3, comm_ms=comm_s * 1e3,
         bubble_ms=bubble_s * 1e3, step_ms=_ev("step", {"t_c": compute_s, "t_x": comm_s,
                                                        "t_b": bubble_s}) * 1e3,
-        tokens_per_s=_ev("tokens_per_s", {"B": summary.batch, "S": summary.seq_len,
+        tokens_per_s=_ev("tokens_per_s", {"B": global_batch, "S": summary.seq_len,
                                           "t_c": compute_s, "t_x": comm_s, "t_b": bubble_s}),
         comm_ms_per_token=comm_s * 1e3 / tokens,
         memory_bytes_per_rank=math.ceil(params * summary.dtype_bytes + b * act),
@@ -710,20 +771,55 @@ def _finish(name, summary, devices, compute_s, comm_s, bubble_s, params, act, b,
         sites=tuple(sites), mlps=tuple(mlps), graph=tuple(graph), notes=tuple(notes))
 
 
+_REPLICAS: dict = {}
+
+
+def replica_summary(summary: ModelSummary, dp: int) -> ModelSummary:
+    """What one of dp data replicas runs: the same model on B/dp sequences (T tokens each)."""
+    if dp == 1:
+        return summary
+    hit = _REPLICAS.get((id(summary), dp))
+    if hit is not None and hit[0] is summary:
+        return hit[1]
+    local = _replica_summary(summary, dp)
+    if len(_REPLICAS) > 64:
+        _REPLICAS.clear()
+    _REPLICAS[(id(summary), dp)] = (summary, local)
+    return local
+
+
+def _replica_summary(summary: ModelSummary, dp: int) -> ModelSummary:
+    if summary.batch % dp:
+        raise PlanError(f"dp={dp}: the global batch B={summary.batch} does not split into {dp} "
+                        f"equal shards; try a dp that divides {summary.batch}")
+    local = summary.batch // dp
+    mlps = tuple(dataclasses.replace(x, tokens=x.tokens // dp)
+                 if x.tokens >= summary.batch and x.tokens % summary.batch == 0 else x
+                 for x in summary.mlps)
+    return dataclasses.replace(summary, batch=local, mlps=mlps)
+
+
 def cost_plan(summary: ModelSummary, m: int, n: int, cluster: ClusterSpec,
               profile: ComputeProfile | None = None, variant: str | None = None,
-              backend: str | None = None) -> PlanCost:
-    """Predicted step of helix m x n. `variant` forces "score-reduce" or
-    "qk-gather" on every site when m > 1; otherwise each site takes the faster.
+              backend: str | None = None, dp: int = 1) -> PlanCost:
+    """Predicted step of helix m x n, or of dp replicas of it. `variant` forces "score-reduce"
+    or "qk-gather" on every site when m > 1; otherwise each site takes the faster.
     `backend` prices every core that can take it with that core ("explicit", "flash",
-    "cudnn", "efficient"; score-reduce is always explicit) instead of the fastest one."""
+    "cudnn", "efficient"; score-reduce is always explicit) instead of the fastest one.
+
+    dp > 1: each replica is the m x n program on its B/dp sequences, priced exactly as an
+    m x n plan of that batch (a forward pass sends nothing between replicas); its groups lie
+    at ranks shifted by a replica's m n, so a collective costs what its node span says; the
+    step is one replica's (they run at once) and tokens/s counts all B sequences."""
     _TERMS.clear()
     if variant not in (None, "score-reduce", "qk-gather"):
         raise PlanError(f"variant must be 'score-reduce' or 'qk-gather' (or None to choose), "
                         f"got {variant!r}")
-    name = f"m={m} x n={n}"
-    _check_devices(name, m * n, cluster)
-    mach, lay = _Machine(cluster, profile or DEFAULT_PROFILE), _helix_layout(m, n)
+    name = f"m={m} x n={n}" if dp == 1 else f"dp={dp} x m={m} x n={n}"
+    _check_devices(name, dp * m * n, cluster)
+    global_batch, summary = summary.batch, replica_summary(summary, dp)
+    mach = _Machine(cluster, profile or DEFAULT_PROFILE)
+    lay = _helix_layout(m, n, dp, cluster.gpus_per_node)
     w = summary.dtype_bytes
     params = _params_per_rank(summary, summary.sites, summary.mlps, lay)
     reps, idx = _unique(summary.sites)
@@ -741,13 +837,20 @@ def cost_plan(summary: ModelSummary, m: int, n: int, cluster: ClusterSpec,
                                              for size, c in counts])
                  for s, (v, bk) in zip(reps, rep_cores)]
     sites = [dataclasses.replace(rep_costs[k], index=s.index) for s, k in zip(summary.sites, idx)]
-    mlps = [_aggregate(x.index, "mlp", "", [(c, _mlp_terms(x, summary, size, lay, mach))
-                                            for size, c in counts]) for x in summary.mlps]
+    mlp_costs: dict = {}      # MLPs of one shape aggregate once (80 layers of a large model)
+    for x in summary.mlps:
+        key = (x.hidden, x.ffn, x.gated, x.tokens, x.dtype, len(x.up_weights))
+        if key not in mlp_costs:
+            mlp_costs[key] = _aggregate(x.index, "mlp", "", [
+                (c, _mlp_terms(x, summary, size, lay, mach)) for size, c in counts])
+    mlps = [dataclasses.replace(mlp_costs[(x.hidden, x.ffn, x.gated, x.tokens, x.dtype,
+                                           len(x.up_weights))], index=x.index)
+            for x in summary.mlps]
     graph = _graph_cost(summary, counts, lay, mach)
     compute = sum(s.compute_ms for s in sites + mlps + graph) / 1e3
     comm = sum(s.comm_ms for s in sites + mlps + graph) / 1e3
-    return _finish(name, summary, m * n, compute, comm, 0.0, params, act, b, sites, mlps,
-                   graph=graph)
+    return _finish(name, summary, dp * m * n, compute, comm, 0.0, params, act, b, sites, mlps,
+                   graph=graph, global_batch=global_batch)
 
 
 def _graph_cost(summary, counts, lay, mach, pp: int = 1) -> list[SiteCost]:

@@ -47,8 +47,9 @@ def load_model_spec(spec: str, *, batch: int | None = None, seq: int | None = No
     if isinstance(spec, str) and is_hf_dir(spec):
         return load_hf_dir(spec, batch=batch, seq=seq, init=init)
     if batch is not None or seq is not None:
-        raise HelixError(f"--batch / --seq apply to a Hugging Face model directory; model spec {spec!r} "
-                         f"chooses its own example inputs: change them in its function")
+        raise HelixError(f"--batch / --seq apply to a Hugging Face model directory (and, in helix plan, "
+                         f"to the default paper model); model spec {spec!r} chooses its own example "
+                         f"inputs: change them in its function")
     target, function = _split(spec)
     if target.endswith(".py") or "/" in target or "\\" in target or Path(target).is_file():
         module = _load_file(spec, Path(target))

@@ -66,6 +66,7 @@ from .solver import check_devices
 
 __all__ = ["PASSES", "MODEL_PASSES", "PLAN_PASSES", "RANK_PASSES", "PASS_NAMES", "Pass", "Analysis",
            "analyze", "request", "run_plan", "run_compile", "recompile", "plan_buildable", "placements",
+           "forced_split",
            "needs_kernel_choice", "check_print_after", "summarize"]
 
 KINDS = ("graph", "analysis", "emit", "rank")
@@ -92,9 +93,12 @@ class Request:
     cluster: ClusterSpec | None = None
     cluster_arg: object = None              # as the caller gave it (None, a name, a spec)
     profile: ComputeProfile | None = None
-    forced: tuple[int, int] | None = None   # (m, n) the caller fixed
+    forced: tuple[int, ...] | None = None   # (m, n) or (dp, m, n) the caller fixed
     plan: Plan | None = None                # a plan the caller gave (its split is `forced`)
     variant: str | None = None
+    objective: str = "throughput"           # plan.OBJECTIVES
+    memory_cap_gib: float | None = None     # GiB per rank a plan may use (None: the GPU's)
+    dp: int | None = 1                      # data replicas; None: the planner chooses
     sequence_parallel: bool = False
     emit: bool = True                       # shard writes rank graphs (helix_compile) or not
     print_after: frozenset = frozenset()
@@ -112,7 +116,7 @@ class State:
     unpartitioned: tuple = ()
     mlps: tuple = ()
     summary: ModelSummary | None = None
-    refused: tuple = ()                     # ((m, n), why): splits seeds / shard refused
+    refused: tuple = ()                     # ((dp, m, n), why): splits seeds / shard refused
     plan: Plan | None = None
     seeds: dict | None = None
     variants: dict | None = None            # attention core node name -> variant
@@ -198,7 +202,8 @@ def _summarize(s: State) -> State:
 def _plan(s: State) -> State:
     r = s.request
     result = make_plan(s.summary, r.devices, r.cluster, profile=r.profile, forced=r.forced,
-                       variant=r.variant, refused=dict(s.refused))
+                       variant=r.variant, refused=dict(s.refused), dp=r.dp,
+                       objective=r.objective, memory_cap_gib=r.memory_cap_gib)
     return dataclasses.replace(s, plan=dataclasses.replace(result, unpartitioned=s.unpartitioned))
 
 
@@ -475,20 +480,23 @@ def _run_model_passes(request: Request) -> tuple[Analysis, _Runner]:
 
 
 def plan_buildable(analysis: Analysis, devices: int, spec: ClusterSpec, *,
-                   profile: ComputeProfile | None = None, forced: tuple[int, int] | None = None,
+                   profile: ComputeProfile | None = None, forced: tuple[int, ...] | None = None,
                    variant: str | None = None,
-                   build: Callable[[Plan, Analysis], object] | None = None) -> tuple[Plan, object]:
+                   build: Callable[[Plan, Analysis], object] | None = None,
+                   dp: int | None = 1, objective: str = "throughput",
+                   memory_cap_gib: float | None = None) -> tuple[Plan, object]:
     """The plan pass, checked with the shard pass's own rules: `build(plan, analysis)` (by
     default `placements`: seeds and shard, no rank graph emitted) runs for the chosen split;
     when it raises a ShardingError and the split was the cost model's choice, not `forced`,
     that split is excluded with the sharder's reason (in the candidate table and the plan's
     notes) and the next best by the cost model is tried.  A forced split keeps the sharder's
-    refusal.
+    refusal. dp / objective / memory_cap_gib: the (dp, m, n) space searched (plan.make_plan).
 
     (Plan, what build returned)."""
     build = build or placements
     refused: dict = {}
-    request = Request(devices=devices, cluster=spec, profile=profile, forced=forced, variant=variant)
+    request = Request(devices=devices, cluster=spec, profile=profile, forced=forced, variant=variant,
+                      dp=dp, objective=objective, memory_cap_gib=memory_cap_gib)
     while True:
         s = _plan(dataclasses.replace(_state_of(analysis, request), refused=tuple(refused.items())))
         try:
@@ -496,7 +504,7 @@ def plan_buildable(analysis: Analysis, devices: int, spec: ClusterSpec, *,
         except ShardingError as e:
             if forced is not None:
                 raise
-            refused[(s.plan.m, s.plan.n)] = f"the shard pass refuses it: {first_line(e)}"
+            refused[s.plan.split] = f"the shard pass refuses it: {first_line(e)}"
 
 
 def placements(result: Plan, analysis: Analysis) -> Localized:
@@ -520,7 +528,7 @@ def _run_plan_passes(s: State, runner: _Runner) -> State:
         except ShardingError as e:
             if s.request.forced is not None:
                 raise
-            refused[(planned.plan.m, planned.plan.n)] = f"the shard pass refuses it: {first_line(e)}"
+            refused[planned.plan.split] = f"the shard pass refuses it: {first_line(e)}"
 
 
 def request(model: torch.nn.Module | None, devices: object, example_inputs: object = (),
@@ -528,7 +536,8 @@ def request(model: torch.nn.Module | None, devices: object, example_inputs: obje
             variant: str | None = None, profile: ComputeProfile | None = None,
             print_after: str | Iterable[str] | None = (), dynamic: bool = True,
             verbose: bool = False, sequence_parallel: bool = False, emit: bool = True,
-            repeat_blocks: bool = True) -> Request:
+            repeat_blocks: bool = True, objective: str = "throughput",
+            memory_cap_gib: float | None = None, dp: int | None = 1) -> Request:
     """The caller's arguments checked and normalized (one message per rule)."""
     devices = check_devices(devices)
     if variant not in VARIANTS:
@@ -536,22 +545,32 @@ def request(model: torch.nn.Module | None, devices: object, example_inputs: obje
                         f"chooses per site), got {variant!r}")
     forced, given = None, None
     if isinstance(plan, Plan):
-        forced, given = (plan.m, plan.n), plan
+        forced, given = plan.split, plan
         if plan.devices != devices:
             raise PlanError(f"plan is for {plan.devices} devices, not devices={devices}; "
                             f"compile with devices={plan.devices} or make a new plan")
-    elif plan is not None:
-        if not (isinstance(plan, (tuple, list)) and len(plan) == 2 and all(isinstance(x, int) for x in plan)):
-            raise PlanError(f"plan must be (m, n) with integers m * n = devices, got {plan!r}")
-        forced = (int(plan[0]), int(plan[1]))
+    else:
+        forced = forced_split(plan)
     allowed = PASS_NAMES if emit else tuple(p.name for p in MODEL_PASSES + PLAN_PASSES
                                              if p.kind != "emit")
     return Request(model=model, args=example_inputs if isinstance(example_inputs, tuple) else (example_inputs,),
                    kwargs=dict(example_kwargs or {}), dynamic=dynamic, verbose=verbose,
                    repeat_blocks=repeat_blocks, devices=devices, cluster=cluster_spec(cluster, devices), cluster_arg=cluster,
                    profile=profile,
-                   forced=forced, plan=given, variant=variant, sequence_parallel=sequence_parallel,
+                   forced=forced, plan=given, variant=variant, objective=objective,
+                   memory_cap_gib=memory_cap_gib, dp=dp, sequence_parallel=sequence_parallel,
                    emit=emit, print_after=check_print_after(print_after, allowed))
+
+
+def forced_split(plan: object) -> tuple[int, ...] | None:
+    """plan=(m, n) or (dp, m, n) as a tuple of ints, or None; PlanError for anything else."""
+    if plan is None:
+        return None
+    if not (isinstance(plan, (tuple, list)) and len(plan) in (2, 3)
+            and all(isinstance(x, int) and not isinstance(x, bool) for x in plan)):
+        raise PlanError(f"plan must be (m, n) or (dp, m, n) with integers dp * m * n = devices, "
+                        f"got {plan!r}")
+    return tuple(int(x) for x in plan)
 
 
 def cluster_spec(cluster: ClusterSpec | str | None, devices: int) -> ClusterSpec:
@@ -611,7 +630,7 @@ def _print_rank_passes(prog: HelixProgram, print_after: frozenset) -> None:
     names = {"shard"} | {p.name for p in RANK_PASSES}
     if not print_after & names:
         return
-    where = f"rank 0 of {prog.devices} (m={prog.plan.m} x n={prog.plan.n})"
+    where = f"rank 0 of {prog.devices} ({prog.plan.name})"
     gm = prog.emitted_module(0)
     if "shard" in print_after:
         print(f"# graph after shard: {where}")
@@ -636,7 +655,7 @@ def _static_if_better(prog: HelixProgram, req: Request) -> HelixProgram:
         req, model=src.model, args=src.example_inputs, kwargs=dict(src.example_kwargs or {}),
         cluster=cluster_spec(src.cluster, req.devices), cluster_arg=src.cluster,
         profile=src.profile, verbose=src.verbose, dynamic=False,
-        print_after=frozenset())
+        print_after=frozenset(), dp=prog.plan.dp)
     static = run_compile(static_req, kernel_choice=prog.kernel_choice, warn=False)
     if len(static.replicated_ops) < len(prog.replicated_ops):
         note = (f"captured with static shapes: with a symbolic batch/sequence size, "
@@ -645,7 +664,7 @@ def _static_if_better(prog: HelixProgram, req: Request) -> HelixProgram:
     return prog
 
 
-def recompile(program: HelixProgram, plan: tuple[int, int] | None = None,
+def recompile(program: HelixProgram, plan: tuple[int, ...] | None = None,
               devices: int | None = None, variant: str | None = None,
               cluster: ClusterSpec | str | None = None,
               profile: ComputeProfile | None = None) -> HelixProgram:
@@ -654,9 +673,10 @@ def recompile(program: HelixProgram, plan: tuple[int, int] | None = None,
     kernel choice carry over."""
     analysis = program.analysis
     if devices is None:
-        if not (isinstance(plan, (tuple, list)) and len(plan) == 2):
-            raise PlanError(f"recompile needs devices= or plan=(m, n), got plan={plan!r}")
-        devices = plan[0] * plan[1]
+        if not (isinstance(plan, (tuple, list)) and len(plan) in (2, 3)):
+            raise PlanError(f"recompile needs devices= or plan=(m, n) / (dp, m, n), "
+                            f"got plan={plan!r}")
+        devices = math.prod(forced_split(plan))
     req = request(program._source.model if program._source else None, devices, plan=plan,
                   variant=variant, cluster=cluster, profile=profile,
                   dynamic=analysis.captured.dynamic)

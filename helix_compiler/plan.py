@@ -1,8 +1,10 @@
-"""The plan: the chosen (m, n) split, a variant per attention site, and why.
+"""The plan: the chosen (dp, m, n) split, a variant per attention site, and why.
 
-`make_plan` solves (solver.py), costs every feasible split (cost.py), picks
-the one with the most tokens/s (ties: the smaller m) and costs the Megatron
-baselines beside it. A `Plan` is a frozen value that round-trips through YAML
+`make_plan` solves (solver.py), costs every feasible split (cost.py): dp data
+replicas of n head groups x m dim slices, picks the best for the objective
+("throughput": the most tokens/s, ties the smaller m; "latency": the shortest
+step of the batch, ties the smaller dp) and costs the Megatron baselines beside
+it. A `Plan` is a frozen value that round-trips through YAML
 (`to_yaml` / `Plan.from_yaml`); docs/reading_a_plan.md explains its fields.
 """
 
@@ -21,7 +23,9 @@ from .cost import VARIANTS, PlanCost, SiteCost, cost_baseline, cost_plan
 from .errors import HelixError, PlanError
 from .profile import ComputeProfile
 from .sites import AttentionSite, ModelSummary
-from .solver import Candidate, check_devices, require_feasible, solve
+from .solver import Candidate, check_devices, require_feasible, solve_space, split_name
+
+OBJECTIVES = ("throughput", "latency")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -64,6 +68,9 @@ class CandidateCost:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Plan:
+    """devices = dp * pp * m * n: dp data replicas (each the m x n program on B/dp sequences),
+    pp pipeline stages (1: the pipeline axis is not emitted yet)."""
+
     devices: int
     m: int
     n: int
@@ -76,11 +83,19 @@ class Plan:
     baselines: tuple[PlanCost, ...] = ()
     notes: tuple[str, ...] = ()
     unpartitioned: tuple[UnpartitionedCore, ...] = ()   # attention cores every rank runs whole
+    dp: int = 1                           # data replicas
+    pp: int = 1                           # pipeline stages (only 1 is emitted)
+    objective: str = "throughput"         # what the choice maximized: OBJECTIVES
 
     def __post_init__(self) -> None:
-        if self.m < 1 or self.n < 1 or self.m * self.n != self.devices:
-            raise PlanError(f"Plan: m={self.m} x n={self.n} must multiply to "
+        if self.pp != 1:
+            raise PlanError(f"Plan: pp={self.pp}, but Helix emits no pipeline stages yet; "
+                            f"use pp=1")
+        if self.m < 1 or self.n < 1 or self.dp < 1 or self.dp * self.m * self.n != self.devices:
+            raise PlanError(f"Plan: dp={self.dp} x m={self.m} x n={self.n} must multiply to "
                             f"devices={self.devices}")
+        if self.objective not in OBJECTIVES:
+            raise PlanError(f"Plan: objective must be one of {OBJECTIVES}, got {self.objective!r}")
         for sp in self.sites:
             if (sp.variant == "heads") != (self.m == 1):
                 raise PlanError(f"Plan m={self.m}: site {sp.index} has variant {sp.variant!r}; "
@@ -91,11 +106,26 @@ class Plan:
         return tuple(sp.variant for sp in self.sites)
 
     @property
+    def split(self) -> tuple[int, int, int]:
+        """(dp, m, n)."""
+        return (self.dp, self.m, self.n)
+
+    @property
+    def replica_devices(self) -> int:
+        """Ranks of one data replica: m * n."""
+        return self.m * self.n
+
+    @property
+    def name(self) -> str:
+        return split_name(self.dp, self.m, self.n)
+
+    @property
     def no_attention(self) -> bool:
         return not self.sites
 
     def to_dict(self) -> dict:
-        out = {"devices": self.devices, "m": self.m, "n": self.n, "cluster": self.cluster,
+        out = {"devices": self.devices, "dp": self.dp, "pp": self.pp, "m": self.m, "n": self.n,
+               "objective": self.objective, "cluster": self.cluster,
                "model": self.model, "no_attention": self.no_attention,
                "variants": list(self.variants), "mlps": self.mlps}
         # a site's cost is written once, under cost.sites
@@ -148,54 +178,73 @@ def model_fingerprint(summary: ModelSummary) -> str:
 
 
 def make_plan(summary: ModelSummary, devices: int, cluster: ClusterSpec,
-              profile: ComputeProfile | None = None, forced: tuple[int, int] | None = None,
+              profile: ComputeProfile | None = None, forced: tuple[int, ...] | None = None,
               variant: str | None = None, refused: dict | None = None,
-              backend: str | None = None) -> Plan:
-    """Solve, cost every feasible split and pick the most tokens/s (ties: the
-    smaller m), or the `forced` (m, n). `variant` forces "score-reduce" or
-    "qk-gather" on every site of an m > 1 split. `refused` maps an (m, n) the
-    shard pass refused to its reason: that split is excluded with it. `backend` prices
-    every attention core with that core where it can take it (cost.cost_plan)."""
+              backend: str | None = None, *, dp: int | None = 1,
+              objective: str = "throughput", memory_cap_gib: float | None = None) -> Plan:
+    """Solve, cost every feasible (dp, m, n) and pick the best for `objective`, or the
+    `forced` (m, n) (dp = 1) or (dp, m, n). `dp`: only that many data replicas (1, the
+    default, is today's m x n program), or None for every dp dividing devices.
+    "throughput" maximizes tokens/s of the global batch (ties: the smaller m, then the
+    larger dp), "latency" minimizes the step, the time to finish one batch (ties: the
+    smaller dp, then the smaller m). `memory_cap_gib` caps each rank's memory below the
+    GPU's. `variant` forces "score-reduce" or "qk-gather" on every site of an m > 1
+    split. `refused` maps a (dp, m, n) (or (m, n)) the shard pass refused to its reason:
+    that split is excluded with it. `backend` prices every attention core with that
+    core where it can take it (cost.cost_plan)."""
     check_devices(devices)
-    refused = refused or {}
+    if objective not in OBJECTIVES:
+        raise PlanError(f"objective must be one of {OBJECTIVES}, got {objective!r}; "
+                        f"'throughput' for tokens/s of the whole batch, 'latency' for the "
+                        f"time of one batch (set its size with --batch)")
+    cluster, cap_note = _capped(cluster, memory_cap_gib)
+    refused = {_key3(k): v for k, v in (refused or {}).items()}
+    if forced is not None:   # the table lists the space the split was forced in: (m, n) or all
+        shape, forced = forced, _forced3(forced, devices)
+        dp = 1 if len(shape) == 2 else None
     candidates = tuple(
-        replace(c, feasible=False, reasons=c.reasons + (refused[(c.m, c.n)],))
-        if (c.m, c.n) in refused else c for c in solve(summary, devices, cluster))
+        replace(c, feasible=False, reasons=c.reasons + (refused[c.key],))
+        if c.key in refused else c for c in solve_space(summary, devices, cluster, dp))
     feasible = [c for c in candidates if c.feasible]
     listing = ", ".join(str(c) for c in feasible) or "none"
     if forced is not None:
-        m, n = forced
-        if not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in forced):
-            raise PlanError(f"forced (m, n) must be two positive integers, got {forced!r}; "
-                            f"feasible splits of {devices}: {listing}")
-        if m * n != devices:
-            raise PlanError(f"forced m={m} x n={n} = {m * n} devices, but devices={devices}; "
-                            f"feasible splits of {devices}: {listing}")
-        chosen = next(c for c in candidates if (c.m, c.n) == (m, n))
+        k, m, n = forced
+        if k * m * n != devices:
+            raise PlanError(f"forced {split_name(k, m, n)} = {k * m * n} devices, but "
+                            f"devices={devices}; feasible splits of {devices}: {listing}")
+        chosen = next(c for c in candidates if c.key == forced)   # dp * m * n = devices
         if not chosen.feasible:
-            raise PlanError(f"forced m={m} x n={n} is infeasible: {'; '.join(chosen.reasons)}. "
+            raise PlanError(f"forced {chosen} is infeasible: {'; '.join(chosen.reasons)}. "
                             f"Feasible splits of {devices}: {listing}")
     elif not feasible and refused:
         raise PlanError(f"no split of {devices} devices can be built: "
-                        + "; ".join(f"m={m} x n={n}: {why}" for (m, n), why in refused.items())
+                        + "; ".join(f"{split_name(*k)}: {why}" for k, why in refused.items())
                         + "; docs/troubleshooting.md says what to do about the node named")
     elif not feasible:
-        require_feasible(summary, devices, cluster)   # raises, listing counts that fit
+        try:
+            require_feasible(summary, devices, cluster)   # raises, listing counts that fit
+        except PlanError as e:
+            more = [c for c in candidates if c.dp > 1]
+            if not more:
+                raise
+            raise PlanError(f"{e}; and with data replicas: " + "; ".join(
+                f"{c}: {', '.join(c.reasons)}" for c in more)) from None
     costs = {}
-    notes = [f"m={m} x n={n} excluded although the cost model chose it: {why}; chose the "
-             f"next best split the shard pass builds" for (m, n), why in refused.items()]
+    notes = [f"{split_name(*k)} excluded although the cost model chose it: {why}; chose the "
+             f"next best split the shard pass builds" for k, why in refused.items()]
+    notes += [cap_note] if cap_note else []
     for c in feasible:
         try:
-            costs[c] = cost_plan(summary, c.m, c.n, cluster, profile, variant, backend)
+            costs[c] = cost_plan(summary, c.m, c.n, cluster, profile, variant, backend, dp=c.dp)
         except PlanError as e:
             notes.append(f"{c} not costed: {e}")
     if forced is not None and chosen not in costs:
-        raise PlanError(f"forced m={m} x n={n}: {'; '.join(notes)}")
+        raise PlanError(f"forced {chosen}: {'; '.join(notes)}")
     if not costs:
         raise PlanError(f"no feasible split of {devices} devices could be costed: "
                         f"{'; '.join(notes)}")
     if forced is None:
-        chosen = max(costs, key=lambda c: (costs[c].tokens_per_s, -c.m))
+        chosen = min(costs, key=lambda c: objective_key(objective, c, costs[c]))
     baselines = []
     for tp, pp in _baseline_shapes(devices, cluster):
         try:
@@ -204,14 +253,93 @@ def make_plan(summary: ModelSummary, devices: int, cluster: ClusterSpec,
             notes.append(f"baseline skipped: {e}")
     cost = costs[chosen]
     by_index = {sc.index: sc for sc in cost.sites}    # a site's cost, matched by site index
+    notes += _why_notes(summary, chosen, costs, candidates, objective)
+    notes += _baseline_notes(cost, baselines)
     return Plan(
-        devices=devices, m=chosen.m, n=chosen.n, cluster=cluster.name,
-        model=model_fingerprint(summary),
+        devices=devices, dp=chosen.dp, m=chosen.m, n=chosen.n, objective=objective,
+        cluster=cluster.name, model=model_fingerprint(summary),
         sites=tuple(SitePlan(index=s.index, site=s, variant=by_index[s.index].variant,
                              cost=by_index[s.index]) for s in summary.sites),
         mlps=len(summary.mlps), cost=cost,
         candidates=tuple(CandidateCost(candidate=c, cost=costs.get(c)) for c in candidates),
         baselines=tuple(baselines), notes=tuple(notes))
+
+
+def objective_key(objective: str, c: Candidate, cost: PlanCost) -> tuple:
+    """Smaller is better. For one batch tokens/s = B S / step, so the two objectives order
+    plans alike; they differ in their ties and, above all, in the batch they are asked about
+    (a latency question is usually one sequence, where dp > 1 is infeasible)."""
+    if objective == "latency":
+        return (cost.step_ms, c.dp, c.m)
+    return (-cost.tokens_per_s, c.m, -c.dp)
+
+
+def _key3(key: tuple) -> tuple[int, int, int]:
+    return tuple(key) if len(key) == 3 else (1, *key)
+
+
+def _forced3(forced, devices: int) -> tuple[int, int, int]:
+    three = isinstance(forced, (tuple, list)) and len(forced) == 3
+    if not (isinstance(forced, (tuple, list)) and len(forced) in (2, 3)
+            and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in forced)):
+        raise PlanError(f"forced {'(dp, m, n) must be three' if three else '(m, n) must be two'} "
+                        f"positive integers, got {forced!r}; they multiply to devices={devices}")
+    return _key3(tuple(forced))
+
+
+def _capped(cluster: ClusterSpec, memory_cap_gib: float | None) -> tuple[ClusterSpec, str]:
+    """The cluster with each GPU's memory lowered to the cap, and a note saying so."""
+    if memory_cap_gib is None:
+        return cluster, ""
+    if isinstance(memory_cap_gib, bool) or not isinstance(memory_cap_gib, (int, float)) \
+            or not memory_cap_gib > 0:
+        raise PlanError(f"memory_cap_gib must be a positive number of GiB per rank, got "
+                        f"{memory_cap_gib!r}; try 40")
+    cap = int(memory_cap_gib * 2 ** 30)
+    if cap >= cluster.memory_bytes:
+        return cluster, (f"memory cap {memory_cap_gib:g} GiB per rank is above the "
+                         f"{cluster.gpu}'s {cluster.memory_bytes / 2 ** 30:.0f} GiB: no effect")
+    return replace(cluster, memory_bytes=cap), (
+        f"memory cap {memory_cap_gib:g} GiB per rank (of the {cluster.gpu}'s "
+        f"{cluster.memory_bytes / 2 ** 30:.0f} GiB): plans and micro-batches sized to it")
+
+
+def _why_notes(summary: ModelSummary, chosen: Candidate, costs: dict, candidates,
+               objective: str) -> list[str]:
+    """Why the choice is not the obvious one: m > 1, or fewer replicas than devices."""
+    out = []
+    devices = chosen.devices
+    if chosen.dp < devices:
+        pure = next((c for c in candidates if c.key == (devices, 1, 1)), None)
+        if summary.batch < devices and (pure is None or not pure.feasible):
+            out.append(f"{objective}: dp splits no work of one sequence; a batch of "
+                       f"B={summary.batch} feeds at most {summary.batch} replica"
+                       f"{'s' if summary.batch != 1 else ''}, so the other devices work on "
+                       f"each sequence through m x n")
+        elif pure is not None and not pure.feasible:
+            out.append(f"dp={devices} (one GPU per replica) is excluded: "
+                       f"{'; '.join(pure.reasons)}")
+        elif pure in costs:
+            p, q = costs[pure], costs[chosen]
+            out.append(f"dp={devices} (one GPU per replica) predicted {p.step_ms / q.step_ms:.2f}x "
+                       f"the step of {chosen}: compute {p.compute_ms:,.0f} vs {q.compute_ms:,.0f} "
+                       f"ms (micro-batches of {p.micro_batch} vs {q.micro_batch} sequences), "
+                       f"comm {p.comm_ms:,.0f} vs {q.comm_ms:,.0f} ms")
+    if chosen.m > 1 and summary.sites:
+        gqa = [s for s in summary.sites if chosen.n * chosen.m > s.num_kv_heads]
+        if gqa:
+            s = gqa[0]
+            out.append(f"GQA: n > H_kv={s.num_kv_heads} copies kv heads; m={chosen.m} splits "
+                       f"head dims instead (site {s.index}: H={s.num_heads}, d={s.head_dim})")
+    return out
+
+
+def _baseline_notes(cost: PlanCost, baselines) -> list[str]:
+    faster = [b for b in baselines if b.tokens_per_s > cost.tokens_per_s]
+    return [f"baseline {b.name} is predicted faster ({b.tokens_per_s:,.0f} vs "
+            f"{cost.tokens_per_s:,.0f} tokens/s) but Helix cannot emit it: it needs "
+            f"{'the pipeline axis' if 'PP' in b.name else 'a split outside this space'}"
+            for b in faster]
 
 
 def _baseline_shapes(devices: int, cluster: ClusterSpec) -> list[tuple[int, int]]:

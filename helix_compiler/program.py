@@ -11,6 +11,11 @@ weights read with weights_only=True.
 
 A program is not changed once made: its fields are frozen, the rank modules it
 builds are cached privately, and `recompile` returns a new program.
+
+A plan with dp > 1 data replicas (plan.dp, helix_compiler/data.py) has dp * m * n
+ranks: rank r = d m n + local runs the m x n program's module of `local` (the same
+object for every replica d, so weights are not copied) on the batch rows of shard d;
+`mesh` is one replica's (n, m) and every collective means the caller's replica.
 """
 
 from __future__ import annotations
@@ -134,11 +139,12 @@ class HelixProgram:
     _per_rank: dict = field(default_factory=dict, init=False, repr=False)
     _modules: dict = field(default_factory=dict, init=False, repr=False)
 
-    def recompile(self, plan: tuple[int, int] | Plan | None = None, devices: int | None = None,
+    def recompile(self, plan: tuple[int, ...] | Plan | None = None, devices: int | None = None,
                   variant: str | None = None, cluster: object = None,
                   profile: object = None) -> HelixProgram:
-        """This program's capture, planned and sharded for another split (plan=(m, n)) or device
-        count, without capturing the model again: a new program; this one is left as it is."""
+        """This program's capture, planned and sharded for another split (plan=(m, n), or
+        (dp, m, n) for dp data replicas of it) or device count, without capturing the model
+        again: a new program; this one is left as it is."""
         if self._recompile is None:
             raise HelixError("this HelixProgram was not made by helix_compile, so it cannot be "
                              "recompiled; compile the model with helix_compile")
@@ -146,8 +152,23 @@ class HelixProgram:
                                profile=profile)
 
     @property
-    def devices(self) -> int:
+    def dp(self) -> int:
+        """Data replicas of the m x n program (plan.dp; 1: no batch split)."""
+        return self.plan.dp
+
+    @property
+    def replica_devices(self) -> int:
+        """m * n: the ranks of one replica."""
         return self.mesh.size
+
+    @property
+    def devices(self) -> int:
+        return self.dp * self.mesh.size
+
+    def replica_of(self, rank: int) -> tuple[int, int]:
+        """(replica d, local rank in the m x n program) of rank r."""
+        self._check_rank(rank)
+        return divmod(rank, self.mesh.size)
 
     @property
     def summary(self) -> ModelSummary:
@@ -165,12 +186,17 @@ class HelixProgram:
 
     def _check_rank(self, rank: int) -> None:
         if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < self.devices:
-            raise HelixError(f"rank must be an integer in [0, {self.devices}), got {rank!r}")
+            split = f" ({self.plan.name})" if self.dp > 1 else ""
+            raise HelixError(f"rank must be an integer in [0, {self.devices}){split}, got {rank!r}")
+
+    def _local(self, rank: int) -> int:
+        """Rank r's rank in its replica's m x n program (r itself when dp = 1)."""
+        return self.replica_of(rank)[1]
 
     def emitted_module(self, rank: int) -> fx.GraphModule:
         """Rank r's module as the shard pass emitted it, before the per-rank passes (a new
-        module on each call)."""
-        self._check_rank(rank)
+        module on each call); a replica's rank r is the m x n program's rank r % (m n)."""
+        rank = self._local(rank)
         loc = self._rank_localized(rank)
         return build_module(loc.graphs[rank], loc.attrs[rank], f"HelixRank{rank}")
 
@@ -189,8 +215,9 @@ class HelixProgram:
         weights=PATH reads only its slices from a checkpoint (a torch state_dict file or a
         directory of safetensors files), memory-mapped, into a module on the CPU (the devices
         its graph names, meta for a model built under `empty_weights()`, pointed there too;
-        `on_device(gm, "cuda")` moves it on)."""
-        self._check_rank(rank)
+        `on_device(gm, "cuda")` moves it on). With dp > 1 replicas, every replica's rank r is
+        the one module of local rank r % (m n)."""
+        rank = self._local(rank)
         if weights is not None:
             loc = self._rank_localized(rank)
             buffers = {name for name, _ in self.analysis.captured.gm.named_buffers()}
@@ -210,15 +237,17 @@ class HelixProgram:
 
     def rank_weights(self, rank: int) -> dict:
         """Rank r's tensors by attribute name (its weight slices and index constants)."""
+        rank = self._local(rank)
         return self._rank_localized(rank).attrs[rank]
 
     def rank_shards(self, rank: int) -> dict:
         """attr name -> (stored parameter name, ((dim, global indices), ...), dim permutation or
         None) for rank r: how to read its tensor from a checkpoint of the model."""
+        rank = self._local(rank)
         return self._rank_localized(rank).shards[rank]
 
     def collectives(self, rank: int) -> dict:
-        """Collective calls in rank r's graph, counted by "kind:axes"."""
+        """Collective calls in rank r's graph, counted by "kind:axes" (axes mean r's replica)."""
         counts: dict = {}
         for node in self.rank_module(rank).graph.nodes:
             if node.op == "call_function" and getattr(node.target, "namespace", None) == "helix" \
@@ -233,10 +262,35 @@ class HelixProgram:
             return self.analysis.captured.gm(*args, **kwargs)
 
     def simulate(self, *args: object, **kwargs: object) -> list:
-        """Every rank's output, from the modules rank_module returns, run together in this process."""
-        self._check_static_shapes(args, kwargs)
-        modules = [self.rank_module(r) for r in range(self.devices)]
-        return run_ranks(modules, self.mesh, args, kwargs)
+        """Every rank's output, from the modules rank_module returns, run together in this
+        process. With dp > 1 replicas, replica d's m n ranks run on batch shard d (`shard_inputs`),
+        one replica after another: rank r's output is the output of its replica's rows."""
+        modules = [self.rank_module(r) for r in range(self.mesh.size)]
+        if self.dp == 1:
+            self._check_static_shapes(args, kwargs)
+            return run_ranks(modules, self.mesh, args, kwargs)
+        outs = []
+        for d, (a, k) in enumerate(self.shard_inputs(*args, **kwargs)):
+            self._check_static_shapes(a, k)
+            try:
+                outs += run_ranks(modules, self.mesh, a, k)
+            except HelixError as e:
+                raise HelixError(f"replica {d} of {self.dp}: {first_line(e)}") from e
+        return outs
+
+    def shard_inputs(self, *args: object, **kwargs: object) -> list[tuple[tuple, dict]]:
+        """The dp (args, kwargs) shards: every input whose dim 0 is the batch, cut into dp
+        contiguous equal parts; other inputs are given whole to every replica (data.py)."""
+        from .data import shard_inputs
+
+        return shard_inputs(self.analysis.captured.gm, args, kwargs, self.dp)
+
+    def gather(self, outputs: list) -> object:
+        """The whole batch's output from simulate's (or every rank's) outputs: replica d's first
+        rank's output, concatenated along dim 0 (data.gather_replicas)."""
+        from .data import gather_replicas
+
+        return gather_replicas(outputs, self.dp, self.mesh.size)
 
     def _check_static_shapes(self, args: tuple, kwargs: dict) -> None:
         """Sizes the capture fixed (a static capture, or an example size of 1) must be given again."""
@@ -268,12 +322,18 @@ class HelixProgram:
         """Plan + graph + weight shapes: ranks check at start-up that they hold the same program."""
         h = hashlib.sha256()
         h.update(f"{self.plan.m}x{self.plan.n}:{self.devices}".encode())
+        if self.dp > 1:
+            h.update(f"dp{self.dp}".encode())
         h.update(self.analysis.captured.gm.code.encode())
         for k, t in sorted(self.analysis.captured.params.items()):
             h.update(f"{k}:{tuple(t.shape)}:{t.dtype}".encode())
         return h.hexdigest()[:16]
 
     def save(self, directory: str | Path) -> Path:
+        if self.dp > 1:
+            raise HelixError(f"save of a dp={self.dp} program is not supported yet; save the m x n "
+                             f"program (recompile with plan=({self.plan.m}, {self.plan.n})): every "
+                             f"replica loads the same {self.mesh.size} rank files")
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         manifest = {"format": FORMAT_VERSION, "devices": self.devices, "m": self.plan.m, "n": self.plan.n,

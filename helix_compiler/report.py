@@ -7,8 +7,9 @@ import sympy
 from .cost import PlanCost, formulas
 from .plan import Plan
 
-_COLUMNS = ("", "split", "variants", "compute ms", "comm ms", "bubble ms", "GiB/rank",
-            "params/rank", "tokens/s", "comm ms/token")
+_COLUMNS = ("", "split", "dp", "variants", "compute ms", "comm ms", "bubble ms", "GiB/rank",
+            "params/rank", "tokens/s", "latency ms", "why")
+_LEFT = 4   # columns written left-aligned: mark, split, dp, variants
 
 
 def _human(x: float) -> str:
@@ -18,13 +19,14 @@ def _human(x: float) -> str:
     return f"{x:.3g}"
 
 
-def _row(mark: str, name: str, variants: str, cost: PlanCost | None) -> list[str]:
+def _row(mark: str, name: str, dp: str, variants: str, cost: PlanCost | None,
+         why: str = "") -> list[str]:
     if cost is None:
-        return [mark, name, variants] + ["-"] * (len(_COLUMNS) - 3)
-    return [mark, name, variants, f"{cost.compute_ms:,.1f}", f"{cost.comm_ms:,.1f}",
+        return [mark, name, dp, variants] + ["-"] * (len(_COLUMNS) - 5) + [why]
+    return [mark, name, dp, variants, f"{cost.compute_ms:,.1f}", f"{cost.comm_ms:,.1f}",
             f"{cost.bubble_ms:,.1f}", f"{cost.memory_bytes_per_rank / 2 ** 30:.2f}",
             _human(cost.param_elements_per_rank), _human(cost.tokens_per_s),
-            f"{cost.comm_ms_per_token:.3g}"]
+            f"{cost.step_ms:,.1f}", why]
 
 
 def _variants(cost: PlanCost) -> str:
@@ -32,21 +34,54 @@ def _variants(cost: PlanCost) -> str:
     return ",".join(names) if names else "-"
 
 
+def _limit(reasons: tuple[str, ...]) -> str:
+    """The kind of limit that excludes a split, for the why column (reasons: below the table)."""
+    first = reasons[0]
+    if first.startswith("memory"):
+        return "excluded: memory"
+    if first.startswith("dp="):
+        return "excluded: batch % dp"
+    if "devices but cluster" in first:
+        return "excluded: cluster size"
+    if "shard pass" in first:
+        return "excluded: shard pass"
+    return "excluded: head / dim split"
+
+
+def _why(plan: Plan, cc) -> str:
+    c = cc.candidate
+    if (c.dp, c.m, c.n) == plan.split:
+        return f"chosen ({plan.objective})"
+    if not c.feasible:
+        return _limit(c.reasons)
+    if cc.cost is None:
+        return "not costed (notes)"
+    return f"{cc.cost.step_ms / plan.cost.step_ms:.2f}x latency"
+
+
+def _baseline_why(plan: Plan, b: PlanCost) -> str:
+    if "PP" not in b.name and b.devices == plan.devices:
+        return f"= m=1 x n={plan.devices} (emitted)"
+    slower = "slower" if b.tokens_per_s <= plan.cost.tokens_per_s else "FASTER, see note"
+    return f"not emitted (no pipeline axis); {slower}"
+
+
 def format_table(plan: Plan) -> str:
-    """Every (m, n) of the plan's devices with its predicted cost or why it was
-    excluded, the baselines below them, the chosen split marked '*'."""
+    """Every (dp, m, n) of the plan's devices with its predicted cost or why it was excluded,
+    the baselines below them, the chosen split marked '*'."""
     rows = []
     for cc in plan.candidates:
         c = cc.candidate
-        mark = "*" if (c.m, c.n) == (plan.m, plan.n) else ""
+        mark = "*" if (c.dp, c.m, c.n) == plan.split else ""
         variants = _variants(cc.cost) if cc.cost else ("infeasible" if not c.feasible else "?")
-        rows.append(_row(mark, f"m={c.m} x n={c.n}", variants, cc.cost))
-    rows += [_row("", f"{b.name} (baseline)", "heads", b) for b in plan.baselines]
+        rows.append(_row(mark, str(c), str(c.dp), variants, cc.cost, _why(plan, cc)))
+    rows += [_row("", f"{b.name} (baseline)", "1", "heads", b, _baseline_why(plan, b))
+             for b in plan.baselines]
     widths = [max(len(r[i]) for r in rows + [list(_COLUMNS)]) for i in range(len(_COLUMNS))]
-    fmt = lambda r: "  ".join(v.ljust(w) if i < 3 else v.rjust(w)   # noqa: E731
-                              for i, (v, w) in enumerate(zip(r, widths))).rstrip()
+    fmt = lambda r: "  ".join(v.ljust(w) if i < _LEFT or i == len(_COLUMNS) - 1   # noqa: E731
+                              else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths))).rstrip()
     head = (f"{plan.model} on {plan.devices} devices of cluster {plan.cluster!r}: "
-            f"chosen m={plan.m} x n={plan.n}"
+            f"chosen {plan.name} for {plan.objective}"
             + ((f" (no attention{' site' if plan.unpartitioned else ''}: MLPs sharded over all devices)"
                 if plan.mlps else
                 f" (no attention{' site' if plan.unpartitioned else ''} and no MLP found: every rank "
@@ -57,9 +92,15 @@ def format_table(plan: Plan) -> str:
     excluded = [cc.candidate for cc in plan.candidates if not cc.candidate.feasible]
     if excluded:
         lines += ["", "excluded:"]
-        lines += [f"  m={c.m} x n={c.n}: {'; '.join(c.reasons)}" for c in excluded]
-    lines += ["", f"micro-batch {plan.cost.micro_batch} sequences x {plan.cost.micro_batches}; "
-              f"step {plan.cost.step_ms:,.1f} ms = compute + comm (no overlap assumed)"]
+        by_reason: dict[tuple, list] = {}     # splits excluded for the same reasons, once
+        for c in excluded:
+            by_reason.setdefault(c.reasons, []).append(str(c))
+        lines += [f"  {', '.join(names)}: {'; '.join(why)}" for why, names in by_reason.items()]
+    lines += ["", f"tokens/s: the global batch over the step; latency: the step, the time to "
+                  f"finish one batch (dp replicas run their B/dp sequences at once)",
+              f"micro-batch {plan.cost.micro_batch} sequences x {plan.cost.micro_batches}"
+              + (f" per replica" if plan.dp > 1 else "")
+              + f"; step {plan.cost.step_ms:,.1f} ms = compute + comm (no overlap assumed)"]
     lines += [f"site {sp.index}: {sp.variant}" + (f", core {sp.cost.backend}" if sp.cost else "")
               for sp in plan.sites]
     lines += [f"note: {x}" for x in plan.notes]

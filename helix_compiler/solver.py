@@ -44,26 +44,40 @@ FEASIBLE_LISTING_MAX_COUNT = 20
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Candidate:
-    """One split of the devices: n head groups x m dim slices."""
+    """One split of the devices: dp data replicas of n head groups x m dim slices (pp
+    pipeline stages: always 1 until the pipeline axis is emitted)."""
 
     m: int
     n: int
     feasible: bool
     reasons: tuple[str, ...] = ()
+    dp: int = 1
+    pp: int = 1
 
     def __post_init__(self) -> None:
-        if self.m < 1 or self.n < 1:
-            raise PlanError(f"Candidate needs m >= 1 and n >= 1, got m={self.m}, n={self.n}")
+        if self.m < 1 or self.n < 1 or self.dp < 1 or self.pp != 1:
+            raise PlanError(f"Candidate needs m, n, dp >= 1 and pp = 1 (no pipeline axis yet), "
+                            f"got dp={self.dp}, pp={self.pp}, m={self.m}, n={self.n}")
         if self.feasible == bool(self.reasons):
             raise PlanError(f"Candidate m={self.m} x n={self.n}: feasible={self.feasible} "
                             f"contradicts reasons={self.reasons!r}")
 
     @property
     def devices(self) -> int:
-        return self.m * self.n
+        return self.dp * self.pp * self.m * self.n
+
+    @property
+    def key(self) -> tuple[int, int, int]:
+        """(dp, m, n)."""
+        return (self.dp, self.m, self.n)
 
     def __str__(self) -> str:
-        return f"m={self.m} x n={self.n}"
+        return split_name(self.dp, self.m, self.n)
+
+
+def split_name(dp: int, m: int, n: int) -> str:
+    """'m=2 x n=8' for one replica (today's spelling), 'dp=2 x m=1 x n=8' for more."""
+    return f"m={m} x n={n}" if dp == 1 else f"dp={dp} x m={m} x n={n}"
 
 
 def check_devices(devices: object) -> int:
@@ -138,6 +152,41 @@ def solve(summary: ModelSummary, devices: int,
             elif (why := memory_reason(summary, m, n, cluster)) is not None:
                 reasons.append(why)
         out.append(Candidate(m=m, n=n, feasible=not reasons, reasons=tuple(reasons)))
+    return tuple(out)
+
+
+def batch_reason(batch: int, dp: int) -> str | None:
+    """None when dp equal, contiguous shards of the global batch exist, else why not."""
+    if batch % dp:
+        return (f"dp={dp} replicas need the global batch B={batch} to split evenly "
+                f"(B % dp = {batch % dp}); try a batch that is a multiple of {dp}")
+    return None
+
+
+def solve_space(summary: ModelSummary, devices: int, cluster: ClusterSpec | None = None,
+                dp: int | None = None) -> tuple[Candidate, ...]:
+    """Every (dp, m, n) with dp * m * n = devices (dp = `dp` only, when given), dp ascending,
+    then m ascending, with why each is excluded: the (m, n) rules of `solve` on devices / dp
+    ranks (a replica holds the whole m x n shard, so its memory is that of the m x n rank),
+    and dp must divide the global batch (`batch_reason`)."""
+    check_devices(devices)
+    if dp is not None and (isinstance(dp, bool) or not isinstance(dp, int) or dp < 1
+                           or devices % dp):
+        raise PlanError(f"dp={dp!r} must be a positive integer dividing devices={devices}; "
+                        f"try one of {', '.join(str(int(x)) for x in sympy.divisors(devices))}")
+    out = []
+    for k in ([dp] if dp is not None else [int(x) for x in sympy.divisors(devices)]):
+        replica = devices // k
+        too_big = cluster is not None and devices > cluster.devices
+        split = solve(summary, replica, None if too_big else cluster)
+        extra = [] if k == 1 else [r for r in (batch_reason(summary.batch, k),) if r]
+        if too_big:
+            extra.append(f"{devices} devices but cluster {cluster.name!r} has {cluster.devices} "
+                         f"GPUs ({cluster.nodes} node{'s' if cluster.nodes != 1 else ''} x "
+                         f"{cluster.gpus_per_node})")
+        for c in split:
+            reasons = (*extra, *c.reasons)
+            out.append(Candidate(m=c.m, n=c.n, dp=k, feasible=not reasons, reasons=reasons))
     return tuple(out)
 
 

@@ -156,7 +156,7 @@ def run_rank(args, rank: int, world: int, local_rank: int) -> dict:
     model = model.to(dtype) if dtype != torch.float32 else model
     inputs, kwargs = _to((inputs, kwargs), torch.device("cpu"), dtype)
     plan = Plan.from_yaml(Path(args.plan)) if args.plan and args.plan.endswith((".yaml", ".yml")) else (
-        tuple(int(x) for x in args.plan.split(",")) if args.plan else None)
+        tuple(int(x) for x in args.plan.split(",")) if args.plan else None)   # (m, n) or (dp, m, n)
     prog = helix_compile(model, devices=world, example_inputs=inputs, example_kwargs=kwargs,
                          cluster=args.cluster, plan=plan, sequence_parallel=args.sequence_parallel,
                          dynamic=not args.sequence_parallel)
@@ -165,14 +165,20 @@ def run_rank(args, rank: int, world: int, local_rank: int) -> dict:
     dist.all_gather_object(keys, f"{prog.fingerprint()}/{weights_digest(prog.analysis.captured.params)}")
     check_same_program(keys)
 
-    collectives.bind(DistributedBackend(prog.mesh, device.type))
+    dp = prog.plan.dp
+    collectives.bind(DistributedBackend(prog.mesh, device.type, dp))
     if args.weights:
         # only this rank's slices are read from the checkpoint (memory-mapped)
         module = on_device(prog.rank_module(rank, weights=args.weights), device)
         _load_reference_weights(prog, args.weights)
     else:
         module = on_device(prog.rank_module(rank), device)
-    inputs, kwargs = _to((inputs, kwargs), device)
+    full_inputs, full_kwargs = _to((inputs, kwargs), device)
+    replica = rank // prog.mesh.size
+    if dp > 1:   # this rank runs its replica's rows of the batch (data.py)
+        inputs, kwargs = prog.shard_inputs(*full_inputs, **full_kwargs)[replica]
+    else:
+        inputs, kwargs = full_inputs, full_kwargs
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     barrier = (lambda: dist.barrier(device_ids=[local_rank])) if device.type == "cuda" else dist.barrier
     with torch.no_grad():
@@ -186,19 +192,32 @@ def run_rank(args, rank: int, world: int, local_rank: int) -> dict:
         sync()
         ms = (time.perf_counter() - start) * 1e3 / args.steps
         on_device(prog.analysis.captured.gm, device)
-        ref = prog.reference(*inputs, **kwargs)
+        ref = prog.reference(*full_inputs, **full_kwargs)
+    if dp > 1:   # the unsharded model's rows of this rank's shard
+        ref = _rows(ref, replica, dp)
     error = relative_error(out, ref)
     reduced = torch.tensor([error, ms], dtype=torch.float64, device=device)
     dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
     collectives.bind(None)
-    return {"ranks": world, "m": prog.plan.m, "n": prog.plan.n, "backend": args.backend,
+    return {"ranks": world, "dp": dp, "m": prog.plan.m, "n": prog.plan.n, "backend": args.backend,
             "dtype": args.dtype, "model": args.model, "fingerprint": prog.fingerprint(),
             "max_relative_error": reduced[0].item(), "tolerance": args.tolerance,
             "ms_per_step": reduced[1].item(), "steps": args.steps}
 
 
+def _rows(tree, replica: int, dp: int):
+    """Rows [replica B/dp, (replica + 1) B/dp) of every tensor leaf of the unsharded output."""
+    def cut(x):
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            return x
+        size = x.shape[0] // dp
+        return x.narrow(0, replica * size, size)
+    return pytree.tree_map(cut, tree)
+
+
 def summary_line(s: dict) -> str:
-    return (f"helix run: {s['ranks']} ranks, m={s['m']} x n={s['n']}, backend {s['backend']}, "
+    split = f"m={s['m']} x n={s['n']}" if s.get("dp", 1) == 1 else f"dp={s['dp']} x m={s['m']} x n={s['n']}"
+    return (f"helix run: {s['ranks']} ranks, {split}, backend {s['backend']}, "
             f"{s['dtype']}, max relative error {s['max_relative_error']:.1e} "
             f"(tolerance {s['tolerance']:g}), {s['ms_per_step']:.1f} ms/step")
 
@@ -209,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL")
     p.add_argument("--backend", choices=("gloo", "nccl"), default="gloo")
     p.add_argument("--cluster", default=None)
-    p.add_argument("--plan", default=None, help="M,N or a plan YAML file")
+    p.add_argument("--plan", default=None, help="M,N, DP,M,N or a plan YAML file")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--timeout", type=float, default=300.0)
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")

@@ -79,11 +79,11 @@ def tiny_spec(tmp_path) -> Path:
 def test_plan_table_for_paper_model_marks_one_chosen_split(capsys):
     code, out, err = _run(capsys, "plan", "--devices", 16)
     assert code == 0, err
-    head = re.search(r"chosen m=(\d+) x n=(\d+)", out)
-    assert head and int(head[1]) * int(head[2]) == 16
+    head = re.search(r"chosen (?:dp=(\d+) x )?m=(\d+) x n=(\d+)", out)
+    assert head and int(head[1] or 1) * int(head[2]) * int(head[3]) == 16
     marked = [line for line in out.splitlines() if line.startswith("*")]
-    assert len(marked) == 1 and f"m={head[1]} x n={head[2]}" in marked[0]
-    # every split of 16 is listed: 1x16, 2x8, 4x4, 8x2, 16x1
+    assert len(marked) == 1 and f"m={head[2]} x n={head[3]}" in marked[0]
+    # every split of 16 is listed: 1x16, 2x8, 4x4, 8x2, 16x1 (one replica; more below them)
     assert all(f"m={m} x n={16 // m}" in out for m in (1, 2, 4, 8, 16))
 
 
@@ -92,7 +92,7 @@ def test_plan_yaml_and_json_parse_with_m_times_n_equal_to_devices(capsys, fmt, p
     code, out, err = _run(capsys, "plan", "--devices", 16, "--format", fmt)
     assert code == 0, err
     data = parse(out)
-    assert data["devices"] == 16 and data["m"] * data["n"] == 16
+    assert data["devices"] == 16 and data["dp"] * data["m"] * data["n"] == 16 and data["pp"] == 1
     assert len(data["sites"]) == 2     # the paper model's 2 attention layers
 
 

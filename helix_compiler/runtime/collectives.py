@@ -11,7 +11,9 @@ running thread:
   a collective waits for its group and computes the result from the N inputs
   (summing in group order, so every rank gets bit-identical results).
 * `DistributedBackend`: torch.distributed functional collectives over the
-  sub-groups of a 2-D DeviceMesh ("head", "dim"), NCCL or gloo.
+  sub-groups of a 3-D DeviceMesh ("data", "head", "dim"), NCCL or gloo; with dp
+  data replicas (data.py) "head", "dim" and "all" mean the groups inside the
+  caller's replica (rank = ((d * n) + i) * m + j).
 """
 
 from __future__ import annotations
@@ -153,16 +155,29 @@ class _RankView:
 
 
 class DistributedBackend:
-    """torch.distributed functional collectives on the sub-groups of a ("head", "dim") DeviceMesh."""
+    """torch.distributed functional collectives on the sub-groups of a ("data", "head", "dim")
+    DeviceMesh: `mesh` is one replica's (n, m), `dp` the replicas (world = dp * n * m)."""
 
-    def __init__(self, mesh: Mesh, device_type: str):
+    def __init__(self, mesh: Mesh, device_type: str, dp: int = 1):
+        import torch.distributed as dist
         from torch.distributed.device_mesh import init_device_mesh
 
-        self.mesh = mesh
-        self.device_mesh = init_device_mesh(device_type, (mesh.n, mesh.m), mesh_dim_names=("head", "dim"))
+        world = dist.get_world_size()
+        if world != dp * mesh.size:
+            raise HelixError(f"DistributedBackend: dp={dp} x n={mesh.n} x m={mesh.m} = "
+                             f"{dp * mesh.size} ranks, but the process group has {world}; "
+                             f"launch dp * m * n processes (helix run --devices {dp * mesh.size})")
+        self.mesh, self.dp = mesh, dp
+        self.device_mesh = init_device_mesh(device_type, (dp, mesh.n, mesh.m),
+                                            mesh_dim_names=("data", "head", "dim"))
+        if dp == 1:
+            replica = dist.group.WORLD
+        else:   # every rank creates every replica's group, in the same order
+            replica, _ = dist.new_subgroups_by_enumeration(
+                [list(range(d * mesh.size, (d + 1) * mesh.size)) for d in range(dp)])
         self.groups = {"head": self.device_mesh.get_group("head"),
                        "dim": self.device_mesh.get_group("dim"),
-                       "all": torch.distributed.group.WORLD}
+                       "all": replica}
 
     def all_reduce(self, x, axes, op):
         import torch.distributed._functional_collectives as funcol
