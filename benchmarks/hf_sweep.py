@@ -355,10 +355,19 @@ def sweep_model(name: str, attn: str, devices: tuple[int, ...], budget: float) -
     # is handed to compile_split's cache, which recompiles it for every split.  If that compile
     # fails, analyze alone says whether capture / find_attention is what fails.
     helpers._CAPTURED.clear()
+    import warnings
+
+    from helix_compiler.errors import HelixWarning
     try:
         from helix_compiler import helix_compile
 
-        prog1 = helix_compile(model, devices=1, example_inputs=args0, example_kwargs=kw0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", HelixWarning)
+            prog1 = helix_compile(model, devices=1, example_inputs=args0, example_kwargs=kw0)
+        # "unpartitioned must never be silent": the HelixWarnings the 1-device compile gave and
+        # the cores the program lists as run whole (program.unpartitioned)
+        rec["helix_warnings"] = [str(w.message)[:400] for w in caught if issubclass(w.category, HelixWarning)]
+        rec["program_unpartitioned"] = [str(c) for c in prog1.unpartitioned]
         analysis = prog1.analysis
         shapes = tuple(a.shape if hasattr(a, "shape") else a for a in args0)
         helpers._CAPTURED[:] = [(model, (shapes, tuple(sorted(kw0))), prog1)]
@@ -372,6 +381,7 @@ def sweep_model(name: str, attn: str, devices: tuple[int, ...], budget: float) -
             return rec
     sites = analysis.summary.sites
     rec.update(sites=len(sites), skipped=[str(s) for s in analysis.skipped],
+               analysis_unpartitioned=[str(c) for c in analysis.unpartitioned],
                site_shapes=[dict(H=s.num_heads, H_kv=s.num_kv_heads, d=s.head_dim,
                                  rotary=(None if s.rotary is None else f"{s.rotary.style}:{s.rotary.dims}"))
                             for s in sites],

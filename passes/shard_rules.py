@@ -308,7 +308,7 @@ def _squeeze(lz, node):
     return True
 
 
-@rule(aten.expand.default)
+@rule(aten.expand.default, aten.broadcast_to.default)   # broadcast_to(x, size) = expand(x, size)
 def _expand(lz, node):
     x = node.args[0]
     if not lz.is_split(x):
