@@ -448,6 +448,19 @@ def _where(e: BaseException) -> str:
 OUTCOMES = ("ok", "wrong", "nan", "crash", "refused", "unpartitioned", "timeout", "ref_nan")
 
 
+def _run_whole(r: dict) -> str:
+    """`cores / warnings`: program.unpartitioned and the HelixWarnings of the 1-device compile."""
+    if "program_unpartitioned" not in r:
+        return "-"
+    return f"{len(r['program_unpartitioned'])} / {len(r.get('helix_warnings') or [])}"
+
+
+def silent(r: dict) -> bool:
+    """Fewer sites than attention layers, and nothing (skip note, unpartitioned core, warning) says so."""
+    return (r.get("sites") is not None and r["sites"] < r.get("attention_layers", 0)
+            and not r.get("skipped") and not r.get("program_unpartitioned") and not r.get("helix_warnings"))
+
+
 def report(paths: list[str], out_json: Path, out_md: Path) -> None:
     """Merge sweep JSONs (later files win per (model, attn)) and write the model x outcome table."""
     docs = [json.loads(Path(p).read_text()) for p in paths]
@@ -468,10 +481,14 @@ def report(paths: list[str], out_json: Path, out_md: Path) -> None:
              f"commands: {'; '.join(c for c in merged['commands'] if c)}", "",
              "One count per (split, variant, inputs): inputs are `leftpad` (row 1's first 3 positions "
              "masked) and, where the model takes attention_mask, `fullpad` (row 2 fully masked too).", "",
-             "`skipped`: find_attention's notes on cores it left unsharded (0 with sites < layers = "
-             "silently unpartitioned). `s`: seconds for the model (capture + all splits).", "",
-             "| model | attn | status | sites/layers | skipped | " + " | ".join(OUTCOMES) + " | s | first failure |",
-             "|---|---|---|---|---|" + "---|" * len(OUTCOMES) + "---|---|"]
+             "`skipped`: find_attention's notes on cores it left unsharded. `run whole`: the attention "
+             "cores the 1-device program lists as run unpartitioned (`program.unpartitioned`) / the "
+             "HelixWarnings its compile gave (`-` where that compile failed); a model with sites < "
+             "layers and 0 / 0 there would be silently unpartitioned. `s`: seconds for the model "
+             "(capture + all splits).", "",
+             "| model | attn | status | sites/layers | skipped | run whole | " + " | ".join(OUTCOMES)
+             + " | s | first failure |",
+             "|---|---|---|---|---|---|" + "---|" * len(OUTCOMES) + "---|---|"]
     totals = dict.fromkeys(OUTCOMES, 0)
     for r in models:
         counts = dict.fromkeys(OUTCOMES, 0)
@@ -485,9 +502,13 @@ def report(paths: list[str], out_json: Path, out_md: Path) -> None:
             totals[k] += counts.get(k, 0)
         first = first.replace("|", "\\|")[:160]
         lines.append(f"| {r['model']} | {r['attn']} | {r.get('status')} | {r.get('sites', '-')}/"
-                     f"{r.get('attention_layers', '-')} | {len(r.get('skipped') or [])} | " + " | ".join(str(counts[k] or "") for k in OUTCOMES)
+                     f"{r.get('attention_layers', '-')} | {len(r.get('skipped') or [])} | {_run_whole(r)} | "
+                     + " | ".join(str(counts[k] or "") for k in OUTCOMES)
                      + f" | {r.get('seconds', '')} | {first} |")
-    lines.append("| **total** | | | | | " + " | ".join(str(totals[k]) for k in OUTCOMES) + " | | |")
+    lines.append("| **total** | | | | | | " + " | ".join(str(totals[k]) for k in OUTCOMES) + " | | |")
+    quiet = [f"{r['model']} {r['attn']}" for r in models if silent(r)]
+    lines += ["", f"Silently unpartitioned (sites < layers with no skip note, no unpartitioned core and no "
+                  f"HelixWarning): {', '.join(quiet) if quiet else 'none'}."]
     out_md.write_text("\n".join(lines) + "\n")
 
 
