@@ -16,8 +16,9 @@ Outcome of each (model, split, variant, inputs):
   ok             every rank within 1e-5 relative error, no NaN
   wrong          some rank's leaf has relative error > 1e-5
   nan            NaN in a rank output where the reference has none
-  crash          an exception that is not a HelixError (first line kept)
-  refused        a HelixError at compile (first line kept)
+  crash          an exception that is not a HelixError, or one the pipeline wrapped in "stage X
+                 failed after ..." (first line kept, `where` = its innermost Helix frame)
+  refused        any other HelixError at compile (first line kept)
   unpartitioned  ran correctly, but the model had fewer attention sites than attention layers
   timeout        not run: the model's time box was spent
   ref_nan        the unsharded model itself gives NaN on these inputs (ranks match its NaNs)
@@ -448,8 +449,10 @@ def sweep_model(name: str, attn: str, devices: tuple[int, ...], budget: float) -
         try:
             analysis = analyze(model, args0, kw0)
         except Exception as e:
-            rec.update(status="analyze_crash" if not isinstance(e, HelixError) else "analyze_refused",
-                       error=first_line(e), where=_where(e), seconds=round(time.perf_counter() - t0, 2))
+            crashed = not isinstance(e, HelixError) or _internal(e)
+            rec.update(status="analyze_crash" if crashed else "analyze_refused",
+                       error=first_line(e), where=_where(e.__cause__ if _internal(e) else e),
+                       seconds=round(time.perf_counter() - t0, 2))
             return rec
     sites = analysis.summary.sites
     rec.update(sites=len(sites), skipped=[str(s) for s in analysis.skipped],
@@ -480,6 +483,12 @@ def sweep_model(name: str, attn: str, devices: tuple[int, ...], budget: float) -
                 try:
                     prog = compile_split(model, args0, kw0, m=c.m, n=c.n, variant=variant)
                 except HelixError as e:
+                    if _internal(e):  # "stage X failed ...: IndexError": a crash wrapped by the pipeline
+                        for label, _, _ in inputs:
+                            rec["splits"].append(dict(row, inputs=label, outcome="crash",
+                                                      detail=f"compile: {first_line(e)}",
+                                                      where=_where(e.__cause__)))
+                        continue
                     for label, _, _ in inputs:
                         rec["splits"].append(dict(row, inputs=label, outcome="refused", detail=first_line(e)))
                     continue
@@ -507,6 +516,15 @@ def sweep_model(name: str, attn: str, devices: tuple[int, ...], budget: float) -
                                               detail=detail, seconds=round(time.perf_counter() - t1, 2)))
     rec["seconds"] = round(time.perf_counter() - t0, 2)
     return rec
+
+
+def _internal(e: BaseException) -> bool:
+    """A HelixError the pipeline raised around an exception that is not one (pipeline.py /
+    api.py "stage X failed after ...: <the exception>"): an internal error, not a refusal."""
+    from helix_compiler.errors import HelixError
+
+    return (isinstance(e, HelixError) and e.__cause__ is not None
+            and not isinstance(e.__cause__, HelixError) and " failed after " in str(e))
 
 
 def _where(e: BaseException) -> str:
