@@ -1,6 +1,7 @@
 """The compiler pipeline: one short list of named stages (DESIGN.md section 1).
 
     capture         torch.export (non-strict) -> ATen FX graph
+    canonical_ops   swapaxes / mT / movedim / broadcast_to as transpose / permute / expand (passes/canonical_ops.py)
     fold_params     views of weights (W.T, W.split(...)[i]) become named parameters (passes/fold_params.py)
     find_attention  AttentionSite records (passes/find_attention.py)
     unpartitioned   attention-like cores no site owns, with why (passes/unpartitioned.py)
@@ -23,7 +24,7 @@ import torch.fx as fx
 from .errors import HelixError, first_line
 from .sites import ModelSummary
 
-STAGES = ("capture", "fold_params", "slice_copies", "find_attention", "unpartitioned", "find_mlp", "plan",
+STAGES = ("capture", "canonical_ops", "fold_params", "slice_copies", "find_attention", "unpartitioned", "find_mlp", "plan",
           "seeds", "shard")
 
 
@@ -123,6 +124,11 @@ def analyze(model, args, kwargs, print_after=(), dynamic: bool = True, verbose: 
     captured = stage("capture", lambda: capture(model, args, kwargs, dynamic=dynamic,
                                                        verbose=verbose))
     _maybe_print("capture", captured.gm, print_after)
+    from passes.canonical_ops import canonical_ops
+
+    # swapaxes / mT / movedim / broadcast_to as the transpose / permute / expand they are
+    stage("canonical_ops", lambda: canonical_ops(captured.gm))
+    _maybe_print("canonical_ops", captured.gm, print_after)
     from passes.fold_params import fold_params
 
     views = stage("fold_params", lambda: fold_params(captured.gm, captured.params))

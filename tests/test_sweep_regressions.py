@@ -6,6 +6,9 @@ left-padded and a fully padded row.
   (`torch.cat([empty_1d, k], dim=-2)`: torch.cat skips 1-d empty inputs); the shard pass's
   cat rule indexed the empty input's layout by k's dims (IndexError in
   passes/shard_rules.py:_cat at every split).
+* Aliases torch.export keeps (swapaxes, mT, movedim, broadcast_to): find_attention knew
+  none of them ("k transposed ... is not a spelling it knows"; Falcon-40B's broadcast_to
+  lost k); passes/canonical_ops.py rewrites them to transpose / permute / expand.
 """
 
 from __future__ import annotations
@@ -50,5 +53,50 @@ def test_xlm_every_split_of_4_devices_equals_unsharded_model():
     splits = feasible_splits(analysis.summary, 4)
     assert {m for m, _ in splits} == {1, 2, 4}, splits
     for m, n in splits:
+        for variant in variants_for(m):
+            check_split(model, args, kwargs, want, m=m, n=n, variant=variant)
+
+
+class _AliasAttention(torch.nn.Module):
+    """Attention written with aliases torch.export keeps as they are: swapaxes, mT, movedim,
+    broadcast_to (GQA, Falcon-40B style); passes/canonical_ops.py turns them into transpose /
+    permute / expand."""
+
+    def __init__(self, dim: int = 64, heads: int = 8, kv_heads: int = 2):
+        super().__init__()
+        self.h, self.hkv, self.d = heads, kv_heads, dim // heads
+        self.q = torch.nn.Linear(dim, dim)
+        self.kv = torch.nn.Linear(dim, 2 * kv_heads * self.d)
+        self.o = torch.nn.Linear(dim, dim)
+
+    def forward(self, x, mask):
+        b, s, _ = x.shape
+        q = self.q(x).view(b, s, self.hkv, self.h // self.hkv, self.d)
+        k, v = self.kv(x).view(b, s, self.hkv, 1, 2 * self.d).chunk(2, dim=-1)
+        k, v = torch.broadcast_to(k, q.shape), torch.broadcast_to(v, q.shape)
+        q, k, v = (t.flatten(2, 3).swapaxes(1, 2) for t in (q, k, v))     # (B, H, S, d)
+        scores = (q @ k.mT) / self.d ** 0.5
+        scores = scores.masked_fill(mask[:, None, None, :] == 0, torch.finfo(scores.dtype).min)
+        out = scores.softmax(-1) @ v
+        return self.o(out.movedim(1, 2).reshape(b, s, -1))
+
+
+@seeded
+def _aliases():
+    ids, mask = _padded()
+    return _AliasAttention(), (torch.randn(*ids.shape, 64),), {"mask": mask}
+
+
+@pytest.mark.slow
+def test_aliases_are_found_and_every_split_of_4_devices_equals_unsharded_model():
+    model, args, kwargs = _aliases()
+    want = eager_output(model, args, kwargs)
+    analysis = analyze(model, args, kwargs)
+    assert [(s.num_heads, s.num_kv_heads, s.head_dim) for s in analysis.summary.sites] == [(8, 2, 8)], \
+        analysis.skipped
+    targets = {n.target for n in analysis.captured.gm.graph.nodes}
+    aten = torch.ops.aten
+    assert not targets & {aten.swapaxes.default, aten.mT.default, aten.movedim.int, aten.broadcast_to.default}
+    for m, n in feasible_splits(analysis.summary, 4):
         for variant in variants_for(m):
             check_split(model, args, kwargs, want, m=m, n=n, variant=variant)
