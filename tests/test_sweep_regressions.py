@@ -9,6 +9,8 @@ left-padded and a fully padded row.
 * Aliases torch.export keeps (swapaxes, mT, movedim, broadcast_to): find_attention knew
   none of them ("k transposed ... is not a spelling it knows"; Falcon-40B's broadcast_to
   lost k); passes/canonical_ops.py rewrites them to transpose / permute / expand.
+* JetMoE: data-dependent (unbacked) sizes of its MoE routing crashed the workload cost
+  (passes/workload.py:_numel, int(None)); its mixture-of-attention-heads core is reported.
 """
 
 from __future__ import annotations
@@ -100,3 +102,27 @@ def test_aliases_are_found_and_every_split_of_4_devices_equals_unsharded_model()
     for m, n in feasible_splits(analysis.summary, 4):
         for variant in variants_for(m):
             check_split(model, args, kwargs, want, m=m, n=n, variant=variant)
+
+
+
+@seeded
+def _jetmoe():
+    from transformers import JetMoeConfig, JetMoeForCausalLM
+
+    config = JetMoeConfig(num_hidden_layers=1, hidden_size=64, num_key_value_heads=4, kv_channels=8,
+                          intermediate_size=128, num_local_experts=4, num_experts_per_tok=2,
+                          vocab_size=VOCAB, max_position_embeddings=64, attn_implementation="eager")
+    ids, mask = _padded()
+    return JetMoeForCausalLM(config), (ids,), {"attention_mask": mask, "use_cache": False}
+
+
+@pytest.mark.slow
+def test_jetmoe_data_dependent_sizes_are_costed_and_its_moa_attention_is_reported():
+    """JetMoE routes tokens to experts with data-dependent (unbacked) sizes, which have no
+    example value: passes/workload.py costed them with int(None) (TypeError in analyze).
+    Its attention (q from a mixture of attention experts) is not a site: it must be named."""
+    model, args, kwargs = _jetmoe()
+    analysis = analyze(model, args, kwargs)
+    assert analysis.summary.workload is not None
+    assert not analysis.summary.sites
+    assert [c.op for c in analysis.unpartitioned] == ["softmax"], analysis.unpartitioned
