@@ -4,6 +4,7 @@ Each pass is a `Pass` value: its name, its kind, what it needs, what it keeps, a
 the function that runs it. `PASSES` lists them all, in the order they run:
 
     capture            graph     torch.export (non-strict) -> ATen FX graph
+    canonical_ops      graph     swapaxes / mT / movedim / broadcast_to as transpose / permute / expand
     fold_params        graph     views of weights (W.T, W.split(...)[i]) become named parameters
     slice_copies       graph     a buffer filled by copies into its slices becomes one cat
     find_attention     analysis  AttentionSite records (passes/find_attention.py)
@@ -49,6 +50,7 @@ from passes.kernel_choice import apply_kernel_choice, fused_kernel_exists
 from passes.seeds import mlp_seeds, site_seeds
 from passes.shard import Localized, localize
 from passes.size_masks import apply_size_masks, causal_at_example
+from passes.canonical_ops import canonical_ops
 from passes.slice_copies import slice_copies
 from passes.unpartitioned import find_unpartitioned
 from passes.workload import measure
@@ -166,6 +168,11 @@ def _fold_params(s: State) -> State:
     return dataclasses.replace(s, views=fold_params(s.captured.gm, s.captured.params))
 
 
+def _canonical_ops(s: State) -> State:
+    canonical_ops(s.captured.gm)
+    return s
+
+
 def _slice_copies(s: State) -> State:
     slice_copies(s.captured.gm)
     return s
@@ -280,6 +287,11 @@ MODEL_PASSES = (
          needs="an nn.Module and example inputs its forward accepts",
          keeps="the graph computes the model's forward (batch / sequence sizes symbolic when "
                "dynamic); parameters are get_attr nodes"),
+    # one spelling per movement op, so find_attention and the shard rules know them all
+    Pass(name="canonical_ops", kind="graph", run=_canonical_ops,
+         needs="the captured graph",
+         keeps=f"{SAME}; swapaxes / swapdims / mT / adjoint / movedim / broadcast_to are "
+               f"transpose / permute / expand (passes/canonical_ops.py)"),
     Pass(name="fold_params", kind="graph", run=_fold_params,
          needs="the captured graph and the model's parameters",
          keeps=f"{SAME}; a view chain of a weight is one get_attr of a derived tensor "

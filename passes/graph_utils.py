@@ -21,7 +21,8 @@ SOFTMAX_OPS = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.defau
 MOVEMENT_OPS = {
     aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int,
     aten.permute.default, aten.t.default, aten.numpy_T.default, aten.unsqueeze.default, aten.squeeze.dim,
-    aten.squeeze.dims, aten.squeeze.default, aten.expand.default, aten.select.int,
+    aten.squeeze.dims, aten.squeeze.default, aten.expand.default, aten.broadcast_to.default,
+    aten.select.int,
     aten.slice.Tensor, aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int,
     aten.chunk.default, aten.cat.default, aten.stack.default, aten.unflatten.int,
     aten.flatten.using_ints, aten.contiguous.default, aten.clone.default, aten.alias.default,

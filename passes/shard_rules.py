@@ -303,7 +303,7 @@ def _squeeze(lz, node):
     return True
 
 
-@rule(aten.expand.default)
+@rule(aten.expand.default, aten.broadcast_to.default)   # broadcast_to(x, size) = expand(x, size)
 def _expand(lz, node):
     x = node.args[0]
     if not lz.is_split(x):
@@ -424,6 +424,12 @@ def _split(lz, node):
     return True
 
 
+def _legacy_empty(t) -> bool:
+    """A 1-d tensor of size 0, which torch.cat ignores next to tensors of any rank."""
+    size = shape(t)
+    return len(size) == 1 and isinstance(size[0], int) and size[0] == 0
+
+
 @rule(aten.cat.default, aten.stack.default)
 def _cat(lz, node):
     tensors = list(node.args[0])
@@ -431,6 +437,10 @@ def _cat(lz, node):
         lz.copy(node, None)
         return True
     out_nd = len(shape(node))
+    if node.target is aten.cat.default and out_nd > 1:
+        # torch.cat skips 1-d empty tensors whatever the other inputs' rank (legacy): XLM /
+        # FlauBERT cat their always-present, empty kv cache tensor(()) onto k and v
+        tensors = [t for t in tensors if not _legacy_empty(t)]
     dim = norm_dim(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0), out_nd)
     stack = node.target is aten.stack.default
     in_nd = out_nd - 1 if stack else out_nd

@@ -74,15 +74,29 @@ MATMUL_FAMILY = LINEAR_OPS | ADDMM_OPS | MATMUL_OPS | PARAM_MATMUL_OPS | {aten.m
 def _numel(t: torch.Tensor) -> int:
     n = 1
     for s in t.shape:
-        n *= example_size(s)
+        n *= _size_estimate(s)
     return n
+
+
+def _size_estimate(s) -> int:
+    """example_size, or for an unbacked (data-dependent) size, which has no example value
+    (JetMoE's tokens per expert, from its routing), the upper end of its value range when
+    that is finite, else 1: the workload is a cost estimate, and such sizes sit in the MoE
+    blocks every rank runs whole."""
+    if not (isinstance(s, torch.SymInt) and s.node.hint is None):
+        return example_size(s)
+    try:
+        upper = s.node.shape_env.bound_sympy(s.node.expr).upper
+        return int(upper) if upper.is_finite else 1
+    except Exception:  # no value range: count it once
+        return 1
 
 
 def _extent(t: torch.Tensor) -> int:
     """Elements of storage a read of `t` touches: a stride-0 (broadcast) dim counts once."""
     if _numel(t) == 0:
         return 0
-    return 1 + sum((example_size(n) - 1) * abs(example_size(s))
+    return 1 + sum((_size_estimate(n) - 1) * abs(_size_estimate(s))
                    for n, s in zip(t.shape, t.stride()))
 
 
@@ -134,7 +148,7 @@ def op_cost(node: fx.Node) -> tuple[str, float, list[tuple[torch.Tensor, int]]]:
         return "memory", 0.0, written + written + idx
     if node.target in MATMUL_FAMILY or node.target in SDPA_OPS:
         a = _tensors(val(proj_input(node) if node.target in ADDMM_OPS else node.args[0]))[0]
-        k = example_size(a.shape[-1])
+        k = _size_estimate(a.shape[-1])
         return "matmul", 2.0 * sum(_numel(t) for t in outs) * k, _bytes_read(node) + written
     return ("norm" if node.target in NORM_OPS else "memory"), 0.0, _bytes_read(node) + written
 
@@ -249,5 +263,5 @@ def measure(gm: fx.GraphModule, matches, mlps, batch: int) -> Workload:
 def _score_shaped(node: fx.Node) -> bool:
     """A tensor whose last two dims are (S_q, S_k): a mask or bias over scores."""
     ts = _tensors(val(node))
-    return bool(ts) and ts[0].dim() >= 2 and example_size(ts[0].shape[-1]) > 1 \
-        and example_size(ts[0].shape[-2]) > 1
+    return bool(ts) and ts[0].dim() >= 2 and _size_estimate(ts[0].shape[-1]) > 1 \
+        and _size_estimate(ts[0].shape[-2]) > 1

@@ -60,6 +60,8 @@ FEATURES = {
     "rotary_complex": "complex rotary (view_as_complex, pairs 2t, 2t + 1 times a complex freqs table), m > 1",
     "softcap": "attention-logit softcapping (c * tanh(scores / c) before the softmax)",
     "sinks": "attention sinks (a learned per-head logit column cat onto the scores, dropped after the softmax)",
+    # sweep2
+    "gqa_broadcast": "grouped-query attention with k / v broadcast to all H heads by torch.broadcast_to",
 }
 
 
@@ -479,6 +481,20 @@ def _gptj():
     return _decoder_inputs(GPTJModel(config))
 
 
+@_seeded
+def _falcon_gqa(attn: str):
+    # Falcon-40B / 180B layout (new_decoder_architecture): query_key_value laid out per kv group
+    # as [q_per_kv query heads, k, v], k and v taken by an index list (qkv[..., [-2]]) and
+    # torch.broadcast_to the query's (B, S, H_kv, H / H_kv, d) before flatten: H kv heads that
+    # repeat the 2 real ones; rotary; parallel attention + MLP with two layer norms.
+    from transformers import FalconConfig, FalconModel
+
+    config = FalconConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=8, num_kv_heads=2,
+                          vocab_size=VOCAB, new_decoder_architecture=True, alibi=False, bias=False,
+                          bos_token_id=1, eos_token_id=2, attn_implementation=attn)
+    return _decoder_inputs(FalconModel(config))
+
+
 def _both(name: str, build: Callable, features: tuple[str, ...], **kw) -> tuple[FeatureModel, ...]:
     """The eager (explicit softmax) and the sdpa spelling of one HF model."""
     return (
@@ -603,6 +619,14 @@ FEATURE_MODELS: tuple[FeatureModel, ...] = (
                  description="HF GPT-J (rotate_every_two, rotary_dim 8 of d = 16), 4 heads, d = 16",
                  sites=2, heads=4, kv_heads=4, head_dim=16, rotary_dims=8, rotary_style="interleaved",
                  devices=PAD_DEVICES),
+    # --- sweep2
+    *(FeatureModel(name=f"falcon_gqa_{attn}", build=functools.partial(_falcon_gqa, attn),
+                   features=("gqa_broadcast", "gqa", "fused_qkv", "rotary_full", "causal_mask", "padding_mask",
+                             feature),
+                   description="HF Falcon `new_decoder_architecture=True` (Falcon-40B / 180B layout), 8 heads / "
+                               "2 kv heads, d = 8", sites=2, heads=8, kv_heads=2, head_dim=8, rotary_dims=8,
+                   devices=PAD_DEVICES)
+      for attn, feature in (("eager", "explicit_softmax"), ("sdpa", "sdpa"))),
 )
 
 

@@ -52,7 +52,7 @@ def _section(text: str, name: str) -> str:
 
 
 def test_pass_list_names_each_pass_once_with_what_it_needs_and_keeps():
-    assert len(set(pipeline.PASS_NAMES)) == len(pipeline.PASSES) == 13
+    assert len(set(pipeline.PASS_NAMES)) == len(pipeline.PASSES) == 14
     assert pipeline.PASS_NAMES[0] == "capture" and pipeline.PASS_NAMES[-2:] == ("kernel_choice", "size_masks")
     assert all(p.needs and p.keeps for p in pipeline.PASSES)
     assert [p.kind for p in pipeline.RANK_PASSES] == ["rank", "rank"]
@@ -141,7 +141,7 @@ def test_a_failing_pass_is_named_with_the_passes_before_it(model_and_inputs, mon
     monkeypatch.setattr(pipeline, "MODEL_PASSES", passes)
     with pytest.raises(HelixError) as e:
         pipeline.analyze(model, args, dynamic=False)
-    assert str(e.value) == ("stage find_mlp failed after ['capture', 'fold_params', 'slice_copies', "
+    assert str(e.value) == ("stage find_mlp failed after ['capture', 'canonical_ops', 'fold_params', 'slice_copies', "
                             "'find_attention', 'causal_at_example', 'unpartitioned']: "
                             "RuntimeError: no MLP today")
 
@@ -176,7 +176,7 @@ def test_program_cannot_be_changed_from_outside(printed_after_every_pass):
     with pytest.raises(dataclasses.FrozenInstanceError):
         prog.analysis.timings = ()
     assert isinstance(prog.notes, tuple) and isinstance(prog.analysis.timings, tuple)
-    assert [name for name, _ in prog.timings] == list(pipeline.PASS_NAMES[:11])  # capture ... shard
+    assert [name for name, _ in prog.timings] == list(pipeline.PASS_NAMES[:12])  # capture ... shard
 
 
 def test_recompile_returns_a_new_program_and_leaves_the_old_one_intact(printed_after_every_pass,
