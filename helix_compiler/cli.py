@@ -98,24 +98,17 @@ def _plan_text(plan) -> str:
     return plan if isinstance(plan, str) else ",".join(map(str, plan))
 
 
-def _positive_gib(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of GiB per rank, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
-    return value
+def _positive(what: str):
+    """An argparse type: a positive float, refused as 'expected a positive number of <what>'."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"expected a positive number of {what}, got {text!r}")
+        return value
+    return parse
 
 
 def _positive_int(text: str) -> int:
@@ -347,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--objective", choices=OBJECTIVES, default="throughput",
                       help="throughput: the most tokens/s for the batch (default); latency: the "
                            "shortest time to finish one batch (set its size with --batch, e.g. 1)")
-    plan.add_argument("--memory-cap", type=_positive_gib, metavar="GIB",
+    plan.add_argument("--memory-cap", type=_positive("GiB per rank"), metavar="GIB",
                       help="GiB of memory per rank a plan may use (default: the GPU's)")
     plan.add_argument("--dp", type=_positive_int, metavar="K",
                       help="only plans of K data replicas (default: every K dividing N and the batch)")
@@ -378,11 +371,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="force the split m,n, dp replicas of it (dp,m,n; each rank runs its "
                           "replica's batch shard), or a plan YAML; default: the best m x n (dp = 1)")
     run.add_argument("--steps", type=_positive_int, default=10, metavar="K", help="timed steps (default 10)")
-    run.add_argument("--timeout", type=_positive_float, default=DEFAULT_TIMEOUT_S, metavar="S",
+    run.add_argument("--timeout", type=_positive("seconds"), default=DEFAULT_TIMEOUT_S, metavar="S",
                      help=f"stop every rank after S seconds, exit {EXIT_TIMEOUT} (default {DEFAULT_TIMEOUT_S:g})")
     run.add_argument("--dtype", choices=DTYPES, default="float32",
                      help="cast model and inputs before compiling (float16 for GPU runs; default float32)")
-    run.add_argument("--tolerance", type=_positive_float, metavar="TOL",
+    run.add_argument("--tolerance", type=_positive("relative error"), metavar="TOL",
                      help="largest max relative error that passes (default 1e-5 for float32, 1e-2 float16, "
                           "5e-2 bfloat16: compared with the unsharded model in the same dtype)")
     run.add_argument("--json", metavar="PATH", help="also write rank 0's summary as JSON to PATH")
