@@ -46,6 +46,8 @@ SCORE_OPS = {
     aten.where.ScalarOther, aten.where.ScalarSelf, aten.div_.Tensor, aten.div_.Scalar,
     aten.mul_.Tensor, aten.add_.Tensor, aten.masked_fill_.Scalar, aten.masked_fill_.Tensor,
     aten.tanh.default, aten.tanh_.default,
+    # a floor under the scores: XGLM's torch.max(scores, tensor(finfo.min))
+    aten.max.other, aten.maximum.default, aten.clamp_min.default,
 } | PASS_THROUGH_OPS
 # Reshapes between the scores and the softmax: (B*H, S, S) <-> (B, H, S, S) (BLOOM).
 SCORE_VIEW_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}

@@ -98,6 +98,7 @@ POINTWISE = [
     aten.relu_.default, aten.silu_.default, aten.tanh_.default, aten.div_.Tensor, aten.div_.Scalar,
     aten.mul_.Tensor, aten.mul_.Scalar, aten.add_.Tensor, aten.add_.Scalar, aten.sub_.Tensor,
     aten.masked_fill_.Scalar, aten.masked_fill_.Tensor,
+    aten.max.other, aten.min.other, aten.clamp_min.default, aten.clamp_max.default,
 ]
 
 

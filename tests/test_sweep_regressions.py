@@ -11,6 +11,7 @@ left-padded and a fully padded row.
   lost k); passes/canonical_ops.py rewrites them to transpose / permute / expand.
 * JetMoE: data-dependent (unbacked) sizes of its MoE routing crashed the workload cost
   (passes/workload.py:_numel, int(None)); its mixture-of-attention-heads core is reported.
+* XGLM: torch.max(scores, tensor(finfo.min)) between QK^T and the softmax was not a score op.
 """
 
 from __future__ import annotations
@@ -126,3 +127,26 @@ def test_jetmoe_data_dependent_sizes_are_costed_and_its_moa_attention_is_reporte
     assert analysis.summary.workload is not None
     assert not analysis.summary.sites
     assert [c.op for c in analysis.unpartitioned] == ["softmax"], analysis.unpartitioned
+
+
+@seeded
+def _xglm():
+    from transformers import XGLMConfig, XGLMForCausalLM
+
+    config = XGLMConfig(num_layers=1, d_model=64, attention_heads=8, ffn_dim=128, vocab_size=VOCAB,
+                        max_position_embeddings=64, pad_token_id=0, attn_implementation="eager")
+    ids, mask = _padded()
+    return XGLMForCausalLM(config), (ids,), {"attention_mask": mask, "use_cache": False}
+
+
+@pytest.mark.slow
+def test_xglm_score_floor_every_split_of_4_devices_equals_unsharded_model():
+    """XGLM floors the scores with torch.max(scores, tensor(finfo.min)) (aten.max.other)
+    before the softmax: a score op (find_attention.SCORE_OPS) and a pointwise shard rule."""
+    model, args, kwargs = _xglm()
+    want = eager_output(model, args, kwargs)
+    analysis = analyze(model, args, kwargs)
+    assert len(analysis.summary.sites) == 1, analysis.unpartitioned
+    for m, n in feasible_splits(analysis.summary, 4):
+        for variant in variants_for(m):
+            check_split(model, args, kwargs, want, m=m, n=n, variant=variant)
