@@ -162,3 +162,21 @@ def feasible_splits(summary, devices: int) -> list[tuple[int, int]]:
     from helix_compiler.solver import solve
 
     return [(c.m, c.n) for c in solve(summary, devices) if c.feasible]
+
+
+def save_checkpoint(model: torch.nn.Module, tmp_path, fmt: str):
+    """`model`'s state_dict as a checkpoint the way users hold one: "state_dict" (one torch file)
+    or "safetensors" (a directory of two shards); the path `rank_module(r, weights=...)` takes."""
+    if fmt == "state_dict":
+        path = tmp_path / "model.pt"
+        torch.save(model.state_dict(), path)
+        return path
+    from safetensors.torch import save_file
+
+    path = tmp_path / "ckpt"
+    path.mkdir()
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    names = sorted(sd)
+    save_file({k: sd[k] for k in names[: len(names) // 2]}, str(path / "model-00001-of-00002.safetensors"))
+    save_file({k: sd[k] for k in names[len(names) // 2:]}, str(path / "model-00002-of-00002.safetensors"))
+    return path

@@ -7,7 +7,7 @@ import torch
 
 from helix_compiler import HelixError, empty_weights, helix_compile
 from helix_compiler.program import run_ranks
-from tests.helpers import assert_ranks_equal, eager_output
+from tests.helpers import assert_ranks_equal, eager_output, save_checkpoint
 
 BATCH, SEQ, VOCAB = 3, 7, 256
 
@@ -38,22 +38,6 @@ def _real():
         return LlamaModel(_config()).float().eval()
 
 
-def _save(real, tmp_path, fmt):
-    if fmt == "state_dict":
-        path = tmp_path / "model.pt"
-        torch.save(real.state_dict(), path)
-        return path
-    from safetensors.torch import save_file
-
-    path = tmp_path / "ckpt"
-    path.mkdir()
-    sd = {k: v.contiguous() for k, v in real.state_dict().items()}
-    names = sorted(sd)
-    save_file({k: sd[k] for k in names[: len(names) // 2]}, str(path / "model-00001-of-00002.safetensors"))
-    save_file({k: sd[k] for k in names[len(names) // 2:]}, str(path / "model-00002-of-00002.safetensors"))
-    return path
-
-
 def test_empty_weights_puts_parameters_on_meta_and_keeps_buffers_real():
     from transformers import LlamaModel
 
@@ -76,7 +60,7 @@ def test_empty_weights_model_loaded_per_rank_equals_real_model(tmp_path, fmt):
     real = _real()
     args, kwargs = _inputs()
     want = eager_output(real, args, kwargs)
-    path = _save(real, tmp_path, fmt)
+    path = save_checkpoint(real, tmp_path, fmt)
     with empty_weights():
         empty = LlamaModel(_config()).eval()
     prog = None
@@ -96,7 +80,7 @@ def test_empty_weights_model_loaded_per_rank_equals_real_model(tmp_path, fmt):
 def test_fully_meta_model_is_refused_naming_empty_weights(tmp_path):
     from transformers import LlamaModel
 
-    path = _save(_real(), tmp_path, "state_dict")
+    path = save_checkpoint(_real(), tmp_path, "state_dict")
     with torch.device("meta"):
         meta = LlamaModel(_config()).eval()
     ids = torch.zeros(2, 8, dtype=torch.long, device="meta")

@@ -5,7 +5,7 @@ import torch
 
 from examples.paper_model import PaperConfig, build
 from helix_compiler import HelixError, helix_compile
-from tests.helpers import assert_ranks_equal
+from tests.helpers import assert_ranks_equal, save_checkpoint
 
 CFG = PaperConfig.scaled()
 
@@ -21,18 +21,7 @@ def _programs(plan):
 @pytest.mark.parametrize("fmt", ["state_dict", "safetensors"])
 def test_meta_compile_with_checkpoint_equals_real_compile_slice_for_slice(tmp_path, plan, fmt):
     real, x, prog_real, prog_meta = _programs(plan)
-    if fmt == "state_dict":
-        path = tmp_path / "model.pt"
-        torch.save(real.state_dict(), path)
-    else:
-        from safetensors.torch import save_file
-
-        path = tmp_path / "ckpt"
-        path.mkdir()
-        sd = {k: v.contiguous() for k, v in real.state_dict().items()}
-        names = sorted(sd)
-        save_file({k: sd[k] for k in names[: len(names) // 2]}, str(path / "model-00001-of-00002.safetensors"))
-        save_file({k: sd[k] for k in names[len(names) // 2:]}, str(path / "model-00002-of-00002.safetensors"))
+    path = save_checkpoint(real, tmp_path, fmt)
     for r in range(4):
         want = prog_real.rank_module(r).state_dict()
         got = prog_meta.rank_module(r, weights=path).state_dict()
