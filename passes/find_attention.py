@@ -58,6 +58,12 @@ QK_OPS = MATMUL_OPS | {aten.baddbmm.default}
 COMPLEX_VIEWS = {aten.view_as_complex.default, aten.view_as_real.default}
 # Scalings of k^T before the QK^T matmul (DeBERTa divides k^T by sqrt(3 d)).
 KT_SCALE_OPS = {aten.div.Tensor, aten.div.Scalar, aten.mul.Tensor, aten.mul.Scalar}
+# In-place writes of new keys / values into a static KV cache at `cache_position`
+# (index_copy_(cache, dim, position, new), the hand-written cache of
+# helix_compiler/models/decoder_cache.py; HF's StaticCache uses index_copy_ too): every cache
+# position holds the features of the same (head, dim) as the new rows, so the written cache
+# carries the new rows' tags broadcast along the position dim.
+CACHE_WRITE_OPS = {aten.index_copy_.default, aten.index_copy.default}
 # Reductions over the head dim between projection and core: a per-head q/k norm.
 NORM_OPS = {aten.mean.dim, aten.var.correction, aten.var_mean.correction, aten.layer_norm.default,
             aten.rms_norm.default, aten.native_layer_norm.default, aten.sum.dim_IntList}
@@ -325,7 +331,11 @@ def _provenance(proj: fx.Node, target: fx.Node, shared: fx.Node | None = None) -
         return hint(a)
 
     for node in on_path:
-        if node.target in MOVEMENT_OPS or node.target in COMPLEX_VIEWS:
+        if node.target in CACHE_WRITE_OPS:
+            tags[node] = _cache_tags(node, tags)
+            if tags[node] is None:
+                return None
+        elif node.target in MOVEMENT_OPS or node.target in COMPLEX_VIEWS:
             op = aten.reshape.default if node.target in (aten.view.default, aten._unsafe_view.default) \
                 else node.target
             if node.target is aten.view_as_complex.default:
@@ -366,6 +376,20 @@ def _provenance(proj: fx.Node, target: fx.Node, shared: fx.Node | None = None) -
         return None
     return Provenance(proj=proj, heads=heads, path=tuple(on_path), shared=shared,
                       shared_dims=tuple(int(c) for c in np.nonzero(cols)[0]))
+
+
+def _cache_tags(node: fx.Node, tags: dict) -> torch.Tensor | None:
+    """index_copy_(cache, dim, position, new): new's tags broadcast over the cache's position
+    dim; None unless new comes from the projection and the cache's other dims match it."""
+    cache, dim, _, new = node.args[:4]
+    t = tags.get(new)
+    if not isinstance(t, torch.Tensor) or not isinstance(cache, fx.Node) or cache in tags:
+        return None
+    out = hinted(shape(node))
+    dim = norm_dim(dim, len(out))
+    if t.dim() != len(out) or any(t.shape[k] != out[k] for k in range(len(out)) if k != dim):
+        return None
+    return t.narrow(dim, 0, 1).expand(*out)
 
 
 # Symbolic sizes (batch, sequence) are evaluated at small values for the provenance run: the

@@ -103,8 +103,10 @@ class Localizer:
             self.counts[r][key] = self.counts[r].get(key, 0) + 1
         return node
 
-    def attr(self, r: int, source: fx.Node, sels=()) -> fx.Node:
-        """A get_attr of the parameter `source`, sliced at compile time by `sels` [(dim, idx)]."""
+    def attr(self, r: int, source: fx.Node, sels=(), private: bool = False) -> fx.Node:
+        """A get_attr of the parameter `source`, sliced at compile time by `sels` [(dim, idx)];
+        `private`: rank r's own copy (a KV cache buffer the rank graph writes in place), never
+        storage shared with the user's model or another rank."""
         # the refusal below holds for every rank: checked before the active test, so a compile
         # that emits no graph (pipeline.EAGER_EMIT_NODES) still raises it
         tensor = self.params.get(source.target)
@@ -120,7 +122,7 @@ class Localizer:
                 f"model for inference (helix_compile does, under torch.no_grad) or without torch.cond")
         if r not in self.active:
             return None
-        key = (source.target, tuple((d, idx.tobytes()) for d, idx in sels))
+        key = (source.target, tuple((d, idx.tobytes()) for d, idx in sels), private)
         cache = self._attr_cache[r]
         if key in cache:
             return cache[key]
@@ -134,7 +136,8 @@ class Localizer:
         name, k = base, 1
         while name in self.attrs[r]:
             name, k = f"{base}_{k}", k + 1
-        self.attrs[r][name] = tensor.detach().contiguous() if sels else tensor.detach()
+        self.attrs[r][name] = tensor.detach().clone(memory_format=torch.contiguous_format) if private \
+            else tensor.detach().contiguous() if sels else tensor.detach()
         sels = tuple((d, np.asarray(i)) for d, i in sels)
         view = self.views.get(str(source.target))
         if view is not None:  # a view of a parameter: its slices in the base's terms

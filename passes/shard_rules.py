@@ -265,6 +265,37 @@ def _index(lz, node):
     return True
 
 
+@rule(aten.index_copy_.default, aten.index_copy.default)
+def _cache_write(lz, node):
+    """index_copy_(cache, dim, position, new): a static KV cache buffer (B, H_kv, S_max, d)
+    written at `cache_position`. The rank's cache is its own copy of the buffer sliced like
+    `new` (the kv heads and head dims the rank's k / v projection makes; copies of a kv head
+    only where n > H_kv), so the write stays local and the rank keeps its slice across calls.
+    After the write, the buffer node itself means the rank's slice (HF's StaticCache reads it
+    again). Refused: a cache that is not a buffer, or a write split along the position dim."""
+    cache, dim, pos, new = node.args[:4]
+    nd = len(shape(node))
+    dim = norm_dim(dim, nd)
+    if not isinstance(cache, fx.Node) or cache.op != "get_attr" or lz.is_split(pos) or lz.is_split(cache):
+        return None
+    ln = lz.L(new)
+    if ln[dim] is not None:
+        return None
+    lay = tuple(ln[k] if k != dim and not _one(shape(new)[k]) else None for k in range(nd))
+    for r in range(lz.N):
+        sels = tuple((k, s.lists[r]) for k, s in enumerate(lay) if s is not None)
+        own = lz.attr(r, cache, sels, private=True)
+        if own is None:
+            lz.env[r][node] = None
+            continue
+        lz._attr_cache[r][(cache.target, (), False)] = own   # later reads of the buffer: the slice
+        lz.env[r][node] = lz.emit(r, node.target, (own, dim, lz.local(r, pos), lz.local(r, new)),
+                                  name=node.name)
+    lz.lay[node] = lay
+    lz.lay[cache] = lay
+    return True
+
+
 @rule(aten.transpose.int, aten.permute.default, aten.t.default, aten.numpy_T.default)
 def _permute(lz, node):
     lay = list(lz.L(node.args[0]))
