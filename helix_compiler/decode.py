@@ -1,0 +1,186 @@
+"""Decode with a sharded static KV cache: a prefill program and a decode-step program over the
+same weights and the same cache slices (docs/decode.md).
+
+A decoder whose attention layers keep `k_cache` / `v_cache` buffers (B, H_kv, S_max, d) and
+write them in place at `cache_position` (`index_copy_`, helix_compiler/models/decoder_cache.py)
+is compiled twice with the same split (m, n): its `prefill(tokens, valid)` and its
+`decode_step(token, cache_position, valid)`. find_attention reads k and v through the cache
+write (the cache carries the new rows' features at every position), and the shard pass gives
+each rank its own copy of the cache sliced like its k / v projection's output:
+
+    rank (i, j) holds  k_cache[:, kv heads of head group i, :, head dims D_j]     # (B, H_kv/n, S_max, d/m)
+
+(when n > H_kv, the n / H_kv groups that share a kv head each hold a copy of it: only then is
+the cache not exactly 1/N per rank). The two programs' rank modules are bound to one tensor per
+cache slice, so a rank's prefill fills the slice its decode steps then extend and read.
+
+Invariant: rank r's prefill / step output equals the unsharded model's, call after call, as
+long as the same calls are made on the model; nothing of the user's model is written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from passes.find_attention import CACHE_WRITE_OPS
+
+from .api import helix_compile
+from .errors import HelixError
+from .models.decoder_cache import DecodeStep, Prefill
+from .program import HelixProgram, run_ranks
+
+__all__ = ["DecodeProgram", "compile_decoder", "cache_writes"]
+
+
+def cache_writes(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    """Attribute name -> the in-place cache write (index_copy_) of each buffer `gm` writes."""
+    out = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in CACHE_WRITE_OPS \
+                and isinstance(node.args[0], fx.Node) and node.args[0].op == "get_attr":
+            out[str(node.args[0].target)] = node
+    return out
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class DecodeProgram:
+    """The prefill and decode-step programs of one split, and every rank's module pair whose
+    cache buffers are the same tensors."""
+
+    prefill_program: HelixProgram
+    step_program: HelixProgram
+    modules: tuple            # per rank: (prefill module, step module)
+    caches: tuple             # per rank: {stored buffer name: the rank's cache slice}
+    max_seq: int
+
+    @property
+    def devices(self) -> int:
+        return self.step_program.mesh.size
+
+    def prefill(self, tokens: torch.Tensor, valid: torch.Tensor) -> list:
+        """Every rank's logits (B, T, vocab) for the prompt; writes positions 0 .. T-1."""
+        return run_ranks([p for p, _ in self.modules], self.step_program.mesh, (tokens, valid), {})
+
+    def step(self, token: torch.Tensor, cache_position: torch.Tensor, valid: torch.Tensor) -> list:
+        """Every rank's logits (B, 1, vocab) for one token at `cache_position` (1,)."""
+        pos = int(cache_position.reshape(-1)[0])
+        if not 0 <= pos < self.max_seq:
+            raise HelixError(f"DecodeProgram.step: cache_position {pos} is outside the cache's "
+                             f"{self.max_seq} positions; build the model with a larger max_seq")
+        return run_ranks([s for _, s in self.modules], self.step_program.mesh,
+                         (token, cache_position, valid), {})
+
+    def reset(self) -> None:
+        """Every rank's cache slices zeroed (a new batch of prompts)."""
+        for caches in self.caches:
+            for t in caches.values():
+                t.zero_()
+
+    def cache_bytes(self, rank: int) -> int:
+        """KV cache bytes rank `rank` holds (its k and v slices of every layer)."""
+        return sum(t.numel() * t.element_size() for t in self.caches[rank].values())
+
+    def simulate_generate(self, prompt: torch.Tensor, valid_prompt: torch.Tensor,
+                          new_tokens: int) -> torch.Tensor:
+        """Greedy generation on all ranks in this process: prefill `prompt` (B, P) whose real
+        tokens `valid_prompt` (B, P) marks, then decode steps; the new tokens (B, new_tokens).
+        Every rank must pick the same tokens (they hold the same logits), else HelixError."""
+        B, P = prompt.shape
+        if P + new_tokens - 1 > self.max_seq:
+            raise HelixError(f"simulate_generate: prompt {P} + {new_tokens} new tokens need "
+                             f"{P + new_tokens - 1} cache positions, the cache has {self.max_seq}; "
+                             f"build the model with max_seq >= {P + new_tokens - 1}")
+        valid = torch.ones(B, self.max_seq, dtype=torch.long)
+        valid[:, :P] = valid_prompt
+        self.reset()
+        tok = self._agree(self.prefill(prompt, valid), "prefill")
+        out = [tok]
+        for t in range(new_tokens - 1):
+            tok = self._agree(self.step(tok, torch.tensor([P + t]), valid), f"step {t}")
+            out.append(tok)
+        return torch.cat(out, dim=1)
+
+    @staticmethod
+    def _agree(outs: list, where: str) -> torch.Tensor:
+        picks = [o[:, -1].argmax(-1, keepdim=True) for o in outs]
+        for r, p in enumerate(picks):
+            if not torch.equal(p, picks[0]):
+                raise HelixError(f"simulate_generate: at {where} rank {r} picked tokens "
+                                 f"{p.flatten().tolist()}, rank 0 {picks[0].flatten().tolist()}")
+        return picks[0]
+
+
+def _check_partitioned(prog: HelixProgram, what: str) -> None:
+    """A decode program whose attention or cache write runs replicated is refused."""
+    if prog.unpartitioned:
+        core = prog.unpartitioned[0]
+        raise HelixError(f"{what}: attention core {core.node} ({core.op}) cannot be partitioned: "
+                         f"{core.reason}; Helix shards a KV cache written by index_copy_(cache, dim, "
+                         f"cache_position, new) (models/decoder_cache.py)")
+    if not prog.plan.sites:
+        raise HelixError(f"{what}: no attention site found, so the KV cache would be replicated on "
+                         f"every rank; write the cache with index_copy_ at cache_position")
+    for name, op in prog.replicated_ops:
+        if "index_copy" in str(op) or "index_put" in str(op):
+            raise HelixError(f"{what}: cache write {name} ({op}) would run replicated on every rank; "
+                             f"its new rows are split along the cache's position dim or the cache is "
+                             f"not a buffer")
+
+
+def compile_decoder(model: torch.nn.Module, devices: int, split: tuple[int, ...] | None = None, *,
+                    variant: str | None = None, prompt_len: int = 4) -> DecodeProgram:
+    """Prefill and decode-step programs of `model` (a CacheDecoder: `prefill(tokens, valid)`,
+    `decode_step(token, cache_position, valid)`, cache buffers (B, H_kv, S_max, d)) for `devices`
+    ranks, forced to `split` = (m, n) (or (s, m, n) with s = 1; the cache-sequence split s > 1
+    is not built yet) or the cost model's choice for the decode step. Each rank's cache slices
+    start as copies of the model's buffers' slices; the model itself is never written."""
+    if split is not None and len(split) == 3:
+        s, m, n = split
+        if s != 1:
+            raise HelixError(f"compile_decoder: split (s={s}, m={m}, n={n}) splits the cache's "
+                             f"positions over s={s} ranks, which Helix does not build yet; use "
+                             f"s=1 with m * n = {devices}")
+        split = (m, n)
+    cfg = model.cfg
+    B, S = cfg.batch, cfg.max_seq
+    valid = torch.ones(B, S, dtype=torch.long)
+    tokens = torch.zeros(B, prompt_len, dtype=torch.long)
+    # the decode step: one token per row at a position after the example prompt
+    step = helix_compile(DecodeStep(model), devices=devices, plan=split, variant=variant,
+                         example_inputs=(tokens[:, :1], torch.tensor([prompt_len]), valid),
+                         dynamic=False)
+    _check_partitioned(step, "decode step")
+    pre = helix_compile(Prefill(model), devices=devices, plan=(step.plan.m, step.plan.n),
+                        variant=variant, example_inputs=(tokens, valid), dynamic=False)
+    _check_partitioned(pre, "prefill")
+    modules, caches = [], []
+    for r in range(step.mesh.size):
+        p_gm, s_gm = pre.rank_module(r), step.rank_module(r)
+        p_sh, s_sh = pre.rank_shards(r), step.rank_shards(r)
+        p_w, s_w = cache_writes(p_gm), cache_writes(s_gm)
+        by_source = {p_sh[a][0]: a for a in p_w}
+        mine = {}
+        for attr in s_w:
+            source, sels = s_sh[attr][0], s_sh[attr][1]
+            p_attr = by_source.get(source)
+            if p_attr is None or not _same_sels(p_sh[p_attr][1], sels):
+                raise HelixError(f"rank {r}: cache buffer {source} is sliced differently in the prefill "
+                                 f"program ({p_sh[p_attr][1] if p_attr else 'not written'}) than in the "
+                                 f"decode step ({sels}); both programs must use one split")
+            shared = getattr(p_gm, p_attr)
+            s_gm.register_buffer(attr, shared)   # the step's slice is the prefill's tensor
+            mine[source] = shared
+        modules.append((p_gm, s_gm))
+        caches.append(mine)
+    if not caches[0]:
+        raise HelixError("compile_decoder: the decode step writes no cache buffer (no index_copy_ "
+                         "into a buffer); this is not a static-KV-cache decoder")
+    return DecodeProgram(prefill_program=pre, step_program=step, modules=tuple(modules),
+                         caches=tuple(caches), max_seq=S)
+
+
+def _same_sels(a, b) -> bool:
+    return len(a) == len(b) and all(da == db and (ia == ib).all() for (da, ia), (db, ib) in zip(a, b))
