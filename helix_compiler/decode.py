@@ -32,7 +32,7 @@ from .errors import HelixError
 from .models.decoder_cache import DecodeStep, Prefill
 from .program import HelixProgram, run_ranks
 
-__all__ = ["DecodeProgram", "compile_decoder", "cache_writes"]
+__all__ = ["DecodeProgram", "compile_decoder", "cache_writes", "check_partitioned"]
 
 
 def cache_writes(gm: fx.GraphModule) -> dict[str, fx.Node]:
@@ -113,7 +113,7 @@ class DecodeProgram:
         return picks[0]
 
 
-def _check_partitioned(prog: HelixProgram, what: str) -> None:
+def check_partitioned(prog: HelixProgram, what: str) -> None:
     """A decode program whose attention or cache write runs replicated is refused."""
     if prog.unpartitioned:
         core = prog.unpartitioned[0]
@@ -152,10 +152,10 @@ def compile_decoder(model: torch.nn.Module, devices: int, split: tuple[int, ...]
     step = helix_compile(DecodeStep(model), devices=devices, plan=split, variant=variant,
                          example_inputs=(tokens[:, :1], torch.tensor([prompt_len]), valid),
                          dynamic=False)
-    _check_partitioned(step, "decode step")
+    check_partitioned(step, "decode step")
     pre = helix_compile(Prefill(model), devices=devices, plan=(step.plan.m, step.plan.n),
                         variant=variant, example_inputs=(tokens, valid), dynamic=False)
-    _check_partitioned(pre, "prefill")
+    check_partitioned(pre, "prefill")
     modules, caches = [], []
     for r in range(step.mesh.size):
         p_gm, s_gm = pre.rank_module(r), step.rank_module(r)

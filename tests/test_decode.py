@@ -1,0 +1,142 @@
+"""Decode with a sharded static KV cache (helix_compiler/decode.py, docs/decode.md).
+
+The model is helix_compiler/models/decoder_cache.py: k_cache / v_cache buffers (B, H_kv, S_max, d)
+written by index_copy_ at cache_position, rotary at the cache position, GQA by repeat_interleave.
+Every rank's decode step is compared with the unsharded model's, step after step, on prompts with
+a left-padded row and a fully padded row.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from helix_compiler import helix_compile
+from helix_compiler.decode import cache_writes, check_partitioned, compile_decoder
+from helix_compiler.errors import HelixError
+from helix_compiler.models.decoder_cache import DecodeStep, DecoderConfig, build, greedy_generate
+
+from helpers import assert_ranks_equal, expected_collectives, feasible_splits, variants_for
+
+DEVICES = 4
+PROMPT = 5
+STEPS = 3
+KV_HEADS = {"mha": 4, "gqa": 2, "mqa": 1}
+
+
+def _prompt(cfg: DecoderConfig):
+    """Tokens (B, P) and the valid positions (B, S_max): row 1 left-padded by 2, row 2 all padding."""
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, cfg.vocab, (cfg.batch, PROMPT), generator=g)
+    valid = torch.ones(cfg.batch, cfg.max_seq, dtype=torch.long)
+    valid[1, :2] = 0
+    valid[2, :PROMPT] = 0
+    return tokens, valid
+
+
+def _cache_elements(cfg: DecoderConfig) -> int:
+    """k and v caches of every layer, whole: 2 L B H_kv S_max d."""
+    return 2 * cfg.layers * cfg.batch * cfg.kv_heads * cfg.max_seq * cfg.head_dim
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attn", sorted(KV_HEADS))
+def test_decode_step_every_split_every_rank_equals_unsharded_over_steps(attn):
+    cfg = DecoderConfig(kv_heads=KV_HEADS[attn])
+    model, ref = build(cfg), build(cfg)       # the same weights; ref runs the unsharded steps
+    tokens, valid = _prompt(cfg)
+    with torch.no_grad():
+        model.prefill(tokens, valid)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    step = DecodeStep(model)
+    example = (tokens[:, :1], torch.tensor([PROMPT]), valid)
+    base = helix_compile(step, devices=DEVICES, example_inputs=example, plan=(1, DEVICES), dynamic=False)
+    splits = feasible_splits(base.summary, DEVICES)
+    assert {(1, 4), (2, 2), (4, 1)} <= set(splits), splits
+    for m, n in splits:
+        for variant in variants_for(m):
+            prog = base.recompile(plan=(m, n), variant=variant)   # rank caches: copies of the model's now
+            label = f"{attn} m={m} x n={n} {variant or 'heads'}"
+            assert len(prog.plan.sites) == cfg.layers and not prog.unpartitioned, label
+            for r in range(DEVICES):
+                assert prog.collectives(r) == expected_collectives(
+                    m=m, n=n, variant=variant or "heads", sites=cfg.layers, o_projs=cfg.layers,
+                    mlps=cfg.layers), label
+                # no copies: exactly 1/N of the cache; n > H_kv: each kv head held n / H_kv times
+                held = sum(t.numel() for k, t in prog.rank_weights(r).items() if "cache" in k)
+                copies = max(1, n // cfg.kv_heads)
+                assert held * DEVICES == _cache_elements(cfg) * copies, (label, r, held)
+            ref.load_state_dict(before)
+            tok = tokens[:, -1:]
+            for t in range(STEPS):                     # positions 5, 6, 7: rotary at each
+                pos = torch.tensor([PROMPT + t])
+                with torch.no_grad():
+                    want = ref.decode_step(tok, pos, valid)
+                outs = prog.simulate(tok, pos, valid)
+                assert_ranks_equal(outs, want, devices=DEVICES, label=f"{label} step {t}")
+                assert not any(o.isnan().any() for o in outs), label
+                tok = want[:, -1].argmax(-1, keepdim=True)
+    # the ranks wrote their own slices, never the user's buffers
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attn, split, variant", [("gqa", (2, 2), "score-reduce"), ("mqa", (1, 4), None),
+                                                  ("mha", (4, 1), "qk-gather")])
+def test_greedy_generation_token_equal_over_16_new_tokens(attn, split, variant):
+    cfg = DecoderConfig(kv_heads=KV_HEADS[attn])
+    model = build(cfg)
+    tokens, valid = _prompt(cfg)
+    want = greedy_generate(model, tokens, valid[:, :PROMPT], 16)
+    prog = compile_decoder(model, DEVICES, split, variant=variant, prompt_len=PROMPT)
+    got = prog.simulate_generate(tokens, valid[:, :PROMPT], 16)
+    assert torch.equal(got, want), (got, want)
+    # prefill and step write one tensor per cache slice on every rank
+    for r, (pre, st) in enumerate(prog.modules):
+        for attr in cache_writes(st):
+            assert any(getattr(st, attr) is getattr(pre, a) for a in cache_writes(pre)), (r, attr)
+    m, n = split
+    copies = max(1, n // cfg.kv_heads)
+    assert [prog.cache_bytes(r) for r in range(DEVICES)] == \
+        [_cache_elements(cfg) * 4 * copies // DEVICES] * DEVICES
+
+
+def test_compile_decoder_refuses_a_sequence_split_it_does_not_build():
+    model = build(DecoderConfig(layers=1))
+    with pytest.raises(HelixError, match=r"split \(s=2, m=1, n=2\) splits the cache's positions"):
+        compile_decoder(model, DEVICES, (2, 1, 2))
+
+
+class _WhereCache(nn.Module):
+    """One attention layer whose cache is rewritten whole by torch.where(position mask, new, cache):
+    a spelling find_attention cannot trace k through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = nn.Linear(16, 16, bias=False)
+        self.k = nn.Linear(16, 16, bias=False)
+        self.v = nn.Linear(16, 16, bias=False)
+        self.o = nn.Linear(16, 16, bias=False)
+        self.register_buffer("k_cache", torch.zeros(2, 4, 8, 4))
+        self.register_buffer("v_cache", torch.zeros(2, 4, 8, 4))
+
+    def forward(self, x, cache_position):
+        B = x.shape[0]
+        q, k, v = (p(x).view(B, 1, 4, 4).transpose(1, 2) for p in (self.q, self.k, self.v))
+        at = (torch.arange(8) == cache_position)[None, None, :, None]
+        self.k_cache.copy_(torch.where(at, k, self.k_cache))
+        self.v_cache.copy_(torch.where(at, v, self.v_cache))
+        p = torch.softmax(q @ self.k_cache.transpose(-1, -2) * 0.5, dim=-1)
+        return self.o((p @ self.v_cache).transpose(1, 2).reshape(B, 1, 16))
+
+
+def test_decode_cache_it_cannot_partition_is_refused_not_replicated():
+    model = _WhereCache().eval()
+    with pytest.warns(Warning, match="run unpartitioned"):
+        prog = helix_compile(model, devices=2, example_inputs=(torch.randn(2, 1, 16), torch.tensor([3])),
+                             plan=(1, 2), dynamic=False)
+    with pytest.raises(HelixError, match=r"decode step: attention core softmax \(softmax\) cannot be "
+                                         r"partitioned: could not trace k"):
+        check_partitioned(prog, "decode step")
