@@ -49,6 +49,30 @@ class Localized:
     collectives: list = field(default_factory=list)  # per rank: count by kind
 
 
+# Ops that return their input itself (or a view of it): an in-place op on their output writes
+# the attribute they read (HF StaticCache's cumulative_length.to(device).add_(1)).
+_ALIASING = {aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.alias.default,
+             aten.detach.default, aten.view.default, aten.slice.Tensor, aten.select.int}
+
+
+def written_attrs(gm: fx.GraphModule) -> frozenset:
+    """Targets of get_attr nodes an in-place op writes (through aliasing ops): a KV cache, a
+    position counter. Each rank gets its own copy of these, so no rank writes the user's
+    tensor or another rank's."""
+    out = set()
+    for node in gm.graph.nodes:
+        target = node.target
+        if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload) \
+                or not target._schema.is_mutable or not node.args:
+            continue
+        x = node.args[0]
+        while isinstance(x, fx.Node) and x.op == "call_function" and x.target in _ALIASING:
+            x = x.args[0]
+        if isinstance(x, fx.Node) and x.op == "get_attr":
+            out.add(x.target)
+    return frozenset(out)
+
+
 class Localizer:
     def __init__(self, gm: fx.GraphModule, mesh: Mesh, seeds: dict, variants: dict, params: dict,
                  active=None, views=None, sequence_parallel: bool = False):
@@ -70,6 +94,7 @@ class Localizer:
         self.counts = [dict() for _ in range(self.N)]
         self.sequence_parallel = sequence_parallel
         self._gathered: dict = {}         # node -> its per-rank locals with split dims gathered
+        self.mutated = written_attrs(gm)  # attr targets the graph writes in place: per-rank copies
 
     # ---- layouts -------------------------------------------------------------------------
     def L(self, node) -> tuple:
@@ -122,6 +147,7 @@ class Localizer:
                 f"model for inference (helix_compile does, under torch.no_grad) or without torch.cond")
         if r not in self.active:
             return None
+        private = private or source.target in self.mutated
         key = (source.target, tuple((d, idx.tobytes()) for d, idx in sels), private)
         cache = self._attr_cache[r]
         if key in cache:

@@ -288,7 +288,7 @@ def _cache_write(lz, node):
         if own is None:
             lz.env[r][node] = None
             continue
-        lz._attr_cache[r][(cache.target, (), False)] = own   # later reads of the buffer: the slice
+        lz._attr_cache[r][(cache.target, (), True)] = own    # later reads of the buffer: the slice
         lz.env[r][node] = lz.emit(r, node.target, (own, dim, lz.local(r, pos), lz.local(r, new)),
                                   name=node.name)
     lz.lay[node] = lay

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn as nn
 
 from helix_compiler import helix_compile
 from helix_compiler.decode import cache_writes, check_partitioned, compile_decoder
 from helix_compiler.errors import HelixError
 from helix_compiler.models.decoder_cache import DecodeStep, DecoderConfig, build, greedy_generate
 
-from helpers import assert_ranks_equal, expected_collectives, feasible_splits, variants_for
+from tests.helpers import assert_ranks_equal, expected_collectives, feasible_splits, variants_for
+from tests.test_unpartitioned import WhereCacheAttention
 
 DEVICES = 4
 PROMPT = 5
@@ -109,34 +109,60 @@ def test_compile_decoder_refuses_a_sequence_split_it_does_not_build():
         compile_decoder(model, DEVICES, (2, 1, 2))
 
 
-class _WhereCache(nn.Module):
-    """One attention layer whose cache is rewritten whole by torch.where(position mask, new, cache):
-    a spelling find_attention cannot trace k through."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.q = nn.Linear(16, 16, bias=False)
-        self.k = nn.Linear(16, 16, bias=False)
-        self.v = nn.Linear(16, 16, bias=False)
-        self.o = nn.Linear(16, 16, bias=False)
-        self.register_buffer("k_cache", torch.zeros(2, 4, 8, 4))
-        self.register_buffer("v_cache", torch.zeros(2, 4, 8, 4))
-
-    def forward(self, x, cache_position):
-        B = x.shape[0]
-        q, k, v = (p(x).view(B, 1, 4, 4).transpose(1, 2) for p in (self.q, self.k, self.v))
-        at = (torch.arange(8) == cache_position)[None, None, :, None]
-        self.k_cache.copy_(torch.where(at, k, self.k_cache))
-        self.v_cache.copy_(torch.where(at, v, self.v_cache))
-        p = torch.softmax(q @ self.k_cache.transpose(-1, -2) * 0.5, dim=-1)
-        return self.o((p @ self.v_cache).transpose(1, 2).reshape(B, 1, 16))
-
-
 def test_decode_cache_it_cannot_partition_is_refused_not_replicated():
-    model = _WhereCache().eval()
+    model = WhereCacheAttention().eval()
     with pytest.warns(Warning, match="run unpartitioned"):
         prog = helix_compile(model, devices=2, example_inputs=(torch.randn(2, 1, 16), torch.tensor([3])),
                              plan=(1, 2), dynamic=False)
     with pytest.raises(HelixError, match=r"decode step: attention core softmax \(softmax\) cannot be "
                                          r"partitioned: could not trace k"):
         check_partitioned(prog, "decode step")
+
+
+def _llama_static_cache(batch: int, max_cache_len: int):
+    """HF's executorch export wrapper around a small LLaMA (GQA: 4 heads, 2 kv heads, rotary):
+    its StaticCache layers write k / v by index_copy_ at a per-layer position counter
+    (cumulative_length, incremented in place), tensors torch.export lifts as constants."""
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        config = LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, head_dim=8,
+                             num_key_value_heads=2, intermediate_size=64, vocab_size=64,
+                             max_position_embeddings=64, attn_implementation="sdpa")
+        model = LlamaForCausalLM(config).eval()
+    model.generation_config = GenerationConfig(
+        use_cache=True, cache_implementation="static", max_length=max_cache_len,
+        cache_config={"batch_size": batch, "max_cache_len": max_cache_len, "device": "cpu"})
+
+    def wrapper():
+        return TorchExportableModuleWithStaticCache(model, batch_size=batch, max_cache_len=max_cache_len)
+    return wrapper
+
+
+@pytest.mark.slow
+def test_hf_static_cache_wrapper_decode_steps_every_rank_equals_unsharded():
+    make = _llama_static_cache(batch=2, max_cache_len=16)
+    tok0 = torch.tensor([[3], [5]])
+    base = helix_compile(make(), devices=DEVICES, example_inputs=(tok0,),
+                         example_kwargs={"cache_position": torch.tensor([0])}, plan=(1, DEVICES),
+                         dynamic=False)
+    for m, n in ((1, 4), (2, 2), (4, 1)):
+        for variant in variants_for(m):
+            prog = base.recompile(plan=(m, n), variant=variant)
+            label = f"hf static cache m={m} x n={n} {variant or 'heads'}"
+            assert len(prog.plan.sites) == 2 and not prog.unpartitioned, label
+            caches = [sum(getattr(prog.rank_module(r), a).numel() for a in cache_writes(prog.rank_module(r)))
+                      for r in range(DEVICES)]
+            # 2 layers x (k, v) x B 2 x H_kv 2 x 16 positions x d 8 over N; n > H_kv: n / H_kv copies
+            copies = max(1, n // 2)
+            assert caches == [2 * 2 * 2 * 2 * 16 * 8 * copies // DEVICES] * DEVICES, (label, caches)
+            ref, tok = make(), tok0                    # a fresh wrapper: its own empty cache
+            for t in range(4):
+                kwargs = {"cache_position": torch.tensor([t])}
+                with torch.no_grad():
+                    want = ref(tok, **kwargs)
+                assert_ranks_equal(prog.simulate(tok, **kwargs), want, devices=DEVICES,
+                                   label=f"{label} step {t}")
+                tok = want[:, -1].argmax(-1, keepdim=True)

@@ -156,31 +156,37 @@ def test_strict_flag_exits_2_with_one_error_line(capsys, command):
     assert "clamp" in err and out == ""
 
 
-def _llama_static_cache():
-    """HF's executorch export wrapper: k and v are read from static-cache buffers the step
-    writes in place, so find_attention cannot trace them to k_proj / v_proj."""
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-    from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
+class WhereCacheAttention(nn.Module):
+    """One decode step whose KV cache is rewritten whole by torch.where(position mask, new,
+    cache) and copy_: find_attention cannot trace k from k_proj through the where (a cache
+    written by index_copy_ at cache_position, as HF's StaticCache and
+    helix_compiler/models/decoder_cache.py write it, is traced: tests/test_decode.py)."""
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        config = LlamaConfig(num_hidden_layers=1, hidden_size=64, num_attention_heads=8,
-                             num_key_value_heads=4, intermediate_size=128, vocab_size=96,
-                             max_position_embeddings=64, attn_implementation="sdpa")
-        model = LlamaForCausalLM(config).eval()
-    model.generation_config = GenerationConfig(
-        use_cache=True, cache_implementation="static", max_length=16,
-        cache_config={"batch_size": 1, "max_cache_len": 16, "device": "cpu"})
-    wrapper = TorchExportableModuleWithStaticCache(model, batch_size=1, max_cache_len=16)
-    return wrapper, {"input_ids": torch.tensor([[5]]), "cache_position": torch.tensor([3])}
+    def __init__(self) -> None:
+        super().__init__()
+        self.q_proj = nn.Linear(16, 16, bias=False)
+        self.k_proj = nn.Linear(16, 16, bias=False)
+        self.v_proj = nn.Linear(16, 16, bias=False)
+        self.o_proj = nn.Linear(16, 16, bias=False)
+        self.register_buffer("k_cache", torch.zeros(2, 4, 8, 4))   # (B, H_kv, S_max, d)
+        self.register_buffer("v_cache", torch.zeros(2, 4, 8, 4))
+
+    def forward(self, x, cache_position):
+        B = x.shape[0]
+        q, k, v = (p(x).view(B, 1, 4, 4).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        at = (torch.arange(8) == cache_position)[None, None, :, None]
+        self.k_cache.copy_(torch.where(at, k, self.k_cache))
+        self.v_cache.copy_(torch.where(at, v, self.v_cache))
+        p = torch.softmax(q @ self.k_cache.transpose(-1, -2) * 0.5, dim=-1)
+        return self.o_proj((p @ self.v_cache).transpose(1, 2).reshape(B, 1, 16))
 
 
-def test_hf_static_cache_wrapper_core_is_reported_not_replicated_silently():
-    wrapper, kwargs = _llama_static_cache()
-    with pytest.warns(HelixWarning, match="scaled_dot_product_attention") as caught:
-        plan, _ = plan_model(wrapper, devices=2, example_kwargs=kwargs, dynamic=False)
+def test_cache_written_by_where_core_is_reported_not_replicated_silently():
+    args = (torch.randn(2, 1, 16), torch.tensor([3]))
+    with pytest.warns(HelixWarning, match="softmax") as caught:
+        plan, _ = plan_model(WhereCacheAttention().eval(), devices=2, example_inputs=args, dynamic=False)
     assert plan.sites == ()
     (core,) = plan.unpartitioned
-    assert core.op == "sdpa" and "could not trace k" in core.reason
+    assert core.op == "softmax" and "could not trace k" in core.reason
     assert "could not trace k" in str(caught[0].message)
     assert json.loads(json.dumps(plan.to_dict()))["unpartitioned"][0]["node"] == core.node
