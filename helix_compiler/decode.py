@@ -25,24 +25,15 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from passes.find_attention import CACHE_WRITE_OPS
+from passes.seq_split import cache_writes, chunk_bounds, split_sequence
 
 from .api import helix_compile
 from .errors import HelixError
 from .models.decoder_cache import DecodeStep, Prefill
 from .program import HelixProgram, run_ranks
+from .runtime.mesh import Mesh
 
-__all__ = ["DecodeProgram", "compile_decoder", "cache_writes", "check_partitioned"]
-
-
-def cache_writes(gm: fx.GraphModule) -> dict[str, fx.Node]:
-    """Attribute name -> the in-place cache write (index_copy_) of each buffer `gm` writes."""
-    out = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in CACHE_WRITE_OPS \
-                and isinstance(node.args[0], fx.Node) and node.args[0].op == "get_attr":
-            out[str(node.args[0].target)] = node
-    return out
+__all__ = ["DecodeProgram", "compile_decoder", "cache_writes", "check_partitioned"]  # cache_writes: passes/seq_split.py
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
@@ -52,17 +43,18 @@ class DecodeProgram:
 
     prefill_program: HelixProgram
     step_program: HelixProgram
+    mesh: Mesh                # n x m x s; rank = (i m + j) s + k
     modules: tuple            # per rank: (prefill module, step module)
     caches: tuple             # per rank: {stored buffer name: the rank's cache slice}
     max_seq: int
 
     @property
     def devices(self) -> int:
-        return self.step_program.mesh.size
+        return self.mesh.size
 
     def prefill(self, tokens: torch.Tensor, valid: torch.Tensor) -> list:
         """Every rank's logits (B, T, vocab) for the prompt; writes positions 0 .. T-1."""
-        return run_ranks([p for p, _ in self.modules], self.step_program.mesh, (tokens, valid), {})
+        return run_ranks([p for p, _ in self.modules], self.mesh, (tokens, valid), {})
 
     def step(self, token: torch.Tensor, cache_position: torch.Tensor, valid: torch.Tensor) -> list:
         """Every rank's logits (B, 1, vocab) for one token at `cache_position` (1,)."""
@@ -70,7 +62,7 @@ class DecodeProgram:
         if not 0 <= pos < self.max_seq:
             raise HelixError(f"DecodeProgram.step: cache_position {pos} is outside the cache's "
                              f"{self.max_seq} positions; build the model with a larger max_seq")
-        return run_ranks([s for _, s in self.modules], self.step_program.mesh,
+        return run_ranks([s for _, s in self.modules], self.mesh,
                          (token, cache_position, valid), {})
 
     def reset(self) -> None:
@@ -134,26 +126,31 @@ def compile_decoder(model: torch.nn.Module, devices: int, split: tuple[int, ...]
                     variant: str | None = None, prompt_len: int = 4) -> DecodeProgram:
     """Prefill and decode-step programs of `model` (a CacheDecoder: `prefill(tokens, valid)`,
     `decode_step(token, cache_position, valid)`, cache buffers (B, H_kv, S_max, d)) for `devices`
-    ranks, forced to `split` = (m, n) (or (s, m, n) with s = 1; the cache-sequence split s > 1
-    is not built yet) or the cost model's choice for the decode step. Each rank's cache slices
-    start as copies of the model's buffers' slices; the model itself is never written."""
+    ranks, forced to `split` = (m, n) or (s, m, n) (s chunks of the cache's positions, each
+    rank's attention combined exactly over its s-group: passes/seq_split.py), or the cost
+    model's choice of (m, n) for the decode step when None. Each rank's cache slices start as
+    copies of the model's buffers' slices; the model itself is never written."""
+    s = 1
     if split is not None and len(split) == 3:
-        s, m, n = split
-        if s != 1:
-            raise HelixError(f"compile_decoder: split (s={s}, m={m}, n={n}) splits the cache's "
-                             f"positions over s={s} ranks, which Helix does not build yet; use "
-                             f"s=1 with m * n = {devices}")
-        split = (m, n)
+        s, *split = split
+        split = tuple(split)
+    if split is not None and s * split[0] * split[1] != devices:
+        raise HelixError(f"compile_decoder: split s={s} x m={split[0]} x n={split[1]} = "
+                         f"{s * split[0] * split[1]} ranks, but devices={devices}; pass a split whose "
+                         f"product is {devices}")
+    if split is None and s != 1:
+        raise HelixError("compile_decoder: a cache split s > 1 needs (s, m, n) given whole")
     cfg = model.cfg
     B, S = cfg.batch, cfg.max_seq
     valid = torch.ones(B, S, dtype=torch.long)
     tokens = torch.zeros(B, prompt_len, dtype=torch.long)
+    step_args = (tokens[:, :1], torch.tensor([prompt_len]), valid)
+    bounds = chunk_bounds(S, s)
     # the decode step: one token per row at a position after the example prompt
-    step = helix_compile(DecodeStep(model), devices=devices, plan=split, variant=variant,
-                         example_inputs=(tokens[:, :1], torch.tensor([prompt_len]), valid),
-                         dynamic=False)
+    step = helix_compile(DecodeStep(model), devices=devices // s, plan=split, variant=variant,
+                         example_inputs=step_args, dynamic=False)
     check_partitioned(step, "decode step")
-    pre = helix_compile(Prefill(model), devices=devices, plan=(step.plan.m, step.plan.n),
+    pre = helix_compile(Prefill(model), devices=devices // s, plan=(step.plan.m, step.plan.n),
                         variant=variant, example_inputs=(tokens, valid), dynamic=False)
     check_partitioned(pre, "prefill")
     modules, caches = [], []
@@ -162,7 +159,7 @@ def compile_decoder(model: torch.nn.Module, devices: int, split: tuple[int, ...]
         p_sh, s_sh = pre.rank_shards(r), step.rank_shards(r)
         p_w, s_w = cache_writes(p_gm), cache_writes(s_gm)
         by_source = {p_sh[a][0]: a for a in p_w}
-        mine = {}
+        pairs = {}                                  # stored buffer name -> (prefill attr, step attr)
         for attr in s_w:
             source, sels = s_sh[attr][0], s_sh[attr][1]
             p_attr = by_source.get(source)
@@ -170,15 +167,25 @@ def compile_decoder(model: torch.nn.Module, devices: int, split: tuple[int, ...]
                 raise HelixError(f"rank {r}: cache buffer {source} is sliced differently in the prefill "
                                  f"program ({p_sh[p_attr][1] if p_attr else 'not written'}) than in the "
                                  f"decode step ({sels}); both programs must use one split")
-            shared = getattr(p_gm, p_attr)
-            s_gm.register_buffer(attr, shared)   # the step's slice is the prefill's tensor
-            mine[source] = shared
-        modules.append((p_gm, s_gm))
-        caches.append(mine)
-    if not caches[0]:
-        raise HelixError("compile_decoder: the decode step writes no cache buffer (no index_copy_ "
-                         "into a buffer); this is not a static-KV-cache decoder")
-    return DecodeProgram(prefill_program=pre, step_program=step, modules=tuple(modules),
+            pairs[source] = (p_attr, attr)
+        if not pairs:
+            raise HelixError("compile_decoder: the decode step writes no cache buffer (no index_copy_ "
+                             "into a buffer); this is not a static-KV-cache decoder")
+        if s == 1:
+            for p_attr, attr in pairs.values():
+                s_gm.register_buffer(attr, getattr(p_gm, p_attr))   # the step's slice is the prefill's
+            modules.append((p_gm, s_gm))
+            caches.append({src: getattr(p_gm, pa) for src, (pa, _) in pairs.items()})
+            continue
+        for start, end in bounds:                   # rank (i m + j) s + k holds chunk k
+            chunk = {src: getattr(s_gm, a).narrow(s_w[a].args[1], start, end - start).clone()
+                     for src, (_, a) in pairs.items()}
+            modules.append((
+                split_sequence(p_gm, (tokens, valid), start, end, {pa: chunk[src] for src, (pa, _) in pairs.items()}),
+                split_sequence(s_gm, step_args, start, end, {a: chunk[src] for src, (_, a) in pairs.items()})))
+            caches.append(chunk)
+    return DecodeProgram(prefill_program=pre, step_program=step,
+                         mesh=Mesh(n=step.plan.n, m=step.plan.m, s=s), modules=tuple(modules),
                          caches=tuple(caches), max_seq=S)
 
 

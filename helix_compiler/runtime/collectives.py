@@ -162,6 +162,9 @@ class DistributedBackend:
         import torch.distributed as dist
         from torch.distributed.device_mesh import init_device_mesh
 
+        if mesh.s != 1:
+            raise HelixError(f"DistributedBackend: a mesh with s={mesh.s} cache chunks runs only in "
+                             f"simulation (DecodeProgram) so far; use s=1 under torchrun")
         world = dist.get_world_size()
         if world != dp * mesh.size:
             raise HelixError(f"DistributedBackend: dp={dp} x n={mesh.n} x m={mesh.m} = "
