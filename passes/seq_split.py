@@ -124,7 +124,9 @@ def split_sequence(gm: fx.GraphModule, args: tuple, start: int, end: int,
     graph = out.graph
     downstream = _downstream(graph, writes.values())
     for node in list(graph.nodes):
-        if node in downstream and node.op == "output":
+        if node in downstream and node.op != "output":
+            _check_keeps_positions(node)
+        elif node in downstream:
             raise HelixError(f"seq_split: the graph returns a value read from the KV cache "
                              f"({[a.name for a in node.all_input_nodes if a in downstream]}), which "
                              f"each chunk holds only in part")
@@ -136,7 +138,6 @@ def split_sequence(gm: fx.GraphModule, args: tuple, start: int, end: int,
         _owner_write(graph, w, start, end)
         setattr(out, name, caches[name])
     for node in [n for n in graph.nodes if n in downstream]:
-        _check_keeps_positions(node)
         for a in node.all_input_nodes:
             va, vn = _val(a), _val(node)
             if a not in downstream and va is not None and vn is not None and va.dim() and vn.dim() \

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn as nn
 
 from helix_compiler import helix_compile
 from helix_compiler.decode import cache_writes, check_partitioned, compile_decoder
 from helix_compiler.errors import HelixError
 from helix_compiler.models.decoder_cache import DecodeStep, DecoderConfig, build, greedy_generate
+from passes.seq_split import split_sequence
 
 from tests.helpers import assert_ranks_equal, expected_collectives, feasible_splits, variants_for
 from tests.test_unpartitioned import WhereCacheAttention
@@ -103,10 +105,10 @@ def test_greedy_generation_token_equal_over_16_new_tokens(attn, split, variant):
         [_cache_elements(cfg) * 4 * copies // DEVICES] * DEVICES
 
 
-def test_compile_decoder_refuses_a_sequence_split_it_does_not_build():
+def test_compile_decoder_refuses_a_split_that_is_not_the_device_count():
     model = build(DecoderConfig(layers=1))
-    with pytest.raises(HelixError, match=r"split \(s=2, m=1, n=2\) splits the cache's positions"):
-        compile_decoder(model, DEVICES, (2, 1, 2))
+    with pytest.raises(HelixError, match=r"split s=2 x m=1 x n=4 = 8 ranks, but devices=4"):
+        compile_decoder(model, DEVICES, (2, 1, 4))
 
 
 def test_decode_cache_it_cannot_partition_is_refused_not_replicated():
@@ -166,3 +168,72 @@ def test_hf_static_cache_wrapper_decode_steps_every_rank_equals_unsharded():
                 assert_ranks_equal(prog.simulate(tok, **kwargs), want, devices=DEVICES,
                                    label=f"{label} step {t}")
                 tok = want[:, -1].argmax(-1, keepdim=True)
+
+
+SEQ_SPLITS = [((2, 1, 2), None), ((2, 2, 1), "score-reduce"), ((2, 2, 1), "qk-gather"), ((4, 1, 1), None)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("split, variant", SEQ_SPLITS, ids=lambda x: str(x))
+def test_sequence_split_every_rank_equals_unsharded_across_chunk_boundaries(split, variant):
+    # S_max 24: s = 2 chunks [0, 12), [12, 24); s = 4 chunks of 6. A 10-token prompt fills
+    # chunks 0 and 1 (s = 4), steps at positions 10 .. 13 cross the boundary at 12.
+    cfg = DecoderConfig(kv_heads=2)
+    model, ref = build(cfg), build(cfg)
+    g = torch.Generator().manual_seed(2)
+    tokens = torch.randint(0, cfg.vocab, (cfg.batch, 10), generator=g)
+    valid = torch.ones(cfg.batch, cfg.max_seq, dtype=torch.long)
+    valid[1, :3] = 0
+    valid[2, :10] = 0
+    prog = compile_decoder(model, DEVICES, split, variant=variant, prompt_len=10)
+    s, m, n = split
+    assert (prog.mesh.s, prog.mesh.m, prog.mesh.n) == (s, m, n)
+    assert prog.mesh.group(1, "seq") == ((0, 1) if s == 2 else (0, 1, 2, 3))
+    with torch.no_grad():
+        want = ref.prefill(tokens, valid)
+    label = f"s={s} m={m} n={n} {variant or 'heads'}"
+    assert_ranks_equal(prog.prefill(tokens, valid), want, devices=DEVICES, label=f"{label} prefill")
+    tok = want[:, -1].argmax(-1, keepdim=True)
+    for pos in range(10, 14):
+        with torch.no_grad():
+            want = ref.decode_step(tok, torch.tensor([pos]), valid)
+        outs = prog.step(tok, torch.tensor([pos]), valid)
+        assert_ranks_equal(outs, want, devices=DEVICES, label=f"{label} position {pos}")
+        assert not any(o.isnan().any() for o in outs), label
+        tok = want[:, -1].argmax(-1, keepdim=True)
+    # each (i, j) slice is cut into s chunks of positions: exactly 1/N of the cache per rank
+    assert [prog.cache_bytes(r) for r in range(DEVICES)] == [_cache_elements(cfg) * 4 // DEVICES] * DEVICES
+    # only the owner wrote: chunk k of every rank holds, at positions it does not own, nothing
+    for r in range(DEVICES):
+        k = prog.mesh.chunk(r)
+        lo, hi = k * cfg.max_seq // s, (k + 1) * cfg.max_seq // s
+        for name, t in prog.caches[r].items():
+            whole = ref.state_dict()[name.removeprefix("model.")]
+            assert t.shape[2] == hi - lo, (name, tuple(t.shape))
+            assert torch.equal(t.sum((0, 1, 3)) != 0, whole[:, :, lo:hi].sum((0, 1, 3)) != 0), (r, name)
+
+
+def test_sequence_split_refuses_an_sdpa_core_over_the_cache():
+    class SdpaCache(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q_proj, self.k_proj = nn.Linear(16, 16, bias=False), nn.Linear(16, 16, bias=False)
+            self.v_proj, self.o_proj = nn.Linear(16, 16, bias=False), nn.Linear(16, 16, bias=False)
+            self.register_buffer("k_cache", torch.zeros(2, 4, 8, 4))
+            self.register_buffer("v_cache", torch.zeros(2, 4, 8, 4))
+
+        def forward(self, x, cache_position):
+            q, k, v = (p(x).view(2, 1, 4, 4).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+            self.k_cache.index_copy_(2, cache_position, k)
+            self.v_cache.index_copy_(2, cache_position, v)
+            out = torch.nn.functional.scaled_dot_product_attention(q, self.k_cache, self.v_cache)
+            return self.o_proj(out.transpose(1, 2).reshape(2, 1, 16))
+
+    args = (torch.randn(2, 1, 16), torch.tensor([3]))
+    prog = helix_compile(SdpaCache().eval(), devices=2, example_inputs=args, plan=(1, 2), dynamic=False)
+    assert len(prog.plan.sites) == 1 and not prog.unpartitioned
+    gm = prog.rank_module(0)
+    # d = 4: kernel_choice runs the SDPA core as helix.chunked_attention; either is refused
+    with pytest.raises(HelixError, match=r"seq_split: node \S+ \((an SDPA core|op helix\.chunked_attention"
+                                         r"\.default)\) reads the KV cache"):
+        split_sequence(gm, args, 0, 4, {a: None for a in cache_writes(gm)})
