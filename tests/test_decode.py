@@ -3,7 +3,8 @@
 The model is helix_compiler/models/decoder_cache.py: k_cache / v_cache buffers (B, H_kv, S_max, d)
 written by index_copy_ at cache_position, rotary at the cache position, GQA by repeat_interleave.
 Every rank's decode step is compared with the unsharded model's, step after step, on prompts with
-a left-padded row and a fully padded row.
+a left-padded row and a fully padded row: every (m, n) split of 4 devices, the sequence split s
+across chunk boundaries, and HF's TorchExportableModuleWithStaticCache.
 """
 
 from __future__ import annotations
