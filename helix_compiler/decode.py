@@ -14,6 +14,10 @@ each rank its own copy of the cache sliced like its k / v projection's output:
 the cache not exactly 1/N per rank). The two programs' rank modules are bound to one tensor per
 cache slice, so a rank's prefill fills the slice its decode steps then extend and read.
 
+With split (s, m, n), s > 1, each (i, j) module is cut into s modules by passes/seq_split.py:
+rank (i m + j) s + k holds positions chunk k of its slice, writes only the positions it owns,
+and combines its partial attention exactly over the "seq" mesh axis.
+
 Invariant: rank r's prefill / step output equals the unsharded model's, call after call, as
 long as the same calls are made on the model; nothing of the user's model is written.
 """
@@ -23,7 +27,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.fx as fx
 
 from passes.seq_split import cache_writes, chunk_bounds, split_sequence
 
