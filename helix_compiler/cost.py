@@ -62,6 +62,7 @@ from sympy import Max, Min, ceiling, floor
 from .cluster import ClusterSpec, normalize_dtype
 from .errors import PlanError
 from .runtime.mesh import Mesh
+from .runtime.collectives import NO_COPY_ALL_REDUCE_MIN_BYTES
 from .runtime.kernels import fused_takes
 from .profile import DEFAULT_PROFILE, ComputeProfile
 from .sites import AttentionSite, MlpSite, ModelSummary
@@ -317,10 +318,13 @@ def collective_s(kind: str, nbytes: float, ranks, cluster: ClusterSpec) -> float
         return 0.0
     g_, k_ = group_span(ranks, cluster)
     what = "all_reduce" if kind == "all_reduce" else "all_gather"   # RS costs as AG
+    # a large sum all-reduce runs as reduce-scatter + all-gather (no local copy of x,
+    # runtime/collectives.py): the same bytes, one launch latency more
+    split = kind == "all_reduce" and nbytes >= NO_COPY_ALL_REDUCE_MIN_BYTES
     if k_ == 1:
         return _ev(f"ring_{what}", {"alpha": cluster.nvlink_alpha, "p": len(ranks), "X": nbytes,
-                                    "beta": cluster.nvlink_busbw})
-    return _ev(f"hier_{what}", {
+                                    "beta": cluster.nvlink_busbw}) + split * cluster.nvlink_alpha
+    return split * (cluster.nvlink_alpha + cluster.network_alpha) + _ev(f"hier_{what}", {
         "alpha_nv": cluster.nvlink_alpha, "alpha_net": cluster.network_alpha, "g": g_, "k": k_,
         "X": nbytes, "B_nv": cluster.nvlink_busbw, "B_nic": cluster.nic_bandwidth,
         "R": cluster.nics_per_node})
