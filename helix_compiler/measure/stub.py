@@ -36,6 +36,14 @@ class StubCollectives:
         return x.clone(memory_format=torch.contiguous_format)
 
     def reduce_scatter(self, x, axes, dim, sizes):
+        dim = dim % x.dim()
+        if len(set(sizes)) > 1:      # the real path: a whole all-reduce, then its chunk
+            return self.all_reduce(x, axes, "sum").narrow(dim, 0, sizes[0])
+        x = x.contiguous()
+        if dim != 0:
+            # funcol's reduce-scatter along dim > 0 chunks x and concatenates the chunks
+            # along dim 0 before NCCL runs: a full copy of x on the compute side
+            torch.cat(torch.chunk(x, len(sizes), dim=dim))
         shape = list(x.shape)
         shape[dim % x.dim()] = sizes[0]
         return x.new_empty(shape)

@@ -168,6 +168,17 @@ class _RankView:
         return self.all_reduce(x, axes, "sum").narrow(dim, sum(sizes[:pos]), sizes[pos]).clone()
 
 
+def _funcol_reduce_scatter(funcol):
+    """reduce_scatter_single (torch >= 2.12, where reduce_scatter_tensor is deprecated) or
+    reduce_scatter_tensor (2.11): the same arguments."""
+    return getattr(funcol, "reduce_scatter_single", None) or funcol.reduce_scatter_tensor
+
+
+def _funcol_all_gather(funcol):
+    """all_gather_single or all_gather_tensor, as `_funcol_reduce_scatter`."""
+    return getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+
+
 class DistributedBackend:
     """torch.distributed functional collectives on the sub-groups of a ("data", "head", "dim")
     DeviceMesh: `mesh` is one replica's (n, m), `dp` the replicas (world = dp * n * m)."""
@@ -202,9 +213,9 @@ class DistributedBackend:
             # all-reduce's own two phases, without the local copy of x that funcol's in-place
             # all_reduce starts with (a full pass over x at HBM speed)
             flat = x.contiguous().view(-1)
-            part = funcol.reduce_scatter_tensor(flat, "sum", 0, group)
+            part = _funcol_reduce_scatter(funcol)(flat, "sum", 0, group)
             part = funcol.wait_tensor(part) if hasattr(funcol, "wait_tensor") else part
-            out = funcol.all_gather_tensor(part, 0, group)
+            out = _funcol_all_gather(funcol)(part, 0, group)
             out = funcol.wait_tensor(out) if hasattr(funcol, "wait_tensor") else out
             return out.view(x.shape)
         out = funcol.all_reduce(x.contiguous(), {"sum": "sum", "max": "max"}[op], group)
@@ -216,7 +227,7 @@ class DistributedBackend:
         group = self.groups[axes]
         pos = torch.distributed.get_rank(group)
         if len(set(sizes)) == 1:
-            out = funcol.reduce_scatter_tensor(x.contiguous(), "sum", dim, group)
+            out = _funcol_reduce_scatter(funcol)(x.contiguous(), "sum", dim, group)
             return funcol.wait_tensor(out) if hasattr(funcol, "wait_tensor") else out
         # uneven chunks: the whole sum, then this rank's chunk
         return self.all_reduce(x, axes, "sum").narrow(dim, sum(sizes[:pos]), sizes[pos])
@@ -231,14 +242,14 @@ class DistributedBackend:
             # every dim before `dim` is 1: the gathered tensor is the group's chunks one after
             # another, so NCCL writes it in place (no concatenating copy)
             flat = x.contiguous().reshape(x.shape[dim:])
-            out = funcol.all_gather_tensor(flat, gather_dim=0, group=group)
+            out = _funcol_all_gather(funcol)(flat, gather_dim=0, group=group)
             out = funcol.wait_tensor(out) if hasattr(funcol, "wait_tensor") else out
             return out.reshape(*x.shape[:dim], big * len(sizes), *x.shape[dim + 1:])
         if x.shape[dim] != big:  # uneven shards travel padded
             pad = list(x.shape)
             pad[dim] = big - x.shape[dim]
             x = torch.cat([x, x.new_zeros(pad)], dim=dim)
-        out = funcol.all_gather_tensor(x.contiguous(), gather_dim=dim, group=group)
+        out = _funcol_all_gather(funcol)(x.contiguous(), gather_dim=dim, group=group)
         out = funcol.wait_tensor(out) if hasattr(funcol, "wait_tensor") else out
         if any(s != big for s in sizes):
             parts = torch.split(out, big, dim=dim)
