@@ -24,7 +24,8 @@ def plan_model(model: torch.nn.Module, devices: int = 16, example_inputs: tuple 
                strict: bool = False, verbose: bool = False,
                repeat_blocks: bool = True, *, objective: str = "throughput",
                memory_cap_gib: float | None = None,
-               dp: int | None = None) -> tuple[Plan, Analysis]:
+               dp: int | None = None, overlap: int | None = 1,
+               sequence_parallel: bool | None = False) -> tuple[Plan, Analysis]:
     """Capture, find attention and MLPs, solve and cost: (Plan, Analysis). Nothing is sharded,
     but the chosen split is one the shard pass builds (its placements are computed; a split it
     refuses is excluded with its reason and the next best chosen, see
@@ -44,7 +45,8 @@ def plan_model(model: torch.nn.Module, devices: int = 16, example_inputs: tuple 
     req = pipeline.request(model, devices, example_inputs, example_kwargs, cluster, plan, variant,
                            profile, print_after, dynamic, verbose, emit=False,
                            repeat_blocks=repeat_blocks, objective=objective,
-                           memory_cap_gib=memory_cap_gib, dp=dp)
+                           memory_cap_gib=memory_cap_gib, dp=dp, overlap=overlap,
+                           sequence_parallel=sequence_parallel)
     return pipeline.run_plan(req, strict=strict)
 
 

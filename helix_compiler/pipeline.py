@@ -591,6 +591,9 @@ def request(model: torch.nn.Module | None, devices: object, example_inputs: obje
     if isinstance(plan, Plan):
         forced, given = plan.split, plan
         overlap, sequence_parallel = plan.overlap, plan.sequence_parallel
+        if sequence_parallel and dynamic and emit:
+            raise PlanError("the plan uses sequence-parallel norms, which need a static sequence "
+                            "length; compile it with dynamic=False")
         if plan.devices != devices:
             raise PlanError(f"plan is for {plan.devices} devices, not devices={devices}; "
                             f"compile with devices={plan.devices} or make a new plan")

@@ -55,20 +55,22 @@ register_function("helix.chunk_rows", chunk_rows)
 
 
 def _dim_arg(i: int, default: int | None = None) -> Callable:
-    def rule(node: fx.Node, ndim: int) -> bool:
+    def rule(node: fx.Node, ndim: int, batched: set) -> bool:
         d = node.args[i] if len(node.args) > i else node.kwargs.get("dim", default)
         ds = d if isinstance(d, (list, tuple)) else [d]
         return any(isinstance(x, int) and x % max(ndim, 1) == 0 for x in ds)
     return rule
 
 
-def _index_dim0(node: fx.Node, ndim: int) -> bool:
+def _index_dim0(node: fx.Node, ndim: int, batched: set) -> bool:
+    # x[rows, ...] with rows built from the batch's own sizes (HF masks index with
+    # arange(B)) stays in the chunk; rows from a constant or shared tensor pick across it
     idx = node.args[1] if len(node.args) > 1 else []
-    return bool(idx) and idx[0] is not None
+    return bool(idx) and idx[0] is not None and idx[0] not in batched
 
 
 # Ops that keep dim 0's size but combine its rows, when they act along dim 0: op -> rule
-# (node, ndim of the input) -> True when it does. Shape-changing mixes (sum over dim 0, cat
+# (node, ndim of the input, the chunked nodes) -> True when it does. Shape-changing mixes (sum over dim 0, cat
 # along it, a (B*H, ...) reshape) are caught by the dim-0 check instead.
 MIXES_ROWS: dict = {
     A._softmax.default: _dim_arg(1), A.softmax.int: _dim_arg(1),
@@ -140,7 +142,7 @@ def _batch_nodes(gm: fx.GraphModule, batch_inputs: set[int], values: dict, rows:
                                f"the batch; chunks of rows cannot run it apart, compile with "
                                f"overlap=1")
         rule = MIXES_ROWS.get(n.target)
-        if rule is not None and rule(n, values[reads_rows[0]].dim()):
+        if rule is not None and rule(n, values[reads_rows[0]].dim(), batched):
             raise OverlapError(f"overlap: op {n.name} ({n.target}) mixes batch rows: it acts "
                                f"along dim 0 (the batch) of {reads_rows[0].name}; chunks of "
                                f"rows cannot run it apart, compile with overlap=1")
