@@ -104,7 +104,10 @@ def format_table(plan: Plan) -> str:
                   f"finish one batch (dp replicas run their B/dp sequences at once)",
               f"micro-batch {plan.cost.micro_batch} sequences x {plan.cost.micro_batches}"
               + (f" per replica" if plan.dp > 1 else "")
-              + f"; step {plan.cost.step_ms:,.1f} ms = compute + comm (no overlap assumed)"]
+              + (f"; step {plan.cost.step_ms:,.1f} ms with overlap k={plan.cost.overlap_chunks} "
+                 f"({plan.cost.exposed_comm_ms:,.1f} ms of communication exposed)"
+                 if plan.cost.overlap_chunks > 1 else
+                 f"; step {plan.cost.step_ms:,.1f} ms = compute + comm (no overlap)")]
     lines += [f"site {sp.index}: {sp.variant}" + (f", core {sp.cost.backend}" if sp.cost else "")
               for sp in plan.sites]
     lines += [f"note: {x}" for x in plan.notes]
