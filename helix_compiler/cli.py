@@ -156,7 +156,9 @@ def cmd_plan(args) -> int:
                   cluster=args.cluster, plan=_resolve_plan(args.plan),
                   print_after=(stage,) if stage else (), profile=_profile(args.profile),
                   strict=args.strict, verbose=args.verbose, objective=args.objective,
-                  memory_cap_gib=args.memory_cap, dp=args.dp)
+                  memory_cap_gib=args.memory_cap, dp=args.dp,
+                  overlap=None if args.overlap == "auto" else int(args.overlap),
+                  sequence_parallel={"auto": None, "on": True, "off": False}[args.sequence_parallel])
     # the library prints the graph after the pass; shard and the rank passes need rank graphs
     if stage in EMITTING_PASSES:
         plan = helix_compile(model, **common).plan
@@ -344,6 +346,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="GiB of memory per rank a plan may use (default: the GPU's)")
     plan.add_argument("--dp", type=_positive_int, metavar="K",
                       help="only plans of K data replicas (default: every K dividing N and the batch)")
+    plan.add_argument("--overlap", choices=("auto", "1", "2", "4", "8"), default="auto",
+                      help="batch chunks k whose all-reduces overlap the next chunk's compute "
+                           "(default auto: the cost model chooses per plan; 1: no overlap)")
+    plan.add_argument("--sequence-parallel", choices=("auto", "on", "off"), default="auto",
+                      help="norms and residuals on 1/N of the tokens (reduce-scatter + "
+                           "all-gather); default auto: the cost model chooses per plan")
     plan.add_argument("--print-graph-after", choices=PASS_NAMES, metavar="PASS",
                       help=f"print the graph after a pass of the pipeline (rank 0's after shard "
                            f"and the rank passes): {', '.join(PASS_NAMES)}")

@@ -52,10 +52,10 @@ def _section(text: str, name: str) -> str:
 
 
 def test_pass_list_names_each_pass_once_with_what_it_needs_and_keeps():
-    assert len(set(pipeline.PASS_NAMES)) == len(pipeline.PASSES) == 14
-    assert pipeline.PASS_NAMES[0] == "capture" and pipeline.PASS_NAMES[-2:] == ("kernel_choice", "size_masks")
+    assert len(set(pipeline.PASS_NAMES)) == len(pipeline.PASSES) == 15
+    assert pipeline.PASS_NAMES[0] == "capture" and pipeline.PASS_NAMES[-3:] == ("kernel_choice", "size_masks", "overlap")
     assert all(p.needs and p.keeps for p in pipeline.PASSES)
-    assert [p.kind for p in pipeline.RANK_PASSES] == ["rank", "rank"]
+    assert [p.kind for p in pipeline.RANK_PASSES] == ["rank", "rank", "rank"]
 
 
 @pytest.mark.parametrize("name", pipeline.PASS_NAMES)

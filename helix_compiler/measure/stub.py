@@ -35,6 +35,14 @@ class StubCollectives:
             return torch.empty_like(x)
         return x.clone(memory_format=torch.contiguous_format)
 
+    def all_reduce_start(self, x, axes, op):
+        # the real path's asynchronous all-reduce (_c10d_functional.all_reduce) copies x into
+        # its output before NCCL reduces it in place
+        return x.clone(memory_format=torch.contiguous_format)
+
+    def wait(self, x):
+        return x
+
     def reduce_scatter(self, x, axes, dim, sizes):
         dim = dim % x.dim()
         if len(set(sizes)) > 1:      # the real path: a whole all-reduce, then its chunk

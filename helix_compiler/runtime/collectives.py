@@ -93,6 +93,33 @@ def no_copy_all_reduce(x: torch.Tensor, op: str, group_size: int) -> bool:
             and x.numel() * x.element_size() >= NO_COPY_ALL_REDUCE_MIN_BYTES)
 
 
+# The asynchronous all-reduce of the overlap pass (passes/overlap.py): `all_reduce_start`
+# issues the reduction and returns its result tensor at once (the handle: on NCCL it is
+# written on the communicator's stream), `wait` blocks until that tensor holds the sum and
+# returns it, so everything between the two in the graph runs while the reduction does.
+# `wait` aliases its input (schema Tensor(a) -> Tensor(a), as _c10d_functional.wait_tensor).
+@torch.library.custom_op("helix::all_reduce_start", mutates_args=())
+def all_reduce_start(x: torch.Tensor, axes: str, op: str) -> torch.Tensor:
+    return _backend().all_reduce_start(x, axes, op)
+
+
+@all_reduce_start.register_fake
+def _(x, axes, op):
+    return torch.empty_like(x)
+
+
+_lib = torch.library.Library("helix", "FRAGMENT")
+_lib.define("wait(Tensor(a) x) -> Tensor(a)")
+
+
+def _wait(x: torch.Tensor) -> torch.Tensor:
+    b = getattr(_local, "backend", None)
+    return x if b is None else b.wait(x)
+
+
+_lib.impl("wait", _wait, "CompositeExplicitAutograd")
+
+
 class _Aborted(HelixError):
     pass
 
@@ -159,6 +186,13 @@ class _RankView:
             return out
         return self.sim._exchange(self.rank, axes, "all_reduce", x, combine).clone()
 
+    def all_reduce_start(self, x, axes, op):
+        # one process: the exchange is the collective, so it completes here and wait is free
+        return self.all_reduce(x, axes, op)
+
+    def wait(self, x):
+        return x
+
     def all_gather(self, x, axes, dim, sizes):
         return self.sim._exchange(self.rank, axes, f"all_gather{dim}", x,
                                   lambda xs: torch.cat(xs, dim=dim)).clone()
@@ -220,6 +254,15 @@ class DistributedBackend:
             return out.view(x.shape)
         out = funcol.all_reduce(x.contiguous(), {"sum": "sum", "max": "max"}[op], group)
         return funcol.wait_tensor(out) if hasattr(funcol, "wait_tensor") else out
+
+    def all_reduce_start(self, x, axes, op):
+        # the native functional op returns at once; its work is registered under the output
+        # tensor, which `wait` (wait_tensor) waits on at the first use
+        return torch.ops._c10d_functional.all_reduce(x.contiguous(), {"sum": "sum", "max": "max"}[op],
+                                                     self.groups[axes].group_name)
+
+    def wait(self, x):
+        return torch.ops._c10d_functional.wait_tensor(x)
 
     def reduce_scatter(self, x, axes, dim, sizes):
         import torch.distributed._functional_collectives as funcol
