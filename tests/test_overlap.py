@@ -6,6 +6,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -148,3 +153,24 @@ def test_sequence_parallel_cost_moves_norm_work_to_one_nth():
     plan, _ = plan_model(model, 4, args, kwargs, plan=(1, 4), sequence_parallel=None)
     assert plan.sequence_parallel == plan.cost.sequence_parallel
     assert plan.cost.step_ms == pytest.approx(min(base.step_ms, sp.step_ms))
+
+
+@pytest.mark.slow
+def test_overlapped_program_runs_on_real_process_groups(tmp_path):
+    """The asynchronous all-reduce through DistributedBackend (_c10d_functional.all_reduce,
+    wait_tensor) on 4 gloo processes: a saved overlapped program, run from the user's own
+    torchrun script (examples/torchrun_user.py), every rank equals the model."""
+    model, args, kwargs, prog = _paper_program(2)
+    prog.save(tmp_path)
+    with torch.no_grad():
+        want = model(*args)
+    torch.save({"x": args[0], "want": want}, tmp_path / "io.pt")
+    example = Path(__file__).resolve().parents[1] / "examples" / "torchrun_user.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node", "4", str(example), "run", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for r in range(4):
+        result = json.loads((tmp_path / f"rank{r}.result.json").read_text())
+        assert result["relative_error"] <= 1e-5, result
