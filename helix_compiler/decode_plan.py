@@ -39,6 +39,7 @@ computed from those very expressions.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass, field
@@ -303,15 +304,17 @@ def _collective(kind: str, nbytes: float, groups, cluster: ClusterSpec) -> float
 
 def cost_decode(shape: DecodeShape, context: int, concurrency: int, split: tuple[int, int, int],
                 cluster: ClusterSpec, profile: ComputeProfile | None = None,
-                variant: str | None = None, memory_cap_bytes: int | None = None) -> DecodeCost:
+                variant: str | None = None) -> DecodeCost:
     """Predicted decode step of `split` = (s, m, n); `variant` for m > 1 ("score-reduce",
     default, or "qk-gather")."""
     s_, m_, n_ = split
     N_ = s_ * m_ * n_
     why = split_reason(shape, context, s_, m_, n_)
     if why is not None:
-        raise PlanError(f"decode split s={s_} x m={m_} x n={n_} of {shape.name!r}: {why}; "
-                        f"try one of {decode_splits(shape, context, N_)}")
+        alts = decode_splits(shape, context, N_)
+        hint = (f"try one of {alts}" if alts else
+                f"no (s, m, n) of {N_} devices fits this shape: try a power-of-two device count")
+        raise PlanError(f"decode split s={s_} x m={m_} x n={n_} of {shape.name!r}: {why}; {hint}")
     if N_ > cluster.devices:
         raise PlanError(f"decode split s={s_} x m={m_} x n={n_} needs {N_} GPUs but cluster "
                         f"{cluster.name!r} has {cluster.devices}; try a larger cluster file")
@@ -383,8 +386,6 @@ def cost_decode(shape: DecodeShape, context: int, concurrency: int, split: tuple
         workspace += math.ceil(shape.dtype_bytes * concurrency * (context // s_)
                                * max(shape.kv_heads // n_, 1) * shape.head_dim)
     limit = int(MEMORY_USABLE_FRACTION * cluster.memory_bytes)
-    if memory_cap_bytes is not None:
-        limit = min(limit, memory_cap_bytes)
     return DecodeCost(
         s=s_, m=m_, n=n_, variant=variant, tp=(s_ == 1 and m_ == 1 and n_ == N_),
         kv_copies=int(_ev("kv_copies", env)), kv_bytes_per_rank=kv,
@@ -411,7 +412,17 @@ def plan_decode(shape: DecodeShape, context: int, concurrency: int, devices: int
     if devices > cluster.devices:
         raise PlanError(f"decode plan on {devices} devices: cluster {cluster.name!r} has "
                         f"{cluster.devices}; try a larger cluster file or fewer devices")
-    cap = None if memory_cap_gib is None else int(memory_cap_gib * 2**30)
+    notes = []
+    if memory_cap_gib is not None:   # as make_plan's cap: the GPU's memory lowered, phi applies
+        if isinstance(memory_cap_gib, bool) or not isinstance(memory_cap_gib, (int, float)) \
+                or not memory_cap_gib > 0:
+            raise PlanError(f"memory_cap_gib must be a positive number of GiB per rank, got "
+                            f"{memory_cap_gib!r}; try 40")
+        cap = int(memory_cap_gib * 2 ** 30)
+        if cap < cluster.memory_bytes:
+            cluster = dataclasses.replace(cluster, memory_bytes=cap)
+            notes.append(f"memory cap {memory_cap_gib:g} GiB per rank: each plan must fit "
+                         f"{MEMORY_USABLE_FRACTION:g} of it")
     splits = decode_splits(shape, context, devices)
     if not splits:
         raise PlanError(f"decode plan of {shape.name!r} on {devices} devices: no split (s, m, n) "
@@ -422,7 +433,7 @@ def plan_decode(shape: DecodeShape, context: int, concurrency: int, devices: int
     rows = []
     for sp in splits:
         for v in ((None,) if sp[1] == 1 else ("score-reduce", "qk-gather")):
-            rows.append(cost_decode(shape, context, concurrency, sp, cluster, profile, v, cap))
+            rows.append(cost_decode(shape, context, concurrency, sp, cluster, profile, v))
     tp = next((r for r in rows if r.tp), None)
     tp_reason = None if tp else (
         f"TP={devices}: {split_reason(shape, context, 1, 1, devices)}")
@@ -438,14 +449,14 @@ def plan_decode(shape: DecodeShape, context: int, concurrency: int, devices: int
     kv_model = math.ceil(_ev("kv_cache_model", {
         "L": shape.layers, "B": concurrency, "C": context, "H_kv": shape.kv_heads,
         "d": shape.head_dim, "w": shape.dtype_bytes}))
-    notes = ("norms, residual adds, rotary and the embedding lookup are left out (B x D "
-             "elements each: microseconds); the q/k/v of the new token is computed on every "
-             "rank of its s-group",
-             "no overlap of compute and communication is assumed")
+    notes += ["norms, residual adds, rotary and the embedding lookup are left out (B x D "
+              "elements each: microseconds); the q/k/v of the new token is computed on every "
+              "rank of its s-group",
+              "no overlap of compute and communication is assumed"]
     return DecodePlan(shape=shape, context=context, concurrency=concurrency, devices=devices,
                       cluster=cluster.name, memory_limit_bytes=chosen.memory_limit_bytes,
                       kv_bytes_model=kv_model, candidates=tuple(rows), chosen=chosen, tp=tp,
-                      tp_reason=tp_reason, reason=reason, notes=notes)
+                      tp_reason=tp_reason, reason=reason, notes=tuple(notes))
 
 
 def _reason(chosen: DecodeCost, tp: DecodeCost | None, rows, tp_reason: str | None) -> str:
