@@ -118,10 +118,11 @@ def test_tpot_of_one_plan_by_hand():
 
 
 def test_a_split_outside_the_space_is_refused_with_the_splits_that_are_in_it():
-    with pytest.raises(PlanError, match=r"n=3 does not divide H=64; try one of"):
+    with pytest.raises(PlanError, match=r"s=2 does not divide the context C=4095; try one of "
+                                        r"\[\(1, 8, 1\), \(1, 4, 2\), \(1, 2, 4\), \(1, 1, 8\)\]"):
+        cost_decode(LLAMA, 4095, 8, (2, 1, 4), cluster_spec(None, 8))
+    with pytest.raises(PlanError, match=r"n=3 does not divide H=64; no \(s, m, n\) of 3 devices"):
         cost_decode(LLAMA, 4096, 8, (1, 1, 3), cluster_spec(None, 3))
-    with pytest.raises(PlanError, match=r"s=3 does not divide the context C=4096"):
-        cost_decode(LLAMA, 4096, 8, (3, 1, 1), cluster_spec(None, 3))
 
 
 def _cli(capsys, *argv):
