@@ -24,7 +24,8 @@ def plan_model(model: torch.nn.Module, devices: int = 16, example_inputs: tuple 
                strict: bool = False, verbose: bool = False,
                repeat_blocks: bool = True, *, objective: str = "throughput",
                memory_cap_gib: float | None = None,
-               dp: int | None = None) -> tuple[Plan, Analysis]:
+               dp: int | None = None, overlap: int | None = 1,
+               sequence_parallel: bool | None = False) -> tuple[Plan, Analysis]:
     """Capture, find attention and MLPs, solve and cost: (Plan, Analysis). Nothing is sharded,
     but the chosen split is one the shard pass builds (its placements are computed; a split it
     refuses is excluded with its reason and the next best chosen, see
@@ -44,7 +45,8 @@ def plan_model(model: torch.nn.Module, devices: int = 16, example_inputs: tuple 
     req = pipeline.request(model, devices, example_inputs, example_kwargs, cluster, plan, variant,
                            profile, print_after, dynamic, verbose, emit=False,
                            repeat_blocks=repeat_blocks, objective=objective,
-                           memory_cap_gib=memory_cap_gib, dp=dp)
+                           memory_cap_gib=memory_cap_gib, dp=dp, overlap=overlap,
+                           sequence_parallel=sequence_parallel)
     return pipeline.run_plan(req, strict=strict)
 
 
@@ -58,7 +60,7 @@ def helix_compile(model: torch.nn.Module, devices: int = 16,
                   sequence_parallel: bool = False, strict: bool = False,
                   verbose: bool = False, repeat_blocks: bool = True, *,
                   objective: str = "throughput", memory_cap_gib: float | None = None,
-                  dp: int | None = 1) -> HelixProgram:
+                  dp: int | None = 1, overlap: int | None = 1) -> HelixProgram:
     """Compile `model` for `devices` ranks: every pass of pipeline.PASSES; returns a HelixProgram.
 
     plan=(m, n) forces a split; variant="score-reduce" | "qk-gather" forces the m > 1 variant
@@ -88,6 +90,9 @@ def helix_compile(model: torch.nn.Module, devices: int = 16,
     dp=None lets the planner choose, plan=(dp, m, n) or a Plan with dp forces it). A dp > 1
     program runs its m x n rank modules once per replica: rank r gets the batch shard r // (m n)
     (`simulate` shards the batch, `gather` joins the replicas' outputs; helix_compiler/data.py).
+    overlap: cut each rank's batch into k chunks whose all-reduces run while the next chunk
+    computes (passes/overlap.py); 1 by default (k must divide every batch the program runs),
+    None lets the cost model choose k. A Plan given as `plan` brings its own overlap.
     """
     if sequence_parallel and dynamic:
         raise PlanError("sequence_parallel=True needs a static sequence length; pass "
@@ -95,7 +100,8 @@ def helix_compile(model: torch.nn.Module, devices: int = 16,
     req = pipeline.request(model, devices, example_inputs, example_kwargs, cluster, plan, variant,
                            profile, print_after, dynamic, verbose,
                            sequence_parallel=sequence_parallel, repeat_blocks=repeat_blocks,
-                           objective=objective, memory_cap_gib=memory_cap_gib, dp=dp)
+                           objective=objective, memory_cap_gib=memory_cap_gib, dp=dp,
+                           overlap=overlap)
     return pipeline.run_compile(req, strict=strict, kernel_choice=kernel_choice)
 
 

@@ -1,6 +1,8 @@
 """`helix`: the command line, a thin shell over the library.
 
     helix plan [MODEL] --devices N     the candidate (m, n) splits, their costs, the chosen plan
+    helix plan [MODEL] --decode --context C --concurrency B --devices N
+                                       every decode split (s, m, n): KV bytes per rank, TPOT
     helix run  [MODEL] --devices N     compile and run the N rank modules on N processes (torchrun)
 
 MODEL is a spec that `modelspec.load_model_spec` resolves (`file.py`,
@@ -17,6 +19,7 @@ ran past --timeout.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -30,11 +33,13 @@ import warnings
 from pathlib import Path
 
 import torch
+import yaml
 
 from .api import helix_compile, plan_model
+from .decode_plan import format_decode_table, llama70b_shape, plan_decode, shape_from_summary
 from .errors import HelixError, HelixWarning
 from .modelspec import load_model_spec
-from .pipeline import PASS_NAMES, PASSES
+from .pipeline import PASS_NAMES, PASSES, analyze, cluster_spec
 from .plan import OBJECTIVES, Plan
 from .profile import load_profile
 from .report import format_table
@@ -150,13 +155,23 @@ def _plan_model_spec(model: str | None, batch: int | None, seq: int | None):
 
 def cmd_plan(args) -> int:
     """Plan MODEL (default: the paper's model at the paper's sizes, on meta) and print it."""
+    decode_only = [flag for flag, value in (("--context", args.context),
+                                            ("--concurrency", args.concurrency),
+                                            ("--dtype", args.dtype)) if value is not None]
+    if args.decode:
+        return cmd_plan_decode(args)
+    if decode_only:
+        raise HelixError(f"{decode_only[0]} plans a decode step; add --decode (helix plan "
+                         f"--decode --context C --concurrency B --devices N)")
     model, inputs, kwargs = _plan_model_spec(args.model, args.batch, args.seq)
     stage = args.print_graph_after
     common = dict(devices=args.devices, example_inputs=inputs, example_kwargs=kwargs,
                   cluster=args.cluster, plan=_resolve_plan(args.plan),
                   print_after=(stage,) if stage else (), profile=_profile(args.profile),
                   strict=args.strict, verbose=args.verbose, objective=args.objective,
-                  memory_cap_gib=args.memory_cap, dp=args.dp)
+                  memory_cap_gib=args.memory_cap, dp=args.dp,
+                  overlap=None if args.overlap == "auto" else int(args.overlap),
+                  sequence_parallel={"auto": None, "on": True, "off": False}[args.sequence_parallel])
     # the library prints the graph after the pass; shard and the rank passes need rank graphs
     if stage in EMITTING_PASSES:
         plan = helix_compile(model, **common).plan
@@ -172,6 +187,50 @@ def cmd_plan(args) -> int:
         print(format_table(plan))
     elif args.format == "yaml":
         print(plan.to_yaml(), end="")
+    else:
+        print(json.dumps(plan.to_dict(), indent=1))
+    return 0
+
+
+# Flags of a forward-step plan that a decode plan does not take: (flag, attribute, unset value).
+_NOT_DECODE = (("--plan", "plan", None), ("--objective", "objective", "throughput"),
+               ("--dp", "dp", None), ("--print-graph-after", "print_graph_after", None),
+               ("-o", "output", None))
+
+
+def cmd_plan_decode(args) -> int:
+    """helix plan --decode: every (s, m, n) split of a decode step at --context and --concurrency.
+    The shape is MODEL's captured summary (L identical attention sites and MLPs), or with no
+    MODEL a LLaMA-70B-like GQA shape."""
+    for flag, attr, unset in _NOT_DECODE:
+        if getattr(args, attr) != unset:
+            raise HelixError(f"{flag} is not taken with --decode (the decode planner costs every "
+                             f"(s, m, n) split and chooses by time per output token); drop {flag}")
+    missing = [f for f, v in (("--context", args.context), ("--concurrency", args.concurrency))
+               if v is None]
+    if missing:
+        raise HelixError(f"helix plan --decode needs {' and '.join(missing)} (e.g. --context "
+                         f"131072 --concurrency 64)")
+    if args.model is None:
+        if args.batch is not None or args.seq is not None:
+            raise HelixError("--batch / --seq size a MODEL's capture; with no MODEL, --decode "
+                             "plans the built-in LLaMA-70B-like shape: give a MODEL or drop them")
+        shape = llama70b_shape()
+        if args.dtype is not None:
+            shape = dataclasses.replace(shape, dtype=args.dtype)
+    else:
+        model, inputs, kwargs = load_model_spec(args.model, batch=args.batch, seq=args.seq,
+                                                init="meta")
+        # the summary's shapes are all the planner reads: a static capture is enough (and faster)
+        summary = analyze(model, inputs, kwargs, dynamic=False, verbose=args.verbose).summary
+        shape = shape_from_summary(summary, dtype=args.dtype)
+    plan = plan_decode(shape, args.context, args.concurrency, args.devices,
+                       cluster_spec(args.cluster, args.devices), profile=_profile(args.profile),
+                       memory_cap_gib=args.memory_cap)
+    if args.format == "table":
+        print(format_decode_table(plan))
+    elif args.format == "yaml":
+        print(yaml.safe_dump(plan.to_dict(), sort_keys=False), end="")
     else:
         print(json.dumps(plan.to_dict(), indent=1))
     return 0
@@ -344,6 +403,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="GiB of memory per rank a plan may use (default: the GPU's)")
     plan.add_argument("--dp", type=_positive_int, metavar="K",
                       help="only plans of K data replicas (default: every K dividing N and the batch)")
+    plan.add_argument("--overlap", choices=("auto", "1", "2", "4", "8"), default="auto",
+                      help="batch chunks k whose all-reduces overlap the next chunk's compute "
+                           "(default auto: the cost model chooses per plan; 1: no overlap)")
+    plan.add_argument("--sequence-parallel", choices=("auto", "on", "off"), default="auto",
+                      help="norms and residuals on 1/N of the tokens (reduce-scatter + "
+                           "all-gather); default auto: the cost model chooses per plan")
     plan.add_argument("--print-graph-after", choices=PASS_NAMES, metavar="PASS",
                       help=f"print the graph after a pass of the pipeline (rank 0's after shard "
                            f"and the rank passes): {', '.join(PASS_NAMES)}")
@@ -354,6 +419,18 @@ def build_parser() -> argparse.ArgumentParser:
                            "H100 figures; helix_compiler/profiles/h100.yaml is the one we measured)")
     plan.add_argument("--strict", action="store_true", help=STRICT_HELP)
     plan.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
+    plan.add_argument("--decode", action="store_true",
+                      help="plan a decode step instead: every split (s cache chunks, m, n) with its "
+                           "KV bytes per rank beside tensor parallel's, per-step communication and "
+                           "time per output token (docs/decode.md); MODEL default: a LLaMA-70B-like "
+                           "GQA shape")
+    plan.add_argument("--context", type=_positive_int, metavar="C",
+                      help="--decode: positions in each sequence's KV cache")
+    plan.add_argument("--concurrency", type=_positive_int, metavar="B",
+                      help="--decode: sequences decoding at once")
+    plan.add_argument("--dtype", choices=DTYPES,
+                      help="--decode: dtype of the weights and the cache (default: MODEL's; "
+                           "float16 for the built-in shape)")
     plan.set_defaults(func=cmd_plan)
 
     run = sub.add_parser("run", help="compile MODEL and run its N rank modules on N processes (torchrun)",

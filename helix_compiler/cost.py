@@ -62,6 +62,7 @@ from sympy import Max, Min, ceiling, floor
 from .cluster import ClusterSpec, normalize_dtype
 from .errors import PlanError
 from .runtime.mesh import Mesh
+from .runtime.collectives import NO_COPY_ALL_REDUCE_MIN_BYTES
 from .runtime.kernels import fused_takes
 from .profile import DEFAULT_PROFILE, ComputeProfile
 from .sites import AttentionSite, MlpSite, ModelSummary
@@ -232,6 +233,9 @@ class PlanCost:
     mlps: tuple[SiteCost, ...] = ()
     graph: tuple[SiteCost, ...] = ()   # ops read from the graph (norms, residuals, rotary, masks)
     notes: tuple[str, ...] = ()
+    overlap_chunks: int = 1            # k: each micro-batch cut in k interleaved chunks
+    exposed_comm_ms: float | None = None   # communication not hidden by compute (None: comm_ms)
+    sequence_parallel: bool = False    # norms / residuals on 1/N of the tokens (RS + AG)
 
     @property
     def variants(self) -> tuple[str, ...]:
@@ -317,10 +321,13 @@ def collective_s(kind: str, nbytes: float, ranks, cluster: ClusterSpec) -> float
         return 0.0
     g_, k_ = group_span(ranks, cluster)
     what = "all_reduce" if kind == "all_reduce" else "all_gather"   # RS costs as AG
+    # a large sum all-reduce runs as reduce-scatter + all-gather (no local copy of x,
+    # runtime/collectives.py): the same bytes, one launch latency more
+    split = kind == "all_reduce" and nbytes >= NO_COPY_ALL_REDUCE_MIN_BYTES
     if k_ == 1:
         return _ev(f"ring_{what}", {"alpha": cluster.nvlink_alpha, "p": len(ranks), "X": nbytes,
-                                    "beta": cluster.nvlink_busbw})
-    return _ev(f"hier_{what}", {
+                                    "beta": cluster.nvlink_busbw}) + split * cluster.nvlink_alpha
+    return split * (cluster.nvlink_alpha + cluster.network_alpha) + _ev(f"hier_{what}", {
         "alpha_nv": cluster.nvlink_alpha, "alpha_net": cluster.network_alpha, "g": g_, "k": k_,
         "X": nbytes, "B_nv": cluster.nvlink_busbw, "B_nic": cluster.nic_bandwidth,
         "R": cluster.nics_per_node})
@@ -942,3 +949,124 @@ def cost_baseline(summary: ModelSummary, tp: int, pp: int, cluster: ClusterSpec,
              f"{sends} over {m_count} micro-batches"]
     return _finish(name, summary, tp * pp, compute, comm, bubble, params, act, b,
                    site_costs, mlp_costs, notes, graph=graph_costs)
+
+
+# --- communication-compute overlap and sequence-parallel norms --------------------------------
+# Batch chunks the planner tries for the overlap pass (passes/overlap.py); each must divide
+# the micro-batch.
+OVERLAP_CHUNKS = (1, 2, 4, 8)
+
+
+def overlapped_step(chunk_compute_ms: float, chunk_async_ms: float, collectives: int, k: int,
+                    chunk_sync_ms: float = 0.0) -> tuple[float, float]:
+    """(step ms, exposed communication ms) of one micro-batch cut into k chunks, priced as it
+    runs: two streams, compute and communication. A chunk's compute is cut by its L =
+    `collectives` all-reduces into L + 1 equal segments of c = chunk_compute_ms / (L + 1); each
+    all-reduce takes x = chunk_async_ms / L. Segment s of chunk i starts when the compute
+    stream is free and all-reduce s - 1 of chunk i is done; all-reduce s of chunk i starts when
+    segment s of chunk i is done and the communication stream is free (passes/overlap.py's
+    order: stage, then chunk). For k >= 2 this comes to
+
+        step = max(k (L + 1) c,  c + k L x + c)
+
+    the larger of compute and communication over the chunks, plus, when communication is the
+    longer, the exposed head (chunk 0's first segment, before any all-reduce can start) and
+    tail (the last chunk's last segment, after its last all-reduce); for k = 1 it is
+    compute + communication (nothing to overlap with). Collectives the overlap
+    pass leaves synchronous (all-gathers) add chunk_sync_ms per chunk, exposed."""
+    if k < 1 or collectives < 0:
+        raise PlanError(f"overlapped_step: k={k} chunks and {collectives} collectives must be "
+                        f">= 1 and >= 0")
+    L = collectives
+    c = chunk_compute_ms / (L + 1)
+    x = chunk_async_ms / L if L else 0.0
+    compute_free = comm_free = 0.0
+    done = [0.0] * k                 # when chunk i's last issued all-reduce ends
+    for s in range(L + 1):
+        for i in range(k):
+            start = max(compute_free, done[i])
+            compute_free = start + c
+            if s < L:
+                comm_start = max(comm_free, compute_free)
+                comm_free = done[i] = comm_start + x
+    step = max(compute_free, max(done)) + k * chunk_sync_ms
+    return step, step - k * chunk_compute_ms
+
+
+def _async_terms(costs) -> tuple[float, float, int]:
+    """(all-reduce ms, other collective ms, all-reduces) of SiteCosts: the overlap pass issues
+    every batch-row all-reduce asynchronously and leaves all-gathers synchronous."""
+    async_ms = sync_ms = 0.0
+    count = 0
+    for sc in costs:
+        for name, ms in sc.terms:
+            if "all-reduce" in name:
+                async_ms += ms
+                count += 1
+            elif "all-gather" in name or "reduce-scatter" in name:
+                sync_ms += ms
+    return async_ms, sync_ms, count
+
+
+def overlap_cost(summary: ModelSummary, base: PlanCost, k: int, m: int, n: int,
+                 cluster: ClusterSpec, profile: ComputeProfile | None = None,
+                 variant: str | None = None, backend: str | None = None,
+                 dp: int = 1) -> PlanCost | None:
+    """`base` (cost_plan's m x n, dp) with every micro-batch of b cut into k chunks of b / k:
+    each chunk's ops priced at b / k sequences (smaller GEMMs at the profile's efficiency for
+    that size), its all-reduces overlapped with the other chunks' compute (`overlapped_step`).
+    None when k does not divide the micro-batch or the micro-batches are uneven."""
+    if k == 1:
+        return dataclasses.replace(base, overlap_chunks=1, exposed_comm_ms=base.comm_ms)
+    local = summary.batch // dp
+    b = base.micro_batch
+    if summary.batch % dp or b % k or local % b:
+        return None
+    chunk = cost_plan(replica_summary(summary, local * k // b), m, n, cluster, profile,
+                      variant, backend, dp=dp)          # one replica's batch = b / k
+    async_ms, sync_ms, count = _async_terms(chunk.sites + chunk.mlps)
+    if count == 0:
+        return None
+    micro, _ = overlapped_step(chunk.compute_ms, async_ms, count, k, sync_ms)
+    M = local // b
+    step_ms = M * micro
+    compute_ms, comm_ms = M * k * chunk.compute_ms, M * k * chunk.comm_ms
+    tokens = summary.batch * summary.seq_len
+    return dataclasses.replace(
+        base, compute_ms=compute_ms, comm_ms=comm_ms, step_ms=step_ms,
+        tokens_per_s=tokens / (step_ms / 1e3), exposed_comm_ms=step_ms - compute_ms,
+        overlap_chunks=k,
+        notes=base.notes + (f"overlap k={k}: each micro-batch of {b} runs as {k} chunks of "
+                            f"{b // k}; {count} all-reduces per chunk overlap the next chunk's "
+                            f"compute; exposed communication {step_ms - compute_ms:.3f} ms of "
+                            f"{comm_ms:.3f}",))
+
+
+def sequence_parallel_cost(summary: ModelSummary, base: PlanCost, m: int, n: int,
+                           cluster: ClusterSpec, dp: int = 1) -> PlanCost | None:
+    """`base` with sequence-parallel norms: the residual stream between blocks split along the
+    sequence over the N = m n ranks of a replica, so the replicated norm / residual work
+    (graph terms) runs on 1/N of the tokens, and each output / MLP all-reduce of X becomes a
+    reduce-scatter plus an all-gather of X (in the ring model the same bytes, one more alpha).
+    None when there is nothing to save (N = 1, or no graph workload to price)."""
+    N = m * n
+    if N == 1 or not base.graph:
+        return None
+    replicated = sum(ms for sc in base.graph for name, ms in sc.terms
+                     if name.startswith(("replicated ops", "replicated norms")))
+    saved_ms = replicated * (N - 1) / N
+    lay = _helix_layout(m, n, dp, cluster.gpus_per_node)
+    mach = _Machine(cluster, DEFAULT_PROFILE)
+    alpha_ms = mach.collective_s("all_gather", 1.0, lay.out_groups) * 1e3
+    blocks = sum(1 for sc in base.sites + base.mlps for name, _ in sc.terms
+                 if name in ("output all-reduce", "MLP all-reduce"))
+    extra_ms = blocks * base.micro_batches * alpha_ms
+    compute_ms, comm_ms = base.compute_ms - saved_ms, base.comm_ms + extra_ms
+    step_ms = compute_ms + comm_ms + base.bubble_ms
+    return dataclasses.replace(
+        base, compute_ms=compute_ms, comm_ms=comm_ms, step_ms=step_ms,
+        tokens_per_s=summary.batch * summary.seq_len / (step_ms / 1e3),
+        exposed_comm_ms=comm_ms, sequence_parallel=True,
+        notes=base.notes + (f"sequence-parallel norms: {saved_ms:.3f} ms of replicated norm / "
+                            f"residual work saved, {blocks} all-reduces per micro-batch become "
+                            f"reduce-scatter + all-gather (+{extra_ms:.3f} ms of latency)",))

@@ -53,6 +53,18 @@ def _batch_leaves(gm, args: tuple, kwargs: dict) -> tuple[set, int, object]:
     return ids, first.shape[0], want
 
 
+def batch_positions(gm, args: tuple, kwargs: dict) -> tuple[list, set[int]]:
+    """The inputs as the graph's placeholders take them (flattened), and the positions of
+    those whose dim 0 is the batch (the overlap pass cuts those into chunks)."""
+    import torch.fx._pytree as fx_pytree
+
+    info = getattr(gm.graph._codegen, "pytree_info", None)
+    leaves = (fx_pytree.tree_flatten_spec((args, kwargs), info.in_spec) if info is not None
+              else pytree.tree_leaves((args, kwargs)))
+    ids = _batch_leaves(gm, args, kwargs)[0]
+    return list(leaves), {i for i, x in enumerate(leaves) if id(x) in ids}
+
+
 def shard_inputs(gm, args: tuple, kwargs: dict, dp: int) -> list[tuple[tuple, dict]]:
     """dp (args, kwargs): batch rows [d B/dp, (d + 1) B/dp) of every batch input."""
     ids, batch, captured = _batch_leaves(gm, args, kwargs)

@@ -30,6 +30,10 @@ class ShardingError(HelixError):
     """A node the passes cannot shard exactly; the message names the node."""
 
 
+class OverlapError(HelixError):
+    """overlap=k > 1: a batch k does not divide, or an op that mixes batch rows (named)."""
+
+
 class UnpartitionedError(HelixError):
     """strict=True (--strict): an attention core no site owns would run replicated."""
 

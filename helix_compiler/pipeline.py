@@ -47,6 +47,7 @@ from passes.find_mlp import find_mlp
 from passes.fold_params import fold_params
 from passes.graph_utils import proj_bias
 from passes.kernel_choice import apply_kernel_choice, fused_kernel_exists
+from passes.overlap import overlap
 from passes.seeds import mlp_seeds, site_seeds
 from passes.shard import Localized, localize
 from passes.size_masks import apply_size_masks, causal_at_example
@@ -57,7 +58,9 @@ from passes.workload import measure
 
 from .capture import Captured, capture
 from .cluster import ClusterSpec, load_cluster
-from .errors import HelixError, HelixWarning, PlanError, ShardingError, UnpartitionedError, first_line
+from .data import batch_positions
+from .errors import (HelixError, HelixWarning, OverlapError, PlanError, ShardingError,
+                     UnpartitionedError, first_line)
 from .runtime.kernels import FUSED_MAX_HEAD_DIM
 from .runtime.mesh import Mesh
 from .plan import Plan, make_plan, model_fingerprint
@@ -101,7 +104,8 @@ class Request:
     objective: str = "throughput"           # plan.OBJECTIVES
     memory_cap_gib: float | None = None     # GiB per rank a plan may use (None: the GPU's)
     dp: int | None = 1                      # data replicas; None: the planner chooses
-    sequence_parallel: bool = False
+    sequence_parallel: bool | None = False  # None: the planner chooses
+    overlap: int | None = 1                 # batch chunks k (passes/overlap.py); None: the planner
     emit: bool = True                       # shard writes rank graphs (helix_compile) or not
     print_after: frozenset = frozenset()
 
@@ -210,7 +214,8 @@ def _plan(s: State) -> State:
     r = s.request
     result = make_plan(s.summary, r.devices, r.cluster, profile=r.profile, forced=r.forced,
                        variant=r.variant, refused=dict(s.refused), dp=r.dp,
-                       objective=r.objective, memory_cap_gib=r.memory_cap_gib)
+                       objective=r.objective, memory_cap_gib=r.memory_cap_gib,
+                       overlap=r.overlap, sequence_parallel=r.sequence_parallel)
     return dataclasses.replace(s, plan=dataclasses.replace(result, unpartitioned=s.unpartitioned))
 
 
@@ -246,7 +251,7 @@ def _shard(s: State) -> State:
 
     def run(active):
         return localize(captured.gm, mesh, seeds, variants, captured.params, active, views,
-                        sequence_parallel=r.sequence_parallel)
+                        sequence_parallel=s.plan.sequence_parallel)
 
     eager = r.emit and mesh.size * len(captured.gm.graph.nodes) <= EAGER_EMIT_NODES
     localized = run(None if eager else ())
@@ -277,6 +282,25 @@ def _kernel_choice(gm: fx.GraphModule, program: HelixProgram) -> fx.GraphModule:
 
 def _size_masks(gm: fx.GraphModule, program: HelixProgram) -> fx.GraphModule:
     return apply_size_masks(gm)
+
+
+def _overlap(gm: fx.GraphModule, program: HelixProgram) -> fx.GraphModule:
+    k = program.plan.overlap
+    if k == 1:
+        return gm
+    src = program._source
+    if src is None:
+        raise OverlapError(f"overlap: k={k} needs the example inputs to check that no op mixes "
+                           f"batch rows, and this program has none; compile it from the model")
+    args, kwargs = src.example_inputs, dict(src.example_kwargs or {})
+    if program.dp > 1:      # a replica's rank runs B/dp rows
+        args, kwargs = program.shard_inputs(*args, **kwargs)[0]
+    leaves, batch = batch_positions(program.analysis.captured.gm, args, kwargs)
+    holders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(holders) != len(leaves):
+        raise OverlapError(f"overlap: the rank graph has {len(holders)} inputs but the model "
+                           f"{len(leaves)}; this is a Helix bug, compile with overlap=1")
+    return overlap(gm, k, batch, leaves)
 
 
 SAME = "the graph computes what it computed"
@@ -344,6 +368,12 @@ RANK_PASSES = (
          needs="a rank graph (after kernel_choice: it rewrites the cores kernel_choice emits too)",
          keeps=f"{SAME}; a mask built from sizes alone is one size_mask call "
                f"(passes/size_masks.py)"),
+    # last: it copies the graph k times, so the rewrites above run once, not k times
+    Pass(name="overlap", kind="rank", run=_overlap,
+         needs="a rank graph, the plan's overlap k and the example inputs (k = 1: left as it is)",
+         keeps=f"{SAME}; k > 1: each of k batch chunks runs the graph on its rows, all-reduce "
+               f"i of chunk c is issued (all_reduce_start) and waited for only where chunk c "
+               f"next needs it, while later chunks compute (passes/overlap.py)"),
 )
 PASSES = MODEL_PASSES + PLAN_PASSES + RANK_PASSES
 PASS_NAMES = tuple(p.name for p in PASSES)
@@ -549,8 +579,10 @@ def request(model: torch.nn.Module | None, devices: object, example_inputs: obje
             print_after: str | Iterable[str] | None = (), dynamic: bool = True,
             verbose: bool = False, sequence_parallel: bool = False, emit: bool = True,
             repeat_blocks: bool = True, objective: str = "throughput",
-            memory_cap_gib: float | None = None, dp: int | None = 1) -> Request:
-    """The caller's arguments checked and normalized (one message per rule)."""
+            memory_cap_gib: float | None = None, dp: int | None = 1,
+            overlap: int | None = 1) -> Request:
+    """The caller's arguments checked and normalized (one message per rule). A Plan given as
+    `plan` brings its own overlap and sequence_parallel."""
     devices = check_devices(devices)
     if variant not in VARIANTS:
         raise PlanError(f"variant must be 'score-reduce', 'qk-gather' or None (the cost model "
@@ -558,6 +590,10 @@ def request(model: torch.nn.Module | None, devices: object, example_inputs: obje
     forced, given = None, None
     if isinstance(plan, Plan):
         forced, given = plan.split, plan
+        overlap, sequence_parallel = plan.overlap, plan.sequence_parallel
+        if sequence_parallel and dynamic and emit:
+            raise PlanError("the plan uses sequence-parallel norms, which need a static sequence "
+                            "length; compile it with dynamic=False")
         if plan.devices != devices:
             raise PlanError(f"plan is for {plan.devices} devices, not devices={devices}; "
                             f"compile with devices={plan.devices} or make a new plan")
@@ -571,7 +607,16 @@ def request(model: torch.nn.Module | None, devices: object, example_inputs: obje
                    profile=profile,
                    forced=forced, plan=given, variant=variant, objective=objective,
                    memory_cap_gib=memory_cap_gib, dp=dp, sequence_parallel=sequence_parallel,
-                   emit=emit, print_after=check_print_after(print_after, allowed))
+                   overlap=check_overlap(overlap), emit=emit, print_after=check_print_after(print_after, allowed))
+
+
+def check_overlap(overlap: object) -> int | None:
+    """overlap=k batch chunks (a positive int) or None (the planner chooses)."""
+    if overlap is not None and (isinstance(overlap, bool) or not isinstance(overlap, int)
+                                or overlap < 1):
+        raise PlanError(f"overlap must be a positive number of batch chunks k (1: no overlap) "
+                        f"or None (the planner chooses), got {overlap!r}; try 2 or 4")
+    return overlap
 
 
 def forced_split(plan: object) -> tuple[int, ...] | None:

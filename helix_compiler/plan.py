@@ -19,7 +19,8 @@ from pathlib import Path
 import yaml
 
 from .cluster import ClusterSpec, safe_load_mapping
-from .cost import VARIANTS, PlanCost, SiteCost, cost_baseline, cost_plan
+from .cost import (OVERLAP_CHUNKS, VARIANTS, PlanCost, SiteCost, cost_baseline, cost_plan,
+                   overlap_cost, sequence_parallel_cost)
 from .errors import HelixError, PlanError
 from .profile import ComputeProfile
 from .sites import AttentionSite, ModelSummary
@@ -86,8 +87,13 @@ class Plan:
     dp: int = 1                           # data replicas
     pp: int = 1                           # pipeline stages (only 1 is emitted)
     objective: str = "throughput"         # what the choice maximized: OBJECTIVES
+    overlap: int = 1                      # k batch chunks interleaved (passes/overlap.py)
+    sequence_parallel: bool = False       # residual stream split along the sequence
 
     def __post_init__(self) -> None:
+        if isinstance(self.overlap, bool) or not isinstance(self.overlap, int) or self.overlap < 1:
+            raise PlanError(f"Plan: overlap must be a positive number of batch chunks k (1: no "
+                            f"overlap), got {self.overlap!r}")
         if self.pp != 1:
             raise PlanError(f"Plan: pp={self.pp}, but Helix emits no pipeline stages yet; "
                             f"use pp=1")
@@ -125,7 +131,8 @@ class Plan:
 
     def to_dict(self) -> dict:
         out = {"devices": self.devices, "dp": self.dp, "pp": self.pp, "m": self.m, "n": self.n,
-               "objective": self.objective, "cluster": self.cluster,
+               "objective": self.objective, "overlap": self.overlap,
+               "sequence_parallel": self.sequence_parallel, "cluster": self.cluster,
                "model": self.model, "no_attention": self.no_attention,
                "variants": list(self.variants), "mlps": self.mlps}
         # a site's cost is written once, under cost.sites
@@ -181,7 +188,8 @@ def make_plan(summary: ModelSummary, devices: int, cluster: ClusterSpec,
               profile: ComputeProfile | None = None, forced: tuple[int, ...] | None = None,
               variant: str | None = None, refused: dict | None = None,
               backend: str | None = None, *, dp: int | None = 1,
-              objective: str = "throughput", memory_cap_gib: float | None = None) -> Plan:
+              objective: str = "throughput", memory_cap_gib: float | None = None,
+              overlap: int | None = 1, sequence_parallel: bool | None = False) -> Plan:
     """Solve, cost every feasible (dp, m, n) and pick the best for `objective`, or the
     `forced` (m, n) (dp = 1) or (dp, m, n). `dp`: only that many data replicas (1, the
     default, is today's m x n program), or None for every dp dividing devices.
@@ -191,7 +199,9 @@ def make_plan(summary: ModelSummary, devices: int, cluster: ClusterSpec,
     GPU's. `variant` forces "score-reduce" or "qk-gather" on every site of an m > 1
     split. `refused` maps a (dp, m, n) (or (m, n)) the shard pass refused to its reason:
     that split is excluded with it. `backend` prices every attention core with that
-    core where it can take it (cost.cost_plan)."""
+    core where it can take it (cost.cost_plan). `overlap`: batch chunks k of the overlap pass
+    (None: per split the k of cost.OVERLAP_CHUNKS with the best objective); `sequence_parallel`:
+    True / False, or None for per split whichever is better (cost.sequence_parallel_cost)."""
     check_devices(devices)
     if objective not in OBJECTIVES:
         raise PlanError(f"objective must be one of {OBJECTIVES}, got {objective!r}; "
@@ -235,7 +245,9 @@ def make_plan(summary: ModelSummary, devices: int, cluster: ClusterSpec,
     notes += [cap_note] if cap_note else []
     for c in feasible:
         try:
-            costs[c] = cost_plan(summary, c.m, c.n, cluster, profile, variant, backend, dp=c.dp)
+            base = cost_plan(summary, c.m, c.n, cluster, profile, variant, backend, dp=c.dp)
+            costs[c] = _best_schedule(summary, c, base, cluster, profile, variant, backend,
+                                      objective, overlap, sequence_parallel)
         except PlanError as e:
             notes.append(f"{c} not costed: {e}")
     if forced is not None and chosen not in costs:
@@ -257,12 +269,39 @@ def make_plan(summary: ModelSummary, devices: int, cluster: ClusterSpec,
     notes += _baseline_notes(cost, baselines)
     return Plan(
         devices=devices, dp=chosen.dp, m=chosen.m, n=chosen.n, objective=objective,
+        overlap=cost.overlap_chunks, sequence_parallel=cost.sequence_parallel,
         cluster=cluster.name, model=model_fingerprint(summary),
         sites=tuple(SitePlan(index=s.index, site=s, variant=by_index[s.index].variant,
                              cost=by_index[s.index]) for s in summary.sites),
         mlps=len(summary.mlps), cost=cost,
         candidates=tuple(CandidateCost(candidate=c, cost=costs.get(c)) for c in candidates),
         baselines=tuple(baselines), notes=tuple(notes))
+
+
+def _best_schedule(summary, c: Candidate, base: PlanCost, cluster, profile, variant, backend,
+                   objective: str, overlap: int | None,
+                   sequence_parallel: bool | None) -> PlanCost:
+    """The split's cost under the overlap k and sequence-parallel choice asked for, or (None)
+    the best of those the cost model prices; a forced k the micro-batch cannot take is a
+    PlanError."""
+    options = []
+    if sequence_parallel is not True:
+        for k in (OVERLAP_CHUNKS if overlap is None else (overlap,)):
+            o = overlap_cost(summary, base, k, c.m, c.n, cluster, profile, variant, backend,
+                             dp=c.dp)
+            if o is None and overlap is not None:
+                raise PlanError(f"{c}: overlap k={k} does not cut its micro-batch of "
+                                f"{base.micro_batch} sequences ({base.micro_batches} of them) "
+                                f"into equal chunks, or it has no all-reduce to overlap; use a k "
+                                f"that divides {base.micro_batch}, or overlap=1")
+            options += [o] if o is not None else []
+    if sequence_parallel is not False and overlap in (None, 1):
+        sp = sequence_parallel_cost(summary, base, c.m, c.n, cluster, dp=c.dp)
+        if sp is None and sequence_parallel:
+            raise PlanError(f"{c}: sequence_parallel has nothing to split on N = {c.m * c.n} "
+                            f"rank(s) without a graph workload; use sequence_parallel=False")
+        options += [sp] if sp is not None else []
+    return min(options, key=lambda x: objective_key(objective, c, x))
 
 
 def objective_key(objective: str, c: Candidate, cost: PlanCost) -> tuple:

@@ -7,9 +7,9 @@ import sympy
 from .cost import PlanCost, formulas
 from .plan import Plan
 
-_COLUMNS = ("", "split", "dp", "variants", "compute ms", "comm ms", "bubble ms", "GiB/rank",
+_COLUMNS = ("", "split", "dp", "variants", "schedule", "compute ms", "comm ms", "bubble ms", "GiB/rank",
             "params/rank", "tokens/s", "latency ms", "why")
-_LEFT = 4   # columns written left-aligned: mark, split, dp, variants
+_LEFT = 5   # columns written left-aligned: mark, split, dp, variants, schedule
 
 
 def _human(x: float) -> str:
@@ -23,7 +23,11 @@ def _row(mark: str, name: str, dp: str, variants: str, cost: PlanCost | None,
          why: str = "") -> list[str]:
     if cost is None:
         return [mark, name, dp, variants] + ["-"] * (len(_COLUMNS) - 5) + [why]
-    return [mark, name, dp, variants, f"{cost.compute_ms:,.1f}", f"{cost.comm_ms:,.1f}",
+    # overlap k (exposed communication) or sequence-parallel norms
+    schedule = ("SP" if cost.sequence_parallel else
+                f"k={cost.overlap_chunks} ({cost.exposed_comm_ms:,.1f} exposed)"
+                if cost.overlap_chunks > 1 else "-")
+    return [mark, name, dp, variants, schedule, f"{cost.compute_ms:,.1f}", f"{cost.comm_ms:,.1f}",
             f"{cost.bubble_ms:,.1f}", f"{cost.memory_bytes_per_rank / 2 ** 30:.2f}",
             _human(cost.param_elements_per_rank), _human(cost.tokens_per_s),
             f"{cost.step_ms:,.1f}", why]
@@ -100,7 +104,10 @@ def format_table(plan: Plan) -> str:
                   f"finish one batch (dp replicas run their B/dp sequences at once)",
               f"micro-batch {plan.cost.micro_batch} sequences x {plan.cost.micro_batches}"
               + (f" per replica" if plan.dp > 1 else "")
-              + f"; step {plan.cost.step_ms:,.1f} ms = compute + comm (no overlap assumed)"]
+              + (f"; step {plan.cost.step_ms:,.1f} ms with overlap k={plan.cost.overlap_chunks} "
+                 f"({plan.cost.exposed_comm_ms:,.1f} ms of communication exposed)"
+                 if plan.cost.overlap_chunks > 1 else
+                 f"; step {plan.cost.step_ms:,.1f} ms = compute + comm (no overlap)")]
     lines += [f"site {sp.index}: {sp.variant}" + (f", core {sp.cost.backend}" if sp.cost else "")
               for sp in plan.sites]
     lines += [f"note: {x}" for x in plan.notes]

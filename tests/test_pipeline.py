@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 # 2 layers (2 attention sites), 4 heads of 4: (m, n) = (2, 2) splits heads and head dims.
 # Batch 3 x sequence 5, not the usual 2 x 8.
 CONFIG = PaperConfig(layers=2, heads=4, head_dim=4, mlp=32, batch=3, seq=5, dtype=torch.float32)
-RANK_PRINTED = {"shard", "kernel_choice", "size_masks"}
+RANK_PRINTED = {"shard", "kernel_choice", "size_masks", "overlap"}
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +52,10 @@ def _section(text: str, name: str) -> str:
 
 
 def test_pass_list_names_each_pass_once_with_what_it_needs_and_keeps():
-    assert len(set(pipeline.PASS_NAMES)) == len(pipeline.PASSES) == 14
-    assert pipeline.PASS_NAMES[0] == "capture" and pipeline.PASS_NAMES[-2:] == ("kernel_choice", "size_masks")
+    assert len(set(pipeline.PASS_NAMES)) == len(pipeline.PASSES) == 15
+    assert pipeline.PASS_NAMES[0] == "capture" and pipeline.PASS_NAMES[-3:] == ("kernel_choice", "size_masks", "overlap")
     assert all(p.needs and p.keeps for p in pipeline.PASSES)
-    assert [p.kind for p in pipeline.RANK_PASSES] == ["rank", "rank"]
+    assert [p.kind for p in pipeline.RANK_PASSES] == ["rank", "rank", "rank"]
 
 
 @pytest.mark.parametrize("name", pipeline.PASS_NAMES)
@@ -163,7 +163,7 @@ def test_rank_module_applies_exactly_the_program_rank_passes(printed_after_every
     with pytest.raises(HelixError, match=r"stage boom failed after \[.*'shard', 'record'\] on rank 2: "
                                          r"RuntimeError: bad rank graph"):
         dataclasses.replace(prog, rank_passes=mine).rank_module(2)
-    assert [p.name for p in prog.rank_passes] == ["kernel_choice", "size_masks"]
+    assert [p.name for p in prog.rank_passes] == ["kernel_choice", "size_masks", "overlap"]
 
 
 # ---- the program is a value -------------------------------------------------------------

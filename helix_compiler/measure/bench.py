@@ -29,7 +29,7 @@ import torch
 from helix_compiler.cluster import load_cluster
 from helix_compiler.errors import HelixError
 from helix_compiler.runtime.kernels_chunked import DEFAULT_CHUNK_BYTES
-from helix_compiler.measure import configure_logging, gqa, paper
+from helix_compiler.measure import configure_logging, gqa, paper, space
 from helix_compiler.measure.record import RawRecord
 from helix_compiler.measure.timing import Timer, device_info
 from helix_compiler.profile import DEFAULT_PROFILE, load_profile
@@ -42,6 +42,8 @@ SUITE_DEFAULTS = {
               "repeats": 3, "max_micro_batch": 1 << 30},
     "gqa": {"out": "benchmarks/results/gqa.json", "devices": [8, 32], "warmup": 2,
             "repeats": 5, "max_micro_batch": 8},
+    "space": {"out": "benchmarks/results/space.json", "devices": [16], "warmup": 1,
+              "repeats": 3, "max_micro_batch": 1 << 30},
 }
 DEFAULT_PROFILE_FILE = Path(__file__).resolve().parents[1] / "profiles" / "h100.yaml"
 
@@ -49,7 +51,12 @@ DEFAULT_PROFILE_FILE = Path(__file__).resolve().parents[1] / "profiles" / "h100.
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="helix bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", choices=tuple(SUITE_DEFAULTS), default="paper",
-                    help="suite: the paper's model (16 devices) or the GQA model (8 and 32)")
+                    help="suite: the paper's model (16 devices), the GQA model (8 and 32), or "
+                         "the plan space of the paper's model (dp x pp x m x n and the "
+                         "baselines, each rank measured, the network modeled)")
+    ap.add_argument("--micro-batches", type=int, nargs="*", default=None,
+                    help="space suite: micro-batches to time each rank at (default 1 2 4 8; "
+                         "--small 1 2 4)")
     ap.add_argument("--out", default=None, help="results JSON (default benchmarks/results/"
                                                 "<model>.json)")
     ap.add_argument("--raw-out", default=None, help="write raw measurements here as they come")
@@ -128,6 +135,27 @@ def _run_paper(args) -> tuple[dict, str]:
     return result, paper.table(result)
 
 
+def _run_space(args) -> tuple[dict, str]:
+    profile = load_profile(args.profile) if args.profile else DEFAULT_PROFILE
+    cluster = load_cluster(args.cluster)
+    cfg = space.config(args.small)
+    if args.raw:
+        raw = json.loads(Path(args.raw).read_text())
+    else:
+        device = _device(args)
+        args.micro_batches = args.micro_batches or ([1, 2, 4] if args.small else [1, 2, 4, 8])
+        log.info("[bench] plan space of %s on %s, micro-batches %s", cfg, device,
+                 args.micro_batches)
+        rec = RawRecord({"info": device_info(device), "devices": args.devices[0], "ranks": [],
+                         "chunk_bytes": args.chunk_bytes, "command": args.command},
+                        args.raw_out, args.deadline_s)
+        timer = Timer(device, warmup=args.warmup, repeats=args.repeats)
+        space.run_measurements(args, cfg, cluster, timer, rec)
+        raw = rec.data
+    result = space.assemble(raw, cluster, profile, cfg)
+    return result, space.table(result)
+
+
 def _run_gqa(args) -> tuple[dict, str]:
     profile = load_profile(args.profile or DEFAULT_PROFILE_FILE)
     cfg = gqa.config(args.small, args.seq)
@@ -150,7 +178,8 @@ def main(argv=None) -> int:
     configure_logging()
     args = _options(argv)
     t0 = time.perf_counter()
-    result, table = (_run_gqa if args.model == "gqa" else _run_paper)(args)
+    run = {"gqa": _run_gqa, "paper": _run_paper, "space": _run_space}[args.model]
+    result, table = run(args)
     if args.raw:
         result["reassembled_by"] = args.command
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -39,9 +39,9 @@ from passes.kernel_choice import apply_kernel_choice
 log = logging.getLogger(__name__)
 
 
-def _stubbed_call(fn):
-    """fn run with one StubCollectives bound for all its calls."""
-    stub = StubCollectives()
+def _stubbed_call(fn, mesh=None):
+    """fn run with one StubCollectives (of rank 0 of `mesh`) bound for all its calls."""
+    stub = StubCollectives(mesh)
 
     def call():
         with stubbed(stub):
@@ -81,7 +81,7 @@ class PaperHelixRunner:
         prog = helix_compile(model, devices, (x,), plan=(m, n), variant=variant,
                              cluster=cluster, kernel_choice=False,
                              sequence_parallel=sequence_parallel, dynamic=not sequence_parallel)
-        self.gm1, self.plan = copy_graph(prog.rank_module(0)), prog.plan
+        self.gm1, self.plan, self.mesh = copy_graph(prog.rank_module(0)), prog.plan, prog.mesh
         self.shape1 = (1, cfg.seq, cfg.hidden)
 
     def graph(self, b: int, kernel_choice: bool) -> fx.GraphModule:
@@ -109,7 +109,7 @@ class PaperHelixRunner:
                                  f"the batch (measure/surgery.py SHAPE_OPS)")
             materialize(gm, self.device)
             x = torch.randn(shape, dtype=self.cfg.dtype, device=self.device)
-            return _stubbed_call(lambda: gm(x))
+            return _stubbed_call(lambda: gm(x), self.mesh)
         return make_fn
 
 
@@ -241,7 +241,7 @@ class GqaHelixRunner:
                                  variant=variant, cluster=cluster)
         self.gm_meta = copy_graph(prog.rank_module(0))
         self.compile_s = round(time.perf_counter() - t0, 1)
-        self.plan = prog.plan
+        self.plan, self.mesh = prog.plan, prog.mesh
 
     def flops(self) -> int:
         ids = torch.zeros(1, self.cfg.seq, dtype=torch.long, device="meta")
@@ -260,7 +260,7 @@ class GqaHelixRunner:
             gen = torch.Generator(device=self.device).manual_seed(1)
             ids = torch.randint(0, self.cfg.vocab, (b, self.cfg.seq), device=self.device,
                                 generator=gen)
-            fn = _stubbed_call(lambda: gm(ids, use_cache=False))
+            fn = _stubbed_call(lambda: gm(ids, use_cache=False), self.mesh)
             with torch.no_grad():
                 got = tuple(_first_tensor(fn()).shape)
             want = (b, self.cfg.seq, self.cfg.hidden)

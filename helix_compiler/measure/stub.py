@@ -8,23 +8,50 @@ import contextlib
 import torch
 
 from helix_compiler.runtime import collectives
+from helix_compiler.runtime.mesh import Mesh
 
 
 class StubCollectives:
     """A collectives backend (helix_compiler.runtime.collectives.bind) that moves nothing.
 
-    all_reduce hands back a fresh buffer of x's shape (a custom op may not return its
-    input; a copy would add a memory pass that the real collective's modeled time already
-    contains); reduce_scatter rank 0's chunk (the benches time rank 0); all_gather the
-    concatenation, or in place where NCCL would gather in place."""
+    Every local copy that DistributedBackend makes on the GPU is made here too, so that a
+    timed rank pays what the real path pays: all_reduce copies x (funcol's all_reduce clones
+    its input before NCCL reduces in place) unless the real path takes the split, copy-free
+    route (collectives.no_copy_all_reduce: NCCL writes fresh buffers, nothing local);
+    reduce_scatter hands back rank 0's chunk (the benches time rank 0); all_gather the
+    concatenation, or in place where NCCL would gather in place. `mesh` (rank 0's m x n
+    mesh) gives each collective's group size, which the split decision reads; without one
+    every group is taken to be 16 ranks (the paper's)."""
 
-    def __init__(self):
+    def __init__(self, mesh: Mesh | None = None):
         self._gathered: dict = {}   # (shape, dtype, device) -> the in-place gather's buffer
+        self.mesh = mesh
+
+    def _group_size(self, axes: str) -> int:
+        return 16 if self.mesh is None else len(self.mesh.group(0, axes))
 
     def all_reduce(self, x, axes, op):
-        return torch.empty_like(x)
+        if collectives.no_copy_all_reduce(x, op, self._group_size(axes)):
+            return torch.empty_like(x)
+        return x.clone(memory_format=torch.contiguous_format)
+
+    def all_reduce_start(self, x, axes, op):
+        # the real path's asynchronous all-reduce (_c10d_functional.all_reduce) copies x into
+        # its output before NCCL reduces it in place
+        return x.clone(memory_format=torch.contiguous_format)
+
+    def wait(self, x):
+        return x
 
     def reduce_scatter(self, x, axes, dim, sizes):
+        dim = dim % x.dim()
+        if len(set(sizes)) > 1:      # the real path: a whole all-reduce, then its chunk
+            return self.all_reduce(x, axes, "sum").narrow(dim, 0, sizes[0])
+        x = x.contiguous()
+        if dim != 0:
+            # funcol's reduce-scatter along dim > 0 chunks x and concatenates the chunks
+            # along dim 0 before NCCL runs: a full copy of x on the compute side
+            torch.cat(torch.chunk(x, len(sizes), dim=dim))
         shape = list(x.shape)
         shape[dim % x.dim()] = sizes[0]
         return x.new_empty(shape)

@@ -1,0 +1,290 @@
+"""Per-rank decode step of every decode plan, timed on one GPU, against the planner's prediction.
+
+    python benchmarks/gpu_decode.py --out benchmarks/results/decode_h200.json      # H100 / H200
+    python benchmarks/gpu_decode.py --small --out /tmp/decode_small.json           # CPU smoke test
+
+For a LLaMA-GQA shape (64 heads / 8 kv heads, d 128, D 8192, SwiGLU F 28672, 80 layers, fp16)
+at contexts 32k, 64k and 128k and a concurrency of 8 sequences on N = 64 devices, each plan of
+`decode_plan.plan_decode` (every (s, m, n), both m > 1 variants, tensor parallel with copied kv
+heads) is run as the rank that owns the new token's cache position runs it: its q/k/v/o weight
+slices, its cache slice (h_kv kv heads, d/m dims, C/s positions), the cache write of the new
+token's k and v, its attention core (m = 1: the fused flash kernel with GQA folded into the query
+length, returning the log-sum-exp; score-reduce: QK^T over d/m, fp32 softmax, PV; qk-gather: QK^T
+over the gathered d), the s > 1 rescale by exp(lse_i - lse), the output projection over H d / N
+rows and the MLP over F / N columns. Its collectives are not run: their time is the planner's
+alpha-beta model of the cluster (`--cluster`, default: the paper's nodes of 8 GPUs, as many as
+N needs, with this GPU's HBM bandwidth and memory when it is an H100 or H200).
+
+Timing: distinct buffers for k layers (enough that one pass over them is >= 512 MB, so the 50 MB
+L2 cache holds none of them between uses), CUDA events around `--iters` passes after `--warmup`,
+per layer = total / (iters k), scaled by L; the replicated LM head GEMV is timed once and added.
+measured TPOT = measured compute + modeled communication. A plan whose weights + cache do not fit
+the GPU's memory (x 0.9) is still timed (one layer fits) and marked `fits: false`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from helix_compiler.decode_plan import DecodeShape, llama70b_shape, plan_decode  # noqa: E402
+from helix_compiler.errors import HelixError  # noqa: E402
+from helix_compiler.pipeline import cluster_spec  # noqa: E402
+from helix_compiler.profile import DEFAULT_PROFILE, load_profile  # noqa: E402
+
+# Datasheet figures of the GPU the step runs on (HBM bytes/s, memory bytes): the prediction
+# uses the measured GPU's, so predicted and measured compute are about the same chip.
+GPU_DATASHEET = {"H200": (4.8e12, 141_000_000_000), "H100": (3.35e12, 80_000_000_000)}
+# Bytes one timing pass streams at least, so no layer's buffers sit in L2 (50 MB on H100/H200).
+ROTATION_BYTES = 512e6
+SMALL = DecodeShape(name="small-gqa", layers=2, hidden=128, heads=8, kv_heads=2, head_dim=16,
+                    ffn=256, dtype="fp32", replicated_params=1000 * 128)
+
+
+def _rank_layer(shape: DecodeShape, C: int, B: int, s: int, m: int, n: int, variant: str,
+                dev, dtype, gen) -> dict:
+    """One layer of the rank owning the new token's position: weight slices and cache slice."""
+    N = s * m * n
+    h, hkv, dm, Cs = shape.heads // n, max(shape.kv_heads // n, 1), shape.head_dim // m, C // s
+    f = math.ceil(shape.ffn / N)
+    r = lambda *size: torch.randn(*size, device=dev, dtype=dtype, generator=gen)  # noqa: E731
+    lay = {"Wq": r(shape.hidden, h * dm) * shape.hidden ** -0.5,
+           "Wkv": r(shape.hidden, 2 * hkv * dm) * shape.hidden ** -0.5,
+           "Wo": r(math.ceil(shape.heads * shape.head_dim / N), shape.hidden) * 0.02,
+           "K": r(B, hkv, Cs, dm), "V": r(B, hkv, Cs, dm)}
+    if shape.ffn:
+        lay["Wgu"] = r(shape.hidden, 2 * f) * shape.hidden ** -0.5
+        lay["Wd"] = r(f, shape.hidden) * 0.02
+    if variant == "qk-gather":    # the buffer the all-gather of K writes: all d of h_kv heads
+        lay["Kfull"] = torch.empty(B, hkv, Cs, shape.head_dim, device=dev, dtype=dtype)
+    return lay
+
+
+def _attend_explicit(q, k, v):
+    """(out, lse) of softmax(q k^T / sqrt(d_q)) v, scores in fp32."""
+    scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
+    lse = torch.logsumexp(scores, dim=-1)
+    return (torch.softmax(scores, dim=-1).to(v.dtype) @ v), lse
+
+
+def _fused(q, k, v):
+    """(out, lse) of a fused kernel, or None where this device has none for the inputs."""
+    if q.device.type != "cuda":
+        return None
+    try:
+        r = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False)
+        return r[0], r[1]
+    except RuntimeError:
+        r = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True)
+        return r[0], r[1][..., :q.shape[2]]     # its log-sum-exp is padded to 32 query rows
+
+
+def _core_kernel(dev) -> str:
+    """Which kernel the m = 1 rows run: recorded, never silently replaced."""
+    if dev.type != "cuda":
+        return "explicit (CPU: no fused kernel returns the log-sum-exp)"
+    q = torch.randn(1, 1, 8, 128, device=dev, dtype=torch.float16)
+    try:
+        torch.ops.aten._scaled_dot_product_flash_attention(q, q, q, 0.0, False, False)
+        return "flash"
+    except RuntimeError:
+        return "efficient"
+
+
+def _step(lay: dict, x, shape: DecodeShape, s: int, m: int, n: int, variant: str, pos: int,
+          lse_all):
+    """One decode layer on the rank; its collectives are modeled, not run."""
+    B = x.shape[0]
+    h, hkv, d = shape.heads // n, max(shape.kv_heads // n, 1), shape.head_dim
+    dm, g = d // m, (shape.heads // n) // max(shape.kv_heads // n, 1)
+    q = (x @ lay["Wq"]).view(B, hkv, g, dm)          # GQA folded into the query length
+    kv = (x @ lay["Wkv"]).view(B, 2, hkv, dm)
+    lay["K"][:, :, pos] = kv[:, 0]                   # the new token's k, v at its position
+    lay["V"][:, :, pos] = kv[:, 1]
+    if variant == "heads":
+        got = _fused(q, lay["K"], lay["V"])
+        out, lse = got if got is not None else _attend_explicit(q, lay["K"], lay["V"])
+    elif variant == "score-reduce":                  # the scores' all-reduce is modeled
+        out, lse = _attend_explicit(q, lay["K"], lay["V"])
+    else:                                            # qk-gather: q and K gathered along d
+        for j in range(m):
+            lay["Kfull"][..., j * dm:(j + 1) * dm].copy_(lay["K"])
+        qf = q.repeat(1, 1, 1, m)
+        out, lse = _attend_explicit(qf, lay["Kfull"], lay["V"])
+    if s > 1:   # flash-decoding combine: rescale by exp(lse_i - lse) (lse_i all-gathered)
+        total = torch.logsumexp(torch.cat([lse.unsqueeze(0), lse_all], 0), dim=0)
+        out = out * torch.exp(lse - total).unsqueeze(-1).to(out.dtype)
+    o_in = out.reshape(B, h * dm)[:, :lay["Wo"].shape[0]]   # 1/s of the features after the RS
+    x = x + o_in @ lay["Wo"]                         # output all-reduce modeled
+    if "Wgu" in lay:
+        xn = F.rms_norm(x, (x.shape[-1],))
+        gate, up = (xn @ lay["Wgu"]).chunk(2, dim=-1)
+        x = x + (F.silu(gate) * up) @ lay["Wd"]      # MLP all-reduce modeled
+    return x
+
+
+def _time(fn, iters: int, warmup: int, dev) -> float:
+    """Seconds per call of fn()."""
+    for _ in range(warmup):
+        fn()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3 / iters
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return (time.perf_counter() - t0) / iters
+
+
+def measure_row(shape, C, B, row, dev, dtype, iters, warmup) -> dict:
+    """Measured compute ms of one plan row's decode step (all L layers, no LM head)."""
+    gen = torch.Generator(device=dev).manual_seed(0)
+    s, m, n, v = row.s, row.m, row.n, row.variant
+    one = _rank_layer(shape, C, B, s, m, n, v, dev, dtype, gen)
+    layer_bytes = sum(t.numel() * t.element_size() for t in one.values())
+    k = int(min(shape.layers, max(2, math.ceil(ROTATION_BYTES / layer_bytes))))
+    layers = [one] + [_rank_layer(shape, C, B, s, m, n, v, dev, dtype, gen) for _ in range(k - 1)]
+    x0 = torch.randn(B, shape.hidden, device=dev, dtype=dtype, generator=gen)
+    h_kv, g = max(shape.kv_heads // n, 1), (shape.heads // n) // max(shape.kv_heads // n, 1)
+    lse_all = torch.randn(s - 1, B, h_kv, g, device=dev, generator=gen)
+    pos = C // s - 1                   # the last position of the last chunk: this rank writes it
+
+    def step():
+        x = x0
+        for lay in layers:
+            x = _step(lay, x, shape, s, m, n, v, pos, lse_all)
+        return x
+
+    with torch.no_grad():
+        t = _time(step, iters, warmup, dev)
+    del layers
+    return {"timed_layers": k, "measured_layer_ms": t / k * 1e3,
+            "measured_compute_ms": t / k * shape.layers * 1e3}
+
+
+def measure_replicated(shape, B, dev, dtype, iters, warmup) -> float:
+    """ms of reading the replicated weights whole (an LM head GEMV of B rows)."""
+    if not shape.replicated_params:
+        return 0.0
+    gen = torch.Generator(device=dev).manual_seed(1)
+    cols = math.ceil(shape.replicated_params / shape.hidden)
+    w = torch.randn(shape.hidden, cols, device=dev, dtype=dtype, generator=gen)
+    x = torch.randn(B, shape.hidden, device=dev, dtype=dtype, generator=gen)
+    with torch.no_grad():
+        return _time(lambda: x @ w, iters, warmup, dev) * 1e3
+
+
+def _cluster(name, devices, dev):
+    spec = cluster_spec(name, devices)
+    if dev.type == "cuda":
+        gpu = torch.cuda.get_device_name(dev)
+        for key, (bw, mem) in GPU_DATASHEET.items():
+            if key in gpu:
+                spec = dataclasses.replace(spec, name=f"{spec.name}-{key}", gpu=gpu,
+                                           memory_bandwidth=bw, memory_bytes=mem)
+    return spec
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="benchmarks/results/decode_h200.json")
+    p.add_argument("--small", action="store_true",
+                   help="a tiny fp32 shape on the CPU (smoke test: seconds)")
+    p.add_argument("--devices", type=int, default=None, help="N (default 64; --small 8)")
+    p.add_argument("--contexts", default=None, help="comma-separated C (default 32768,65536,131072)")
+    p.add_argument("--concurrency", default=None, help="comma-separated B (default 8)")
+    p.add_argument("--cluster", default=None)
+    p.add_argument("--profile", default=None)
+    p.add_argument("--iters", type=int, default=None)
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--budget-s", type=float, default=200.0,
+                   help="stop timing rows after this many seconds (the rest marked skipped)")
+    args = p.parse_args(argv)
+    t_start = time.time()
+    dev = torch.device("cpu" if args.small or not torch.cuda.is_available() else "cuda")
+    shape = SMALL if args.small else llama70b_shape()
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[shape.dtype]
+    devices = args.devices or (8 if args.small else 64)
+    contexts = [int(c) for c in (args.contexts or ("64,128" if args.small
+                                                   else "32768,65536,131072")).split(",")]
+    concurrency = [int(b) for b in (args.concurrency or ("2" if args.small else "8")).split(",")]
+    iters = args.iters or (2 if args.small else 10)
+    warmup = args.warmup or (1 if args.small else 3)
+    profile = load_profile(args.profile) if args.profile else DEFAULT_PROFILE
+    cluster = _cluster(args.cluster, devices, dev)
+    result = {"what": "per-rank decode step of each plan measured on this device; communication "
+                      "modeled from the cluster spec (not run)",
+              "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
+              "torch": torch.__version__, "command": "python " + " ".join(sys.argv),
+              "shape": dataclasses.asdict(shape), "devices": devices,
+              "cluster": dataclasses.asdict(cluster), "profile": profile.name,
+              "core_kernel_m1": _core_kernel(dev), "iters": iters, "warmup": warmup,
+              "results": []}
+    for B in concurrency:
+        rep_ms = measure_replicated(shape, B, dev, dtype, iters, warmup)
+        for C in contexts:
+            entry = {"context": C, "concurrency": B, "replicated_measured_ms": rep_ms}
+            try:
+                plan = plan_decode(shape, C, B, devices, cluster, profile)
+            except HelixError as e:
+                entry["error"] = str(e)
+                result["results"].append(entry)
+                continue
+            rows = []
+            for row in plan.candidates:
+                out = {"name": row.name, "s": row.s, "m": row.m, "n": row.n,
+                       "variant": row.variant, "tp": row.tp, "kv_copies": row.kv_copies,
+                       "kv_bytes_per_rank": row.kv_bytes_per_rank,
+                       "memory_bytes_per_rank": row.memory_bytes_per_rank, "fits": row.fits,
+                       "excluded": row.excluded, "predicted_compute_ms": row.compute_ms,
+                       "predicted_comm_ms": row.comm_ms, "predicted_tpot_ms": row.tpot_ms,
+                       "predicted_tokens_per_s": row.tokens_per_s}
+                if time.time() - t_start > args.budget_s:
+                    out["skipped"] = f"time budget of {args.budget_s:g} s spent"
+                else:
+                    got = measure_row(shape, C, B, row, dev, dtype, iters, warmup)
+                    got["measured_compute_ms"] += rep_ms
+                    tpot = got["measured_compute_ms"] + row.comm_ms
+                    out.update(got, measured_tpot_ms=tpot, measured_tokens_per_s=B / tpot * 1e3,
+                               predicted_over_measured=row.tpot_ms / tpot)
+                rows.append(out)
+            timed = [r for r in rows if "measured_tpot_ms" in r and r["fits"]]
+            tp = next((r for r in rows if r["tp"]), None)
+            best = min(timed, key=lambda r: r["measured_tpot_ms"], default=None)
+            chosen = next(r for r in rows if r["name"] == plan.chosen.name)
+            entry.update(chosen=plan.chosen.name, reason=plan.reason,
+                         tp=tp["name"] if tp else None, tp_fits=tp["fits"] if tp else None,
+                         measured_best=best["name"] if best else None, rows=rows)
+            if tp and "measured_tpot_ms" in tp and "measured_tpot_ms" in chosen:
+                entry["measured_chosen_over_tp"] = chosen["measured_tpot_ms"] / tp["measured_tpot_ms"]
+                entry["predicted_chosen_over_tp"] = plan.chosen.tpot_ms / plan.tp.tpot_ms
+            result["results"].append(entry)
+            print(f"C={C} B={B}: chosen {plan.chosen.name} predicted {plan.chosen.tpot_ms:.2f} ms"
+                  f", measured {chosen.get('measured_tpot_ms', float('nan')):.2f} ms; TP "
+                  f"{'fits' if tp and tp['fits'] else 'does not fit'}; measured best "
+                  f"{entry['measured_best']}", flush=True)
+    result["seconds"] = round(time.time() - t_start, 1)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,528 @@
+r"""Decode planner (issue 15, item 2): time per output token of a GQA decoder on N devices.
+
+A decode step takes one new token for each of B sequences (the concurrency) whose
+KV cache holds C positions (the context). Per rank, per step, with the split
+(s, m, n), s m n = N: n head groups, m head-dim slices, s chunks of the cache's
+positions (flash-decoding across GPUs); h = H/n query heads and
+h_kv = max(H_kv/n, 1) kv heads per rank (n > H_kv: each kv head copied n/H_kv
+times, as tensor parallelism copies them):
+
+    KV cache per rank     2 L B (C/s) h_kv (d/m) w                          kv_cache_rank
+                          = 2 L B C H_kv d w / N exactly when n <= H_kv     kv_cache_model
+    weights per rank      L w (D (h + 2 h_kv) d/m + (H d/N) D               weights_rank
+                               + (u + 1) D ceil(F/N)) + w R
+    t_op                  max(FLOPs / (P eta), bytes / (BW eta_mem))        op_time
+    compute per layer     q/k/v/o GEMVs (2 B params FLOPs, w params bytes)  attn_weight_*
+                          + attention core over the cache slice            core_* / kv_read_*
+                          + MLP GEMVs                                      mlp_weight_*
+    communication per layer (alpha-beta, cost.collective_s):
+      m > 1 score-reduce  all-reduce of 4 B h (C/s) fp32 scores, m-group    score_reduce_bytes
+      m > 1 qk-gather     all-gather of w B (h + h_kv C/s) d, m-group       qk_gather_bytes
+      s > 1 combine       all-gather of the 4 B h log-sum-exps, s-group,    lse_gather_bytes
+                          then a reduce-scatter of the rescaled partial
+                          outputs w B h d/m, s-group                        combine_bytes
+      output projection   all-reduce of w B D over all N                    out_bytes
+      MLP                 all-reduce of w B D over all N                    out_bytes
+    TPOT                  L (compute + comm per layer) + replicated reads   tpot
+    tokens/s              B / TPOT                                          tokens_per_s
+
+The s-group holds the same q/k/v/o weight slices (the new token's q, k, v are
+computed on each of its ranks; only the rank owning position C writes k, v);
+after the combine each rank holds 1/s of its group's output features, so the
+output projection and the MLP are sharded over all N ranks. A plan fits when
+weights + cache + workspace <= phi x device memory (or the --memory-cap);
+the decode objective is the smallest TPOT among the plans that fit.
+
+`formulas()` returns every formula above as a sympy expression; the numbers are
+computed from those very expressions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from dataclasses import dataclass, field
+
+import sympy
+from sympy import Max, ceiling
+
+from .cluster import ClusterSpec, normalize_dtype
+from .cost import MEMORY_USABLE_FRACTION, collective_s, group_span
+from .cost import formulas as _cost_formulas
+from .errors import PlanError
+from .profile import DEFAULT_PROFILE, ComputeProfile
+from .sites import ModelSummary
+
+# --- settings -----------------------------------------------------------------
+# Bytes of one score or log-sum-exp on the wire: score-reduce sums partial dot products of
+# d/m dims, and the flash-decoding combine rescales by exp(lse_i - lse); both in fp32 so the
+# partial sums keep the precision of an unsplit core.
+SCORE_BYTES = 4
+# Passes over the (B, h, C/s) scores of an explicit decode core (score-reduce, qk-gather):
+# QK^T writes them, softmax reads and writes, PV reads. A fused decode kernel (m = 1) keeps
+# them on chip: 0 passes.
+EXPLICIT_SCORE_PASSES = 4
+# Score-sized fp32 tensors alive at once in an explicit core (scores and probabilities).
+SCORE_COPIES = 2
+VARIANTS = ("heads", "score-reduce", "qk-gather")
+# LLaMA-3-70B: 80 layers, 64 heads, 8 kv heads, d 128, D 8192, SwiGLU F 28672, vocab 128256
+# (untied embeddings and LM head, which Helix holds whole on every rank), fp16.
+LLAMA70B_VOCAB = 128256
+
+# --- formulas -------------------------------------------------------------------
+_SYMS = sympy.symbols("B C L H H_kv d D F u w s m n N R P_sc", positive=True)
+B, C, L, H, H_kv, d, D, F, u, w, s, m, n, N, R, P_sc = _SYMS
+_h = H / n
+_h_kv = Max(H_kv / n, 1)
+_f = ceiling(F / N)
+
+_FORMULAS: dict[str, sympy.Expr] = {
+    "op_time": _cost_formulas()["op_time"],
+    "kv_copies": Max(n / H_kv, 1),
+    "kv_cache_model": 2 * L * B * C * H_kv * d * w,
+    "kv_cache_rank": 2 * L * B * (C / s) * _h_kv * (d / m) * w,
+    # per layer, per rank
+    "attn_weight_params": D * (_h + 2 * _h_kv) * d / m + (H * d / N) * D,
+    "mlp_weight_params": (u + 1) * D * _f,
+    "weights_rank": L * w * (D * (_h + 2 * _h_kv) * d / m + (H * d / N) * D + (u + 1) * D * _f)
+    + w * R,
+    "gemv_flops": 2 * B * P_sc,            # P_sc: the parameters a GEMV reads, here
+    "gemv_bytes": w * P_sc + 2 * w * B * D,
+    "kv_read_bytes": 2 * B * (C / s) * _h_kv * (d / m) * w,
+    # qk-gather: the gathered K (full d) written by the gather and read by QK^T, V over d/m
+    "kv_read_gather_bytes": B * (C / s) * _h_kv * (2 * d + d / m) * w,
+    "score_bytes": SCORE_BYTES * B * _h * C / s,
+    "core_flops_partial": 4 * B * _h * (C / s) * d / m,
+    "core_flops_gather": 2 * B * _h * (C / s) * (d + d / m),
+    "score_reduce_bytes": SCORE_BYTES * B * _h * C / s,
+    "qk_gather_bytes": w * B * (_h + _h_kv * C / s) * d,
+    "lse_gather_bytes": SCORE_BYTES * B * _h * s,
+    "combine_bytes": w * B * _h * d / m,
+    "out_bytes": w * B * D,
+}
+_T = sympy.symbols("t_layer t_rep", positive=True)
+_FORMULAS["tpot"] = L * _T[0] + _T[1]
+_FORMULAS["tokens_per_s"] = B / (L * _T[0] + _T[1])
+
+
+def formulas() -> dict[str, sympy.Expr]:
+    """Every formula the decode planner evaluates, by name (docs/cost_model.md, "Decode")."""
+    return dict(_FORMULAS)
+
+
+@functools.cache
+def _compiled(name: str):
+    expr = _FORMULAS[name]
+    args = sorted(expr.free_symbols, key=lambda x: x.name)
+    return tuple(a.name for a in args), sympy.lambdify(args, expr, modules="math")
+
+
+def _ev(name: str, env: dict) -> float:
+    names, fn = _compiled(name)
+    return float(fn(*(env[a] for a in names)))
+
+
+# --- records ----------------------------------------------------------------------
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DecodeShape:
+    """A decoder as the decode planner sees it: L identical GQA layers and an MLP each."""
+
+    name: str
+    layers: int          # L
+    hidden: int          # D
+    heads: int           # H
+    kv_heads: int        # H_kv
+    head_dim: int        # d
+    ffn: int             # F (0: no MLP)
+    up_projections: int = 2        # u: 2 for a gated (SwiGLU) MLP
+    dtype: str = "fp16"
+    replicated_params: int = 0     # R: elements every rank holds and reads whole (LM head, norms)
+
+    def __post_init__(self) -> None:
+        for key in ("layers", "hidden", "heads", "kv_heads", "head_dim"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) <= 0:
+                raise PlanError(f"DecodeShape {self.name!r}: {key} must be a positive integer, "
+                                f"got {getattr(self, key)!r}")
+        if self.ffn < 0 or self.replicated_params < 0 or self.up_projections < 1:
+            raise PlanError(f"DecodeShape {self.name!r}: ffn={self.ffn}, up_projections="
+                            f"{self.up_projections}, replicated_params={self.replicated_params} "
+                            f"must be >= 0, >= 1, >= 0")
+        if self.heads % self.kv_heads:
+            raise PlanError(f"DecodeShape {self.name!r}: H={self.heads} heads is not a multiple "
+                            f"of H_kv={self.kv_heads} kv heads; give a GQA shape")
+        object.__setattr__(self, "dtype", normalize_dtype(self.dtype))
+
+    @property
+    def dtype_bytes(self) -> int:
+        return {"fp16": 2, "bf16": 2, "fp32": 4}[self.dtype]
+
+
+def llama70b_shape() -> DecodeShape:
+    """The default shape of `helix plan --decode`: LLaMA-3-70B's."""
+    return DecodeShape(name="llama-70b-like", layers=80, hidden=8192, heads=64, kv_heads=8,
+                       head_dim=128, ffn=28672, dtype="fp16",
+                       replicated_params=2 * LLAMA70B_VOCAB * 8192 + (2 * 80 + 1) * 8192)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DecodeCost:
+    """One split's predicted decode step, per rank."""
+
+    s: int
+    m: int
+    n: int
+    variant: str                   # "heads" (m = 1), "score-reduce" or "qk-gather"
+    tp: bool                       # the tensor-parallel row (s = m = 1, n = N)
+    kv_copies: int                 # copies of each kv head (1: none)
+    kv_bytes_per_rank: int
+    weight_bytes_per_rank: int
+    workspace_bytes: int           # transient: one layer's scores (explicit cores), gathered K
+    memory_bytes_per_rank: int
+    memory_limit_bytes: int
+    comm_bytes_per_step: int       # per rank, all layers: the tensors its collectives take
+    compute_ms: float
+    comm_ms: float
+    tpot_ms: float                 # time per output token (one step: a token for each sequence)
+    tokens_per_s: float
+    terms: tuple[tuple[str, float], ...] = ()    # (term, ms per step)
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS or (self.variant == "heads") != (self.m == 1):
+            raise PlanError(f"DecodeCost s={self.s} x m={self.m} x n={self.n}: variant "
+                            f"{self.variant!r}; m = 1 takes 'heads', m > 1 'score-reduce' or "
+                            f"'qk-gather'")
+
+    @property
+    def name(self) -> str:
+        base = f"s={self.s} x m={self.m} x n={self.n}"
+        return f"TP={self.n} ({base})" if self.tp else (
+            base if self.m == 1 else f"{base} {self.variant}")
+
+    @property
+    def fits(self) -> bool:
+        return self.memory_bytes_per_rank <= self.memory_limit_bytes
+
+    @property
+    def excluded(self) -> str | None:
+        """Which limit excludes the plan, or None."""
+        if self.fits:
+            return None
+        return (f"needs {_gb(self.memory_bytes_per_rank)} per rank (KV {_gb(self.kv_bytes_per_rank)}"
+                f" + weights {_gb(self.weight_bytes_per_rank)} + workspace "
+                f"{_gb(self.workspace_bytes)}) > {_gb(self.memory_limit_bytes)} limit")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DecodePlan:
+    """Every split's decode cost at (context, concurrency) and the one chosen."""
+
+    shape: DecodeShape
+    context: int                     # C
+    concurrency: int                 # B
+    devices: int                     # N
+    cluster: str
+    memory_limit_bytes: int
+    kv_bytes_model: int              # the whole model's cache
+    candidates: tuple[DecodeCost, ...]
+    chosen: DecodeCost
+    tp: DecodeCost | None
+    tp_reason: str | None            # why there is no TP row (divisibility), else None
+    reason: str                      # why `chosen` won
+    notes: tuple[str, ...] = field(default=())
+
+    def to_dict(self) -> dict:
+        def row(c: DecodeCost) -> dict:
+            return {"name": c.name, "s": c.s, "m": c.m, "n": c.n, "variant": c.variant,
+                    "tp": c.tp, "kv_copies": c.kv_copies, "kv_bytes_per_rank": c.kv_bytes_per_rank,
+                    "weight_bytes_per_rank": c.weight_bytes_per_rank,
+                    "workspace_bytes": c.workspace_bytes,
+                    "memory_bytes_per_rank": c.memory_bytes_per_rank, "fits": c.fits,
+                    "excluded": c.excluded, "comm_bytes_per_step": c.comm_bytes_per_step,
+                    "compute_ms": c.compute_ms, "comm_ms": c.comm_ms, "tpot_ms": c.tpot_ms,
+                    "tokens_per_s": c.tokens_per_s, "terms": [list(t) for t in c.terms]}
+        sh = self.shape
+        return {"shape": {k: getattr(sh, k) for k in sh.__dataclass_fields__},
+                "context": self.context, "concurrency": self.concurrency,
+                "devices": self.devices, "cluster": self.cluster,
+                "memory_limit_bytes": self.memory_limit_bytes,
+                "kv_bytes_model": self.kv_bytes_model, "chosen": self.chosen.name,
+                "reason": self.reason, "tp": self.tp.name if self.tp else None,
+                "tp_reason": self.tp_reason, "notes": list(self.notes),
+                "candidates": [row(c) for c in self.candidates]}
+
+
+def _gb(nbytes: float) -> str:
+    return f"{nbytes / 1e9:.1f} GB"
+
+
+# --- the space ----------------------------------------------------------------------
+def split_reason(shape: DecodeShape, context: int, s_: int, m_: int, n_: int) -> str | None:
+    """Why (s, m, n) is not a decode split of `shape` at `context`, or None."""
+    H_, Hkv, d_ = shape.heads, shape.kv_heads, shape.head_dim
+    if H_ % n_:
+        return f"n={n_} does not divide H={H_}"
+    if (n_ <= Hkv and Hkv % n_) or (n_ > Hkv and n_ % Hkv):
+        return f"n={n_} neither divides H_kv={Hkv} nor is a multiple of it"
+    if d_ % m_:
+        return f"m={m_} does not divide d={d_}"
+    if context % s_:
+        return f"s={s_} does not divide the context C={context}"
+    return None
+
+
+def decode_splits(shape: DecodeShape, context: int, devices: int) -> list[tuple[int, int, int]]:
+    """Every (s, m, n) with s m n = devices that `split_reason` accepts."""
+    out = []
+    for n_ in _divisors(devices):
+        for m_ in _divisors(devices // n_):
+            s_ = devices // (n_ * m_)
+            if split_reason(shape, context, s_, m_, n_) is None:
+                out.append((s_, m_, n_))
+    return sorted(out, key=lambda t: (t[2], t[1], t[0]))
+
+
+def _divisors(k: int) -> list[int]:
+    return [i for i in range(1, k + 1) if k % i == 0]
+
+
+def _groups(s_: int, m_: int, n_: int) -> dict[str, list[tuple[int, ...]]]:
+    """rank = (i_n s + i_s) m + i_m: the chattiest m-group contiguous, then the s-group."""
+    rank = lambda i_n, i_s, i_m: (i_n * s_ + i_s) * m_ + i_m   # noqa: E731
+    return {"m": [tuple(rank(a, b, j) for j in range(m_)) for a in range(n_) for b in range(s_)],
+            "s": [tuple(rank(a, k, j) for k in range(s_)) for a in range(n_) for j in range(m_)],
+            "all": [tuple(range(s_ * m_ * n_))]}
+
+
+def _collective(kind: str, nbytes: float, groups, cluster: ClusterSpec) -> float:
+    """The slowest of the groups (one per node span) running `kind` at once."""
+    seen = {}
+    for g in groups:
+        seen.setdefault((len(g), group_span(g, cluster)), g)
+    return max((collective_s(kind, nbytes, g, cluster) for g in seen.values()), default=0.0)
+
+
+def cost_decode(shape: DecodeShape, context: int, concurrency: int, split: tuple[int, int, int],
+                cluster: ClusterSpec, profile: ComputeProfile | None = None,
+                variant: str | None = None) -> DecodeCost:
+    """Predicted decode step of `split` = (s, m, n); `variant` for m > 1 ("score-reduce",
+    default, or "qk-gather")."""
+    s_, m_, n_ = split
+    N_ = s_ * m_ * n_
+    why = split_reason(shape, context, s_, m_, n_)
+    if why is not None:
+        alts = decode_splits(shape, context, N_)
+        hint = (f"try one of {alts}" if alts else
+                f"no (s, m, n) of {N_} devices fits this shape: try a power-of-two device count")
+        raise PlanError(f"decode split s={s_} x m={m_} x n={n_} of {shape.name!r}: {why}; {hint}")
+    if N_ > cluster.devices:
+        raise PlanError(f"decode split s={s_} x m={m_} x n={n_} needs {N_} GPUs but cluster "
+                        f"{cluster.name!r} has {cluster.devices}; try a larger cluster file")
+    if m_ == 1:
+        variant = "heads"
+    elif variant is None:
+        variant = "score-reduce"
+    elif variant not in ("score-reduce", "qk-gather"):
+        raise PlanError(f"decode variant must be 'score-reduce' or 'qk-gather' for m > 1, "
+                        f"got {variant!r}")
+    profile = profile or DEFAULT_PROFILE
+    env = {"B": concurrency, "C": context, "L": shape.layers, "H": shape.heads,
+           "H_kv": shape.kv_heads, "d": shape.head_dim, "D": shape.hidden, "F": shape.ffn,
+           "u": shape.up_projections, "w": shape.dtype_bytes, "s": s_, "m": m_, "n": n_, "N": N_,
+           "R": shape.replicated_params}
+    dt = shape.dtype
+    eta_mem = profile.elementwise_efficiency
+
+    def op(flops: float, nbytes: float) -> float:
+        eta = profile.matmul_efficiency(flops, dt) if flops else 1.0
+        return _ev("op_time", {"FLOPs": flops, "Q": nbytes, "P": cluster.peak_flops(dt),
+                               "eta": eta, "BW": cluster.memory_bandwidth, "eta_mem": eta_mem})
+
+    def gemv(params: float) -> float:
+        return op(_ev("gemv_flops", {**env, "P_sc": params}),
+                  _ev("gemv_bytes", {**env, "P_sc": params}))
+
+    explicit = variant != "heads"
+    gather = variant == "qk-gather"
+    score_rw = EXPLICIT_SCORE_PASSES * _ev("score_bytes", env) if explicit else 0.0
+    core = op(_ev("core_flops_gather" if gather else "core_flops_partial", env),
+              _ev("kv_read_gather_bytes" if gather else "kv_read_bytes", env) + score_rw)
+    layer = [("q/k/v/o GEMVs", "compute", gemv(_ev("attn_weight_params", env))),
+             ("attention over the cache slice", "compute", core)]
+    if shape.ffn:
+        layer.append(("MLP GEMVs", "compute", gemv(_ev("mlp_weight_params", env))))
+    grp = _groups(s_, m_, n_)
+    comm_bytes = 0.0
+
+    def coll(name: str, kind: str, formula: str, group: str) -> None:
+        nonlocal comm_bytes
+        x = _ev(formula, env)
+        comm_bytes += x
+        layer.append((name, "comm", _collective(kind, x, grp[group], cluster)))
+
+    if m_ > 1 and not gather:
+        coll("score all-reduce (m-group)", "all_reduce", "score_reduce_bytes", "m")
+    if gather:
+        coll("q, K-cache all-gather (m-group)", "all_gather", "qk_gather_bytes", "m")
+    if s_ > 1:
+        coll("log-sum-exp all-gather (s-group)", "all_gather", "lse_gather_bytes", "s")
+        coll("partial-output reduce-scatter (s-group)", "reduce_scatter", "combine_bytes", "s")
+    coll("output all-reduce", "all_reduce", "out_bytes", "all")
+    if shape.ffn:
+        coll("MLP all-reduce", "all_reduce", "out_bytes", "all")
+    t_layer = sum(t for _, _, t in layer)
+    t_rep = gemv(shape.replicated_params) if shape.replicated_params else 0.0
+    L_ = shape.layers
+    terms = [(name, t * L_ * 1e3) for name, _, t in layer]
+    if t_rep:
+        terms.append(("replicated weights (LM head, norms) read whole", t_rep * 1e3))
+    tpot = _ev("tpot", {"L": L_, "t_layer": t_layer, "t_rep": t_rep})
+    kv = math.ceil(_ev("kv_cache_rank", env))
+    weights = math.ceil(_ev("weights_rank", env))
+    workspace = 0
+    if explicit:
+        workspace += math.ceil(SCORE_COPIES * _ev("score_bytes", env))
+    if gather:
+        workspace += math.ceil(shape.dtype_bytes * concurrency * (context // s_)
+                               * max(shape.kv_heads // n_, 1) * shape.head_dim)
+    limit = int(MEMORY_USABLE_FRACTION * cluster.memory_bytes)
+    return DecodeCost(
+        s=s_, m=m_, n=n_, variant=variant, tp=(s_ == 1 and m_ == 1 and n_ == N_),
+        kv_copies=int(_ev("kv_copies", env)), kv_bytes_per_rank=kv,
+        weight_bytes_per_rank=weights, workspace_bytes=workspace,
+        memory_bytes_per_rank=kv + weights + workspace, memory_limit_bytes=limit,
+        comm_bytes_per_step=math.ceil(comm_bytes * L_),
+        compute_ms=sum(t for _, k, t in layer if k == "compute") * L_ * 1e3 + t_rep * 1e3,
+        comm_ms=sum(t for _, k, t in layer if k == "comm") * L_ * 1e3,
+        tpot_ms=tpot * 1e3, tokens_per_s=_ev("tokens_per_s", {"B": concurrency, "L": L_,
+                                                              "t_layer": t_layer, "t_rep": t_rep}),
+        terms=tuple(terms))
+
+
+def plan_decode(shape: DecodeShape, context: int, concurrency: int, devices: int,
+                cluster: ClusterSpec, profile: ComputeProfile | None = None,
+                memory_cap_gib: float | None = None) -> DecodePlan:
+    """Cost every decode split of `devices` (both m > 1 variants) and choose the smallest TPOT
+    among those that fit; ties go to fewer kv copies, then smaller s, then smaller m."""
+    for what, value in (("context", context), ("concurrency", concurrency),
+                        ("devices", devices)):
+        if not isinstance(value, int) or value <= 0:
+            raise PlanError(f"decode plan of {shape.name!r}: {what} must be a positive integer, "
+                            f"got {value!r}")
+    if devices > cluster.devices:
+        raise PlanError(f"decode plan on {devices} devices: cluster {cluster.name!r} has "
+                        f"{cluster.devices}; try a larger cluster file or fewer devices")
+    notes = []
+    if memory_cap_gib is not None:   # as make_plan's cap: the GPU's memory lowered, phi applies
+        if isinstance(memory_cap_gib, bool) or not isinstance(memory_cap_gib, (int, float)) \
+                or not memory_cap_gib > 0:
+            raise PlanError(f"memory_cap_gib must be a positive number of GiB per rank, got "
+                            f"{memory_cap_gib!r}; try 40")
+        cap = int(memory_cap_gib * 2 ** 30)
+        if cap < cluster.memory_bytes:
+            cluster = dataclasses.replace(cluster, memory_bytes=cap)
+            notes.append(f"memory cap {memory_cap_gib:g} GiB per rank: each plan must fit "
+                         f"{MEMORY_USABLE_FRACTION:g} of it")
+    splits = decode_splits(shape, context, devices)
+    if not splits:
+        raise PlanError(f"decode plan of {shape.name!r} on {devices} devices: no split (s, m, n) "
+                        f"with s*m*n={devices} has n dividing H={shape.heads} and H_kv="
+                        f"{shape.kv_heads} (or a multiple of H_kv), m dividing d="
+                        f"{shape.head_dim} and s dividing C={context}; try a power-of-two "
+                        f"device count or context")
+    rows = []
+    for sp in splits:
+        for v in ((None,) if sp[1] == 1 else ("score-reduce", "qk-gather")):
+            rows.append(cost_decode(shape, context, concurrency, sp, cluster, profile, v))
+    tp = next((r for r in rows if r.tp), None)
+    tp_reason = None if tp else (
+        f"TP={devices}: {split_reason(shape, context, 1, 1, devices)}")
+    fit = [r for r in rows if r.fits]
+    if not fit:
+        least = min(rows, key=lambda r: r.memory_bytes_per_rank)
+        raise PlanError(f"decode plan of {shape.name!r} at C={context}, B={concurrency} on "
+                        f"{devices} devices: no split fits; the smallest, {least.name}, "
+                        f"{least.excluded}; try more devices, a shorter context or fewer "
+                        f"concurrent sequences")
+    chosen = min(fit, key=lambda r: (r.tpot_ms, r.kv_copies, r.s, r.m))
+    reason = _reason(chosen, tp, rows, tp_reason)
+    kv_model = math.ceil(_ev("kv_cache_model", {
+        "L": shape.layers, "B": concurrency, "C": context, "H_kv": shape.kv_heads,
+        "d": shape.head_dim, "w": shape.dtype_bytes}))
+    notes += ["norms, residual adds, rotary and the embedding lookup are left out (B x D "
+              "elements each: microseconds); the q/k/v of the new token is computed on every "
+              "rank of its s-group",
+              "no overlap of compute and communication is assumed"]
+    return DecodePlan(shape=shape, context=context, concurrency=concurrency, devices=devices,
+                      cluster=cluster.name, memory_limit_bytes=chosen.memory_limit_bytes,
+                      kv_bytes_model=kv_model, candidates=tuple(rows), chosen=chosen, tp=tp,
+                      tp_reason=tp_reason, reason=reason, notes=tuple(notes))
+
+
+def _reason(chosen: DecodeCost, tp: DecodeCost | None, rows, tp_reason: str | None) -> str:
+    runner_up = min((r for r in rows if r.fits and r is not chosen), key=lambda r: r.tpot_ms,
+                    default=None)
+    parts = [f"{chosen.name} has the smallest predicted TPOT that fits, {chosen.tpot_ms:.2f} ms"]
+    if runner_up is not None:
+        parts.append(f"next {runner_up.name} at {runner_up.tpot_ms:.2f} ms")
+    if tp is None:
+        parts.append(f"there is no TP row ({tp_reason})")
+    elif tp is chosen:
+        parts.append("tensor parallelism itself is the best split here")
+    else:
+        ratio = chosen.tpot_ms / tp.tpot_ms
+        fits = "" if tp.fits else f"; TP does not fit: {tp.excluded}"
+        parts.append(f"{ratio:.2f}x TP's {tp.tpot_ms:.2f} ms: each rank reads "
+                     f"{_gb(chosen.kv_bytes_per_rank)} of cache (copies x{chosen.kv_copies}) "
+                     f"where TP reads {_gb(tp.kv_bytes_per_rank)} (copies x{tp.kv_copies}){fits}")
+    return "; ".join(parts)
+
+
+# --- the shape of a captured model ------------------------------------------------
+def shape_from_summary(summary: ModelSummary, dtype: str | None = None) -> DecodeShape:
+    """The decode shape of a captured model: its attention sites must agree on (H, H_kv, d, D)."""
+    if not summary.sites:
+        raise PlanError(f"model {summary.name!r} has no attention site, so it has no KV cache to "
+                        f"plan a decode for; check that it is a decoder with attention")
+    shapes = {(x.num_heads, x.num_kv_heads, x.head_dim, x.embed_dim) for x in summary.sites}
+    if len(shapes) > 1:
+        raise PlanError(f"model {summary.name!r}: its attention sites differ in (H, H_kv, d, D): "
+                        f"{sorted(shapes)}; the decode planner takes L identical layers")
+    (H_, Hkv, d_, D_), = shapes
+    ffns = {(x.ffn, len(x.up_weights)) for x in summary.mlps}
+    if len(ffns) > 1:
+        raise PlanError(f"model {summary.name!r}: its MLPs differ in (F, up projections): "
+                        f"{sorted(ffns)}; the decode planner takes L identical layers")
+    F_, u_ = next(iter(ffns)) if ffns else (0, 1)
+    if dtype is None:
+        dtype = {2: "fp16", 4: "fp32"}.get(summary.dtype_bytes, "fp16")
+    return DecodeShape(name=summary.name, layers=len(summary.sites), hidden=D_, heads=H_,
+                       kv_heads=Hkv, head_dim=d_, ffn=F_, up_projections=u_, dtype=dtype,
+                       replicated_params=summary.replicated_elements)
+
+
+# --- the table ----------------------------------------------------------------------
+def format_decode_table(plan: DecodePlan) -> str:
+    sh = plan.shape
+    lines = [f"decode plan: {sh.name} (L={sh.layers}, H={sh.heads}, H_kv={sh.kv_heads}, "
+             f"d={sh.head_dim}, D={sh.hidden}, F={sh.ffn}, {sh.dtype}) at context "
+             f"C={plan.context}, concurrency B={plan.concurrency}, on {plan.devices} devices "
+             f"of {plan.cluster}",
+             f"KV cache of the model: {_gb(plan.kv_bytes_model)}; memory limit per rank "
+             f"{_gb(plan.memory_limit_bytes)}",
+             ""]
+    tp_kv = (f"{_gb(plan.tp.kv_bytes_per_rank)} (x{plan.tp.kv_copies})" if plan.tp
+             else "n/a")
+    head = (f"{'split':<34} {'KV/rank':>9} {'copies':>6} {'TP KV/rank':>16} {'weights':>8} "
+            f"{'comm/step':>10} {'comm ms':>8} {'TPOT ms':>9} {'tokens/s':>10}  status")
+    lines += [head, "-" * len(head)]
+    for r in plan.candidates:
+        status = "chosen" if r is plan.chosen else ("fits" if r.fits else
+                                                    f"excluded: {r.excluded}")
+        lines.append(f"{r.name:<34} {_gb(r.kv_bytes_per_rank):>9} {'x' + str(r.kv_copies):>6} "
+                     f"{tp_kv:>16} {_gb(r.weight_bytes_per_rank):>8} "
+                     f"{r.comm_bytes_per_step / 1e6:>8.1f}MB {r.comm_ms:>8.2f} "
+                     f"{r.tpot_ms:>9.2f} {r.tokens_per_s:>10.0f}  {status}")
+    lines += ["", f"chosen: {plan.chosen.name}", f"why: {plan.reason}"]
+    lines += [f"note: {x}" for x in plan.notes]
+    return "\n".join(lines)

@@ -1,0 +1,200 @@
+"""The decode planner (helix_compiler/decode_plan.py) and `helix plan --decode`: KV bytes per
+rank against the formula, kv-head copies, one plan's TPOT by hand, the choice, CLI exit codes,
+and the GPU benchmark's --small smoke run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helix_compiler.cli import _main
+from helix_compiler.cluster import ClusterSpec
+from helix_compiler.decode_plan import (
+    DecodeShape, cost_decode, decode_splits, llama70b_shape, plan_decode)
+from helix_compiler.errors import PlanError
+from helix_compiler.pipeline import cluster_spec
+from helix_compiler.profile import DEFAULT_PROFILE
+
+REPO = Path(__file__).resolve().parents[1]
+LLAMA = llama70b_shape()
+
+
+def _model_cache(shape: DecodeShape, C: int, B: int) -> int:
+    return B * C * 2 * shape.layers * shape.kv_heads * shape.head_dim * shape.dtype_bytes
+
+
+@pytest.fixture(scope="module")
+def plan_64():
+    """LLaMA-70B-like at 128k context, 8 sequences, 64 devices (TP fits, with 8 copies)."""
+    return plan_decode(LLAMA, 131072, 8, 64, cluster_spec(None, 64))
+
+
+def test_kv_bytes_per_rank_is_exactly_one_nth_of_the_cache_without_copies(plan_64):
+    total = _model_cache(LLAMA, 131072, 8)
+    assert plan_64.kv_bytes_model == total
+    no_copy = [r for r in plan_64.candidates if r.kv_copies == 1]
+    assert {(r.s, r.m, r.n) for r in no_copy} == {
+        sp for sp in decode_splits(LLAMA, 131072, 64) if sp[2] <= LLAMA.kv_heads}
+    for r in no_copy:
+        assert r.kv_bytes_per_rank * 64 == total, r.name
+
+
+def test_tp_copies_kv_heads_and_reads_that_many_times_the_even_share(plan_64):
+    total = _model_cache(LLAMA, 131072, 8)
+    tp = plan_64.tp
+    assert (tp.s, tp.m, tp.n, tp.tp) == (1, 1, 64, True)
+    assert tp.kv_copies == 64 // LLAMA.kv_heads == 8
+    assert tp.kv_bytes_per_rank == 8 * total // 64
+    by_n = {r.n: r.kv_copies for r in plan_64.candidates}
+    assert by_n == {1: 1, 2: 1, 4: 1, 8: 1, 16: 2, 32: 4, 64: 8}
+    for r in plan_64.candidates:
+        assert r.kv_bytes_per_rank * 64 == r.kv_copies * total, r.name
+    # N <= H_kv: TP copies nothing
+    assert plan_decode(LLAMA, 4096, 8, 8, cluster_spec(None, 8)).tp.kv_copies == 1
+
+
+def test_chosen_plan_is_never_slower_than_a_printed_row_and_beats_tp_at_long_context(plan_64):
+    fit = [r for r in plan_64.candidates if r.fits]
+    assert plan_64.chosen.fits
+    assert all(plan_64.chosen.tpot_ms <= r.tpot_ms for r in fit)
+    # issue 15's target: N > H_kv, long context, TP fits: chosen TPOT <= 0.7 x TP's
+    assert plan_64.tp.fits
+    assert plan_64.chosen.tpot_ms <= 0.7 * plan_64.tp.tpot_ms
+    assert plan_64.chosen.kv_copies == 1
+    assert "x TP's" in plan_64.reason and plan_64.chosen.name in plan_64.reason
+    # qk-gather all-gathers the cache slice at every step: priced, and slower than score-reduce
+    for r in plan_64.candidates:
+        if r.variant == "qk-gather":
+            twin = next(x for x in plan_64.candidates if (x.s, x.m, x.n, x.variant)
+                        == (r.s, r.m, r.n, "score-reduce"))
+            assert r.tpot_ms > twin.tpot_ms and r.comm_bytes_per_step > twin.comm_bytes_per_step
+
+
+def test_a_plan_over_the_memory_limit_is_excluded_with_the_numbers():
+    plan = plan_decode(LLAMA, 131072, 64, 64, cluster_spec(None, 64))
+    assert not plan.tp.fits
+    assert plan.tp.excluded.startswith("needs 350.2 GB per rank (KV 343.6 GB")
+    assert "72.0 GB limit" in plan.tp.excluded
+    assert "TP does not fit" in plan.reason
+    with pytest.raises(PlanError, match=r"no split fits; the smallest, .* try more devices"):
+        plan_decode(LLAMA, 131072, 64, 64, cluster_spec(None, 64), memory_cap_gib=8)
+
+
+HAND = ClusterSpec(name="hand", nodes=1, gpus_per_node=4, gpu="hand", peak_flops_fp16=1e15,
+                   peak_flops_bf16=1e15, peak_flops_fp32=1e14, memory_bandwidth=1e12,
+                   memory_bytes=10**10, nvlink_busbw=1e11, nvlink_alpha=1e-5,
+                   nic_bandwidth=1e10, nics_per_node=1, network_alpha=5e-5)
+
+
+def test_tpot_of_one_plan_by_hand():
+    """s=2 x m=1 x n=2 of L=2, D=64, H=8, H_kv=2, d=16, F=128 fp16 at C=32, B=4 on one node."""
+    shape = DecodeShape(name="hand", layers=2, hidden=64, heads=8, kv_heads=2, head_dim=16,
+                        ffn=128, dtype="fp16")
+    got = cost_decode(shape, 32, 4, (2, 1, 2), HAND, DEFAULT_PROFILE)
+    bw = 1e12 * DEFAULT_PROFILE.elementwise_efficiency      # every op here is bandwidth-bound
+    w, B = 2, 4
+    # h = 4 heads, h_kv = 1, C/s = 16 positions, f = F/N = 32 columns
+    attn_params = 64 * (4 + 2 * 1) * 16 + (8 * 16 // 4) * 64          # q, k, v + o over N
+    mlp_params = 3 * 64 * 32
+    gemv = lambda p: (w * p + 2 * w * B * 64) / bw                    # noqa: E731
+    core = (2 * B * 16 * 1 * 16 * w) / bw                              # K and V of the slice
+    ring = lambda c, p, x: 1e-5 + c * (p - 1) / p * x / 1e11          # noqa: E731
+    comm = (ring(1, 2, 4 * B * 4 * 2)         # log-sum-exps all-gathered over s = 2
+            + ring(1, 2, w * B * 4 * 16)      # partial outputs reduce-scattered over s
+            + 2 * ring(2, 4, w * B * 64))     # output and MLP all-reduce over N = 4
+    layer = gemv(attn_params) + core + gemv(mlp_params) + comm
+    assert got.variant == "heads" and got.kv_copies == 1
+    assert got.tpot_ms == pytest.approx(2 * layer * 1e3, rel=1e-12)
+    assert got.tokens_per_s == pytest.approx(B / (2 * layer), rel=1e-12)
+    assert got.comm_ms == pytest.approx(2 * comm * 1e3, rel=1e-12)
+    assert got.kv_bytes_per_rank == 2 * 2 * B * 16 * 1 * 16 * w
+    # the FLOP side of each roofline is below its byte side, as assumed above
+    eta = min(DEFAULT_PROFILE.efficiency(r) for r in DEFAULT_PROFILE.rates if r.op == "matmul")
+    assert 2 * B * attn_params / (1e15 * eta) < gemv(attn_params)
+
+
+def test_a_split_outside_the_space_is_refused_with_the_splits_that_are_in_it():
+    with pytest.raises(PlanError, match=r"s=2 does not divide the context C=4095; try one of "
+                                        r"\[\(1, 8, 1\), \(1, 4, 2\), \(1, 2, 4\), \(1, 1, 8\)\]"):
+        cost_decode(LLAMA, 4095, 8, (2, 1, 4), cluster_spec(None, 8))
+    with pytest.raises(PlanError, match=r"n=3 does not divide H=64; no \(s, m, n\) of 3 devices"):
+        cost_decode(LLAMA, 4096, 8, (1, 1, 3), cluster_spec(None, 3))
+
+
+def _cli(capsys, *argv):
+    code = _main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_decode_prints_every_split_beside_tp_and_the_choice(capsys):
+    code, out, err = _cli(capsys, "plan", "--decode", "--context", 131072, "--concurrency", 64,
+                          "--devices", 64)
+    assert code == 0, err
+    assert "TP=64 (s=1 x m=1 x n=64)" in out and "343.6 GB (x8)" in out
+    assert "chosen: s=8 x m=1 x n=8" in out and "why: " in out
+    # at B=64 exactly the 9 rows with kv copies (n = 16, 32, 64; m > 1 in two variants) overflow
+    assert out.count("excluded: needs") == 9
+    code, out, err = _cli(capsys, "plan", "--decode", "--context", 65536, "--concurrency", 8,
+                          "--devices", 16, "--format", "json")
+    data = json.loads(out)
+    assert code == 0 and data["chosen"] == min(
+        (r for r in data["candidates"] if r["fits"]), key=lambda r: r["tpot_ms"])["name"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--decode", "--context", "1024", "--devices", "8"], "needs --concurrency"),
+    (["--context", "1024", "--devices", "8"], "--context plans a decode step; add --decode"),
+    (["--decode", "--context", "1024", "--concurrency", "2", "--devices", "8", "--plan", "2,4"],
+     "--plan is not taken with --decode"),
+    (["--decode", "--context", "1000", "--concurrency", "2", "--devices", "3"],
+     "no split (s, m, n) with s*m*n=3"),
+    (["--decode", "--context", "131072", "--concurrency", "64", "--devices", "64",
+      "--memory-cap", "8"], "no split fits"),
+    (["--decode", "--context", "0", "--concurrency", "2", "--devices", "8"],
+     "expected a positive integer"),
+])
+def test_cli_decode_refusals_exit_2_with_one_line(capsys, argv, message):
+    code, out, err = _cli(capsys, "plan", *argv)
+    assert code == 2 and out == ""
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+@pytest.mark.slow
+def test_cli_decode_takes_the_shape_of_a_hugging_face_config(capsys, tmp_path):
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=128, num_attention_heads=8, num_key_value_heads=2,
+                intermediate_size=256, num_hidden_layers=2, vocab_size=256,
+                max_position_embeddings=512).save_pretrained(tmp_path)
+    code, out, err = _cli(capsys, "plan", str(tmp_path), "--decode", "--context", 4096,
+                          "--concurrency", 4, "--devices", 8, "--dtype", "float16",
+                          "--format", "json", "--seq", 16)
+    assert code == 0, err
+    shape = json.loads(out)["shape"]
+    assert (shape["layers"], shape["hidden"], shape["heads"], shape["kv_heads"],
+            shape["head_dim"], shape["ffn"], shape["up_projections"], shape["dtype"]) == (
+        2, 128, 8, 2, 16, 256, 2, "fp16")
+    # LlamaModel has no LM head: the embedding, 2 L + 1 norms and the rotary inv_freq (d/2)
+    assert shape["replicated_params"] == 256 * 128 + (2 * 2 + 1) * 128 + 16 // 2
+
+
+@pytest.mark.slow
+def test_gpu_decode_benchmark_small_runs_on_the_cpu_and_writes_its_keys(tmp_path):
+    out = tmp_path / "decode.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_decode.py"), "--small",
+                           "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert {"device", "torch", "command", "shape", "cluster", "devices", "results"} <= set(data)
+    assert [(e["context"], e["concurrency"]) for e in data["results"]] == [(64, 2), (128, 2)]
+    for entry in data["results"]:
+        assert sum(r["tp"] for r in entry["rows"]) == 1
+        for r in entry["rows"]:
+            assert {"name", "kv_bytes_per_rank", "fits", "predicted_tpot_ms",
+                    "measured_tpot_ms", "measured_compute_ms"} <= set(r)
+            assert r["measured_tpot_ms"] > r["predicted_comm_ms"] > 0
