@@ -8,8 +8,10 @@ node that reads the previous block's output-projection / down-projection weights
 node that reads the block's q/k/v (or MLP up) weights, at the position where the fewest values
 are live: where the residual stream leaves the block. Every value live across a cut (the
 hidden state, masks, rotary tables, sizes) is an output of the stage before and an input of
-the stage after; a size (a SymInt) crosses as a 0-d int64 tensor, so that each stage takes
-and returns tensors only (what torch.distributed.pipelining's PipelineStage sends).
+the stage after; a size (a SymInt) crosses as the shape of an empty (s, 0) tensor, so
+that each stage takes and returns tensors only (what torch.distributed.pipelining's
+PipelineStage sends) and the size survives PipelineStage's shape inference, which runs a stage
+on tensors of the right shapes but no values (a size carried as a value reads garbage there).
 
 Invariant: running the stages of a local rank one after another, each on the outputs of the
 one before, returns what the uncut rank module returns.
@@ -30,8 +32,6 @@ from torch.fx.graph import CodeGen, _PyTreeCodeGen, _PyTreeInfo
 
 from .cost import stage_of
 from .errors import HelixError
-
-_CARRY_INT = "carry_int"     # meta key: a SymInt carried as a 0-d tensor
 
 
 def _weight_users(gm: fx.GraphModule, names: set[str], shards: dict) -> list[int]:
@@ -120,9 +120,12 @@ def split_rank_module(gm: fx.GraphModule, cuts: list[int], name: str) -> list[fx
         g = fx.Graph()
         env: dict = {}
         inputs = _live(nodes, pos, bounds[p]) if p else []
+        holders = []
         for x in inputs:
-            ph = g.placeholder(x.name)
-            env[x] = g.call_function(int, (ph,)) if _is_int(x) else ph
+            ph = g.placeholder(f"{'size' if _is_int(x) else 'in'}_{x.name}")
+            holders.append(ph.name)
+            env[x] = (g.call_function(torch.ops.aten.sym_size.int, (ph, 0)) if _is_int(x)
+                      else ph)
         body = nodes[bounds[p]:bounds[p + 1]] + ([nodes[-1]] if p == len(bounds) - 2 else [])
 
         def arg(n, p=p):
@@ -144,14 +147,14 @@ def split_rank_module(gm: fx.GraphModule, cuts: list[int], name: str) -> list[fx
             carried = []
             for x in _live(nodes, pos, bounds[p + 1]):
                 v = arg(x)
-                carried.append(g.call_function(torch.scalar_tensor, (v,), {"dtype": torch.int64})
+                carried.append(g.call_function(torch.empty, ((v, 0),), {"dtype": torch.int8})
                                if _is_int(x) else v)
             g.output(tuple(carried))
         if p == 0 and info is not None:
             g._codegen = _PyTreeCodeGen(_PyTreeInfo(info.orig_args, info.in_spec, None))
         elif p == len(bounds) - 2 and info is not None:
             spec = torch.utils._pytree.tree_structure((tuple(range(len(inputs))), {}))
-            g._codegen = _PyTreeCodeGen(_PyTreeInfo([x.name for x in inputs], spec,
+            g._codegen = _PyTreeCodeGen(_PyTreeInfo(holders, spec,
                                                     info.out_spec))
         else:
             g._codegen = CodeGen()
