@@ -163,9 +163,9 @@ def split_rank_module(gm: fx.GraphModule, cuts: list[int], name: str) -> list[fx
     return out
 
 
-def simulate_pipeline(program, args: tuple, kwargs: dict) -> list:
+def simulate_pipeline(program, args: tuple, kwargs: dict, micro_batches: int | None = None) -> list:
     """Every rank's output of a pp > 1 program in one process: each replica's batch cut into the
-    plan's M micro-batches (data.shard_inputs), and per micro-batch stage 0's m n ranks run
+    plan's M micro-batches (or `micro_batches`; data.shard_inputs), and per micro-batch stage 0's m n ranks run
     together, then stage 1's on their outputs, and so on. A last-stage rank returns the model's
     output for its replica's rows (micro-batches joined along dim 0), an earlier stage's rank
     the list, one per micro-batch, of the tuples of tensors it sends on."""
@@ -175,13 +175,17 @@ def simulate_pipeline(program, args: tuple, kwargs: dict) -> list:
 
     gm, plan, size = program.analysis.captured.gm, program.plan, program.mesh.size
     stages = [program.stage_modules(local) for local in range(size)]
-    micro = plan.cost.micro_batches
+    micro = micro_batches or plan.cost.micro_batches
     outs: list = []
     for d, (a, k) in enumerate(shard_inputs(gm, args, kwargs, program.dp)):
         per_stage: list[list] = [[[] for _ in range(size)] for _ in range(plan.pp)]
         batch = next(x for x in torch.utils._pytree.tree_leaves((a, k))
                      if isinstance(x, torch.Tensor)).shape[0]
-        count = micro if micro and batch % micro == 0 else 1
+        if batch % micro:
+            raise HelixError(f"{plan.name}: M={micro} micro-batches need each replica's batch "
+                             f"({batch} sequences) to split evenly; feed a batch that is a "
+                             f"multiple of {micro}, or pass micro_batches=")
+        count = micro
         for mb, (ma, mk) in enumerate(shard_inputs(gm, a, k, count)):
             program._check_static_shapes(ma, mk)
             carried = None
