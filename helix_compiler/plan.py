@@ -291,8 +291,11 @@ def _key(key: tuple) -> tuple[int, ...]:
 def _forced_key(forced, devices: int) -> tuple[int, ...]:
     if not (isinstance(forced, (tuple, list)) and len(forced) in (2, 3, 4)
             and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in forced)):
-        raise PlanError(f"forced split must be (m, n), (dp, m, n) or (dp, pp, m, n) positive "
-                        f"integers, got {forced!r}; they multiply to devices={devices}")
+        size = len(forced) if isinstance(forced, (tuple, list)) else 2
+        what = {3: "(dp, m, n) must be three", 4: "(dp, pp, m, n) must be four"}.get(
+            size, "(m, n) must be two")
+        raise PlanError(f"forced {what} positive integers, got {forced!r}; they multiply to "
+                        f"devices={devices}")
     return _key(tuple(forced))
 
 
