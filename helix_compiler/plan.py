@@ -259,7 +259,7 @@ def make_plan(summary: ModelSummary, devices: int, cluster: ClusterSpec,
     cost = costs[chosen]
     by_index = {sc.index: sc for sc in cost.sites}    # a site's cost, matched by site index
     notes += _why_notes(summary, chosen, costs, candidates, objective)
-    notes += _baseline_notes(cost, baselines, summary, candidates)
+    notes += _baseline_notes(cost, baselines, summary, candidates, costs)
     return Plan(
         devices=devices, dp=chosen.dp, pp=chosen.pp, m=chosen.m, n=chosen.n, objective=objective,
         cluster=cluster.name, model=model_fingerprint(summary),
@@ -357,9 +357,10 @@ def baseline_point(b: PlanCost, summary: ModelSummary) -> str | None:
 
 
 def _baseline_notes(cost: PlanCost, baselines, summary: ModelSummary = None,
-                    candidates=()) -> list[str]:
+                    candidates=(), costs: dict | None = None) -> list[str]:
     out = []
     searched = {str(c) for c in candidates}
+    priced = {str(c): x for c, x in (costs or {}).items()}
     for b in baselines:
         same = baseline_point(b, summary) if summary is not None else None
         if same is not None and "PP" in b.name:
@@ -373,7 +374,12 @@ def _baseline_notes(cost: PlanCost, baselines, summary: ModelSummary = None,
                        + (f"; its Helix point {same} was not searched (search pp)"
                           if same is not None and same not in searched else
                           "; it is a split outside this space"
-                          if same is None else ""))
+                          if same is None else
+                          f"; its Helix point {same} is priced at "
+                          f"{priced[same].tokens_per_s:,.0f}: Helix's stage cut sends the whole "
+                          f"hidden state from each of a stage's ranks, Megatron 1/TP of it from "
+                          f"each and all-gathers it (scatter-gather, not emitted by Helix yet)"
+                          if same in priced else f"; its Helix point {same} is not costed"))
     return out
 
 
