@@ -958,10 +958,24 @@ def stage_of(index: int, count: int, pp: int) -> int:
     return index * pp // count
 
 
+_STAGES: dict = {}
+
+
 def stage_summaries(summary: ModelSummary, pp: int) -> tuple[ModelSummary, ...]:
     """What each of pp stages holds: its contiguous run of sites and MLPs, every replicated
     parameter (norms, embeddings, heads: counted on every stage, an over-estimate) and a
     1/pp share of the parameters no site or MLP explains."""
+    hit = _STAGES.get((id(summary), pp))
+    if hit is not None and hit[0] is summary:
+        return hit[1]
+    out = _stage_summaries(summary, pp)
+    if len(_STAGES) > 64:
+        _STAGES.clear()
+    _STAGES[(id(summary), pp)] = (summary, out)
+    return out
+
+
+def _stage_summaries(summary: ModelSummary, pp: int) -> tuple[ModelSummary, ...]:
     other = max(0, summary.param_elements - summary.replicated_elements - _full_weights(summary))
     out = []
     for p in range(pp):
@@ -1020,18 +1034,25 @@ def cost_pipeline_plan(summary: ModelSummary, m: int, n: int, cluster: ClusterSp
     mach = _Machine(cluster, profile or DEFAULT_PROFILE)
     lay = _helix_layout(m, n, dp * pp, cluster.gpus_per_node)    # every stage's groups
     w, blockwise = summary.dtype_bytes, summary.workload is None
-    stages = []
+    stages, by_shape = [], {}
     for p, part in enumerate(stage_summaries(summary, pp)):
-        params = _params_per_rank(part, part.sites, part.mlps, lay)
-        cores = _choose_cores(part, cluster, part.sites, params, lay, mach, variant, backend)
-        act = _activation_per_sequence(
-            part, [_site_activation(x, w, *c, lay) for x, c in zip(part.sites, cores)],
-            part.mlps, lay)
-        stages.append((p, part, cores, params, act))
-    fit = min(_micro_batch(summary, params, act, cluster) for *_, params, act in stages)
+        # stages of one shape (80 layers over 4 stages) are costed once
+        shape = (tuple(_shape_key(x) for x in part.sites),
+                 tuple(_mlp_tokens_shape(x) for x in part.mlps))
+        if shape not in by_shape:
+            params = _params_per_rank(part, part.sites, part.mlps, lay)
+            reps, idx = _unique_uncached(part.sites)
+            rep_cores = _choose_cores(part, cluster, reps, params, lay, mach, variant, backend)
+            act = _activation_per_sequence(
+                part, [_site_activation(x, w, *c, lay) for x, c in zip(reps, rep_cores)],
+                part.mlps, lay)
+            mlp_reps = _by_shape_uncached(part.mlps, _mlp_tokens_shape)
+            by_shape[shape] = (reps, idx, rep_cores, mlp_reps, params, act)
+        stages.append((p, part, *by_shape[shape]))
+    fit = min(_micro_batch(summary, st[-2], st[-1], cluster) for st in stages)
     if fit < 1:
-        worst = max(stages, key=lambda st: st[3] * w + st[4])
-        raise PlanError(f"{name}: {_memory_reason(summary, worst[3], worst[4], cluster)} "
+        worst = max(stages, key=lambda st: st[-2] * w + st[-1])
+        raise PlanError(f"{name}: {_memory_reason(summary, worst[-2], worst[-1], cluster)} "
                         f"(stage {worst[0]}); try more stages or devices")
     local = summary.batch
     if micro_batches is not None:
@@ -1054,35 +1075,59 @@ def cost_pipeline_plan(summary: ModelSummary, m: int, n: int, cluster: ClusterSp
         src, dst = (p - 1) * m * n, p * m * n
         return [("stage-boundary send", "comm", p2p_s(nbytes, src, dst, hop, cluster))]
 
+    def one(p, reps, idx, cores, mlp_reps, b) -> tuple[float, float]:
+        """(compute, comm) seconds of one micro-batch of b on stage p."""
+        per_rep = [_attention_terms(x, w, *c, b, lay, mach, blockwise) for x, c in zip(reps, cores)]
+        counts = Counter(idx)
+        terms = [(counts[k], t) for k, t in enumerate(per_rep)]
+        terms += [(c, _mlp_terms(x, summary, b, lay, mach)) for x, c in mlp_reps]
+        terms += [(1, _graph_terms(summary, b, lay, mach, pp)), (1, recv_terms(p, b))]
+        return (sum(c * _seconds(t, "compute") for c, t in terms),
+                sum(c * _seconds(t, "comm") for c, t in terms))
+
+    memo: dict = {}
+
+    def one_memo(st, b):
+        key = (id(st[2]), st[0] > 0, b)      # stages of one shape share their reps' list
+        if key not in memo:
+            memo[key] = one(st[0], *st[2:6], b)
+        return memo[key]
+
     def price(b: int):
-        """(step seconds, per-stage rows) at micro-batch b."""
-        count = local // b
+        """(step seconds, slowest stage's (compute, comm) seconds of a micro-batch, stage)."""
         rows = []
-        for p, part, cores, params, act in stages:
-            sc = [_aggregate(x.index, v, bk, [(count, _attention_terms(x, w, v, bk, b, lay, mach,
-                                                                       blockwise))])
-                  for x, (v, bk) in zip(part.sites, cores)]
-            mc = [_aggregate(x.index, "mlp", "", [(count, _mlp_terms(x, part, b, lay, mach))])
-                  for x in part.mlps]
-            gc = _graph_cost(summary, [(b, count)], lay, mach, pp)
-            send = count * _seconds(recv_terms(p, b))
-            compute = sum(x.compute_ms for x in sc + mc + gc) / 1e3
-            comm = sum(x.comm_ms for x in sc + mc + gc) / 1e3 + send
-            rows.append((compute + comm, p, compute, comm, send, sc, mc, gc, params, act))
-        slowest = max(rows, key=lambda r: r[0])
-        t_stage = slowest[0] / count
-        step = _ev("pipeline_step", {"M": count, "p_pp": pp, "t_stage": t_stage})
-        return step, t_stage, slowest, rows
+        for st in stages:
+            per = one_memo(st, b)
+            rows.append((sum(per), per, st[0]))
+        t_stage, per_micro, p_slow = max(rows, key=lambda r: r[0])
+        return _ev("pipeline_step", {"M": local // b, "p_pp": pp, "t_stage": t_stage}), \
+            per_micro, p_slow
 
     priced = {b: price(b) for b in sizes}
     b = min(priced, key=lambda x: (priced[x][0], -x))
-    step, t_stage, slowest, rows = priced[b]
+    step, _, p_slow = priced[b]
     count = local // b
-    _, p_slow, compute, comm, send, *_ = slowest
-    _, _, _, _, _, _, _, gc, params, act = slowest
+    # the chosen b's records: every site and MLP over its stage's M micro-batches
+    sites, mlps, agg = [], [], {}
+    for p, part, reps, idx, cores, mlp_reps, params, act in stages:
+        if id(reps) not in agg:
+            agg[id(reps)] = [_aggregate(x.index, v, bk, [(count, _attention_terms(
+                x, w, v, bk, b, lay, mach, blockwise))]) for x, (v, bk) in zip(reps, cores)]
+        rep_costs = agg[id(reps)]
+        sites += [dataclasses.replace(rep_costs[k], index=x.index) for x, k in zip(part.sites, idx)]
+        for x in part.mlps:
+            key = ("mlp", _mlp_tokens_shape(x))
+            if key not in agg:
+                agg[key] = _aggregate(x.index, "mlp", "", [(count, _mlp_terms(x, part, b, lay,
+                                                                              mach))])
+            mlps.append(dataclasses.replace(agg[key], index=x.index))
+    gc = _graph_cost(summary, [(b, count)], lay, mach, pp)
+    slow = stages[p_slow]
+    compute_1, comm_1 = one(p_slow, *slow[2:6], b)
+    compute, comm = count * compute_1, count * comm_1
+    send = count * _seconds(recv_terms(p_slow, b))
+    params, act = slow[-2], slow[-1]
     bubble = _ev("bubble_fraction", {"M": count, "p_pp": pp}) * step
-    sites = [x for r in rows for x in r[5]]
-    mlps = [x for r in rows for x in r[6]]
     tried = ", ".join(f"b={x}: {priced[x][0] * 1e3:,.1f} ms" for x in sorted(priced))
     notes = [f"pp={pp}: M={count} micro-batches of b={b} sequences per replica (the fastest "
              f"step of {tried}); bubble (pp-1)/(M+pp-1) = {pp - 1}/{count + pp - 1}",
