@@ -202,9 +202,11 @@ def cmd_run(args) -> int:
                cluster=args.cluster, plan=_resolve_plan(args.plan), strict=args.strict,
                verbose=args.verbose, dp=1 if args.plan is None else None,
                pp=1 if args.plan is None else None)
-    if isinstance(args.plan, tuple) and len(args.plan) == 4 and args.plan[1] > 1:
+    given = _resolve_plan(args.plan)
+    pp = given.pp if isinstance(given, Plan) else (given[1] if given and len(given) == 4 else 1)
+    if pp > 1:
         raise HelixError(f"--plan {_plan_text(args.plan)}: helix run does not launch pipeline "
-                         f"stages (pp={args.plan[1]}) yet; run pp plans with "
+                         f"stages (pp={pp}) yet; run pp plans with "
                          f"helix_compiler.stages.run_pipeline_rank under torchrun, or simulate them")
     del model, inputs, kwargs
 

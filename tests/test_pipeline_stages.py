@@ -178,3 +178,10 @@ def test_pp2_under_torchrun_through_pipelining_equals_the_model(tmp_path, m=2, n
     assert [x["stage"] for x in results] == [0, 0, 1, 1]
     for x in results[2:]:
         assert x["last"] and x["finite"] and x["relative_error"] <= 1e-5, x
+
+
+def test_helix_run_refuses_a_pp_plan_before_launching(capsys):
+    from tests.test_cli import SCALED, _refused
+
+    line = _refused(capsys, "run", SCALED, "--devices", 4, "--backend", "gloo", "--plan", "1,2,1,2")
+    assert "helix run does not launch pipeline stages (pp=2) yet" in line
