@@ -1,9 +1,9 @@
-"""The plan: the chosen (dp, m, n) split, a variant per attention site, and why.
+"""The plan: the chosen (dp, pp, m, n) split, a variant per attention site, and why.
 
 `make_plan` solves (solver.py), costs every feasible split (cost.py): dp data
-replicas of n head groups x m dim slices, picks the best for the objective
-("throughput": the most tokens/s, ties the smaller m; "latency": the shortest
-step of the batch, ties the smaller dp) and costs the Megatron baselines beside
+replicas of pp pipeline stages of n head groups x m dim slices, picks the best for
+the objective ("throughput": the most tokens/s, ties the smaller m, then pp;
+"latency": the shortest step of the batch, ties the smaller dp, then pp) and costs the Megatron baselines beside
 it. A `Plan` is a frozen value that round-trips through YAML
 (`to_yaml` / `Plan.from_yaml`); docs/reading_a_plan.md explains its fields.
 """
