@@ -24,7 +24,8 @@ def plan_model(model: torch.nn.Module, devices: int = 16, example_inputs: tuple 
                strict: bool = False, verbose: bool = False,
                repeat_blocks: bool = True, *, objective: str = "throughput",
                memory_cap_gib: float | None = None,
-               dp: int | None = None, overlap: int | None = 1,
+               dp: int | None = None, pp: int | None = None,
+               micro_batches: int | None = None, overlap: int | None = 1,
                sequence_parallel: bool | None = False) -> tuple[Plan, Analysis]:
     """Capture, find attention and MLPs, solve and cost: (Plan, Analysis). Nothing is sharded,
     but the chosen split is one the shard pass builds (its placements are computed; a split it
@@ -41,11 +42,14 @@ def plan_model(model: torch.nn.Module, devices: int = 16, example_inputs: tuple 
     a stack it cannot prove identical is exported whole, the program's notes say why).
     objective: "throughput" (tokens/s of the example batch) or "latency" (time of one batch);
     memory_cap_gib: GiB per rank below the GPU's; dp: data replicas (None: every dp dividing
-    devices and the batch, the planner chooses; plan=(dp, m, n) forces one)."""
+    devices and the batch, the planner chooses; plan=(dp, m, n) forces one); pp: pipeline
+    stages (None: every pp up to the blocks; plan=(dp, pp, m, n) forces one); micro_batches:
+    a pp plan's micro-batch count (None: the cost model chooses)."""
     req = pipeline.request(model, devices, example_inputs, example_kwargs, cluster, plan, variant,
                            profile, print_after, dynamic, verbose, emit=False,
                            repeat_blocks=repeat_blocks, objective=objective,
-                           memory_cap_gib=memory_cap_gib, dp=dp, overlap=overlap,
+                           memory_cap_gib=memory_cap_gib, dp=dp, pp=pp,
+                           micro_batches=micro_batches, overlap=overlap,
                            sequence_parallel=sequence_parallel)
     return pipeline.run_plan(req, strict=strict)
 
@@ -60,7 +64,8 @@ def helix_compile(model: torch.nn.Module, devices: int = 16,
                   sequence_parallel: bool = False, strict: bool = False,
                   verbose: bool = False, repeat_blocks: bool = True, *,
                   objective: str = "throughput", memory_cap_gib: float | None = None,
-                  dp: int | None = 1, overlap: int | None = 1) -> HelixProgram:
+                  dp: int | None = 1, pp: int | None = 1,
+                  micro_batches: int | None = None, overlap: int | None = 1) -> HelixProgram:
     """Compile `model` for `devices` ranks: every pass of pipeline.PASSES; returns a HelixProgram.
 
     plan=(m, n) forces a split; variant="score-reduce" | "qk-gather" forces the m > 1 variant
@@ -93,6 +98,10 @@ def helix_compile(model: torch.nn.Module, devices: int = 16,
     overlap: cut each rank's batch into k chunks whose all-reduces run while the next chunk
     computes (passes/overlap.py); 1 by default (k must divide every batch the program runs),
     None lets the cost model choose k. A Plan given as `plan` brings its own overlap.
+    pp: pipeline stages, 1 by default (None: the planner chooses; plan=(dp, pp, m, n) forces
+    it): rank ((d pp + p) n + i) m + j runs stage p's piece of the m x n rank (i, j)'s graph
+    (helix_compiler/stages.py); micro_batches: a pp plan's micro-batch count (None: the cost
+    model's choice).
     """
     if sequence_parallel and dynamic:
         raise PlanError("sequence_parallel=True needs a static sequence length; pass "
@@ -100,8 +109,8 @@ def helix_compile(model: torch.nn.Module, devices: int = 16,
     req = pipeline.request(model, devices, example_inputs, example_kwargs, cluster, plan, variant,
                            profile, print_after, dynamic, verbose,
                            sequence_parallel=sequence_parallel, repeat_blocks=repeat_blocks,
-                           objective=objective, memory_cap_gib=memory_cap_gib, dp=dp,
-                           overlap=overlap)
+                           objective=objective, memory_cap_gib=memory_cap_gib, dp=dp, pp=pp,
+                           micro_batches=micro_batches, overlap=overlap)
     return pipeline.run_compile(req, strict=strict, kernel_choice=kernel_choice)
 
 

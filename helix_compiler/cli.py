@@ -86,15 +86,16 @@ def _one_line(message: object) -> str:
 
 
 def _plan_arg(text: str):
-    """--plan M,N -> (m, n); --plan DP,M,N -> (dp, m, n); --plan FILE.yaml -> the path (read by
-    Plan.from_yaml)."""
+    """--plan M,N -> (m, n); --plan DP,M,N -> (dp, m, n); --plan DP,PP,M,N -> (dp, pp, m, n);
+    --plan FILE.yaml -> the path (read by Plan.from_yaml)."""
     if text.endswith((".yaml", ".yml")):
         return text
     parts = text.split(",")
-    if len(parts) not in (2, 3) or not all(p.strip().isdigit() for p in parts):
+    if len(parts) not in (2, 3, 4) or not all(p.strip().isdigit() for p in parts):
         raise argparse.ArgumentTypeError(
             f"--plan takes M,N (m dim slices, n head groups; e.g. 4,4), DP,M,N (dp data replicas "
-            f"of it; e.g. 2,1,2) or a plan .yaml file, got {text!r}")
+            f"of it; e.g. 2,1,2), DP,PP,M,N (pp pipeline stages too; e.g. 1,2,1,8) or a plan "
+            f".yaml file, got {text!r}")
     return tuple(int(p) for p in parts)
 
 
@@ -169,7 +170,8 @@ def cmd_plan(args) -> int:
                   cluster=args.cluster, plan=_resolve_plan(args.plan),
                   print_after=(stage,) if stage else (), profile=_profile(args.profile),
                   strict=args.strict, verbose=args.verbose, objective=args.objective,
-                  memory_cap_gib=args.memory_cap, dp=args.dp,
+                  memory_cap_gib=args.memory_cap, dp=args.dp, pp=args.pp,
+                  micro_batches=args.micro_batches,
                   overlap=None if args.overlap == "auto" else int(args.overlap),
                   sequence_parallel={"auto": None, "on": True, "off": False}[args.sequence_parallel])
     # the library prints the graph after the pass; shard and the rank passes need rank graphs
@@ -257,7 +259,14 @@ def cmd_run(args) -> int:
     model, inputs, kwargs = load_model_spec(spec, batch=args.batch, seq=args.seq, init="meta")
     plan_model(model, devices=args.devices, example_inputs=inputs, example_kwargs=kwargs,
                cluster=args.cluster, plan=_resolve_plan(args.plan), strict=args.strict,
-               verbose=args.verbose, dp=1 if args.plan is None else None)
+               verbose=args.verbose, dp=1 if args.plan is None else None,
+               pp=1 if args.plan is None else None)
+    given = _resolve_plan(args.plan)
+    pp = given.pp if isinstance(given, Plan) else (given[1] if given and len(given) == 4 else 1)
+    if pp > 1:
+        raise HelixError(f"--plan {_plan_text(args.plan)}: helix run does not launch pipeline "
+                         f"stages (pp={pp}) yet; run pp plans with "
+                         f"helix_compiler.stages.run_pipeline_rank under torchrun, or simulate them")
     del model, inputs, kwargs
 
     workdir = Path(tempfile.mkdtemp(prefix="helix-run-"))
@@ -393,8 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="cluster preset (paper, h100x8) or cluster YAML file (default: the paper's "
                            "nodes of 8 H100s, as many as --devices needs)")
     plan.add_argument("--format", choices=FORMATS, default="table", help="output format (default: table)")
-    plan.add_argument("--plan", type=_plan_arg, metavar="[DP,]M,N|FILE",
-                      help="force the split m,n, or dp data replicas of it (dp,m,n), or a plan YAML "
+    plan.add_argument("--plan", type=_plan_arg, metavar="[DP,[PP,]]M,N|FILE",
+                      help="force the split m,n, or dp data replicas of it (dp,m,n), with pp "
+                           "pipeline stages (dp,pp,m,n), or a plan YAML "
                            "written with -o, instead of choosing")
     plan.add_argument("--objective", choices=OBJECTIVES, default="throughput",
                       help="throughput: the most tokens/s for the batch (default); latency: the "
@@ -409,6 +419,12 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--sequence-parallel", choices=("auto", "on", "off"), default="auto",
                       help="norms and residuals on 1/N of the tokens (reduce-scatter + "
                            "all-gather); default auto: the cost model chooses per plan")
+    plan.add_argument("--pp", type=_positive_int, metavar="P",
+                      help="only plans of P pipeline stages (default: every P dividing N, at most "
+                           "the model's blocks)")
+    plan.add_argument("--micro-batches", type=_positive_int, metavar="M",
+                      help="a pipeline plan's micro-batches per replica (default: the cost model "
+                           "chooses; M must divide the replica's batch)")
     plan.add_argument("--print-graph-after", choices=PASS_NAMES, metavar="PASS",
                       help=f"print the graph after a pass of the pipeline (rank 0's after shard "
                            f"and the rank passes): {', '.join(PASS_NAMES)}")

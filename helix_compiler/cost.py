@@ -808,7 +808,8 @@ def _replica_summary(summary: ModelSummary, dp: int) -> ModelSummary:
 
 def cost_plan(summary: ModelSummary, m: int, n: int, cluster: ClusterSpec,
               profile: ComputeProfile | None = None, variant: str | None = None,
-              backend: str | None = None, dp: int = 1) -> PlanCost:
+              backend: str | None = None, dp: int = 1, pp: int = 1,
+              micro_batches: int | None = None) -> PlanCost:
     """Predicted step of helix m x n, or of dp replicas of it. `variant` forces "score-reduce"
     or "qk-gather" on every site when m > 1; otherwise each site takes the faster.
     `backend` prices every core that can take it with that core ("explicit", "flash",
@@ -817,7 +818,13 @@ def cost_plan(summary: ModelSummary, m: int, n: int, cluster: ClusterSpec,
     dp > 1: each replica is the m x n program on its B/dp sequences, priced exactly as an
     m x n plan of that batch (a forward pass sends nothing between replicas); its groups lie
     at ranks shifted by a replica's m n, so a collective costs what its node span says; the
-    step is one replica's (they run at once) and tokens/s counts all B sequences."""
+    step is one replica's (they run at once) and tokens/s counts all B sequences.
+
+    pp > 1: pp pipeline stages of the m x n program, priced by `cost_pipeline_plan` (its
+    micro-batch chosen there, or `micro_batches` of them per replica)."""
+    if pp > 1:
+        return cost_pipeline_plan(summary, m, n, cluster, profile, variant, backend, dp=dp,
+                                  pp=pp, micro_batches=micro_batches)
     _TERMS.clear()
     if variant not in (None, "score-reduce", "qk-gather"):
         raise PlanError(f"variant must be 'score-reduce' or 'qk-gather' (or None to choose), "
@@ -1070,3 +1077,192 @@ def sequence_parallel_cost(summary: ModelSummary, base: PlanCost, m: int, n: int
         notes=base.notes + (f"sequence-parallel norms: {saved_ms:.3f} ms of replicated norm / "
                             f"residual work saved, {blocks} all-reduces per micro-batch become "
                             f"reduce-scatter + all-gather (+{extra_ms:.3f} ms of latency)",))
+
+# --- Helix plans with pipeline stages ------------------------------------------------
+def stage_of(index: int, count: int, pp: int) -> int:
+    """The stage of the index-th of `count` blocks (sites, or MLPs) over pp stages: contiguous
+    runs, the earlier stages the shorter when pp does not divide count (as cost_baseline)."""
+    return index * pp // count
+
+
+_STAGES: dict = {}
+
+
+def stage_summaries(summary: ModelSummary, pp: int) -> tuple[ModelSummary, ...]:
+    """What each of pp stages holds: its contiguous run of sites and MLPs, every replicated
+    parameter (norms, embeddings, heads: counted on every stage, an over-estimate) and a
+    1/pp share of the parameters no site or MLP explains."""
+    hit = _STAGES.get((id(summary), pp))
+    if hit is not None and hit[0] is summary:
+        return hit[1]
+    out = _stage_summaries(summary, pp)
+    if len(_STAGES) > 64:
+        _STAGES.clear()
+    _STAGES[(id(summary), pp)] = (summary, out)
+    return out
+
+
+def _stage_summaries(summary: ModelSummary, pp: int) -> tuple[ModelSummary, ...]:
+    other = max(0, summary.param_elements - summary.replicated_elements - _full_weights(summary))
+    out = []
+    for p in range(pp):
+        sites = tuple(x for i, x in enumerate(summary.sites)
+                      if stage_of(i, len(summary.sites), pp) == p)
+        mlps = tuple(x for i, x in enumerate(summary.mlps)
+                     if stage_of(i, len(summary.mlps), pp) == p)
+        part = dataclasses.replace(summary, sites=sites, mlps=mlps)
+        part = dataclasses.replace(part, param_elements=summary.replicated_elements
+                                   + _full_weights(part) + math.ceil(other / pp))
+        out.append(part)
+    return tuple(out)
+
+
+def stage_memory_reason(summary: ModelSummary, m: int, n: int, pp: int, cluster: ClusterSpec,
+                        profile: ComputeProfile | None = None) -> str | None:
+    """None when a one-sequence micro-batch of every stage of pp x m x n fits, else why not
+    (the first stage that does not, named)."""
+    for p, part in enumerate(stage_summaries(summary, pp)):
+        why = memory_reason(part, m, n, cluster, profile)
+        if why is not None:
+            return f"{why} (stage {p} of pp={pp})"
+    return None
+
+
+def _divisors(x: int) -> list[int]:
+    return [int(v) for v in sympy.divisors(x)] if x > 0 else [1]
+
+
+def cost_pipeline_plan(summary: ModelSummary, m: int, n: int, cluster: ClusterSpec,
+                       profile: ComputeProfile | None = None, variant: str | None = None,
+                       backend: str | None = None, *, dp: int = 1, pp: int,
+                       micro_batches: int | None = None) -> PlanCost:
+    """Predicted step of dp replicas of pp stages of helix m x n (cost_plan with pp > 1).
+
+    Stage p of replica d holds ranks [(d pp + p) m n, (d pp + p + 1) m n) and the blocks
+    `stage_of` gives it, each split m x n as cost_plan splits it; between stages each of the
+    m n ranks sends the hidden state (b S D) to its counterpart (p2p_send). Per micro-batch
+    a stage takes t_stage (its sites, MLPs, its 1/pp of the graph's ops, its receive); the
+    step is (M + pp - 1) t_stage of the slowest stage: M t_stage of work plus the bubble
+    (pp - 1) t_stage, as cost_baseline. The micro-batch b is searched over the divisors of
+    the replica batch B/dp that fit in memory (all M = B/(dp b) micro-batches whole): more
+    micro-batches shrink the bubble, smaller ones run smaller GEMMs; the fastest step wins
+    (ties: the larger b). `micro_batches` forces M."""
+    _TERMS.clear()
+    if variant not in (None, "score-reduce", "qk-gather"):
+        raise PlanError(f"variant must be 'score-reduce' or 'qk-gather' (or None to choose), "
+                        f"got {variant!r}")
+    name = f"dp={dp} x pp={pp} x m={m} x n={n}"
+    _check_devices(name, dp * pp * m * n, cluster)
+    layers = max(len(summary.sites), len(summary.mlps))
+    if pp > max(layers, 1):
+        raise PlanError(f"{name}: pp={pp} stages need at least {pp} blocks, model "
+                        f"{summary.name!r} has {layers}; try pp <= {max(layers, 1)}")
+    global_batch, summary = summary.batch, replica_summary(summary, dp)
+    mach = _Machine(cluster, profile or DEFAULT_PROFILE)
+    lay = _helix_layout(m, n, dp * pp, cluster.gpus_per_node)    # every stage's groups
+    w, blockwise = summary.dtype_bytes, summary.workload is None
+    stages, by_shape = [], {}
+    for p, part in enumerate(stage_summaries(summary, pp)):
+        # stages of one shape (80 layers over 4 stages) are costed once
+        shape = (tuple(_shape_key(x) for x in part.sites),
+                 tuple(_mlp_tokens_shape(x) for x in part.mlps))
+        if shape not in by_shape:
+            params = _params_per_rank(part, part.sites, part.mlps, lay)
+            reps, idx = _unique_uncached(part.sites)
+            rep_cores = _choose_cores(part, cluster, reps, params, lay, mach, variant, backend)
+            act = _activation_per_sequence(
+                part, [_site_activation(x, w, *c, lay) for x, c in zip(reps, rep_cores)],
+                part.mlps, lay)
+            mlp_reps = _by_shape_uncached(part.mlps, _mlp_tokens_shape)
+            by_shape[shape] = (reps, idx, rep_cores, mlp_reps, params, act)
+        stages.append((p, part, *by_shape[shape]))
+    fit = min(_micro_batch(summary, st[-2], st[-1], cluster) for st in stages)
+    if fit < 1:
+        worst = max(stages, key=lambda st: st[-2] * w + st[-1])
+        raise PlanError(f"{name}: {_memory_reason(summary, worst[-2], worst[-1], cluster)} "
+                        f"(stage {worst[0]}); try more stages or devices")
+    local = summary.batch
+    if micro_batches is not None:
+        if local % micro_batches:
+            raise PlanError(f"{name}: M={micro_batches} micro-batches need the replica batch "
+                            f"B/dp={local} to split evenly; try M in "
+                            f"{', '.join(map(str, _divisors(local)))}")
+        sizes = [local // micro_batches]
+        if sizes[0] > fit:
+            raise PlanError(f"{name}: M={micro_batches} micro-batches of {sizes[0]} sequences, "
+                            f"but at most {fit} fit per rank; try M >= {math.ceil(local / fit)}")
+    else:
+        sizes = [b for b in _divisors(local) if b <= fit]
+    hop = min(m * n, cluster.gpus_per_node)     # ranks of a node sending at once
+
+    def recv_terms(p: int, size: int) -> list[tuple[str, str, float]]:
+        if p == 0:
+            return []
+        nbytes = w * size * summary.seq_len * _hidden(summary)
+        src, dst = (p - 1) * m * n, p * m * n
+        return [("stage-boundary send", "comm", p2p_s(nbytes, src, dst, hop, cluster))]
+
+    def one(p, reps, idx, cores, mlp_reps, b) -> tuple[float, float]:
+        """(compute, comm) seconds of one micro-batch of b on stage p."""
+        per_rep = [_attention_terms(x, w, *c, b, lay, mach, blockwise) for x, c in zip(reps, cores)]
+        counts = Counter(idx)
+        terms = [(counts[k], t) for k, t in enumerate(per_rep)]
+        terms += [(c, _mlp_terms(x, summary, b, lay, mach)) for x, c in mlp_reps]
+        terms += [(1, _graph_terms(summary, b, lay, mach, pp)), (1, recv_terms(p, b))]
+        return (sum(c * _seconds(t, "compute") for c, t in terms),
+                sum(c * _seconds(t, "comm") for c, t in terms))
+
+    memo: dict = {}
+
+    def one_memo(st, b):
+        key = (id(st[2]), st[0] > 0, b)      # stages of one shape share their reps' list
+        if key not in memo:
+            memo[key] = one(st[0], *st[2:6], b)
+        return memo[key]
+
+    def price(b: int):
+        """(step seconds, slowest stage's (compute, comm) seconds of a micro-batch, stage)."""
+        rows = []
+        for st in stages:
+            per = one_memo(st, b)
+            rows.append((sum(per), per, st[0]))
+        t_stage, per_micro, p_slow = max(rows, key=lambda r: r[0])
+        return _ev("pipeline_step", {"M": local // b, "p_pp": pp, "t_stage": t_stage}), \
+            per_micro, p_slow
+
+    priced = {b: price(b) for b in sizes}
+    b = min(priced, key=lambda x: (priced[x][0], -x))
+    step, _, p_slow = priced[b]
+    count = local // b
+    # the chosen b's records: every site and MLP over its stage's M micro-batches
+    sites, mlps, agg = [], [], {}
+    for p, part, reps, idx, cores, mlp_reps, params, act in stages:
+        if id(reps) not in agg:
+            agg[id(reps)] = [_aggregate(x.index, v, bk, [(count, _attention_terms(
+                x, w, v, bk, b, lay, mach, blockwise))]) for x, (v, bk) in zip(reps, cores)]
+        rep_costs = agg[id(reps)]
+        sites += [dataclasses.replace(rep_costs[k], index=x.index) for x, k in zip(part.sites, idx)]
+        for x in part.mlps:
+            key = ("mlp", _mlp_tokens_shape(x))
+            if key not in agg:
+                agg[key] = _aggregate(x.index, "mlp", "", [(count, _mlp_terms(x, part, b, lay,
+                                                                              mach))])
+            mlps.append(dataclasses.replace(agg[key], index=x.index))
+    gc = _graph_cost(summary, [(b, count)], lay, mach, pp)
+    slow = stages[p_slow]
+    compute_1, comm_1 = one(p_slow, *slow[2:6], b)
+    compute, comm = count * compute_1, count * comm_1
+    send = count * _seconds(recv_terms(p_slow, b))
+    params, act = slow[-2], slow[-1]
+    bubble = _ev("bubble_fraction", {"M": count, "p_pp": pp}) * step
+    tried = ", ".join(f"b={x}: {priced[x][0] * 1e3:,.1f} ms" for x in sorted(priced))
+    notes = [f"pp={pp}: M={count} micro-batches of b={b} sequences per replica (the fastest "
+             f"step of {tried}); bubble (pp-1)/(M+pp-1) = {pp - 1}/{count + pp - 1}",
+             f"slowest stage {p_slow}: compute {compute * 1e3:.1f} ms + comm {comm * 1e3:.1f} ms"
+             + (f" (stage-boundary sends {send * 1e3:.1f} ms)" if send else "")
+             + f" over {count} micro-batches"]
+    if m == 1 and all(s.num_kv_heads == s.num_heads for s in summary.sites):
+        notes.append(f"m=1 x n={n} x pp={pp} is the Megatron TP={n} x PP={pp} partition "
+                     f"(heads and MLP columns over {n} ranks per stage)")
+    return _finish(name, summary, dp * pp * m * n, compute, comm, bubble, params, act, b,
+                   sites, mlps, notes, graph=gc, global_batch=global_batch)

@@ -98,12 +98,14 @@ class Request:
     cluster: ClusterSpec | None = None
     cluster_arg: object = None              # as the caller gave it (None, a name, a spec)
     profile: ComputeProfile | None = None
-    forced: tuple[int, ...] | None = None   # (m, n) or (dp, m, n) the caller fixed
+    forced: tuple[int, ...] | None = None   # (m, n), (dp, m, n) or (dp, pp, m, n) the caller fixed
     plan: Plan | None = None                # a plan the caller gave (its split is `forced`)
     variant: str | None = None
     objective: str = "throughput"           # plan.OBJECTIVES
     memory_cap_gib: float | None = None     # GiB per rank a plan may use (None: the GPU's)
     dp: int | None = 1                      # data replicas; None: the planner chooses
+    pp: int | None = 1                      # pipeline stages; None: the planner chooses
+    micro_batches: int | None = None        # a pp plan's micro-batch count; None: the cost model's
     sequence_parallel: bool | None = False  # None: the planner chooses
     overlap: int | None = 1                 # batch chunks k (passes/overlap.py); None: the planner
     emit: bool = True                       # shard writes rank graphs (helix_compile) or not
@@ -214,7 +216,8 @@ def _plan(s: State) -> State:
     r = s.request
     result = make_plan(s.summary, r.devices, r.cluster, profile=r.profile, forced=r.forced,
                        variant=r.variant, refused=dict(s.refused), dp=r.dp,
-                       objective=r.objective, memory_cap_gib=r.memory_cap_gib,
+                       objective=r.objective, memory_cap_gib=r.memory_cap_gib, pp=r.pp,
+                       micro_batches=r.micro_batches,
                        overlap=r.overlap, sequence_parallel=r.sequence_parallel)
     return dataclasses.replace(s, plan=dataclasses.replace(result, unpartitioned=s.unpartitioned))
 
@@ -526,19 +529,20 @@ def plan_buildable(analysis: Analysis, devices: int, spec: ClusterSpec, *,
                    variant: str | None = None,
                    build: Callable[[Plan, Analysis], object] | None = None,
                    dp: int | None = 1, objective: str = "throughput",
-                   memory_cap_gib: float | None = None) -> tuple[Plan, object]:
+                   memory_cap_gib: float | None = None, pp: int | None = 1) -> tuple[Plan, object]:
     """The plan pass, checked with the shard pass's own rules: `build(plan, analysis)` (by
     default `placements`: seeds and shard, no rank graph emitted) runs for the chosen split;
     when it raises a ShardingError and the split was the cost model's choice, not `forced`,
     that split is excluded with the sharder's reason (in the candidate table and the plan's
     notes) and the next best by the cost model is tried.  A forced split keeps the sharder's
-    refusal. dp / objective / memory_cap_gib: the (dp, m, n) space searched (plan.make_plan).
+    refusal. dp / pp / objective / memory_cap_gib: the (dp, pp, m, n) space searched
+    (plan.make_plan).
 
     (Plan, what build returned)."""
     build = build or placements
     refused: dict = {}
     request = Request(devices=devices, cluster=spec, profile=profile, forced=forced, variant=variant,
-                      dp=dp, objective=objective, memory_cap_gib=memory_cap_gib)
+                      dp=dp, pp=pp, objective=objective, memory_cap_gib=memory_cap_gib)
     while True:
         s = _plan(dataclasses.replace(_state_of(analysis, request), refused=tuple(refused.items())))
         try:
@@ -579,8 +583,8 @@ def request(model: torch.nn.Module | None, devices: object, example_inputs: obje
             print_after: str | Iterable[str] | None = (), dynamic: bool = True,
             verbose: bool = False, sequence_parallel: bool = False, emit: bool = True,
             repeat_blocks: bool = True, objective: str = "throughput",
-            memory_cap_gib: float | None = None, dp: int | None = 1,
-            overlap: int | None = 1) -> Request:
+            memory_cap_gib: float | None = None, dp: int | None = 1, pp: int | None = 1,
+            micro_batches: int | None = None, overlap: int | None = 1) -> Request:
     """The caller's arguments checked and normalized (one message per rule). A Plan given as
     `plan` brings its own overlap and sequence_parallel."""
     devices = check_devices(devices)
@@ -606,7 +610,8 @@ def request(model: torch.nn.Module | None, devices: object, example_inputs: obje
                    repeat_blocks=repeat_blocks, devices=devices, cluster=cluster_spec(cluster, devices), cluster_arg=cluster,
                    profile=profile,
                    forced=forced, plan=given, variant=variant, objective=objective,
-                   memory_cap_gib=memory_cap_gib, dp=dp, sequence_parallel=sequence_parallel,
+                   memory_cap_gib=memory_cap_gib, dp=dp, pp=pp, micro_batches=micro_batches,
+                   sequence_parallel=sequence_parallel,
                    overlap=check_overlap(overlap), emit=emit, print_after=check_print_after(print_after, allowed))
 
 
@@ -620,13 +625,14 @@ def check_overlap(overlap: object) -> int | None:
 
 
 def forced_split(plan: object) -> tuple[int, ...] | None:
-    """plan=(m, n) or (dp, m, n) as a tuple of ints, or None; PlanError for anything else."""
+    """plan=(m, n), (dp, m, n) or (dp, pp, m, n) as a tuple of ints, or None; PlanError for
+    anything else."""
     if plan is None:
         return None
-    if not (isinstance(plan, (tuple, list)) and len(plan) in (2, 3)
+    if not (isinstance(plan, (tuple, list)) and len(plan) in (2, 3, 4)
             and all(isinstance(x, int) and not isinstance(x, bool) for x in plan)):
-        raise PlanError(f"plan must be (m, n) or (dp, m, n) with integers dp * m * n = devices, "
-                        f"got {plan!r}")
+        raise PlanError(f"plan must be (m, n), (dp, m, n) or (dp, pp, m, n) with integers "
+                        f"dp * pp * m * n = devices, got {plan!r}")
     return tuple(int(x) for x in plan)
 
 
@@ -712,7 +718,7 @@ def _static_if_better(prog: HelixProgram, req: Request) -> HelixProgram:
         req, model=src.model, args=src.example_inputs, kwargs=dict(src.example_kwargs or {}),
         cluster=cluster_spec(src.cluster, req.devices), cluster_arg=src.cluster,
         profile=src.profile, verbose=src.verbose, dynamic=False,
-        print_after=frozenset(), dp=prog.plan.dp)
+        print_after=frozenset(), dp=prog.plan.dp, pp=prog.plan.pp)
     static = run_compile(static_req, kernel_choice=prog.kernel_choice, warn=False)
     if len(static.replicated_ops) < len(prog.replicated_ops):
         note = (f"captured with static shapes: with a symbolic batch/sequence size, "
@@ -730,8 +736,8 @@ def recompile(program: HelixProgram, plan: tuple[int, ...] | None = None,
     kernel choice carry over."""
     analysis = program.analysis
     if devices is None:
-        if not (isinstance(plan, (tuple, list)) and len(plan) in (2, 3)):
-            raise PlanError(f"recompile needs devices= or plan=(m, n) / (dp, m, n), "
+        if not (isinstance(plan, (tuple, list)) and len(plan) in (2, 3, 4)):
+            raise PlanError(f"recompile needs devices= or plan=(m, n) / (dp, m, n) / (dp, pp, m, n), "
                             f"got plan={plan!r}")
         devices = math.prod(forced_split(plan))
     req = request(program._source.model if program._source else None, devices, plan=plan,

@@ -1,9 +1,9 @@
-"""The plan: the chosen (dp, m, n) split, a variant per attention site, and why.
+"""The plan: the chosen (dp, pp, m, n) split, a variant per attention site, and why.
 
 `make_plan` solves (solver.py), costs every feasible split (cost.py): dp data
-replicas of n head groups x m dim slices, picks the best for the objective
-("throughput": the most tokens/s, ties the smaller m; "latency": the shortest
-step of the batch, ties the smaller dp) and costs the Megatron baselines beside
+replicas of pp pipeline stages of n head groups x m dim slices, picks the best for
+the objective ("throughput": the most tokens/s, ties the smaller m, then pp;
+"latency": the shortest step of the batch, ties the smaller dp, then pp) and costs the Megatron baselines beside
 it. A `Plan` is a frozen value that round-trips through YAML
 (`to_yaml` / `Plan.from_yaml`); docs/reading_a_plan.md explains its fields.
 """
@@ -11,6 +11,7 @@ it. A `Plan` is a frozen value that round-trips through YAML
 from __future__ import annotations
 
 import hashlib
+import math
 import types
 import typing
 from dataclasses import dataclass, fields, is_dataclass, replace
@@ -24,7 +25,8 @@ from .cost import (OVERLAP_CHUNKS, VARIANTS, PlanCost, SiteCost, cost_baseline, 
 from .errors import HelixError, PlanError
 from .profile import ComputeProfile
 from .sites import AttentionSite, ModelSummary
-from .solver import Candidate, check_devices, require_feasible, solve_space, split_name
+from .solver import Candidate, check_devices, require_feasible, solve_space
+from .text import key_name, split_key, split_name
 
 OBJECTIVES = ("throughput", "latency")
 
@@ -70,7 +72,7 @@ class CandidateCost:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Plan:
     """devices = dp * pp * m * n: dp data replicas (each the m x n program on B/dp sequences),
-    pp pipeline stages (1: the pipeline axis is not emitted yet)."""
+    each of pp pipeline stages (contiguous runs of blocks, each split m x n)."""
 
     devices: int
     m: int
@@ -85,7 +87,7 @@ class Plan:
     notes: tuple[str, ...] = ()
     unpartitioned: tuple[UnpartitionedCore, ...] = ()   # attention cores every rank runs whole
     dp: int = 1                           # data replicas
-    pp: int = 1                           # pipeline stages (only 1 is emitted)
+    pp: int = 1                           # pipeline stages
     objective: str = "throughput"         # what the choice maximized: OBJECTIVES
     overlap: int = 1                      # k batch chunks interleaved (passes/overlap.py)
     sequence_parallel: bool = False       # residual stream split along the sequence
@@ -94,12 +96,10 @@ class Plan:
         if isinstance(self.overlap, bool) or not isinstance(self.overlap, int) or self.overlap < 1:
             raise PlanError(f"Plan: overlap must be a positive number of batch chunks k (1: no "
                             f"overlap), got {self.overlap!r}")
-        if self.pp != 1:
-            raise PlanError(f"Plan: pp={self.pp}, but Helix emits no pipeline stages yet; "
-                            f"use pp=1")
-        if self.m < 1 or self.n < 1 or self.dp < 1 or self.dp * self.m * self.n != self.devices:
-            raise PlanError(f"Plan: dp={self.dp} x m={self.m} x n={self.n} must multiply to "
-                            f"devices={self.devices}")
+        if min(self.m, self.n, self.dp, self.pp) < 1 \
+                or self.dp * self.pp * self.m * self.n != self.devices:
+            raise PlanError(f"Plan: dp={self.dp} x pp={self.pp} x m={self.m} x n={self.n} must "
+                            f"be positive and multiply to devices={self.devices}")
         if self.objective not in OBJECTIVES:
             raise PlanError(f"Plan: objective must be one of {OBJECTIVES}, got {self.objective!r}")
         for sp in self.sites:
@@ -112,18 +112,18 @@ class Plan:
         return tuple(sp.variant for sp in self.sites)
 
     @property
-    def split(self) -> tuple[int, int, int]:
-        """(dp, m, n)."""
-        return (self.dp, self.m, self.n)
+    def split(self) -> tuple[int, ...]:
+        """(dp, m, n) when pp = 1, else (dp, pp, m, n) (text.split_key)."""
+        return split_key(self.dp, self.pp, self.m, self.n)
 
     @property
     def replica_devices(self) -> int:
-        """Ranks of one data replica: m * n."""
+        """Ranks of one data replica's stage: m * n."""
         return self.m * self.n
 
     @property
     def name(self) -> str:
-        return split_name(self.dp, self.m, self.n)
+        return split_name(self.dp, self.m, self.n, self.pp)
 
     @property
     def no_attention(self) -> bool:
@@ -189,7 +189,8 @@ def make_plan(summary: ModelSummary, devices: int, cluster: ClusterSpec,
               variant: str | None = None, refused: dict | None = None,
               backend: str | None = None, *, dp: int | None = 1,
               objective: str = "throughput", memory_cap_gib: float | None = None,
-              overlap: int | None = 1, sequence_parallel: bool | None = False) -> Plan:
+              overlap: int | None = 1, sequence_parallel: bool | None = False,
+              pp: int | None = 1, micro_batches: int | None = None) -> Plan:
     """Solve, cost every feasible (dp, m, n) and pick the best for `objective`, or the
     `forced` (m, n) (dp = 1) or (dp, m, n). `dp`: only that many data replicas (1, the
     default, is today's m x n program), or None for every dp dividing devices.
@@ -201,53 +202,62 @@ def make_plan(summary: ModelSummary, devices: int, cluster: ClusterSpec,
     that split is excluded with it. `backend` prices every attention core with that
     core where it can take it (cost.cost_plan). `overlap`: batch chunks k of the overlap pass
     (None: per split the k of cost.OVERLAP_CHUNKS with the best objective); `sequence_parallel`:
-    True / False, or None for per split whichever is better (cost.sequence_parallel_cost)."""
+    True / False, or None for per split whichever is better (cost.sequence_parallel_cost).
+    `pp`: only that many pipeline stages (1, the default: none), or None for every pp;
+    forced=(dp, pp, m, n) forces one. `micro_batches`: the micro-batch count M of a pp > 1
+    plan (None: the cost model chooses it). Overlap and sequence-parallel norms are priced
+    for pp = 1 plans (a pipeline stage runs neither yet)."""
     check_devices(devices)
     if objective not in OBJECTIVES:
         raise PlanError(f"objective must be one of {OBJECTIVES}, got {objective!r}; "
                         f"'throughput' for tokens/s of the whole batch, 'latency' for the "
                         f"time of one batch (set its size with --batch)")
     cluster, cap_note = _capped(cluster, memory_cap_gib)
-    refused = {_key3(k): v for k, v in (refused or {}).items()}
+    refused = {_key(k): v for k, v in (refused or {}).items()}
     if forced is not None:   # the table lists the space the split was forced in: (m, n) or all
-        shape, forced = forced, _forced3(forced, devices)
+        shape, forced = forced, _forced_key(forced, devices)
         dp = 1 if len(shape) == 2 else None
+        pp = None if len(shape) == 4 else 1
     candidates = tuple(
         replace(c, feasible=False, reasons=c.reasons + (refused[c.key],))
-        if c.key in refused else c for c in solve_space(summary, devices, cluster, dp))
+        if c.key in refused else c
+        for c in solve_space(summary, devices, cluster, dp, pp, micro_batches))
     feasible = [c for c in candidates if c.feasible]
     listing = ", ".join(str(c) for c in feasible) or "none"
     if forced is not None:
-        k, m, n = forced
-        if k * m * n != devices:
-            raise PlanError(f"forced {split_name(k, m, n)} = {k * m * n} devices, but "
+        if math.prod(forced) != devices:
+            raise PlanError(f"forced {key_name(forced)} = {math.prod(forced)} devices, but "
                             f"devices={devices}; feasible splits of {devices}: {listing}")
-        chosen = next(c for c in candidates if c.key == forced)   # dp * m * n = devices
+        chosen = next(c for c in candidates if c.key == forced)   # dp pp m n = devices
         if not chosen.feasible:
             raise PlanError(f"forced {chosen} is infeasible: {'; '.join(chosen.reasons)}. "
                             f"Feasible splits of {devices}: {listing}")
     elif not feasible and refused:
         raise PlanError(f"no split of {devices} devices can be built: "
-                        + "; ".join(f"{split_name(*k)}: {why}" for k, why in refused.items())
+                        + "; ".join(f"{key_name(k)}: {why}" for k, why in refused.items())
                         + "; docs/troubleshooting.md says what to do about the node named")
     elif not feasible:
         try:
             require_feasible(summary, devices, cluster)   # raises, listing counts that fit
         except PlanError as e:
-            more = [c for c in candidates if c.dp > 1]
+            more = [c for c in candidates if c.dp > 1 or c.pp > 1]
             if not more:
                 raise
-            raise PlanError(f"{e}; and with data replicas: " + "; ".join(
+            raise PlanError(f"{e}; and with data replicas or stages: " + "; ".join(
                 f"{c}: {', '.join(c.reasons)}" for c in more)) from None
     costs = {}
-    notes = [f"{split_name(*k)} excluded although the cost model chose it: {why}; chose the "
+    notes = [f"{key_name(k)} excluded although the cost model chose it: {why}; chose the "
              f"next best split the shard pass builds" for k, why in refused.items()]
     notes += [cap_note] if cap_note else []
     for c in feasible:
         try:
-            base = cost_plan(summary, c.m, c.n, cluster, profile, variant, backend, dp=c.dp)
-            costs[c] = _best_schedule(summary, c, base, cluster, profile, variant, backend,
-                                      objective, overlap, sequence_parallel)
+            if c.pp > 1:
+                costs[c] = cost_plan(summary, c.m, c.n, cluster, profile, variant, backend,
+                                     dp=c.dp, pp=c.pp, micro_batches=micro_batches)
+            else:
+                base = cost_plan(summary, c.m, c.n, cluster, profile, variant, backend, dp=c.dp)
+                costs[c] = _best_schedule(summary, c, base, cluster, profile, variant, backend,
+                                          objective, overlap, sequence_parallel)
         except PlanError as e:
             notes.append(f"{c} not costed: {e}")
     if forced is not None and chosen not in costs:
@@ -266,9 +276,9 @@ def make_plan(summary: ModelSummary, devices: int, cluster: ClusterSpec,
     cost = costs[chosen]
     by_index = {sc.index: sc for sc in cost.sites}    # a site's cost, matched by site index
     notes += _why_notes(summary, chosen, costs, candidates, objective)
-    notes += _baseline_notes(cost, baselines)
+    notes += _baseline_notes(cost, baselines, summary, candidates, costs)
     return Plan(
-        devices=devices, dp=chosen.dp, m=chosen.m, n=chosen.n, objective=objective,
+        devices=devices, dp=chosen.dp, pp=chosen.pp, m=chosen.m, n=chosen.n, objective=objective,
         overlap=cost.overlap_chunks, sequence_parallel=cost.sequence_parallel,
         cluster=cluster.name, model=model_fingerprint(summary),
         sites=tuple(SitePlan(index=s.index, site=s, variant=by_index[s.index].variant,
@@ -309,21 +319,28 @@ def objective_key(objective: str, c: Candidate, cost: PlanCost) -> tuple:
     plans alike; they differ in their ties and, above all, in the batch they are asked about
     (a latency question is usually one sequence, where dp > 1 is infeasible)."""
     if objective == "latency":
-        return (cost.step_ms, c.dp, c.m)
-    return (-cost.tokens_per_s, c.m, -c.dp)
+        return (cost.step_ms, c.dp, c.pp, c.m)
+    return (-cost.tokens_per_s, c.m, c.pp, -c.dp)
 
 
-def _key3(key: tuple) -> tuple[int, int, int]:
-    return tuple(key) if len(key) == 3 else (1, *key)
+def _key(key: tuple) -> tuple[int, ...]:
+    """A split as Candidate.key spells it: (m, n) and (dp, m, n) as (dp, m, n), (dp, pp, m, n)
+    as itself unless pp = 1."""
+    key = tuple(key)
+    if len(key) == 2:
+        return (1, *key)
+    return split_key(*key) if len(key) == 4 else key
 
 
-def _forced3(forced, devices: int) -> tuple[int, int, int]:
-    three = isinstance(forced, (tuple, list)) and len(forced) == 3
-    if not (isinstance(forced, (tuple, list)) and len(forced) in (2, 3)
+def _forced_key(forced, devices: int) -> tuple[int, ...]:
+    if not (isinstance(forced, (tuple, list)) and len(forced) in (2, 3, 4)
             and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in forced)):
-        raise PlanError(f"forced {'(dp, m, n) must be three' if three else '(m, n) must be two'} "
-                        f"positive integers, got {forced!r}; they multiply to devices={devices}")
-    return _key3(tuple(forced))
+        size = len(forced) if isinstance(forced, (tuple, list)) else 2
+        what = {3: "(dp, m, n) must be three", 4: "(dp, pp, m, n) must be four"}.get(
+            size, "(m, n) must be two")
+        raise PlanError(f"forced {what} positive integers, got {forced!r}; they multiply to "
+                        f"devices={devices}")
+    return _key(tuple(forced))
 
 
 def _capped(cluster: ClusterSpec, memory_cap_gib: float | None) -> tuple[ClusterSpec, str]:
@@ -373,12 +390,41 @@ def _why_notes(summary: ModelSummary, chosen: Candidate, costs: dict, candidates
     return out
 
 
-def _baseline_notes(cost: PlanCost, baselines) -> list[str]:
-    faster = [b for b in baselines if b.tokens_per_s > cost.tokens_per_s]
-    return [f"baseline {b.name} is predicted faster ({b.tokens_per_s:,.0f} vs "
-            f"{cost.tokens_per_s:,.0f} tokens/s) but Helix cannot emit it: it needs "
-            f"{'the pipeline axis' if 'PP' in b.name else 'a split outside this space'}"
-            for b in faster]
+def baseline_point(b: PlanCost, summary: ModelSummary) -> str | None:
+    """The Helix split that is the same partition as Megatron baseline `b` ('TP=8 x PP=2' ->
+    'dp=1 x pp=2 x m=1 x n=8'), when every site is MHA (GQA/MQA: Megatron splits kv heads as
+    Helix does for n <= H_kv, but copies them differently beyond); None otherwise."""
+    if any(s.num_kv_heads != s.num_heads for s in summary.sites):
+        return None
+    parts = dict(x.split("=") for x in b.name.replace(" ", "").split("x"))
+    return split_name(1, 1, int(parts["TP"]), int(parts.get("PP", 1)))
+
+
+def _baseline_notes(cost: PlanCost, baselines, summary: ModelSummary = None,
+                    candidates=(), costs: dict | None = None) -> list[str]:
+    out = []
+    searched = {str(c) for c in candidates}
+    priced = {str(c): x for c, x in (costs or {}).items()}
+    for b in baselines:
+        same = baseline_point(b, summary) if summary is not None else None
+        if same is not None and "PP" in b.name:
+            out.append(f"baseline {b.name} is also the Helix point {same} (the same partition "
+                       f"for MHA)" + ("" if same in searched else
+                                      "; it is outside the space searched here (pp=None "
+                                      "/ --pp searches every pp)"))
+        if b.tokens_per_s > cost.tokens_per_s:
+            out.append(f"baseline {b.name} is predicted faster ({b.tokens_per_s:,.0f} vs "
+                       f"{cost.tokens_per_s:,.0f} tokens/s) than the chosen split"
+                       + (f"; its Helix point {same} was not searched (search pp)"
+                          if same is not None and same not in searched else
+                          "; it is a split outside this space"
+                          if same is None else
+                          f"; its Helix point {same} is priced at "
+                          f"{priced[same].tokens_per_s:,.0f}: Helix's stage cut sends the whole "
+                          f"hidden state from each of a stage's ranks, Megatron 1/TP of it from "
+                          f"each and all-gathers it (scatter-gather, not emitted by Helix yet)"
+                          if same in priced else f"; its Helix point {same} is not costed"))
+    return out
 
 
 def _baseline_shapes(devices: int, cluster: ClusterSpec) -> list[tuple[int, int]]:

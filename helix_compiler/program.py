@@ -138,6 +138,7 @@ class HelixProgram:
     # derived caches (rank -> Localized / GraphModule): built on first use, never set from outside
     _per_rank: dict = field(default_factory=dict, init=False, repr=False)
     _modules: dict = field(default_factory=dict, init=False, repr=False)
+    _stages: dict = field(default_factory=dict, init=False, repr=False)
 
     def recompile(self, plan: tuple[int, ...] | Plan | None = None, devices: int | None = None,
                   variant: str | None = None, cluster: object = None,
@@ -157,18 +158,45 @@ class HelixProgram:
         return self.plan.dp
 
     @property
+    def pp(self) -> int:
+        """Pipeline stages (plan.pp; 1: no stage cut)."""
+        return self.plan.pp
+
+    @property
     def replica_devices(self) -> int:
-        """m * n: the ranks of one replica."""
+        """m * n: the ranks of one replica's stage."""
         return self.mesh.size
 
     @property
     def devices(self) -> int:
-        return self.dp * self.mesh.size
+        return self.dp * self.pp * self.mesh.size
 
     def replica_of(self, rank: int) -> tuple[int, int]:
-        """(replica d, local rank in the m x n program) of rank r."""
+        """(replica d, local rank in the m x n program) of rank r = ((d pp + p) n + i) m + j."""
         self._check_rank(rank)
-        return divmod(rank, self.mesh.size)
+        d, rest = divmod(rank, self.pp * self.mesh.size)
+        return d, rest % self.mesh.size
+
+    def stage_index(self, rank: int) -> int:
+        """The pipeline stage p of rank r (0 when pp = 1)."""
+        self._check_rank(rank)
+        return rank // self.mesh.size % self.pp
+
+    def stage_module(self, rank: int) -> fx.GraphModule:
+        """What rank r runs: its stage's piece of its (i, j) module (rank_module(r) if pp = 1)."""
+        if self.pp == 1:
+            return self.rank_module(rank)
+        return self.stage_modules(self._local(rank))[self.stage_index(rank)]
+
+    def stage_modules(self, local: int) -> list:
+        """The m x n program's rank `local` module cut into pp stage modules (stages.py)."""
+        from .stages import split_rank_module, stage_cuts
+
+        if local not in self._stages:
+            gm = self.rank_module(local)
+            cuts = stage_cuts(gm, self.summary, self.rank_shards(local), self.pp)
+            self._stages[local] = split_rank_module(gm, cuts, f"HelixRank{local}")
+        return self._stages[local]
 
     @property
     def summary(self) -> ModelSummary:
@@ -216,7 +244,8 @@ class HelixProgram:
         directory of safetensors files), memory-mapped, into a module on the CPU (the devices
         its graph names, meta for a model built under `empty_weights()`, pointed there too;
         `on_device(gm, "cuda")` moves it on). With dp > 1 replicas, every replica's rank r is
-        the one module of local rank r % (m n)."""
+        the one module of local rank r % (m n). With pp > 1 stages this is the uncut module
+        of r's (i, j); `stage_module(r)` is the piece rank r runs."""
         rank = self._local(rank)
         if weights is not None:
             loc = self._rank_localized(rank)
@@ -264,7 +293,12 @@ class HelixProgram:
     def simulate(self, *args: object, **kwargs: object) -> list:
         """Every rank's output, from the modules rank_module returns, run together in this
         process. With dp > 1 replicas, replica d's m n ranks run on batch shard d (`shard_inputs`),
-        one replica after another: rank r's output is the output of its replica's rows."""
+        one replica after another: rank r's output is the output of its replica's rows. With
+        pp > 1 stages, stages.simulate_pipeline: a last-stage rank's output is the model's."""
+        if self.pp > 1:
+            from .stages import simulate_pipeline
+
+            return simulate_pipeline(self, args, kwargs)
         modules = [self.rank_module(r) for r in range(self.mesh.size)]
         if self.dp == 1:
             self._check_static_shapes(args, kwargs)
@@ -324,12 +358,18 @@ class HelixProgram:
         h.update(f"{self.plan.m}x{self.plan.n}:{self.devices}".encode())
         if self.dp > 1:
             h.update(f"dp{self.dp}".encode())
+        if self.pp > 1:
+            h.update(f"pp{self.pp}".encode())
         h.update(self.analysis.captured.gm.code.encode())
         for k, t in sorted(self.analysis.captured.params.items()):
             h.update(f"{k}:{tuple(t.shape)}:{t.dtype}".encode())
         return h.hexdigest()[:16]
 
     def save(self, directory: str | Path) -> Path:
+        if self.pp > 1:
+            raise HelixError(f"save of a pp={self.pp} program is not supported yet; save the "
+                             f"m x n program (recompile with plan=({self.plan.m}, {self.plan.n})) "
+                             f"and cut it with helix_compiler.stages")
         if self.dp > 1:
             raise HelixError(f"save of a dp={self.dp} program is not supported yet; save the m x n "
                              f"program (recompile with plan=({self.plan.m}, {self.plan.n})): every "

@@ -7,9 +7,9 @@ import sympy
 from .cost import PlanCost, formulas
 from .plan import Plan
 
-_COLUMNS = ("", "split", "dp", "variants", "schedule", "compute ms", "comm ms", "bubble ms", "GiB/rank",
-            "params/rank", "tokens/s", "latency ms", "why")
-_LEFT = 5   # columns written left-aligned: mark, split, dp, variants, schedule
+_COLUMNS = ("", "split", "dp", "pp", "variants", "schedule", "compute ms", "comm ms", "bubble ms",
+            "GiB/rank", "params/rank", "tokens/s", "latency ms", "why")
+_LEFT = 6   # columns written left-aligned: mark, split, dp, pp, variants, schedule
 
 
 def _human(x: float) -> str:
@@ -19,15 +19,15 @@ def _human(x: float) -> str:
     return f"{x:.3g}"
 
 
-def _row(mark: str, name: str, dp: str, variants: str, cost: PlanCost | None,
+def _row(mark: str, name: str, dp: str, pp: str, variants: str, cost: PlanCost | None,
          why: str = "") -> list[str]:
     if cost is None:
-        return [mark, name, dp, variants] + ["-"] * (len(_COLUMNS) - 5) + [why]
+        return [mark, name, dp, pp, variants] + ["-"] * (len(_COLUMNS) - 6) + [why]
     # overlap k (exposed communication) or sequence-parallel norms
     schedule = ("SP" if cost.sequence_parallel else
                 f"k={cost.overlap_chunks} ({cost.exposed_comm_ms:,.1f} exposed)"
                 if cost.overlap_chunks > 1 else "-")
-    return [mark, name, dp, variants, schedule, f"{cost.compute_ms:,.1f}", f"{cost.comm_ms:,.1f}",
+    return [mark, name, dp, pp, variants, schedule, f"{cost.compute_ms:,.1f}", f"{cost.comm_ms:,.1f}",
             f"{cost.bubble_ms:,.1f}", f"{cost.memory_bytes_per_rank / 2 ** 30:.2f}",
             _human(cost.param_elements_per_rank), _human(cost.tokens_per_s),
             f"{cost.step_ms:,.1f}", why]
@@ -45,6 +45,10 @@ def _limit(reasons: tuple[str, ...]) -> str:
         return "excluded: memory"
     if first.startswith("dp="):
         return "excluded: batch % dp"
+    if first.startswith("pp=") and "blocks" in first:
+        return "excluded: pp > blocks"
+    if first.startswith("pp=") and "micro-batches" in first:
+        return "excluded: batch % micro-batches"
     if "devices but cluster" in first:
         return "excluded: cluster size"
     if "shard pass" in first:
@@ -54,7 +58,7 @@ def _limit(reasons: tuple[str, ...]) -> str:
 
 def _why(plan: Plan, cc) -> str:
     c = cc.candidate
-    if (c.dp, c.m, c.n) == plan.split:
+    if c.key == plan.split:
         return f"chosen ({plan.objective})"
     if not c.feasible:
         return _limit(c.reasons)
@@ -67,19 +71,22 @@ def _baseline_why(plan: Plan, b: PlanCost) -> str:
     if "PP" not in b.name and b.devices == plan.devices:
         return f"= m=1 x n={plan.devices} (emitted)"
     slower = "slower" if b.tokens_per_s <= plan.cost.tokens_per_s else "FASTER, see note"
-    return f"not emitted (no pipeline axis); {slower}"
+    pp = b.name.split("PP=")[1]
+    tp = b.name.split("TP=")[1].split(" ")[0]
+    return f"= pp={pp} x m=1 x n={tp} for MHA (emittable); {slower}"
 
 
 def format_table(plan: Plan) -> str:
-    """Every (dp, m, n) of the plan's devices with its predicted cost or why it was excluded,
+    """Every (dp, pp, m, n) of the plan's devices with its predicted cost or why it was excluded,
     the baselines below them, the chosen split marked '*'."""
     rows = []
     for cc in plan.candidates:
         c = cc.candidate
-        mark = "*" if (c.dp, c.m, c.n) == plan.split else ""
+        mark = "*" if c.key == plan.split else ""
         variants = _variants(cc.cost) if cc.cost else ("infeasible" if not c.feasible else "?")
-        rows.append(_row(mark, str(c), str(c.dp), variants, cc.cost, _why(plan, cc)))
-    rows += [_row("", f"{b.name} (baseline)", "1", "heads", b, _baseline_why(plan, b))
+        rows.append(_row(mark, str(c), str(c.dp), str(c.pp), variants, cc.cost, _why(plan, cc)))
+    rows += [_row("", f"{b.name} (baseline)", "1", b.name.split("PP=")[1] if "PP=" in b.name
+                  else "1", "heads", b, _baseline_why(plan, b))
              for b in plan.baselines]
     widths = [max(len(r[i]) for r in rows + [list(_COLUMNS)]) for i in range(len(_COLUMNS))]
     fmt = lambda r: "  ".join(v.ljust(w) if i < _LEFT or i == len(_COLUMNS) - 1   # noqa: E731
@@ -107,7 +114,8 @@ def format_table(plan: Plan) -> str:
               + (f"; step {plan.cost.step_ms:,.1f} ms with overlap k={plan.cost.overlap_chunks} "
                  f"({plan.cost.exposed_comm_ms:,.1f} ms of communication exposed)"
                  if plan.cost.overlap_chunks > 1 else
-                 f"; step {plan.cost.step_ms:,.1f} ms = compute + comm (no overlap)")]
+                 f"; step {plan.cost.step_ms:,.1f} ms = compute + comm"
+                 + (" + bubble" if plan.pp > 1 else "") + " (no overlap)")]
     lines += [f"site {sp.index}: {sp.variant}" + (f", core {sp.cost.backend}" if sp.cost else "")
               for sp in plan.sites]
     lines += [f"note: {x}" for x in plan.notes]

@@ -30,9 +30,10 @@ from dataclasses import dataclass
 import sympy
 
 from .cluster import ClusterSpec
-from .cost import memory_reason
+from .cost import memory_reason, stage_memory_reason
 from .errors import PlanError
 from .sites import AttentionSite, ModelSummary
+from .text import key_name, split_key, split_name
 from .text import ranges as _ranges
 
 NO_ATTENTION = "no attention: only n = devices"
@@ -44,8 +45,8 @@ FEASIBLE_LISTING_MAX_COUNT = 20
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Candidate:
-    """One split of the devices: dp data replicas of n head groups x m dim slices (pp
-    pipeline stages: always 1 until the pipeline axis is emitted)."""
+    """One split of the devices: dp data replicas of pp pipeline stages, each stage n head
+    groups x m dim slices over a contiguous run of blocks."""
 
     m: int
     n: int
@@ -55,11 +56,11 @@ class Candidate:
     pp: int = 1
 
     def __post_init__(self) -> None:
-        if self.m < 1 or self.n < 1 or self.dp < 1 or self.pp != 1:
-            raise PlanError(f"Candidate needs m, n, dp >= 1 and pp = 1 (no pipeline axis yet), "
+        if self.m < 1 or self.n < 1 or self.dp < 1 or self.pp < 1:
+            raise PlanError(f"Candidate needs dp, pp, m, n >= 1, "
                             f"got dp={self.dp}, pp={self.pp}, m={self.m}, n={self.n}")
         if self.feasible == bool(self.reasons):
-            raise PlanError(f"Candidate m={self.m} x n={self.n}: feasible={self.feasible} "
+            raise PlanError(f"Candidate {self}: feasible={self.feasible} "
                             f"contradicts reasons={self.reasons!r}")
 
     @property
@@ -67,17 +68,12 @@ class Candidate:
         return self.dp * self.pp * self.m * self.n
 
     @property
-    def key(self) -> tuple[int, int, int]:
-        """(dp, m, n)."""
-        return (self.dp, self.m, self.n)
+    def key(self) -> tuple[int, ...]:
+        """(dp, m, n) when pp = 1, else (dp, pp, m, n) (text.split_key)."""
+        return split_key(self.dp, self.pp, self.m, self.n)
 
     def __str__(self) -> str:
-        return split_name(self.dp, self.m, self.n)
-
-
-def split_name(dp: int, m: int, n: int) -> str:
-    """'m=2 x n=8' for one replica (today's spelling), 'dp=2 x m=1 x n=8' for more."""
-    return f"m={m} x n={n}" if dp == 1 else f"dp={dp} x m={m} x n={n}"
+        return split_name(self.dp, self.m, self.n, self.pp)
 
 
 def check_devices(devices: object) -> int:
@@ -163,30 +159,72 @@ def batch_reason(batch: int, dp: int) -> str | None:
     return None
 
 
-def solve_space(summary: ModelSummary, devices: int, cluster: ClusterSpec | None = None,
-                dp: int | None = None) -> tuple[Candidate, ...]:
-    """Every (dp, m, n) with dp * m * n = devices (dp = `dp` only, when given), dp ascending,
-    then m ascending, with why each is excluded: the (m, n) rules of `solve` on devices / dp
-    ranks (a replica holds the whole m x n shard, so its memory is that of the m x n rank),
-    and dp must divide the global batch (`batch_reason`)."""
-    check_devices(devices)
-    if dp is not None and (isinstance(dp, bool) or not isinstance(dp, int) or dp < 1
-                           or devices % dp):
-        raise PlanError(f"dp={dp!r} must be a positive integer dividing devices={devices}; "
+def _axis(name: str, value, devices: int) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1
+                              or devices % value):
+        raise PlanError(f"{name}={value!r} must be a positive integer dividing devices={devices}; "
                         f"try one of {', '.join(str(int(x)) for x in sympy.divisors(devices))}")
+
+
+def blocks(summary: ModelSummary) -> int:
+    """Blocks (layers) a pipeline can cut between: the most of attention sites and MLPs."""
+    return max(len(summary.sites), len(summary.mlps))
+
+
+def pipeline_reasons(summary: ModelSummary, pp: int, dp: int,
+                     micro_batches: int | None = None) -> list[str]:
+    """Why pp stages cannot run this model (empty when they can): a stage needs a block, and a
+    forced micro-batch count must split each replica's batch evenly."""
+    out = []
+    if pp > 1 and pp > blocks(summary):
+        out.append(f"pp={pp} stages need at least {pp} blocks, model {summary.name!r} has "
+                   f"{blocks(summary)}; try pp <= {max(blocks(summary), 1)}")
+    local = summary.batch // dp if summary.batch % dp == 0 else None
+    if pp > 1 and micro_batches is not None and local is not None and local % micro_batches:
+        out.append(f"pp={pp}: M={micro_batches} micro-batches need each replica's batch "
+                   f"B/dp={local} to split evenly (B/dp % M = {local % micro_batches}); try M "
+                   f"in {', '.join(str(int(x)) for x in sympy.divisors(local))}")
+    return out
+
+
+def solve_space(summary: ModelSummary, devices: int, cluster: ClusterSpec | None = None,
+                dp: int | None = None, pp: int | None = 1,
+                micro_batches: int | None = None) -> tuple[Candidate, ...]:
+    """Every (dp, pp, m, n) with dp * pp * m * n = devices (dp = `dp`, pp = `pp` only, when
+    given; pp=1 by default, None for every pp), dp ascending, then pp, then m, with why each
+    is excluded: the (m, n) rules of `solve` on devices / (dp pp) ranks (a replica's stage
+    holds an m x n shard of its blocks, so its memory is that of the m x n rank over the
+    stage's blocks), dp must divide the global batch (`batch_reason`), pp at most the blocks
+    and a forced micro-batch count dividing the replica batch (`pipeline_reasons`)."""
+    check_devices(devices)
+    _axis("dp", dp, devices)
+    _axis("pp", pp, devices)
+    if micro_batches is not None and (isinstance(micro_batches, bool)
+                                      or not isinstance(micro_batches, int) or micro_batches < 1):
+        raise PlanError(f"micro_batches={micro_batches!r} must be a positive integer (or None: "
+                        f"the cost model chooses); try 4")
     out = []
     for k in ([dp] if dp is not None else [int(x) for x in sympy.divisors(devices)]):
-        replica = devices // k
-        too_big = cluster is not None and devices > cluster.devices
-        split = solve(summary, replica, None if too_big else cluster)
-        extra = [] if k == 1 else [r for r in (batch_reason(summary.batch, k),) if r]
-        if too_big:
-            extra.append(f"{devices} devices but cluster {cluster.name!r} has {cluster.devices} "
-                         f"GPUs ({cluster.nodes} node{'s' if cluster.nodes != 1 else ''} x "
-                         f"{cluster.gpus_per_node})")
-        for c in split:
-            reasons = (*extra, *c.reasons)
-            out.append(Candidate(m=c.m, n=c.n, dp=k, feasible=not reasons, reasons=reasons))
+        pps = [pp] if pp is not None else [int(x) for x in sympy.divisors(devices // k)]
+        for p in pps:
+            if devices % (k * p):
+                continue
+            replica = devices // (k * p)
+            too_big = cluster is not None and devices > cluster.devices
+            split = solve(summary, replica, None if too_big or p > 1 else cluster)
+            extra = [] if k == 1 else [r for r in (batch_reason(summary.batch, k),) if r]
+            extra += pipeline_reasons(summary, p, k, micro_batches)
+            if too_big:
+                extra.append(f"{devices} devices but cluster {cluster.name!r} has "
+                             f"{cluster.devices} GPUs ({cluster.nodes} node"
+                             f"{'s' if cluster.nodes != 1 else ''} x {cluster.gpus_per_node})")
+            for c in split:
+                reasons = (*extra, *c.reasons)
+                if not reasons and p > 1 and cluster is not None:
+                    why = stage_memory_reason(summary, c.m, c.n, p, cluster)
+                    reasons = (why,) if why else ()
+                out.append(Candidate(m=c.m, n=c.n, dp=k, pp=p, feasible=not reasons,
+                                     reasons=reasons))
     return tuple(out)
 
 

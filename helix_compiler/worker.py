@@ -165,6 +165,10 @@ def run_rank(args, rank: int, world: int, local_rank: int) -> dict:
     dist.all_gather_object(keys, f"{prog.fingerprint()}/{weights_digest(prog.analysis.captured.params)}")
     check_same_program(keys)
 
+    if prog.pp > 1:   # never run a stage's rank as the whole model
+        raise HelixError(f"{prog.plan.name}: helix run does not launch pipeline stages "
+                         f"(pp={prog.pp}) yet; run pp plans with "
+                         f"helix_compiler.stages.run_pipeline_rank under torchrun, or simulate them")
     dp = prog.plan.dp
     collectives.bind(DistributedBackend(prog.mesh, device.type, dp))
     if args.weights:

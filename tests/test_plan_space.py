@@ -151,8 +151,9 @@ def test_plan_yaml_carries_dp_pp_and_objective():
     assert (data["dp"], data["pp"], data["objective"]) == (plan.dp, 1, "latency")
     again = Plan.from_yaml(plan.to_yaml())
     assert again == plan and again.split == plan.split
-    with pytest.raises(PlanError, match=r"Plan: pp=2, but Helix emits no pipeline stages yet"):
-        dataclasses.replace(plan, pp=2)
+    with pytest.raises(PlanError, match=r"Plan: dp=\d+ x pp=3 x m=\d+ x n=\d+ must be positive "
+                                        r"and multiply to devices=16"):
+        dataclasses.replace(plan, pp=3)
 
 
 # --- helix plan's table ---------------------------------------------------------------------
@@ -174,7 +175,9 @@ def test_helix_plan_16_prints_no_emittable_plan_faster_than_its_choice(capsys):
     cols = [m.start() for m in re.finditer(r"\S+(?: \S+)*", header)]
     names = re.findall(r"\S+(?: \S+)*", header)
     at = names.index("tokens/s")
-    rows = [line for line in out.splitlines()[3:] if line.strip()][:17]
+    lines = out.splitlines()[3:]
+    rows = [line for line in lines[:lines.index("")] if line.strip()]
+    assert len(rows) == 35 + 2                     # (dp, pp, m, n) of 16, then the baselines
     chosen = [r for r in rows if r.startswith("*")]
     assert len(chosen) == 1 and "dp=16 x m=1 x n=1" in chosen[0]
 
@@ -186,7 +189,8 @@ def test_helix_plan_16_prints_no_emittable_plan_faster_than_its_choice(capsys):
         if row.startswith("*") or "infeasible" in row:
             continue
         assert tokens(row) <= best, row            # TP x PP (not emitted) included
-    assert "TP=8 x PP=2 (baseline)" in out and "not emitted (no pipeline axis); slower" in out
+    assert "TP=8 x PP=2 (baseline)" in out and "= pp=2 x m=1 x n=8 for MHA (emittable); slower" in out
+    assert "dp=1 x pp=2 x m=1 x n=8" in out and " pp " in out.splitlines()[1]
     assert "FASTER" not in out
 
 
@@ -196,7 +200,11 @@ def test_a_faster_baseline_helix_cannot_emit_is_said_in_words():
     plan = make_plan(toy(), 16, PAPER)
     fast = dataclasses.replace(plan.baselines[0], tokens_per_s=plan.cost.tokens_per_s * 2)
     (note,) = _baseline_notes(plan.cost, [fast])
-    assert note.startswith("baseline TP=8 x PP=2 is predicted faster") and "pipeline axis" in note
+    assert note.startswith("baseline TP=8 x PP=2 is predicted faster")
+    same, faster = _baseline_notes(plan.cost, [fast], toy(), [c.candidate for c in plan.candidates])
+    assert same.startswith("baseline TP=8 x PP=2 is also the Helix point dp=1 x pp=2 x m=1 x n=8")
+    assert "outside the space searched here" in same
+    assert faster.endswith("its Helix point dp=1 x pp=2 x m=1 x n=8 was not searched (search pp)")
 
 
 # --- search time ----------------------------------------------------------------------------

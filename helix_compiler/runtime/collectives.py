@@ -215,9 +215,12 @@ def _funcol_all_gather(funcol):
 
 class DistributedBackend:
     """torch.distributed functional collectives on the sub-groups of a ("data", "head", "dim")
-    DeviceMesh: `mesh` is one replica's (n, m), `dp` the replicas (world = dp * n * m)."""
+    DeviceMesh: `mesh` is one replica's (n, m), `dp` the replicas (world = dp * n * m). With
+    pp > 1 pipeline stages the mesh is ("data", "pipe", "head", "dim") (world = dp pp n m,
+    rank ((d pp + p) n + i) m + j), "all" means the rank's stage of its replica and
+    `pipe_group` is its "pipe" group (stages.run_pipeline_rank)."""
 
-    def __init__(self, mesh: Mesh, device_type: str, dp: int = 1):
+    def __init__(self, mesh: Mesh, device_type: str, dp: int = 1, pp: int = 1):
         import torch.distributed as dist
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -225,18 +228,27 @@ class DistributedBackend:
             raise HelixError(f"DistributedBackend: a mesh with s={mesh.s} cache chunks runs only in "
                              f"simulation (DecodeProgram) so far; use s=1 under torchrun")
         world = dist.get_world_size()
-        if world != dp * mesh.size:
+        if world != dp * pp * mesh.size and pp == 1:
             raise HelixError(f"DistributedBackend: dp={dp} x n={mesh.n} x m={mesh.m} = "
                              f"{dp * mesh.size} ranks, but the process group has {world}; "
                              f"launch dp * m * n processes (helix run --devices {dp * mesh.size})")
-        self.mesh, self.dp = mesh, dp
-        self.device_mesh = init_device_mesh(device_type, (dp, mesh.n, mesh.m),
-                                            mesh_dim_names=("data", "head", "dim"))
-        if dp == 1:
+        if world != dp * pp * mesh.size:
+            raise HelixError(f"DistributedBackend: dp={dp} x pp={pp} x n={mesh.n} x m={mesh.m} = "
+                             f"{dp * pp * mesh.size} ranks, but the process group has {world}; "
+                             f"launch dp * pp * m * n processes")
+        self.mesh, self.dp, self.pp = mesh, dp, pp
+        if pp == 1:
+            self.device_mesh = init_device_mesh(device_type, (dp, mesh.n, mesh.m),
+                                                mesh_dim_names=("data", "head", "dim"))
+        else:
+            self.device_mesh = init_device_mesh(device_type, (dp, pp, mesh.n, mesh.m),
+                                                mesh_dim_names=("data", "pipe", "head", "dim"))
+        self.pipe_group = self.device_mesh.get_group("pipe") if pp > 1 else None
+        if dp * pp == 1:
             replica = dist.group.WORLD
-        else:   # every rank creates every replica's group, in the same order
+        else:   # every rank creates every stage's group, in the same order
             replica, _ = dist.new_subgroups_by_enumeration(
-                [list(range(d * mesh.size, (d + 1) * mesh.size)) for d in range(dp)])
+                [list(range(d * mesh.size, (d + 1) * mesh.size)) for d in range(dp * pp)])
         self.groups = {"head": self.device_mesh.get_group("head"),
                        "dim": self.device_mesh.get_group("dim"),
                        "all": replica}

@@ -1,0 +1,240 @@
+"""Pipeline stages: a rank graph cut at block boundaries (the pp axis of a plan).
+
+A plan (dp, pp, m, n) runs rank r = ((d pp + p) n + i) m + j: stage p of replica d, holding
+the piece of the m x n program's rank (i, j) graph between the cuts before stage p and p + 1.
+Block k (attention site k and MLP k, graph order) goes to stage cost.stage_of(k, blocks, pp),
+as the cost model prices it. The cut before the first block of a stage lies between the last
+node that reads the previous block's output-projection / down-projection weights and the first
+node that reads the block's q/k/v (or MLP up) weights, at the position where the fewest values
+are live: where the residual stream leaves the block. Every value live across a cut (the
+hidden state, masks, rotary tables, sizes) is an output of the stage before and an input of
+the stage after; a size (a SymInt) crosses as the shape of an empty (s, 0) tensor, so
+that each stage takes and returns tensors only (what torch.distributed.pipelining's
+PipelineStage sends) and the size survives PipelineStage's shape inference, which runs a stage
+on tensors of the right shapes but no values (a size carried as a value reads garbage there).
+
+Invariant: running the stages of a local rank one after another, each on the outputs of the
+one before, returns what the uncut rank module returns.
+
+`simulate_pipeline` runs a pp program in one process: per micro-batch, the m n ranks of stage
+0 together (simulated collectives), then stage 1 on their outputs, ... (`HelixProgram.simulate`).
+`run_pipeline_rank` runs one rank under torchrun with torch.distributed.pipelining
+(PipelineStage + ScheduleGPipe over the mesh's "pipe" dim).
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+from torch.fx.graph import CodeGen, _PyTreeCodeGen, _PyTreeInfo
+
+from .cost import stage_of
+from .errors import HelixError
+
+
+def _weight_users(gm: fx.GraphModule, names: set[str], shards: dict) -> list[int]:
+    """Positions of the nodes that read a get_attr of one of the parameters `names`."""
+    pos = {n: i for i, n in enumerate(gm.graph.nodes)}
+    flat = {x.replace(".", "_") for x in names}
+    out = []
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        stored = shards.get(node.target, (None,))[0]
+        if stored in names or node.target in flat or str(stored).replace(".", "_") in flat:
+            out += [pos[u] for u in node.users]
+    return out
+
+
+def _blocks(summary) -> int:
+    return max(len(summary.sites), len(summary.mlps))
+
+
+def _block_weights(summary, k: int, entry: bool) -> set[str]:
+    """Block k's entry weights (q/k/v, MLP up) or exit weights (output / down projection)."""
+    out: set[str] = set()
+    if k < len(summary.sites):
+        s = summary.sites[k]
+        out |= {s.q_weight, s.k_weight, s.v_weight} if entry else {s.o_weight} - {None}
+    if k < len(summary.mlps) and (not entry or k >= len(summary.sites)):
+        x = summary.mlps[k]
+        out |= set(x.up_weights) if entry else {x.down_weight}
+    return out
+
+
+def _live(nodes: list, pos: dict, at: int) -> list:
+    """Values defined before position `at` and used at or after it (get_attr nodes excepted:
+    each stage reads its own parameters)."""
+    return [n for n in nodes[:at] if n.op != "get_attr"
+            and any(pos[u] >= at for u in n.users)]
+
+
+def stage_cuts(gm: fx.GraphModule, summary, shards: dict, pp: int) -> list[int]:
+    """Node positions where stages 1 .. pp-1 begin."""
+    nodes = list(gm.graph.nodes)
+    pos = {n: i for i, n in enumerate(nodes)}
+    blocks = _blocks(summary)
+    cuts = []
+    for p in range(1, pp):
+        k = next(k for k in range(blocks) if stage_of(k, blocks, pp) == p)
+        exits = _weight_users(gm, _block_weights(summary, k - 1, False), shards)
+        entries = _weight_users(gm, _block_weights(summary, k, True), shards)
+        if not exits or not entries or max(exits) >= min(entries):
+            raise HelixError(f"pipeline cut before block {k}: its q/k/v (or MLP up) weights "
+                             f"are not all read after block {k - 1}'s output weights in the rank "
+                             f"graph (exits {sorted(exits)[-1:]}, entries {sorted(entries)[:1]}); "
+                             f"this model cannot be cut into pp={pp} stages there, try pp=1")
+        lo, hi = max(exits) + 1, min(entries)
+        while hi > lo and nodes[hi - 1].op == "get_attr":   # a weight read stays with its user
+            hi -= 1
+        best = None
+        for at in range(lo, hi + 1):
+            live = _live(nodes, pos, at)
+            if any(u.target is operator.getitem for n in live for u in n.users):
+                continue   # never carry a tuple
+            if best is None or len(live) < best[0]:
+                best = (len(live), at)
+        if best is None:
+            raise HelixError(f"pipeline cut before block {k}: every position between node "
+                             f"{nodes[lo].name} and {nodes[hi].name} carries a tuple; try pp=1")
+        cuts.append(best[1])
+    return cuts
+
+
+def _is_int(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in (
+        torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default) or \
+        isinstance(node.meta.get("val"), (int, torch.SymInt))
+
+
+def split_rank_module(gm: fx.GraphModule, cuts: list[int], name: str) -> list[fx.GraphModule]:
+    """`gm` cut at `cuts` into len(cuts) + 1 stage modules (see the module docstring)."""
+    nodes = list(gm.graph.nodes)
+    pos = {n: i for i, n in enumerate(nodes)}
+    bounds = [0, *cuts, len(nodes) - 1]          # the output node is the last stage's
+    info = getattr(gm.graph._codegen, "pytree_info", None)
+    out = []
+    for p in range(len(bounds) - 1):
+        g = fx.Graph()
+        env: dict = {}
+        inputs = _live(nodes, pos, bounds[p]) if p else []
+        holders = []
+        for x in inputs:
+            ph = g.placeholder(f"{'size' if _is_int(x) else 'in'}_{x.name}")
+            holders.append(ph.name)
+            env[x] = (g.call_function(torch.ops.aten.sym_size.int, (ph, 0)) if _is_int(x)
+                      else ph)
+        body = nodes[bounds[p]:bounds[p + 1]] + ([nodes[-1]] if p == len(bounds) - 2 else [])
+
+        def arg(n, p=p):
+            if n not in env:
+                if n.op == "get_attr":    # a weight another stage also reads: read it here
+                    env[n] = g.get_attr(n.target)
+                else:
+                    raise HelixError(f"stage {p}: value {n.name} is used but neither carried "
+                                     f"nor computed here; this is a Helix bug")
+            return env[n]
+        for node in body:
+            if node.op == "placeholder" and p:
+                continue
+            if node.op == "output":
+                g.output(fx.node.map_arg(node.args[0], arg))
+                break
+            env[node] = g.node_copy(node, arg)
+        if p < len(bounds) - 2:
+            carried = []
+            for x in _live(nodes, pos, bounds[p + 1]):
+                v = arg(x)
+                carried.append(g.call_function(torch.empty, ((v, 0),), {"dtype": torch.int8})
+                               if _is_int(x) else v)
+            g.output(tuple(carried))
+        if p == 0 and info is not None:
+            g._codegen = _PyTreeCodeGen(_PyTreeInfo(info.orig_args, info.in_spec, None))
+        elif p == len(bounds) - 2 and info is not None:
+            spec = torch.utils._pytree.tree_structure((tuple(range(len(inputs))), {}))
+            g._codegen = _PyTreeCodeGen(_PyTreeInfo(holders, spec,
+                                                    info.out_spec))
+        else:
+            g._codegen = CodeGen()
+        g.lint()
+        out.append(fx.GraphModule(gm, g, class_name=f"{name}Stage{p}"))
+    return out
+
+
+def simulate_pipeline(program, args: tuple, kwargs: dict, micro_batches: int | None = None) -> list:
+    """Every rank's output of a pp > 1 program in one process: each replica's batch cut into the
+    plan's M micro-batches (or `micro_batches`; data.shard_inputs), and per micro-batch stage 0's m n ranks run
+    together, then stage 1's on their outputs, and so on. A last-stage rank returns the model's
+    output for its replica's rows (micro-batches joined along dim 0), an earlier stage's rank
+    the list, one per micro-batch, of the tuples of tensors it sends on."""
+    from .data import gather_replicas, shard_inputs
+    from .errors import first_line
+    from .program import run_ranks
+
+    gm, plan, size = program.analysis.captured.gm, program.plan, program.mesh.size
+    stages = [program.stage_modules(local) for local in range(size)]
+    micro = micro_batches or plan.cost.micro_batches
+    outs: list = []
+    for d, (a, k) in enumerate(shard_inputs(gm, args, kwargs, program.dp)):
+        per_stage: list[list] = [[[] for _ in range(size)] for _ in range(plan.pp)]
+        batch = next(x for x in torch.utils._pytree.tree_leaves((a, k))
+                     if isinstance(x, torch.Tensor)).shape[0]
+        if batch % micro:
+            raise HelixError(f"{plan.name}: M={micro} micro-batches need each replica's batch "
+                             f"({batch} sequences) to split evenly; feed a batch that is a "
+                             f"multiple of {micro}, or pass micro_batches=")
+        count = micro
+        for mb, (ma, mk) in enumerate(shard_inputs(gm, a, k, count)):
+            program._check_static_shapes(ma, mk)
+            carried = None
+            for p in range(plan.pp):
+                if p == 0:
+                    mods, ra, rk = [st[0] for st in stages], ma, mk
+                else:
+                    mods = [(lambda st=st, c=c: st[p](*c)) for st, c in zip(stages, carried)]
+                    mods = [_NoArgs(f) for f in mods]
+                    ra, rk = (), {}
+                try:
+                    carried = run_ranks(mods, program.mesh, ra, rk)
+                except HelixError as e:
+                    raise HelixError(f"replica {d}, micro-batch {mb}, stage {p}: "
+                                     f"{first_line(e)}") from e
+                for r in range(size):
+                    per_stage[p][r].append(carried[r])
+        for p in range(plan.pp - 1):
+            outs += per_stage[p]
+        outs += [gather_replicas(per_stage[-1][r], len(per_stage[-1][r]), 1) for r in range(size)]
+    return outs
+
+
+class _NoArgs:
+    """A stage after the first, bound to its carried inputs (run_ranks passes none)."""
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+
+    def __call__(self, *args, **kwargs):
+        return self.fn()
+
+
+def run_pipeline_rank(program, rank: int, args: tuple, pipe_group, device,
+                      micro_batches: int) -> object:
+    """Rank r's part of one forward step under torchrun, through torch.distributed.pipelining:
+    its stage module as a PipelineStage on `pipe_group` (the DeviceMesh's "pipe" dim: the ranks
+    of r's replica and (i, j) across stages), run by ScheduleGPipe over `micro_batches`
+    micro-batches. Stage 0 feeds `args` (the replica's batch, positional tensors only); the last
+    stage returns the model output of the replica's rows, the others None. The rank's
+    collectives must be bound (collectives.DistributedBackend) by the caller."""
+    from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+
+    d, local = program.replica_of(rank)
+    p = program.stage_index(rank)
+    module = program.stage_modules(local)[p]
+    stage = PipelineStage(module, p, program.plan.pp, device, group=pipe_group)
+    schedule = ScheduleGPipe(stage, micro_batches)
+    with torch.no_grad():
+        if p == 0:
+            return schedule.step(*args)
+        return schedule.step()
