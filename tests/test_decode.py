@@ -202,6 +202,18 @@ def test_sequence_split_every_rank_equals_unsharded_across_chunk_boundaries(spli
         assert_ranks_equal(outs, want, devices=DEVICES, label=f"{label} position {pos}")
         assert not any(o.isnan().any() for o in outs), label
         tok = want[:, -1].argmax(-1, keepdim=True)
+    # q/k/v/o: rank (i, j)'s slices, held by its s ranks; the MLPs: 1/N of them per rank, each
+    # all-reduced over the whole mesh
+    params = dict(model.named_parameters())
+    mlp = sum(t.numel() * 4 for k, t in params.items() if k.split(".")[-2] in ("gate", "up", "down"))
+    attn = sum(t.numel() * 4 for k, t in params.items() if ".attn." in k)
+    assert mlp and attn, sorted(params)
+    for r in range(DEVICES):
+        assert prog.weight_bytes(r, (".gate.", ".up.", ".down.")) * DEVICES == mlp, (label, r)
+        assert prog.weight_bytes(r, (".attn.",)) * m * n == attn, (label, r)
+        mesh_reduces = [nd for nd in prog.modules[r][1].graph.nodes
+                        if nd.target is torch.ops.helix.all_reduce.default and nd.args[1] == "mesh"]
+        assert len(mesh_reduces) == cfg.layers, (label, r)
     # each (i, j) slice is cut into s chunks of positions: exactly 1/N of the cache per rank
     assert [prog.cache_bytes(r) for r in range(DEVICES)] == [_cache_elements(cfg) * 4 // DEVICES] * DEVICES
     # only the owner wrote: chunk k of every rank holds, at positions it does not own, nothing
