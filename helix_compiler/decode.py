@@ -27,6 +27,7 @@ long as the same calls are made on the model; nothing of the user's model is wri
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,7 @@ from passes.mesh_mlp import mlp_attrs, mlp_over_mesh
 from passes.seq_split import cache_writes, chunk_bounds, split_sequence
 
 from .api import helix_compile
+from .decode_plan import DecodeShape, shape_from_summary
 from .errors import HelixError
 from .models.decoder_cache import DecodeStep, Prefill
 from .program import HelixProgram, run_ranks
@@ -83,20 +85,29 @@ class DecodeProgram:
         return sum(t.numel() * t.element_size() for t in self.caches[rank].values())
 
     def weight_bytes(self, rank: int, names=None) -> int:
-        """Bytes of the model's parameters rank `rank`'s decode-step module holds (its weight
-        slices; no KV cache, no other buffer); `names`: only parameters whose stored name
+        """Bytes of the model's tensors (parameters and buffers) rank `rank`'s decode-step
+        module holds, its KV cache slices and Helix's index constants left out: what
+        decode_plan prices as weights per rank. `names`: only tensors whose stored name
         contains one of these strings."""
         gm = self.modules[rank][1]
         shards = self.step_program.rank_shards(rank // self.mesh.s)
-        params = self.step_program.analysis.captured.params
+        model = self.step_program.analysis.captured.params
         total = 0
         for attr, t in gm.named_buffers():
             src = shards.get(attr, (None,))[0]
-            if not isinstance(params.get(src), torch.nn.Parameter):
+            if src not in model or src in self.caches[rank]:
                 continue
             if names is None or any(x in src for x in names):
                 total += t.numel() * t.element_size()
         return total
+
+    def decode_shape(self) -> DecodeShape:
+        """The decode planner's shape of this model (decode_plan.shape_from_summary), its KV
+        cache buffers left out of the replicated elements."""
+        shape = shape_from_summary(self.step_program.summary)
+        model = self.step_program.analysis.captured.params
+        cache = sum(model[src].numel() for src in self.caches[0])
+        return dataclasses.replace(shape, replicated_params=shape.replicated_params - cache)
 
     def simulate_generate(self, prompt: torch.Tensor, valid_prompt: torch.Tensor,
                           new_tokens: int) -> torch.Tensor:
