@@ -206,3 +206,28 @@ def test_gpu_decode_benchmark_small_runs_on_the_cpu_and_writes_its_keys(tmp_path
             assert {"name", "kv_bytes_per_rank", "fits", "predicted_tpot_ms",
                     "measured_tpot_ms", "measured_compute_ms"} <= set(r)
             assert r["measured_tpot_ms"] > r["predicted_comm_ms"] > 0
+
+
+@pytest.mark.slow
+def test_gpu_decode_reassemble_prices_the_saved_h200_rows_within_15_percent(tmp_path, capsys):
+    """The cost model against decode_h200.json's measured rows (no GPU: the saved per-layer
+    times, the saved LM head time, communication modeled on both sides)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import gpu_decode
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    out = tmp_path / "ratios.json"
+    assert gpu_decode.main(["--reassemble", str(REPO / "benchmarks/results/decode_h200.json"),
+                            "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 147
+    within = [r for r in rows if abs(r["tpot_ratio"] - 1) <= 0.15]
+    assert len(within) >= 130, [(r["name"], round(r["tpot_ratio"], 2)) for r in rows
+                                if r not in within]
+    # the m = 1 rows (fused core): their L layers within 10%, TP at 128k within 20%
+    for r in rows:
+        if " x m=1 x " in r["name"]:
+            limit = 0.2 if r["name"].startswith("TP=") else 0.1
+            assert abs(r["layers_ratio"] - 1) <= limit, r
+    assert "rows have TPOT predicted within 15% of measured" in capsys.readouterr().out
