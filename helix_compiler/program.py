@@ -138,7 +138,7 @@ class HelixProgram:
     # derived caches (rank -> Localized / GraphModule): built on first use, never set from outside
     _per_rank: dict = field(default_factory=dict, init=False, repr=False)
     _modules: dict = field(default_factory=dict, init=False, repr=False)
-    _stages: dict = field(default_factory=dict, init=False, repr=False)
+    _stages: dict = field(default_factory=dict, init=False, repr=False)  # local -> stages; "cuts"
 
     def recompile(self, plan: tuple[int, ...] | Plan | None = None, devices: int | None = None,
                   variant: str | None = None, cluster: object = None,
@@ -189,14 +189,34 @@ class HelixProgram:
         return self.stage_modules(self._local(rank))[self.stage_index(rank)]
 
     def stage_modules(self, local: int) -> list:
-        """The m x n program's rank `local` module cut into pp stage modules (stages.py)."""
-        from .stages import split_rank_module, stage_cuts
+        """The m x n program's rank `local` module cut into pp stage modules (stages.py), the
+        values that cross each cut split over the stage's ranks where `crossings` says so."""
+        from .stages import split_rank_module
 
         if local not in self._stages:
-            gm = self.rank_module(local)
-            cuts = stage_cuts(gm, self.summary, self.rank_shards(local), self.pp)
-            self._stages[local] = split_rank_module(gm, cuts, f"HelixRank{local}")
+            cuts, crossings = self._cuts()
+            self._stages[local] = split_rank_module(self.rank_module(local), cuts[local],
+                                                    f"HelixRank{local}", crossings, self.mesh,
+                                                    local)
         return self._stages[local]
+
+    def crossings(self) -> list:
+        """Per stage cut, how each value live across it travels (stages.Crossing): split over
+        the stage's m n ranks (scatter-gather) or whole, and why. Decided from every local
+        rank's module, so the first call builds all m n of them."""
+        return self._cuts()[1]
+
+    def _cuts(self) -> tuple[list, list]:
+        """(each local rank's cut positions, plan_crossings) of a pp > 1 program, cached."""
+        from .stages import plan_crossings, stage_cuts
+
+        if "cuts" not in self._stages:
+            ranks = range(self.mesh.size)
+            gms = [self.rank_module(r) for r in ranks]
+            shards = [self.rank_shards(r) for r in ranks]
+            cuts = [stage_cuts(gm, self.summary, sh, self.pp) for gm, sh in zip(gms, shards)]
+            self._stages["cuts"] = (cuts, plan_crossings(gms, cuts, self.mesh, shards))
+        return self._stages["cuts"]
 
     @property
     def summary(self) -> ModelSummary:
