@@ -334,7 +334,10 @@ def split_rank_module(gm: fx.GraphModule, cuts: list[int], name: str, crossings:
                                                             (rank + 1) * step))
                     v = g.call_function(aten.clone.default, (v,),
                                         {"memory_format": torch.contiguous_format})
-                carried.append(g.call_function(torch.empty, ((v, 0),), {"dtype": torch.int8})
+                # the device is repointed with the module (runtime.graphs.on_device)
+                carried.append(g.call_function(aten.empty.memory_format, ([v, 0],),
+                                               {"dtype": torch.int8,
+                                                "device": torch.device("cpu")})
                                if _is_int(x) else v)
             g.output(tuple(carried))
         if p == 0 and info is not None:
@@ -417,21 +420,27 @@ class _NoArgs:
         return self.fn()
 
 
-def run_pipeline_rank(program, rank: int, args: tuple, pipe_group, device,
-                      micro_batches: int) -> object:
-    """Rank r's part of one forward step under torchrun, through torch.distributed.pipelining:
-    its stage module as a PipelineStage on `pipe_group` (the DeviceMesh's "pipe" dim: the ranks
-    of r's replica and (i, j) across stages), run by ScheduleGPipe over `micro_batches`
-    micro-batches. Stage 0 feeds `args` (the replica's batch, positional tensors only); the last
-    stage returns the model output of the replica's rows, the others None. The rank's
-    collectives must be bound (collectives.DistributedBackend) by the caller."""
+def pipeline_schedule(program, rank: int, module, pipe_group, device, micro_batches: int):
+    """Rank r's stage `module` (program.stage_module(r), on `device`) as a PipelineStage on
+    `pipe_group` (the DeviceMesh's "pipe" dim: the ranks of r's replica and (i, j) across
+    stages), run by ScheduleGPipe over `micro_batches` micro-batches: `step(*args)` on stage
+    0, `step()` on the others, the model output of the replica's rows on the last stage."""
     from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
 
-    d, local = program.replica_of(rank)
     p = program.stage_index(rank)
-    module = program.stage_modules(local)[p]
     stage = PipelineStage(module, p, program.plan.pp, device, group=pipe_group)
-    schedule = ScheduleGPipe(stage, micro_batches)
+    return ScheduleGPipe(stage, micro_batches)
+
+
+def run_pipeline_rank(program, rank: int, args: tuple, pipe_group, device,
+                      micro_batches: int) -> object:
+    """Rank r's part of one forward step under torchrun, through torch.distributed.pipelining
+    (`pipeline_schedule`). Stage 0 feeds `args` (the replica's batch, positional tensors
+    only); the last stage returns the model output of the replica's rows, the others None.
+    The rank's collectives must be bound (collectives.DistributedBackend) by the caller."""
+    p = program.stage_index(rank)
+    schedule = pipeline_schedule(program, rank, program.stage_module(rank), pipe_group, device,
+                                 micro_batches)
     with torch.no_grad():
         if p == 0:
             return schedule.step(*args)
