@@ -1,5 +1,5 @@
 """Repeated blocks (helix_compiler/repeat.py): a list of identical layers is exported as layers
-0, 1, 2 and L-1 and the rest copied in the graph.  The copied graph must compute what the full
+0, 1 and L-1 and the rest copied in the graph.  The copied graph must compute what the full
 capture computes, name every weight as model.state_dict() does, and give the same sites and
 MLPs; layers that differ (per-layer attention types, attributes, ops between layers) must fall
 back to the full capture with a note that says why."""
@@ -15,7 +15,7 @@ from helix_compiler.capture import capture
 from helix_compiler.pipeline import analyze
 from tests.helpers import assert_ranks_equal, eager_output
 
-LAYERS = 9   # >= repeat.MIN_LAYERS: layers 3..7 are copies of layer 2
+LAYERS = 9   # >= repeat.MIN_LAYERS: layers 2..7 are copies of layer 1
 
 
 def _attention_mask() -> torch.Tensor:
@@ -55,7 +55,7 @@ def test_repeated_capture_is_the_full_graph_and_computes_the_same(llama):
     model, args, kwargs, full = llama
     rep = capture(model, args, kwargs)
     info = rep.gm.meta["repeat_blocks"]
-    assert info["captured"] == (0, 1, 2, LAYERS - 1) and info["copied"] == (3, LAYERS - 2)
+    assert info["captured"] == (0, 1, LAYERS - 1) and info["copied"] == (2, LAYERS - 2)
     assert "repeat_blocks" not in full.captured.gm.meta
     # the same ops in the same order, the same weights read
     assert _ops(rep.gm) == _ops(full.captured.gm)
@@ -178,7 +178,7 @@ def test_hand_written_stack_repeats_only_when_layers_are_alike(model, reason):
     got = capture(model, (x,), {})
     rep = got.gm.meta.get("repeat_blocks")
     if reason is None:
-        assert rep == {"list": "blocks", "layers": 10, "captured": (0, 1, 2, 9), "copied": (3, 8)}
+        assert rep == {"list": "blocks", "layers": 10, "captured": (0, 1, 9), "copied": (2, 8)}
         assert got.note == ""
     else:
         assert rep is None
