@@ -48,7 +48,7 @@ from passes.fold_params import fold_params
 from passes.graph_utils import proj_bias
 from passes.kernel_choice import apply_kernel_choice, fused_kernel_exists
 from passes.overlap import overlap
-from passes.seeds import mlp_seeds, site_seeds
+from passes.seeds import all_seeds
 from passes.shard import Localized, localize
 from passes.size_masks import apply_size_masks, causal_at_example
 from passes.canonical_ops import canonical_ops
@@ -224,12 +224,8 @@ def _plan(s: State) -> State:
 
 def _seeds(s: State) -> State:
     mesh = Mesh(n=s.plan.n, m=s.plan.m)
-    seeds = {}
-    for match in s.matches:
-        seeds.update(site_seeds(match, mesh))
-    for mlp in s.mlps:
-        seeds.update(mlp_seeds(mlp, mesh))
-    return dataclasses.replace(s, seeds=seeds, variants=site_variants(s.plan, s.matches))
+    return dataclasses.replace(s, seeds=all_seeds(s.matches, s.mlps, mesh),
+                               variants=site_variants(s.plan, s.matches))
 
 
 def site_variants(plan: Plan, matches: Iterable) -> dict[str, str]:
