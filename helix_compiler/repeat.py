@@ -37,7 +37,7 @@ What must hold, else the full capture runs and `Captured.note` says why (`_Fallb
     nothing of the parent between runs, a layer reads only its own parameters, the
     previous layer's values and pre-layer values, the post-layer nodes read only layer L-1,
     and layers 1 and L-1 are the same graph (ops, constants, shapes, parameter names
-    relative to the layer, which positions of the previous layer and which pre-layer
+    relative to the layer, which positions of the previous layer (from its end) and which pre-layer
     values they read).
 
 Not proven: a parent forward whose per-index behaviour shows neither in layers 0, 1,
@@ -279,8 +279,11 @@ def _expand(gm: fx.GraphModule, path: str, layers, keep) -> fx.GraphModule:
         stray = next((n for n in nodes[first:last + 1] if n.op != "get_attr" and owner[n] is None), None)
         raise _Fallback(f"the layers' nodes are interleaved with others ({stray or 'out of order'})")
     pos = {s: {n: i for i, n in enumerate(body[s])} for s in keep}
+    # a read of the previous layer is encoded by its distance from that layer's end (its
+    # output is last), so a layer 0 whose body is longer or shorter still reads alike
+    back = {s: {n: len(body[s]) - i for n, i in pos[s].items()} for s in keep}
     prev_of = dict(zip(keep[1:], keep[:-1]))
-    enc = {s: _encode(body[s], s, prev_of[s], pos, owner, path) for s in (1, tail)}
+    enc = {s: _encode(body[s], s, prev_of[s], pos, back, owner, path) for s in (1, tail)}
     if enc[tail] != enc[1]:
         i = next((i for i, (x, y) in enumerate(zip(enc[tail], enc[1])) if x != y),
                  min(len(enc[tail]), len(enc[1])))
@@ -305,7 +308,7 @@ def _expand(gm: fx.GraphModule, path: str, layers, keep) -> fx.GraphModule:
                 if a in local:
                     return local[a]
                 if owner[a] == 0:           # layer 1 read layer 0 here: copy j reads layer j-1
-                    return prev[pos[0][a]]
+                    return prev[len(prev) - back[0][a]]
                 if owner[a] == 1:           # a parameter of layer 1: the same one of layer j
                     with graph.inserting_before(anchor):
                         c = graph.get_attr(f"{path}.{j}." + str(a.target)[len(prefix1):])
@@ -328,9 +331,10 @@ def _expand(gm: fx.GraphModule, path: str, layers, keep) -> fx.GraphModule:
     return gm
 
 
-def _encode(body, s: int, prev: int, pos, owner, path: str) -> list:
+def _encode(body, s: int, prev: int, pos, back, owner, path: str) -> list:
     """Layer s's nodes as data: equal for two layers iff they compute the same from their
-    own parameters, the same positions of the previous layer and the same pre-layer values."""
+    own parameters, the same positions of the previous layer (counted from its end) and the
+    same pre-layer values."""
     prefix = f"{path}.{s}."
 
     def ref(a):
@@ -342,7 +346,7 @@ def _encode(body, s: int, prev: int, pos, owner, path: str) -> list:
         if a.op != "get_attr" and o == s:
             return ("self", pos[s][a])
         if a.op != "get_attr" and o == prev:
-            return ("prev", pos[prev][a])
+            return ("prev", back[prev][a])
         raise _Fallback(f"layer {s} reads {a.name} of layer {o}, not of the layer before it")
 
     def leaf(x):

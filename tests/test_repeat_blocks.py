@@ -145,13 +145,27 @@ class Block(nn.Module):
         return x + self.scale * torch.tanh(self.fc(self.norm(x)))
 
 
+class IndexedBlock(Block):
+    """A layer that acts on its own index (allowed to differ per layer, as HF's layer_idx):
+    from layer `late` on it adds its input once more."""
+
+    def __init__(self, d: int, layer_idx: int, late: int):
+        super().__init__(d, 1.0)
+        self.layer_idx, self.late = layer_idx, late
+
+    def forward(self, x):
+        y = super().forward(x)
+        return y + x if self.layer_idx >= self.late else y
+
+
 class Stack(nn.Module):
-    def __init__(self, scales, boost_at=None, layer_types=None):
+    def __init__(self, scales, boost_at=None, layer_types=None, late=None):
         super().__init__()
         if layer_types is not None:     # as HF configs list per-layer attention kinds
             self.config = SimpleNamespace(layer_types=layer_types, hidden_size=16)
         self.inp = nn.Linear(8, 16)
-        self.blocks = nn.ModuleList(Block(16, s) for s in scales)
+        self.blocks = nn.ModuleList(Block(16, s) for s in scales) if late is None else \
+            nn.ModuleList(IndexedBlock(16, i, late) for i in range(len(scales)))
         self.boost_at = boost_at
 
     def forward(self, x):
@@ -168,6 +182,10 @@ class Stack(nn.Module):
     (Stack([1.0] * 5), ""),                                    # too short: captured whole, no note
     (Stack([1.0] * 9 + [0.5]), "layer 9.scale = 0.5, layer 2 has 1.0"),
     (Stack([1.0] * 10, boost_at=6), "interleaved"),
+    (Stack([1.0] * 10, boost_at=1), "interleaved"),         # between layer 1 and the stubs
+    (Stack([1.0] * 10, late=1), None),                       # layer 0 alone differs: it is captured
+    (Stack([1.0] * 10, late=5), "captured layer 9 differs from layer 1 at"),
+    (Stack([1.0] * 10, late=2), "captured layer 9 differs from layer 1 at"),
     (Stack([1.0] * 10, layer_types=["full"] * 10), None),
     (Stack([1.0] * 10, layer_types=["full", "sliding"] * 5), "config.layer_types = ['full', 'sliding', "),
 ])
