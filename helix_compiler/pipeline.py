@@ -375,7 +375,6 @@ RANK_PASSES = (
                f"next needs it, while later chunks compute (passes/overlap.py)"),
 )
 PASSES = MODEL_PASSES + PLAN_PASSES + RANK_PASSES
-LAST_GRAPH_PASS = [p.name for p in MODEL_PASSES if p.kind == "graph"][-1]
 PASS_NAMES = tuple(p.name for p in PASSES)
 assert len(set(PASS_NAMES)) == len(PASS_NAMES), PASS_NAMES
 
@@ -398,13 +397,14 @@ class _Runner:
     def run(self, p: Pass, s: State) -> State:
         t0 = time.perf_counter()
         try:
+            before = _code_key(s.captured.gm.graph) if p.kind == "graph" and s.captured else None
             out = p.run(s)
             if p.kind == "graph":
                 out.captured.gm.graph.lint()
-                # A graph pass recompiles the code when it changes the graph; regenerating an
-                # 80-layer graph's code costs 0.2-1 s, so the check's recompile runs once, after
-                # the last graph pass (or where the graph is printed), not after each.
-                if p.name == LAST_GRAPH_PASS or p.name in self.print_after:
+                # Regenerating an 80-layer graph's code costs 0.2-1 s: only when the pass
+                # changed what the code is made of (capture returns a recompiled graph).
+                if p.name in self.print_after or (before is not None and
+                                                   before != _code_key(out.captured.gm.graph)):
                     out.captured.gm.recompile()
         except HelixError:
             raise
@@ -422,6 +422,11 @@ class _Runner:
             print(f"# graph after {p.name}{label}")
             print(out.captured.gm.code)
         return out
+
+
+def _code_key(graph: fx.Graph) -> list:
+    """What a graph's generated code is made of, per node (a few ms for 6k nodes)."""
+    return [(n, n.name, n.op, n.target, n.args, n.kwargs) for n in graph.nodes]
 
 
 def check_print_after(print_after: str | Iterable[str] | None,
