@@ -2,6 +2,7 @@
 repeated layer must give what computing each site on its own gives."""
 
 import numpy as np
+import pytest
 import torch
 
 from helix_compiler.pipeline import analyze
@@ -21,6 +22,7 @@ def _gqa_llama(layers: int = 8):
     return model, (ids,), {"use_cache": False}
 
 
+@pytest.mark.slow
 def test_all_seeds_memoized_per_layer_equals_each_site_on_its_own():
     model, args, kwargs = _gqa_llama()
     a = analyze(model, args, kwargs)
