@@ -55,7 +55,10 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
+    owned = not dist.is_initialized()     # a script may have set up the process group already
+    if owned:
+        dist.init_process_group(backend)
+    backend = dist.get_backend()
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if backend == "nccl" else torch.device("cpu")
 
@@ -91,7 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     if rank == 0:
         print(f"s={split[0]} x m={split[1]} x n={split[2]}: tokens equal to the model's: "
               f"{torch.equal(got, want)}; {ms:.1f} ms per output token", flush=True)
-    dist.destroy_process_group()
+    if owned:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

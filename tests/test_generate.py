@@ -6,8 +6,8 @@ a batch of 3: row 1 left-padded, row 2 all padding; 24 cache positions). 4 gloo 
 generate 16 new tokens after an 8-token prompt; every rank's tokens must equal the unsharded
 model's greedy tokens (fp32): with m = 2 (head-dim slices, score-reduce) through `helix
 generate`, and with s = 2 (cache chunks [0, 12) and [12, 24): positions 8 .. 22 cross the
-boundary) from the user's own torchrun script. DistributedBackend's groups are checked against
-runtime/mesh.Mesh.group for s > 1 with dp and pp.
+boundary) from the user's own torchrun script, in the same launch as a check of every
+DistributedBackend group against runtime/mesh.Mesh.group for s > 1 with dp and pp.
 """
 
 from __future__ import annotations
@@ -52,11 +52,15 @@ def _env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 
-GROUPS_SCRIPT = textwrap.dedent("""
+# One torchrun launch for two checks (each launch costs ~20 s of the 2 shared cores): every
+# DistributedBackend group of a mesh with s = 2 cache chunks, with dp and pp, against Mesh.group,
+# then the user's script (examples/generate_torchrun.py) on the process group already set up.
+GROUPS_THEN_EXAMPLE = textwrap.dedent("""
     import json, sys
     import torch, torch.distributed as dist
     from helix_compiler.runtime.collectives import DistributedBackend
     from helix_compiler.runtime.mesh import Mesh
+    from examples.generate_torchrun import main
 
     dist.init_process_group("gloo")
     r = dist.get_rank()
@@ -70,22 +74,10 @@ GROUPS_SCRIPT = textwrap.dedent("""
             got = b.all_gather(torch.tensor([float(r)]), axes, 0, [1] * len(want))
             out.append({"mesh": [n, m, s, dp, pp], "axes": axes, "want": want,
                         "got": [int(x) for x in got.tolist()]})
-    json.dump(out, open(sys.argv[1] + f"/rank{r}.json", "w"))
+    json.dump(out, open(sys.argv[1] + f"/groups{r}.json", "w"))
+    main(["--plan", "2,1,2", "--prompt-len", "8", "--new-tokens", "16", "--out", sys.argv[1]])
     dist.destroy_process_group()
 """)
-
-
-@pytest.mark.slow
-def test_distributed_backend_seq_groups_are_the_mesh_groups_with_dp_and_pp(tmp_path):
-    script = tmp_path / "groups.py"
-    script.write_text(GROUPS_SCRIPT)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc-per-node", "4", str(script), str(tmp_path)],
-                          capture_output=True, text=True, timeout=300, env=_env())
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for r in range(4):
-        for row in json.loads((tmp_path / f"rank{r}.json").read_text()):
-            assert row["got"] == row["want"], (r, row)
 
 
 @pytest.mark.slow
@@ -106,17 +98,19 @@ def test_helix_generate_gqa_head_dim_split_token_equal_over_16_tokens(spec, tmp_
 
 @pytest.mark.slow
 def test_users_torchrun_script_generates_with_a_sequence_split_across_a_chunk_boundary(tmp_path):
+    script = tmp_path / "groups_then_example.py"
+    script.write_text(GROUPS_THEN_EXAMPLE)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc-per-node", "4", str(EXAMPLE), "--plan", "2,1,2",
-                           "--prompt-len", "8", "--new-tokens", "16", "--out", str(tmp_path)],
+                           "--nproc-per-node", "4", str(script), str(tmp_path)],
                           capture_output=True, text=True, timeout=300, env=_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     for r in range(4):
+        for row in json.loads((tmp_path / f"groups{r}.json").read_text()):
+            assert row["got"] == row["want"], (r, row)
         result = json.loads((tmp_path / f"rank{r}.json").read_text())
         assert result["split"] == [2, 1, 2]
-        assert result["equal"] and len(result["tokens"][0]) == 16, result
-        # the padded rows generate too (row 2 is all padding); they are compared like the rest
-        assert len(result["tokens"]) == 3
+        # 3 rows (row 1 left-padded, row 2 all padding) x 16 new tokens, each the model's
+        assert result["equal"] and len(result["tokens"]) == 3 and len(result["tokens"][0]) == 16, result
 
 
 @pytest.mark.parametrize("argv, message", [
