@@ -87,11 +87,13 @@ def check_request(model, devices: int, prompt_len: int, new_tokens: int,
     """HelixError, one line, for a generation request that cannot run."""
     cfg = model.cfg
     if devices < 1:
-        raise HelixError(f"--devices {devices}: give a positive number of processes")
+        raise HelixError(f"--devices {devices}: N must be at least 1 process; give --devices 1 or more")
     if prompt_len < 1:
-        raise HelixError(f"--prompt-len {prompt_len}: a prompt needs at least one token")
+        raise HelixError(f"--prompt-len {prompt_len}: a prompt needs at least one token; give "
+                         f"--prompt-len 1 or more")
     if new_tokens < 1:
-        raise HelixError(f"--new-tokens {new_tokens}: generate at least one new token")
+        raise HelixError(f"--new-tokens {new_tokens}: T must be at least 1 (the prefill's token, "
+                         f"then T - 1 decode steps); give --new-tokens 1 or more")
     if prompt_len + new_tokens - 1 > cfg.max_seq:
         raise HelixError(f"--prompt-len {prompt_len} + --new-tokens {new_tokens} need "
                          f"{prompt_len + new_tokens - 1} cache positions, but the model's cache "

@@ -114,7 +114,7 @@ def test_users_torchrun_script_generates_with_a_sequence_split_across_a_chunk_bo
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--new-tokens", "0"], r"--new-tokens 0: generate at least one new token"),
+    (["--new-tokens", "0"], r"--new-tokens 0: T must be at least 1 \(the prefill's token, then T - 1 decode steps\)"),
     (["--prompt-len", "0"], r"--prompt-len 0: a prompt needs at least one token"),
     (["--plan", "2,2,2"], r"--plan 2,2,2: s=2 x m=2 x n=2 = 8 ranks, but --devices 4"),
     (["--plan", "2,2"], r"--plan takes S,M,N"),
