@@ -21,6 +21,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from helix_compiler.cli import EXIT_REFUSED, _main
 from helix_compiler.errors import HelixError
@@ -151,3 +152,21 @@ def test_default_split_is_the_decode_planners_among_those_compile_decoder_builds
                                     "concurrency 3: TP=4 (s=1 x m=1 x n=4) has the smallest"), choice.reason
     with pytest.raises(HelixError, match=r"--plan 2,1,2: s=2 x m=1 x n=2 = 4 ranks, but --devices 8"):
         check_request(model, 8, 8, 16, (2, 1, 2))
+
+
+@pytest.mark.slow
+def test_one_rank_compile_and_move_keep_the_prefill_and_step_cache_one_tensor():
+    from helix_compiler.decode import compile_decoder
+    from helix_compiler.generate import pair_on_device
+    from helix_compiler.models.decoder_cache import DecoderConfig, build
+
+    model = build(DecoderConfig(layers=1, kv_heads=2))
+    prog = compile_decoder(model, 2, (2, 1, 1), prompt_len=4, rank=1)
+    assert prog.modules[0] is None and prog.caches[0] is None      # another process's rank
+    pair_on_device(prog, 1, torch.device("meta"))                  # as to a GPU: a new tensor each
+    pre, step = prog.modules[1]
+    caches = list(prog.caches[1].values())                         # 1 layer: k and v chunks
+    assert len(caches) == 2 and all(t.device.type == "meta" for t in caches)
+    for module in (pre, step):                                     # both read and write the same two
+        held = {id(t) for _, t in module.named_buffers()}
+        assert {id(t) for t in caches} <= held, type(module).__name__
