@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_decode.py --out benchmarks/results/decode_h200.json      # H100 / H200
     python benchmarks/gpu_decode.py --small --out /tmp/decode_small.json           # CPU smoke test
+    python benchmarks/gpu_decode.py --reassemble benchmarks/results/decode_h200.json  # no GPU
 
 For a LLaMA-GQA shape (64 heads / 8 kv heads, d 128, D 8192, SwiGLU F 28672, 80 layers, fp16)
 at contexts 32k, 64k and 128k and a concurrency of 8 sequences on N = 64 devices, each plan of
@@ -10,16 +11,25 @@ heads) is run as the rank that owns the new token's cache position runs it: its 
 slices, its cache slice (h_kv kv heads, d/m dims, C/s positions), the cache write of the new
 token's k and v, its attention core (m = 1: the fused flash kernel with GQA folded into the query
 length, returning the log-sum-exp; score-reduce: QK^T over d/m, fp32 softmax, PV; qk-gather: QK^T
-over the gathered d), the s > 1 rescale by exp(lse_i - lse), the output projection over H d / N
-rows and the MLP over F / N columns. Its collectives are not run: their time is the planner's
+over the gathered d), the s > 1 rescale by exp(lse_i - lse), the output projection over its
+H d / (m n) rows (replicated over the s-group, as compile_decoder builds it; runs before the
+"o_proj" key, recorded as "N", held H d / N rows) and the MLP over F / N columns. Its
+collectives are not run: their time is the planner's
 alpha-beta model of the cluster (`--cluster`, default: the paper's nodes of 8 GPUs, as many as
 N needs, with this GPU's HBM bandwidth and memory when it is an H100 or H200).
 
 Timing: distinct buffers for k layers (enough that one pass over them is >= 512 MB, so the 50 MB
 L2 cache holds none of them between uses), CUDA events around `--iters` passes after `--warmup`,
-per layer = total / (iters k), scaled by L; the replicated LM head GEMV is timed once and added.
+per layer = total / (iters k), scaled by L; the replicated LM head GEMV (F.linear with the weight
+[vocab, D], as nn.Linear holds it; the embedding is a lookup of B rows, not read whole) is timed
+once and added.
 measured TPOT = measured compute + modeled communication. A plan whose weights + cache do not fit
 the GPU's memory (x 0.9) is still timed (one layer fits) and marked `fits: false`.
+
+`--reassemble FILE` runs nothing: it prices every saved row again with today's cost model (the
+step the row measured: its "o_proj"), prints predicted / measured per row (the L layers, and the
+TPOT with the saved LM head time), and refits the per-kernel and per-row constants of
+decode_plan.py (KERNEL_S, EXPLICIT_ROW_S, GATHER_ROW_S) by least squares on the rows' layers.
 """
 
 from __future__ import annotations
@@ -61,7 +71,7 @@ def _rank_layer(shape: DecodeShape, C: int, B: int, s: int, m: int, n: int, vari
     r = lambda *size: torch.randn(*size, device=dev, dtype=dtype, generator=gen)  # noqa: E731
     lay = {"Wq": r(shape.hidden, h * dm) * shape.hidden ** -0.5,
            "Wkv": r(shape.hidden, 2 * hkv * dm) * shape.hidden ** -0.5,
-           "Wo": r(math.ceil(shape.heads * shape.head_dim / N), shape.hidden) * 0.02,
+           "Wo": r(h * dm, shape.hidden) * 0.02,            # replicated over the s-group
            "K": r(B, hkv, Cs, dm), "V": r(B, hkv, Cs, dm)}
     if shape.ffn:
         lay["Wgu"] = r(shape.hidden, 2 * f) * shape.hidden ** -0.5
@@ -125,8 +135,7 @@ def _step(lay: dict, x, shape: DecodeShape, s: int, m: int, n: int, variant: str
     if s > 1:   # flash-decoding combine: rescale by exp(lse_i - lse) (lse_i all-gathered)
         total = torch.logsumexp(torch.cat([lse.unsqueeze(0), lse_all], 0), dim=0)
         out = out * torch.exp(lse - total).unsqueeze(-1).to(out.dtype)
-    o_in = out.reshape(B, h * dm)[:, :lay["Wo"].shape[0]]   # 1/s of the features after the RS
-    x = x + o_in @ lay["Wo"]                         # output all-reduce modeled
+    x = x + out.reshape(B, h * dm) @ lay["Wo"]       # output all-reduce (chunk) modeled
     if "Wgu" in lay:
         xn = F.rms_norm(x, (x.shape[-1],))
         gate, up = (xn @ lay["Wgu"]).chunk(2, dim=-1)
@@ -207,15 +216,102 @@ def _graphed(fn, dev):
 
 
 def measure_replicated(shape, B, dev, dtype, iters, warmup) -> float:
-    """ms of reading the replicated weights whole (an LM head GEMV of B rows)."""
-    if not shape.replicated_params:
+    """ms of reading the replicated weights a step reads whole (R_read: the LM head and norms)
+    as an LM head GEMV of B rows: F.linear(x, W), W [R_read / D, D] as nn.Linear holds it (the
+    first run's x @ W with W [D, cols] took 4.3 ms for twice these bytes)."""
+    if not shape.read_params:
         return 0.0
     gen = torch.Generator(device=dev).manual_seed(1)
-    cols = math.ceil(shape.replicated_params / shape.hidden)
-    w = torch.randn(shape.hidden, cols, device=dev, dtype=dtype, generator=gen)
+    rows = math.ceil(shape.read_params / shape.hidden)
+    w = torch.randn(rows, shape.hidden, device=dev, dtype=dtype, generator=gen)
     x = torch.randn(B, shape.hidden, device=dev, dtype=dtype, generator=gen)
     with torch.no_grad():
-        return _time(lambda: x @ w, iters, warmup, dev) * 1e3
+        return _time(lambda: F.linear(x, w), iters, warmup, dev) * 1e3
+
+
+def _row_terms(cost) -> dict:
+    """ms per step of a DecodeCost's L layers (no replicated read) and of its fitted terms."""
+    out = {"layers": 0.0, "kernels": 0, "explicit": 0.0, "gather": 0.0}
+    for name, ms in cost.terms:
+        if name.startswith("replicated"):
+            continue
+        if "all-reduce" in name or "all-gather" in name or "reduce-scatter" in name:
+            continue
+        out["layers"] += ms
+        if " kernels x " in name:
+            out["kernels"] = int(name.split()[0])
+        elif name.startswith("explicit core"):
+            out["explicit"] = ms
+        elif name.startswith("qk-gather"):
+            out["gather"] = ms
+    return out
+
+
+def reassemble(path: str, out: str | None = None) -> int:
+    """Every saved row priced again by today's cost model; predicted / measured printed, the
+    fitted constants refitted (decode_plan.KERNEL_S, EXPLICIT_ROW_S, GATHER_ROW_S)."""
+    from helix_compiler import decode_plan as dp
+    from helix_compiler.cluster import ClusterSpec
+
+    data = json.loads(Path(path).read_text())
+    shape = DecodeShape(**data["shape"])
+    if shape.replicated_read_params is None and shape.name == llama70b_shape().name:
+        shape = llama70b_shape()       # runs before R_read: the LM head is what a step reads
+    cluster = ClusterSpec(**data["cluster"])
+    profile = DEFAULT_PROFILE
+    if data.get("profile") not in (None, profile.name):
+        print(f"note: the run used profile {data['profile']!r}; reassembled with {profile.name!r}")
+    o_proj = data.get("o_proj", "N")
+    L = shape.layers
+    print(f"{path}: {data.get('device')}, o_proj over {o_proj}, L={L}; ratios are predicted / "
+          f"measured (layers: L x the timed layer; TPOT: layers + the saved LM head time + modeled "
+          f"communication, the same on both sides)")
+    print(f"{'C':>7} {'split':<32} {'pred layers':>11} {'meas layers':>11} {'ratio':>6} "
+          f"{'pred TPOT':>9} {'meas TPOT':>9} {'ratio':>6}")
+    fit_rows, rows_out, within = [], [], 0
+    for entry in data["results"]:
+        C_, B_ = entry["context"], entry["concurrency"]
+        rep_ms = entry.get("replicated_measured_ms", 0.0)
+        for r in entry.get("rows", []):
+            if "measured_layer_ms" not in r:
+                continue
+            cost = dp.cost_decode(shape, C_, B_, (r["s"], r["m"], r["n"]), cluster, profile,
+                                  r["variant"] if r["m"] > 1 else None, o_proj=o_proj)
+            terms = _row_terms(cost)
+            meas_layers = r["measured_layer_ms"] * L
+            pred_tpot = cost.tpot_ms
+            meas_tpot = meas_layers + rep_ms + cost.comm_ms
+            ratio_l, ratio_t = terms["layers"] / meas_layers, pred_tpot / meas_tpot
+            within += abs(ratio_t - 1) <= 0.15
+            print(f"{C_:>7} {cost.name:<32} {terms['layers']:>11.2f} {meas_layers:>11.2f} "
+                  f"{ratio_l:>6.2f} {pred_tpot:>9.2f} {meas_tpot:>9.2f} {ratio_t:>6.2f}")
+            rows_out.append({"context": C_, "concurrency": B_, "name": cost.name,
+                             "predicted_layers_ms": terms["layers"],
+                             "measured_layers_ms": meas_layers, "predicted_tpot_ms": pred_tpot,
+                             "measured_tpot_ms": meas_tpot, "layers_ratio": ratio_l,
+                             "tpot_ratio": ratio_t, "fits": cost.fits})
+            base = terms["layers"] - terms["kernels"] * dp.KERNEL_S * 1e3 * L \
+                - terms["explicit"] - terms["gather"]
+            per_row = terms["explicit"] / dp.EXPLICIT_ROW_S if terms["explicit"] else 0.0
+            per_g = terms["gather"] / dp.GATHER_ROW_S if terms["gather"] else 0.0
+            fit_rows.append(([terms["kernels"] * L * 1e3, per_row, per_g],
+                             meas_layers - base, meas_layers))
+    n_rows = len(rows_out)
+    print(f"\n{within} of {n_rows} rows have TPOT predicted within 15% of measured")
+    if fit_rows:
+        A = torch.tensor([x for x, _, _ in fit_rows], dtype=torch.float64)
+        y = torch.tensor([v for _, v, _ in fit_rows], dtype=torch.float64)
+        wgt = 1 / torch.tensor([m for _, _, m in fit_rows], dtype=torch.float64)
+        keep = [j for j in range(3) if A[:, j].abs().sum() > 0]
+        sol = torch.linalg.lstsq(A[:, keep] * wgt[:, None], (y * wgt)[:, None]).solution.flatten()
+        names = ["KERNEL_S", "EXPLICIT_ROW_S", "GATHER_ROW_S"]
+        now = [dp.KERNEL_S, dp.EXPLICIT_ROW_S, dp.GATHER_ROW_S]
+        print("least-squares refit on the layers (relative error weighted): " + ", ".join(
+            f"{names[j]} = {float(v):.3g} s (now {now[j]:.3g})" for j, v in zip(keep, sol)))
+    if out:
+        Path(out).write_text(json.dumps({"source": path, "o_proj": o_proj, "rows": rows_out},
+                                        indent=1) + "\n")
+    return 0
 
 
 def _cluster(name, devices, dev):
@@ -243,7 +339,11 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--budget-s", type=float, default=200.0,
                    help="stop timing rows after this many seconds (the rest marked skipped)")
+    p.add_argument("--reassemble", metavar="FILE", default=None,
+                   help="price a saved run's rows again (no timing; --out: the ratios as JSON)")
     args = p.parse_args(argv)
+    if args.reassemble:
+        return reassemble(args.reassemble, args.out if "--out" in (argv or sys.argv) else None)
     t_start = time.time()
     dev = torch.device("cpu" if args.small or not torch.cuda.is_available() else "cuda")
     shape = SMALL if args.small else llama70b_shape()
@@ -263,6 +363,7 @@ def main(argv=None) -> int:
               "shape": dataclasses.asdict(shape), "devices": devices,
               "cluster": dataclasses.asdict(cluster), "profile": profile.name,
               "core_kernel_m1": _core_kernel(dev), "iters": iters, "warmup": warmup,
+              "o_proj": "mn",
               "results": []}
     for B in concurrency:
         rep_ms = measure_replicated(shape, B, dev, dtype, iters, warmup)

@@ -263,13 +263,13 @@ def cmd_run(args) -> int:
     plan_model(model, devices=args.devices, example_inputs=inputs, example_kwargs=kwargs,
                cluster=args.cluster, plan=_resolve_plan(args.plan), strict=args.strict,
                verbose=args.verbose, dp=1 if args.plan is None else None,
-               pp=1 if args.plan is None else None)
+               pp=1 if args.plan is None else None, micro_batches=args.micro_batches)
     given = _resolve_plan(args.plan)
     pp = given.pp if isinstance(given, Plan) else (given[1] if given and len(given) == 4 else 1)
-    if pp > 1:
-        raise HelixError(f"--plan {_plan_text(args.plan)}: helix run does not launch pipeline "
-                         f"stages (pp={pp}) yet; run pp plans with "
-                         f"helix_compiler.stages.run_pipeline_rank under torchrun, or simulate them")
+    if pp > 1 and args.weights:
+        raise HelixError(f"--plan {_plan_text(args.plan)}: --weights with pp={pp} pipeline "
+                         f"stages is not supported yet; drop --weights (random weights) or run "
+                         f"a pp=1 plan")
     del model, inputs, kwargs
 
     workdir = Path(tempfile.mkdtemp(prefix="helix-run-"))
@@ -284,7 +284,8 @@ def cmd_run(args) -> int:
         worker += ["--json", str(Path(args.json).resolve())]
     if args.sequence_parallel:
         worker += ["--sequence-parallel"]
-    for flag, value in (("--batch", args.batch), ("--seq", args.seq)):
+    for flag, value in (("--batch", args.batch), ("--seq", args.seq),
+                        ("--micro-batches", args.micro_batches)):
         if value is not None:
             worker += [flag, str(value)]
     if args.weights:
@@ -532,9 +533,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="nccl (one GPU per rank) or gloo (CPU); default nccl when N GPUs are visible")
     run.add_argument("--cluster", metavar="PRESET|FILE",
                      help="cluster whose cost model picks the split (default: as for helix plan)")
-    run.add_argument("--plan", type=_plan_arg, metavar="[DP,]M,N|FILE",
+    run.add_argument("--plan", type=_plan_arg, metavar="[DP,[PP,]]M,N|FILE",
                      help="force the split m,n, dp replicas of it (dp,m,n; each rank runs its "
-                          "replica's batch shard), or a plan YAML; default: the best m x n (dp = 1)")
+                          "replica's batch shard), pp pipeline stages too (dp,pp,m,n; run by "
+                          "torch.distributed.pipelining's ScheduleGPipe), or a plan YAML; "
+                          "default: the best m x n (dp = 1)")
+    run.add_argument("--micro-batches", type=_positive_int, metavar="M",
+                     help="a pp plan's micro-batches per replica (default: the cost model "
+                          "chooses; M must divide the replica's batch)")
     run.add_argument("--steps", type=_positive_int, default=10, metavar="K", help="timed steps (default 10)")
     run.add_argument("--timeout", type=_positive("seconds"), default=DEFAULT_TIMEOUT_S, metavar="S",
                      help=f"stop every rank after S seconds, exit {EXIT_TIMEOUT} (default {DEFAULT_TIMEOUT_S:g})")

@@ -1140,7 +1140,9 @@ def cost_pipeline_plan(summary: ModelSummary, m: int, n: int, cluster: ClusterSp
 
     Stage p of replica d holds ranks [(d pp + p) m n, (d pp + p + 1) m n) and the blocks
     `stage_of` gives it, each split m x n as cost_plan splits it; between stages each of the
-    m n ranks sends the hidden state (b S D) to its counterpart (p2p_send). Per micro-batch
+    m n ranks sends its 1/(m n) of the hidden state (b S D) to its counterpart (p2p_send)
+    and the next stage all-gathers it over its m n ranks, as Megatron's scatter-gather and
+    cost_baseline (the whole b S D from each rank when m n does not divide D). Per micro-batch
     a stage takes t_stage (its sites, MLPs, its 1/pp of the graph's ops, its receive); the
     step is (M + pp - 1) t_stage of the slowest stage: M t_stage of work plus the bubble
     (pp - 1) t_stage, as cost_baseline. The micro-batch b is searched over the divisors of
@@ -1195,12 +1197,20 @@ def cost_pipeline_plan(summary: ModelSummary, m: int, n: int, cluster: ClusterSp
         sizes = [b for b in _divisors(local) if b <= fit]
     hop = min(m * n, cluster.gpus_per_node)     # ranks of a node sending at once
 
+    # stages.py splits the hidden state over the stage's m n ranks along D (its only static
+    # dim) when m n divides D: scatter-gather, priced as cost_baseline prices it
+    scatter = PP_SCATTER_GATHER and _hidden(summary) % (m * n) == 0
+
     def recv_terms(p: int, size: int) -> list[tuple[str, str, float]]:
         if p == 0:
             return []
         nbytes = w * size * summary.seq_len * _hidden(summary)
         src, dst = (p - 1) * m * n, p * m * n
-        return [("stage-boundary send", "comm", p2p_s(nbytes, src, dst, hop, cluster))]
+        if not scatter:
+            return [("stage-boundary send", "comm", p2p_s(nbytes, src, dst, hop, cluster))]
+        t = p2p_s(nbytes / (m * n), src, dst, hop, cluster)
+        t += collective_s("all_gather", nbytes, range(dst, dst + m * n), cluster)
+        return [("stage-boundary send", "comm", t)]
 
     def one(p, reps, idx, cores, mlp_reps, b) -> tuple[float, float]:
         """(compute, comm) seconds of one micro-batch of b on stage p."""

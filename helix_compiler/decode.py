@@ -16,7 +16,10 @@ cache slice, so a rank's prefill fills the slice its decode steps then extend an
 
 With split (s, m, n), s > 1, each (i, j) module is cut into s modules by passes/seq_split.py:
 rank (i m + j) s + k holds positions chunk k of its slice, writes only the positions it owns,
-and combines its partial attention exactly over the "seq" mesh axis.
+and combines its partial attention exactly over the "seq" mesh axis; its q/k/v/o weight slices
+are rank (i, j)'s (the same on the s ranks of (i, j)), and passes/mesh_mlp.py cuts each MLP
+further, to F/N columns per rank, all-reduced over the whole mesh ("mesh"), as NVIDIA's Helix
+runs the FFN over all N GPUs.
 
 Invariant: rank r's prefill / step output equals the unsharded model's, call after call, as
 long as the same calls are made on the model; nothing of the user's model is written.
@@ -24,13 +27,16 @@ long as the same calls are made on the model; nothing of the user's model is wri
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
+from passes.mesh_mlp import mlp_attrs, mlp_over_mesh
 from passes.seq_split import cache_writes, chunk_bounds, split_sequence
 
 from .api import helix_compile
+from .decode_plan import DecodeShape, shape_from_summary
 from .errors import HelixError
 from .models.decoder_cache import DecodeStep, Prefill
 from .program import HelixProgram, run_ranks
@@ -77,6 +83,32 @@ class DecodeProgram:
     def cache_bytes(self, rank: int) -> int:
         """KV cache bytes rank `rank` holds (its k and v slices of every layer)."""
         return sum(t.numel() * t.element_size() for t in self.caches[rank].values())
+
+    def weight_bytes(self, rank: int, names=None) -> int:
+        """Bytes of the model's tensors (parameters and buffers) rank `rank`'s decode-step
+        module holds, its KV cache slices and Helix's index constants left out: what
+        decode_plan prices as weights per rank. `names`: only tensors whose stored name
+        contains one of these strings."""
+        gm = self.modules[rank][1]
+        shards = self.step_program.rank_shards(rank // self.mesh.s)
+        model = self.step_program.analysis.captured.params
+        total = 0
+        for attr, t in gm.named_buffers():
+            src = shards.get(attr, (None,))[0]
+            if src not in model or src in self.caches[rank]:
+                continue
+            if names is None or any(x in src for x in names):
+                total += t.numel() * t.element_size()
+        return total
+
+    def decode_shape(self) -> DecodeShape:
+        """The decode planner's shape of this model (decode_plan.shape_from_summary), its KV
+        cache buffers left out of the replicated elements."""
+        shape = shape_from_summary(self.step_program.summary)
+        model = self.step_program.analysis.captured.params
+        built = next(c for c in self.caches if c is not None)   # rank=: one rank's only
+        cache = sum(model[src].numel() for src in built)
+        return dataclasses.replace(shape, replicated_params=shape.replicated_params - cache)
 
     def simulate_generate(self, prompt: torch.Tensor, valid_prompt: torch.Tensor,
                           new_tokens: int) -> torch.Tensor:
@@ -190,6 +222,7 @@ def compile_decoder(model: torch.nn.Module, devices: int, split: tuple[int, ...]
             modules.append((p_gm, s_gm))
             caches.append({src: getattr(p_gm, pa) for src, (pa, _) in pairs.items()})
             continue
+        m_, n_ = step.plan.m, step.plan.n
         for k, (start, end) in enumerate(bounds):   # rank (i m + j) s + k holds chunk k
             if rank is not None and r * s + k != rank:
                 modules.append(None)
@@ -197,9 +230,14 @@ def compile_decoder(model: torch.nn.Module, devices: int, split: tuple[int, ...]
                 continue
             chunk = {src: getattr(s_gm, a).narrow(s_w[a].args[1], start, end - start).clone()
                      for src, (_, a) in pairs.items()}
+            # attention (q/k/v/o) replicated over the s-group, the MLPs over all N ranks
             modules.append((
-                split_sequence(p_gm, (tokens, valid), start, end, {pa: chunk[src] for src, (pa, _) in pairs.items()}),
-                split_sequence(s_gm, step_args, start, end, {a: chunk[src] for src, (_, a) in pairs.items()})))
+                mlp_over_mesh(split_sequence(p_gm, (tokens, valid), start, end,
+                                             {pa: chunk[src] for src, (pa, _) in pairs.items()}),
+                              mlp_attrs(pre.analysis.mlps, p_sh), k, s, m_, n_),
+                mlp_over_mesh(split_sequence(s_gm, step_args, start, end,
+                                             {a: chunk[src] for src, (_, a) in pairs.items()}),
+                              mlp_attrs(step.analysis.mlps, s_sh), k, s, m_, n_)))
             caches.append(chunk)
     return DecodeProgram(prefill_program=pre, step_program=step,
                          mesh=Mesh(n=step.plan.n, m=step.plan.m, s=s), modules=tuple(modules),

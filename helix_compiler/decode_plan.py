@@ -9,29 +9,38 @@ times, as tensor parallelism copies them):
 
     KV cache per rank     2 L B (C/s) h_kv (d/m) w                          kv_cache_rank
                           = 2 L B C H_kv d w / N exactly when n <= H_kv     kv_cache_model
-    weights per rank      L w (D (h + 2 h_kv) d/m + (H d/N) D               weights_rank
+    weights per rank      L w (D (h + 2 h_kv) d/m + (h d/m) D               weights_rank
                                + (u + 1) D ceil(F/N)) + w R
     t_op                  max(FLOPs / (P eta), bytes / (BW eta_mem))        op_time
     compute per layer     q/k/v/o GEMVs (2 B params FLOPs, w params bytes)  attn_weight_*
                           + attention core over the cache slice            core_* / kv_read_*
                           + MLP GEMVs                                      mlp_weight_*
+                          + kernels x t_kernel (a CUDA-graphed step's       kernel_time
+                            floor: launch, ramp and tail of each kernel)
+                          + explicit core (m > 1): t_row per K row          explicit_rows_time
+                            (B h_kv C/s rows of d/m), qk-gather also
+                            t_gather per row and slice                      gather_rows_time
     communication per layer (alpha-beta, cost.collective_s):
       m > 1 score-reduce  all-reduce of 4 B h (C/s) fp32 scores, m-group    score_reduce_bytes
       m > 1 qk-gather     all-gather of w B (h + h_kv C/s) d, m-group       qk_gather_bytes
-      s > 1 combine       all-gather of the 4 B h log-sum-exps, s-group,    lse_gather_bytes
-                          then a reduce-scatter of the rescaled partial
-                          outputs w B h d/m, s-group                        combine_bytes
-      output projection   all-reduce of w B D over all N                    out_bytes
+      s > 1 combine       all-reduce (max) of the w B h row maxima, then    combine_max_bytes
+                          all-reduce (sum) of [o | l], w B h (d/m + 1),
+                          s-group                                          combine_bytes
+      output projection   all-reduce of w B D over the m n ranks of a chunk out_bytes
       MLP                 all-reduce of w B D over all N                    out_bytes
     TPOT                  L (compute + comm per layer) + replicated reads   tpot
     tokens/s              B / TPOT                                          tokens_per_s
 
-The s-group holds the same q/k/v/o weight slices (the new token's q, k, v are
-computed on each of its ranks; only the rank owning position C writes k, v);
-after the combine each rank holds 1/s of its group's output features, so the
-output projection and the MLP are sharded over all N ranks. A plan fits when
-weights + cache + workspace <= phi x device memory (or the --memory-cap);
-the decode objective is the smallest TPOT among the plans that fit.
+This prices what compile_decoder builds (helix_compiler/decode.py): the s ranks of
+head group i, dim slice j hold the same q/k/v/o weight slices (1/(m n) of
+attention's) and compute the new token's q, k, v and the output projection alike
+(only the rank owning position C writes k, v); passes/mesh_mlp.py shards each MLP
+over all N ranks. Ranks are laid out as runtime/mesh.Mesh lays them out, rank =
+(i m + j) s + k: the s-group contiguous. A plan fits when weights + cache +
+workspace <= phi x device memory (or the --memory-cap); the decode objective is
+the smallest TPOT among the plans that fit. The replicated reads are the LM head
+and the norms (R_read, `DecodeShape.replicated_read_params`), not the embedding,
+of which a step reads B rows.
 
 `formulas()` returns every formula above as a sympy expression; the numbers are
 computed from those very expressions.
@@ -52,6 +61,7 @@ from .cost import MEMORY_USABLE_FRACTION, collective_s, group_span
 from .cost import formulas as _cost_formulas
 from .errors import PlanError
 from .profile import DEFAULT_PROFILE, ComputeProfile
+from .runtime.mesh import Mesh
 from .sites import ModelSummary
 
 # --- settings -----------------------------------------------------------------
@@ -66,13 +76,30 @@ EXPLICIT_SCORE_PASSES = 4
 # Score-sized fp32 tensors alive at once in an explicit core (scores and probabilities).
 SCORE_COPIES = 2
 VARIANTS = ("heads", "score-reduce", "qk-gather")
+# Kernels one decode layer launches (benchmarks/gpu_decode.py `_step`, counted as ATen ops that
+# are not views): q and kv GEMVs, the k and v writes, o GEMV, residual add, the rms_norm (5),
+# gate-up GEMV, silu, mul, down GEMV, residual add = 16, plus the core: 1 fused kernel (m = 1);
+# 7 for an explicit core (QK^T, fp32 cast, scale, log-sum-exp, softmax, cast back, PV);
+# qk-gather adds the repeat of q and one copy per slice of the gathered K (m).
+KERNELS_PER_LAYER = {"heads": 17, "score-reduce": 23, "qk-gather": 24}
+# s > 1: the combine's cat, log-sum-exp, sub, exp, cast and rescale.
+COMBINE_KERNELS = 6
+# Seconds per kernel of a CUDA-graphed decode step beyond its roofline time (launch, ramp and
+# tail of a small kernel), and per K row (one sequence, kv head and position, d/m wide) of an
+# explicit core (its two batched matmuls over d/m-wide rows run at ~5 rows per ns whatever
+# d/m), and per row and slice of qk-gather's K assembly (m strided copies): least squares on
+# the 147 rows of benchmarks/results/decode_h200.json (H200, LLaMA-70B shape, B 8, C 32k-128k;
+# `python benchmarks/gpu_decode.py --reassemble FILE` refits them from a new run's rows).
+KERNEL_S = 3.05e-6
+EXPLICIT_ROW_S = 0.180e-9
+GATHER_ROW_S = 0.044e-9
 # LLaMA-3-70B: 80 layers, 64 heads, 8 kv heads, d 128, D 8192, SwiGLU F 28672, vocab 128256
 # (untied embeddings and LM head, which Helix holds whole on every rank), fp16.
 LLAMA70B_VOCAB = 128256
 
 # --- formulas -------------------------------------------------------------------
-_SYMS = sympy.symbols("B C L H H_kv d D F u w s m n N R P_sc", positive=True)
-B, C, L, H, H_kv, d, D, F, u, w, s, m, n, N, R, P_sc = _SYMS
+_SYMS = sympy.symbols("B C L H H_kv d D F u w s m n N R P_sc K t_k t_row t_g", positive=True)
+B, C, L, H, H_kv, d, D, F, u, w, s, m, n, N, R, P_sc, K, t_k, t_row, t_g = _SYMS
 _h = H / n
 _h_kv = Max(H_kv / n, 1)
 _f = ceiling(F / N)
@@ -83,10 +110,16 @@ _FORMULAS: dict[str, sympy.Expr] = {
     "kv_cache_model": 2 * L * B * C * H_kv * d * w,
     "kv_cache_rank": 2 * L * B * (C / s) * _h_kv * (d / m) * w,
     # per layer, per rank
-    "attn_weight_params": D * (_h + 2 * _h_kv) * d / m + (H * d / N) * D,
+    "attn_weight_params": D * (_h + 2 * _h_kv) * d / m + (_h * d / m) * D,
+    # the output projection over all N instead (NVIDIA's Helix after an all-to-all; what the
+    # first decode_h200.json run measured): cost_decode(o_proj="N")
+    "attn_weight_params_o_all": D * (_h + 2 * _h_kv) * d / m + (H * d / N) * D,
     "mlp_weight_params": (u + 1) * D * _f,
-    "weights_rank": L * w * (D * (_h + 2 * _h_kv) * d / m + (H * d / N) * D + (u + 1) * D * _f)
+    "weights_rank": L * w * (D * (_h + 2 * _h_kv) * d / m + (_h * d / m) * D + (u + 1) * D * _f)
     + w * R,
+    "kernel_time": K * t_k,
+    "explicit_rows_time": t_row * B * _h_kv * C / s,
+    "gather_rows_time": t_g * m * B * _h_kv * C / s,
     "gemv_flops": 2 * B * P_sc,            # P_sc: the parameters a GEMV reads, here
     "gemv_bytes": w * P_sc + 2 * w * B * D,
     "kv_read_bytes": 2 * B * (C / s) * _h_kv * (d / m) * w,
@@ -97,8 +130,8 @@ _FORMULAS: dict[str, sympy.Expr] = {
     "core_flops_gather": 2 * B * _h * (C / s) * (d + d / m),
     "score_reduce_bytes": SCORE_BYTES * B * _h * C / s,
     "qk_gather_bytes": w * B * (_h + _h_kv * C / s) * d,
-    "lse_gather_bytes": SCORE_BYTES * B * _h * s,
-    "combine_bytes": w * B * _h * d / m,
+    "combine_max_bytes": w * B * _h,
+    "combine_bytes": w * B * _h * (d / m + 1),
     "out_bytes": w * B * D,
 }
 _T = sympy.symbols("t_layer t_rep", positive=True)
@@ -137,13 +170,20 @@ class DecodeShape:
     ffn: int             # F (0: no MLP)
     up_projections: int = 2        # u: 2 for a gated (SwiGLU) MLP
     dtype: str = "fp16"
-    replicated_params: int = 0     # R: elements every rank holds and reads whole (LM head, norms)
+    replicated_params: int = 0     # R: elements every rank holds (embedding, LM head, norms)
+    replicated_read_params: int | None = None   # R_read: of those, read whole each step (LM
+    #                                             head, norms); None: all R (an upper bound)
 
     def __post_init__(self) -> None:
         for key in ("layers", "hidden", "heads", "kv_heads", "head_dim"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) <= 0:
                 raise PlanError(f"DecodeShape {self.name!r}: {key} must be a positive integer, "
                                 f"got {getattr(self, key)!r}")
+        if self.replicated_read_params is not None and not \
+                0 <= self.replicated_read_params <= self.replicated_params:
+            raise PlanError(f"DecodeShape {self.name!r}: replicated_read_params="
+                            f"{self.replicated_read_params} must be in [0, replicated_params="
+                            f"{self.replicated_params}]")
         if self.ffn < 0 or self.replicated_params < 0 or self.up_projections < 1:
             raise PlanError(f"DecodeShape {self.name!r}: ffn={self.ffn}, up_projections="
                             f"{self.up_projections}, replicated_params={self.replicated_params} "
@@ -154,6 +194,12 @@ class DecodeShape:
         object.__setattr__(self, "dtype", normalize_dtype(self.dtype))
 
     @property
+    def read_params(self) -> int:
+        """R_read: the replicated elements one decode step reads whole."""
+        return self.replicated_params if self.replicated_read_params is None \
+            else self.replicated_read_params
+
+    @property
     def dtype_bytes(self) -> int:
         return {"fp16": 2, "bf16": 2, "fp32": 4}[self.dtype]
 
@@ -162,7 +208,8 @@ def llama70b_shape() -> DecodeShape:
     """The default shape of `helix plan --decode`: LLaMA-3-70B's."""
     return DecodeShape(name="llama-70b-like", layers=80, hidden=8192, heads=64, kv_heads=8,
                        head_dim=128, ffn=28672, dtype="fp16",
-                       replicated_params=2 * LLAMA70B_VOCAB * 8192 + (2 * 80 + 1) * 8192)
+                       replicated_params=2 * LLAMA70B_VOCAB * 8192 + (2 * 80 + 1) * 8192,
+                       replicated_read_params=LLAMA70B_VOCAB * 8192 + (2 * 80 + 1) * 8192)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -287,11 +334,11 @@ def _divisors(k: int) -> list[int]:
 
 
 def _groups(s_: int, m_: int, n_: int) -> dict[str, list[tuple[int, ...]]]:
-    """rank = (i_n s + i_s) m + i_m: the chattiest m-group contiguous, then the s-group."""
-    rank = lambda i_n, i_s, i_m: (i_n * s_ + i_s) * m_ + i_m   # noqa: E731
-    return {"m": [tuple(rank(a, b, j) for j in range(m_)) for a in range(n_) for b in range(s_)],
-            "s": [tuple(rank(a, k, j) for k in range(s_)) for a in range(n_) for j in range(m_)],
-            "all": [tuple(range(s_ * m_ * n_))]}
+    """The groups of the mesh compile_decoder builds (rank = (i m + j) s + k: the s-group
+    contiguous): m-groups, s-groups, the m n ranks of each chunk, the whole mesh."""
+    mesh = Mesh(n=n_, m=m_, s=s_)
+    return {"m": mesh.groups("dim"), "s": mesh.groups("seq"), "chunk": mesh.groups("all"),
+            "mesh": mesh.groups("mesh")}
 
 
 def _collective(kind: str, nbytes: float, groups, cluster: ClusterSpec) -> float:
@@ -304,9 +351,13 @@ def _collective(kind: str, nbytes: float, groups, cluster: ClusterSpec) -> float
 
 def cost_decode(shape: DecodeShape, context: int, concurrency: int, split: tuple[int, int, int],
                 cluster: ClusterSpec, profile: ComputeProfile | None = None,
-                variant: str | None = None) -> DecodeCost:
+                variant: str | None = None, *, o_proj: str = "mn") -> DecodeCost:
     """Predicted decode step of `split` = (s, m, n); `variant` for m > 1 ("score-reduce",
-    default, or "qk-gather")."""
+    default, or "qk-gather"); `o_proj`: "mn", the output projection as built (replicated
+    over the s-group), or "N" (sharded over all N ranks, all-reduced over all N)."""
+    if o_proj not in ("mn", "N"):
+        raise PlanError(f"cost_decode: o_proj must be 'mn' (as compile_decoder builds it) or "
+                        f"'N', got {o_proj!r}")
     s_, m_, n_ = split
     N_ = s_ * m_ * n_
     why = split_reason(shape, context, s_, m_, n_)
@@ -347,10 +398,20 @@ def cost_decode(shape: DecodeShape, context: int, concurrency: int, split: tuple
     score_rw = EXPLICIT_SCORE_PASSES * _ev("score_bytes", env) if explicit else 0.0
     core = op(_ev("core_flops_gather" if gather else "core_flops_partial", env),
               _ev("kv_read_gather_bytes" if gather else "kv_read_bytes", env) + score_rw)
-    layer = [("q/k/v/o GEMVs", "compute", gemv(_ev("attn_weight_params", env))),
+    attn_params = "attn_weight_params" if o_proj == "mn" else "attn_weight_params_o_all"
+    layer = [("q/k/v/o GEMVs", "compute", gemv(_ev(attn_params, env))),
              ("attention over the cache slice", "compute", core)]
     if shape.ffn:
         layer.append(("MLP GEMVs", "compute", gemv(_ev("mlp_weight_params", env))))
+    kernels = KERNELS_PER_LAYER[variant] + (m_ if gather else 0) + (COMBINE_KERNELS if s_ > 1 else 0)
+    layer.append((f"{kernels} kernels x {KERNEL_S * 1e6:.2f} us", "compute",
+                  _ev("kernel_time", {"K": kernels, "t_k": KERNEL_S})))
+    if explicit:
+        layer.append(("explicit core: K rows", "compute",
+                      _ev("explicit_rows_time", {**env, "t_row": EXPLICIT_ROW_S})))
+    if gather:
+        layer.append(("qk-gather: K assembly", "compute",
+                      _ev("gather_rows_time", {**env, "t_g": GATHER_ROW_S})))
     grp = _groups(s_, m_, n_)
     comm_bytes = 0.0
 
@@ -365,17 +426,17 @@ def cost_decode(shape: DecodeShape, context: int, concurrency: int, split: tuple
     if gather:
         coll("q, K-cache all-gather (m-group)", "all_gather", "qk_gather_bytes", "m")
     if s_ > 1:
-        coll("log-sum-exp all-gather (s-group)", "all_gather", "lse_gather_bytes", "s")
-        coll("partial-output reduce-scatter (s-group)", "reduce_scatter", "combine_bytes", "s")
-    coll("output all-reduce", "all_reduce", "out_bytes", "all")
+        coll("row-max all-reduce (s-group)", "all_reduce", "combine_max_bytes", "s")
+        coll("partial-output all-reduce (s-group)", "all_reduce", "combine_bytes", "s")
+    coll("output all-reduce", "all_reduce", "out_bytes", "chunk" if o_proj == "mn" else "mesh")
     if shape.ffn:
-        coll("MLP all-reduce", "all_reduce", "out_bytes", "all")
+        coll("MLP all-reduce", "all_reduce", "out_bytes", "mesh")
     t_layer = sum(t for _, _, t in layer)
-    t_rep = gemv(shape.replicated_params) if shape.replicated_params else 0.0
+    t_rep = gemv(shape.read_params) if shape.read_params else 0.0
     L_ = shape.layers
     terms = [(name, t * L_ * 1e3) for name, _, t in layer]
     if t_rep:
-        terms.append(("replicated weights (LM head, norms) read whole", t_rep * 1e3))
+        terms.append(("replicated weights read whole (LM head, norms)", t_rep * 1e3))
     tpot = _ev("tpot", {"L": L_, "t_layer": t_layer, "t_rep": t_rep})
     kv = math.ceil(_ev("kv_cache_rank", env))
     weights = math.ceil(_ev("weights_rank", env))
@@ -449,9 +510,10 @@ def plan_decode(shape: DecodeShape, context: int, concurrency: int, devices: int
     kv_model = math.ceil(_ev("kv_cache_model", {
         "L": shape.layers, "B": concurrency, "C": context, "H_kv": shape.kv_heads,
         "d": shape.head_dim, "w": shape.dtype_bytes}))
-    notes += ["norms, residual adds, rotary and the embedding lookup are left out (B x D "
-              "elements each: microseconds); the q/k/v of the new token is computed on every "
-              "rank of its s-group",
+    notes += ["norm, residual and core kernels are priced by count (KERNELS_PER_LAYER x "
+              f"{KERNEL_S * 1e6:.2f} us, fitted on an H200); rotary and the embedding lookup "
+              "are left out (B x D elements each); the q/k/v/o of the new token run on every "
+              "rank of its s-group, the MLP over all N",
               "no overlap of compute and communication is assumed"]
     return DecodePlan(shape=shape, context=context, concurrency=concurrency, devices=devices,
                       cluster=cluster.name, memory_limit_bytes=chosen.memory_limit_bytes,

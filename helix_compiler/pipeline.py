@@ -48,7 +48,7 @@ from passes.fold_params import fold_params
 from passes.graph_utils import proj_bias
 from passes.kernel_choice import apply_kernel_choice, fused_kernel_exists
 from passes.overlap import overlap
-from passes.seeds import mlp_seeds, site_seeds
+from passes.seeds import all_seeds
 from passes.shard import Localized, localize
 from passes.size_masks import apply_size_masks, causal_at_example
 from passes.canonical_ops import canonical_ops
@@ -224,12 +224,8 @@ def _plan(s: State) -> State:
 
 def _seeds(s: State) -> State:
     mesh = Mesh(n=s.plan.n, m=s.plan.m)
-    seeds = {}
-    for match in s.matches:
-        seeds.update(site_seeds(match, mesh))
-    for mlp in s.mlps:
-        seeds.update(mlp_seeds(mlp, mesh))
-    return dataclasses.replace(s, seeds=seeds, variants=site_variants(s.plan, s.matches))
+    return dataclasses.replace(s, seeds=all_seeds(s.matches, s.mlps, mesh),
+                               variants=site_variants(s.plan, s.matches))
 
 
 def site_variants(plan: Plan, matches: Iterable) -> dict[str, str]:
@@ -401,10 +397,15 @@ class _Runner:
     def run(self, p: Pass, s: State) -> State:
         t0 = time.perf_counter()
         try:
+            before = _code_key(s.captured.gm.graph) if p.kind == "graph" and s.captured else None
             out = p.run(s)
             if p.kind == "graph":
                 out.captured.gm.graph.lint()
-                out.captured.gm.recompile()
+                # Regenerating an 80-layer graph's code costs 0.2-1 s: only when the pass
+                # changed what the code is made of (capture returns a recompiled graph).
+                if p.name in self.print_after or (before is not None and
+                                                   before != _code_key(out.captured.gm.graph)):
+                    out.captured.gm.recompile()
         except HelixError:
             raise
         except Exception as e:
@@ -421,6 +422,11 @@ class _Runner:
             print(f"# graph after {p.name}{label}")
             print(out.captured.gm.code)
         return out
+
+
+def _code_key(graph: fx.Graph) -> list:
+    """What a graph's generated code is made of, per node (a few ms for 6k nodes)."""
+    return [(n, n.name, n.op, n.target, n.args, n.kwargs) for n in graph.nodes]
 
 
 def check_print_after(print_after: str | Iterable[str] | None,

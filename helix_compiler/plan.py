@@ -420,9 +420,8 @@ def _baseline_notes(cost: PlanCost, baselines, summary: ModelSummary = None,
                           "; it is a split outside this space"
                           if same is None else
                           f"; its Helix point {same} is priced at "
-                          f"{priced[same].tokens_per_s:,.0f}: Helix's stage cut sends the whole "
-                          f"hidden state from each of a stage's ranks, Megatron 1/TP of it from "
-                          f"each and all-gathers it (scatter-gather, not emitted by Helix yet)"
+                          f"{priced[same].tokens_per_s:,.0f} (both scatter-gather the stage "
+                          f"boundary; they differ in the micro-batch and per-block terms)"
                           if same in priced else f"; its Helix point {same} is not costed"))
     return out
 

@@ -7,7 +7,7 @@ order.  `simulate()` runs those very modules, all N in this process, one thread
 each, their collectives carried out among them (collectives.SimulatedBackend).
 `save(dir)` writes each rank as a JSON graph plus a weights file;
 `load_rank_module(dir, rank)` reads one rank back without the model's code,
-weights read with weights_only=True.
+weights read with weights_only=True (a pp program's rank: its stage module).
 
 A program is not changed once made: its fields are frozen, the rank modules it
 builds are cached privately, and `recompile` returns a new program.
@@ -138,7 +138,7 @@ class HelixProgram:
     # derived caches (rank -> Localized / GraphModule): built on first use, never set from outside
     _per_rank: dict = field(default_factory=dict, init=False, repr=False)
     _modules: dict = field(default_factory=dict, init=False, repr=False)
-    _stages: dict = field(default_factory=dict, init=False, repr=False)
+    _stages: dict = field(default_factory=dict, init=False, repr=False)  # local -> stages; "cuts"
 
     def recompile(self, plan: tuple[int, ...] | Plan | None = None, devices: int | None = None,
                   variant: str | None = None, cluster: object = None,
@@ -189,14 +189,34 @@ class HelixProgram:
         return self.stage_modules(self._local(rank))[self.stage_index(rank)]
 
     def stage_modules(self, local: int) -> list:
-        """The m x n program's rank `local` module cut into pp stage modules (stages.py)."""
-        from .stages import split_rank_module, stage_cuts
+        """The m x n program's rank `local` module cut into pp stage modules (stages.py), the
+        values that cross each cut split over the stage's ranks where `crossings` says so."""
+        from .stages import split_rank_module
 
         if local not in self._stages:
-            gm = self.rank_module(local)
-            cuts = stage_cuts(gm, self.summary, self.rank_shards(local), self.pp)
-            self._stages[local] = split_rank_module(gm, cuts, f"HelixRank{local}")
+            cuts, crossings = self._cuts()
+            self._stages[local] = split_rank_module(self.rank_module(local), cuts[local],
+                                                    f"HelixRank{local}", crossings, self.mesh,
+                                                    local)
         return self._stages[local]
+
+    def crossings(self) -> list:
+        """Per stage cut, how each value live across it travels (stages.Crossing): split over
+        the stage's m n ranks (scatter-gather) or whole, and why. Decided from every local
+        rank's module, so the first call builds all m n of them."""
+        return self._cuts()[1]
+
+    def _cuts(self) -> tuple[list, list]:
+        """(each local rank's cut positions, plan_crossings) of a pp > 1 program, cached."""
+        from .stages import plan_crossings, stage_cuts
+
+        if "cuts" not in self._stages:
+            ranks = range(self.mesh.size)
+            gms = [self.rank_module(r) for r in ranks]
+            shards = [self.rank_shards(r) for r in ranks]
+            cuts = [stage_cuts(gm, self.summary, sh, self.pp) for gm, sh in zip(gms, shards)]
+            self._stages["cuts"] = (cuts, plan_crossings(gms, cuts, self.mesh, shards))
+        return self._stages["cuts"]
 
     @property
     def summary(self) -> ModelSummary:
@@ -366,10 +386,9 @@ class HelixProgram:
         return h.hexdigest()[:16]
 
     def save(self, directory: str | Path) -> Path:
-        if self.pp > 1:
-            raise HelixError(f"save of a pp={self.pp} program is not supported yet; save the "
-                             f"m x n program (recompile with plan=({self.plan.m}, {self.plan.n})) "
-                             f"and cut it with helix_compiler.stages")
+        """Each rank's module (with pp > 1 stages, its stage module) as a JSON graph and a
+        weights file, and a manifest (plan, hashes; pp, each rank's stage and the micro-batch
+        count M of a pp program); `load_rank_module` reads one rank back."""
         if self.dp > 1:
             raise HelixError(f"save of a dp={self.dp} program is not supported yet; save the m x n "
                              f"program (recompile with plan=({self.plan.m}, {self.plan.n})): every "
@@ -378,6 +397,8 @@ class HelixProgram:
         d.mkdir(parents=True, exist_ok=True)
         manifest = {"format": FORMAT_VERSION, "devices": self.devices, "m": self.plan.m, "n": self.plan.n,
                     "fingerprint": self.fingerprint(), "ranks": []}
+        if self.pp > 1:
+            manifest.update(pp=self.pp, micro_batches=self.plan.cost.micro_batches)
         (d / "plan.yaml").write_text(self.plan.to_yaml())
         in_spec = out_spec = None
         codegen = self.analysis.captured.gm.graph._codegen
@@ -389,12 +410,19 @@ class HelixProgram:
                 in_spec = None
         manifest["in_spec"] = in_spec
         for r in range(self.devices):
-            gm = self.rank_module(r)
+            if self.pp > 1:   # the stage's piece: the weights its graph reads
+                gm = self.stage_module(r)
+                tensors = dict(gm.named_buffers())
+            else:
+                gm, tensors = self.rank_module(r), self.rank_weights(r)
             gfile, wfile = d / f"rank{r}.graph.json", d / f"rank{r}.weights.pt"
             gfile.write_text(json.dumps(graph_to_json(gm.graph)))
-            torch.save({k: t.contiguous() for k, t in self.rank_weights(r).items()}, wfile)
-            manifest["ranks"].append({"graph": gfile.name, "weights": wfile.name,
-                                      "graph_sha256": _sha256(gfile), "weights_sha256": _sha256(wfile)})
+            torch.save({k: t.contiguous() for k, t in tensors.items()}, wfile)
+            entry = {"graph": gfile.name, "weights": wfile.name,
+                     "graph_sha256": _sha256(gfile), "weights_sha256": _sha256(wfile)}
+            if self.pp > 1:   # a later stage takes the tensors the one before sends, flat
+                entry["stage"] = self.stage_index(r)
+            manifest["ranks"].append(entry)
         (d / "manifest.json").write_text(json.dumps(manifest, indent=1))
         return d
 
@@ -413,6 +441,12 @@ class LoadedRank(torch.nn.Module):
     def mesh(self) -> Mesh:
         """The program's (n, m) mesh: bind `collectives.DistributedBackend(module.mesh, ...)`."""
         return Mesh(n=self.manifest["n"], m=self.manifest["m"])
+
+    @property
+    def stage(self) -> int:
+        """The pipeline stage this rank runs (0 when the program has pp = 1): stage 0 takes
+        the model's inputs, a later one the flat tensors the stage before returns."""
+        return self.manifest["ranks"][self.rank].get("stage", 0)
 
     def forward(self, *args: object, **kwargs: object) -> object:
         if self.in_spec is None:
@@ -446,5 +480,5 @@ def load_rank_module(directory: str | Path, rank: int) -> LoadedRank:
     tensors = torch.load(wfile, weights_only=True, map_location="cpu")
     graph._codegen = CodeGen()
     gm = build_module(graph, tensors, f"HelixRank{rank}")
-    spec = manifest.get("in_spec")
+    spec = manifest.get("in_spec") if entry.get("stage", 0) == 0 else None
     return LoadedRank(gm, pytree.treespec_loads(spec) if spec else None, rank, manifest)

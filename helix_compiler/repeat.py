@@ -1,24 +1,29 @@
-"""Capture a stack of identical layers once: export four layers, copy the graph of one.
+"""Capture a stack of identical layers once: export three layers, copy the graph of one.
 
 torch.export's time grows with the number of layers it traces (LLaMA-70B, 80 layers: 15 s of
 a 17 s compile, docs/SCALE.md), yet nearly every transformer is a ModuleList of one layer
 class with one config.  `capture_repeated` exports a shallow stand-in of the model whose
-list holds the user's layers 0, 1, 2 and L-1 at their own indices and a `_Skipped` (returns
-its hidden-state input) at every other index, checks that layers 1, 2 and L-1 captured to
+list holds the user's layers 0, 1 and L-1 at their own indices and a `_Skipped` (returns
+its hidden-state input) at every other index, checks that layers 1 and L-1 captured to
 the same graph, and builds the full graph from it:
 
     pre-layer nodes (embedding, rotary cos/sin, masks)        as captured
-    layer 0, 1, 2                                             as captured
-    layer j = 3 .. L-2                                        layer 2's nodes, parameters layers.2.* -> layers.j.*,
-                                                              reading layer j-1 where layer 2 read layer 1
+    layer 0, 1                                                as captured
+    layer j = 2 .. L-2                                        layer 1's nodes, parameters layers.1.* -> layers.j.*,
+                                                              reading layer j-1 where layer 1 read layer 0
     layer L-1                                                 as captured (the user's last layer), reading layer L-2
     post-layer nodes (final norm, LM head, outputs)           as captured
+
+Three layers are enough: layer 1 reads layer 0, and layer L-1 reads layer 1 (through the
+stubs); when the two encode to the same data, position p of the layer before is what a real
+layer reads, whether that layer is layer 0, layer 1 or a copy of layer 1.  (A fourth
+captured layer, 2, proved nothing more and cost 0.5-0.8 s of export at LLaMA-70B size.)
 
 The stubs keep the parent's loop running over all L indices as on the model (HF indexes
 `config.layer_types[i]`; an op the parent adds after layer k lands between layer runs and
 is refused).  Layer 0 is captured on its own because it reads the embedding; the real last
 layer so that a model that treats it differently (or branches on the layer index with a
-threshold anywhere between 2 and L-1) shows a different graph and falls back.
+threshold anywhere between 1 and L-1) shows a different graph and falls back.
 
 What must hold, else the full capture runs and `Captured.note` says why (`_Fallback`):
   - one ModuleList of at least MIN_LAYERS layers (the longest outermost one), distinct
@@ -26,18 +31,18 @@ What must hold, else the full capture runs and `Captured.note` says why (`_Fallb
     shapes and dtypes;
   - the same attribute values in every layer's modules (vars() less parameters, buffers and
     submodules), except index-like ints (INDEX_FIELDS) -- those pass only because the
-    captured graphs of layers 1, 2 and L-1 are compared as well; no forward hooks;
+    captured graphs of layers 1 and L-1 are compared as well; no forward hooks;
   - no per-layer list in a config (`layer_types` with two kinds, `no_rope_layers`...);
   - in the stand-in's graph each layer is one contiguous run of nodes (nn_module_stack) with
     nothing of the parent between runs, a layer reads only its own parameters, the
     previous layer's values and pre-layer values, the post-layer nodes read only layer L-1,
-    and layers 1, 2 and L-1 are the same graph (ops, constants, shapes, parameter names
-    relative to the layer, which positions of the previous layer and which pre-layer
+    and layers 1 and L-1 are the same graph (ops, constants, shapes, parameter names
+    relative to the layer, which positions of the previous layer (from its end) and which pre-layer
     values they read).
 
-Not proven: a parent forward whose per-index behaviour shows neither in layers 0, 1, 2,
+Not proven: a parent forward whose per-index behaviour shows neither in layers 0, 1,
 L-1, in the layers' attributes, in the config, nor as ops between layers; a layer forward
-that acts on its own index field (`if self.layer_idx == 7`) for an index other than 1, 2
+that acts on its own index field (`if self.layer_idx == 7`) for an index other than 1
 and L-1 without a per-layer config list saying so (HF layers use layer_idx for the KV cache
 and look up per-layer config lists, which are checked).  repeat_blocks=False is the way out.
 
@@ -54,10 +59,10 @@ import functools
 import torch
 import torch.fx as fx
 
-# ModuleLists shorter than this are captured whole: exporting 4 of them saves little.
+# ModuleLists shorter than this are captured whole: exporting 3 of them saves little.
 MIN_LAYERS = 8
 # Attributes a layer may hold with a different int value per layer (HF: layer_idx, for the
-# KV cache).  Allowed only because the captured graphs of layers 1, 2 and L-1 are compared.
+# KV cache).  Allowed only because the captured graphs of layers 1 and L-1 are compared.
 INDEX_FIELDS = frozenset({"layer_idx", "layer_id", "layer_index", "layer_number", "layer_num",
                           "block_idx", "block_id", "idx", "index"})
 _MODULE_KEYS = frozenset({"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"})
@@ -71,7 +76,7 @@ class _Fallback(Exception):
 
 
 def capture_repeated(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool, capture_fn):
-    """The full model's Captured from a capture of layers 0, 1, 2 and L-1; or a str: why not
+    """The full model's Captured from a capture of layers 0, 1 and L-1; or a str: why not
     ("" when the model has no ModuleList of MIN_LAYERS layers, so there is nothing to say).
 
     capture_fn(module, args, kwargs, dynamic) is capture.capture without this step."""
@@ -137,7 +142,7 @@ def _same(a, b) -> bool:
 def _check_layers(model, path: str, layers) -> None:
     if len({id(x) for x in layers}) != len(layers):
         raise _Fallback("one module object appears twice in the list (shared layers)")
-    ref = layers[2]
+    ref = layers[2]     # the reference for the module checks (any layer would do)
     ref_mods = dict(ref.named_modules())
     ref_tensors = {k: (tuple(t.shape), t.dtype) for k, t in _tensors(ref)}
     for i, layer in enumerate(layers):
@@ -195,7 +200,7 @@ def _short(x) -> str:
 
 
 class _Skipped(torch.nn.Module):
-    """Stands for layer j (3 <= j <= L-2) in the stand-in list: returns its hidden-state input
+    """Stands for layer j (2 <= j <= L-2) in the stand-in list: returns its hidden-state input
     unchanged, so the parent's loop still runs over all L indices (its per-index code --
     `config.layer_types[i]`, `if i == k: ...` -- runs as in the real model, and any op it adds
     between layers shows in the graph and makes the capture fall back).  Attributes the parent
@@ -220,11 +225,11 @@ class _Skipped(torch.nn.Module):
 
 
 def _standin(model, path: str, layers):
-    """A shallow copy of `model` along `path` whose list holds the user's layers 0, 1, 2 and L-1
+    """A shallow copy of `model` along `path` whose list holds the user's layers 0, 1 and L-1
     at their own indices and a _Skipped for each other one (nothing of the user's model is
     modified)."""
     n = len(layers)
-    keep = [0, 1, 2, n - 1]
+    keep = [0, 1, n - 1]
     root = copy.copy(model)
     root.__dict__["_modules"] = dict(model._modules)
     parent, names = root, path.split(".")
@@ -255,7 +260,7 @@ def _owner(node: fx.Node, path: str) -> int | None:
 
 
 def _expand(gm: fx.GraphModule, path: str, layers, keep) -> fx.GraphModule:
-    """Copies of layer 2 for layers 3 .. L-2, between layer 2 and the captured layer L-1."""
+    """Copies of layer 1 for layers 2 .. L-2, between layer 1 and the captured layer L-1."""
     graph = gm.graph
     nodes = list(graph.nodes)
     n_layers, tail = len(layers), keep[-1]
@@ -274,59 +279,62 @@ def _expand(gm: fx.GraphModule, path: str, layers, keep) -> fx.GraphModule:
         stray = next((n for n in nodes[first:last + 1] if n.op != "get_attr" and owner[n] is None), None)
         raise _Fallback(f"the layers' nodes are interleaved with others ({stray or 'out of order'})")
     pos = {s: {n: i for i, n in enumerate(body[s])} for s in keep}
+    # a read of the previous layer is encoded by its distance from that layer's end (its
+    # output is last), so a layer 0 whose body is longer or shorter still reads alike
+    back = {s: {n: len(body[s]) - i for n, i in pos[s].items()} for s in keep}
     prev_of = dict(zip(keep[1:], keep[:-1]))
-    enc = {s: _encode(body[s], s, prev_of[s], pos, owner, path) for s in (1, 2, tail)}
-    for s in (1, tail):
-        if enc[s] != enc[2]:
-            i = next((i for i, (x, y) in enumerate(zip(enc[s], enc[2])) if x != y),
-                     min(len(enc[s]), len(enc[2])))
-            where = body[s][i].format_node() if i < len(body[s]) else "its end"
-            raise _Fallback(f"captured layer {s} differs from layer 2 at {where}")
+    enc = {s: _encode(body[s], s, prev_of[s], pos, back, owner, path) for s in (1, tail)}
+    if enc[tail] != enc[1]:
+        i = next((i for i, (x, y) in enumerate(zip(enc[tail], enc[1])) if x != y),
+                 min(len(enc[tail]), len(enc[1])))
+        where = body[tail][i].format_node() if i < len(body[tail]) else "its end"
+        raise _Fallback(f"captured layer {tail} differs from layer 1 at {where}")
     for n in nodes[last + 1:]:
         for a in n.all_input_nodes:
             if owner[a] is not None and owner[a] != tail:
                 raise _Fallback(f"{n.name} after the layers reads layer {owner[a]}'s {a.name}")
 
-    # In place: copies of layer 2 go before layer L-1's run, which then reads the last copy
-    # where it read layer 2.
+    # In place: copies of layer 1 go before layer L-1's run, which then reads the last copy
+    # where it read layer 1.
     _add_parameters(gm, path, layers)
     anchor = next(n for n in nodes if n.op != "get_attr")   # get_attr nodes stay on top, as captured
-    prefix2 = f"{path}.2."
-    prev = list(body[2])                # layer j-1's nodes, position for position
+    prefix1 = f"{path}.1."
+    prev = list(body[1])                # layer j-1's nodes, position for position
     with graph.inserting_before(body[tail][0]):
-        for j in range(3, n_layers - 1):
+        for j in range(2, n_layers - 1):
             local: dict = {}
 
             def arg(a, j=j, local=local, prev=prev):
                 if a in local:
                     return local[a]
-                if owner[a] == 1:           # layer 2 read layer 1 here: copy j reads layer j-1
-                    return prev[pos[1][a]]
-                if owner[a] == 2:           # a parameter of layer 2: the same one of layer j
+                if owner[a] == 0:           # layer 1 read layer 0 here: copy j reads layer j-1
+                    return prev[len(prev) - back[0][a]]
+                if owner[a] == 1:           # a parameter of layer 1: the same one of layer j
                     with graph.inserting_before(anchor):
-                        c = graph.get_attr(f"{path}.{j}." + str(a.target)[len(prefix2):])
+                        c = graph.get_attr(f"{path}.{j}." + str(a.target)[len(prefix1):])
                     c.meta = dict(a.meta)
                     local[a] = c
                     return c
                 return a                    # a pre-layer value (cos/sin, mask, sizes)
-            for n in body[2]:
+            for n in body[1]:
                 c = graph.node_copy(n, arg)
-                c.meta = _layer_meta(n.meta, path, 2, j)
+                c.meta = _layer_meta(n.meta, path, 1, j)
                 local[n] = c
-            prev = [local[n] for n in body[2]]
+            prev = [local[n] for n in body[1]]
     for n in body[tail]:
-        n.args = fx.node.map_arg(n.args, lambda a: prev[pos[2][a]] if owner.get(a) == 2 else a)
-        n.kwargs = fx.node.map_arg(n.kwargs, lambda a: prev[pos[2][a]] if owner.get(a) == 2 else a)
+        n.args = fx.node.map_arg(n.args, lambda a: prev[pos[1][a]] if owner.get(a) == 1 else a)
+        n.kwargs = fx.node.map_arg(n.kwargs, lambda a: prev[pos[1][a]] if owner.get(a) == 1 else a)
     graph.lint()
     gm.recompile()
     gm.meta["repeat_blocks"] = {"list": path, "layers": n_layers, "captured": tuple(keep),
-                                "copied": (3, n_layers - 2)}
+                                "copied": (2, n_layers - 2)}
     return gm
 
 
-def _encode(body, s: int, prev: int, pos, owner, path: str) -> list:
+def _encode(body, s: int, prev: int, pos, back, owner, path: str) -> list:
     """Layer s's nodes as data: equal for two layers iff they compute the same from their
-    own parameters, the same positions of the previous layer and the same pre-layer values."""
+    own parameters, the same positions of the previous layer (counted from its end) and the
+    same pre-layer values."""
     prefix = f"{path}.{s}."
 
     def ref(a):
@@ -338,7 +346,7 @@ def _encode(body, s: int, prev: int, pos, owner, path: str) -> list:
         if a.op != "get_attr" and o == s:
             return ("self", pos[s][a])
         if a.op != "get_attr" and o == prev:
-            return ("prev", pos[prev][a])
+            return ("prev", back[prev][a])
         raise _Fallback(f"layer {s} reads {a.name} of layer {o}, not of the layer before it")
 
     def leaf(x):
@@ -376,10 +384,10 @@ def _layer_meta(meta: dict, path: str, s: int, j: int) -> dict:
 
 
 def _add_parameters(gm, path: str, layers) -> None:
-    """gm's `path` holds layers 0, 1, 2 and L-1: attach the user's tensors of layers 3 .. L-2
+    """gm's `path` holds layers 0, 1 and L-1: attach the user's tensors of layers 2 .. L-2
     under their own names (the same tensor objects, no copy)."""
     container = gm.get_submodule(path)
-    for j in range(3, len(layers) - 1):
+    for j in range(2, len(layers) - 1):
         holder = torch.nn.Module()
         source = layers[j]
         for name, t in _tensors(source):

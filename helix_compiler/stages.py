@@ -13,8 +13,21 @@ that each stage takes and returns tensors only (what torch.distributed.pipelinin
 PipelineStage sends) and the size survives PipelineStage's shape inference, which runs a stage
 on tensors of the right shapes but no values (a size carried as a value reads garbage there).
 
+Scatter-gather at the cut (Megatron's): a value live across a cut that is the same on every
+rank of the stage (`uniform_values`: the hidden state after its all-reduce, masks, rotary
+tables) is cut along its largest static dim that m n divides (the hidden state (b, S, D): D,
+the only static one) and stage p's rank (i, j) sends only its slice, (b, S, D/(m n)), to
+stage p+1's rank (i, j), which all-gathers the slices over the stage's
+ranks (helix.all_gather over "all") before first use: 1/(m n) of the bytes cross between
+stages, and an all-gather inside the next stage (inside a node) puts them back together, as
+cost.cost_pipeline_plan prices it. Shapes come from running rank 0's module on the capture's
+fake (symbolic) inputs (`_fake_shapes`), so a dim is static exactly when the capture made it
+so. A value that differs across ranks (a sequence-parallel shard), a size, a non-float
+tensor or one with no such dim travels whole (`Crossing.why` says which).
+
 Invariant: running the stages of a local rank one after another, each on the outputs of the
-one before, returns what the uncut rank module returns.
+one before (the stage's ranks together, for their all-gathers), returns what the uncut rank
+module returns.
 
 `simulate_pipeline` runs a pp program in one process: per micro-batch, the m n ranks of stage
 0 together (simulated collectives), then stage 1 on their outputs, ... (`HelixProgram.simulate`).
@@ -25,13 +38,20 @@ one before, returns what the uncut rank module returns.
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+from torch._guards import detect_fake_mode
 from torch.fx.graph import CodeGen, _PyTreeCodeGen, _PyTreeInfo
 
 from .cost import stage_of
 from .errors import HelixError
+from .runtime import collectives as _collectives  # noqa: F401  (registers torch.ops.helix)
+from .runtime.mesh import Mesh
+
+helix = torch.ops.helix
+aten = torch.ops.aten
 
 
 def _weight_users(gm: fx.GraphModule, names: set[str], shards: dict) -> list[int]:
@@ -103,14 +123,167 @@ def stage_cuts(gm: fx.GraphModule, summary, shards: dict, pp: int) -> list[int]:
     return cuts
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Crossing:
+    """How one value live across a stage cut travels: split along `dim` over the stage's m n
+    ranks (each sends its `size` / (m n) slice, the next stage all-gathers), or whole
+    (dim None, `why` says why)."""
+
+    name: str                 # the node's name in the rank graph
+    dim: int | None = None
+    size: int = 0             # the static size of `dim`
+    why: str = ""
+
+    def __repr__(self) -> str:
+        how = f"Split({self.dim}, {self.size})" if self.dim is not None else f"Whole({self.why})"
+        return f"{self.name}: {how}"
+
+
+# Collectives whose result is the same on every rank of the group they run over.
+_SAME_ON_GROUP = {helix.all_reduce.default, helix.all_gather.default,
+                  helix.all_reduce_start.default}
+
+
+def _spans_stage(axes: str, mesh: Mesh) -> bool:
+    return axes == "all" or (axes == "dim" and mesh.n == 1) or (axes == "head" and mesh.m == 1)
+
+
+def _attr(gm: fx.GraphModule, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+    return obj
+
+
+def _plain(x):
+    """A rank_shards entry with its index arrays as tuples (comparable with ==)."""
+    if isinstance(x, (list, tuple)):
+        return tuple(_plain(y) for y in x)
+    if hasattr(x, "tolist"):
+        return ("array", tuple(x.tolist()) if getattr(x, "ndim", 1) else x.tolist())
+    return x
+
+
+def _same_attr(gms: list, nodes: tuple, shards: list | None) -> bool:
+    """Every rank's get_attr reads the same tensor: the same checkpoint slice, or equal values."""
+    if shards is not None and all(n.target in sh for n, sh in zip(nodes, shards)):
+        keys = [_plain(sh[n.target]) for n, sh in zip(nodes, shards)]
+        return all(k == keys[0] for k in keys[1:])
+    ts = [_attr(gm, n.target) for gm, n in zip(gms, nodes)]
+    if not all(isinstance(t, torch.Tensor) and t.device.type != "meta" for t in ts):
+        return False
+    return all(t.shape == ts[0].shape and t.dtype == ts[0].dtype and torch.equal(t, ts[0])
+               for t in ts[1:])
+
+
+def uniform_values(gms: list, mesh: Mesh, shards: list | None = None) -> set[str]:
+    """Names of the nodes whose value is the same on every one of the m n ranks (`gms`, rank
+    order; `shards` their rank_shards). The graphs are walked together, a node matched by its
+    name (the shard pass names a node alike on every rank; rank 0 alone may add a bias once):
+    a node is uniform when every rank has it and runs the same op with the same literal
+    arguments on uniform inputs (a placeholder, a parameter every rank holds whole), or when
+    it is an all-reduce / all-gather over a group that spans the stage."""
+    by_name = [{n.name: n for n in gm.graph.nodes} for gm in gms]
+    same: set[str] = set()
+    for a in gms[0].graph.nodes:
+        nodes = tuple(names.get(a.name) for names in by_name)
+        if any(x is None or x.op != a.op or x.target != a.target for x in nodes):
+            continue
+        if a.op == "placeholder":
+            same.add(a.name)
+        elif a.op == "get_attr":
+            if _same_attr(gms, nodes, shards):
+                same.add(a.name)
+        elif a.op == "call_function":
+            sigs = [fx.node.map_arg((x.args, x.kwargs), lambda y: f"%{y.name}") for x in nodes]
+            try:
+                if any(sig != sigs[0] for sig in sigs[1:]):
+                    continue
+            except RuntimeError:      # a tensor literal: not compared
+                continue
+            if (a.target in _SAME_ON_GROUP and _spans_stage(a.args[1], mesh)) or \
+                    all(x.name in same for x in a.all_input_nodes):
+                same.add(a.name)
+    return same
+
+
+def _fake_shapes(gm: fx.GraphModule) -> dict:
+    """node -> its value's fake tensor (symbolic sizes where the capture made a dim dynamic),
+    from running `gm` on its placeholders' capture-time fake values; {} when they have none."""
+    vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    mode = detect_fake_mode(vals)
+    if mode is None:
+        return {}
+    out: dict = {}
+
+    class _Record(fx.Interpreter):
+        def run_node(self, n):
+            out[n] = super().run_node(n)
+            return out[n]
+
+    allow = mode.allow_non_fake_inputs
+    mode.allow_non_fake_inputs = True     # the module's own parameters are real tensors
+    try:
+        with mode, torch.no_grad():
+            _Record(gm).run(*vals)
+    finally:
+        mode.allow_non_fake_inputs = allow
+    return out
+
+
+def plan_crossings(gms: list, cuts: list, mesh: Mesh, shards: list | None = None) -> list:
+    """Per cut (stage 1 .. pp-1), a Crossing per value live across it, for the m n rank
+    modules `gms` cut at `cuts` (each rank's stage_cuts). Where the ranks carry values of
+    different names, every value travels whole."""
+    parts = mesh.size
+    live = []
+    for gm, at in zip(gms, cuts):
+        nodes = list(gm.graph.nodes)
+        pos = {n: i for i, n in enumerate(nodes)}
+        live.append([_live(nodes, pos, c) for c in at])
+    if any([[x.name for x in cut] for cut in rank] != [[x.name for x in cut] for cut in live[0]]
+           for rank in live[1:]):
+        return [tuple(Crossing(name=x.name, why="the ranks carry different values")
+                      for x in cut) for cut in live[0]]
+    same = uniform_values(gms, mesh, shards) if parts > 1 else set()
+    fake = _fake_shapes(gms[0]) if same else {}
+    out = []
+    for cut in live[0]:
+        row = []
+        for x in cut:
+            v = fake.get(x)
+            if _is_int(x):
+                row.append(Crossing(name=x.name, why="a size"))
+            elif parts == 1:
+                row.append(Crossing(name=x.name, why="one rank per stage"))
+            elif x.name not in same:
+                row.append(Crossing(name=x.name, why="not the same on every rank of the stage"))
+            elif not isinstance(v, torch.Tensor) or not v.is_floating_point():
+                row.append(Crossing(name=x.name, why="not a floating-point tensor"))
+            else:
+                dims = [(s, d) for d, s in enumerate(v.shape)
+                        if isinstance(s, int) and s and s % parts == 0]
+                if not dims:
+                    row.append(Crossing(name=x.name, why=f"no static dim of {tuple(v.shape)} "
+                                                         f"divisible by m n = {parts}"))
+                else:
+                    size, dim = max(dims)
+                    row.append(Crossing(name=x.name, dim=dim, size=size))
+        out.append(tuple(row))
+    return out
+
+
 def _is_int(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in (
         torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default) or \
         isinstance(node.meta.get("val"), (int, torch.SymInt))
 
 
-def split_rank_module(gm: fx.GraphModule, cuts: list[int], name: str) -> list[fx.GraphModule]:
-    """`gm` cut at `cuts` into len(cuts) + 1 stage modules (see the module docstring)."""
+def split_rank_module(gm: fx.GraphModule, cuts: list[int], name: str, crossings: list | None = None,
+                      mesh: Mesh | None = None, rank: int = 0) -> list[fx.GraphModule]:
+    """`gm` (rank `rank` of `mesh`) cut at `cuts` into len(cuts) + 1 stage modules (see the
+    module docstring); `crossings` (plan_crossings) says which carried values are split over
+    the stage's ranks (none without it)."""
     nodes = list(gm.graph.nodes)
     pos = {n: i for i, n in enumerate(nodes)}
     bounds = [0, *cuts, len(nodes) - 1]          # the output node is the last stage's
@@ -120,12 +293,17 @@ def split_rank_module(gm: fx.GraphModule, cuts: list[int], name: str) -> list[fx
         g = fx.Graph()
         env: dict = {}
         inputs = _live(nodes, pos, bounds[p]) if p else []
+        split_in = _splits(crossings, p - 1, inputs) if p else {}
         holders = []
         for x in inputs:
             ph = g.placeholder(f"{'size' if _is_int(x) else 'in'}_{x.name}")
             holders.append(ph.name)
             env[x] = (g.call_function(torch.ops.aten.sym_size.int, (ph, 0)) if _is_int(x)
                       else ph)
+            if x in split_in:   # the slices of the stage's ranks, in rank order
+                c = split_in[x]
+                env[x] = g.call_function(helix.all_gather.default,
+                                         (ph, "all", c.dim, [c.size // mesh.size] * mesh.size))
         body = nodes[bounds[p]:bounds[p + 1]] + ([nodes[-1]] if p == len(bounds) - 2 else [])
 
         def arg(n, p=p):
@@ -145,9 +323,21 @@ def split_rank_module(gm: fx.GraphModule, cuts: list[int], name: str) -> list[fx
             env[node] = g.node_copy(node, arg)
         if p < len(bounds) - 2:
             carried = []
-            for x in _live(nodes, pos, bounds[p + 1]):
+            live = _live(nodes, pos, bounds[p + 1])
+            split_out = _splits(crossings, p, live)
+            for x in live:
                 v = arg(x)
-                carried.append(g.call_function(torch.empty, ((v, 0),), {"dtype": torch.int8})
+                if x in split_out:   # this rank's slice, contiguous for the send
+                    c = split_out[x]
+                    step = c.size // mesh.size
+                    v = g.call_function(aten.slice.Tensor, (v, c.dim, rank * step,
+                                                            (rank + 1) * step))
+                    v = g.call_function(aten.clone.default, (v,),
+                                        {"memory_format": torch.contiguous_format})
+                # the device is repointed with the module (runtime.graphs.on_device)
+                carried.append(g.call_function(aten.empty.memory_format, ([v, 0],),
+                                               {"dtype": torch.int8,
+                                                "device": torch.device("cpu")})
                                if _is_int(x) else v)
             g.output(tuple(carried))
         if p == 0 and info is not None:
@@ -161,6 +351,17 @@ def split_rank_module(gm: fx.GraphModule, cuts: list[int], name: str) -> list[fx
         g.lint()
         out.append(fx.GraphModule(gm, g, class_name=f"{name}Stage{p}"))
     return out
+
+
+def _splits(crossings: list | None, cut: int, live: list) -> dict:
+    """node -> its Crossing, for the values of `live` split at cut `cut` (stage cut + 1)."""
+    if not crossings:
+        return {}
+    if [c.name for c in crossings[cut]] != [x.name for x in live]:
+        raise HelixError(f"cut {cut}: the crossings were planned for values "
+                         f"{[c.name for c in crossings[cut]]}, but {[x.name for x in live]} "
+                         f"are live there; this is a Helix bug")
+    return {x: c for x, c in zip(live, crossings[cut]) if c.dim is not None}
 
 
 def simulate_pipeline(program, args: tuple, kwargs: dict, micro_batches: int | None = None) -> list:
@@ -219,21 +420,27 @@ class _NoArgs:
         return self.fn()
 
 
-def run_pipeline_rank(program, rank: int, args: tuple, pipe_group, device,
-                      micro_batches: int) -> object:
-    """Rank r's part of one forward step under torchrun, through torch.distributed.pipelining:
-    its stage module as a PipelineStage on `pipe_group` (the DeviceMesh's "pipe" dim: the ranks
-    of r's replica and (i, j) across stages), run by ScheduleGPipe over `micro_batches`
-    micro-batches. Stage 0 feeds `args` (the replica's batch, positional tensors only); the last
-    stage returns the model output of the replica's rows, the others None. The rank's
-    collectives must be bound (collectives.DistributedBackend) by the caller."""
+def pipeline_schedule(program, rank: int, module, pipe_group, device, micro_batches: int):
+    """Rank r's stage `module` (program.stage_module(r), on `device`) as a PipelineStage on
+    `pipe_group` (the DeviceMesh's "pipe" dim: the ranks of r's replica and (i, j) across
+    stages), run by ScheduleGPipe over `micro_batches` micro-batches: `step(*args)` on stage
+    0, `step()` on the others, the model output of the replica's rows on the last stage."""
     from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
 
-    d, local = program.replica_of(rank)
     p = program.stage_index(rank)
-    module = program.stage_modules(local)[p]
     stage = PipelineStage(module, p, program.plan.pp, device, group=pipe_group)
-    schedule = ScheduleGPipe(stage, micro_batches)
+    return ScheduleGPipe(stage, micro_batches)
+
+
+def run_pipeline_rank(program, rank: int, args: tuple, pipe_group, device,
+                      micro_batches: int) -> object:
+    """Rank r's part of one forward step under torchrun, through torch.distributed.pipelining
+    (`pipeline_schedule`). Stage 0 feeds `args` (the replica's batch, positional tensors
+    only); the last stage returns the model output of the replica's rows, the others None.
+    The rank's collectives must be bound (collectives.DistributedBackend) by the caller."""
+    p = program.stage_index(rank)
+    schedule = pipeline_schedule(program, rank, program.stage_module(rank), pipe_group, device,
+                                 micro_batches)
     with torch.no_grad():
         if p == 0:
             return schedule.step(*args)

@@ -6,7 +6,9 @@ Every rank seeds torch, builds the model and compiles the same program
 (compilation is deterministic). At start-up the ranks all-gather a fingerprint
 of their program and weights and stop, naming the ranks, when they differ.
 Each rank then runs its rank module on the model's example inputs (warm-up,
-then timed steps), compares its output with the unsharded model's, computed
+then timed steps; with pp > 1 stages its stage module, as a PipelineStage under
+ScheduleGPipe over the plan's M micro-batches, stages.pipeline_schedule; only the
+last stage's ranks hold the model's output and compare it), compares its output with the unsharded model's, computed
 on the same rank in the same dtype, as a relative error; the largest error and
 the slowest rank's time per step are all-reduced to rank 0, which prints one
 summary line (and writes it as JSON with --json).
@@ -41,6 +43,7 @@ from .modelspec import load_model_spec
 from .numerics import relative_error as leaf_relative_error
 from .plan import Plan
 from .runtime.weights import open_checkpoint
+from .stages import pipeline_schedule
 from .text import ranges as _ranges
 
 # Untimed steps before the timed ones: the first call allocates, and on CUDA
@@ -156,54 +159,70 @@ def run_rank(args, rank: int, world: int, local_rank: int) -> dict:
     model = model.to(dtype) if dtype != torch.float32 else model
     inputs, kwargs = _to((inputs, kwargs), torch.device("cpu"), dtype)
     plan = Plan.from_yaml(Path(args.plan)) if args.plan and args.plan.endswith((".yaml", ".yml")) else (
-        tuple(int(x) for x in args.plan.split(",")) if args.plan else None)   # (m, n) or (dp, m, n)
+        tuple(int(x) for x in args.plan.split(",")) if args.plan else None)   # (m, n), (dp, m, n) or (dp, pp, m, n)
     prog = helix_compile(model, devices=world, example_inputs=inputs, example_kwargs=kwargs,
                          cluster=args.cluster, plan=plan, sequence_parallel=args.sequence_parallel,
-                         dynamic=not args.sequence_parallel)
+                         dynamic=not args.sequence_parallel, micro_batches=args.micro_batches)
 
     keys = [None] * world
     dist.all_gather_object(keys, f"{prog.fingerprint()}/{weights_digest(prog.analysis.captured.params)}")
     check_same_program(keys)
 
-    if prog.pp > 1:   # never run a stage's rank as the whole model
-        raise HelixError(f"{prog.plan.name}: helix run does not launch pipeline stages "
-                         f"(pp={prog.pp}) yet; run pp plans with "
-                         f"helix_compiler.stages.run_pipeline_rank under torchrun, or simulate them")
-    dp = prog.plan.dp
-    collectives.bind(DistributedBackend(prog.mesh, device.type, dp))
-    if args.weights:
+    dp, pp = prog.plan.dp, prog.plan.pp
+    if pp > 1 and args.weights:
+        raise HelixError(f"{prog.plan.name}: --weights with pp={pp} pipeline stages is not "
+                         f"supported yet (a stage's module is cut from the rank module built "
+                         f"with the model's own weights); drop --weights or run a pp=1 plan")
+    backend = DistributedBackend(prog.mesh, device.type, dp, pp)
+    collectives.bind(backend)
+    if pp > 1:   # this rank runs its stage's piece of its (i, j) module (stages.py)
+        module = on_device(prog.stage_module(rank), device)
+    elif args.weights:
         # only this rank's slices are read from the checkpoint (memory-mapped)
         module = on_device(prog.rank_module(rank, weights=args.weights), device)
         _load_reference_weights(prog, args.weights)
     else:
         module = on_device(prog.rank_module(rank), device)
     full_inputs, full_kwargs = _to((inputs, kwargs), device)
-    replica = rank // prog.mesh.size
+    replica = prog.replica_of(rank)[0]
     if dp > 1:   # this rank runs its replica's rows of the batch (data.py)
         inputs, kwargs = prog.shard_inputs(*full_inputs, **full_kwargs)[replica]
     else:
         inputs, kwargs = full_inputs, full_kwargs
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     barrier = (lambda: dist.barrier(device_ids=[local_rank])) if device.type == "cuda" else dist.barrier
+    if pp > 1:   # ScheduleGPipe over the plan's M micro-batches, stage 0 feeding the inputs
+        stage = prog.stage_index(rank)
+        schedule = pipeline_schedule(prog, rank, module, backend.pipe_group, device,
+                                     prog.plan.cost.micro_batches)
+
+        def step():
+            return schedule.step(*inputs, **kwargs) if stage == 0 else schedule.step()
+    else:
+        def step():
+            return module(*inputs, **kwargs)
     with torch.no_grad():
         for _ in range(WARMUP_STEPS):
-            out = module(*inputs, **kwargs)
+            out = step()
         sync()
         barrier()
         start = time.perf_counter()
         for _ in range(args.steps):
-            out = module(*inputs, **kwargs)
+            out = step()
         sync()
         ms = (time.perf_counter() - start) * 1e3 / args.steps
         on_device(prog.analysis.captured.gm, device)
         ref = prog.reference(*full_inputs, **full_kwargs)
     if dp > 1:   # the unsharded model's rows of this rank's shard
         ref = _rows(ref, replica, dp)
-    error = relative_error(out, ref)
+    # only the last stage holds the model's output; an earlier stage's sends are checked there
+    last = pp == 1 or prog.stage_index(rank) == pp - 1
+    error = relative_error(out, ref) if last else 0.0
     reduced = torch.tensor([error, ms], dtype=torch.float64, device=device)
     dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
     collectives.bind(None)
-    return {"ranks": world, "dp": dp, "m": prog.plan.m, "n": prog.plan.n, "backend": args.backend,
+    return {"ranks": world, "dp": dp, "pp": pp, "m": prog.plan.m, "n": prog.plan.n,
+            "micro_batches": prog.plan.cost.micro_batches if pp > 1 else 1, "backend": args.backend,
             "dtype": args.dtype, "model": args.model, "fingerprint": prog.fingerprint(),
             "max_relative_error": reduced[0].item(), "tolerance": args.tolerance,
             "ms_per_step": reduced[1].item(), "steps": args.steps}
@@ -220,7 +239,11 @@ def _rows(tree, replica: int, dp: int):
 
 
 def summary_line(s: dict) -> str:
-    split = f"m={s['m']} x n={s['n']}" if s.get("dp", 1) == 1 else f"dp={s['dp']} x m={s['m']} x n={s['n']}"
+    split = f"m={s['m']} x n={s['n']}"
+    if s.get("pp", 1) > 1:
+        split = f"dp={s['dp']} x pp={s['pp']} x {split} (M={s['micro_batches']} micro-batches)"
+    elif s.get("dp", 1) > 1:
+        split = f"dp={s['dp']} x {split}"
     return (f"helix run: {s['ranks']} ranks, {split}, backend {s['backend']}, "
             f"{s['dtype']}, max relative error {s['max_relative_error']:.1e} "
             f"(tolerance {s['tolerance']:g}), {s['ms_per_step']:.1f} ms/step")
@@ -244,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sequence-parallel", action="store_true")
     p.add_argument("--batch", type=int, default=None, help="example batch of a Hugging Face model directory")
     p.add_argument("--seq", type=int, default=None, help="example length of a Hugging Face model directory")
+    p.add_argument("--micro-batches", type=int, default=None, help="a pp plan's micro-batches")
     return p
 
 

@@ -301,8 +301,10 @@ def _provenance(proj: fx.Node, target: fx.Node, shared: fx.Node | None = None) -
     _, back = _walk_back_to_projection(target)
     back_set = set(back)
     on_path, reach = [], {proj} if shared is None else {proj, shared}
-    for node in proj.graph.nodes:
-        if node in back_set and any(a in reach for a in node.all_input_nodes):
+    # fx nodes compare by graph position: the path's nodes in graph order without a walk over
+    # the whole graph (which made finding attention quadratic in the layer count)
+    for node in sorted(back_set):
+        if any(a in reach for a in node.all_input_nodes):
             reach.add(node)
             on_path.append(node)
     if target is not proj and target not in reach:

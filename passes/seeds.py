@@ -83,6 +83,45 @@ def site_seeds(match: SiteMatch, mesh: Mesh) -> dict:
             for name, lists in per_proj.items()}
 
 
+def _arr(a) -> tuple | None:
+    return None if a is None else (a.shape, str(a.dtype), np.ascontiguousarray(a).tobytes())
+
+
+def _seed_key(match: SiteMatch) -> tuple:
+    """What site_seeds reads of a match, less node names: equal for the sites of a repeated
+    layer (helix_compiler/repeat.py copies one layer 78 times in a LLaMA-70B)."""
+    s = match.site
+    projs = [match.q.proj, match.k.proj, match.v.proj] + ([match.gate_proj] if match.gate is not None else [])
+    return (s.num_heads, s.head_dim, s.k_shared_dims,
+            s.k_shared_proj is not None, s.rotary,
+            tuple(projs.index(p) for p in projs),   # which projections are one fused node
+            _arr(match.q.heads), _arr(match.k_groups), _arr(match.v_groups), tuple(match.kv_of_q),
+            tuple(match.k.shared_dims), _arr(match.gate))
+
+
+def all_seeds(matches, mlps, mesh: Mesh) -> dict:
+    """site_seeds and mlp_seeds of every site, each distinct site computed once: a site whose
+    match has the same head structure as one done before (`_seed_key`) gets that one's
+    feature lists under its own projection names (the arrays are shared, never written)."""
+    done: dict = {}
+    seeds: dict = {}
+    for match in matches:
+        key = _seed_key(match)
+        projs = [match.q.proj, match.k.proj, match.v.proj] + (
+            [match.gate_proj] if match.gate is not None else [])
+        if key not in done:
+            done[key] = ([p.name for p in projs], site_seeds(match, mesh))
+        names, got = done[key]
+        rename = dict(zip(names, (p.name for p in projs)))
+        seeds.update({rename[k]: v for k, v in got.items()})
+    blocks: dict = {}
+    for mlp in mlps:
+        if mlp.ffn not in blocks:
+            blocks[mlp.ffn] = mlp_seeds(mlp, mesh)[mlp.up[0]]
+        seeds.update({name: blocks[mlp.ffn] for name in mlp.up})
+    return seeds
+
+
 def mlp_seeds(mlp: MlpSite, mesh: Mesh) -> dict:
     """Each up projection's F features in N nearly equal contiguous blocks."""
     blocks = tuple(np.asarray(b, dtype=np.int64) for b in np.array_split(np.arange(mlp.ffn), mesh.size))

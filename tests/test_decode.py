@@ -15,8 +15,10 @@ import torch.nn as nn
 
 from helix_compiler import helix_compile
 from helix_compiler.decode import cache_writes, check_partitioned, compile_decoder
+from helix_compiler.decode_plan import cost_decode
 from helix_compiler.errors import HelixError
 from helix_compiler.models.decoder_cache import DecodeStep, DecoderConfig, build, greedy_generate
+from helix_compiler.pipeline import cluster_spec
 from passes.seq_split import split_sequence
 
 from tests.helpers import assert_ranks_equal, expected_collectives, feasible_splits, variants_for
@@ -41,6 +43,16 @@ def _prompt(cfg: DecoderConfig):
 def _cache_elements(cfg: DecoderConfig) -> int:
     """k and v caches of every layer, whole: 2 L B H_kv S_max d."""
     return 2 * cfg.layers * cfg.batch * cfg.kv_heads * cfg.max_seq * cfg.head_dim
+
+
+def _assert_weights_as_planned(prog, cfg: DecoderConfig, split: tuple, variant) -> None:
+    """decode_plan prices the weights compile_decoder builds: every rank's bytes, exactly."""
+    s, m, n = split if len(split) == 3 else (1, *split)
+    planned = cost_decode(prog.decode_shape(), cfg.max_seq, cfg.batch, (s, m, n),
+                          cluster_spec(None, DEVICES), None, variant)
+    assert [prog.weight_bytes(r) for r in range(DEVICES)] == \
+        [planned.weight_bytes_per_rank] * DEVICES, (split, variant)
+    assert [prog.cache_bytes(r) for r in range(DEVICES)] == [planned.kv_bytes_per_rank] * DEVICES
 
 
 @pytest.mark.slow
@@ -104,6 +116,7 @@ def test_greedy_generation_token_equal_over_16_new_tokens(attn, split, variant):
     copies = max(1, n // cfg.kv_heads)
     assert [prog.cache_bytes(r) for r in range(DEVICES)] == \
         [_cache_elements(cfg) * 4 * copies // DEVICES] * DEVICES
+    _assert_weights_as_planned(prog, cfg, split, variant)
 
 
 def test_compile_decoder_refuses_a_split_that_is_not_the_device_count():
@@ -202,6 +215,19 @@ def test_sequence_split_every_rank_equals_unsharded_across_chunk_boundaries(spli
         assert_ranks_equal(outs, want, devices=DEVICES, label=f"{label} position {pos}")
         assert not any(o.isnan().any() for o in outs), label
         tok = want[:, -1].argmax(-1, keepdim=True)
+    # q/k/v/o: rank (i, j)'s slices, held by its s ranks; the MLPs: 1/N of them per rank, each
+    # all-reduced over the whole mesh
+    params = dict(model.named_parameters())
+    mlp = sum(t.numel() * 4 for k, t in params.items() if k.split(".")[-2] in ("gate", "up", "down"))
+    attn = sum(t.numel() * 4 for k, t in params.items() if ".attn." in k)
+    assert mlp and attn, sorted(params)
+    for r in range(DEVICES):
+        assert prog.weight_bytes(r, (".gate.", ".up.", ".down.")) * DEVICES == mlp, (label, r)
+        assert prog.weight_bytes(r, (".attn.",)) * m * n == attn, (label, r)
+        mesh_reduces = [nd for nd in prog.modules[r][1].graph.nodes
+                        if nd.target is torch.ops.helix.all_reduce.default and nd.args[1] == "mesh"]
+        assert len(mesh_reduces) == cfg.layers, (label, r)
+    _assert_weights_as_planned(prog, cfg, split, variant)
     # each (i, j) slice is cut into s chunks of positions: exactly 1/N of the cache per rank
     assert [prog.cache_bytes(r) for r in range(DEVICES)] == [_cache_elements(cfg) * 4 // DEVICES] * DEVICES
     # only the owner wrote: chunk k of every rank holds, at positions it does not own, nothing

@@ -14,7 +14,8 @@ import pytest
 from helix_compiler.cli import _main
 from helix_compiler.cluster import ClusterSpec
 from helix_compiler.decode_plan import (
-    DecodeShape, cost_decode, decode_splits, llama70b_shape, plan_decode)
+    COMBINE_KERNELS, KERNEL_S, KERNELS_PER_LAYER, DecodeShape, cost_decode, decode_splits,
+    llama70b_shape, plan_decode)
 from helix_compiler.errors import PlanError
 from helix_compiler.pipeline import cluster_spec
 from helix_compiler.profile import DEFAULT_PROFILE
@@ -97,21 +98,25 @@ def test_tpot_of_one_plan_by_hand():
     got = cost_decode(shape, 32, 4, (2, 1, 2), HAND, DEFAULT_PROFILE)
     bw = 1e12 * DEFAULT_PROFILE.elementwise_efficiency      # every op here is bandwidth-bound
     w, B = 2, 4
-    # h = 4 heads, h_kv = 1, C/s = 16 positions, f = F/N = 32 columns
-    attn_params = 64 * (4 + 2 * 1) * 16 + (8 * 16 // 4) * 64          # q, k, v + o over N
+    # h = 4 heads, h_kv = 1, C/s = 16 positions, f = F/N = 32 columns; q, k, v and o over the
+    # m n = 2 ranks of a chunk (replicated over s), the MLP over N = 4
+    attn_params = 64 * (4 + 2 * 1) * 16 + (4 * 16) * 64
     mlp_params = 3 * 64 * 32
     gemv = lambda p: (w * p + 2 * w * B * 64) / bw                    # noqa: E731
     core = (2 * B * 16 * 1 * 16 * w) / bw                              # K and V of the slice
+    kernels = (KERNELS_PER_LAYER["heads"] + COMBINE_KERNELS) * KERNEL_S
     ring = lambda c, p, x: 1e-5 + c * (p - 1) / p * x / 1e11          # noqa: E731
-    comm = (ring(1, 2, 4 * B * 4 * 2)         # log-sum-exps all-gathered over s = 2
-            + ring(1, 2, w * B * 4 * 16)      # partial outputs reduce-scattered over s
-            + 2 * ring(2, 4, w * B * 64))     # output and MLP all-reduce over N = 4
-    layer = gemv(attn_params) + core + gemv(mlp_params) + comm
+    comm = (ring(2, 2, w * B * 4)             # row maxima all-reduced over s = 2
+            + ring(2, 2, w * B * 4 * 17)      # [o | l] all-reduced over s
+            + ring(2, 2, w * B * 64)          # output all-reduce over the chunk's m n = 2
+            + ring(2, 4, w * B * 64))         # MLP all-reduce over N = 4
+    layer = gemv(attn_params) + core + gemv(mlp_params) + kernels + comm
     assert got.variant == "heads" and got.kv_copies == 1
     assert got.tpot_ms == pytest.approx(2 * layer * 1e3, rel=1e-12)
     assert got.tokens_per_s == pytest.approx(B / (2 * layer), rel=1e-12)
     assert got.comm_ms == pytest.approx(2 * comm * 1e3, rel=1e-12)
     assert got.kv_bytes_per_rank == 2 * 2 * B * 16 * 1 * 16 * w
+    assert got.weight_bytes_per_rank == 2 * w * (attn_params + mlp_params)
     # the FLOP side of each roofline is below its byte side, as assumed above
     eta = min(DEFAULT_PROFILE.efficiency(r) for r in DEFAULT_PROFILE.rates if r.op == "matmul")
     assert 2 * B * attn_params / (1e15 * eta) < gemv(attn_params)
@@ -137,8 +142,11 @@ def test_cli_decode_prints_every_split_beside_tp_and_the_choice(capsys):
     assert code == 0, err
     assert "TP=64 (s=1 x m=1 x n=64)" in out and "343.6 GB (x8)" in out
     assert "chosen: s=8 x m=1 x n=8" in out and "why: " in out
-    # at B=64 exactly the 9 rows with kv copies (n = 16, 32, 64; m > 1 in two variants) overflow
-    assert out.count("excluded: needs") == 9
+    # at B=64 the 9 rows with kv copies (n = 16, 32, 64; m > 1 in two variants) overflow, and
+    # s=64 x m=1 x n=1, whose every rank holds all of attention's weights (24.2 GB over 80 layers)
+    assert out.count("excluded: needs") == 10
+    assert "s=64 x m=1 x n=1 " in [ln for ln in out.splitlines() if "excluded: needs" in ln
+                                  and "x1 " in ln][0]
     code, out, err = _cli(capsys, "plan", "--decode", "--context", 65536, "--concurrency", 8,
                           "--devices", 16, "--format", "json")
     data = json.loads(out)
@@ -198,3 +206,28 @@ def test_gpu_decode_benchmark_small_runs_on_the_cpu_and_writes_its_keys(tmp_path
             assert {"name", "kv_bytes_per_rank", "fits", "predicted_tpot_ms",
                     "measured_tpot_ms", "measured_compute_ms"} <= set(r)
             assert r["measured_tpot_ms"] > r["predicted_comm_ms"] > 0
+
+
+@pytest.mark.slow
+def test_gpu_decode_reassemble_prices_the_saved_h200_rows_within_15_percent(tmp_path, capsys):
+    """The cost model against decode_h200.json's measured rows (no GPU: the saved per-layer
+    times, the saved LM head time, communication modeled on both sides)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import gpu_decode
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    out = tmp_path / "ratios.json"
+    assert gpu_decode.main(["--reassemble", str(REPO / "benchmarks/results/decode_h200.json"),
+                            "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 147
+    within = [r for r in rows if abs(r["tpot_ratio"] - 1) <= 0.15]
+    assert len(within) >= 130, [(r["name"], round(r["tpot_ratio"], 2)) for r in rows
+                                if r not in within]
+    # the m = 1 rows (fused core): their L layers within 10%, TP at 128k within 20%
+    for r in rows:
+        if " x m=1 x " in r["name"]:
+            limit = 0.2 if r["name"].startswith("TP=") else 0.1
+            assert abs(r["layers_ratio"] - 1) <= limit, r
+    assert "rows have TPOT predicted within 15% of measured" in capsys.readouterr().out

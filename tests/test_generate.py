@@ -70,7 +70,7 @@ GROUPS_THEN_EXAMPLE = textwrap.dedent("""
         mesh = Mesh(n=n, m=m, s=s)
         b = DistributedBackend(mesh, "cpu", dp=dp, pp=pp)
         base, local = r - r % mesh.size, r % mesh.size
-        for axes in ("head", "dim", "all", "seq"):
+        for axes in ("head", "dim", "all", "seq", "mesh"):
             want = [base + q for q in mesh.group(local, axes)]
             got = b.all_gather(torch.tensor([float(r)]), axes, 0, [1] * len(want))
             out.append({"mesh": [n, m, s, dp, pp], "axes": axes, "want": want,

@@ -1,5 +1,5 @@
 """Repeated blocks (helix_compiler/repeat.py): a list of identical layers is exported as layers
-0, 1, 2 and L-1 and the rest copied in the graph.  The copied graph must compute what the full
+0, 1 and L-1 and the rest copied in the graph.  The copied graph must compute what the full
 capture computes, name every weight as model.state_dict() does, and give the same sites and
 MLPs; layers that differ (per-layer attention types, attributes, ops between layers) must fall
 back to the full capture with a note that says why."""
@@ -15,7 +15,7 @@ from helix_compiler.capture import capture
 from helix_compiler.pipeline import analyze
 from tests.helpers import assert_ranks_equal, eager_output
 
-LAYERS = 9   # >= repeat.MIN_LAYERS: layers 3..7 are copies of layer 2
+LAYERS = 9   # >= repeat.MIN_LAYERS: layers 2..7 are copies of layer 1
 
 
 def _attention_mask() -> torch.Tensor:
@@ -55,7 +55,7 @@ def test_repeated_capture_is_the_full_graph_and_computes_the_same(llama):
     model, args, kwargs, full = llama
     rep = capture(model, args, kwargs)
     info = rep.gm.meta["repeat_blocks"]
-    assert info["captured"] == (0, 1, 2, LAYERS - 1) and info["copied"] == (3, LAYERS - 2)
+    assert info["captured"] == (0, 1, LAYERS - 1) and info["copied"] == (2, LAYERS - 2)
     assert "repeat_blocks" not in full.captured.gm.meta
     # the same ops in the same order, the same weights read
     assert _ops(rep.gm) == _ops(full.captured.gm)
@@ -145,13 +145,27 @@ class Block(nn.Module):
         return x + self.scale * torch.tanh(self.fc(self.norm(x)))
 
 
+class IndexedBlock(Block):
+    """A layer that acts on its own index (allowed to differ per layer, as HF's layer_idx):
+    from layer `late` on it adds its input once more."""
+
+    def __init__(self, d: int, layer_idx: int, late: int):
+        super().__init__(d, 1.0)
+        self.layer_idx, self.late = layer_idx, late
+
+    def forward(self, x):
+        y = super().forward(x)
+        return y + x if self.layer_idx >= self.late else y
+
+
 class Stack(nn.Module):
-    def __init__(self, scales, boost_at=None, layer_types=None):
+    def __init__(self, scales, boost_at=None, layer_types=None, late=None):
         super().__init__()
         if layer_types is not None:     # as HF configs list per-layer attention kinds
             self.config = SimpleNamespace(layer_types=layer_types, hidden_size=16)
         self.inp = nn.Linear(8, 16)
-        self.blocks = nn.ModuleList(Block(16, s) for s in scales)
+        self.blocks = nn.ModuleList(Block(16, s) for s in scales) if late is None else \
+            nn.ModuleList(IndexedBlock(16, i, late) for i in range(len(scales)))
         self.boost_at = boost_at
 
     def forward(self, x):
@@ -168,6 +182,10 @@ class Stack(nn.Module):
     (Stack([1.0] * 5), ""),                                    # too short: captured whole, no note
     (Stack([1.0] * 9 + [0.5]), "layer 9.scale = 0.5, layer 2 has 1.0"),
     (Stack([1.0] * 10, boost_at=6), "interleaved"),
+    (Stack([1.0] * 10, boost_at=1), "interleaved"),         # between layer 1 and the stubs
+    (Stack([1.0] * 10, late=1), None),                       # layer 0 alone differs: it is captured
+    (Stack([1.0] * 10, late=5), "captured layer 9 differs from layer 1 at"),
+    (Stack([1.0] * 10, late=2), "captured layer 9 differs from layer 1 at"),
     (Stack([1.0] * 10, layer_types=["full"] * 10), None),
     (Stack([1.0] * 10, layer_types=["full", "sliding"] * 5), "config.layer_types = ['full', 'sliding', "),
 ])
@@ -178,7 +196,7 @@ def test_hand_written_stack_repeats_only_when_layers_are_alike(model, reason):
     got = capture(model, (x,), {})
     rep = got.gm.meta.get("repeat_blocks")
     if reason is None:
-        assert rep == {"list": "blocks", "layers": 10, "captured": (0, 1, 2, 9), "copied": (3, 8)}
+        assert rep == {"list": "blocks", "layers": 10, "captured": (0, 1, 9), "copied": (2, 8)}
         assert got.note == ""
     else:
         assert rep is None

@@ -38,7 +38,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from helix_compiler.cost import cost_baseline, cost_plan, p2p_s
+from helix_compiler.cost import (_async_terms, cost_baseline, cost_plan, overlapped_step,
+                                 p2p_s)
 from helix_compiler.measure.predict import at_batch, matmul_peak
 from helix_compiler.measure.record import RawRecord
 from helix_compiler.measure.runners import (PaperHelixRunner, PaperTPRunner, release_group,
@@ -353,6 +354,7 @@ def _plan_rows(cfg, devices, ranks, summaries, cluster, profile) -> list[dict]:
                     add(name, kind, dp, pp, width,
                         lambda b, kind=kind, dp=dp: _helix_comm_ms(summaries, kind, b, dp, cluster),
                         "helix")
+    rows += _overlapped_rows(cfg, devices, by_kind, summaries, cluster)
     tp = min(8, devices)
     for impl in ("dtensor", "megatron"):
         def tp_comm(b, tp_, layers):
@@ -365,6 +367,62 @@ def _plan_rows(cfg, devices, ranks, summaries, cluster, profile) -> list[dict]:
             1, 1, devices, lambda b: tp_comm(b, devices, cfg.layers), "baseline")
     add(f"DP={devices} (torch, compiled)", RankKind(impl="megatron", m=1, n=1, layers=cfg.layers),
         devices, 1, 1, lambda b: 0.0, "baseline")
+    return rows
+
+
+def _overlapped_rows(cfg, devices, by_kind, summaries, cluster) -> list[dict]:
+    """Helix pp = 1 plans run by the overlap pass (passes/overlap.py): a micro-batch of b as k
+    chunks of b / k, each chunk's all-reduces overlapping the next chunk's compute. A chunk is
+    the same rank kind at b / k sequences, so its compute is the measured b / k row; the
+    communication per chunk is modeled, and the step is cost.overlapped_step's two-stream
+    schedule of them (exposed head and tail included), never compute + communication."""
+    rows = []
+    B, S = cfg.batch, cfg.seq
+    useful = _useful_flops_per_sequence(cfg)
+    for kind, r in by_kind.items():
+        if kind.impl != "helix" or kind.layers != cfg.layers or kind.m * kind.n == 1:
+            continue
+        dp = devices // (kind.m * kind.n)
+        if B % dp:
+            continue
+        local = B // dp
+        best = None
+        for k in (2, 4, 8):
+            for b_str in r["by_b"]:
+                b = int(b_str)
+                if b % k or local % b or str(b // k) not in r["by_b"]:
+                    continue
+                chunk_c = r["by_b"][str(b // k)]["ms_per_micro_batch"]
+                variant = None if kind.m == 1 else kind.variant
+                chunk = cost_plan(at_batch(summaries[kind.layers], (b // k) * dp), kind.m, kind.n,
+                                  cluster, variant=variant, dp=dp)
+                async_ms, sync_ms, count = _async_terms(chunk.sites + chunk.mlps)
+                if count == 0:
+                    continue
+                micro, exposed = overlapped_step(chunk_c, async_ms, count, k, sync_ms)
+                M = local // b
+                cand = {"b": b, "k": k, "M": M, "compute_ms": M * k * chunk_c,
+                        "comm_ms": M * k * (async_ms + sync_ms), "exposed_comm_ms": M * exposed,
+                        "bubble_ms": 0.0, "step_ms": M * micro,
+                        "tokens_per_s": B * S / (M * micro * 1e-3)}
+                if best is None or cand["step_ms"] < best["step_ms"]:
+                    best = cand
+        if best is None:
+            continue
+        parts = ([f"dp={dp}"] if dp > 1 else []) + [f"m={kind.m}", f"n={kind.n}"]
+        name = " x ".join(parts) + (f" {kind.variant}" if kind.m > 1 else "") + \
+            f" overlap k={best['k']}"
+        rows.append({
+            "plan": name, "family": "helix", "dp": dp, "pp": 1, "m": kind.m, "n": kind.n,
+            "variant": kind.variant, "rank_kind": kind.name, **best,
+            "latency_one_sequence_ms": None,
+            "tpot_overhead_us_per_token": best["exposed_comm_ms"] * 1e3 / (B * S),
+            "useful_tflops_per_gpu": useful * B / devices / (best["step_ms"] * 1e-3) / 1e12,
+            "predicted_compute_ms_per_micro_batch": None,
+            "measured_compute_ms_per_micro_batch": best["compute_ms"] / best["M"],
+            "predicted_over_measured": None,
+            "communication": "modeled, overlapped (cost.overlapped_step)",
+            "compute": f"measured: k chunks of the rank at b/k"})
     return rows
 
 
@@ -422,12 +480,12 @@ def table(result: dict) -> str:
     lines = [f"plan space on {result['devices_planned']} devices, per-rank compute measured on "
              f"{result['device']} (torch {result['torch']}), communication modeled "
              f"({result['cluster']})",
-             f"{'plan':34} {'b':>3} {'M':>4} {'compute':>9} {'comm':>8} {'bubble':>8} "
+             f"{'plan':44} {'b':>3} {'M':>4} {'compute':>9} {'comm':>8} {'bubble':>8} "
              f"{'step ms':>9} {'tokens/s':>10} {'1-seq ms':>9} {'pred/meas':>9}"]
     for r in sorted(result["plans"], key=lambda r: -r["tokens_per_s"]):
         lat = r["latency_one_sequence_ms"]
         pm = r["predicted_over_measured"]
-        lines.append(f"{r['plan']:34} {r['b']:>3} {r['M']:>4} {r['compute_ms']:>9.1f} "
+        lines.append(f"{r['plan']:44} {r['b']:>3} {r['M']:>4} {r['compute_ms']:>9.1f} "
                      f"{r['comm_ms']:>8.1f} {r['bubble_ms']:>8.1f} {r['step_ms']:>9.1f} "
                      f"{r['tokens_per_s'] / 1e6:>9.3f}M "
                      f"{'-' if lat is None else f'{lat:.2f}':>9} "

@@ -221,8 +221,8 @@ class DistributedBackend:
     rank ((d pp + p) n + i) m + j), "all" means the rank's stage of its replica and
     `pipe_group` is its "pipe" group (stages.run_pipeline_rank). A decode mesh with s > 1
     cache chunks (runtime/mesh.py) adds a last "seq" dim: rank (((d pp + p) n + i) m + j) s + k,
-    "seq" is the s contiguous ranks of (i, j), and "head", "dim" and "all" span the ranks of
-    one chunk k, exactly as Mesh.group defines them."""
+    "seq" is the s contiguous ranks of (i, j), "head", "dim" and "all" span the ranks of one
+    chunk k and "mesh" every rank of the replica's stage, exactly as Mesh.group defines them."""
 
     def __init__(self, mesh: Mesh, device_type: str, dp: int = 1, pp: int = 1):
         import torch.distributed as dist
@@ -262,8 +262,12 @@ class DistributedBackend:
         self.groups = {"head": self.device_mesh.get_group("head"),
                        "dim": self.device_mesh.get_group("dim"),
                        "all": everyone}
-        if mesh.s > 1:
+        if mesh.s == 1:
+            self.groups["mesh"] = everyone
+        else:   # "seq" of (i, j); "mesh": every rank of the replica's stage (passes/mesh_mlp.py)
             self.groups["seq"] = self.device_mesh.get_group("seq")
+            self.groups["mesh"] = dist.group.WORLD if dp * pp == 1 else dist.new_subgroups_by_enumeration(
+                [list(range(b * mesh.size, (b + 1) * mesh.size)) for b in range(dp * pp)])[0]
 
     def all_reduce(self, x, axes, op):
         import torch.distributed._functional_collectives as funcol

@@ -8,7 +8,8 @@ axes they span: "dim" (the m-group), "head" (the n-group) or "all".
 A decode mesh may add s > 1 chunks of the KV cache's positions (docs/decode.md):
 rank r = (i * m + j) * s + k, chunk k in [0, s). "seq" is the s-group (same i, j:
 contiguous ids); "dim", "head" and "all" then span the ranks of one chunk k, so an
-m x n rank graph keeps its meaning on each chunk.
+m x n rank graph keeps its meaning on each chunk. "mesh" spans every rank of the mesh (the
+decode MLP sharded over all N = s m n ranks, passes/mesh_mlp.py); it is "all" when s = 1.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 
 from ..errors import HelixError
 
-AXES = ("head", "dim", "all", "seq")
+AXES = ("head", "dim", "all", "seq", "mesh")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -54,6 +55,8 @@ class Mesh:
             return tuple(range(k, self.size, s))
         if axes == "seq":
             return tuple(range(rank - k, rank - k + s))
+        if axes == "mesh":
+            return tuple(range(self.size))
         raise HelixError(f"Mesh: unknown mesh axes {axes!r}; expected one of {AXES}")
 
     def groups(self, axes: str) -> list[tuple[int, ...]]:
@@ -67,6 +70,6 @@ class Mesh:
             return [tuple(range(i * self.m, (i + 1) * self.m)) for i in range(self.n)]
         if axes == "head":
             return [tuple(range(j, self.size, self.m)) for j in range(self.m)]
-        if axes == "all":
+        if axes in ("all", "mesh"):
             return [tuple(range(self.size))]
         raise HelixError(f"Mesh: unknown mesh axes {axes!r}; expected one of {AXES}")
