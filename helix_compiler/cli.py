@@ -4,6 +4,8 @@
     helix plan [MODEL] --decode --context C --concurrency B --devices N
                                        every decode split (s, m, n): KV bytes per rank, TPOT
     helix run  [MODEL] --devices N     compile and run the N rank modules on N processes (torchrun)
+    helix generate [MODEL] --devices N --prompt-len P --new-tokens T
+                                       greedy generation with a sharded KV cache (torchrun)
 
 MODEL is a spec that `modelspec.load_model_spec` resolves (`file.py`,
 `file.py:function`, `module:function`). Each subcommand is one function that
@@ -12,8 +14,9 @@ print one line `error: ...` on stderr and exit 2; anything else is a bug and
 keeps its traceback.
 
 Exit status: 0 done; 2 a refused request (HelixError, bad arguments); 1 a rank
-of `helix run` failed or its error exceeded the tolerance; 124 `helix run`
-ran past --timeout.
+of `helix run` failed or its error exceeded the tolerance (`helix generate`: or
+its tokens differ from the unsharded model's); 124 `helix run` / `helix
+generate` ran past --timeout.
 """
 
 from __future__ import annotations
@@ -365,6 +368,75 @@ def _rank_report(workdir: Path, devices: int) -> str:
 
 
 
+# ---- helix generate --------------------------------------------------------------------
+def _split_arg(text: str) -> tuple[int, int, int]:
+    """--plan S,M,N -> (s, m, n)."""
+    parts = text.split(",")
+    if len(parts) != 3 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(
+            f"--plan takes S,M,N (s cache chunks, m dim slices, n head groups, s*m*n = "
+            f"--devices; e.g. 1,2,2 or 2,1,2), got {text!r}")
+    return tuple(int(p) for p in parts)
+
+
+def cmd_generate(args) -> int:
+    """Check the request and choose the split here, then run one rank of the DecodeProgram
+    per process under torchrun (helix_compiler/generate.py); rank 0 prints the tokens."""
+    from .generate import DEFAULT_MODEL, GenerateSplit, check_request, choose_split, load_decoder
+
+    spec = args.model or DEFAULT_MODEL
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        raise HelixError(f"--json {args.json}: directory {str(Path(args.json).resolve().parent)!r} "
+                         f"does not exist; create it or write the summary elsewhere")
+    backend = args.backend or _default_backend(args.devices)
+    if backend == "nccl" and torch.cuda.device_count() < args.devices:
+        raise HelixError(
+            f"--backend nccl needs one GPU per rank: {args.devices} ranks, but this machine has "
+            f"{torch.cuda.device_count()} CUDA devices; use --backend gloo (CPU) or fewer --devices")
+    torch.manual_seed(args.seed)
+    model = load_decoder(spec)
+    check_request(model, args.devices, args.prompt_len, args.new_tokens, args.plan, args.variant)
+    if args.plan is None:
+        choice = choose_split(model, args.devices, args.prompt_len, args.new_tokens, args.cluster)
+        if args.variant is not None and choice.m == 1:
+            raise HelixError(f"--variant {args.variant} applies to m > 1, but the planner chose "
+                             f"{choice.name}; give --plan S,M,N with m > 1 too, or drop --variant")
+        if args.variant is not None:
+            choice = GenerateSplit(s=choice.s, m=choice.m, n=choice.n, variant=args.variant,
+                                   reason=f"{choice.reason}; variant {args.variant} as given")
+    else:
+        s, m, n = args.plan
+        variant = args.variant or ("score-reduce" if m > 1 else None)
+        choice = GenerateSplit(s=s, m=m, n=n, variant=variant, reason="given with --plan")
+    print(f"split: {choice.name} ({choice.reason})", flush=True)
+    del model
+
+    workdir = Path(tempfile.mkdtemp(prefix="helix-generate-"))
+    worker = ["--plan", ",".join(map(str, choice.split)), "--prompt-len", str(args.prompt_len),
+              "--new-tokens", str(args.new_tokens), "--backend", backend, "--seed", str(args.seed),
+              "--timeout", str(args.timeout), "--result-dir", str(workdir)]
+    if choice.variant is not None:
+        worker += ["--variant", choice.variant]
+    if args.json:
+        worker += ["--json", str(Path(args.json).resolve())]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", str(args.devices), "-m", "helix_compiler.generate", spec, *worker]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    log = workdir / "torchrun.log"
+    status = _launch(command, env, log, args.timeout)
+    if status == 0:
+        shutil.rmtree(workdir, ignore_errors=True)
+        return 0
+    if status is None:
+        print(f"error: helix generate: timed out after {args.timeout:g} s (--timeout) and was "
+              f"stopped; {_rank_report(workdir, args.devices)}; log: {log}", file=sys.stderr)
+        return EXIT_TIMEOUT
+    print(f"error: helix generate: torchrun exited with status {status}; "
+          f"{_rank_report(workdir, args.devices)}; log: {log}", file=sys.stderr)
+    return EXIT_RANK_FAILED
+
+
 # ---- the parser ------------------------------------------------------------------------
 STRICT_HELP = ("refuse (exit 2) a model with an attention core no site owns, which would run "
                "replicated on every rank (default: a warning, and the plan lists it)")
@@ -488,6 +560,41 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     _add_size_flags(run)
     run.set_defaults(func=cmd_run)
+
+    gen = sub.add_parser("generate", help="greedy generation with a sharded KV cache on N processes "
+                                          "(torchrun): prefill, then decode steps",
+                         description="Launch N processes with torchrun; each compiles the same "
+                                     "DecodeProgram (prefill and decode step over one sharded KV "
+                                     "cache), runs its rank's prefill and T - 1 decode steps, and "
+                                     "rank 0 prints the new tokens, whether they equal the unsharded "
+                                     "model's greedy tokens (fp32) and the time per output token.")
+    gen.add_argument("model", nargs="?", metavar="MODEL",
+                     help="model spec whose function returns a CacheDecoder-style model first "
+                          "(default: helix_compiler.models.decoder_cache:helix_model, 8 heads over "
+                          "2 kv heads, a batch of 4, 64 cache positions)")
+    gen.add_argument("--devices", type=_positive_int, required=True, metavar="N",
+                     help="number of processes N = s * m * n")
+    gen.add_argument("--prompt-len", type=int, required=True, metavar="P",
+                     help="prompt tokens per row (row 1 is left-padded by P // 2, with a batch "
+                          ">= 3 the last row is all padding)")
+    gen.add_argument("--new-tokens", type=int, required=True, metavar="T",
+                     help="tokens to generate per row (the prefill's, then T - 1 decode steps)")
+    gen.add_argument("--plan", type=_split_arg, metavar="S,M,N",
+                     help="force the split: s cache chunks, m head-dim slices, n head groups "
+                          "(default: the decode planner's choice at context P + T, concurrency = "
+                          "the batch, among the splits compile_decoder builds)")
+    gen.add_argument("--variant", choices=("score-reduce", "qk-gather"),
+                     help="m > 1: score-reduce (default) or qk-gather")
+    gen.add_argument("--backend", choices=BACKENDS,
+                     help="nccl (one GPU per rank) or gloo (CPU); default nccl when N GPUs are visible")
+    gen.add_argument("--cluster", metavar="PRESET|FILE",
+                     help="cluster the decode planner prices the splits on (default: as for helix plan)")
+    gen.add_argument("--seed", type=int, default=0, metavar="K",
+                     help="seed of the model's weights and the prompt (default 0)")
+    gen.add_argument("--timeout", type=_positive("seconds"), default=DEFAULT_TIMEOUT_S, metavar="S",
+                     help=f"stop every rank after S seconds, exit {EXIT_TIMEOUT} (default {DEFAULT_TIMEOUT_S:g})")
+    gen.add_argument("--json", metavar="PATH", help="also write rank 0's summary as JSON to PATH")
+    gen.set_defaults(func=cmd_generate)
 
     for name, text in FORWARDED.items():  # listed in --help; parsed by their own modules
         sub.add_parser(name, help=text, add_help=False)

@@ -77,7 +77,7 @@ class DecodeProgram:
     def reset(self) -> None:
         """Every rank's cache slices zeroed (a new batch of prompts)."""
         for caches in self.caches:
-            for t in caches.values():
+            for t in (caches or {}).values():   # None: a rank this process did not build
                 t.zero_()
 
     def cache_bytes(self, rank: int) -> int:
@@ -106,7 +106,8 @@ class DecodeProgram:
         cache buffers left out of the replicated elements."""
         shape = shape_from_summary(self.step_program.summary)
         model = self.step_program.analysis.captured.params
-        cache = sum(model[src].numel() for src in self.caches[0])
+        built = next(c for c in self.caches if c is not None)   # rank=: one rank's only
+        cache = sum(model[src].numel() for src in built)
         return dataclasses.replace(shape, replicated_params=shape.replicated_params - cache)
 
     def simulate_generate(self, prompt: torch.Tensor, valid_prompt: torch.Tensor,
@@ -157,13 +158,16 @@ def check_partitioned(prog: HelixProgram, what: str) -> None:
 
 
 def compile_decoder(model: torch.nn.Module, devices: int, split: tuple[int, ...] | None = None, *,
-                    variant: str | None = None, prompt_len: int = 4) -> DecodeProgram:
+                    variant: str | None = None, prompt_len: int = 4,
+                    rank: int | None = None) -> DecodeProgram:
     """Prefill and decode-step programs of `model` (a CacheDecoder: `prefill(tokens, valid)`,
     `decode_step(token, cache_position, valid)`, cache buffers (B, H_kv, S_max, d)) for `devices`
     ranks, forced to `split` = (m, n) or (s, m, n) (s chunks of the cache's positions, each
     rank's attention combined exactly over its s-group: passes/seq_split.py), or the cost
     model's choice of (m, n) for the decode step when None. Each rank's cache slices start as
-    copies of the model's buffers' slices; the model itself is never written."""
+    copies of the model's buffers' slices; the model itself is never written. With `rank`
+    (one torchrun process: helix_compiler/generate.py) only that rank's module pair and cache
+    slices are built; every other rank's entries are None, so only run that rank's modules."""
     s = 1
     if split is not None and len(split) == 3:
         s, *split = split
@@ -174,6 +178,9 @@ def compile_decoder(model: torch.nn.Module, devices: int, split: tuple[int, ...]
                          f"product is {devices}")
     if split is None and s != 1:
         raise HelixError("compile_decoder: a cache split s > 1 needs (s, m, n) given whole")
+    if rank is not None and not 0 <= rank < devices:
+        raise HelixError(f"compile_decoder: rank={rank} is not one of the {devices} ranks; pass "
+                         f"0 <= rank < {devices} (torch.distributed.get_rank())")
     cfg = model.cfg
     B, S = cfg.batch, cfg.max_seq
     valid = torch.ones(B, S, dtype=torch.long)
@@ -189,6 +196,10 @@ def compile_decoder(model: torch.nn.Module, devices: int, split: tuple[int, ...]
     check_partitioned(pre, "prefill")
     modules, caches = [], []
     for r in range(step.mesh.size):
+        if rank is not None and rank // s != r:     # not this process's (i, j)
+            modules += [None] * s
+            caches += [None] * s
+            continue
         p_gm, s_gm = pre.rank_module(r), step.rank_module(r)
         p_sh, s_sh = pre.rank_shards(r), step.rank_shards(r)
         p_w, s_w = cache_writes(p_gm), cache_writes(s_gm)
@@ -213,6 +224,10 @@ def compile_decoder(model: torch.nn.Module, devices: int, split: tuple[int, ...]
             continue
         m_, n_ = step.plan.m, step.plan.n
         for k, (start, end) in enumerate(bounds):   # rank (i m + j) s + k holds chunk k
+            if rank is not None and r * s + k != rank:
+                modules.append(None)
+                caches.append(None)
+                continue
             chunk = {src: getattr(s_gm, a).narrow(s_w[a].args[1], start, end - start).clone()
                      for src, (_, a) in pairs.items()}
             # attention (q/k/v/o) replicated over the s-group, the MLPs over all N ranks

@@ -27,7 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["DecoderConfig", "CacheDecoder", "Prefill", "DecodeStep", "build", "greedy_generate"]
+__all__ = ["DecoderConfig", "CacheDecoder", "Prefill", "DecodeStep", "build", "greedy_generate",
+           "scaled_config", "helix_model"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -209,3 +210,19 @@ def greedy_generate(model: CacheDecoder, prompt: torch.Tensor, valid_prompt: tor
         tok = model.decode_step(tok, torch.tensor([P + t]), valid)[:, -1].argmax(-1, keepdim=True)
         out.append(tok)
     return torch.cat(out, dim=1)
+
+
+def scaled_config() -> DecoderConfig:
+    """`helix generate`'s default model: 8 heads over 2 kv heads (GQA), d 16, 2 layers, a
+    batch of 4 sequences, 64 cache positions; small enough for CPU ranks."""
+    return DecoderConfig(layers=2, heads=8, kv_heads=2, head_dim=16, mlp=128, vocab=128,
+                         batch=4, max_seq=64)
+
+
+def helix_model() -> tuple[CacheDecoder, tuple]:
+    """MODEL spec `helix_compiler.models.decoder_cache:helix_model`: the scaled decoder and
+    a decode step's example inputs (token, cache_position, valid)."""
+    model = build(scaled_config())
+    cfg = model.cfg
+    return model, (torch.zeros(cfg.batch, 1, dtype=torch.long), torch.tensor([4]),
+                   torch.ones(cfg.batch, cfg.max_seq, dtype=torch.long))

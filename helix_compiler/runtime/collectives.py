@@ -11,9 +11,10 @@ running thread:
   a collective waits for its group and computes the result from the N inputs
   (summing in group order, so every rank gets bit-identical results).
 * `DistributedBackend`: torch.distributed functional collectives over the
-  sub-groups of a 3-D DeviceMesh ("data", "head", "dim"), NCCL or gloo; with dp
+  sub-groups of a DeviceMesh ("data", "head", "dim"[, "seq"]), NCCL or gloo; with dp
   data replicas (data.py) "head", "dim" and "all" mean the groups inside the
-  caller's replica (rank = ((d * n) + i) * m + j).
+  caller's replica (rank = ((d * n) + i) * m + j); with s > 1 cache chunks "seq" is
+  the chunk group and the others span one chunk (runtime/mesh.py).
 """
 
 from __future__ import annotations
@@ -218,16 +219,23 @@ class DistributedBackend:
     DeviceMesh: `mesh` is one replica's (n, m), `dp` the replicas (world = dp * n * m). With
     pp > 1 pipeline stages the mesh is ("data", "pipe", "head", "dim") (world = dp pp n m,
     rank ((d pp + p) n + i) m + j), "all" means the rank's stage of its replica and
-    `pipe_group` is its "pipe" group (stages.run_pipeline_rank)."""
+    `pipe_group` is its "pipe" group (stages.run_pipeline_rank). A decode mesh with s > 1
+    cache chunks (runtime/mesh.py) adds a last "seq" dim: rank (((d pp + p) n + i) m + j) s + k,
+    "seq" is the s contiguous ranks of (i, j), "head", "dim" and "all" span the ranks of one
+    chunk k and "mesh" every rank of the replica's stage, exactly as Mesh.group defines them."""
 
     def __init__(self, mesh: Mesh, device_type: str, dp: int = 1, pp: int = 1):
         import torch.distributed as dist
         from torch.distributed.device_mesh import init_device_mesh
 
-        if mesh.s != 1:
-            raise HelixError(f"DistributedBackend: a mesh with s={mesh.s} cache chunks runs only in "
-                             f"simulation (DecodeProgram) so far; use s=1 under torchrun")
         world = dist.get_world_size()
+        if world != dp * pp * mesh.size and mesh.s > 1:
+            stages = f" x pp={pp}" if pp > 1 else ""
+            raise HelixError(f"DistributedBackend: dp={dp}{stages} x n={mesh.n} x m={mesh.m} x "
+                             f"s={mesh.s} = {dp * pp * mesh.size} ranks, but the process group has "
+                             f"{world}; launch dp * pp * s * m * n processes (torchrun "
+                             f"--nproc-per-node {dp * pp * mesh.size}, helix generate --devices "
+                             f"{dp * pp * mesh.size})")
         if world != dp * pp * mesh.size and pp == 1:
             raise HelixError(f"DistributedBackend: dp={dp} x n={mesh.n} x m={mesh.m} = "
                              f"{dp * mesh.size} ranks, but the process group has {world}; "
@@ -237,21 +245,29 @@ class DistributedBackend:
                              f"{dp * pp * mesh.size} ranks, but the process group has {world}; "
                              f"launch dp * pp * m * n processes")
         self.mesh, self.dp, self.pp = mesh, dp, pp
-        if pp == 1:
-            self.device_mesh = init_device_mesh(device_type, (dp, mesh.n, mesh.m),
-                                                mesh_dim_names=("data", "head", "dim"))
-        else:
-            self.device_mesh = init_device_mesh(device_type, (dp, pp, mesh.n, mesh.m),
-                                                mesh_dim_names=("data", "pipe", "head", "dim"))
+        shape, names = [dp], ["data"]
+        if pp > 1:
+            shape, names = shape + [pp], names + ["pipe"]
+        shape, names = shape + [mesh.n, mesh.m], names + ["head", "dim"]
+        if mesh.s > 1:
+            shape, names = shape + [mesh.s], names + ["seq"]
+        self.device_mesh = init_device_mesh(device_type, tuple(shape), mesh_dim_names=tuple(names))
         self.pipe_group = self.device_mesh.get_group("pipe") if pp > 1 else None
-        if dp * pp == 1:
-            replica = dist.group.WORLD
-        else:   # every rank creates every stage's group, in the same order
-            replica, _ = dist.new_subgroups_by_enumeration(
-                [list(range(d * mesh.size, (d + 1) * mesh.size)) for d in range(dp * pp)])
+        if dp * pp * mesh.s == 1:
+            everyone = dist.group.WORLD
+        else:   # every rank creates every (replica, stage, chunk)'s group, in the same order
+            everyone, _ = dist.new_subgroups_by_enumeration(
+                [[b * mesh.size + r for r in mesh.group(k, "all")]
+                 for b in range(dp * pp) for k in range(mesh.s)])
         self.groups = {"head": self.device_mesh.get_group("head"),
                        "dim": self.device_mesh.get_group("dim"),
-                       "all": replica}
+                       "all": everyone}
+        if mesh.s == 1:
+            self.groups["mesh"] = everyone
+        else:   # "seq" of (i, j); "mesh": every rank of the replica's stage (passes/mesh_mlp.py)
+            self.groups["seq"] = self.device_mesh.get_group("seq")
+            self.groups["mesh"] = dist.group.WORLD if dp * pp == 1 else dist.new_subgroups_by_enumeration(
+                [list(range(b * mesh.size, (b + 1) * mesh.size)) for b in range(dp * pp)])[0]
 
     def all_reduce(self, x, axes, op):
         import torch.distributed._functional_collectives as funcol

@@ -1,0 +1,371 @@
+"""Greedy generation on real process groups: one rank of a DecodeProgram per torchrun process
+(`helix generate`, docs/decode.md "Generating under torchrun").
+
+    python -m torch.distributed.run --standalone --nproc-per-node N \\
+        -m helix_compiler.generate MODEL --plan S,M,N --prompt-len P --new-tokens T [...]
+
+MODEL is a spec (modelspec.py) whose function returns a CacheDecoder-style model first
+(`prefill(tokens, valid)`, `decode_step(token, cache_position, valid)`, `reset_cache()`, a
+`cfg` with batch and max_seq; models/decoder_cache.py); its example inputs are not used. A
+DecodeProgram is not saved, so every process seeds torch, builds the model and compiles the
+same program (compilation is deterministic; the ranks compare a digest of their weights
+first), then runs its own rank: prefill of the prompt, then T - 1 decode steps, each with its
+own cache slice. Every rank picks the same token (all hold the full logits); rank 0 checks that
+all ranks' tokens agree and equal the unsharded model's greedy tokens (fp32) and prints them
+with the time per output token (the decode steps' mean, slowest rank).
+
+The prompt (`make_prompt`) is B rows of P seeded random tokens as a server batches them: row 1
+left-padded by P // 2, and with B >= 3 the last row all padding.
+
+A rank that fails writes `rank{R}.error.json` into --result-dir, one that finishes
+`rank{R}.done` (as helix_compiler/worker.py), so `helix generate` can say which rank failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+from .errors import HelixError
+
+__all__ = ["GenerateSplit", "load_decoder", "check_request", "choose_split", "make_prompt",
+           "generate_rank", "DEFAULT_MODEL"]
+
+DEFAULT_MODEL = "helix_compiler.models.decoder_cache:helix_model"
+DECODER_METHODS = ("prefill", "decode_step", "reset_cache")
+VARIANTS = ("score-reduce", "qk-gather")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GenerateSplit:
+    """The split a generation runs and why it was chosen."""
+
+    s: int
+    m: int
+    n: int
+    variant: str | None        # None for m = 1
+    reason: str
+
+    @property
+    def name(self) -> str:
+        base = f"s={self.s} x m={self.m} x n={self.n}"
+        return base if self.variant is None else f"{base} {self.variant}"
+
+    @property
+    def split(self) -> tuple[int, int, int]:
+        return (self.s, self.m, self.n)
+
+
+def load_decoder(spec: str) -> torch.nn.Module:
+    """The model of MODEL spec `spec` (random weights, float32, eval), checked to be a
+    CacheDecoder-style decoder."""
+    from .modelspec import load_model_spec
+
+    model, _, _ = load_model_spec(spec, init="random")
+    missing = [a for a in DECODER_METHODS if not callable(getattr(model, a, None))]
+    cfg = getattr(model, "cfg", None)
+    if missing or not all(isinstance(getattr(cfg, a, None), int) for a in ("batch", "max_seq")):
+        what = (f"no method {', '.join(missing)}" if missing else
+                "no cfg with integer batch and max_seq")
+        raise HelixError(f"model spec {spec!r}: {type(model).__name__} is not a static-cache "
+                         f"decoder ({what}); helix generate takes a model like "
+                         f"helix_compiler/models/decoder_cache.py's CacheDecoder")
+    return model.float().eval()
+
+
+def check_request(model, devices: int, prompt_len: int, new_tokens: int,
+                  split: tuple[int, ...] | None = None, variant: str | None = None) -> None:
+    """HelixError, one line, for a generation request that cannot run."""
+    cfg = model.cfg
+    if devices < 1:
+        raise HelixError(f"--devices {devices}: N must be at least 1 process; give --devices 1 or more")
+    if prompt_len < 1:
+        raise HelixError(f"--prompt-len {prompt_len}: a prompt needs at least one token; give "
+                         f"--prompt-len 1 or more")
+    if new_tokens < 1:
+        raise HelixError(f"--new-tokens {new_tokens}: T must be at least 1 (the prefill's token, "
+                         f"then T - 1 decode steps); give --new-tokens 1 or more")
+    if prompt_len + new_tokens - 1 > cfg.max_seq:
+        raise HelixError(f"--prompt-len {prompt_len} + --new-tokens {new_tokens} need "
+                         f"{prompt_len + new_tokens - 1} cache positions, but the model's cache "
+                         f"has max_seq={cfg.max_seq}; generate fewer tokens or build the model "
+                         f"with max_seq >= {prompt_len + new_tokens - 1}")
+    if split is not None:
+        if len(split) != 3 or any(x < 1 for x in split):
+            raise HelixError(f"--plan {','.join(map(str, split))}: give S,M,N, three positive "
+                             f"integers (cache chunks, dim slices, head groups), e.g. 1,2,2")
+        s, m, n = split
+        if s * m * n != devices:
+            raise HelixError(f"--plan {s},{m},{n}: s={s} x m={m} x n={n} = {s * m * n} ranks, but "
+                             f"--devices {devices}; give a split whose product is {devices}")
+        if s > cfg.max_seq:
+            raise HelixError(f"--plan {s},{m},{n}: s={s} cache chunks of a cache of "
+                             f"{cfg.max_seq} positions; s must be at most {cfg.max_seq}")
+        if variant is not None and m == 1:
+            raise HelixError(f"--variant {variant} applies to m > 1 (head-dim slices); "
+                             f"--plan {s},{m},{n} has m = 1: drop --variant")
+    if variant is not None and variant not in VARIANTS:
+        raise HelixError(f"--variant {variant!r}: expected one of {VARIANTS}")
+
+
+def _step_args(model, prompt_len: int) -> tuple:
+    cfg = model.cfg
+    return (torch.zeros(cfg.batch, 1, dtype=torch.long), torch.tensor([prompt_len]),
+            torch.ones(cfg.batch, cfg.max_seq, dtype=torch.long))
+
+
+def choose_split(model, devices: int, prompt_len: int, new_tokens: int,
+                 cluster=None) -> GenerateSplit:
+    """The decode planner's split (decode_plan.plan_decode on the model's captured shape at
+    context P + T and concurrency = the cache's batch), restricted to what compile_decoder
+    builds: (m, n) feasible for the model's attention (solver.solve) and s at most the
+    cache's positions. The planner's order (TPOT, then fewer copies, smaller s, smaller m)
+    picks among those that fit; `reason` says which and why."""
+    from .decode_plan import plan_decode, shape_from_summary
+    from .models.decoder_cache import DecodeStep
+    from .pipeline import analyze, cluster_spec
+    from .solver import solve
+
+    summary = analyze(DecodeStep(model), _step_args(model, prompt_len), dynamic=False).summary
+    shape = shape_from_summary(summary, dtype="fp32")
+    shape = type(shape)(**{**{k: getattr(shape, k) for k in shape.__dataclass_fields__},
+                           "name": type(model).__name__})
+    context = prompt_len + new_tokens
+    plan = plan_decode(shape, context, model.cfg.batch, devices, cluster_spec(cluster, devices))
+    feasible: dict[int, set] = {}
+
+    def why_not(row) -> str | None:
+        if row.s > model.cfg.max_seq:
+            return f"s={row.s} exceeds the cache's {model.cfg.max_seq} positions"
+        if row.s not in feasible:
+            feasible[row.s] = {(c.m, c.n) for c in solve(summary, devices // row.s) if c.feasible}
+        if (row.m, row.n) not in feasible[row.s]:
+            return f"m={row.m} x n={row.n} is not a feasible split of the model's attention"
+        return None
+
+    order = sorted((r for r in plan.candidates if r.fits),
+                   key=lambda r: (r.tpot_ms, r.kv_copies, r.s, r.m))
+    for row in order:
+        if why_not(row) is None:
+            break
+    else:
+        raise HelixError(f"helix generate: none of the decode planner's splits of {devices} "
+                         f"devices can be built for {shape.name} ({why_not(plan.chosen)} for "
+                         f"the planner's {plan.chosen.name}); give --plan S,M,N or other --devices")
+    variant = None if row.m == 1 else row.variant
+    if row is plan.chosen:
+        reason = (f"the decode planner's choice at context {context} (P + T), concurrency "
+                  f"{model.cfg.batch}: {plan.reason}")
+    else:
+        reason = (f"the decode planner chose {plan.chosen.name} ({why_not(plan.chosen)}); "
+                  f"{row.name} is the fastest split compile_decoder builds, predicted "
+                  f"{row.tpot_ms:.3f} ms per token against {plan.chosen.tpot_ms:.3f} ms")
+    return GenerateSplit(s=row.s, m=row.m, n=row.n, variant=variant, reason=reason)
+
+
+def make_prompt(cfg, prompt_len: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens (B, P) and their valid positions (B, P): row 1 left-padded by P // 2, and with
+    B >= 3 the last row all padding (as a server's batch holds them)."""
+    g = torch.Generator().manual_seed(seed + 1)
+    tokens = torch.randint(0, cfg.vocab, (cfg.batch, prompt_len), generator=g)
+    valid = torch.ones(cfg.batch, prompt_len, dtype=torch.long)
+    if cfg.batch >= 2:
+        valid[1, :prompt_len // 2] = 0
+    if cfg.batch >= 3:
+        valid[-1] = 0
+    return tokens, valid
+
+
+def pair_on_device(prog, rank: int, device: torch.device) -> None:
+    """Rank `rank`'s (prefill, step) modules of `prog` on `device`, their shared cache tensors
+    still one tensor each (Module.to gives each module its own copy), and prog.caches[rank]
+    pointing at them."""
+    from .runtime.graphs import on_device
+
+    if device.type == "cpu":
+        return
+    prefill, step = prog.modules[rank]
+    owner_of = {id(t): name for name, t in prefill.named_buffers()}
+    step_ids = {name: id(t) for name, t in step.named_buffers()}
+    cache_ids = {src: id(t) for src, t in prog.caches[rank].items()}
+    on_device(prefill, device)
+    on_device(step, device)
+    moved = dict(prefill.named_buffers())
+    for name, tid in step_ids.items():
+        if tid in owner_of:
+            owner, _, attr = name.rpartition(".")
+            step.get_submodule(owner).register_buffer(attr, moved[owner_of[tid]])
+    step_moved = dict(step.named_buffers())
+    for src, tid in cache_ids.items():
+        name = owner_of.get(tid)
+        prog.caches[rank][src] = moved[name] if name else step_moved[
+            next(n for n, i in step_ids.items() if i == tid)]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def generate_rank(prog, rank: int, prompt: torch.Tensor, valid_prompt: torch.Tensor,
+                  new_tokens: int, device: torch.device | None = None) -> tuple[torch.Tensor, dict]:
+    """Rank `rank` of DecodeProgram `prog` (its collectives bound to a DistributedBackend):
+    zero its cache slices, prefill `prompt`, then new_tokens - 1 decode steps. The new tokens
+    (B, new_tokens) and timings {"prefill_ms", "ms_per_token" (decode steps' mean), "steps"}."""
+    device = device or torch.device("cpu")
+    prefill, step = prog.modules[rank]
+    B, P = prompt.shape
+    max_seq = prog.max_seq
+    valid = torch.ones(B, max_seq, dtype=torch.long)
+    valid[:, :P] = valid_prompt
+    valid, prompt = valid.to(device), prompt.to(device)
+    for t in prog.caches[rank].values():
+        t.zero_()
+    _sync(device)
+    start = time.perf_counter()
+    tok = prefill(prompt, valid)[:, -1].argmax(-1, keepdim=True)
+    _sync(device)
+    prefill_s = time.perf_counter() - start
+    out = [tok]
+    start = time.perf_counter()
+    for t in range(new_tokens - 1):
+        tok = step(tok, torch.tensor([P + t], device=device), valid)[:, -1].argmax(-1, keepdim=True)
+        out.append(tok)
+    _sync(device)
+    steps = new_tokens - 1
+    decode_s = time.perf_counter() - start
+    return torch.cat(out, dim=1).cpu(), {
+        "prefill_ms": prefill_s * 1e3, "steps": steps,
+        "ms_per_token": decode_s * 1e3 / steps if steps else float("nan")}
+
+
+# ---- one torchrun process --------------------------------------------------------------
+def _run(args, rank: int, world: int, local_rank: int) -> dict:
+    import torch.distributed as dist
+
+    from .decode import compile_decoder
+    from .models.decoder_cache import greedy_generate
+    from .runtime import collectives
+    from .runtime.collectives import DistributedBackend
+    from .worker import check_same_program, weights_digest
+
+    if args.backend == "nccl":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group(args.backend, timeout=timedelta(seconds=args.timeout))
+    torch.manual_seed(args.seed)
+    model = load_decoder(args.model)
+    split = tuple(int(x) for x in args.plan.split(","))
+    check_request(model, world, args.prompt_len, args.new_tokens, split, args.variant)
+    keys = [None] * world
+    dist.all_gather_object(keys, f"model/{weights_digest(dict(model.state_dict()))}")
+    check_same_program(keys)
+    prog = compile_decoder(model, world, split, variant=args.variant, prompt_len=args.prompt_len,
+                           rank=rank)   # only this rank's modules
+    pair_on_device(prog, rank, device)
+    backend = DistributedBackend(prog.mesh, device.type)
+    collectives.bind(backend)
+    prompt, valid_prompt = make_prompt(model.cfg, args.prompt_len, args.seed)
+    try:
+        got, timing = generate_rank(prog, rank, prompt, valid_prompt, args.new_tokens, device)
+    finally:
+        collectives.bind(None)
+    everyone = [None] * world
+    dist.all_gather_object(everyone, got.tolist())
+    slowest = torch.tensor([timing["ms_per_token"], timing["prefill_ms"]], dtype=torch.float64,
+                           device=device)
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+    summary = {"ranks": world, "s": split[0], "m": split[1], "n": split[2],
+               "variant": args.variant, "backend": args.backend, "model": args.model,
+               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+               "batch": model.cfg.batch, "tokens": got.tolist(),
+               "ranks_agree": all(t == everyone[0] for t in everyone),
+               "disagreeing_ranks": [r for r, t in enumerate(everyone) if t != everyone[0]],
+               "ms_per_token": slowest[0].item(), "prefill_ms": slowest[1].item()}
+    if rank == 0:
+        want = greedy_generate(model, prompt, valid_prompt, args.new_tokens)
+        summary["reference"] = want.tolist()
+        summary["equal"] = bool(summary["ranks_agree"] and torch.equal(got, want))
+    return summary
+
+
+def summary_lines(s: dict) -> list[str]:
+    split = f"s={s['s']} x m={s['m']} x n={s['n']}" + (f" {s['variant']}" if s["variant"] else "")
+    verdict = ("yes" if s["equal"] else
+               f"NO: ranks {s['disagreeing_ranks']} picked other tokens than rank 0"
+               if not s["ranks_agree"] else "NO: they differ from the unsharded model's")
+    lines = [f"helix generate: {s['ranks']} ranks, {split}, backend {s['backend']}, float32; "
+             f"{s['batch']} rows x prompt {s['prompt_len']}, {s['new_tokens']} new tokens"]
+    lines += [f"row {b}: {' '.join(map(str, row))}" for b, row in enumerate(s["tokens"])]
+    lines.append(f"equal to the unsharded model's greedy tokens (fp32): {verdict}")
+    lines.append(f"time per output token: {s['ms_per_token']:.2f} ms (mean of "
+                 f"{s['new_tokens'] - 1} decode steps, slowest rank); prefill "
+                 f"{s['prefill_ms']:.1f} ms")
+    return lines
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m helix_compiler.generate",
+                                description="One rank of `helix generate` (start it with torchrun).")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--plan", required=True, metavar="S,M,N")
+    p.add_argument("--variant", choices=VARIANTS, default=None)
+    p.add_argument("--prompt-len", type=int, required=True)
+    p.add_argument("--new-tokens", type=int, required=True)
+    p.add_argument("--backend", choices=("gloo", "nccl"), default="gloo")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=300.0)
+    p.add_argument("--json", default=None)
+    p.add_argument("--result-dir", default=None)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch.distributed as dist
+
+    from .worker import _env_rank
+
+    args = build_parser().parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    result_dir = Path(args.result_dir) if args.result_dir else None
+    try:
+        rank, world, local_rank = _env_rank()
+        summary = _run(args, rank, world, local_rank)
+        if rank == 0:
+            print("\n".join(summary_lines(summary)), flush=True)
+            if args.json:
+                Path(args.json).write_text(json.dumps(summary, indent=1) + "\n")
+            if not summary["equal"]:
+                raise HelixError("the generated tokens differ from the unsharded model's greedy "
+                                 "tokens: the rank modules do not compute what the model computes")
+    except BaseException as e:
+        message = f"{type(e).__name__}: {e}" if not isinstance(e, HelixError) else str(e)
+        if not isinstance(e, HelixError):
+            traceback.print_exc()
+        print(f"helix generate: rank {rank}: error: {' '.join(message.split())}", file=sys.stderr,
+              flush=True)
+        if result_dir is not None:
+            (result_dir / f"rank{rank}.error.json").write_text(json.dumps(
+                {"rank": rank, "time": time.time(), "error": " ".join(message.split())}))
+        return 1
+    if result_dir is not None:
+        (result_dir / f"rank{rank}.done").write_text("")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

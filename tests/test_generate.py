@@ -1,0 +1,172 @@
+"""Greedy generation on real process groups (helix_compiler/generate.py, `helix generate`,
+examples/generate_torchrun.py, docs/decode.md "Generating under torchrun").
+
+The model is helix_compiler/models/decoder_cache.py's GQA decoder (4 heads over 2 kv heads, d 8,
+a batch of 3: row 1 left-padded, row 2 all padding; 24 cache positions). 4 gloo processes
+generate 16 new tokens after an 8-token prompt; every rank's tokens must equal the unsharded
+model's greedy tokens (fp32): with m = 2 (head-dim slices, score-reduce) through `helix
+generate`, and with s = 2 (cache chunks [0, 12) and [12, 24): positions 8 .. 22 cross the
+boundary) from the user's own torchrun script, in the same launch as a check of every
+DistributedBackend group against runtime/mesh.Mesh.group for s > 1 with dp and pp.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from helix_compiler.cli import EXIT_REFUSED, _main
+from helix_compiler.errors import HelixError
+from helix_compiler.generate import check_request, choose_split, load_decoder
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "examples" / "generate_torchrun.py"
+MODEL_SPEC = textwrap.dedent("""
+    import torch
+    from helix_compiler.models.decoder_cache import DecoderConfig, build
+
+    def helix_model():
+        model = build(DecoderConfig(layers=2, heads=4, kv_heads=2, head_dim=8, batch=3, max_seq=24))
+        return model, (torch.zeros(3, 1, dtype=torch.long),)
+
+    def not_a_decoder():
+        return torch.nn.Linear(4, 4), (torch.zeros(1, 4),)
+""")
+
+
+@pytest.fixture
+def spec(tmp_path) -> Path:
+    path = tmp_path / "gqa_decoder.py"
+    path.write_text(MODEL_SPEC)
+    return path
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+# One torchrun launch for two checks (each launch costs ~20 s of the 2 shared cores): every
+# DistributedBackend group of a mesh with s = 2 cache chunks, with dp and pp, against Mesh.group,
+# then the user's script (examples/generate_torchrun.py) on the process group already set up.
+GROUPS_THEN_EXAMPLE = textwrap.dedent("""
+    import json, sys
+    import torch, torch.distributed as dist
+    from helix_compiler.runtime.collectives import DistributedBackend
+    from helix_compiler.runtime.mesh import Mesh
+    from examples.generate_torchrun import main
+
+    dist.init_process_group("gloo")
+    r = dist.get_rank()
+    out = []
+    for n, m, s, dp, pp in ((2, 1, 2, 1, 1), (1, 2, 2, 1, 1), (1, 1, 2, 2, 1), (1, 1, 2, 1, 2)):
+        mesh = Mesh(n=n, m=m, s=s)
+        b = DistributedBackend(mesh, "cpu", dp=dp, pp=pp)
+        base, local = r - r % mesh.size, r % mesh.size
+        for axes in ("head", "dim", "all", "seq", "mesh"):
+            want = [base + q for q in mesh.group(local, axes)]
+            got = b.all_gather(torch.tensor([float(r)]), axes, 0, [1] * len(want))
+            out.append({"mesh": [n, m, s, dp, pp], "axes": axes, "want": want,
+                        "got": [int(x) for x in got.tolist()]})
+    json.dump(out, open(sys.argv[1] + f"/groups{r}.json", "w"))
+    main(["--plan", "2,1,2", "--prompt-len", "8", "--new-tokens", "16", "--out", sys.argv[1]])
+    dist.destroy_process_group()
+""")
+
+
+@pytest.mark.slow
+def test_helix_generate_gqa_head_dim_split_token_equal_over_16_tokens(spec, tmp_path, capsys):
+    out = tmp_path / "summary.json"
+    code = _main(["generate", str(spec), "--devices", "4", "--prompt-len", "8", "--new-tokens", "16",
+                  "--plan", "1,2,2", "--backend", "gloo", "--json", str(out)])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err[-3000:]
+    assert "split: s=1 x m=2 x n=2 score-reduce (given with --plan)" in printed.out
+    assert "equal to the unsharded model's greedy tokens (fp32): yes" in printed.out
+    assert "time per output token:" in printed.out
+    summary = json.loads(out.read_text())
+    assert summary["equal"] and summary["ranks_agree"], summary
+    assert summary["tokens"] == summary["reference"] and len(summary["tokens"][0]) == 16
+    assert (summary["s"], summary["m"], summary["n"], summary["variant"]) == (1, 2, 2, "score-reduce")
+
+
+@pytest.mark.slow
+def test_users_torchrun_script_generates_with_a_sequence_split_across_a_chunk_boundary(tmp_path):
+    script = tmp_path / "groups_then_example.py"
+    script.write_text(GROUPS_THEN_EXAMPLE)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node", "4", str(script), str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, env=_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for r in range(4):
+        for row in json.loads((tmp_path / f"groups{r}.json").read_text()):
+            assert row["got"] == row["want"], (r, row)
+        result = json.loads((tmp_path / f"rank{r}.json").read_text())
+        assert result["split"] == [2, 1, 2]
+        # 3 rows (row 1 left-padded, row 2 all padding) x 16 new tokens, each the model's
+        assert result["equal"] and len(result["tokens"]) == 3 and len(result["tokens"][0]) == 16, result
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--new-tokens", "0"], r"--new-tokens 0: T must be at least 1 \(the prefill's token, then T - 1 decode steps\)"),
+    (["--prompt-len", "0"], r"--prompt-len 0: a prompt needs at least one token"),
+    (["--plan", "2,2,2"], r"--plan 2,2,2: s=2 x m=2 x n=2 = 8 ranks, but --devices 4"),
+    (["--plan", "2,2"], r"--plan takes S,M,N"),
+    (["--new-tokens", "30"], r"need 37 cache positions, but the model's cache has max_seq=24"),
+    (["--plan", "4,1,1", "--variant", "qk-gather"], r"--variant qk-gather applies to m > 1"),
+])
+def test_helix_generate_refuses_a_bad_request_with_exit_2_before_launching(spec, capsys, argv, message):
+    base = {"--devices": "4", "--prompt-len": "8", "--new-tokens": "16"}
+    for flag, value in zip(argv[::2], argv[1::2]):
+        base[flag] = value
+    code = _main(["generate", str(spec), *[x for kv in base.items() for x in kv]])
+    err = capsys.readouterr().err
+    assert code == EXIT_REFUSED
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert re.search(message, err), err
+
+
+def test_helix_generate_refuses_a_model_without_a_static_cache(spec, capsys):
+    code = _main(["generate", f"{spec}:not_a_decoder", "--devices", "2", "--prompt-len", "4",
+                  "--new-tokens", "4", "--plan", "1,1,2"])
+    err = capsys.readouterr().err
+    assert code == EXIT_REFUSED
+    assert "Linear is not a static-cache decoder (no method prefill, decode_step, reset_cache)" in err
+
+
+@pytest.mark.slow
+def test_default_split_is_the_decode_planners_among_those_compile_decoder_builds(spec):
+    model = load_decoder(str(spec))
+    choice = choose_split(model, 4, 8, 16)
+    # the tiny model's step is latency-bound: the planner's fastest row is tensor parallelism,
+    # which the model's 4 heads allow (n = 4 > H_kv = 2: each kv head copied twice)
+    assert (choice.s, choice.m, choice.n, choice.variant) == (1, 1, 4, None)
+    assert choice.reason.startswith("the decode planner's choice at context 24 (P + T), "
+                                    "concurrency 3: TP=4 (s=1 x m=1 x n=4) has the smallest"), choice.reason
+    with pytest.raises(HelixError, match=r"--plan 2,1,2: s=2 x m=1 x n=2 = 4 ranks, but --devices 8"):
+        check_request(model, 8, 8, 16, (2, 1, 2))
+
+
+@pytest.mark.slow
+def test_one_rank_compile_and_move_keep_the_prefill_and_step_cache_one_tensor():
+    from helix_compiler.decode import compile_decoder
+    from helix_compiler.generate import pair_on_device
+    from helix_compiler.models.decoder_cache import DecoderConfig, build
+
+    model = build(DecoderConfig(layers=1, kv_heads=2))
+    prog = compile_decoder(model, 2, (2, 1, 1), prompt_len=4, rank=1)
+    assert prog.modules[0] is None and prog.caches[0] is None      # another process's rank
+    pair_on_device(prog, 1, torch.device("meta"))                  # as to a GPU: a new tensor each
+    pre, step = prog.modules[1]
+    caches = list(prog.caches[1].values())                         # 1 layer: k and v chunks
+    assert len(caches) == 2 and all(t.device.type == "meta" for t in caches)
+    for module in (pre, step):                                     # both read and write the same two
+        held = {id(t) for _, t in module.named_buffers()}
+        assert {id(t) for t in caches} <= held, type(module).__name__
