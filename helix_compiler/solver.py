@@ -204,6 +204,10 @@ def solve_space(summary: ModelSummary, devices: int, cluster: ClusterSpec | None
         raise PlanError(f"micro_batches={micro_batches!r} must be a positive integer (or None: "
                         f"the cost model chooses); try 4")
     out = []
+    # (m, n) splits and stage memory depend on the replica's stage size, not on dp: each is
+    # solved once for the whole space
+    splits: dict = {}
+    stage_memory: dict = {}
     for k in ([dp] if dp is not None else [int(x) for x in sympy.divisors(devices)]):
         pps = [pp] if pp is not None else [int(x) for x in sympy.divisors(devices // k)]
         for p in pps:
@@ -211,7 +215,10 @@ def solve_space(summary: ModelSummary, devices: int, cluster: ClusterSpec | None
                 continue
             replica = devices // (k * p)
             too_big = cluster is not None and devices > cluster.devices
-            split = solve(summary, replica, None if too_big or p > 1 else cluster)
+            where = None if too_big or p > 1 else cluster
+            if (replica, where is None) not in splits:
+                splits[replica, where is None] = solve(summary, replica, where)
+            split = splits[replica, where is None]
             extra = [] if k == 1 else [r for r in (batch_reason(summary.batch, k),) if r]
             extra += pipeline_reasons(summary, p, k, micro_batches)
             if too_big:
@@ -221,7 +228,10 @@ def solve_space(summary: ModelSummary, devices: int, cluster: ClusterSpec | None
             for c in split:
                 reasons = (*extra, *c.reasons)
                 if not reasons and p > 1 and cluster is not None:
-                    why = stage_memory_reason(summary, c.m, c.n, p, cluster)
+                    if (c.m, c.n, p) not in stage_memory:
+                        stage_memory[c.m, c.n, p] = stage_memory_reason(summary, c.m, c.n, p,
+                                                                        cluster)
+                    why = stage_memory[c.m, c.n, p]
                     reasons = (why,) if why else ()
                 out.append(Candidate(m=c.m, n=c.n, dp=k, pp=p, feasible=not reasons,
                                      reasons=reasons))
