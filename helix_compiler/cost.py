@@ -790,12 +790,27 @@ def _mlp_terms(mlp, summary, size, lay, mach):
     return _TERMS[key]
 
 
+_SHAPE_KEYS: dict = {}    # id(site) -> (site, key): a site is frozen, its key computed once
+
+
 def _shape_key(site: AttentionSite) -> tuple:
     """What the cost of a site depends on: every field but its index and node names."""
+    hit = _SHAPE_KEYS.get(id(site))
+    if hit is not None and hit[0] is site:
+        return hit[1]
+    if len(_SHAPE_KEYS) > 65536:
+        _SHAPE_KEYS.clear()
+    key = _shape_key_uncached(site)
+    _SHAPE_KEYS[id(site)] = (site, key)
+    return key
+
+
+def _shape_key_uncached(site: AttentionSite) -> tuple:
     return (site.num_heads, site.num_kv_heads, site.head_dim, site.embed_dim, site.core,
             site.o_proj is not None,
             site.mask is not None, site.is_causal, site.mask_causal, site.head_bias, site.rotary, bool(site.qk_norm),
-            site.cross, site.batch, site.q_len, site.kv_len, site.dtype)
+            site.cross, site.batch, site.q_len, site.kv_len, site.dtype,
+            site.k_shared_dims)        # solver._site_reasons reads it
 
 
 def _unique(sites) -> tuple[list, list[int]]:
@@ -1244,14 +1259,55 @@ def stage_summaries(summary: ModelSummary, pp: int) -> tuple[ModelSummary, ...]:
     return out
 
 
+def stage_shapes(summary: ModelSummary, pp: int) -> tuple[tuple, ...]:
+    """Per stage what its cost depends on: its sites' shapes, its MLPs' shapes and tokens per
+    sequence, its parameters (stages of one shape cost alike)."""
+    hit = _STAGES.get((id(summary), pp, "shapes"))
+    if hit is not None and hit[0] is summary:
+        return hit[1]
+    out = tuple((tuple(_shape_key(x) for x in part.sites),
+                 tuple((_mlp_shape(x), _tokens_per_sequence(x, part)) for x in part.mlps),
+                 part.param_elements, part.replicated_elements)
+                for part in stage_summaries(summary, pp))
+    _STAGES[(id(summary), pp, "shapes")] = (summary, out)
+    return out
+
+
+def _stage_setup(part: ModelSummary, shape: tuple, cluster: ClusterSpec, lay: _Layout,
+                 mach: _Machine, variant: str | None, backend: str | None):
+    """(reps, idx, cores, MLP reps, params per rank, activation per sequence) of one stage;
+    in a search scope its cores, params and activation are priced once per stage shape and
+    layout, whichever replica count asks (they do not depend on the batch)."""
+    reps, idx = _unique_uncached(part.sites)
+    mlp_reps = _by_shape_uncached(part.mlps, _mlp_tokens_shape)
+    key = ("stage", shape, _lay_key(lay, cluster), id(mach), variant, backend,
+           part.dtype_bytes, part.seq_len, part.workload is None, tuple(x.index for x in reps))
+    hit = _TERMS.get(key) if _SCOPE[0] else None
+    if hit is None:
+        w = part.dtype_bytes
+        params = _params_per_rank(part, part.sites, part.mlps, lay)
+        rep_cores = _choose_cores(part, cluster, reps, params, lay, mach, variant, backend)
+        act = _activation_per_sequence(
+            part, [_site_activation(x, w, *c, lay) for x, c in zip(reps, rep_cores)],
+            part.mlps, lay)
+        hit = (rep_cores, params, act)
+        if _SCOPE[0]:
+            _alive(mach)
+            _TERMS[key] = hit
+    rep_cores, params, act = hit
+    return reps, idx, rep_cores, mlp_reps, params, act
+
+
 def _stage_summaries(summary: ModelSummary, pp: int) -> tuple[ModelSummary, ...]:
     other = max(0, summary.param_elements - summary.replicated_elements - _full_weights(summary))
     out = []
+    site_runs, mlp_runs = [[] for _ in range(pp)], [[] for _ in range(pp)]
+    for i, x in enumerate(summary.sites):
+        site_runs[stage_of(i, len(summary.sites), pp)].append(x)
+    for i, x in enumerate(summary.mlps):
+        mlp_runs[stage_of(i, len(summary.mlps), pp)].append(x)
     for p in range(pp):
-        sites = tuple(x for i, x in enumerate(summary.sites)
-                      if stage_of(i, len(summary.sites), pp) == p)
-        mlps = tuple(x for i, x in enumerate(summary.mlps)
-                     if stage_of(i, len(summary.mlps), pp) == p)
+        sites, mlps = tuple(site_runs[p]), tuple(mlp_runs[p])
         part = dataclasses.replace(summary, sites=sites, mlps=mlps)
         part = dataclasses.replace(part, param_elements=summary.replicated_elements
                                    + _full_weights(part) + math.ceil(other / pp))
@@ -1264,9 +1320,8 @@ def stage_memory_reason(summary: ModelSummary, m: int, n: int, pp: int, cluster:
     """None when a one-sequence micro-batch of every stage of pp x m x n fits, else why not
     (the first stage that does not, named)."""
     seen: dict = {}      # stages of one shape (80 layers over 64 stages: 2 shapes) checked once
-    for p, part in enumerate(stage_summaries(summary, pp)):
-        shape = (tuple(_shape_key(x) for x in part.sites),
-                 tuple(_mlp_tokens_shape(x) for x in part.mlps), part.param_elements)
+    for p, (part, shape) in enumerate(zip(stage_summaries(summary, pp),
+                                          stage_shapes(summary, pp))):
         if shape not in seen:
             seen[shape] = memory_reason(part, m, n, cluster, profile)
         if seen[shape] is not None:
@@ -1308,19 +1363,11 @@ def cost_pipeline_plan(summary: ModelSummary, m: int, n: int, cluster: ClusterSp
     lay = _helix_layout(m, n, dp * pp, cluster.gpus_per_node)    # every stage's groups
     w, blockwise = summary.dtype_bytes, summary.workload is None
     stages, by_shape = [], {}
-    for p, part in enumerate(stage_summaries(summary, pp)):
+    for p, (part, shape) in enumerate(zip(stage_summaries(summary, pp),
+                                          stage_shapes(summary, pp))):
         # stages of one shape (80 layers over 4 stages) are costed once
-        shape = (tuple(_shape_key(x) for x in part.sites),
-                 tuple(_mlp_tokens_shape(x) for x in part.mlps))
         if shape not in by_shape:
-            params = _params_per_rank(part, part.sites, part.mlps, lay)
-            reps, idx = _unique_uncached(part.sites)
-            rep_cores = _choose_cores(part, cluster, reps, params, lay, mach, variant, backend)
-            act = _activation_per_sequence(
-                part, [_site_activation(x, w, *c, lay) for x, c in zip(reps, rep_cores)],
-                part.mlps, lay)
-            mlp_reps = _by_shape_uncached(part.mlps, _mlp_tokens_shape)
-            by_shape[shape] = (reps, idx, rep_cores, mlp_reps, params, act)
+            by_shape[shape] = _stage_setup(part, shape, cluster, lay, mach, variant, backend)
         stages.append((p, part, *by_shape[shape]))
     fit = min(_micro_batch(summary, st[-2], st[-1], cluster) for st in stages)
     if fit < 1:
@@ -1359,6 +1406,9 @@ def cost_pipeline_plan(summary: ModelSummary, m: int, n: int, cluster: ClusterSp
                 sum(c * _seconds(t, "comm") for c, t in terms))
 
     memo: dict = {}
+    firsts: dict = {}
+    for st in stages:      # stages of one memo key price alike: the first of each stands for all
+        firsts.setdefault((id(st[2]), st[0] > 0), st)
 
     def one_memo(st, b):
         key = (id(st[2]), st[0] > 0, b)      # stages of one shape share their reps' list
@@ -1369,7 +1419,7 @@ def cost_pipeline_plan(summary: ModelSummary, m: int, n: int, cluster: ClusterSp
     def price(b: int):
         """(step seconds, slowest stage's (compute, comm) seconds of a micro-batch, stage)."""
         rows = []
-        for st in stages:
+        for st in firsts.values():
             per = one_memo(st, b)
             rows.append((sum(per), per, st[0]))
         t_stage, per_micro, p_slow = max(rows, key=lambda r: r[0])

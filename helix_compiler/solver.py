@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import sympy
 
 from .cluster import ClusterSpec
-from .cost import memory_reason, stage_memory_reason
+from .cost import _unique, memory_reason, stage_memory_reason
 from .errors import PlanError
 from .sites import AttentionSite, ModelSummary
 from .text import key_name, split_key, split_name
@@ -137,9 +137,11 @@ def solve(summary: ModelSummary, devices: int,
         m, n = int(m), devices // int(m)
         if not summary.sites:
             reasons = [] if m == 1 else [NO_ATTENTION]
-        else:
-            reasons = list(_merge([(s.index, r) for s in summary.sites
-                                   for r in _site_reasons(s, m, n)]))
+        else:   # sites of one shape have the same reasons: each shape checked once
+            reps, idx = _unique(summary.sites)
+            per_rep = [_site_reasons(s, m, n) for s in reps]
+            reasons = list(_merge([(s.index, r) for s, k in zip(summary.sites, idx)
+                                   for r in per_rep[k]]))
         if cluster is not None and not reasons:
             if devices > cluster.devices:
                 reasons.append(f"{devices} devices but cluster {cluster.name!r} has "
