@@ -482,6 +482,20 @@ def _tokens_per_sequence(mlp: MlpSite, summary: ModelSummary) -> int:
 
 def _site_options(site: AttentionSite, lay: _Layout, mach: _Machine,
                   variant: str | None, backend: str | None = None) -> list[tuple[str, str]]:
+    # it reads the site's shape, m and the profile: in a search scope, once per such key
+    if not _SCOPE[0]:
+        return _site_options_uncached(site, lay, mach, variant, backend)
+    key = ("opt", _shape_key(site), lay.m, id(mach), variant, backend)
+    hit = _TERMS.get(key)
+    if hit is None:
+        _alive(mach)
+        hit = _TERMS[key] = _site_options_uncached(site, lay, mach, variant, backend)
+    return list(hit)
+
+
+def _site_options_uncached(site: AttentionSite, lay: _Layout, mach: _Machine,
+                           variant: str | None, backend: str | None = None
+                           ) -> list[tuple[str, str]]:
     """(variant, core backend) pairs a site may take: score-reduce is always an
     explicit core; heads and qk-gather may use any fused kernel the profile has for d.
     `backend` ("explicit" or a fused one) keeps only the pairs with that core, where the
@@ -652,6 +666,16 @@ def _params_per_rank(summary: ModelSummary, sites, mlps, lay: _Layout) -> int:
 
 
 def _site_activation(site, w: int, variant: str, backend: str, lay: _Layout) -> float:
+    if _SCOPE[0]:      # a search prices it once per shape, core and (m, n)
+        key = ("act", _shape_key(site), w, variant, backend, lay.m, lay.n)
+        hit = _TERMS.get(key)
+        if hit is None:
+            hit = _TERMS[key] = _site_activation_uncached(site, w, variant, backend, lay)
+        return hit
+    return _site_activation_uncached(site, w, variant, backend, lay)
+
+
+def _site_activation_uncached(site, w: int, variant: str, backend: str, lay: _Layout) -> float:
     env = {**_site_env(site, w, 1, lay), "g_qk": 1 if variant == "qk-gather" else 0,
            "x_s": 1 if backend == "explicit" else 0}
     return _ev("attn_activation", env)
