@@ -1170,13 +1170,16 @@ def overlapped_step(chunk_compute_ms: float, chunk_async_ms: float, collectives:
     x = chunk_async_ms / L if L else 0.0
     compute_free = comm_free = 0.0
     done = [0.0] * k                 # when chunk i's last issued all-reduce ends
+    # `b if b > a else a` is max(a, b) (the first of equals), without a call: the search runs
+    # this loop (L + 1) k times per overlap option
     for s in range(L + 1):
+        last = s == L
         for i in range(k):
-            start = max(compute_free, done[i])
-            compute_free = start + c
-            if s < L:
-                comm_start = max(comm_free, compute_free)
-                comm_free = done[i] = comm_start + x
+            d = done[i]
+            compute_free = (d if d > compute_free else compute_free) + c
+            if not last:
+                comm_free = done[i] = (compute_free if compute_free > comm_free
+                                       else comm_free) + x
     step = max(compute_free, max(done)) + k * chunk_sync_ms
     return step, step - k * chunk_compute_ms
 
@@ -1330,11 +1333,15 @@ def _stage_summaries(summary: ModelSummary, pp: int) -> tuple[ModelSummary, ...]
         site_runs[stage_of(i, len(summary.sites), pp)].append(x)
     for i, x in enumerate(summary.mlps):
         mlp_runs[stage_of(i, len(summary.mlps), pp)].append(x)
+    weights: dict = {}       # stages of one shape hold the same weights: summed once
     for p in range(pp):
         sites, mlps = tuple(site_runs[p]), tuple(mlp_runs[p])
         part = dataclasses.replace(summary, sites=sites, mlps=mlps)
+        shape = (tuple(map(_shape_key, sites)), tuple(map(_mlp_shape, mlps)))
+        if shape not in weights:
+            weights[shape] = _full_weights(part)
         part = dataclasses.replace(part, param_elements=summary.replicated_elements
-                                   + _full_weights(part) + math.ceil(other / pp))
+                                   + weights[shape] + math.ceil(other / pp))
         out.append(part)
     return tuple(out)
 

@@ -114,3 +114,30 @@ def test_a_search_leaves_no_memo_behind_and_a_lone_cost_call_keeps_none():
         cost_plan(s, 2, 8, grown("paper", 16))
         assert cost._TERMS
     assert not cost._TERMS
+
+
+def _overlapped_step_reference(c_ms, x_ms, L, k, sync_ms=0.0):
+    """cost.overlapped_step as it was written before the search made it call-free."""
+    c = c_ms / (L + 1)
+    x = x_ms / L if L else 0.0
+    compute_free = comm_free = 0.0
+    done = [0.0] * k
+    for s in range(L + 1):
+        for i in range(k):
+            start = max(compute_free, done[i])
+            compute_free = start + c
+            if s < L:
+                comm_start = max(comm_free, compute_free)
+                comm_free = done[i] = comm_start + x
+    step = max(compute_free, max(done)) + k * sync_ms
+    return step, step - k * c_ms
+
+
+def test_overlapped_step_is_bit_for_bit_the_simulation_it_replaced():
+    import random
+    rng = random.Random(13)
+    for _ in range(300):
+        args = (rng.uniform(0, 50), rng.choice([0.0, rng.uniform(0, 80)]), rng.randint(0, 40),
+                rng.choice([1, 2, 4, 8]), rng.choice([0.0, rng.uniform(0, 1)]))
+        assert cost.overlapped_step(*args) == _overlapped_step_reference(*args), args
+    assert cost.overlapped_step(3.0, 3.0, 3, 4) == _overlapped_step_reference(3.0, 3.0, 3, 4)
