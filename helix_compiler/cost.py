@@ -1336,13 +1336,12 @@ def _stage_summaries(summary: ModelSummary, pp: int) -> tuple[ModelSummary, ...]
     weights: dict = {}       # stages of one shape hold the same weights: summed once
     for p in range(pp):
         sites, mlps = tuple(site_runs[p]), tuple(mlp_runs[p])
-        part = dataclasses.replace(summary, sites=sites, mlps=mlps)
         shape = (tuple(map(_shape_key, sites)), tuple(map(_mlp_shape, mlps)))
         if shape not in weights:
-            weights[shape] = _full_weights(part)
-        part = dataclasses.replace(part, param_elements=summary.replicated_elements
-                                   + weights[shape] + math.ceil(other / pp))
-        out.append(part)
+            weights[shape] = _full_weights(dataclasses.replace(summary, sites=sites, mlps=mlps))
+        out.append(dataclasses.replace(summary, sites=sites, mlps=mlps,
+                                       param_elements=summary.replicated_elements
+                                       + weights[shape] + math.ceil(other / pp)))
     return tuple(out)
 
 
@@ -1360,8 +1359,9 @@ def stage_memory_reason(summary: ModelSummary, m: int, n: int, pp: int, cluster:
     return None
 
 
-def _divisors(x: int) -> list[int]:
-    return [int(v) for v in sympy.divisors(x)] if x > 0 else [1]
+@functools.lru_cache(maxsize=4096)
+def _divisors(x: int) -> tuple[int, ...]:
+    return tuple(int(v) for v in sympy.divisors(x)) if x > 0 else (1,)
 
 
 def cost_pipeline_plan(summary: ModelSummary, m: int, n: int, cluster: ClusterSpec,
