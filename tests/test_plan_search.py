@@ -141,3 +141,26 @@ def test_overlapped_step_is_bit_for_bit_the_simulation_it_replaced():
                 rng.choice([1, 2, 4, 8]), rng.choice([0.0, rng.uniform(0, 1)]))
         assert cost.overlapped_step(*args) == _overlapped_step_reference(*args), args
     assert cost.overlapped_step(3.0, 3.0, 3, 4) == _overlapped_step_reference(3.0, 3.0, 3, 4)
+
+
+def test_a_search_prices_each_distinct_site_term_once(monkeypatch):
+    """80 layers over every (dp, pp, m, n) of 64 devices: a site's terms at one micro-batch on
+    one layout are computed once per search, not once per candidate (with the memo off the
+    same search computes them again and again)."""
+    calls = []
+    inner = cost._attention_terms_uncached
+
+    def counted(site, w, variant, backend, b, lay, mach, blockwise=True):
+        calls.append((cost._shape_key(site), variant, backend, b,
+                      cost._lay_key(lay, mach.cluster)))
+        return inner(site, w, variant, backend, b, lay, mach, blockwise)
+
+    monkeypatch.setattr(cost, "_attention_terms_uncached", counted)
+    s, cluster = llama70b_summary(layers=80, batch=256), grown("paper", 64)
+    make_plan(s, 64, cluster, dp=None, pp=None, overlap=None, sequence_parallel=None)
+    assert calls and len(calls) == len(set(calls))
+    distinct = len(calls)
+    calls.clear()
+    monkeypatch.setattr(cost, "SEARCH_MEMO", False)
+    make_plan(s, 64, cluster, dp=None, pp=None, overlap=None, sequence_parallel=None)
+    assert len(calls) > 2 * distinct and len(set(calls)) == distinct
