@@ -72,7 +72,6 @@ CASES = [("paper", paper_summary, (16, 64, 512)),
          ("mixed", mixed_summary, (8, 16, 64))]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name,build,counts", CASES, ids=[c[0] for c in CASES])
 def test_the_search_memo_changes_no_row_and_not_the_choice(monkeypatch, name, build, counts):
     summary = build()
