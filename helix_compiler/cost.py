@@ -48,8 +48,8 @@ are computed from those very expressions (`_ev`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-
 import functools
 import math
 from collections import Counter
@@ -192,7 +192,68 @@ def _compiled(name: str):
 
 def _ev(name: str, env: dict) -> float:
     names, fn = _compiled(name)
-    return float(fn(*(env[a] if a in env else _SETTINGS[a] for a in names)))
+    return float(fn(*[env[a] if a in env else _SETTINGS[a] for a in names]))
+
+
+# --- the search memo --------------------------------------------------------------------
+# A plan search (plan.make_plan) prices hundreds of (dp, pp, m, n) candidates whose terms
+# repeat: one site shape at one micro-batch on one layout costs the same in every candidate
+# that has them. Inside `search_scope()` the term memo (_TERMS), the layouts and the machines
+# live across the public calls of the search; outside it every public call starts empty, as
+# before. Keys are values, or ids of objects the memo keeps alive (_ALIVE) until the scope
+# ends. False: no scope memo (every candidate priced alone; the reference the equality test
+# compares against).
+SEARCH_MEMO = True
+_SCOPE = [0]                 # depth of nested search_scope()s
+_ALIVE: dict = {}            # id -> object, for ids used in memo keys
+_LAYOUTS: dict = {}
+_MACHINES: dict = {}
+
+
+@contextlib.contextmanager
+def search_scope():
+    """Memoize terms, layouts and machines across the cost calls inside (one plan search)."""
+    if not SEARCH_MEMO:
+        yield
+        return
+    if _SCOPE[0] == 0:
+        _clear_memo()
+    _SCOPE[0] += 1
+    try:
+        yield
+    finally:
+        _SCOPE[0] -= 1
+        if _SCOPE[0] == 0:
+            _clear_memo()
+
+
+def _clear_memo() -> None:
+    for memo in (_TERMS, _ALIVE, _LAYOUTS, _MACHINES, _LAYSIG):
+        memo.clear()
+
+
+def _fresh_terms() -> None:
+    """Start a public call: the term memo is emptied unless a search scope holds it."""
+    if _SCOPE[0] == 0:
+        _clear_memo()
+
+
+def _alive(*objs) -> None:
+    if _SCOPE[0]:
+        for x in objs:
+            _ALIVE[id(x)] = x
+
+
+def _machine(cluster: ClusterSpec, profile: ComputeProfile | None) -> _Machine:
+    profile = profile or DEFAULT_PROFILE
+    if _SCOPE[0] == 0:
+        return _Machine(cluster, profile)
+    key = (cluster, id(profile))
+    hit = _MACHINES.get(key)
+    if hit is None or hit.profile is not profile:
+        hit = _MACHINES[key] = _Machine(cluster, profile)
+        _alive(profile)
+    return hit
 
 
 # --- records ----------------------------------------------------------------------
@@ -276,28 +337,44 @@ class _Machine:
 
     def collective_s(self, kind: str, nbytes: float, groups) -> float:
         """The slowest of `groups` (rank tuples) running `kind` on `nbytes` at once."""
-        return max((collective_s(kind, nbytes, grp, self.cluster)
-                    for grp in _distinct_groups(tuple(groups), self.cluster)), default=0.0)
+        return max((_collective_shape_s(kind, nbytes, size, *span, self.cluster)
+                    for size, span in _group_shapes(tuple(groups), self.cluster)), default=0.0)
 
 
 _GROUP_CACHE: dict = {}
 
 
-def _distinct_groups(groups: tuple, cluster: ClusterSpec) -> list:
-    """One group per distinct (size, node span): groups of one shape cost the same."""
+def _group_shapes(groups: tuple, cluster: ClusterSpec) -> tuple:
+    """The distinct (size, node span (g, k)) of `groups`: groups of one shape cost the same."""
     if not groups:
-        return []
+        return ()
     key = (len(groups), groups[0], groups[-1], cluster.nodes, cluster.gpus_per_node)
     hit = _GROUP_CACHE.get(key)
     if hit is None:
         seen = {}
         for grp in groups:
             seen.setdefault((len(grp), group_span(grp, cluster)), grp)
-        hit = _GROUP_CACHE[key] = list(seen.values())
+        hit = _GROUP_CACHE[key] = tuple(seen)
         if len(_GROUP_CACHE) > 4096:
             _GROUP_CACHE.clear()
             _GROUP_CACHE[key] = hit
     return hit
+
+
+_LAYSIG: dict = {}
+
+
+def _lay_key(lay: _Layout, cluster: ClusterSpec) -> tuple:
+    """What a layout's costs depend on: m, n, the shards and its groups' distinct (size, span);
+    replicas at other offsets whose groups span nodes alike share it (the term memo's key)."""
+    hit = _LAYSIG.get(id(lay)) if _SCOPE[0] else None
+    if hit is None or hit[0] is not lay:
+        hit = (lay, (lay.m, lay.n, lay.shards, _group_shapes(lay.m_groups, cluster),
+                     _group_shapes(lay.out_groups, cluster)))
+        if _SCOPE[0]:
+            _alive(lay)
+            _LAYSIG[id(lay)] = hit
+    return hit[1]
 
 
 def group_span(ranks, cluster: ClusterSpec) -> tuple[int, int]:
@@ -319,13 +396,20 @@ def collective_s(kind: str, nbytes: float, ranks, cluster: ClusterSpec) -> float
     ranks = tuple(ranks)
     if len(ranks) == 1 or nbytes == 0:
         return 0.0
-    g_, k_ = group_span(ranks, cluster)
+    return _collective_shape_s(kind, nbytes, len(ranks), *group_span(ranks, cluster), cluster)
+
+
+def _collective_shape_s(kind: str, nbytes: float, size: int, g_: int, k_: int,
+                        cluster: ClusterSpec) -> float:
+    """collective_s of a group of `size` ranks, at most g_ of them on one node, on k_ nodes."""
+    if size == 1 or nbytes == 0:
+        return 0.0
     what = "all_reduce" if kind == "all_reduce" else "all_gather"   # RS costs as AG
     # a large sum all-reduce runs as reduce-scatter + all-gather (no local copy of x,
     # runtime/collectives.py): the same bytes, one launch latency more
     split = kind == "all_reduce" and nbytes >= NO_COPY_ALL_REDUCE_MIN_BYTES
     if k_ == 1:
-        return _ev(f"ring_{what}", {"alpha": cluster.nvlink_alpha, "p": len(ranks), "X": nbytes,
+        return _ev(f"ring_{what}", {"alpha": cluster.nvlink_alpha, "p": size, "X": nbytes,
                                     "beta": cluster.nvlink_busbw}) + split * cluster.nvlink_alpha
     return split * (cluster.nvlink_alpha + cluster.network_alpha) + _ev(f"hier_{what}", {
         "alpha_nv": cluster.nvlink_alpha, "alpha_net": cluster.network_alpha, "g": g_, "k": k_,
@@ -368,9 +452,15 @@ def _helix_layout(m: int, n: int, dp: int = 1, node: int | None = None) -> _Layo
         if at in offsets:   # r size mod node repeats with period node / gcd(size, node)
             break
         offsets[at] = r
+    key = (m, n, tuple(offsets.values()))
+    if _SCOPE[0] and key in _LAYOUTS:       # a layout is its offsets (search memo)
+        return _LAYOUTS[key]
     shift = lambda groups: tuple(tuple(x + r * size for x in g)   # noqa: E731
                                  for r in offsets.values() for g in groups)
-    return _Layout(m, n, size, shift(mesh.groups("dim")), shift(mesh.groups("all")))
+    lay = _Layout(m, n, size, shift(mesh.groups("dim")), shift(mesh.groups("all")))
+    if _SCOPE[0]:
+        _LAYOUTS[key] = lay
+    return lay
 
 
 def _site_env(site: AttentionSite, w: int, b: int, lay: _Layout) -> dict:
@@ -392,6 +482,20 @@ def _tokens_per_sequence(mlp: MlpSite, summary: ModelSummary) -> int:
 
 def _site_options(site: AttentionSite, lay: _Layout, mach: _Machine,
                   variant: str | None, backend: str | None = None) -> list[tuple[str, str]]:
+    # it reads the site's shape, m and the profile: in a search scope, once per such key
+    if not _SCOPE[0]:
+        return _site_options_uncached(site, lay, mach, variant, backend)
+    key = ("opt", _shape_key(site), lay.m, id(mach), variant, backend)
+    hit = _TERMS.get(key)
+    if hit is None:
+        _alive(mach)
+        hit = _TERMS[key] = _site_options_uncached(site, lay, mach, variant, backend)
+    return list(hit)
+
+
+def _site_options_uncached(site: AttentionSite, lay: _Layout, mach: _Machine,
+                           variant: str | None, backend: str | None = None
+                           ) -> list[tuple[str, str]]:
     """(variant, core backend) pairs a site may take: score-reduce is always an
     explicit core; heads and qk-gather may use any fused kernel the profile has for d.
     `backend` ("explicit" or a fused one) keeps only the pairs with that core, where the
@@ -562,6 +666,16 @@ def _params_per_rank(summary: ModelSummary, sites, mlps, lay: _Layout) -> int:
 
 
 def _site_activation(site, w: int, variant: str, backend: str, lay: _Layout) -> float:
+    if _SCOPE[0]:      # a search prices it once per shape, core and (m, n)
+        key = ("act", _shape_key(site), w, variant, backend, lay.m, lay.n)
+        hit = _TERMS.get(key)
+        if hit is None:
+            hit = _TERMS[key] = _site_activation_uncached(site, w, variant, backend, lay)
+        return hit
+    return _site_activation_uncached(site, w, variant, backend, lay)
+
+
+def _site_activation_uncached(site, w: int, variant: str, backend: str, lay: _Layout) -> float:
     env = {**_site_env(site, w, 1, lay), "g_qk": 1 if variant == "qk-gather" else 0,
            "x_s": 1 if backend == "explicit" else 0}
     return _ev("attn_activation", env)
@@ -603,8 +717,8 @@ def memory_reason(summary: ModelSummary, m: int, n: int, cluster: ClusterSpec,
                   profile: ComputeProfile | None = None) -> str | None:
     """None when a one-sequence micro-batch of helix m x n fits on every rank
     (each site in its least-memory variant and core), else a sentence why not."""
-    _TERMS.clear()
-    mach = _Machine(cluster, profile or DEFAULT_PROFILE)
+    _fresh_terms()
+    mach = _machine(cluster, profile)
     lay = _helix_layout(m, n)
     w = summary.dtype_bytes
     reps, idx = _unique(summary.sites)
@@ -648,8 +762,10 @@ _TERMS: dict = {}
 
 
 def _attention_terms(site, w, variant, backend, size, lay, mach, blockwise=True):
-    key = ("a", _shape_key(site), w, variant, backend, size, id(lay), id(mach), blockwise)
+    key = ("a", _shape_key(site), w, variant, backend, size, _lay_key(lay, mach.cluster),
+           id(mach), blockwise)
     if key not in _TERMS:
+        _alive(mach)
         _TERMS[key] = _attention_terms_uncached(site, w, variant, backend, size, lay, mach,
                                                 blockwise)
     return _TERMS[key]
@@ -660,15 +776,17 @@ def _graph_terms(summary, size, lay, mach, pp: int = 1) -> list[tuple[str, str, 
     wl = summary.workload
     if wl is None or size == 0:
         return []
-    key = ("g", id(summary), size, id(lay), id(mach), pp)
+    site = summary.sites[0] if summary.sites else None
+    dt = site.dtype if site else (summary.mlps[0].dtype if summary.mlps else "float32")
+    # the graph's terms read its workload, kv heads and dtype: equal for every replica's summary
+    key = ("g", wl, site.num_kv_heads if site else 1, dt, size, lay.m, lay.n, id(mach), pp)
     if key in _TERMS:
         return _TERMS[key]
-    site = summary.sites[0] if summary.sites else None
+    _alive(mach)
     env = {"b": size, "W_r": wl.replicated_bytes + wl.mask_bytes, "F_r": wl.replicated_flops,
            "W_n": wl.replicated_norm_bytes, "W_q": wl.q_head_bytes, "W_kv": wl.kv_head_bytes,
            "n": lay.n, "m": lay.m, "H_kv": site.num_kv_heads if site else 1, "p_pp": pp}
     ew = mach.profile.bandwidth_efficiency("pointwise")
-    dt = site.dtype if site else (summary.mlps[0].dtype if summary.mlps else "float32")
     terms = [("replicated ops (residuals, casts, mask)", "compute",
               mach.memory_s(_ev("graph_replicated_bytes", env), ew)),
              ("replicated norms and reductions", "compute",
@@ -685,17 +803,38 @@ def _graph_terms(summary, size, lay, mach, pp: int = 1) -> list[tuple[str, str, 
 
 
 def _mlp_terms(mlp, summary, size, lay, mach):
-    key = ("m", mlp.hidden, mlp.ffn, mlp.gated, mlp.tokens, mlp.dtype, id(summary), size, id(lay), id(mach))
+    # what _mlp_terms_uncached reads of the summary: tokens per sequence, w, and whether a
+    # graph workload prices the norms
+    key = ("m", mlp.hidden, mlp.ffn, len(mlp.up_weights), mlp.dtype,
+           _tokens_per_sequence(mlp, summary), summary.dtype_bytes, summary.workload is None,
+           size, lay.shards, _lay_key(lay, mach.cluster)[4], id(mach))
     if key not in _TERMS:
+        _alive(mach)
         _TERMS[key] = _mlp_terms_uncached(mlp, summary, size, lay, mach)
     return _TERMS[key]
 
 
+_SHAPE_KEYS: dict = {}    # id(site) -> (site, key): a site is frozen, its key computed once
+
+
 def _shape_key(site: AttentionSite) -> tuple:
     """What the cost of a site depends on: every field but its index and node names."""
+    hit = _SHAPE_KEYS.get(id(site))
+    if hit is not None and hit[0] is site:
+        return hit[1]
+    if len(_SHAPE_KEYS) > 65536:
+        _SHAPE_KEYS.clear()
+    key = _shape_key_uncached(site)
+    _SHAPE_KEYS[id(site)] = (site, key)
+    return key
+
+
+def _shape_key_uncached(site: AttentionSite) -> tuple:
     return (site.num_heads, site.num_kv_heads, site.head_dim, site.embed_dim, site.core,
+            site.o_proj is not None,
             site.mask is not None, site.is_causal, site.mask_causal, site.head_bias, site.rotary, bool(site.qk_norm),
-            site.cross, site.batch, site.q_len, site.kv_len, site.dtype)
+            site.cross, site.batch, site.q_len, site.kv_len, site.dtype,
+            site.k_shared_dims)        # solver._site_reasons reads it
 
 
 def _unique(sites) -> tuple[list, list[int]]:
@@ -728,7 +867,42 @@ def _micro_batches(batch: int, b: int) -> list[tuple[int, int]]:
 
 
 def _aggregate(index: int, variant: str, backend: str, per_micro) -> SiteCost:
-    """SiteCost over the step from [(count, terms of one micro-batch)]."""
+    """SiteCost over the step from [(count, terms of one micro-batch)]; in a search scope
+    one object per distinct (index, variant, backend, per_micro): candidates share them."""
+    if not _SCOPE[0]:
+        return _aggregate_uncached(index, variant, backend, per_micro)
+    key = ("agg", index, variant, backend, tuple((c, id(t)) for c, t in per_micro))
+    hit = _TERMS.get(key)
+    if hit is None:
+        _alive(*(t for _, t in per_micro))
+        hit = _TERMS[key] = _aggregate_uncached(index, variant, backend, per_micro)
+    return hit
+
+
+def _at_index(sc: SiteCost, index: int) -> SiteCost:
+    """`sc` for the site (or MLP) `index`: the cost of one shape, placed at each of its sites;
+    in a search scope one object per (cost, index)."""
+    if sc.index == index:
+        return sc
+    key = ("at", id(sc), index)
+    hit = _TERMS.get(key) if _SCOPE[0] else None
+    if hit is None:
+        hit = SiteCost(index=index, variant=sc.variant, backend=sc.backend,
+                       compute_ms=sc.compute_ms, comm_ms=sc.comm_ms, terms=sc.terms)
+        if _SCOPE[0]:
+            _alive(sc)
+            _TERMS[key] = hit
+    return hit
+
+
+def row_records(cost: PlanCost) -> PlanCost:
+    """A records=False cost as a candidate row keeps it: one SiteCost per distinct site (and
+    MLP) shape, at the index of its first site; every figure as priced."""
+    return dataclasses.replace(cost, sites=tuple({id(x): x for x in cost.sites}.values()),
+                               mlps=tuple({id(x): x for x in cost.mlps}.values()))
+
+
+def _aggregate_uncached(index: int, variant: str, backend: str, per_micro) -> SiteCost:
     ms: dict[tuple[str, str], float] = {}
     for count, terms in per_micro:
         for name, kind, t in terms:
@@ -809,7 +983,7 @@ def _replica_summary(summary: ModelSummary, dp: int) -> ModelSummary:
 def cost_plan(summary: ModelSummary, m: int, n: int, cluster: ClusterSpec,
               profile: ComputeProfile | None = None, variant: str | None = None,
               backend: str | None = None, dp: int = 1, pp: int = 1,
-              micro_batches: int | None = None) -> PlanCost:
+              micro_batches: int | None = None, *, records: bool = True) -> PlanCost:
     """Predicted step of helix m x n, or of dp replicas of it. `variant` forces "score-reduce"
     or "qk-gather" on every site when m > 1; otherwise each site takes the faster.
     `backend` prices every core that can take it with that core ("explicit", "flash",
@@ -821,18 +995,23 @@ def cost_plan(summary: ModelSummary, m: int, n: int, cluster: ClusterSpec,
     step is one replica's (they run at once) and tokens/s counts all B sequences.
 
     pp > 1: pp pipeline stages of the m x n program, priced by `cost_pipeline_plan` (its
-    micro-batch chosen there, or `micro_batches` of them per replica)."""
+    micro-batch chosen there, or `micro_batches` of them per replica).
+
+    records=False (a candidate row of the plan search): the same figures, but `sites` and
+    `mlps` hold each site's shape cost as its first site of that shape indexes it (the
+    search keeps one per distinct shape, `row_records`); the chosen plan is priced again with
+    records=True."""
     if pp > 1:
         return cost_pipeline_plan(summary, m, n, cluster, profile, variant, backend, dp=dp,
-                                  pp=pp, micro_batches=micro_batches)
-    _TERMS.clear()
+                                  pp=pp, micro_batches=micro_batches, records=records)
+    _fresh_terms()
     if variant not in (None, "score-reduce", "qk-gather"):
         raise PlanError(f"variant must be 'score-reduce' or 'qk-gather' (or None to choose), "
                         f"got {variant!r}")
     name = f"m={m} x n={n}" if dp == 1 else f"dp={dp} x m={m} x n={n}"
     _check_devices(name, dp * m * n, cluster)
     global_batch, summary = summary.batch, replica_summary(summary, dp)
-    mach = _Machine(cluster, profile or DEFAULT_PROFILE)
+    mach = _machine(cluster, profile)
     lay = _helix_layout(m, n, dp, cluster.gpus_per_node)
     w = summary.dtype_bytes
     params = _params_per_rank(summary, summary.sites, summary.mlps, lay)
@@ -850,16 +1029,17 @@ def cost_plan(summary: ModelSummary, m: int, n: int, cluster: ClusterSpec,
                                                                   blockwise))
                                              for size, c in counts])
                  for s, (v, bk) in zip(reps, rep_cores)]
-    sites = [dataclasses.replace(rep_costs[k], index=s.index) for s, k in zip(summary.sites, idx)]
+    sites = [_at_index(rep_costs[k], s.index) if records else rep_costs[k]
+             for s, k in zip(summary.sites, idx)]
     mlp_costs: dict = {}      # MLPs of one shape aggregate once (80 layers of a large model)
     for x in summary.mlps:
         key = (x.hidden, x.ffn, x.gated, x.tokens, x.dtype, len(x.up_weights))
         if key not in mlp_costs:
             mlp_costs[key] = _aggregate(x.index, "mlp", "", [
                 (c, _mlp_terms(x, summary, size, lay, mach)) for size, c in counts])
-    mlps = [dataclasses.replace(mlp_costs[(x.hidden, x.ffn, x.gated, x.tokens, x.dtype,
-                                           len(x.up_weights))], index=x.index)
+    mlps = [mlp_costs[(x.hidden, x.ffn, x.gated, x.tokens, x.dtype, len(x.up_weights))]
             for x in summary.mlps]
+    mlps = [_at_index(sc, x.index) for sc, x in zip(mlps, summary.mlps)] if records else mlps
     graph = _graph_cost(summary, counts, lay, mach)
     compute = sum(s.compute_ms for s in sites + mlps + graph) / 1e3
     comm = sum(s.comm_ms for s in sites + mlps + graph) / 1e3
@@ -887,7 +1067,7 @@ def cost_baseline(summary: ModelSummary, tp: int, pp: int, cluster: ClusterSpec,
                   profile: ComputeProfile | None = None, backend: str | None = None) -> PlanCost:
     """Predicted step of Megatron TP x PP: heads and MLP columns over tp ranks,
     layers over pp stages (stage s on ranks [s*tp, (s+1)*tp)). `backend` as in cost_plan."""
-    _TERMS.clear()
+    _fresh_terms()
     name = f"TP={tp} x PP={pp}" if pp > 1 else f"TP={tp}"
     _check_devices(name, tp * pp, cluster)
     for site in summary.sites:
@@ -897,10 +1077,11 @@ def cost_baseline(summary: ModelSummary, tp: int, pp: int, cluster: ClusterSpec,
     if pp > max(layers, 1):
         raise PlanError(f"{name}: PP={pp} stages need at least {pp} layers, the model has "
                         f"{layers}; try PP <= {max(layers, 1)}")
-    mach, w = _Machine(cluster, profile or DEFAULT_PROFILE), summary.dtype_bytes
+    mach, w = _machine(cluster, profile), summary.dtype_bytes
     stages = []
     for s in range(pp):
         lay = _Layout(1, tp, tp, (), (tuple(range(s * tp, (s + 1) * tp)),))
+        _alive(lay)      # its id keys the term memo
         sites = [x for i, x in enumerate(summary.sites) if i * pp // len(summary.sites) == s]
         mlps = [x for i, x in enumerate(summary.mlps) if i * pp // len(summary.mlps) == s]
         params = _params_per_rank(summary, sites, mlps, lay)
@@ -989,13 +1170,16 @@ def overlapped_step(chunk_compute_ms: float, chunk_async_ms: float, collectives:
     x = chunk_async_ms / L if L else 0.0
     compute_free = comm_free = 0.0
     done = [0.0] * k                 # when chunk i's last issued all-reduce ends
+    # `b if b > a else a` is max(a, b) (the first of equals), without a call: the search runs
+    # this loop (L + 1) k times per overlap option
     for s in range(L + 1):
+        last = s == L
         for i in range(k):
-            start = max(compute_free, done[i])
-            compute_free = start + c
-            if s < L:
-                comm_start = max(comm_free, compute_free)
-                comm_free = done[i] = comm_start + x
+            d = done[i]
+            compute_free = (d if d > compute_free else compute_free) + c
+            if not last:
+                comm_free = done[i] = (compute_free if compute_free > comm_free
+                                       else comm_free) + x
     step = max(compute_free, max(done)) + k * chunk_sync_ms
     return step, step - k * chunk_compute_ms
 
@@ -1030,7 +1214,7 @@ def overlap_cost(summary: ModelSummary, base: PlanCost, k: int, m: int, n: int,
     if summary.batch % dp or b % k or local % b:
         return None
     chunk = cost_plan(replica_summary(summary, local * k // b), m, n, cluster, profile,
-                      variant, backend, dp=dp)          # one replica's batch = b / k
+                      variant, backend, dp=dp, records=False)   # one replica's batch = b / k
     async_ms, sync_ms, count = _async_terms(chunk.sites + chunk.mlps)
     if count == 0:
         return None
@@ -1102,18 +1286,62 @@ def stage_summaries(summary: ModelSummary, pp: int) -> tuple[ModelSummary, ...]:
     return out
 
 
+def stage_shapes(summary: ModelSummary, pp: int) -> tuple[tuple, ...]:
+    """Per stage what its cost depends on: its sites' shapes, its MLPs' shapes and tokens per
+    sequence, its parameters (stages of one shape cost alike)."""
+    hit = _STAGES.get((id(summary), pp, "shapes"))
+    if hit is not None and hit[0] is summary:
+        return hit[1]
+    out = tuple((tuple(_shape_key(x) for x in part.sites),
+                 tuple((_mlp_shape(x), _tokens_per_sequence(x, part)) for x in part.mlps),
+                 part.param_elements, part.replicated_elements)
+                for part in stage_summaries(summary, pp))
+    _STAGES[(id(summary), pp, "shapes")] = (summary, out)
+    return out
+
+
+def _stage_setup(part: ModelSummary, shape: tuple, cluster: ClusterSpec, lay: _Layout,
+                 mach: _Machine, variant: str | None, backend: str | None):
+    """(reps, idx, cores, MLP reps, params per rank, activation per sequence) of one stage;
+    in a search scope its cores, params and activation are priced once per stage shape and
+    layout, whichever replica count asks (they do not depend on the batch)."""
+    reps, idx = _unique_uncached(part.sites)
+    mlp_reps = _by_shape_uncached(part.mlps, _mlp_tokens_shape)
+    key = ("stage", shape, _lay_key(lay, cluster), id(mach), variant, backend,
+           part.dtype_bytes, part.seq_len, part.workload is None, tuple(x.index for x in reps))
+    hit = _TERMS.get(key) if _SCOPE[0] else None
+    if hit is None:
+        w = part.dtype_bytes
+        params = _params_per_rank(part, part.sites, part.mlps, lay)
+        rep_cores = _choose_cores(part, cluster, reps, params, lay, mach, variant, backend)
+        act = _activation_per_sequence(
+            part, [_site_activation(x, w, *c, lay) for x, c in zip(reps, rep_cores)],
+            part.mlps, lay)
+        hit = (rep_cores, params, act)
+        if _SCOPE[0]:
+            _alive(mach)
+            _TERMS[key] = hit
+    rep_cores, params, act = hit
+    return reps, idx, rep_cores, mlp_reps, params, act
+
+
 def _stage_summaries(summary: ModelSummary, pp: int) -> tuple[ModelSummary, ...]:
     other = max(0, summary.param_elements - summary.replicated_elements - _full_weights(summary))
     out = []
+    site_runs, mlp_runs = [[] for _ in range(pp)], [[] for _ in range(pp)]
+    for i, x in enumerate(summary.sites):
+        site_runs[stage_of(i, len(summary.sites), pp)].append(x)
+    for i, x in enumerate(summary.mlps):
+        mlp_runs[stage_of(i, len(summary.mlps), pp)].append(x)
+    weights: dict = {}       # stages of one shape hold the same weights: summed once
     for p in range(pp):
-        sites = tuple(x for i, x in enumerate(summary.sites)
-                      if stage_of(i, len(summary.sites), pp) == p)
-        mlps = tuple(x for i, x in enumerate(summary.mlps)
-                     if stage_of(i, len(summary.mlps), pp) == p)
-        part = dataclasses.replace(summary, sites=sites, mlps=mlps)
-        part = dataclasses.replace(part, param_elements=summary.replicated_elements
-                                   + _full_weights(part) + math.ceil(other / pp))
-        out.append(part)
+        sites, mlps = tuple(site_runs[p]), tuple(mlp_runs[p])
+        shape = (tuple(map(_shape_key, sites)), tuple(map(_mlp_shape, mlps)))
+        if shape not in weights:
+            weights[shape] = _full_weights(dataclasses.replace(summary, sites=sites, mlps=mlps))
+        out.append(dataclasses.replace(summary, sites=sites, mlps=mlps,
+                                       param_elements=summary.replicated_elements
+                                       + weights[shape] + math.ceil(other / pp)))
     return tuple(out)
 
 
@@ -1121,21 +1349,25 @@ def stage_memory_reason(summary: ModelSummary, m: int, n: int, pp: int, cluster:
                         profile: ComputeProfile | None = None) -> str | None:
     """None when a one-sequence micro-batch of every stage of pp x m x n fits, else why not
     (the first stage that does not, named)."""
-    for p, part in enumerate(stage_summaries(summary, pp)):
-        why = memory_reason(part, m, n, cluster, profile)
-        if why is not None:
-            return f"{why} (stage {p} of pp={pp})"
+    seen: dict = {}      # stages of one shape (80 layers over 64 stages: 2 shapes) checked once
+    for p, (part, shape) in enumerate(zip(stage_summaries(summary, pp),
+                                          stage_shapes(summary, pp))):
+        if shape not in seen:
+            seen[shape] = memory_reason(part, m, n, cluster, profile)
+        if seen[shape] is not None:
+            return f"{seen[shape]} (stage {p} of pp={pp})"
     return None
 
 
-def _divisors(x: int) -> list[int]:
-    return [int(v) for v in sympy.divisors(x)] if x > 0 else [1]
+@functools.lru_cache(maxsize=4096)
+def _divisors(x: int) -> tuple[int, ...]:
+    return tuple(int(v) for v in sympy.divisors(x)) if x > 0 else (1,)
 
 
 def cost_pipeline_plan(summary: ModelSummary, m: int, n: int, cluster: ClusterSpec,
                        profile: ComputeProfile | None = None, variant: str | None = None,
                        backend: str | None = None, *, dp: int = 1, pp: int,
-                       micro_batches: int | None = None) -> PlanCost:
+                       micro_batches: int | None = None, records: bool = True) -> PlanCost:
     """Predicted step of dp replicas of pp stages of helix m x n (cost_plan with pp > 1).
 
     Stage p of replica d holds ranks [(d pp + p) m n, (d pp + p + 1) m n) and the blocks
@@ -1149,7 +1381,7 @@ def cost_pipeline_plan(summary: ModelSummary, m: int, n: int, cluster: ClusterSp
     the replica batch B/dp that fit in memory (all M = B/(dp b) micro-batches whole): more
     micro-batches shrink the bubble, smaller ones run smaller GEMMs; the fastest step wins
     (ties: the larger b). `micro_batches` forces M."""
-    _TERMS.clear()
+    _fresh_terms()
     if variant not in (None, "score-reduce", "qk-gather"):
         raise PlanError(f"variant must be 'score-reduce' or 'qk-gather' (or None to choose), "
                         f"got {variant!r}")
@@ -1160,23 +1392,15 @@ def cost_pipeline_plan(summary: ModelSummary, m: int, n: int, cluster: ClusterSp
         raise PlanError(f"{name}: pp={pp} stages need at least {pp} blocks, model "
                         f"{summary.name!r} has {layers}; try pp <= {max(layers, 1)}")
     global_batch, summary = summary.batch, replica_summary(summary, dp)
-    mach = _Machine(cluster, profile or DEFAULT_PROFILE)
+    mach = _machine(cluster, profile)
     lay = _helix_layout(m, n, dp * pp, cluster.gpus_per_node)    # every stage's groups
     w, blockwise = summary.dtype_bytes, summary.workload is None
     stages, by_shape = [], {}
-    for p, part in enumerate(stage_summaries(summary, pp)):
+    for p, (part, shape) in enumerate(zip(stage_summaries(summary, pp),
+                                          stage_shapes(summary, pp))):
         # stages of one shape (80 layers over 4 stages) are costed once
-        shape = (tuple(_shape_key(x) for x in part.sites),
-                 tuple(_mlp_tokens_shape(x) for x in part.mlps))
         if shape not in by_shape:
-            params = _params_per_rank(part, part.sites, part.mlps, lay)
-            reps, idx = _unique_uncached(part.sites)
-            rep_cores = _choose_cores(part, cluster, reps, params, lay, mach, variant, backend)
-            act = _activation_per_sequence(
-                part, [_site_activation(x, w, *c, lay) for x, c in zip(reps, rep_cores)],
-                part.mlps, lay)
-            mlp_reps = _by_shape_uncached(part.mlps, _mlp_tokens_shape)
-            by_shape[shape] = (reps, idx, rep_cores, mlp_reps, params, act)
+            by_shape[shape] = _stage_setup(part, shape, cluster, lay, mach, variant, backend)
         stages.append((p, part, *by_shape[shape]))
     fit = min(_micro_batch(summary, st[-2], st[-1], cluster) for st in stages)
     if fit < 1:
@@ -1223,6 +1447,9 @@ def cost_pipeline_plan(summary: ModelSummary, m: int, n: int, cluster: ClusterSp
                 sum(c * _seconds(t, "comm") for c, t in terms))
 
     memo: dict = {}
+    firsts: dict = {}
+    for st in stages:      # stages of one memo key price alike: the first of each stands for all
+        firsts.setdefault((id(st[2]), st[0] > 0), st)
 
     def one_memo(st, b):
         key = (id(st[2]), st[0] > 0, b)      # stages of one shape share their reps' list
@@ -1233,7 +1460,7 @@ def cost_pipeline_plan(summary: ModelSummary, m: int, n: int, cluster: ClusterSp
     def price(b: int):
         """(step seconds, slowest stage's (compute, comm) seconds of a micro-batch, stage)."""
         rows = []
-        for st in stages:
+        for st in firsts.values():
             per = one_memo(st, b)
             rows.append((sum(per), per, st[0]))
         t_stage, per_micro, p_slow = max(rows, key=lambda r: r[0])
@@ -1251,13 +1478,14 @@ def cost_pipeline_plan(summary: ModelSummary, m: int, n: int, cluster: ClusterSp
             agg[id(reps)] = [_aggregate(x.index, v, bk, [(count, _attention_terms(
                 x, w, v, bk, b, lay, mach, blockwise))]) for x, (v, bk) in zip(reps, cores)]
         rep_costs = agg[id(reps)]
-        sites += [dataclasses.replace(rep_costs[k], index=x.index) for x, k in zip(part.sites, idx)]
+        sites += [_at_index(rep_costs[k], x.index) if records else rep_costs[k]
+                  for x, k in zip(part.sites, idx)]
         for x in part.mlps:
             key = ("mlp", _mlp_tokens_shape(x))
             if key not in agg:
                 agg[key] = _aggregate(x.index, "mlp", "", [(count, _mlp_terms(x, part, b, lay,
                                                                               mach))])
-            mlps.append(dataclasses.replace(agg[key], index=x.index))
+            mlps.append(_at_index(agg[key], x.index) if records else agg[key])
     gc = _graph_cost(summary, [(b, count)], lay, mach, pp)
     slow = stages[p_slow]
     compute_1, comm_1 = one(p_slow, *slow[2:6], b)

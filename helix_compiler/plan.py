@@ -21,7 +21,7 @@ import yaml
 
 from .cluster import ClusterSpec, safe_load_mapping
 from .cost import (OVERLAP_CHUNKS, VARIANTS, PlanCost, SiteCost, cost_baseline, cost_plan,
-                   overlap_cost, sequence_parallel_cost)
+                   overlap_cost, row_records, search_scope, sequence_parallel_cost)
 from .errors import HelixError, PlanError
 from .profile import ComputeProfile
 from .sites import AttentionSite, ModelSummary
@@ -191,6 +191,23 @@ def make_plan(summary: ModelSummary, devices: int, cluster: ClusterSpec,
               objective: str = "throughput", memory_cap_gib: float | None = None,
               overlap: int | None = 1, sequence_parallel: bool | None = False,
               pp: int | None = 1, micro_batches: int | None = None) -> Plan:
+    """Solve, cost every feasible split and pick the best (`_make_plan`), with the cost
+    model's search memo (cost.search_scope) held for the whole search: every distinct term is
+    priced once, whichever candidates share it."""
+    with search_scope():
+        return _make_plan(summary, devices, cluster, profile, forced, variant, refused, backend,
+                          dp=dp, objective=objective, memory_cap_gib=memory_cap_gib,
+                          overlap=overlap, sequence_parallel=sequence_parallel, pp=pp,
+                          micro_batches=micro_batches)
+
+
+def _make_plan(summary: ModelSummary, devices: int, cluster: ClusterSpec,
+               profile: ComputeProfile | None = None, forced: tuple[int, ...] | None = None,
+               variant: str | None = None, refused: dict | None = None,
+               backend: str | None = None, *, dp: int | None = 1,
+               objective: str = "throughput", memory_cap_gib: float | None = None,
+               overlap: int | None = 1, sequence_parallel: bool | None = False,
+               pp: int | None = 1, micro_batches: int | None = None) -> Plan:
     """Solve, cost every feasible (dp, m, n) and pick the best for `objective`, or the
     `forced` (m, n) (dp = 1) or (dp, m, n). `dp`: only that many data replicas (1, the
     default, is today's m x n program), or None for every dp dividing devices.
@@ -249,15 +266,18 @@ def make_plan(summary: ModelSummary, devices: int, cluster: ClusterSpec,
     notes = [f"{key_name(k)} excluded although the cost model chose it: {why}; chose the "
              f"next best split the shard pass builds" for k, why in refused.items()]
     notes += [cap_note] if cap_note else []
-    for c in feasible:
+    def price(c: Candidate, records: bool) -> PlanCost:
+        if c.pp > 1:
+            return cost_plan(summary, c.m, c.n, cluster, profile, variant, backend, dp=c.dp,
+                             pp=c.pp, micro_batches=micro_batches, records=records)
+        base = cost_plan(summary, c.m, c.n, cluster, profile, variant, backend, dp=c.dp,
+                         records=records)
+        return _best_schedule(summary, c, base, cluster, profile, variant, backend, objective,
+                              overlap, sequence_parallel)
+
+    for c in feasible:    # rows: every figure, one SiteCost per site shape (cost.row_records)
         try:
-            if c.pp > 1:
-                costs[c] = cost_plan(summary, c.m, c.n, cluster, profile, variant, backend,
-                                     dp=c.dp, pp=c.pp, micro_batches=micro_batches)
-            else:
-                base = cost_plan(summary, c.m, c.n, cluster, profile, variant, backend, dp=c.dp)
-                costs[c] = _best_schedule(summary, c, base, cluster, profile, variant, backend,
-                                          objective, overlap, sequence_parallel)
+            costs[c] = price(c, records=False)
         except PlanError as e:
             notes.append(f"{c} not costed: {e}")
     if forced is not None and chosen not in costs:
@@ -267,6 +287,10 @@ def make_plan(summary: ModelSummary, devices: int, cluster: ClusterSpec,
                         f"{'; '.join(notes)}")
     if forced is None:
         chosen = min(costs, key=lambda c: objective_key(objective, c, costs[c]))
+    # the chosen split priced again with a SiteCost per site (the same figures: the search
+    # memo returns the very terms its row was priced with)
+    costs = {c: price(c, records=True) if c == chosen else row_records(x)
+             for c, x in costs.items()}
     baselines = []
     for tp, pp in _baseline_shapes(devices, cluster):
         try:

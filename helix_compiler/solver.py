@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import sympy
 
 from .cluster import ClusterSpec
-from .cost import memory_reason, stage_memory_reason
+from .cost import _unique, memory_reason, stage_memory_reason
 from .errors import PlanError
 from .sites import AttentionSite, ModelSummary
 from .text import key_name, split_key, split_name
@@ -137,9 +137,11 @@ def solve(summary: ModelSummary, devices: int,
         m, n = int(m), devices // int(m)
         if not summary.sites:
             reasons = [] if m == 1 else [NO_ATTENTION]
-        else:
-            reasons = list(_merge([(s.index, r) for s in summary.sites
-                                   for r in _site_reasons(s, m, n)]))
+        else:   # sites of one shape have the same reasons: each shape checked once
+            reps, idx = _unique(summary.sites)
+            per_rep = [_site_reasons(s, m, n) for s in reps]
+            reasons = list(_merge([(s.index, r) for s, k in zip(summary.sites, idx)
+                                   for r in per_rep[k]]))
         if cluster is not None and not reasons:
             if devices > cluster.devices:
                 reasons.append(f"{devices} devices but cluster {cluster.name!r} has "
@@ -204,6 +206,10 @@ def solve_space(summary: ModelSummary, devices: int, cluster: ClusterSpec | None
         raise PlanError(f"micro_batches={micro_batches!r} must be a positive integer (or None: "
                         f"the cost model chooses); try 4")
     out = []
+    # (m, n) splits and stage memory depend on the replica's stage size, not on dp: each is
+    # solved once for the whole space
+    splits: dict = {}
+    stage_memory: dict = {}
     for k in ([dp] if dp is not None else [int(x) for x in sympy.divisors(devices)]):
         pps = [pp] if pp is not None else [int(x) for x in sympy.divisors(devices // k)]
         for p in pps:
@@ -211,7 +217,10 @@ def solve_space(summary: ModelSummary, devices: int, cluster: ClusterSpec | None
                 continue
             replica = devices // (k * p)
             too_big = cluster is not None and devices > cluster.devices
-            split = solve(summary, replica, None if too_big or p > 1 else cluster)
+            where = None if too_big or p > 1 else cluster
+            if (replica, where is None) not in splits:
+                splits[replica, where is None] = solve(summary, replica, where)
+            split = splits[replica, where is None]
             extra = [] if k == 1 else [r for r in (batch_reason(summary.batch, k),) if r]
             extra += pipeline_reasons(summary, p, k, micro_batches)
             if too_big:
@@ -221,7 +230,10 @@ def solve_space(summary: ModelSummary, devices: int, cluster: ClusterSpec | None
             for c in split:
                 reasons = (*extra, *c.reasons)
                 if not reasons and p > 1 and cluster is not None:
-                    why = stage_memory_reason(summary, c.m, c.n, p, cluster)
+                    if (c.m, c.n, p) not in stage_memory:
+                        stage_memory[c.m, c.n, p] = stage_memory_reason(summary, c.m, c.n, p,
+                                                                        cluster)
+                    why = stage_memory[c.m, c.n, p]
                     reasons = (why,) if why else ()
                 out.append(Candidate(m=c.m, n=c.n, dp=k, pp=p, feasible=not reasons,
                                      reasons=reasons))

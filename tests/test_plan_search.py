@@ -1,0 +1,165 @@
+"""The plan search's memo (cost.search_scope) and row records change no figure: against a
+reference that prices every candidate alone, as make_plan did before the memo, the chosen
+plan and every row's step, tokens/s and memory are equal (1e-9 relative)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+
+from benchmarks.plan_search import grown, llama70b_summary, paper_summary
+from helix_compiler import cost
+from helix_compiler.cost import cost_plan
+from helix_compiler.errors import PlanError
+from helix_compiler.plan import _best_schedule, make_plan, objective_key
+from helix_compiler.sites import Workload
+from helix_compiler.solver import solve_space
+from tests.test_solver import make_site, make_summary
+
+REL = 1e-9
+
+
+def mixed_summary():
+    """Two site shapes (MHA over 512 tokens, GQA with a causal mask over 256), one without an
+    output projection, a graph workload (norms priced from the graph, so SP is priced),
+    B = 32: the memo must tell the shapes and the layouts apart."""
+    base = make_summary(layers=4, H=16, d=64, S=512, B=32, name="mixed")
+    sites = (make_site(0, H=16, d=64, D=1024, S=512, B=32, dtype="float16"),
+             dataclasses.replace(make_site(1, H=16, H_kv=4, d=64, D=1024, S=256, B=32,
+                                           dtype="float16"), is_causal=True),
+             make_site(2, H=16, d=64, D=1024, S=512, B=32, dtype="float16", o_proj=False),
+             make_site(3, H=16, d=64, D=1024, S=512, B=32, dtype="float16"))
+    return dataclasses.replace(base, sites=sites, workload=Workload(
+        replicated_bytes=4e7, replicated_norm_bytes=3e7, q_head_bytes=1e7, kv_head_bytes=5e6,
+        ops=9))
+
+
+def reference(summary, devices, cluster, objective="throughput"):
+    """Every feasible candidate priced alone with a SiteCost per site (no search memo), the
+    best by objective_key: make_plan's loop before the memo."""
+    rows = {}
+    for c in solve_space(summary, devices, cluster, None, None):
+        if not c.feasible:
+            rows[c] = None
+            continue
+        try:
+            if c.pp > 1:
+                rows[c] = cost_plan(summary, c.m, c.n, cluster, dp=c.dp, pp=c.pp)
+            else:
+                base = cost_plan(summary, c.m, c.n, cluster, dp=c.dp)
+                rows[c] = _best_schedule(summary, c, base, cluster, None, None, None, objective,
+                                         None, None)
+        except PlanError:
+            rows[c] = None
+    costed = {c: x for c, x in rows.items() if x is not None}
+    chosen = min(costed, key=lambda c: objective_key(objective, c, costed[c]))
+    return rows, chosen
+
+
+def close(a: float, b: float) -> bool:
+    return a == b or math.isclose(a, b, rel_tol=REL) or (math.isnan(a) and math.isnan(b))
+
+
+FIGURES = ("step_ms", "tokens_per_s", "memory_bytes_per_rank", "compute_ms", "comm_ms",
+           "bubble_ms", "micro_batch", "micro_batches", "overlap_chunks", "sequence_parallel",
+           "param_elements_per_rank")
+
+
+CASES = [("paper", paper_summary, (16, 64, 512)),
+         ("llama70b-8L", lambda: llama70b_summary(layers=8, batch=64), (16, 64, 256)),
+         ("mixed", mixed_summary, (8, 16, 64))]
+
+
+@pytest.mark.parametrize("name,build,counts", CASES, ids=[c[0] for c in CASES])
+def test_the_search_memo_changes_no_row_and_not_the_choice(monkeypatch, name, build, counts):
+    summary = build()
+    for devices in counts:
+        cluster = grown("paper", devices)
+        plan = make_plan(summary, devices, cluster, dp=None, pp=None, overlap=None,
+                         sequence_parallel=None)
+        monkeypatch.setattr(cost, "SEARCH_MEMO", False)
+        rows, chosen = reference(summary, devices, cluster)
+        monkeypatch.setattr(cost, "SEARCH_MEMO", True)
+        got = {cc.candidate: cc.cost for cc in plan.candidates}
+        assert list(got) == list(rows), (name, devices)
+        assert plan.split == chosen.key, (name, devices, plan.name, str(chosen))
+        for c, want in rows.items():
+            have = got[c]
+            assert (have is None) == (want is None), (name, devices, str(c))
+            if want is None:
+                continue
+            for f in FIGURES:
+                assert close(getattr(have, f), getattr(want, f)), (name, devices, str(c), f,
+                                                                   getattr(have, f),
+                                                                   getattr(want, f))
+            # a row keeps one SiteCost per site shape: the reference's set of them
+            assert set(have.variants) == set(want.variants)
+        # the chosen plan lists every site and MLP as the reference prices them
+        want = rows[chosen]
+        assert plan.cost.sites == want.sites and plan.cost.mlps == want.mlps
+        assert plan.cost.graph == want.graph and plan.cost.notes == want.notes
+        assert [sp.cost for sp in plan.sites] == list(want.sites)
+
+
+def test_a_search_leaves_no_memo_behind_and_a_lone_cost_call_keeps_none():
+    s = mixed_summary()
+    make_plan(s, 16, grown("paper", 16), dp=None, pp=None)
+    assert not cost._TERMS and not cost._LAYOUTS and not cost._ALIVE and cost._SCOPE == [0]
+    one = cost_plan(s, 2, 8, grown("paper", 16))
+    assert one.sites[2].index == 2 and len(one.sites) == 4
+    with cost.search_scope():
+        cost_plan(s, 2, 8, grown("paper", 16))
+        assert cost._TERMS
+    assert not cost._TERMS
+
+
+def _overlapped_step_reference(c_ms, x_ms, L, k, sync_ms=0.0):
+    """cost.overlapped_step as it was written before the search made it call-free."""
+    c = c_ms / (L + 1)
+    x = x_ms / L if L else 0.0
+    compute_free = comm_free = 0.0
+    done = [0.0] * k
+    for s in range(L + 1):
+        for i in range(k):
+            start = max(compute_free, done[i])
+            compute_free = start + c
+            if s < L:
+                comm_start = max(comm_free, compute_free)
+                comm_free = done[i] = comm_start + x
+    step = max(compute_free, max(done)) + k * sync_ms
+    return step, step - k * c_ms
+
+
+def test_overlapped_step_is_bit_for_bit_the_simulation_it_replaced():
+    import random
+    rng = random.Random(13)
+    for _ in range(300):
+        args = (rng.uniform(0, 50), rng.choice([0.0, rng.uniform(0, 80)]), rng.randint(0, 40),
+                rng.choice([1, 2, 4, 8]), rng.choice([0.0, rng.uniform(0, 1)]))
+        assert cost.overlapped_step(*args) == _overlapped_step_reference(*args), args
+    assert cost.overlapped_step(3.0, 3.0, 3, 4) == _overlapped_step_reference(3.0, 3.0, 3, 4)
+
+
+def test_a_search_prices_each_distinct_site_term_once(monkeypatch):
+    """80 layers over every (dp, pp, m, n) of 64 devices: a site's terms at one micro-batch on
+    one layout are computed once per search, not once per candidate (with the memo off the
+    same search computes them again and again)."""
+    calls = []
+    inner = cost._attention_terms_uncached
+
+    def counted(site, w, variant, backend, b, lay, mach, blockwise=True):
+        calls.append((cost._shape_key(site), variant, backend, b,
+                      cost._lay_key(lay, mach.cluster)))
+        return inner(site, w, variant, backend, b, lay, mach, blockwise)
+
+    monkeypatch.setattr(cost, "_attention_terms_uncached", counted)
+    s, cluster = llama70b_summary(layers=80, batch=256), grown("paper", 64)
+    make_plan(s, 64, cluster, dp=None, pp=None, overlap=None, sequence_parallel=None)
+    assert calls and len(calls) == len(set(calls))
+    distinct = len(calls)
+    calls.clear()
+    monkeypatch.setattr(cost, "SEARCH_MEMO", False)
+    make_plan(s, 64, cluster, dp=None, pp=None, overlap=None, sequence_parallel=None)
+    assert len(calls) > 2 * distinct and len(set(calls)) == distinct
