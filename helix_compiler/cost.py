@@ -1446,13 +1446,19 @@ def cost_pipeline_plan(summary: ModelSummary, m: int, n: int, cluster: ClusterSp
         return (sum(c * _seconds(t, "compute") for c, t in terms),
                 sum(c * _seconds(t, "comm") for c, t in terms))
 
+    def crosses(p: int) -> bool:
+        """Whether stage p's receive comes from another node (a slower send)."""
+        return p > 0 and cluster.node_of((p - 1) * m * n) != cluster.node_of(p * m * n)
+
     memo: dict = {}
     firsts: dict = {}
     for st in stages:      # stages of one memo key price alike: the first of each stands for all
-        firsts.setdefault((id(st[2]), st[0] > 0), st)
+        firsts.setdefault((id(st[2]), st[0] > 0, crosses(st[0])), st)
 
     def one_memo(st, b):
-        key = (id(st[2]), st[0] > 0, b)      # stages of one shape share their reps' list
+        # stages of one shape share their reps' list; their receives cost alike when they
+        # cross (or stay inside) a node alike
+        key = (id(st[2]), st[0] > 0, crosses(st[0]), b)
         if key not in memo:
             memo[key] = one(st[0], *st[2:6], b)
         return memo[key]

@@ -163,3 +163,13 @@ def test_a_search_prices_each_distinct_site_term_once(monkeypatch):
     monkeypatch.setattr(cost, "SEARCH_MEMO", False)
     make_plan(s, 64, cluster, dp=None, pp=None, overlap=None, sequence_parallel=None)
     assert len(calls) > 2 * distinct and len(set(calls)) == distinct
+
+
+def test_a_stage_receiving_across_nodes_costs_more_than_one_inside_a_node():
+    """pp = 8 stages of m=1 x n=2 on 16 GPUs: on 2 nodes of 8, stage 4 receives from rank 6 on
+    rank 8 (another node); on one node of 16 every receive stays on NVLink."""
+    s = llama70b_summary(layers=8, batch=64)
+    two_nodes = grown("paper", 16)
+    one_node = dataclasses.replace(two_nodes, nodes=1, gpus_per_node=16)
+    assert two_nodes.nodes == 2
+    assert cost_plan(s, 1, 2, two_nodes, pp=8).step_ms > cost_plan(s, 1, 2, one_node, pp=8).step_ms
