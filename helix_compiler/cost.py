@@ -1206,13 +1206,16 @@ def overlap_cost(summary: ModelSummary, base: PlanCost, k: int, m: int, n: int,
     """`base` (cost_plan's m x n, dp) with every micro-batch of b cut into k chunks of b / k:
     each chunk's ops priced at b / k sequences (smaller GEMMs at the profile's efficiency for
     that size), its all-reduces overlapped with the other chunks' compute (`overlapped_step`).
-    None when k does not divide the micro-batch or the micro-batches are uneven."""
+    The micro-batch is the largest b <= base's (the memory limit) that k divides and that
+    divides the replica batch evenly (9 fit, k = 2, B/dp = 1024: b = 8); None when there is
+    none."""
     if k == 1:
         return dataclasses.replace(base, overlap_chunks=1, exposed_comm_ms=base.comm_ms)
     local = summary.batch // dp
-    b = base.micro_batch
-    if summary.batch % dp or b % k or local % b:
+    fits = [x for x in range(k, base.micro_batch + 1, k) if local % x == 0]
+    if summary.batch % dp or not fits:
         return None
+    b = fits[-1]
     chunk = cost_plan(replica_summary(summary, local * k // b), m, n, cluster, profile,
                       variant, backend, dp=dp, records=False)   # one replica's batch = b / k
     async_ms, sync_ms, count = _async_terms(chunk.sites + chunk.mlps)
@@ -1225,11 +1228,11 @@ def overlap_cost(summary: ModelSummary, base: PlanCost, k: int, m: int, n: int,
     tokens = summary.batch * summary.seq_len
     return dataclasses.replace(
         base, compute_ms=compute_ms, comm_ms=comm_ms, step_ms=step_ms,
-        tokens_per_s=tokens / (step_ms / 1e3), exposed_comm_ms=step_ms - compute_ms,
-        overlap_chunks=k,
+        tokens_per_s=tokens / (step_ms / 1e3), exposed_comm_ms=max(step_ms - compute_ms, 0.0),
+        overlap_chunks=k, micro_batch=b, micro_batches=M,
         notes=base.notes + (f"overlap k={k}: each micro-batch of {b} runs as {k} chunks of "
                             f"{b // k}; {count} all-reduces per chunk overlap the next chunk's "
-                            f"compute; exposed communication {step_ms - compute_ms:.3f} ms of "
+                            f"compute; exposed communication {max(step_ms - compute_ms, 0.0):.3f} ms of "
                             f"{comm_ms:.3f}",))
 
 
