@@ -48,10 +48,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from helix_compiler.decode_plan import DecodeShape, llama70b_shape, plan_decode  # noqa: E402
+from helix_compiler.planning.decode_plan import DecodeShape, llama70b_shape, plan_decode  # noqa: E402
 from helix_compiler.errors import HelixError  # noqa: E402
 from helix_compiler.pipeline import cluster_spec  # noqa: E402
-from helix_compiler.profile import DEFAULT_PROFILE, load_profile  # noqa: E402
+from helix_compiler.planning.profile import DEFAULT_PROFILE, load_profile  # noqa: E402
 
 # Datasheet figures of the GPU the step runs on (HBM bytes/s, memory bytes): the prediction
 # uses the measured GPU's, so predicted and measured compute are about the same chip.
@@ -250,8 +250,8 @@ def _row_terms(cost) -> dict:
 def reassemble(path: str, out: str | None = None) -> int:
     """Every saved row priced again by today's cost model; predicted / measured printed, the
     fitted constants refitted (decode_plan.KERNEL_S, EXPLICIT_ROW_S, GATHER_ROW_S)."""
-    from helix_compiler import decode_plan as dp
-    from helix_compiler.cluster import ClusterSpec
+    from helix_compiler.planning import decode_plan as dp
+    from helix_compiler.planning.cluster import ClusterSpec
 
     data = json.loads(Path(path).read_text())
     shape = DecodeShape(**data["shape"])

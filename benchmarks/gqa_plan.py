@@ -1,6 +1,6 @@
 """Cost-model predictions (no GPU run) for a LLaMA-style GQA model on 8 and 32 devices.
 
-    python benchmarks/gqa_plan.py [--profile helix_compiler/profiles/h100.yaml] \
+    python benchmarks/gqa_plan.py [--profile helix_compiler/planning/profiles/h100.yaml] \
         [--out benchmarks/results/gqa-plan.json]
 
 Model: Hugging Face LlamaModel, 2 layers, H = 32 query heads, H_kv = 8, d = 128,
@@ -41,10 +41,10 @@ def summary(batch: int, seq: int):
 
 
 def main(argv=None) -> int:
-    from helix_compiler.cluster import load_cluster
-    from helix_compiler.cost import cost_baseline, cost_plan
-    from helix_compiler.profile import DEFAULT_PROFILE, load_profile
-    from helix_compiler.solver import solve
+    from helix_compiler.planning.cluster import load_cluster
+    from helix_compiler.planning.cost import cost_baseline, cost_plan
+    from helix_compiler.planning.profile import DEFAULT_PROFILE, load_profile
+    from helix_compiler.planning.solver import solve
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--profile", default=None)

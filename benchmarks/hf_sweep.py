@@ -8,7 +8,7 @@ positions masked); models that take attention_mask are also run with row 2 fully
 
 Per model: `helix_compiler.pipeline.analyze` (site count vs the attention layers the config
 has, `analysis.skipped`), then for each device count every feasible (m, n) of
-`helix_compiler.solver.solve` and each m > 1 variant, compiled by tests/helpers.compile_split
+`helix_compiler.planning.solver.solve` and each m > 1 variant, compiled by tests/helpers.compile_split
 (one capture per model, recompiled per split) and run by `prog.simulate`; every rank's every
 floating output leaf against the unsharded eager model (tests/helpers.rel_error).
 
@@ -405,7 +405,7 @@ def _alarm(signum, frame):
 def sweep_model(name: str, attn: str, devices: tuple[int, ...], budget: float) -> dict:
     from helix_compiler.errors import HelixError
     from helix_compiler.pipeline import analyze
-    from helix_compiler.solver import solve
+    from helix_compiler.planning.solver import solve
 
     import tests.helpers as helpers
 

@@ -72,7 +72,7 @@ def main() -> int:
     model16 = build(cfg, "cpu", seed=0)[0].to(dev, torch.float16)
     ref16 = model16(x.to(dev, torch.float16)).detach()
     rows = []
-    from helix_compiler.solver import solve
+    from helix_compiler.planning.solver import solve
 
     prog0 = helix_compile(model.cpu(), devices=world, example_inputs=(x,), cluster="h100x8")
     feas = [(c.m, c.n) for c in solve(prog0.summary, world) if c.feasible]

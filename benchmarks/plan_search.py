@@ -29,11 +29,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from helix_compiler import cost                                     # noqa: E402
-from helix_compiler.cluster import load_cluster                     # noqa: E402
-from helix_compiler.plan import make_plan                           # noqa: E402
-from helix_compiler.sites import (AttentionSite, MlpSite, ModelSummary, Rotary,  # noqa: E402
-                                  Workload)
+from helix_compiler.planning import cost                            # noqa: E402
+from helix_compiler.planning.cluster import load_cluster            # noqa: E402
+from helix_compiler.planning.plan import make_plan                  # noqa: E402
+from helix_compiler.planning.sites import (AttentionSite, MlpSite, ModelSummary, Rotary,  # noqa: E402
+                                           Workload)
 
 
 def _site(i: int, *, H, H_kv, d, D, B, S, dtype, causal=False, rotary=None, bias=False):

@@ -17,8 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from helix_compiler.models.paper import PaperConfig, build  # noqa: E402
 from helix_compiler import plan_model  # noqa: E402
-from helix_compiler.cluster import load_cluster  # noqa: E402
-from helix_compiler.cost import cost_baseline  # noqa: E402
+from helix_compiler.planning.cluster import load_cluster  # noqa: E402
+from helix_compiler.planning.cost import cost_baseline  # noqa: E402
 
 
 def main(path: str, cluster_file: str | None = None) -> int:

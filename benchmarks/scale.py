@@ -71,9 +71,9 @@ def one(layers: int, devices: int, dynamic: bool = True, repeat: bool = True) ->
 
 
 def plan_search(layers: int) -> list:
-    from helix_compiler.cluster import load_cluster
+    from helix_compiler.planning.cluster import load_cluster
     from helix_compiler.pipeline import analyze
-    from helix_compiler.plan import make_plan
+    from helix_compiler.planning.plan import make_plan
 
     model, ids = _model(layers)
     summary = analyze(model, (ids,), {"use_cache": False}).summary

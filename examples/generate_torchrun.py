@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from helix_compiler.decode import compile_decoder
-from helix_compiler.generate import make_prompt, pair_on_device
+from helix_compiler.cli.generate import make_prompt, pair_on_device
 from helix_compiler.models.decoder_cache import DecoderConfig, build, greedy_generate
 from helix_compiler.runtime import collectives
 from helix_compiler.runtime.collectives import DistributedBackend

@@ -7,10 +7,10 @@ from collections.abc import Iterable
 import torch
 
 from . import pipeline
-from .cluster import ClusterSpec
+from .planning.cluster import ClusterSpec
 from .errors import PlanError
-from .plan import Plan
-from .profile import ComputeProfile
+from .planning.plan import Plan
+from .planning.profile import ComputeProfile
 from .program import Analysis, HelixProgram
 
 __all__ = ["helix_compile", "plan_model", "recompile"]

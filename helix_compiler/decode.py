@@ -36,7 +36,7 @@ from passes.mesh_mlp import mlp_attrs, mlp_over_mesh
 from passes.seq_split import cache_writes, chunk_bounds, split_sequence
 
 from .api import helix_compile
-from .decode_plan import DecodeShape, shape_from_summary
+from .planning.decode_plan import DecodeShape, shape_from_summary
 from .errors import HelixError
 from .models.decoder_cache import DecodeStep, Prefill
 from .program import HelixProgram, run_ranks
@@ -166,7 +166,7 @@ def compile_decoder(model: torch.nn.Module, devices: int, split: tuple[int, ...]
     rank's attention combined exactly over its s-group: passes/seq_split.py), or the cost
     model's choice of (m, n) for the decode step when None. Each rank's cache slices start as
     copies of the model's buffers' slices; the model itself is never written. With `rank`
-    (one torchrun process: helix_compiler/generate.py) only that rank's module pair and cache
+    (one torchrun process: helix_compiler/cli/generate.py) only that rank's module pair and cache
     slices are built; every other rank's entries are None, so only run that rank's modules."""
     s = 1
     if split is not None and len(split) == 3:

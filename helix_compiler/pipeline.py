@@ -12,7 +12,7 @@ the function that runs it. `PASSES` lists them all, in the order they run:
     unpartitioned      analysis  attention-like cores no site owns, with why
     find_mlp           analysis  MlpSite records (passes/find_mlp.py)
     summarize          analysis  parameter counts and per-op workload for the cost model
-    plan               analysis  solve + cost -> Plan (solver.py, cost.py, plan.py)
+    plan               analysis  solve + cost -> Plan (planning/: solver.py, cost.py, plan.py)
     seeds              analysis  per-rank output features of column-sharded projections
     shard              emit      placements, collectives, one localized graph per rank
     kernel_choice      rank      attention cores no fused kernel takes -> chunked explicit form
@@ -57,17 +57,17 @@ from passes.unpartitioned import find_unpartitioned
 from passes.workload import measure
 
 from .capture import Captured, capture
-from .cluster import ClusterSpec, load_cluster
+from .planning.cluster import ClusterSpec, load_cluster
 from .data import batch_positions
 from .errors import (HelixError, HelixWarning, OverlapError, PlanError, ShardingError,
                      UnpartitionedError, first_line)
 from .runtime.kernels import FUSED_MAX_HEAD_DIM
 from .runtime.mesh import Mesh
-from .plan import Plan, make_plan, model_fingerprint
-from .profile import ComputeProfile
+from .planning.plan import Plan, make_plan, model_fingerprint
+from .planning.profile import ComputeProfile
 from .program import Analysis, HelixProgram, Source
-from .sites import ModelSummary
-from .solver import check_devices
+from .planning.sites import ModelSummary
+from .planning.solver import check_devices
 
 __all__ = ["PASSES", "MODEL_PASSES", "PLAN_PASSES", "RANK_PASSES", "PASS_NAMES", "Pass", "Analysis",
            "analyze", "request", "run_plan", "run_compile", "recompile", "plan_buildable", "placements",

@@ -39,9 +39,9 @@ from .capture import Captured
 from .errors import HelixError, first_line
 from .runtime.graphs import build_module, on_device
 from .runtime.mesh import Mesh
-from .plan import Plan
+from .planning.plan import Plan
 from .runtime.serialize import graph_from_json, graph_to_json
-from .sites import ModelSummary
+from .planning.sites import ModelSummary
 from .runtime.weights import load_rank_weights
 
 __all__ = ["Analysis", "HelixProgram", "LoadedRank", "Source", "build_module", "load_rank_module",

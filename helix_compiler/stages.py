@@ -45,7 +45,7 @@ import torch.fx as fx
 from torch._guards import detect_fake_mode
 from torch.fx.graph import CodeGen, _PyTreeCodeGen, _PyTreeInfo
 
-from .cost import stage_of
+from .planning.cost import stage_of
 from .errors import HelixError
 from .runtime import collectives as _collectives  # noqa: F401  (registers torch.ops.helix)
 from .runtime.mesh import Mesh

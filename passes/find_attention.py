@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from helix_compiler.sites import AttentionSite, Rotary
+from helix_compiler.planning.sites import AttentionSite, Rotary
 
 from .graph_utils import (
     MATMUL_OPS, MOVEMENT_OPS, constant_value, PASS_THROUGH_OPS, SDPA_OPS, SOFTMAX_OPS, aten, example_size, is_projection,

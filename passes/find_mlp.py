@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from helix_compiler.sites import MlpSite
+from helix_compiler.planning.sites import MlpSite
 
 from .graph_utils import (example_size, is_projection, proj_input, proj_out_features,
                           proj_weight_node, real_users, shape)

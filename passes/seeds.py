@@ -19,7 +19,7 @@ import numpy as np
 
 from helix_compiler.errors import ShardingError
 from helix_compiler.runtime.mesh import Mesh
-from helix_compiler.sites import MlpSite
+from helix_compiler.planning.sites import MlpSite
 
 from .find_attention import SiteMatch
 

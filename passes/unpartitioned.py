@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from helix_compiler.plan import UnpartitionedCore
+from helix_compiler.planning.plan import UnpartitionedCore
 
 from .find_attention import SCORE_OPS, SCORE_VIEW_OPS, find_cores
 from .graph_utils import (

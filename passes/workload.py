@@ -38,7 +38,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from helix_compiler.sites import Workload
+from helix_compiler.planning.sites import Workload
 
 from .graph_utils import (ADDMM_OPS, LINEAR_OPS, MATMUL_OPS, PARAM_MATMUL_OPS, SDPA_OPS,
                           example_size, proj_input, real_users, val)

@@ -159,7 +159,7 @@ def check_split(model, args: tuple, kwargs: dict, want, *, m: int, n: int, varia
 
 def feasible_splits(summary, devices: int) -> list[tuple[int, int]]:
     """The solver's feasible (m, n) for `devices`, smallest m first."""
-    from helix_compiler.solver import solve
+    from helix_compiler.planning.solver import solve
 
     return [(c.m, c.n) for c in solve(summary, devices) if c.feasible]
 

@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from examples.paper_model import PaperConfig, build
 from helix_compiler import HelixError, helix_compile
-from helix_compiler.plan import Plan
+from helix_compiler.planning.plan import Plan
 
 CFG = PaperConfig.scaled()
 

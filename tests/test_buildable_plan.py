@@ -15,10 +15,10 @@ import torch
 from helix_compiler import helix_compile
 from helix_compiler.api import plan_model
 from helix_compiler.pipeline import placements as _placements, plan_buildable
-from helix_compiler.cluster import load_cluster
+from helix_compiler.planning.cluster import load_cluster
 from helix_compiler.errors import PlanError, ShardingError
 from helix_compiler.runtime.mesh import Mesh
-from helix_compiler.report import format_table
+from helix_compiler.cli.report import format_table
 from passes.layout import check_partition, make_split
 from tests.helpers import (all_ranks_label, assert_ranks_equal, eager_output,
                            expected_collectives, feasible_splits, seeded, variants_for)

@@ -12,13 +12,13 @@ import pytest
 import torch
 import yaml
 
-from helix_compiler.cli import EXIT_RANK_FAILED, EXIT_TIMEOUT, _main
+from helix_compiler.cli.main import EXIT_RANK_FAILED, EXIT_TIMEOUT, _main
 from helix_compiler.errors import HelixError
-from helix_compiler.worker import check_same_program, relative_error
+from helix_compiler.cli.worker import check_same_program, relative_error
 
 REPO = Path(__file__).resolve().parents[1]
 SCALED = str(REPO / "examples" / "paper_model.py")   # helix_model(): the scaled paper model
-PRESET = REPO / "helix_compiler" / "clusters" / "paper.yaml"
+PRESET = REPO / "helix_compiler" / "planning" / "clusters" / "paper.yaml"
 
 # A MODEL spec file for the real runs: the paper's architecture, 1 layer, 4
 # heads of 4 (D=16), so that (m, n) = (2, 2) splits both heads and head dims.

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from helix_compiler.cluster import PRESETS, load_cluster, normalize_dtype
+from helix_compiler.planning.cluster import PRESETS, load_cluster, normalize_dtype
 from helix_compiler.errors import HelixError
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def preset_text(name: str) -> str:
-    return (resources.files("helix_compiler") / "clusters" / f"{name}.yaml").read_text()
+    return (resources.files("helix_compiler.planning") / "clusters" / f"{name}.yaml").read_text()
 
 
 def test_paper_preset_is_two_nodes_of_eight_h100_on_ndr():
@@ -50,9 +50,9 @@ def test_every_preset_figure_cites_its_source_in_a_comment(name):
 
 def test_preset_yaml_files_are_package_data():
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
-    patterns = pyproject["tool"]["setuptools"]["package-data"]["helix_compiler"]
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["helix_compiler.planning"]
     assert "clusters/*.yaml" in patterns
-    shipped = {p.name for p in (resources.files("helix_compiler") / "clusters").iterdir()}
+    shipped = {p.name for p in (resources.files("helix_compiler.planning") / "clusters").iterdir()}
     assert {f"{name}.yaml" for name in PRESETS} <= shipped
 
 
@@ -94,7 +94,7 @@ def test_missing_key_points_at_the_example(tmp_path):
     text = "\n".join(line for line in preset_text("paper").splitlines()
                      if not line.startswith("network_alpha_us"))
     with pytest.raises(HelixError, match=r"c.yaml': missing key 'network_alpha_us'; see "
-                                         r"helix_compiler/clusters/paper.yaml"):
+                                         r"helix_compiler/planning/clusters/paper.yaml"):
         load_cluster(write(tmp_path, text))
 
 

@@ -8,11 +8,11 @@ import math
 import pytest
 import sympy
 
-from helix_compiler import cost
-from helix_compiler.cluster import load_cluster
-from helix_compiler.cost import collective_s, cost_baseline, cost_plan, formulas
+from helix_compiler.planning import cost
+from helix_compiler.planning.cluster import load_cluster
+from helix_compiler.planning.cost import collective_s, cost_baseline, cost_plan, formulas
 from helix_compiler.errors import HelixError, PlanError
-from helix_compiler.profile import DEFAULT_PROFILE, load_profile, profile_from_yaml
+from helix_compiler.planning.profile import DEFAULT_PROFILE, load_profile, profile_from_yaml
 from tests.test_solver import make_summary
 
 PAPER = load_cluster("paper")

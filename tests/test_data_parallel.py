@@ -135,7 +135,7 @@ def test_save_of_a_dp_program_is_refused_with_what_to_do(tmp_path):
 
 @pytest.mark.slow
 def test_helix_run_under_torchrun_feeds_each_replica_its_shard(capsys):
-    from helix_compiler.cli import _main
+    from helix_compiler.cli.main import _main
 
     code = _main(["run", "--devices", "4", "--plan", "2,1,2", "--backend", "gloo", "--steps", "1"])
     out, err = capsys.readouterr()

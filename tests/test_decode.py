@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from helix_compiler import helix_compile
 from helix_compiler.decode import cache_writes, check_partitioned, compile_decoder
-from helix_compiler.decode_plan import cost_decode
+from helix_compiler.planning.decode_plan import cost_decode
 from helix_compiler.errors import HelixError
 from helix_compiler.models.decoder_cache import DecodeStep, DecoderConfig, build, greedy_generate
 from helix_compiler.pipeline import cluster_spec

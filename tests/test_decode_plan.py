@@ -1,4 +1,4 @@
-"""The decode planner (helix_compiler/decode_plan.py) and `helix plan --decode`: KV bytes per
+"""The decode planner (helix_compiler/planning/decode_plan.py) and `helix plan --decode`: KV bytes per
 rank against the formula, kv-head copies, one plan's TPOT by hand, the choice, CLI exit codes,
 and the GPU benchmark's --small smoke run."""
 
@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from helix_compiler.cli import _main
-from helix_compiler.cluster import ClusterSpec
-from helix_compiler.decode_plan import (
+from helix_compiler.cli.main import _main
+from helix_compiler.planning.cluster import ClusterSpec
+from helix_compiler.planning.decode_plan import (
     COMBINE_KERNELS, KERNEL_S, KERNELS_PER_LAYER, DecodeShape, cost_decode, decode_splits,
     llama70b_shape, plan_decode)
 from helix_compiler.errors import PlanError
 from helix_compiler.pipeline import cluster_spec
-from helix_compiler.profile import DEFAULT_PROFILE
+from helix_compiler.planning.profile import DEFAULT_PROFILE
 
 REPO = Path(__file__).resolve().parents[1]
 LLAMA = llama70b_shape()

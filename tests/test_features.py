@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 from helix_compiler.pipeline import analyze
-from helix_compiler.solver import solve
+from helix_compiler.planning.solver import solve
 from tests.attention_models import FEATURE_MODELS, FEATURE_MODELS_BY_NAME, FeatureModel
 from tests.helpers import (assert_ranks_equal, check_split, compile_split, eager_output,
                            expected_collectives, feasible_splits, variants_for)

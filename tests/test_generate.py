@@ -1,4 +1,4 @@
-"""Greedy generation on real process groups (helix_compiler/generate.py, `helix generate`,
+"""Greedy generation on real process groups (helix_compiler/cli/generate.py, `helix generate`,
 examples/generate_torchrun.py, docs/decode.md "Generating under torchrun").
 
 The model is helix_compiler/models/decoder_cache.py's GQA decoder (4 heads over 2 kv heads, d 8,
@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from helix_compiler.cli import EXIT_REFUSED, _main
+from helix_compiler.cli.main import EXIT_REFUSED, _main
 from helix_compiler.errors import HelixError
-from helix_compiler.generate import check_request, choose_split, load_decoder
+from helix_compiler.cli.generate import check_request, choose_split, load_decoder
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "generate_torchrun.py"
@@ -157,7 +157,7 @@ def test_default_split_is_the_decode_planners_among_those_compile_decoder_builds
 @pytest.mark.slow
 def test_one_rank_compile_and_move_keep_the_prefill_and_step_cache_one_tensor():
     from helix_compiler.decode import compile_decoder
-    from helix_compiler.generate import pair_on_device
+    from helix_compiler.cli.generate import pair_on_device
     from helix_compiler.models.decoder_cache import DecoderConfig, build
 
     model = build(DecoderConfig(layers=1, kv_heads=2))

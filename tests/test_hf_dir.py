@@ -10,7 +10,7 @@ import re
 import pytest
 import torch
 
-from helix_compiler.cli import _main
+from helix_compiler.cli.main import _main
 from helix_compiler.hf_dir import load_hf_dir
 from helix_compiler.modelspec import load_model_spec
 

@@ -32,6 +32,8 @@ def _modules() -> list[str]:
     out = []
     for pkg in PACKAGES:
         for path in sorted((ROOT / pkg).rglob("*.py")):
+            if path.name == "__main__.py":   # `python -m helix_compiler.cli`: importing it runs helix
+                continue
             rel = path.relative_to(ROOT).with_suffix("")
             parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
             out.append(".".join(parts))

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from helix_compiler.cli import _main
-from helix_compiler.cluster import load_cluster
-from helix_compiler.cost import cost_baseline, cost_plan
-from helix_compiler.profile import load_profile
+from helix_compiler.cli.main import _main
+from helix_compiler.planning.cluster import load_cluster
+from helix_compiler.planning.cost import cost_baseline, cost_plan
+from helix_compiler.planning.profile import load_profile
 from tests.test_cost import paper_model
 
 ROOT = Path(__file__).resolve().parents[1]
-H100 = load_profile(ROOT / "helix_compiler" / "profiles" / "h100.yaml")
+H100 = load_profile(ROOT / "helix_compiler" / "planning" / "profiles" / "h100.yaml")
 
 
 @pytest.mark.parametrize("command", ["bench", "calibrate"])
@@ -30,7 +30,7 @@ def test_bench_and_calibrate_help_exit_zero(command, capsys):
 
 
 def test_library_modules_do_not_import_the_harness():
-    script = ("import sys, helix_compiler.api, helix_compiler.pipeline, helix_compiler.cli, "
+    script = ("import sys, helix_compiler.api, helix_compiler.pipeline, helix_compiler.cli.main, "
               "passes.shard, passes.kernel_choice; "
               "print(sorted(m for m in sys.modules if m.startswith('helix_compiler.measure')))")
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,

@@ -6,7 +6,7 @@ import torch
 
 from examples.paper_model import PaperConfig, build
 from helix_compiler import helix_compile
-from helix_compiler.cli import DEFAULT_TOLERANCE
+from helix_compiler.cli.main import DEFAULT_TOLERANCE
 from tests.helpers import rel_error
 
 

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from helix_compiler import helix_compile
-from helix_compiler.cluster import load_cluster
-from helix_compiler.cost import (cost_plan, overlap_cost, overlapped_step, replica_summary,
-                                 sequence_parallel_cost, _async_terms)
+from helix_compiler.planning.cluster import load_cluster
+from helix_compiler.planning.cost import (cost_plan, overlap_cost, overlapped_step, replica_summary,
+                                          sequence_parallel_cost, _async_terms)
 from helix_compiler.errors import OverlapError, PlanError
 from helix_compiler.models.paper import PaperConfig, build
 from tests.helpers import assert_ranks_equal, eager_output

@@ -15,7 +15,7 @@ import torch
 from examples.paper_model import PaperConfig, build
 from helix_compiler import HelixError, helix_compile, plan_model
 from helix_compiler import pipeline
-from helix_compiler.cli import _main
+from helix_compiler.cli.main import _main
 from helix_compiler.program import HelixProgram
 from tests.helpers import assert_ranks_equal, eager_output
 

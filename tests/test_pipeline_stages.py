@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from helix_compiler.cluster import load_cluster
-from helix_compiler.cost import cost_plan
+from helix_compiler.planning.cluster import load_cluster
+from helix_compiler.planning.cost import cost_plan
 from helix_compiler.errors import HelixError, PlanError
-from helix_compiler.plan import Plan, make_plan
-from helix_compiler.solver import solve_space
+from helix_compiler.planning.plan import Plan, make_plan
+from helix_compiler.planning.solver import solve_space
 from helix_compiler.stages import simulate_pipeline
 from tests.helpers import assert_output_equal, eager_output, seeded, variants_for
 from tests.test_solver import make_summary
@@ -97,7 +97,7 @@ def test_a_pp_plan_round_trips_through_yaml_and_is_named_with_pp():
 
 
 def test_cli_takes_dp_pp_m_n():
-    from helix_compiler.cli import _plan_arg
+    from helix_compiler.cli.main import _plan_arg
 
     assert _plan_arg("1,2,1,8") == (1, 2, 1, 8) and _plan_arg("2,1,8") == (2, 1, 8)
     assert _plan_arg("1,8") == (1, 8)

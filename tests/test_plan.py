@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from helix_compiler.cluster import load_cluster
+from helix_compiler.planning.cluster import load_cluster
 from helix_compiler.errors import HelixError, PlanError
-from helix_compiler.plan import Plan, make_plan, model_fingerprint
-from helix_compiler.report import format_formulas, format_table
+from helix_compiler.planning.plan import Plan, make_plan, model_fingerprint
+from helix_compiler.cli.report import format_formulas, format_table
 from tests.test_solver import make_summary
 
 PAPER = load_cluster("paper")

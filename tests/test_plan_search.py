@@ -10,12 +10,12 @@ import math
 import pytest
 
 from benchmarks.plan_search import grown, llama70b_summary, paper_summary
-from helix_compiler import cost
-from helix_compiler.cost import cost_plan
+from helix_compiler.planning import cost
+from helix_compiler.planning.cost import cost_plan
 from helix_compiler.errors import PlanError
-from helix_compiler.plan import _best_schedule, make_plan, objective_key
-from helix_compiler.sites import Workload
-from helix_compiler.solver import solve_space
+from helix_compiler.planning.plan import _best_schedule, make_plan, objective_key
+from helix_compiler.planning.sites import Workload
+from helix_compiler.planning.solver import solve_space
 from tests.test_solver import make_site, make_summary
 
 REL = 1e-9

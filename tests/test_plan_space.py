@@ -10,11 +10,11 @@ import time
 
 import pytest
 
-from helix_compiler.cluster import load_cluster
-from helix_compiler.cost import _helix_layout, cost_plan, formulas, replica_summary
+from helix_compiler.planning.cluster import load_cluster
+from helix_compiler.planning.cost import _helix_layout, cost_plan, formulas, replica_summary
 from helix_compiler.errors import PlanError
-from helix_compiler.plan import Plan, make_plan
-from helix_compiler.solver import solve_space
+from helix_compiler.planning.plan import Plan, make_plan
+from helix_compiler.planning.solver import solve_space
 from tests.test_solver import make_summary
 
 PAPER = load_cluster("paper")      # 2 nodes x 8 H100
@@ -167,7 +167,7 @@ def _tokens(cell: str) -> float:
 
 @pytest.mark.slow
 def test_helix_plan_16_prints_no_emittable_plan_faster_than_its_choice(capsys):
-    from helix_compiler.cli import _main
+    from helix_compiler.cli.main import _main
 
     assert _main(["plan", "--devices", "16"]) == 0
     out = capsys.readouterr().out
@@ -195,7 +195,7 @@ def test_helix_plan_16_prints_no_emittable_plan_faster_than_its_choice(capsys):
 
 
 def test_a_faster_baseline_helix_cannot_emit_is_said_in_words():
-    from helix_compiler.plan import _baseline_notes
+    from helix_compiler.planning.plan import _baseline_notes
 
     plan = make_plan(toy(), 16, PAPER)
     fast = dataclasses.replace(plan.baselines[0], tokens_per_s=plan.cost.tokens_per_s * 2)

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from helix_compiler import HelixError, helix_compile
-from helix_compiler.solver import solve
+from helix_compiler.planning.solver import solve
 from tests.helpers import assert_ranks_equal
 
 MASKS = ("none", "causal", "padding", "head_bias")
@@ -107,7 +107,7 @@ def _feasible_by_hand(H, H_kv, d, m, n):
 @given(st.sampled_from([1, 2, 4, 8]), st.sampled_from([1, 2, 3, 4, 6]), st.sampled_from([2, 4, 6, 8, 12]),
        st.integers(1, 24))
 def test_solver_returns_exactly_the_feasible_splits(H_kv, rep, d, devices):
-    from helix_compiler.sites import AttentionSite, ModelSummary
+    from helix_compiler.planning.sites import AttentionSite, ModelSummary
 
     H = H_kv * rep
     site = AttentionSite(index=0, q_proj="q", k_proj="k", v_proj="v", o_proj="o", q_weight="q.w",

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from helix_compiler import HelixError, helix_compile
-from helix_compiler.cli import _main
+from helix_compiler.cli.main import _main
 from helix_compiler.errors import CaptureError
 
 BRANCHY = textwrap.dedent('''

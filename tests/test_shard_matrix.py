@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from helix_compiler import helix_compile
 from helix_compiler.pipeline import analyze
-from helix_compiler.solver import NO_ATTENTION, solve
+from helix_compiler.planning.solver import NO_ATTENTION, solve
 from tests.helpers import (
     assert_ranks_equal, check_split, eager_output, expected_collectives, feasible_splits, seeded,
     variants_for)

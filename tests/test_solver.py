@@ -6,10 +6,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helix_compiler.cluster import load_cluster
+from helix_compiler.planning.cluster import load_cluster
 from helix_compiler.errors import HelixError, PlanError
-from helix_compiler.sites import AttentionSite, MlpSite, ModelSummary, Rotary
-from helix_compiler.solver import (
+from helix_compiler.planning.sites import AttentionSite, MlpSite, ModelSummary, Rotary
+from helix_compiler.planning.solver import (
     NO_ATTENTION, Candidate, check_devices, feasible_device_counts, require_feasible, solve)
 
 
@@ -183,4 +183,4 @@ def test_every_split_is_listed_and_feasible_ones_divide_heads_and_dims(H_kv, gro
 
 def load_cluster_text() -> str:
     from importlib import resources
-    return (resources.files("helix_compiler") / "clusters" / "paper.yaml").read_text()
+    return (resources.files("helix_compiler.planning") / "clusters" / "paper.yaml").read_text()

@@ -18,9 +18,9 @@ import yaml
 
 from helix_compiler import helix_compile
 from helix_compiler.api import plan_model
-from helix_compiler.cli import _main
+from helix_compiler.cli.main import _main
 from helix_compiler.errors import HelixWarning, UnpartitionedError
-from helix_compiler.plan import Plan
+from helix_compiler.planning.plan import Plan
 from tests.helpers import assert_ranks_equal, eager_output
 
 REPO = Path(__file__).resolve().parents[1]

@@ -65,7 +65,7 @@ def test_helix_run_reads_each_ranks_slices_from_a_checkpoint(tmp_path, capsys):
     would disagree with the reference, which reads the same checkpoint."""
     import json
 
-    from helix_compiler.cli import _main
+    from helix_compiler.cli.main import _main
 
     other, _ = build(CFG, "cpu", seed=7)
     ckpt = tmp_path / "ckpt.pt"

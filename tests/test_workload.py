@@ -10,10 +10,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from helix_compiler.cluster import load_cluster
-from helix_compiler.cost import cost_baseline, cost_plan, fused_takes, mask_kind
+from helix_compiler.planning.cluster import load_cluster
+from helix_compiler.planning.cost import cost_baseline, cost_plan, fused_takes, mask_kind
 from helix_compiler.pipeline import analyze
-from helix_compiler.profile import DEFAULT_PROFILE, Rate, profile_from_yaml
+from helix_compiler.planning.profile import DEFAULT_PROFILE, Rate, profile_from_yaml
 from passes.kernel_choice import apply_kernel_choice, fused_kernel_exists
 from tests.models import zoo
 

@@ -26,13 +26,13 @@ from pathlib import Path
 
 import torch
 
-from helix_compiler.cluster import load_cluster
+from helix_compiler.planning.cluster import load_cluster
 from helix_compiler.errors import HelixError
 from helix_compiler.runtime.kernels_chunked import DEFAULT_CHUNK_BYTES
 from helix_compiler.measure import configure_logging, gqa, paper, space
 from helix_compiler.measure.record import RawRecord
 from helix_compiler.measure.timing import Timer, device_info
-from helix_compiler.profile import DEFAULT_PROFILE, load_profile
+from helix_compiler.planning.profile import DEFAULT_PROFILE, load_profile
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ SUITE_DEFAULTS = {
     "space": {"out": "benchmarks/results/space.json", "devices": [16], "warmup": 1,
               "repeats": 3, "max_micro_batch": 1 << 30},
 }
-DEFAULT_PROFILE_FILE = Path(__file__).resolve().parents[1] / "profiles" / "h100.yaml"
+DEFAULT_PROFILE_FILE = Path(__file__).resolve().parents[1] / "planning" / "profiles" / "h100.yaml"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -63,7 +63,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--raw", default=None, help="reuse raw measurements instead of measuring")
     ap.add_argument("--profile", default=None,
                     help="profile YAML (default: the built-in H100 for paper, "
-                         "helix_compiler/profiles/h100.yaml for gqa)")
+                         "helix_compiler/planning/profiles/h100.yaml for gqa)")
     ap.add_argument("--cluster", default="paper", help="cluster preset or YAML (paper suite)")
     ap.add_argument("--devices", type=int, nargs="*", default=None,
                     help="device counts (paper: one, default 16; gqa: default 8 32)")

@@ -21,7 +21,7 @@ What it measures (fp16, CUDA events, warm-up, median of repeats):
   8192 columns ran at 1012 GB/s, over 10000 at 1715, on one H100);
 - a device-to-device copy (the memory roofline).
 
-The profile (helix_compiler/profile.py) gets the compute-bound matmul rows, one
+The profile (helix_compiler/planning/profile.py) gets the compute-bound matmul rows, one
 attention row per fused backend and head dim it ran at, the explicit core per
 head dim, softmax_gb_s derived from the explicit core at d = 512 (its time
 minus its two GEMMs', so that the cost model's op-by-op pricing adds up to the
@@ -51,7 +51,7 @@ from helix_compiler.runtime.kernels_chunked import DEFAULT_CHUNK_BYTES
 from helix_compiler.measure import configure_logging
 from helix_compiler.measure.timing import Timer, device_info, sync
 from helix_compiler.numerics import relative_error
-from helix_compiler.profile import KERNEL_MAX_HEAD_DIM, ComputeProfile, Rate
+from helix_compiler.planning.profile import KERNEL_MAX_HEAD_DIM, ComputeProfile, Rate
 
 log = logging.getLogger(__name__)
 

@@ -26,10 +26,10 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from helix_compiler.cluster import load_cluster
+from helix_compiler.planning.cluster import load_cluster
 from helix_compiler.errors import HelixError
 
-PRESETS = Path(__file__).resolve().parents[1] / "clusters"     # helix_compiler/clusters
+PRESETS = Path(__file__).resolve().parents[1] / "planning" / "clusters"     # helix_compiler/planning/clusters
 SIZES_MIB = (1, 4, 16, 64, 256)
 KINDS = ("all_reduce", "all_gather", "reduce_scatter")
 

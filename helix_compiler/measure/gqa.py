@@ -25,7 +25,7 @@ import traceback
 import torch
 
 import helix_compiler.measure.timing as timing
-from helix_compiler.cluster import load_cluster
+from helix_compiler.planning.cluster import load_cluster
 from helix_compiler.measure.predict import (at_batch, baseline_micro_batch, baseline_prediction,
                                             fused_backends, helix_cases, helix_prediction,
                                             matmul_peak)
@@ -36,7 +36,7 @@ from helix_compiler.measure.runners import (GqaHelixRunner, GqaTPRunner, measure
 from helix_compiler.measure.timing import Timer, free_memory
 from helix_compiler.models.llama_gqa import GqaConfig, build
 from helix_compiler.pipeline import analyze
-from helix_compiler.plan import make_plan
+from helix_compiler.planning.plan import make_plan
 
 log = logging.getLogger(__name__)
 

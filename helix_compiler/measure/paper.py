@@ -41,7 +41,7 @@ from helix_compiler.measure.surgery import materialize
 from helix_compiler.measure.timing import Timer, free_memory
 from helix_compiler.models.paper import PaperConfig, build
 from helix_compiler.pipeline import analyze
-from helix_compiler.plan import make_plan
+from helix_compiler.planning.plan import make_plan
 
 log = logging.getLogger(__name__)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from helix_compiler.cost import PlanCost, cost_baseline, cost_plan
-from helix_compiler.solver import solve
+from helix_compiler.planning.cost import PlanCost, cost_baseline, cost_plan
+from helix_compiler.planning.solver import solve
 
 FUSED = ("flash", "cudnn", "efficient")
 

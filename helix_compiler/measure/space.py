@@ -38,8 +38,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from helix_compiler.cost import (_async_terms, cost_baseline, cost_plan, overlapped_step,
-                                 p2p_s)
+from helix_compiler.planning.cost import (_async_terms, cost_baseline, cost_plan, overlapped_step,
+                                          p2p_s)
 from helix_compiler.measure.predict import at_batch, matmul_peak
 from helix_compiler.measure.record import RawRecord
 from helix_compiler.measure.runners import (PaperHelixRunner, PaperTPRunner, release_group,
@@ -48,7 +48,7 @@ from helix_compiler.measure.surgery import init_tensor
 from helix_compiler.measure.timing import Timer, free_memory
 from helix_compiler.models.paper import PaperConfig, build
 from helix_compiler.pipeline import analyze
-from helix_compiler.solver import solve
+from helix_compiler.planning.solver import solve
 
 log = logging.getLogger(__name__)
 

@@ -59,9 +59,9 @@ from sympy import Max, ceiling
 from .cluster import ClusterSpec, normalize_dtype
 from .cost import MEMORY_USABLE_FRACTION, collective_s, group_span
 from .cost import formulas as _cost_formulas
-from .errors import PlanError
+from ..errors import PlanError
 from .profile import DEFAULT_PROFILE, ComputeProfile
-from .runtime.mesh import Mesh
+from ..runtime.mesh import Mesh
 from .sites import ModelSummary
 
 # --- settings -----------------------------------------------------------------

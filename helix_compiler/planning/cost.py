@@ -60,10 +60,10 @@ import sympy
 from sympy import Max, Min, ceiling, floor
 
 from .cluster import ClusterSpec, normalize_dtype
-from .errors import PlanError
-from .runtime.mesh import Mesh
-from .runtime.collectives import NO_COPY_ALL_REDUCE_MIN_BYTES
-from .runtime.kernels import fused_takes
+from ..errors import PlanError
+from ..runtime.mesh import Mesh
+from ..runtime.collectives import NO_COPY_ALL_REDUCE_MIN_BYTES
+from ..runtime.kernels import fused_takes
 from .profile import DEFAULT_PROFILE, ComputeProfile
 from .sites import AttentionSite, MlpSite, ModelSummary
 

@@ -22,7 +22,7 @@ import yaml
 from .cluster import ClusterSpec, safe_load_mapping
 from .cost import (OVERLAP_CHUNKS, VARIANTS, PlanCost, SiteCost, cost_baseline, cost_plan,
                    overlap_cost, row_records, search_scope, sequence_parallel_cost)
-from .errors import HelixError, PlanError
+from ..errors import HelixError, PlanError
 from .profile import ComputeProfile
 from .sites import AttentionSite, ModelSummary
 from .solver import Candidate, check_devices, require_feasible, solve_space

@@ -1,6 +1,6 @@
 """One rank of `helix run`; torchrun starts N of them:
 
-    python -m torch.distributed.run --standalone --nproc-per-node N -m helix_compiler.worker MODEL [...]
+    python -m torch.distributed.run --standalone --nproc-per-node N -m helix_compiler.cli.worker MODEL [...]
 
 Every rank seeds torch, builds the model and compiles the same program
 (compilation is deterministic). At start-up the ranks all-gather a fingerprint
@@ -34,17 +34,17 @@ import torch
 import torch.distributed as dist
 import torch.utils._pytree as pytree
 
-from .runtime import collectives
-from .api import helix_compile
-from .runtime.collectives import DistributedBackend
-from .errors import HelixError
-from .runtime.graphs import on_device
-from .modelspec import load_model_spec
-from .numerics import relative_error as leaf_relative_error
-from .plan import Plan
-from .runtime.weights import open_checkpoint
-from .stages import pipeline_schedule
-from .text import ranges as _ranges
+from ..runtime import collectives
+from ..api import helix_compile
+from ..runtime.collectives import DistributedBackend
+from ..errors import HelixError
+from ..runtime.graphs import on_device
+from ..modelspec import load_model_spec
+from ..numerics import relative_error as leaf_relative_error
+from ..planning.plan import Plan
+from ..runtime.weights import open_checkpoint
+from ..stages import pipeline_schedule
+from ..planning.text import ranges as _ranges
 
 # Untimed steps before the timed ones: the first call allocates, and on CUDA
 # loads kernels and sets up NCCL communicators, per process group.
@@ -55,7 +55,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 def _env_rank() -> tuple[int, int, int]:
     missing = [k for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK") if k not in os.environ]
     if missing:
-        raise HelixError(f"helix_compiler.worker runs one rank under torchrun, but {', '.join(missing)} "
+        raise HelixError(f"helix_compiler.cli.worker runs one rank under torchrun, but {', '.join(missing)} "
                          f"{'is' if len(missing) == 1 else 'are'} not set; launch it with `helix run MODEL --devices N`")
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
 
@@ -250,7 +250,7 @@ def summary_line(s: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m helix_compiler.worker",
+    p = argparse.ArgumentParser(prog="python -m helix_compiler.cli.worker",
                                 description="One rank of `helix run` (start it with torchrun).")
     p.add_argument("model", metavar="MODEL")
     p.add_argument("--backend", choices=("gloo", "nccl"), default="gloo")

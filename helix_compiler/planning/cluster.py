@@ -3,7 +3,7 @@
 A `ClusterSpec` holds SI units (FLOP/s, bytes/s, bytes, seconds). Its YAML
 form uses the units datasheets and nccl-tests print (TFLOP/s, TB/s, GB/s, us),
 one figure a line, each with a comment naming its source. Presets live in
-`helix_compiler/clusters/*.yaml`; `load_cluster` takes a preset name or a path.
+`helix_compiler/planning/clusters/*.yaml`; `load_cluster` takes a preset name or a path.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import HelixError
+from ..errors import HelixError
 
 PRESETS = ("paper", "h100x8")
 
@@ -102,7 +102,7 @@ _YAML_FIELDS = {
     "nics_per_node": ("nics_per_node", 0, int),
     "network_alpha_us": ("network_alpha", -6, float),
 }
-_EXAMPLE = "see helix_compiler/clusters/paper.yaml for a complete, commented example"
+_EXAMPLE = "see helix_compiler/planning/clusters/paper.yaml for a complete, commented example"
 
 
 def load_cluster(name_or_path: str | Path) -> ClusterSpec:

@@ -2,7 +2,7 @@
 (`helix generate`, docs/decode.md "Generating under torchrun").
 
     python -m torch.distributed.run --standalone --nproc-per-node N \\
-        -m helix_compiler.generate MODEL --plan S,M,N --prompt-len P --new-tokens T [...]
+        -m helix_compiler.cli.generate MODEL --plan S,M,N --prompt-len P --new-tokens T [...]
 
 MODEL is a spec (modelspec.py) whose function returns a CacheDecoder-style model first
 (`prefill(tokens, valid)`, `decode_step(token, cache_position, valid)`, `reset_cache()`, a
@@ -18,7 +18,7 @@ The prompt (`make_prompt`) is B rows of P seeded random tokens as a server batch
 left-padded by P // 2, and with B >= 3 the last row all padding.
 
 A rank that fails writes `rank{R}.error.json` into --result-dir, one that finishes
-`rank{R}.done` (as helix_compiler/worker.py), so `helix generate` can say which rank failed.
+`rank{R}.done` (as helix_compiler/cli/worker.py), so `helix generate` can say which rank failed.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import HelixError
+from ..errors import HelixError
 
 __all__ = ["GenerateSplit", "load_decoder", "check_request", "choose_split", "make_prompt",
            "generate_rank", "DEFAULT_MODEL"]
@@ -68,7 +68,7 @@ class GenerateSplit:
 def load_decoder(spec: str) -> torch.nn.Module:
     """The model of MODEL spec `spec` (random weights, float32, eval), checked to be a
     CacheDecoder-style decoder."""
-    from .modelspec import load_model_spec
+    from ..modelspec import load_model_spec
 
     model, _, _ = load_model_spec(spec, init="random")
     missing = [a for a in DECODER_METHODS if not callable(getattr(model, a, None))]
@@ -130,10 +130,10 @@ def choose_split(model, devices: int, prompt_len: int, new_tokens: int,
     builds: (m, n) feasible for the model's attention (solver.solve) and s at most the
     cache's positions. The planner's order (TPOT, then fewer copies, smaller s, smaller m)
     picks among those that fit; `reason` says which and why."""
-    from .decode_plan import plan_decode, shape_from_summary
-    from .models.decoder_cache import DecodeStep
-    from .pipeline import analyze, cluster_spec
-    from .solver import solve
+    from ..planning.decode_plan import plan_decode, shape_from_summary
+    from ..models.decoder_cache import DecodeStep
+    from ..pipeline import analyze, cluster_spec
+    from ..planning.solver import solve
 
     summary = analyze(DecodeStep(model), _step_args(model, prompt_len), dynamic=False).summary
     shape = shape_from_summary(summary, dtype="fp32")
@@ -189,7 +189,7 @@ def pair_on_device(prog, rank: int, device: torch.device) -> None:
     """Rank `rank`'s (prefill, step) modules of `prog` on `device`, their shared cache tensors
     still one tensor each (Module.to gives each module its own copy), and prog.caches[rank]
     pointing at them."""
-    from .runtime.graphs import on_device
+    from ..runtime.graphs import on_device
 
     if device.type == "cpu":
         return
@@ -253,10 +253,10 @@ def generate_rank(prog, rank: int, prompt: torch.Tensor, valid_prompt: torch.Ten
 def _run(args, rank: int, world: int, local_rank: int) -> dict:
     import torch.distributed as dist
 
-    from .decode import compile_decoder
-    from .models.decoder_cache import greedy_generate
-    from .runtime import collectives
-    from .runtime.collectives import DistributedBackend
+    from ..decode import compile_decoder
+    from ..models.decoder_cache import greedy_generate
+    from ..runtime import collectives
+    from ..runtime.collectives import DistributedBackend
     from .worker import check_same_program, weights_digest
 
     if args.backend == "nccl":
@@ -317,7 +317,7 @@ def summary_lines(s: dict) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m helix_compiler.generate",
+    p = argparse.ArgumentParser(prog="python -m helix_compiler.cli.generate",
                                 description="One rank of `helix generate` (start it with torchrun).")
     p.add_argument("model", metavar="MODEL")
     p.add_argument("--plan", required=True, metavar="S,M,N")

@@ -31,7 +31,7 @@ import sympy
 
 from .cluster import ClusterSpec
 from .cost import _unique, memory_reason, stage_memory_reason
-from .errors import PlanError
+from ..errors import PlanError
 from .sites import AttentionSite, ModelSummary
 from .text import key_name, split_key, split_name
 from .text import ranges as _ranges

@@ -38,16 +38,16 @@ from pathlib import Path
 import torch
 import yaml
 
-from .api import helix_compile, plan_model
-from .decode_plan import format_decode_table, llama70b_shape, plan_decode, shape_from_summary
-from .errors import HelixError, HelixWarning
-from .modelspec import load_model_spec
-from .pipeline import PASS_NAMES, PASSES, analyze, cluster_spec
-from .plan import OBJECTIVES, Plan
-from .profile import load_profile
+from ..api import helix_compile, plan_model
+from ..planning.decode_plan import format_decode_table, llama70b_shape, plan_decode, shape_from_summary
+from ..errors import HelixError, HelixWarning
+from ..modelspec import load_model_spec
+from ..pipeline import PASS_NAMES, PASSES, analyze, cluster_spec
+from ..planning.plan import OBJECTIVES, Plan
+from ..planning.profile import load_profile
 from .report import format_table
 from .worker import read_failures
-from .text import ranges as _ranges
+from ..planning.text import ranges as _ranges
 
 EXIT_REFUSED = 2
 EXIT_RANK_FAILED = 1
@@ -150,7 +150,7 @@ def _plan_model_spec(model: str | None, batch: int | None, seq: int | None):
     if model is not None or (batch is None and seq is None):
         return load_model_spec(model or _paper_spec("paper_meta"), batch=batch, seq=seq,
                                init="meta")
-    from .models.paper import PaperConfig, build
+    from ..models.paper import PaperConfig, build
 
     config = PaperConfig(**{k: v for k, v in (("batch", batch), ("seq", seq)) if v is not None})
     model_, inputs = build(config, "meta")
@@ -294,7 +294,7 @@ def cmd_run(args) -> int:
                              f"file or a directory of safetensors files")
         worker += ["--weights", str(Path(args.weights).resolve())]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc-per-node", str(args.devices), "-m", "helix_compiler.worker", spec, *worker]
+               "--nproc-per-node", str(args.devices), "-m", "helix_compiler.cli.worker", spec, *worker]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")   # N ranks share the cores (torchrun's default, without its warning)
     log = workdir / "torchrun.log"
@@ -381,7 +381,7 @@ def _split_arg(text: str) -> tuple[int, int, int]:
 
 def cmd_generate(args) -> int:
     """Check the request and choose the split here, then run one rank of the DecodeProgram
-    per process under torchrun (helix_compiler/generate.py); rank 0 prints the tokens."""
+    per process under torchrun (helix_compiler/cli/generate.py); rank 0 prints the tokens."""
     from .generate import DEFAULT_MODEL, GenerateSplit, check_request, choose_split, load_decoder
 
     spec = args.model or DEFAULT_MODEL
@@ -420,7 +420,7 @@ def cmd_generate(args) -> int:
     if args.json:
         worker += ["--json", str(Path(args.json).resolve())]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc-per-node", str(args.devices), "-m", "helix_compiler.generate", spec, *worker]
+               "--nproc-per-node", str(args.devices), "-m", "helix_compiler.cli.generate", spec, *worker]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
     log = workdir / "torchrun.log"
@@ -505,7 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_size_flags(plan, paper=True)
     plan.add_argument("--profile", metavar="FILE",
                       help="compute profile YAML written by `helix calibrate` (default: the built-in "
-                           "H100 figures; helix_compiler/profiles/h100.yaml is the one we measured)")
+                           "H100 figures; helix_compiler/planning/profiles/h100.yaml is the one we measured)")
     plan.add_argument("--strict", action="store_true", help=STRICT_HELP)
     plan.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     plan.add_argument("--decode", action="store_true",

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import sympy
 
-from .cost import PlanCost, formulas
-from .plan import Plan
+from ..planning.cost import PlanCost, formulas
+from ..planning.plan import Plan
 
 _COLUMNS = ("", "split", "dp", "pp", "variants", "schedule", "compute ms", "comm ms", "bubble ms",
             "GiB/rank", "params/rank", "tokens/s", "latency ms", "why")

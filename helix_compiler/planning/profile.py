@@ -42,8 +42,8 @@ from pathlib import Path
 import yaml
 
 from .cluster import DTYPES, normalize_dtype, safe_load_mapping
-from .errors import HelixError
-from .runtime.kernels import FUSED_MAX_HEAD_DIM
+from ..errors import HelixError
+from ..runtime.kernels import FUSED_MAX_HEAD_DIM
 
 # qk_gemm / pv_gemm: the batched score GEMMs of an explicit core, QK^T (S_q x S_k over d) and
 # PV (S_q x d over S_k), shape (batch*heads, S_q, S_k, d) like attention.
@@ -261,7 +261,7 @@ _ATTN_FLOPS_D512 = 4 * 10_000 ** 2 * 512
 # so softmax (+ scale and mask) over 1e8 fp16 scores, read once and written once
 # (4e8 bytes), took the other 0.414 ms: 4e8 / 0.414e-3 = 966 GB/s achieved.
 # (`helix calibrate` on one H100, 2026-11-26, measured the core at 0.608 ms per head
-# with whole-head blocks; helix_compiler/profiles/h100.yaml carries that figure.)
+# with whole-head blocks; helix_compiler/planning/profiles/h100.yaml carries that figure.)
 _SOFTMAX_GB_S = 966.0
 # Norm + residual as the rank graphs run a block's tail (bias add after the
 # all-reduce, residual add, layer norm: 7 passes, cost.ELEMENTWISE_PASSES_PER_BLOCK),

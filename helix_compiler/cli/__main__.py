@@ -1,0 +1,5 @@
+"""`python -m helix_compiler.cli ...`: the `helix` command."""
+
+from .main import main
+
+main()
