@@ -91,3 +91,7 @@ def test_installed_copy_benches_and_plans_outside_the_repository(tmp_path):
     plan = run("plan", "--devices", "16")
     assert plan.returncode == 0, plan.stderr
     assert "m=1 x n=16" in plan.stdout
+    # the `helix` script pip wrote ([project.scripts] helix = "helix_compiler.cli.main:main")
+    script = subprocess.run([str(target / "bin" / "helix"), "plan", "--devices", "16"], cwd=cwd,
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert script.returncode == 0 and script.stdout == plan.stdout, script.stderr
