@@ -34,8 +34,11 @@ demo: $(STAMP)
 	$(BIN)/helix plan --devices 16
 	$(BIN)/helix run --devices 16 --backend gloo
 
+# the tests on up to 4 worker processes (pytest-xdist): torchrun tests start 2-4 processes
+# of their own, so more workers than cores only queue
+JOBS ?= $(shell $(PYTHON) -c "import os; print(max(1, min(4, len(os.sched_getaffinity(0)))))")
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -x
+	$(BIN)/python -m pytest -q -x -n $(JOBS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis
