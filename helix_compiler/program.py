@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,13 +32,16 @@ import torch.fx._pytree as fx_pytree
 import torch.utils._pytree as pytree
 from torch.fx.graph import CodeGen
 
-from .runtime import collectives
+from .runtime import collectives  # noqa: F401  (registers torch.ops.helix: saved rank graphs call them)
 from .runtime import masks  # noqa: F401  (registers helix.size_mask: saved rank graphs call it)
 from .capture import Captured
+from .data import gather_replicas, shard_inputs
 from .errors import HelixError, first_line
 from .runtime.graphs import build_module, on_device
 from .runtime.mesh import Mesh
+from .runtime.simulate import run_ranks
 from .planning.plan import Plan
+from .stages import plan_crossings, simulate_pipeline, split_rank_module, stage_cuts
 from .runtime.serialize import graph_from_json, graph_to_json
 from .planning.sites import ModelSummary
 from .runtime.weights import load_rank_weights
@@ -82,38 +84,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def run_ranks(modules: list, mesh: Mesh, args: tuple, kwargs: dict,
-              timeout_s: float = 300.0) -> list:
-    """Run rank modules concurrently in this process with simulated collectives."""
-    sim = collectives.SimulatedBackend(mesh, timeout_s=timeout_s)
-    outs, errors = [None] * len(modules), [None] * len(modules)
-
-    def go(r):
-        collectives.bind(sim.for_rank(r))
-        try:
-            with torch.no_grad():
-                outs[r] = modules[r](*args, **kwargs)
-        except BaseException as e:  # reported below, with the rank
-            errors[r] = e
-            sim.abort(e)
-        finally:
-            collectives.bind(None)
-
-    threads = [threading.Thread(target=go, args=(r,), name=f"helix-rank-{r}") for r in range(len(modules))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    first = [(r, e) for r, e in enumerate(errors) if e is not None and not isinstance(e, collectives._Aborted)]
-    if first:
-        r, e = first[0]
-        raise HelixError(f"rank {r} failed in simulation: {first_line(e)}") from e
-    if any(e is not None for e in errors):
-        r = next(r for r, e in enumerate(errors) if e is not None)
-        raise HelixError(f"rank {r} failed in simulation: {errors[r]}") from errors[r]
-    return outs
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
@@ -191,7 +161,6 @@ class HelixProgram:
     def stage_modules(self, local: int) -> list:
         """The m x n program's rank `local` module cut into pp stage modules (stages.py), the
         values that cross each cut split over the stage's ranks where `crossings` says so."""
-        from .stages import split_rank_module
 
         if local not in self._stages:
             cuts, crossings = self._cuts()
@@ -208,7 +177,6 @@ class HelixProgram:
 
     def _cuts(self) -> tuple[list, list]:
         """(each local rank's cut positions, plan_crossings) of a pp > 1 program, cached."""
-        from .stages import plan_crossings, stage_cuts
 
         if "cuts" not in self._stages:
             ranks = range(self.mesh.size)
@@ -316,7 +284,6 @@ class HelixProgram:
         one replica after another: rank r's output is the output of its replica's rows. With
         pp > 1 stages, stages.simulate_pipeline: a last-stage rank's output is the model's."""
         if self.pp > 1:
-            from .stages import simulate_pipeline
 
             return simulate_pipeline(self, args, kwargs)
         modules = [self.rank_module(r) for r in range(self.mesh.size)]
@@ -335,14 +302,12 @@ class HelixProgram:
     def shard_inputs(self, *args: object, **kwargs: object) -> list[tuple[tuple, dict]]:
         """The dp (args, kwargs) shards: every input whose dim 0 is the batch, cut into dp
         contiguous equal parts; other inputs are given whole to every replica (data.py)."""
-        from .data import shard_inputs
 
         return shard_inputs(self.analysis.captured.gm, args, kwargs, self.dp)
 
     def gather(self, outputs: list) -> object:
         """The whole batch's output from simulate's (or every rank's) outputs: replica d's first
         rank's output, concatenated along dim 0 (data.gather_replicas)."""
-        from .data import gather_replicas
 
         return gather_replicas(outputs, self.dp, self.mesh.size)
 

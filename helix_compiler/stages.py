@@ -45,10 +45,12 @@ import torch.fx as fx
 from torch._guards import detect_fake_mode
 from torch.fx.graph import CodeGen, _PyTreeCodeGen, _PyTreeInfo
 
+from .data import gather_replicas, shard_inputs
+from .errors import HelixError, first_line
 from .planning.cost import stage_of
-from .errors import HelixError
 from .runtime import collectives as _collectives  # noqa: F401  (registers torch.ops.helix)
 from .runtime.mesh import Mesh
+from .runtime.simulate import run_ranks
 
 helix = torch.ops.helix
 aten = torch.ops.aten
@@ -370,9 +372,6 @@ def simulate_pipeline(program, args: tuple, kwargs: dict, micro_batches: int | N
     together, then stage 1's on their outputs, and so on. A last-stage rank returns the model's
     output for its replica's rows (micro-batches joined along dim 0), an earlier stage's rank
     the list, one per micro-batch, of the tuples of tensors it sends on."""
-    from .data import gather_replicas, shard_inputs
-    from .errors import first_line
-    from .program import run_ranks
 
     gm, plan, size = program.analysis.captured.gm, program.plan, program.mesh.size
     stages = [program.stage_modules(local) for local in range(size)]

@@ -34,8 +34,19 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
+from ..decode import compile_decoder
 from ..errors import HelixError
+from ..modelspec import load_model_spec
+from ..models.decoder_cache import DecodeStep, greedy_generate
+from ..pipeline import analyze, cluster_spec
+from ..planning.decode_plan import plan_decode, shape_from_summary
+from ..planning.solver import solve
+from ..runtime import collectives
+from ..runtime.collectives import DistributedBackend
+from ..runtime.graphs import on_device
+from .worker import _env_rank, check_same_program, weights_digest
 
 __all__ = ["GenerateSplit", "load_decoder", "check_request", "choose_split", "make_prompt",
            "generate_rank", "DEFAULT_MODEL"]
@@ -68,7 +79,6 @@ class GenerateSplit:
 def load_decoder(spec: str) -> torch.nn.Module:
     """The model of MODEL spec `spec` (random weights, float32, eval), checked to be a
     CacheDecoder-style decoder."""
-    from ..modelspec import load_model_spec
 
     model, _, _ = load_model_spec(spec, init="random")
     missing = [a for a in DECODER_METHODS if not callable(getattr(model, a, None))]
@@ -130,10 +140,6 @@ def choose_split(model, devices: int, prompt_len: int, new_tokens: int,
     builds: (m, n) feasible for the model's attention (solver.solve) and s at most the
     cache's positions. The planner's order (TPOT, then fewer copies, smaller s, smaller m)
     picks among those that fit; `reason` says which and why."""
-    from ..planning.decode_plan import plan_decode, shape_from_summary
-    from ..models.decoder_cache import DecodeStep
-    from ..pipeline import analyze, cluster_spec
-    from ..planning.solver import solve
 
     summary = analyze(DecodeStep(model), _step_args(model, prompt_len), dynamic=False).summary
     shape = shape_from_summary(summary, dtype="fp32")
@@ -189,7 +195,6 @@ def pair_on_device(prog, rank: int, device: torch.device) -> None:
     """Rank `rank`'s (prefill, step) modules of `prog` on `device`, their shared cache tensors
     still one tensor each (Module.to gives each module its own copy), and prog.caches[rank]
     pointing at them."""
-    from ..runtime.graphs import on_device
 
     if device.type == "cpu":
         return
@@ -251,13 +256,7 @@ def generate_rank(prog, rank: int, prompt: torch.Tensor, valid_prompt: torch.Ten
 
 # ---- one torchrun process --------------------------------------------------------------
 def _run(args, rank: int, world: int, local_rank: int) -> dict:
-    import torch.distributed as dist
 
-    from ..decode import compile_decoder
-    from ..models.decoder_cache import greedy_generate
-    from ..runtime import collectives
-    from ..runtime.collectives import DistributedBackend
-    from .worker import check_same_program, weights_digest
 
     if args.backend == "nccl":
         device = torch.device("cuda", local_rank)
@@ -333,9 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import torch.distributed as dist
 
-    from .worker import _env_rank
 
     args = build_parser().parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import logging
 import os
@@ -45,6 +46,8 @@ from ..modelspec import load_model_spec
 from ..pipeline import PASS_NAMES, PASSES, analyze, cluster_spec
 from ..planning.plan import OBJECTIVES, Plan
 from ..planning.profile import load_profile
+from ..models.paper import PaperConfig, build
+from .generate import DEFAULT_MODEL, GenerateSplit, check_request, choose_split, load_decoder
 from .report import format_table
 from .worker import read_failures
 from ..planning.text import ranges as _ranges
@@ -150,7 +153,6 @@ def _plan_model_spec(model: str | None, batch: int | None, seq: int | None):
     if model is not None or (batch is None and seq is None):
         return load_model_spec(model or _paper_spec("paper_meta"), batch=batch, seq=seq,
                                init="meta")
-    from ..models.paper import PaperConfig, build
 
     config = PaperConfig(**{k: v for k, v in (("batch", batch), ("seq", seq)) if v is not None})
     model_, inputs = build(config, "meta")
@@ -382,7 +384,6 @@ def _split_arg(text: str) -> tuple[int, int, int]:
 def cmd_generate(args) -> int:
     """Check the request and choose the split here, then run one rank of the DecodeProgram
     per process under torchrun (helix_compiler/cli/generate.py); rank 0 prints the tokens."""
-    from .generate import DEFAULT_MODEL, GenerateSplit, check_request, choose_split, load_decoder
 
     spec = args.model or DEFAULT_MODEL
     if args.json and not Path(args.json).resolve().parent.is_dir():
@@ -607,7 +608,6 @@ FORWARDED = {"bench": "time one rank of every plan on this GPU, with modeled com
 
 def _forward(module: str, argv: list) -> int:
     """`helix bench` / `helix calibrate`: their own argument parsers live with them."""
-    import importlib
 
     if module == "calibrate" and "--collectives" in argv:  # NCCL sweep over this machine's GPUs
         module = "calibrate_collectives"
