@@ -20,6 +20,7 @@ shard d.
 from __future__ import annotations
 
 import torch
+import torch.fx._pytree as fx_pytree
 import torch.utils._pytree as pytree
 
 from .errors import HelixError
@@ -31,7 +32,6 @@ def _batch_leaves(gm, args: tuple, kwargs: dict) -> tuple[set, int, object]:
     was: a symbol (export may give ids and attention_mask different symbols for one batch),
     or, in a static capture, the same number; a dim 0 fixed at capture while B is symbolic
     is no batch dim."""
-    import torch.fx._pytree as fx_pytree
 
     info = getattr(gm.graph._codegen, "pytree_info", None)
     leaves = (fx_pytree.tree_flatten_spec((args, kwargs), info.in_spec) if info is not None
@@ -56,7 +56,6 @@ def _batch_leaves(gm, args: tuple, kwargs: dict) -> tuple[set, int, object]:
 def batch_positions(gm, args: tuple, kwargs: dict) -> tuple[list, set[int]]:
     """The inputs as the graph's placeholders take them (flattened), and the positions of
     those whose dim 0 is the batch (the overlap pass cuts those into chunks)."""
-    import torch.fx._pytree as fx_pytree
 
     info = getattr(gm.graph._codegen, "pytree_info", None)
     leaves = (fx_pytree.tree_flatten_spec((args, kwargs), info.in_spec) if info is not None

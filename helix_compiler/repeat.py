@@ -54,7 +54,9 @@ model.state_dict(), and they are the user's tensors.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
+import inspect
 
 import torch
 import torch.fx as fx
@@ -98,10 +100,7 @@ def capture_repeated(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic:
     params.update(dict(gm.named_buffers(remove_duplicate=False)))
     for name, tensor in model.state_dict(keep_vars=True).items():
         params.setdefault(name, tensor)
-    from .capture import Captured
-
-    return Captured(gm=gm, args=small.args, kwargs=small.kwargs, params=params, dynamic=small.dynamic,
-                    note=small.note)
+    return dataclasses.replace(small, gm=gm, params=params)   # the stand-in's args, mode, note
 
 
 def find_layer_list(model: torch.nn.Module):
@@ -209,8 +208,6 @@ class _Skipped(torch.nn.Module):
     def __init__(self, real: torch.nn.Module):
         super().__init__()
         self.__dict__["_real"] = real            # not a submodule: no parameters in the stand-in
-        import inspect
-
         names = [p for p in inspect.signature(real.forward).parameters]
         self.__dict__["_first"] = names[0] if names else None
 
