@@ -195,6 +195,11 @@ def _ev(name: str, env: dict) -> float:
     return float(fn(*[env[a] if a in env else _SETTINGS[a] for a in names]))
 
 
+# Identity-keyed caches of values derived from a summary (replicas, stages, shapes) hold at most
+# this many entries: a search over 4096 devices asks for 13 replica batches x 7 stage counts of
+# an 80-layer model, and an entry is a few tuples of shared sites.
+DERIVED_CACHE_SIZE = 4096
+
 # --- the search memo --------------------------------------------------------------------
 # A plan search (plan.make_plan) prices hundreds of (dp, pp, m, n) candidates whose terms
 # repeat: one site shape at one micro-batch on one layout costs the same in every candidate
@@ -228,7 +233,7 @@ def search_scope():
 
 
 def _clear_memo() -> None:
-    for memo in (_TERMS, _ALIVE, _LAYOUTS, _MACHINES, _LAYSIG):
+    for memo in (_TERMS, _ALIVE, _LAYOUTS, _MACHINES, _LAYSIG, _SPLITS):
         memo.clear()
 
 
@@ -623,7 +628,7 @@ def _by_shape(items, key) -> list[tuple[object, int]]:
         return hit[1]
     out = _by_shape_uncached(items, key)
     if isinstance(items, tuple):
-        if len(_SHAPES) > 256:
+        if len(_SHAPES) > DERIVED_CACHE_SIZE:
             _SHAPES.clear()
         _SHAPES[(id(items), key)] = (items, out)
     return out
@@ -734,6 +739,21 @@ def memory_reason(summary: ModelSummary, m: int, n: int, cluster: ClusterSpec,
 # --- plans ------------------------------------------------------------------------
 def _seconds(terms, kind: str | None = None) -> float:
     return sum(t for _, k, t in terms if kind is None or k == kind)
+
+
+_SPLITS: dict = {}     # id(terms) -> (terms, (compute s, comm s)): memoized term lists' sums
+
+
+def _split_seconds(terms) -> tuple[float, float]:
+    """(_seconds(terms, "compute"), _seconds(terms, "comm")); a term list the search memo keeps
+    is summed once."""
+    hit = _SPLITS.get(id(terms)) if _SCOPE[0] else None
+    if hit is not None and hit[0] is terms:
+        return hit[1]
+    out = (_seconds(terms, "compute"), _seconds(terms, "comm"))
+    if _SCOPE[0]:
+        _SPLITS[id(terms)] = (terms, out)
+    return out
 
 
 def _choose_cores(summary, cluster, sites, params: int, lay: _Layout, mach: _Machine,
@@ -963,7 +983,7 @@ def replica_summary(summary: ModelSummary, dp: int) -> ModelSummary:
     if hit is not None and hit[0] is summary:
         return hit[1]
     local = _replica_summary(summary, dp)
-    if len(_REPLICAS) > 64:
+    if len(_REPLICAS) > DERIVED_CACHE_SIZE:
         _REPLICAS.clear()
     _REPLICAS[(id(summary), dp)] = (summary, local)
     return local
@@ -1283,7 +1303,7 @@ def stage_summaries(summary: ModelSummary, pp: int) -> tuple[ModelSummary, ...]:
     if hit is not None and hit[0] is summary:
         return hit[1]
     out = _stage_summaries(summary, pp)
-    if len(_STAGES) > 64:
+    if len(_STAGES) > DERIVED_CACHE_SIZE:
         _STAGES.clear()
     _STAGES[(id(summary), pp)] = (summary, out)
     return out
@@ -1428,26 +1448,50 @@ def cost_pipeline_plan(summary: ModelSummary, m: int, n: int, cluster: ClusterSp
     # dim) when m n divides D: scatter-gather, priced as cost_baseline prices it
     scatter = PP_SCATTER_GATHER and _hidden(summary) % (m * n) == 0
 
+    hidden = _hidden(summary)
+    spans: dict = {}        # stage p -> node span of its m n ranks (the all-gather's group)
+
     def recv_terms(p: int, size: int) -> list[tuple[str, str, float]]:
         if p == 0:
             return []
-        nbytes = w * size * summary.seq_len * _hidden(summary)
+        nbytes = w * size * summary.seq_len * hidden
         src, dst = (p - 1) * m * n, p * m * n
         if not scatter:
             return [("stage-boundary send", "comm", p2p_s(nbytes, src, dst, hop, cluster))]
         t = p2p_s(nbytes / (m * n), src, dst, hop, cluster)
-        t += collective_s("all_gather", nbytes, range(dst, dst + m * n), cluster)
+        if p not in spans:
+            spans[p] = group_span(range(dst, dst + m * n), cluster)
+        # collective_s("all_gather", nbytes, range(dst, dst + m n)), its span computed once
+        t += _collective_shape_s("all_gather", nbytes, m * n, *spans[p], cluster)
         return [("stage-boundary send", "comm", t)]
 
-    def one(p, reps, idx, cores, mlp_reps, b) -> tuple[float, float]:
-        """(compute, comm) seconds of one micro-batch of b on stage p."""
+    counted: dict = {}      # id(idx) -> how many sites of each rep a stage holds
+
+    bodies: dict = {}       # (id(reps), b) -> a stage's sites, MLPs and graph share
+
+    def body(reps, idx, cores, mlp_reps, b) -> tuple[float, float]:
+        """(compute, comm) seconds of one micro-batch of b on a stage of this shape, its
+        receive aside (stages of one shape share it, whatever their receive)."""
+        key = (id(reps), b)
+        if key in bodies:
+            return bodies[key]
         per_rep = [_attention_terms(x, w, *c, b, lay, mach, blockwise) for x, c in zip(reps, cores)]
-        counts = Counter(idx)
+        if id(idx) not in counted:
+            counted[id(idx)] = Counter(idx)
+        counts = counted[id(idx)]
         terms = [(counts[k], t) for k, t in enumerate(per_rep)]
         terms += [(c, _mlp_terms(x, summary, b, lay, mach)) for x, c in mlp_reps]
-        terms += [(1, _graph_terms(summary, b, lay, mach, pp)), (1, recv_terms(p, b))]
-        return (sum(c * _seconds(t, "compute") for c, t in terms),
-                sum(c * _seconds(t, "comm") for c, t in terms))
+        terms.append((1, _graph_terms(summary, b, lay, mach, pp)))
+        sums = [(c, _split_seconds(t)) for c, t in terms]
+        out = bodies[key] = (sum(c * x[0] for c, x in sums), sum(c * x[1] for c, x in sums))
+        return out
+
+    def one(p, reps, idx, cores, mlp_reps, b) -> tuple[float, float]:
+        """(compute, comm) seconds of one micro-batch of b on stage p: its body, then its
+        receive (the order the terms were summed in before the body was shared)."""
+        compute, comm = body(reps, idx, cores, mlp_reps, b)
+        recv = _split_seconds(recv_terms(p, b))
+        return compute + recv[0], comm + recv[1]
 
     def crosses(p: int) -> bool:
         """Whether stage p's receive comes from another node (a slower send)."""
