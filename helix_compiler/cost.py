@@ -48,9 +48,11 @@ are computed from those very expressions (`_ev`).
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
 import functools
+import itertools
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -651,7 +653,21 @@ def _mlp_tokens_shape(x: MlpSite) -> tuple:
 
 
 def _full_weights(summary: ModelSummary) -> int:
-    """Elements of every attention and MLP weight, unsharded."""
+    """Elements of every attention and MLP weight, unsharded (once per tuple of sites and
+    of MLPs: a search asks for it per candidate)."""
+    key = (id(summary.sites), id(summary.mlps), "weights")
+    hit = _SHAPES.get(key)
+    if hit is not None and hit[0] is summary.sites and hit[1] is summary.mlps:
+        return hit[2]
+    out = _full_weights_uncached(summary)
+    if isinstance(summary.sites, tuple) and isinstance(summary.mlps, tuple):
+        if len(_SHAPES) > DERIVED_CACHE_SIZE:
+            _SHAPES.clear()
+        _SHAPES[key] = (summary.sites, summary.mlps, out)
+    return out
+
+
+def _full_weights_uncached(summary: ModelSummary) -> int:
     one = _Layout(1, 1, 1)
     return (sum(c * round(_ev("attn_params", _site_env(s, 1, 1, one)))
                 for s, c in _by_shape(summary.sites, _shape_key))
@@ -822,12 +838,16 @@ def _graph_terms(summary, size, lay, mach, pp: int = 1) -> list[tuple[str, str, 
     return terms
 
 
-def _mlp_terms(mlp, summary, size, lay, mach):
+def _mlp_key(mlp, summary, lay, mach, size=None) -> tuple:
     # what _mlp_terms_uncached reads of the summary: tokens per sequence, w, and whether a
     # graph workload prices the norms
-    key = ("m", mlp.hidden, mlp.ffn, len(mlp.up_weights), mlp.dtype,
-           _tokens_per_sequence(mlp, summary), summary.dtype_bytes, summary.workload is None,
-           size, lay.shards, _lay_key(lay, mach.cluster)[4], id(mach))
+    return ("m", mlp.hidden, mlp.ffn, len(mlp.up_weights), mlp.dtype,
+            _tokens_per_sequence(mlp, summary), summary.dtype_bytes, summary.workload is None,
+            size, lay.shards, _lay_key(lay, mach.cluster)[4], id(mach))
+
+
+def _mlp_terms(mlp, summary, size, lay, mach):
+    key = _mlp_key(mlp, summary, lay, mach, size)
     if key not in _TERMS:
         _alive(mach)
         _TERMS[key] = _mlp_terms_uncached(mlp, summary, size, lay, mach)
@@ -1311,16 +1331,31 @@ def stage_summaries(summary: ModelSummary, pp: int) -> tuple[ModelSummary, ...]:
 
 def stage_shapes(summary: ModelSummary, pp: int) -> tuple[tuple, ...]:
     """Per stage what its cost depends on: its sites' shapes, its MLPs' shapes and tokens per
-    sequence, its parameters (stages of one shape cost alike)."""
+    sequence, its parameters (stages of one shape cost alike), as an int (`_intern`)."""
     hit = _STAGES.get((id(summary), pp, "shapes"))
     if hit is not None and hit[0] is summary:
         return hit[1]
-    out = tuple((tuple(_shape_key(x) for x in part.sites),
-                 tuple((_mlp_shape(x), _tokens_per_sequence(x, part)) for x in part.mlps),
-                 part.param_elements, part.replicated_elements)
+    out = tuple(_intern((tuple(_shape_key(x) for x in part.sites),
+                         tuple((_mlp_shape(x), _tokens_per_sequence(x, part)) for x in part.mlps),
+                         part.param_elements, part.replicated_elements))
                 for part in stage_summaries(summary, pp))
     _STAGES[(id(summary), pp, "shapes")] = (summary, out)
     return out
+
+
+_INTERNED: dict = {}
+_INTERN_NEXT = itertools.count()
+
+
+def _intern(key: tuple) -> int:
+    """A small int standing for `key` (equal keys, equal ints; never reused): a stage's shape
+    is a tuple of its 80 sites' keys, hashed once here instead of at every lookup."""
+    hit = _INTERNED.get(key)
+    if hit is None:
+        if len(_INTERNED) > DERIVED_CACHE_SIZE:
+            _INTERNED.clear()
+        hit = _INTERNED[key] = next(_INTERN_NEXT)
+    return hit
 
 
 def _stage_setup(part: ModelSummary, shape: tuple, cluster: ClusterSpec, lay: _Layout,
@@ -1387,6 +1422,88 @@ def _divisors(x: int) -> tuple[int, ...]:
     return tuple(int(v) for v in sympy.divisors(x)) if x > 0 else (1,)
 
 
+def _grid_seconds(key, grid: tuple, need: int, terms_of) -> tuple[np.ndarray, np.ndarray]:
+    """(compute, comm) seconds of the terms `terms_of(b)` for each b of grid[:need] (the global
+    batch's divisors, ascending) as two arrays; in a search the arrays of one key are kept and
+    grown to the larger b a later candidate fits (every value is the scalar memo's)."""
+    hit = _TERMS.get(key)
+    have = 0 if hit is None else len(hit[0])
+    if have < need:
+        new = [_split_seconds(terms_of(b)) for b in grid[have:need]]
+        comp = np.array([x[0] for x in new], dtype=float)
+        comm = np.array([x[1] for x in new], dtype=float)
+        if hit is not None:
+            comp, comm = np.concatenate((hit[0], comp)), np.concatenate((hit[1], comm))
+        hit = _TERMS[key] = (comp, comm)
+    return hit[0][:need], hit[1][:need]
+
+
+def _pipeline_sizes(summary, global_batch, pp, m, n, lay, mach, cluster, fit, sizes, firsts,
+                    crosses, recv_terms, spans, counted, w, blockwise):
+    """cost_pipeline_plan's micro-batch search with every size priced at once: per stage class
+    (shape, receive) its per-micro-batch seconds over the sizes as arrays, summed in the order
+    the scalar `one` sums them (so every figure is the same float), the slowest class per size,
+    (M + pp - 1) t_stage, and the fastest step (ties: the larger b). Returns (b, step seconds,
+    slowest stage, steps of `sizes`)."""
+    grid = _divisors(global_batch)
+    need = bisect.bisect_right(grid, fit)
+    sel = np.searchsorted(np.array(grid[:need]), sizes)
+    lk, mid = _lay_key(lay, cluster), id(mach)
+    _alive(mach)
+    bodies: dict = {}
+    rows, firsts_p = [], []
+    for st in firsts.values():
+        p, reps, idx, cores, mlp_reps = st[0], *st[2:6]
+        if id(reps) not in bodies:
+            if id(idx) not in counted:
+                counted[id(idx)] = Counter(idx)
+            counts = counted[id(idx)]
+            parts = []
+            for k, (x, (v, bk)) in enumerate(zip(reps, cores)):
+                parts.append((counts[k], _grid_seconds(
+                    ("ga", _shape_key(x), w, v, bk, grid, lk, mid, blockwise), grid, need,
+                    lambda b, x=x, v=v, bk=bk: _attention_terms(x, w, v, bk, b, lay, mach,
+                                                                blockwise))))
+            for x, c in mlp_reps:
+                parts.append((c, _grid_seconds(
+                    ("gm", _mlp_key(x, summary, lay, mach), grid),
+                    grid, need, lambda b, x=x: _mlp_terms(x, summary, b, lay, mach))))
+            parts.append((1, _grid_seconds(
+                ("gg", summary.workload, summary.sites[0].num_kv_heads if summary.sites else 1,
+                 summary.sites[0].dtype if summary.sites else None, lay.m, lay.n, mid, pp,
+                 grid) if summary.workload is not None else ("gg-none", need),
+                grid, need, lambda b: _graph_terms(summary, b, lay, mach, pp))))
+            comp = comm = 0
+            for c, (a, x) in parts:
+                comp = comp + c * a
+                comm = comm + c * x
+            bodies[id(reps)] = (comp, comm)
+        comp, comm = bodies[id(reps)]
+        if p == 0:
+            rc, rx = 0, 0
+        else:
+            recv_arr = _grid_seconds(
+                ("gr", mid, m * n, crosses(p), _span_of(spans, p, m * n, cluster),
+                 PP_SCATTER_GATHER, summary.seq_len, _hidden(summary), w, grid), grid, need,
+                lambda b, p=p: recv_terms(p, b))
+            rc, rx = recv_arr
+        rows.append(((comp + rc) + (comm + rx))[sel])     # one(): (compute, comm), summed
+        firsts_p.append(p)
+    t = np.vstack(rows)
+    slow = np.argmax(t, axis=0)               # the first of equal stages, as max() picks
+    t_stage = t[slow, np.arange(len(sizes))]
+    steps = (summary.batch // np.array(sizes) + pp - 1) * t_stage   # (M + pp - 1) t_stage
+    best = steps.min()
+    j = max(i for i in range(len(sizes)) if steps[i] == best)     # ties: the larger b
+    return sizes[j], float(steps[j]), firsts_p[slow[j]], [float(x) for x in steps]
+
+
+def _span_of(spans: dict, p: int, size: int, cluster: ClusterSpec) -> tuple[int, int]:
+    if p not in spans:
+        spans[p] = group_span(range(p * size, (p + 1) * size), cluster)
+    return spans[p]
+
+
 def cost_pipeline_plan(summary: ModelSummary, m: int, n: int, cluster: ClusterSpec,
                        profile: ComputeProfile | None = None, variant: str | None = None,
                        backend: str | None = None, *, dp: int = 1, pp: int,
@@ -1419,13 +1536,13 @@ def cost_pipeline_plan(summary: ModelSummary, m: int, n: int, cluster: ClusterSp
     lay = _helix_layout(m, n, dp * pp, cluster.gpus_per_node)    # every stage's groups
     w, blockwise = summary.dtype_bytes, summary.workload is None
     stages, by_shape = [], {}
-    for p, (part, shape) in enumerate(zip(stage_summaries(summary, pp),
-                                          stage_shapes(summary, pp))):
+    shapes = stage_shapes(summary, pp)
+    for p, (part, shape) in enumerate(zip(stage_summaries(summary, pp), shapes)):
         # stages of one shape (80 layers over 4 stages) are costed once
         if shape not in by_shape:
             by_shape[shape] = _stage_setup(part, shape, cluster, lay, mach, variant, backend)
         stages.append((p, part, *by_shape[shape]))
-    fit = min(_micro_batch(summary, st[-2], st[-1], cluster) for st in stages)
+    fit = min(_micro_batch(summary, st[-2], st[-1], cluster) for st in by_shape.values())
     if fit < 1:
         worst = max(stages, key=lambda st: st[-2] * w + st[-1])
         raise PlanError(f"{name}: {_memory_reason(summary, worst[-2], worst[-1], cluster)} "
@@ -1520,21 +1637,30 @@ def cost_pipeline_plan(summary: ModelSummary, m: int, n: int, cluster: ClusterSp
         return _ev("pipeline_step", {"M": local // b, "p_pp": pp, "t_stage": t_stage}), \
             per_micro, p_slow
 
-    priced = {b: price(b) for b in sizes}
-    b = min(priced, key=lambda x: (priced[x][0], -x))
-    step, _, p_slow = priced[b]
+    if _SCOPE[0]:     # a search: every size at once, over arrays the whole search shares
+        b, step, p_slow, steps = _pipeline_sizes(
+            summary, global_batch, pp, m, n, lay, mach, cluster, fit, sizes, firsts, crosses,
+            recv_terms, spans, counted, w, blockwise)
+        priced = {x: (t,) for x, t in zip(sizes, steps)}
+    else:
+        priced = {b: price(b) for b in sizes}
+        b = min(priced, key=lambda x: (priced[x][0], -x))
+        step, _, p_slow = priced[b]
     count = local // b
     # the chosen b's records: every site and MLP over its stage's M micro-batches
-    sites, mlps, agg = [], [], {}
-    for p, part, reps, idx, cores, mlp_reps, params, act in stages:
+    sites, mlps, agg, mlp_keys = [], [], {}, {}
+    for (p, part, reps, idx, cores, mlp_reps, params, act), shape in zip(stages, shapes):
         if id(reps) not in agg:
             agg[id(reps)] = [_aggregate(x.index, v, bk, [(count, _attention_terms(
                 x, w, v, bk, b, lay, mach, blockwise))]) for x, (v, bk) in zip(reps, cores)]
         rep_costs = agg[id(reps)]
-        sites += [_at_index(rep_costs[k], x.index) if records else rep_costs[k]
-                  for x, k in zip(part.sites, idx)]
-        for x in part.mlps:
-            key = ("mlp", _mlp_tokens_shape(x))
+        if records:
+            sites += [_at_index(rep_costs[k], x.index) for x, k in zip(part.sites, idx)]
+        else:
+            sites += [rep_costs[k] for k in idx]
+        if shape not in mlp_keys:     # stages of one shape hold MLPs of the same shapes
+            mlp_keys[shape] = [("mlp", _mlp_tokens_shape(x)) for x in part.mlps]
+        for x, key in zip(part.mlps, mlp_keys[shape]):
             if key not in agg:
                 agg[key] = _aggregate(x.index, "mlp", "", [(count, _mlp_terms(x, part, b, lay,
                                                                               mach))])
