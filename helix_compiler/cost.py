@@ -193,8 +193,27 @@ def _compiled(name: str):
 
 
 def _ev(name: str, env: dict) -> float:
+    try:
+        return _EVALUATORS[name](env)
+    except KeyError:
+        if name in _EVALUATORS:
+            raise
+    _EVALUATORS[name] = _evaluator(name)
+    return _EVALUATORS[name](env)
+
+
+_EVALUATORS: dict = {}    # name -> env -> float: the compiled formula, its arguments read inline
+
+
+def _evaluator(name: str):
+    """`_compiled(name)` called with its arguments read from env (a setting when env has none
+    of that name), written out once per formula: the search evaluates ~20k of them."""
     names, fn = _compiled(name)
-    return float(fn(*[env[a] if a in env else _SETTINGS[a] for a in names]))
+    args = ", ".join(f"(env[{a!r}] if {a!r} in env else S[{a!r}])" if a in _SETTINGS
+                     else f"env[{a!r}]" for a in names)
+    scope = {"fn": fn, "S": _SETTINGS}
+    exec(f"def ev(env):\n    return float(fn({args}))\n", scope)   # noqa: S102
+    return scope["ev"]
 
 
 # Identity-keyed caches of values derived from a summary (replicas, stages, shapes) hold at most
@@ -1224,19 +1243,48 @@ def overlapped_step(chunk_compute_ms: float, chunk_async_ms: float, collectives:
     return step, step - k * chunk_compute_ms
 
 
+def overlapped_step_closed(chunk_compute_ms: float, chunk_async_ms: float, collectives: int,
+                           k: int, chunk_sync_ms: float = 0.0) -> tuple[float, float]:
+    """`overlapped_step` by its closed form (its docstring), in O(1): what the plan search
+    prices k >= 2 with (the simulation runs (L + 1) k steps, 1288 for 80 layers at k = 8).
+    Equal to the simulation within float rounding (tests/test_plan_search.py: 1e-12)."""
+    if k < 2:
+        return overlapped_step(chunk_compute_ms, chunk_async_ms, collectives, k, chunk_sync_ms)
+    L = collectives
+    c = chunk_compute_ms / (L + 1)
+    x = chunk_async_ms / L if L else 0.0
+    step = max(k * (L + 1) * c, c + k * L * x + c) + k * chunk_sync_ms
+    return step, step - k * chunk_compute_ms
+
+
 def _async_terms(costs) -> tuple[float, float, int]:
     """(all-reduce ms, other collective ms, all-reduces) of SiteCosts: the overlap pass issues
     every batch-row all-reduce asynchronously and leaves all-gathers synchronous."""
     async_ms = sync_ms = 0.0
     count = 0
     for sc in costs:
-        for name, ms in sc.terms:
-            if "all-reduce" in name:
-                async_ms += ms
-                count += 1
-            elif "all-gather" in name or "reduce-scatter" in name:
-                sync_ms += ms
+        asyncs, syncs = _collective_terms(sc)
+        for ms in asyncs:
+            async_ms += ms
+        for ms in syncs:
+            sync_ms += ms
+        count += len(asyncs)
     return async_ms, sync_ms, count
+
+
+def _collective_terms(sc: SiteCost) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(all-reduce ms, all-gather / reduce-scatter ms) of one SiteCost's terms, in order; in a
+    search once per SiteCost (80 layers share one)."""
+    hit = _TERMS.get(("coll", id(sc))) if _SCOPE[0] else None
+    if hit is not None and hit[0] is sc:
+        return hit[1]
+    out = (tuple(ms for name, ms in sc.terms if "all-reduce" in name),
+           tuple(ms for name, ms in sc.terms
+                 if "all-reduce" not in name and ("all-gather" in name
+                                                  or "reduce-scatter" in name)))
+    if _SCOPE[0]:
+        _TERMS[("coll", id(sc))] = (sc, out)
+    return out
 
 
 def overlap_cost(summary: ModelSummary, base: PlanCost, k: int, m: int, n: int,
@@ -1261,7 +1309,7 @@ def overlap_cost(summary: ModelSummary, base: PlanCost, k: int, m: int, n: int,
     async_ms, sync_ms, count = _async_terms(chunk.sites + chunk.mlps)
     if count == 0:
         return None
-    micro, _ = overlapped_step(chunk.compute_ms, async_ms, count, k, sync_ms)
+    micro, _ = overlapped_step_closed(chunk.compute_ms, async_ms, count, k, sync_ms)
     M = local // b
     step_ms = M * micro
     compute_ms, comm_ms = M * k * chunk.compute_ms, M * k * chunk.comm_ms
