@@ -1058,8 +1058,8 @@ def cost_plan(summary: ModelSummary, m: int, n: int, cluster: ClusterSpec,
 
     records=False (a candidate row of the plan search): the same figures, but `sites` and
     `mlps` hold each site's shape cost as its first site of that shape indexes it (the
-    search keeps one per distinct shape, `row_records`); the chosen plan is priced again with
-    records=True."""
+    search keeps one per distinct shape, `row_records`; with pp > 1 they hold just those, as
+    a pipeline is not overlapped); the chosen plan is priced again with records=True."""
     if pp > 1:
         return cost_pipeline_plan(summary, m, n, cluster, profile, variant, backend, dp=dp,
                                   pp=pp, micro_batches=micro_batches, records=records)
@@ -1262,13 +1262,12 @@ def _async_terms(costs) -> tuple[float, float, int]:
     every batch-row all-reduce asynchronously and leaves all-gathers synchronous."""
     async_ms = sync_ms = 0.0
     count = 0
-    for sc in costs:
-        asyncs, syncs = _collective_terms(sc)
-        for ms in asyncs:
-            async_ms += ms
-        for ms in syncs:
-            sync_ms += ms
-        count += len(asyncs)
+    distinct = {id(sc): sc for sc in costs}      # 80 layers of one shape share their SiteCost
+    for i, times in Counter(map(id, costs)).items():
+        asyncs, syncs = _collective_terms(distinct[i])
+        async_ms += times * sum(asyncs)
+        sync_ms += times * sum(syncs)
+        count += times * len(asyncs)
     return async_ms, sync_ms, count
 
 
@@ -1697,22 +1696,36 @@ def cost_pipeline_plan(summary: ModelSummary, m: int, n: int, cluster: ClusterSp
     count = local // b
     # the chosen b's records: every site and MLP over its stage's M micro-batches
     sites, mlps, agg, mlp_keys = [], [], {}, {}
-    for (p, part, reps, idx, cores, mlp_reps, params, act), shape in zip(stages, shapes):
+    if not records:     # a row: one SiteCost per distinct shape (row_records), in site order
+        seen: set = set()
+        for p, part, reps, idx, cores, mlp_reps, params, act in stages:
+            if id(reps) in seen:    # a stage of a shape already listed adds no new cost
+                continue
+            seen.add(id(reps))
+            sites += [_aggregate(x.index, v, bk, [(count, _attention_terms(
+                x, w, v, bk, b, lay, mach, blockwise))]) for x, (v, bk) in zip(reps, cores)]
+            for x, _ in mlp_reps:
+                key = ("mlp", _mlp_tokens_shape(x))
+                if key not in agg:
+                    agg[key] = _aggregate(x.index, "mlp", "", [(count, _mlp_terms(
+                        x, part, b, lay, mach))])
+                mlps.append(agg[key])
+        sites = list({id(x): x for x in sites}.values())
+        mlps = list({id(x): x for x in mlps}.values())
+    for (p, part, reps, idx, cores, mlp_reps, params, act), shape in zip(
+            stages if records else (), shapes):
         if id(reps) not in agg:
             agg[id(reps)] = [_aggregate(x.index, v, bk, [(count, _attention_terms(
                 x, w, v, bk, b, lay, mach, blockwise))]) for x, (v, bk) in zip(reps, cores)]
         rep_costs = agg[id(reps)]
-        if records:
-            sites += [_at_index(rep_costs[k], x.index) for x, k in zip(part.sites, idx)]
-        else:
-            sites += [rep_costs[k] for k in idx]
+        sites += [_at_index(rep_costs[k], x.index) for x, k in zip(part.sites, idx)]
         if shape not in mlp_keys:     # stages of one shape hold MLPs of the same shapes
             mlp_keys[shape] = [("mlp", _mlp_tokens_shape(x)) for x in part.mlps]
         for x, key in zip(part.mlps, mlp_keys[shape]):
             if key not in agg:
                 agg[key] = _aggregate(x.index, "mlp", "", [(count, _mlp_terms(x, part, b, lay,
                                                                               mach))])
-            mlps.append(_at_index(agg[key], x.index) if records else agg[key])
+            mlps.append(_at_index(agg[key], x.index))
     gc = _graph_cost(summary, [(b, count)], lay, mach, pp)
     slow = stages[p_slow]
     compute_1, comm_1 = one(p_slow, *slow[2:6], b)
