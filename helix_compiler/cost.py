@@ -390,17 +390,29 @@ def _group_shapes(groups: tuple, cluster: ClusterSpec) -> tuple:
 _LAYSIG: dict = {}
 
 
-def _lay_key(lay: _Layout, cluster: ClusterSpec) -> tuple:
+def _lay_key(lay: _Layout, cluster: ClusterSpec) -> int:
     """What a layout's costs depend on: m, n, the shards and its groups' distinct (size, span);
     replicas at other offsets whose groups span nodes alike share it (the term memo's key)."""
+    return _lay_keys(lay, cluster)[0]
+
+
+def _lay_out_key(lay: _Layout, cluster: ClusterSpec) -> int:
+    """What an MLP's cost depends on of a layout: its shards and output groups' shapes."""
+    return _lay_keys(lay, cluster)[1]
+
+
+def _lay_keys(lay: _Layout, cluster: ClusterSpec) -> tuple[int, int]:
+    # interned (`_intern`): memo keys hold two ints, not the groups' nested shapes
     hit = _LAYSIG.get(id(lay)) if _SCOPE[0] else None
-    if hit is None or hit[0] is not lay:
-        hit = (lay, (lay.m, lay.n, lay.shards, _group_shapes(lay.m_groups, cluster),
-                     _group_shapes(lay.out_groups, cluster)))
+    if hit is None or hit[0] is not lay or hit[1] is not cluster:
+        out = _group_shapes(lay.out_groups, cluster)
+        hit = (lay, cluster, (_intern((lay.m, lay.n, lay.shards,
+                                       _group_shapes(lay.m_groups, cluster), out)),
+                              _intern(("out", lay.shards, out))))
         if _SCOPE[0]:
             _alive(lay)
             _LAYSIG[id(lay)] = hit
-    return hit[1]
+    return hit[2]
 
 
 def group_span(ranks, cluster: ClusterSpec) -> tuple[int, int]:
@@ -862,7 +874,7 @@ def _mlp_key(mlp, summary, lay, mach, size=None) -> tuple:
     # graph workload prices the norms
     return ("m", mlp.hidden, mlp.ffn, len(mlp.up_weights), mlp.dtype,
             _tokens_per_sequence(mlp, summary), summary.dtype_bytes, summary.workload is None,
-            size, lay.shards, _lay_key(lay, mach.cluster)[4], id(mach))
+            size, _lay_out_key(lay, mach.cluster), id(mach))
 
 
 def _mlp_terms(mlp, summary, size, lay, mach):
@@ -876,14 +888,15 @@ def _mlp_terms(mlp, summary, size, lay, mach):
 _SHAPE_KEYS: dict = {}    # id(site) -> (site, key): a site is frozen, its key computed once
 
 
-def _shape_key(site: AttentionSite) -> tuple:
-    """What the cost of a site depends on: every field but its index and node names."""
+def _shape_key(site: AttentionSite) -> int:
+    """What the cost of a site depends on: every field but its index and node names (the
+    tuple `_shape_key_uncached`, interned: equal shapes, equal ints)."""
     hit = _SHAPE_KEYS.get(id(site))
     if hit is not None and hit[0] is site:
         return hit[1]
     if len(_SHAPE_KEYS) > 65536:
         _SHAPE_KEYS.clear()
-    key = _shape_key_uncached(site)
+    key = _intern(_shape_key_uncached(site))     # an int: memo keys hash it for free
     _SHAPE_KEYS[id(site)] = (site, key)
     return key
 
