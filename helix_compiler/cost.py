@@ -334,30 +334,49 @@ class PlanCost:
 class _Machine:
     cluster: ClusterSpec
     profile: ComputeProfile
+    # the profile's answers (efficiency by size, peaks by dtype) as asked: a search asks the
+    # same few thousand times
+    seen: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def matmul_s(self, flops: float, nbytes: float, dtype: str) -> float:
-        eta_ = self.profile.matmul_efficiency(flops, dtype)
+        key = ("mm", flops, dtype)
+        eta_ = self.seen.get(key)
+        if eta_ is None:
+            eta_ = self.seen[key] = self.profile.matmul_efficiency(flops, dtype)
         return self._op(flops, nbytes, eta_, dtype)
 
     def score_gemm_s(self, op: str, flops: float, nbytes: float, head_dim: int,
                      dtype: str) -> float:
         """An explicit core's QK^T or PV at its measured rate (the matmul rows without one)."""
-        eta_ = self.profile.score_gemm_efficiency(op, head_dim, dtype)
+        eta_ = self._asked("score_gemm_efficiency", op, head_dim, dtype)
         if eta_ is None:
             return self.matmul_s(flops, nbytes, dtype)
         return self._op(flops, nbytes, eta_, dtype)
 
     def attention_s(self, backend: str, flops: float, nbytes: float, head_dim: int,
                     dtype: str, mask: str = "none", value_dim: int | None = None) -> float | None:
-        eta_ = self.profile.attention_efficiency(backend, head_dim, dtype, mask, value_dim)
+        eta_ = self._asked("attention_efficiency", backend, head_dim, dtype, mask, value_dim)
         return None if eta_ is None else self._op(flops, nbytes, eta_, dtype)
+
+    def _asked(self, method: str, *args):
+        """profile.<method>(*args), once per arguments."""
+        key = (method, *args)
+        if key not in self.seen:
+            self.seen[key] = getattr(self.profile, method)(*args)
+        return self.seen[key]
+
+    def bandwidth_efficiency(self, op: str, cols: int | None = None) -> float:
+        return self._asked("bandwidth_efficiency", op, cols)
 
     def memory_s(self, nbytes: float, efficiency: float) -> float:
         return self._op(0.0, nbytes, 1.0, "fp32", efficiency)
 
     def _op(self, flops, nbytes, eta_, dtype, eta_mem_=None) -> float:
+        peak = self.seen.get(dtype)
+        if peak is None:
+            peak = self.seen[dtype] = self.cluster.peak_flops(dtype)
         return _ev("op_time", {
-            "FLOPs": flops, "Q": nbytes, "P": self.cluster.peak_flops(dtype), "eta": eta_,
+            "FLOPs": flops, "Q": nbytes, "P": peak, "eta": eta_,
             "BW": self.cluster.memory_bandwidth,
             "eta_mem": self.profile.elementwise_efficiency if eta_mem_ is None else eta_mem_})
 
@@ -546,7 +565,8 @@ def _site_options_uncached(site: AttentionSite, lay: _Layout, mach: _Machine,
         variants = ("score-reduce", "qk-gather")
     mask = mask_kind(site)
     fused = [bk for bk in ("flash", "cudnn", "efficient")
-             if mach.profile.attention_efficiency(bk, site.head_dim, site.dtype, mask) is not None]
+             if mach._asked("attention_efficiency", bk, site.head_dim, site.dtype, mask)
+             is not None]
     options = [(v, bk) for v in variants
                for bk in (("explicit",) if v == "score-reduce" else
                           ("explicit", *[bk for bk in fused
@@ -582,7 +602,7 @@ def _attention_terms_uncached(site, w, variant, backend, b, lay, mach,
         # the gathered chunks are stacked along d (functional all_gather_tensor's cat): a copy
         terms.append(("Q,K reassembly after the gather", "compute",
                       mach.memory_s(2 * _ev("qk_gather_bytes", env),
-                                    mach.profile.bandwidth_efficiency("pointwise"))))
+                                    mach.bandwidth_efficiency("pointwise"))))
     if backend != "explicit":
         t = mach.attention_s(backend, _ev("fused_core_flops", env), _ev("fused_core_bytes", env),
                              site.head_dim, dt, mask_kind(site), _value_dim(site, variant, lay))
@@ -597,7 +617,7 @@ def _attention_terms_uncached(site, w, variant, backend, b, lay, mach,
             terms.append(("score all-reduce (m-group)", "comm",
                           mach.collective_s("all_reduce", _ev("score_reduce_bytes", env),
                                             lay.m_groups)))
-        prof, cols = mach.profile, site.kv_len
+        prof, cols = mach, site.kv_len
         if variant == "score-reduce":    # the all-reduced scores, scaled: read, write
             terms.append(("scale of scores", "compute",
                           mach.memory_s(_ev("score_passes_bytes", {**env, "P_s": 2}),
@@ -642,7 +662,7 @@ def _mlp_terms_uncached(mlp, summary, b, lay, mach) -> list[tuple[str, str, floa
         ("up projection", "compute",
          mach.matmul_s(_ev("mlp_up_flops", env), _ev("mlp_up_bytes", env), dt)),
         ("activation", "compute", mach.memory_s(_ev("mlp_act_bytes", env),
-                                                mach.profile.bandwidth_efficiency("pointwise"))),
+                                                mach.bandwidth_efficiency("pointwise"))),
         ("down projection", "compute",
          mach.matmul_s(_ev("mlp_down_flops", env), _ev("mlp_down_bytes", env), dt)),
         ("MLP all-reduce", "comm",
@@ -812,15 +832,32 @@ def _choose_cores(summary, cluster, sites, params: int, lay: _Layout, mach: _Mac
     for site in sites:
         options = _site_options(site, lay, mach, variant, backend)
         act = {o: _site_activation(site, w, *o, lay) for o in options}
-        fits = [o for o in options if _micro_batch(
-            summary, params, _activation_per_sequence(summary, [act[o]], (), lay), cluster) >= 1]
-        if fits:
-            chosen.append(min(fits, key=lambda o: (
-                _seconds(_attention_terms(site, w, *o, 1, lay, mach, summary.workload is None)),
-                VARIANTS.index(o[0]))))
+        # the fastest option that fits: the first of the ranking that fits (min() over the
+        # fitting ones, ties to the earlier, is the first fitting one of the stable sort)
+        for o in _ranked_options(site, w, options, lay, mach, summary.workload is None):
+            if _micro_batch(summary, params, _activation_per_sequence(summary, [act[o]], (), lay),
+                            cluster) >= 1:
+                chosen.append(o)
+                break
         else:
             chosen.append(min(options, key=act.__getitem__))
     return chosen
+
+
+def _ranked_options(site, w, options, lay, mach, blockwise) -> list[tuple[str, str]]:
+    """`options` sorted by the seconds of a one-sequence micro-batch, then VARIANTS order
+    (stable); in a search once per site shape, layout, machine and options."""
+    key = ("rank", _shape_key(site), w, tuple(options), _lay_key(lay, mach.cluster), id(mach),
+           blockwise)
+    hit = _TERMS.get(key) if _SCOPE[0] else None
+    if hit is None:
+        hit = sorted(options, key=lambda o: (
+            _seconds(_attention_terms(site, w, *o, 1, lay, mach, blockwise)),
+            VARIANTS.index(o[0])))
+        if _SCOPE[0]:
+            _alive(mach)
+            _TERMS[key] = hit
+    return hit
 
 
 # Terms of one site / MLP depend only on its shape: memoized for the duration of one public
@@ -853,12 +890,12 @@ def _graph_terms(summary, size, lay, mach, pp: int = 1) -> list[tuple[str, str, 
     env = {"b": size, "W_r": wl.replicated_bytes + wl.mask_bytes, "F_r": wl.replicated_flops,
            "W_n": wl.replicated_norm_bytes, "W_q": wl.q_head_bytes, "W_kv": wl.kv_head_bytes,
            "n": lay.n, "m": lay.m, "H_kv": site.num_kv_heads if site else 1, "p_pp": pp}
-    ew = mach.profile.bandwidth_efficiency("pointwise")
+    ew = mach.bandwidth_efficiency("pointwise")
     terms = [("replicated ops (residuals, casts, mask)", "compute",
               mach.memory_s(_ev("graph_replicated_bytes", env), ew)),
              ("replicated norms and reductions", "compute",
               mach.memory_s(_ev("graph_norm_bytes", env),
-                            mach.profile.bandwidth_efficiency("norm")))]
+                            mach.bandwidth_efficiency("norm")))]
     if wl.replicated_flops:
         terms.append(("replicated matmuls (outside sites and MLPs)", "compute",
                       mach.matmul_s(_ev("graph_replicated_flops", env), 0.0, dt)))
