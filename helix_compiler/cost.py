@@ -189,7 +189,33 @@ def formulas() -> dict[str, sympy.Expr]:
 def _compiled(name: str):
     expr = _FORMULAS[name]
     args = sorted(expr.free_symbols, key=lambda s: s.name)
-    return tuple(a.name for a in args), sympy.lambdify(args, expr, modules="math")
+    return tuple(a.name for a in args), sympy.lambdify(args, expr, modules=[_ARRAY_AWARE, "math"])
+
+
+# Max / Min / ceiling / floor as "math" prints them (max(), min(), math.ceil, math.floor), and
+# elementwise when an argument is an array: the plan search evaluates a term over every
+# micro-batch size at once (cost._grid_seconds); the scalar path computes what it always did.
+def _vmax(*xs):
+    if any(type(x) is np.ndarray for x in xs):
+        return functools.reduce(np.maximum, xs)
+    return max(xs)
+
+
+def _vmin(*xs):
+    if any(type(x) is np.ndarray for x in xs):
+        return functools.reduce(np.minimum, xs)
+    return min(xs)
+
+
+def _vceil(x):
+    return np.ceil(x) if type(x) is np.ndarray else math.ceil(x)
+
+
+def _vfloor(x):
+    return np.floor(x) if type(x) is np.ndarray else math.floor(x)
+
+
+_ARRAY_AWARE = {"Max": _vmax, "Min": _vmin, "ceiling": _vceil, "floor": _vfloor}
 
 
 def _ev(name: str, env: dict) -> float:
@@ -212,7 +238,9 @@ def _evaluator(name: str):
     args = ", ".join(f"(env[{a!r}] if {a!r} in env else S[{a!r}])" if a in _SETTINGS
                      else f"env[{a!r}]" for a in names)
     scope = {"fn": fn, "S": _SETTINGS}
-    exec(f"def ev(env):\n    return float(fn({args}))\n", scope)   # noqa: S102
+    scope["ndarray"] = np.ndarray
+    exec(f"def ev(env):\n    r = fn({args})\n"
+         f"    return r if r.__class__ is ndarray else float(r)\n", scope)   # noqa: S102
     return scope["ev"]
 
 
@@ -220,6 +248,10 @@ def _evaluator(name: str):
 # this many entries: a search over 4096 devices asks for 13 replica batches x 7 stage counts of
 # an 80-layer model, and an entry is a few tuples of shared sites.
 DERIVED_CACHE_SIZE = 4096
+
+# The plan search prices a term over every micro-batch size in one call on arrays
+# (_grid_seconds); False: one scalar call per size (the same figures, to float rounding).
+VECTOR_TERMS = True
 
 # --- the search memo --------------------------------------------------------------------
 # A plan search (plan.make_plan) prices hundreds of (dp, pp, m, n) candidates whose terms
@@ -339,11 +371,18 @@ class _Machine:
     seen: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def matmul_s(self, flops: float, nbytes: float, dtype: str) -> float:
+        if type(flops) is np.ndarray:     # one size bucket per element
+            eta_ = np.array([self.matmul_efficiency(float(f), dtype) for f in flops])
+        else:
+            eta_ = self.matmul_efficiency(flops, dtype)
+        return self._op(flops, nbytes, eta_, dtype)
+
+    def matmul_efficiency(self, flops: float, dtype: str) -> float:
         key = ("mm", flops, dtype)
         eta_ = self.seen.get(key)
         if eta_ is None:
             eta_ = self.seen[key] = self.profile.matmul_efficiency(flops, dtype)
-        return self._op(flops, nbytes, eta_, dtype)
+        return eta_
 
     def score_gemm_s(self, op: str, flops: float, nbytes: float, head_dim: int,
                      dtype: str) -> float:
@@ -382,8 +421,9 @@ class _Machine:
 
     def collective_s(self, kind: str, nbytes: float, groups) -> float:
         """The slowest of `groups` (rank tuples) running `kind` on `nbytes` at once."""
-        return max((_collective_shape_s(kind, nbytes, size, *span, self.cluster)
-                    for size, span in _group_shapes(tuple(groups), self.cluster)), default=0.0)
+        times = [_collective_shape_s(kind, nbytes, size, *span, self.cluster)
+                 for size, span in _group_shapes(tuple(groups), self.cluster)]
+        return _vmax(*times) if times else 0.0
 
 
 _GROUP_CACHE: dict = {}
@@ -459,8 +499,11 @@ def collective_s(kind: str, nbytes: float, ranks, cluster: ClusterSpec) -> float
 def _collective_shape_s(kind: str, nbytes: float, size: int, g_: int, k_: int,
                         cluster: ClusterSpec) -> float:
     """collective_s of a group of `size` ranks, at most g_ of them on one node, on k_ nodes."""
-    if size == 1 or nbytes == 0:
+    if size == 1 or (type(nbytes) is not np.ndarray and nbytes == 0):
         return 0.0
+    if type(nbytes) is np.ndarray and not nbytes.all():   # sizes of 0 bytes cost nothing
+        return np.where(nbytes == 0, 0.0, _collective_shape_s(kind, np.where(
+            nbytes == 0, 1.0, nbytes), size, g_, k_, cluster))
     what = "all_reduce" if kind == "all_reduce" else "all_gather"   # RS costs as AG
     # a large sum all-reduce runs as reduce-scatter + all-gather (no local copy of x,
     # runtime/collectives.py): the same bytes, one launch latency more
@@ -865,9 +908,13 @@ def _ranked_options(site, w, options, lay, mach, blockwise) -> list[tuple[str, s
 _TERMS: dict = {}
 
 
+def _attention_key(site, w, variant, backend, size, lay, mach, blockwise=True) -> tuple:
+    return ("a", _shape_key(site), w, variant, backend, size, _lay_key(lay, mach.cluster),
+            id(mach), blockwise)
+
+
 def _attention_terms(site, w, variant, backend, size, lay, mach, blockwise=True):
-    key = ("a", _shape_key(site), w, variant, backend, size, _lay_key(lay, mach.cluster),
-           id(mach), blockwise)
+    key = _attention_key(site, w, variant, backend, size, lay, mach, blockwise)
     if key not in _TERMS:
         _alive(mach)
         _TERMS[key] = _attention_terms_uncached(site, w, variant, backend, size, lay, mach,
@@ -1519,19 +1566,30 @@ def _divisors(x: int) -> tuple[int, ...]:
     return tuple(int(v) for v in sympy.divisors(x)) if x > 0 else (1,)
 
 
-def _grid_seconds(key, grid: tuple, need: int, terms_of) -> tuple[np.ndarray, np.ndarray]:
+def _grid_seconds(key, grid: tuple, need: int, terms_of, vector_of=None,
+                  memo_key=None) -> tuple[np.ndarray, np.ndarray]:
     """(compute, comm) seconds of the terms `terms_of(b)` for each b of grid[:need] (the global
     batch's divisors, ascending) as two arrays; in a search the arrays of one key are kept and
-    grown to the larger b a later candidate fits (every value is the scalar memo's)."""
+    grown to the larger b a later candidate fits. `vector_of(bs)`: the same terms for an array
+    of sizes at once, stored per size under `memo_key(b)` (the key `terms_of` memoizes under),
+    for the sizes not priced yet: each size is priced once, by whichever path comes first."""
     hit = _TERMS.get(key)
     have = 0 if hit is None else len(hit[0])
-    if have < need:
-        new = [_split_seconds(terms_of(b)) for b in grid[have:need]]
-        comp = np.array([x[0] for x in new], dtype=float)
-        comm = np.array([x[1] for x in new], dtype=float)
-        if hit is not None:
-            comp, comm = np.concatenate((hit[0], comp)), np.concatenate((hit[1], comm))
-        hit = _TERMS[key] = (comp, comm)
+    if have >= need:
+        return hit[0][:need], hit[1][:need]
+    if vector_of is not None:
+        missing = [b for b in grid[have:need] if memo_key(b) not in _TERMS]
+        if missing:
+            terms = vector_of(np.array(missing, dtype=float))   # float: no int64 overflow
+            for i, b in enumerate(missing):
+                _TERMS[memo_key(b)] = [(name, kind, float(t[i]) if type(t) is np.ndarray else t)
+                                       for name, kind, t in terms]
+    new = [_split_seconds(terms_of(b)) for b in grid[have:need]]
+    comp = np.array([x[0] for x in new], dtype=float)
+    comm = np.array([x[1] for x in new], dtype=float)
+    if hit is not None:
+        comp, comm = np.concatenate((hit[0], comp)), np.concatenate((hit[1], comm))
+    hit = _TERMS[key] = (comp, comm)
     return hit[0][:need], hit[1][:need]
 
 
@@ -1560,7 +1618,11 @@ def _pipeline_sizes(summary, global_batch, pp, m, n, lay, mach, cluster, fit, si
                 parts.append((counts[k], _grid_seconds(
                     ("ga", _shape_key(x), w, v, bk, grid, lk, mid, blockwise), grid, need,
                     lambda b, x=x, v=v, bk=bk: _attention_terms(x, w, v, bk, b, lay, mach,
-                                                                blockwise))))
+                                                                blockwise),
+                    (lambda bs, x=x, v=v, bk=bk: _attention_terms_uncached(
+                        x, w, v, bk, bs, lay, mach, blockwise)) if VECTOR_TERMS else None,
+                    lambda b, x=x, v=v, bk=bk: _attention_key(x, w, v, bk, b, lay, mach,
+                                                              blockwise))))
             for x, c in mlp_reps:
                 parts.append((c, _grid_seconds(
                     ("gm", _mlp_key(x, summary, lay, mach), grid),

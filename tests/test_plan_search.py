@@ -150,8 +150,10 @@ def test_a_search_prices_each_distinct_site_term_once(monkeypatch):
     inner = cost._attention_terms_uncached
 
     def counted(site, w, variant, backend, b, lay, mach, blockwise=True):
-        calls.append((cost._shape_key(site), variant, backend, b,
-                      cost._lay_key(lay, mach.cluster)))
+        # b: one size, or an array of sizes priced at once (cost._grid_seconds)
+        for size in (b.tolist() if hasattr(b, "tolist") else [b]):
+            calls.append((cost._shape_key(site), variant, backend, int(size),
+                          cost._lay_key(lay, mach.cluster)))
         return inner(site, w, variant, backend, b, lay, mach, blockwise)
 
     monkeypatch.setattr(cost, "_attention_terms_uncached", counted)
