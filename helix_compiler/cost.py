@@ -927,13 +927,27 @@ def _graph_terms(summary, size, lay, mach, pp: int = 1) -> list[tuple[str, str, 
     wl = summary.workload
     if wl is None or size == 0:
         return []
-    site = summary.sites[0] if summary.sites else None
-    dt = site.dtype if site else (summary.mlps[0].dtype if summary.mlps else "float32")
-    # the graph's terms read its workload, kv heads and dtype: equal for every replica's summary
-    key = ("g", wl, site.num_kv_heads if site else 1, dt, size, lay.m, lay.n, id(mach), pp)
+    key = _graph_key(summary, size, lay, mach, pp)
     if key in _TERMS:
         return _TERMS[key]
     _alive(mach)
+    terms = _TERMS[key] = _graph_terms_uncached(summary, size, lay, mach, pp)
+    return terms
+
+
+def _graph_key(summary, size, lay, mach, pp: int) -> tuple:
+    # the graph's terms read its workload, kv heads and dtype: equal for every replica's summary
+    site = summary.sites[0] if summary.sites else None
+    dt = site.dtype if site else (summary.mlps[0].dtype if summary.mlps else "float32")
+    return ("g", summary.workload, site.num_kv_heads if site else 1, dt, size, lay.m, lay.n,
+            id(mach), pp)
+
+
+def _graph_terms_uncached(summary, size, lay, mach, pp: int) -> list[tuple[str, str, float]]:
+    """_graph_terms of a summary with a workload; `size` one micro-batch or an array of them."""
+    wl = summary.workload
+    site = summary.sites[0] if summary.sites else None
+    dt = site.dtype if site else (summary.mlps[0].dtype if summary.mlps else "float32")
     env = {"b": size, "W_r": wl.replicated_bytes + wl.mask_bytes, "F_r": wl.replicated_flops,
            "W_n": wl.replicated_norm_bytes, "W_q": wl.q_head_bytes, "W_kv": wl.kv_head_bytes,
            "n": lay.n, "m": lay.m, "H_kv": site.num_kv_heads if site else 1, "p_pp": pp}
@@ -949,7 +963,6 @@ def _graph_terms(summary, size, lay, mach, pp: int = 1) -> list[tuple[str, str, 
     if wl.q_head_bytes or wl.kv_head_bytes:
         terms.append(("head-path ops (rotary, repeat_kv, copies)", "compute",
                       mach.memory_s(_ev("graph_head_bytes", env), ew)))
-    _TERMS[key] = terms
     return terms
 
 
@@ -1577,6 +1590,15 @@ def _grid_seconds(key, grid: tuple, need: int, terms_of, vector_of=None,
     have = 0 if hit is None else len(hit[0])
     if have >= need:
         return hit[0][:need], hit[1][:need]
+    if vector_of is not None and memo_key is None:    # no scalar memo: the arrays only
+        terms = vector_of(np.array(grid[have:need], dtype=float))
+        ones = np.ones(need - have)
+        comp = ones * _seconds(terms, "compute")
+        comm = ones * _seconds(terms, "comm")
+        if hit is not None:
+            comp, comm = np.concatenate((hit[0], comp)), np.concatenate((hit[1], comm))
+        hit = _TERMS[key] = (comp, comm)
+        return hit[0][:need], hit[1][:need]
     if vector_of is not None:
         missing = [b for b in grid[have:need] if memo_key(b) not in _TERMS]
         if missing:
@@ -1626,12 +1648,18 @@ def _pipeline_sizes(summary, global_batch, pp, m, n, lay, mach, cluster, fit, si
             for x, c in mlp_reps:
                 parts.append((c, _grid_seconds(
                     ("gm", _mlp_key(x, summary, lay, mach), grid),
-                    grid, need, lambda b, x=x: _mlp_terms(x, summary, b, lay, mach))))
+                    grid, need, lambda b, x=x: _mlp_terms(x, summary, b, lay, mach),
+                    (lambda bs, x=x: _mlp_terms_uncached(x, summary, bs, lay, mach))
+                    if VECTOR_TERMS else None,
+                    lambda b, x=x: _mlp_key(x, summary, lay, mach, b))))
             parts.append((1, _grid_seconds(
                 ("gg", summary.workload, summary.sites[0].num_kv_heads if summary.sites else 1,
                  summary.sites[0].dtype if summary.sites else None, lay.m, lay.n, mid, pp,
                  grid) if summary.workload is not None else ("gg-none", need),
-                grid, need, lambda b: _graph_terms(summary, b, lay, mach, pp))))
+                grid, need, lambda b: _graph_terms(summary, b, lay, mach, pp),
+                (lambda bs: _graph_terms_uncached(summary, bs, lay, mach, pp))
+                if VECTOR_TERMS and summary.workload is not None else None,
+                lambda b: _graph_key(summary, b, lay, mach, pp))))
             comp = comm = 0
             for c, (a, x) in parts:
                 comp = comp + c * a
@@ -1644,7 +1672,8 @@ def _pipeline_sizes(summary, global_batch, pp, m, n, lay, mach, cluster, fit, si
             recv_arr = _grid_seconds(
                 ("gr", mid, m * n, crosses(p), _span_of(spans, p, m * n, cluster),
                  PP_SCATTER_GATHER, summary.seq_len, _hidden(summary), w, grid), grid, need,
-                lambda b, p=p: recv_terms(p, b))
+                lambda b, p=p: recv_terms(p, b),
+                (lambda bs, p=p: recv_terms(p, bs)) if VECTOR_TERMS else None)
             rc, rx = recv_arr
         rows.append(((comp + rc) + (comm + rx))[sel])     # one(): (compute, comm), summed
         firsts_p.append(p)
