@@ -196,14 +196,16 @@ def _compiled(name: str):
 # elementwise when an argument is an array: the plan search evaluates a term over every
 # micro-batch size at once (cost._grid_seconds); the scalar path computes what it always did.
 def _vmax(*xs):
-    if any(type(x) is np.ndarray for x in xs):
-        return functools.reduce(np.maximum, xs)
+    for x in xs:
+        if type(x) is np.ndarray:
+            return functools.reduce(np.maximum, xs)
     return max(xs)
 
 
 def _vmin(*xs):
-    if any(type(x) is np.ndarray for x in xs):
-        return functools.reduce(np.minimum, xs)
+    for x in xs:
+        if type(x) is np.ndarray:
+            return functools.reduce(np.minimum, xs)
     return min(xs)
 
 
@@ -545,7 +547,7 @@ def _helix_layout(m: int, n: int, dp: int = 1, node: int | None = None) -> _Layo
     the chattiest, the m-group, contiguous and inside a node, then the n-groups). A group's
     node span is unchanged by a shift of whole nodes (`node` GPUs each), so only replicas at
     distinct offsets r m n mod `node` are listed: they have every group shape there is."""
-    mesh, size = Mesh(n=n, m=m), m * n
+    size = m * n
     offsets = {}
     for r in range(dp):
         at = (r * size) % node if node else r
@@ -555,6 +557,7 @@ def _helix_layout(m: int, n: int, dp: int = 1, node: int | None = None) -> _Layo
     key = (m, n, tuple(offsets.values()))
     if _SCOPE[0] and key in _LAYOUTS:       # a layout is its offsets (search memo)
         return _LAYOUTS[key]
+    mesh = Mesh(n=n, m=m)
     shift = lambda groups: tuple(tuple(x + r * size for x in g)   # noqa: E731
                                  for r in offsets.values() for g in groups)
     lay = _Layout(m, n, size, shift(mesh.groups("dim")), shift(mesh.groups("all")))
