@@ -1691,8 +1691,18 @@ def _pipeline_sizes(summary, global_batch, pp, m, n, lay, mach, cluster, fit, si
 
 def _span_of(spans: dict, p: int, size: int, cluster: ClusterSpec) -> tuple[int, int]:
     if p not in spans:
-        spans[p] = group_span(range(p * size, (p + 1) * size), cluster)
+        spans[p] = range_span(p * size, size, cluster.gpus_per_node)
     return spans[p]
+
+
+def range_span(start: int, size: int, node: int) -> tuple[int, int]:
+    """group_span of the contiguous ranks [start, start + size) on nodes of `node` GPUs,
+    counted: (most ranks on one node, nodes touched)."""
+    first, last = start // node, (start + size - 1) // node
+    if first == last:
+        return size, 1
+    inner = node if last - first > 1 else 0          # whole nodes between the two ends
+    return max(node - start % node, (start + size - 1) % node + 1, inner), last - first + 1
 
 
 def cost_pipeline_plan(summary: ModelSummary, m: int, n: int, cluster: ClusterSpec,
@@ -1767,10 +1777,9 @@ def cost_pipeline_plan(summary: ModelSummary, m: int, n: int, cluster: ClusterSp
         if not scatter:
             return [("stage-boundary send", "comm", p2p_s(nbytes, src, dst, hop, cluster))]
         t = p2p_s(nbytes / (m * n), src, dst, hop, cluster)
-        if p not in spans:
-            spans[p] = group_span(range(dst, dst + m * n), cluster)
         # collective_s("all_gather", nbytes, range(dst, dst + m n)), its span computed once
-        t += _collective_shape_s("all_gather", nbytes, m * n, *spans[p], cluster)
+        t += _collective_shape_s("all_gather", nbytes, m * n, *_span_of(spans, p, m * n, cluster),
+                                 cluster)
         return [("stage-boundary send", "comm", t)]
 
     counted: dict = {}      # id(idx) -> how many sites of each rep a stage holds
