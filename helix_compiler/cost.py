@@ -52,6 +52,7 @@ import bisect
 import contextlib
 import dataclasses
 import functools
+import gc
 import itertools
 import math
 from collections import Counter
@@ -264,6 +265,11 @@ VECTOR_TERMS = True
 # ends. False: no scope memo (every candidate priced alone; the reference the equality test
 # compares against).
 SEARCH_MEMO = True
+# The cyclic garbage collector is paused for the search (reference counting still frees
+# everything the search drops): a search allocates ~10^5 small objects, and each full collection
+# walks every object of the process (sympy and torch included). Measured on the 2-core CPU:
+# the paper model at 4096 devices 134 -> 105 ms, the 80-layer model 270 -> 260 ms.
+SEARCH_GC_PAUSE = True
 _SCOPE = [0]                 # depth of nested search_scope()s
 _ALIVE: dict = {}            # id -> object, for ids used in memo keys
 _LAYOUTS: dict = {}
@@ -276,15 +282,21 @@ def search_scope():
     if not SEARCH_MEMO:
         yield
         return
-    if _SCOPE[0] == 0:
+    outer = _SCOPE[0] == 0
+    if outer:
         _clear_memo()
+    collect = outer and SEARCH_GC_PAUSE and gc.isenabled()
+    if collect:
+        gc.disable()
     _SCOPE[0] += 1
     try:
         yield
     finally:
         _SCOPE[0] -= 1
-        if _SCOPE[0] == 0:
+        if outer:
             _clear_memo()
+        if collect:
+            gc.enable()
 
 
 def _clear_memo() -> None:
