@@ -849,7 +849,7 @@ def memory_reason(summary: ModelSummary, m: int, n: int, cluster: ClusterSpec,
     (each site in its least-memory variant and core), else a sentence why not."""
     _fresh_terms()
     mach = _machine(cluster, profile)
-    lay = _helix_layout(m, n)
+    lay = _Layout(m, n, m * n)   # memory reads m, n and the shards, never the groups
     w = summary.dtype_bytes
     reps, idx = _unique(summary.sites)
     rep_peaks = [min(_site_activation(s, w, v, bk, lay) for v, bk in _site_options(s, lay, mach, None))
