@@ -1634,7 +1634,7 @@ def _pipeline_sizes(summary, global_batch, pp, m, n, lay, mach, cluster, fit, si
                     crosses, recv_terms, spans, counted, w, blockwise):
     """cost_pipeline_plan's micro-batch search with every size priced at once: per stage class
     (shape, receive) its per-micro-batch seconds over the sizes as arrays, summed in the order
-    the scalar `one` sums them (so every figure is the same float), the slowest class per size,
+    the scalar `one` sums them (so the figures are the scalar path's), the slowest class per size,
     (M + pp - 1) t_stage, and the fastest step (ties: the larger b). Returns (b, step seconds,
     slowest stage, steps of `sizes`)."""
     grid = _divisors(global_batch)
@@ -1668,9 +1668,7 @@ def _pipeline_sizes(summary, global_batch, pp, m, n, lay, mach, cluster, fit, si
                     if VECTOR_TERMS else None,
                     lambda b, x=x: _mlp_key(x, summary, lay, mach, b))))
             parts.append((1, _grid_seconds(
-                ("gg", summary.workload, summary.sites[0].num_kv_heads if summary.sites else 1,
-                 summary.sites[0].dtype if summary.sites else None, lay.m, lay.n, mid, pp,
-                 grid) if summary.workload is not None else ("gg-none", need),
+                ("gg", _graph_key(summary, None, lay, mach, pp), grid),
                 grid, need, lambda b: _graph_terms(summary, b, lay, mach, pp),
                 (lambda bs: _graph_terms_uncached(summary, bs, lay, mach, pp))
                 if VECTOR_TERMS and summary.workload is not None else None,
