@@ -150,8 +150,10 @@ def test_a_search_prices_each_distinct_site_term_once(monkeypatch):
     inner = cost._attention_terms_uncached
 
     def counted(site, w, variant, backend, b, lay, mach, blockwise=True):
-        calls.append((cost._shape_key(site), variant, backend, b,
-                      cost._lay_key(lay, mach.cluster)))
+        # b: one size, or an array of sizes priced at once (cost._grid_seconds)
+        for size in (b.tolist() if hasattr(b, "tolist") else [b]):
+            calls.append((cost._shape_key(site), variant, backend, int(size),
+                          cost._lay_key(lay, mach.cluster)))
         return inner(site, w, variant, backend, b, lay, mach, blockwise)
 
     monkeypatch.setattr(cost, "_attention_terms_uncached", counted)
@@ -173,3 +175,58 @@ def test_a_stage_receiving_across_nodes_costs_more_than_one_inside_a_node():
     one_node = dataclasses.replace(two_nodes, nodes=1, gpus_per_node=16)
     assert two_nodes.nodes == 2
     assert cost_plan(s, 1, 2, two_nodes, pp=8).step_ms > cost_plan(s, 1, 2, one_node, pp=8).step_ms
+
+
+def test_the_closed_overlapped_step_is_the_simulation_to_rounding():
+    """overlap_cost prices k >= 2 with overlapped_step_closed (O(1)); it equals the two-stream
+    simulation within 1e-12 (k = 1 is the simulation itself)."""
+    import random
+    rng = random.Random(7)
+    for _ in range(2000):
+        args = (rng.uniform(0, 50), rng.choice([0.0, rng.uniform(0, 80)]), rng.randint(0, 200),
+                rng.choice([1, 2, 4, 8]), rng.choice([0.0, rng.uniform(0, 1)]))
+        want, got = cost.overlapped_step(*args), cost.overlapped_step_closed(*args)
+        # the exposed time is step - k C: its error is the step's, not relative to itself
+        assert math.isclose(got[0], want[0], rel_tol=1e-12), (args, got, want)
+        assert abs(got[1] - want[1]) <= 1e-12 * max(want[0], 1.0), (args, got, want)
+        if args[3] == 1:
+            assert got == want
+
+
+def test_terms_over_an_array_of_micro_batch_sizes_are_the_scalar_terms():
+    """The search prices every micro-batch size in one call (cost._grid_seconds): an attention
+    site's, an MLP's and the graph's terms for an array of sizes equal the terms of each size
+    alone (names, kinds, seconds to 1e-12), on layouts inside a node and across nodes."""
+    import numpy as np
+    sizes = [1, 2, 3, 8, 64, 1000, 1024]
+    for summary in (paper_summary(), llama70b_summary(layers=2), mixed_summary()):
+        w = summary.dtype_bytes
+        for devices, (m, n) in ((16, (1, 4)), (64, (2, 8)), (4096, (4, 4)), (4096, (1, 16))):
+            cluster = grown("paper", devices)
+            mach = cost._Machine(cluster, cost.DEFAULT_PROFILE)
+            lay = cost._helix_layout(m, n, devices // (m * n), cluster.gpus_per_node)
+            reps, _ = cost._unique(summary.sites)
+            cases = [(lambda b, x=x, o=o: cost._attention_terms_uncached(
+                x, w, *o, b, lay, mach, summary.workload is None))
+                for x in reps for o in cost._site_options_uncached(x, lay, mach, None)]
+            cases += [lambda b, x=x: cost._mlp_terms_uncached(x, summary, b, lay, mach)
+                      for x in summary.mlps[:1]]
+            if summary.workload is not None:
+                cases.append(lambda b: cost._graph_terms_uncached(summary, b, lay, mach, 2))
+            for terms_of in cases:
+                together = terms_of(np.array(sizes, dtype=float))
+                for i, b in enumerate(sizes):
+                    alone = terms_of(b)
+                    assert [t[:2] for t in alone] == [t[:2] for t in together]
+                    for (name, _, a), (_, _, t) in zip(alone, together):
+                        t = float(np.broadcast_to(t, (len(sizes),))[i])
+                        assert math.isclose(a, t, rel_tol=1e-12), (summary.name, m, n, name, b)
+
+
+def test_a_contiguous_range_spans_nodes_as_counted():
+    for node in (1, 3, 8):
+        cluster = dataclasses.replace(grown("paper", 16), gpus_per_node=node, nodes=64)
+        for start in range(0, 40):
+            for size in range(1, 40):
+                assert cost.range_span(start, size, node) == cost.group_span(
+                    range(start, start + size), cluster)

@@ -48,9 +48,12 @@ are computed from those very expressions (`_ev`).
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
 import functools
+import gc
+import itertools
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -187,13 +190,71 @@ def formulas() -> dict[str, sympy.Expr]:
 def _compiled(name: str):
     expr = _FORMULAS[name]
     args = sorted(expr.free_symbols, key=lambda s: s.name)
-    return tuple(a.name for a in args), sympy.lambdify(args, expr, modules="math")
+    return tuple(a.name for a in args), sympy.lambdify(args, expr, modules=[_ARRAY_AWARE, "math"])
+
+
+# Max / Min / ceiling / floor as "math" prints them (max(), min(), math.ceil, math.floor), and
+# elementwise when an argument is an array: the plan search evaluates a term over every
+# micro-batch size at once (cost._grid_seconds); the scalar path computes what it always did.
+def _vmax(*xs):
+    for x in xs:
+        if type(x) is np.ndarray:
+            return functools.reduce(np.maximum, xs)
+    return max(xs)
+
+
+def _vmin(*xs):
+    for x in xs:
+        if type(x) is np.ndarray:
+            return functools.reduce(np.minimum, xs)
+    return min(xs)
+
+
+def _vceil(x):
+    return np.ceil(x) if type(x) is np.ndarray else math.ceil(x)
+
+
+def _vfloor(x):
+    return np.floor(x) if type(x) is np.ndarray else math.floor(x)
+
+
+_ARRAY_AWARE = {"Max": _vmax, "Min": _vmin, "ceiling": _vceil, "floor": _vfloor}
 
 
 def _ev(name: str, env: dict) -> float:
-    names, fn = _compiled(name)
-    return float(fn(*[env[a] if a in env else _SETTINGS[a] for a in names]))
+    try:
+        return _EVALUATORS[name](env)
+    except KeyError:
+        if name in _EVALUATORS:
+            raise
+    _EVALUATORS[name] = _evaluator(name)
+    return _EVALUATORS[name](env)
 
+
+_EVALUATORS: dict = {}    # name -> env -> float: the compiled formula, its arguments read inline
+
+
+def _evaluator(name: str):
+    """`_compiled(name)` called with its arguments read from env (a setting when env has none
+    of that name), written out once per formula: the search evaluates ~20k of them."""
+    names, fn = _compiled(name)
+    args = ", ".join(f"(env[{a!r}] if {a!r} in env else S[{a!r}])" if a in _SETTINGS
+                     else f"env[{a!r}]" for a in names)
+    scope = {"fn": fn, "S": _SETTINGS}
+    scope["ndarray"] = np.ndarray
+    exec(f"def ev(env):\n    r = fn({args})\n"
+         f"    return r if r.__class__ is ndarray else float(r)\n", scope)   # noqa: S102
+    return scope["ev"]
+
+
+# Identity-keyed caches of values derived from a summary (replicas, stages, shapes) hold at most
+# this many entries: a search over 4096 devices asks for 13 replica batches x 7 stage counts of
+# an 80-layer model, and an entry is a few tuples of shared sites.
+DERIVED_CACHE_SIZE = 4096
+
+# The plan search prices a term over every micro-batch size in one call on arrays
+# (_grid_seconds); False: one scalar call per size (the same figures, to float rounding).
+VECTOR_TERMS = True
 
 # --- the search memo --------------------------------------------------------------------
 # A plan search (plan.make_plan) prices hundreds of (dp, pp, m, n) candidates whose terms
@@ -204,6 +265,11 @@ def _ev(name: str, env: dict) -> float:
 # ends. False: no scope memo (every candidate priced alone; the reference the equality test
 # compares against).
 SEARCH_MEMO = True
+# The cyclic garbage collector is paused for the search (reference counting still frees
+# everything the search drops): a search allocates ~10^5 small objects, and each full collection
+# walks every object of the process (sympy and torch included). Measured on the 2-core CPU:
+# the paper model at 4096 devices 134 -> 105 ms, the 80-layer model 270 -> 260 ms.
+SEARCH_GC_PAUSE = True
 _SCOPE = [0]                 # depth of nested search_scope()s
 _ALIVE: dict = {}            # id -> object, for ids used in memo keys
 _LAYOUTS: dict = {}
@@ -216,19 +282,25 @@ def search_scope():
     if not SEARCH_MEMO:
         yield
         return
-    if _SCOPE[0] == 0:
+    outer = _SCOPE[0] == 0
+    if outer:
         _clear_memo()
+    collect = outer and SEARCH_GC_PAUSE and gc.isenabled()
+    if collect:
+        gc.disable()
     _SCOPE[0] += 1
     try:
         yield
     finally:
         _SCOPE[0] -= 1
-        if _SCOPE[0] == 0:
+        if outer:
             _clear_memo()
+        if collect:
+            gc.enable()
 
 
 def _clear_memo() -> None:
-    for memo in (_TERMS, _ALIVE, _LAYOUTS, _MACHINES, _LAYSIG):
+    for memo in (_TERMS, _ALIVE, _LAYOUTS, _MACHINES, _LAYSIG, _SPLITS):
         memo.clear()
 
 
@@ -308,37 +380,64 @@ class PlanCost:
 class _Machine:
     cluster: ClusterSpec
     profile: ComputeProfile
+    # the profile's answers (efficiency by size, peaks by dtype) as asked: a search asks the
+    # same few thousand times
+    seen: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def matmul_s(self, flops: float, nbytes: float, dtype: str) -> float:
-        eta_ = self.profile.matmul_efficiency(flops, dtype)
+        if type(flops) is np.ndarray:     # one size bucket per element
+            eta_ = np.array([self.matmul_efficiency(float(f), dtype) for f in flops])
+        else:
+            eta_ = self.matmul_efficiency(flops, dtype)
         return self._op(flops, nbytes, eta_, dtype)
+
+    def matmul_efficiency(self, flops: float, dtype: str) -> float:
+        key = ("mm", flops, dtype)
+        eta_ = self.seen.get(key)
+        if eta_ is None:
+            eta_ = self.seen[key] = self.profile.matmul_efficiency(flops, dtype)
+        return eta_
 
     def score_gemm_s(self, op: str, flops: float, nbytes: float, head_dim: int,
                      dtype: str) -> float:
         """An explicit core's QK^T or PV at its measured rate (the matmul rows without one)."""
-        eta_ = self.profile.score_gemm_efficiency(op, head_dim, dtype)
+        eta_ = self._asked("score_gemm_efficiency", op, head_dim, dtype)
         if eta_ is None:
             return self.matmul_s(flops, nbytes, dtype)
         return self._op(flops, nbytes, eta_, dtype)
 
     def attention_s(self, backend: str, flops: float, nbytes: float, head_dim: int,
                     dtype: str, mask: str = "none", value_dim: int | None = None) -> float | None:
-        eta_ = self.profile.attention_efficiency(backend, head_dim, dtype, mask, value_dim)
+        eta_ = self._asked("attention_efficiency", backend, head_dim, dtype, mask, value_dim)
         return None if eta_ is None else self._op(flops, nbytes, eta_, dtype)
+
+    def _asked(self, method: str, *args):
+        """profile.<method>(*args), once per arguments."""
+        key = (method, *args)
+        if key not in self.seen:
+            self.seen[key] = getattr(self.profile, method)(*args)
+        return self.seen[key]
+
+    def bandwidth_efficiency(self, op: str, cols: int | None = None) -> float:
+        return self._asked("bandwidth_efficiency", op, cols)
 
     def memory_s(self, nbytes: float, efficiency: float) -> float:
         return self._op(0.0, nbytes, 1.0, "fp32", efficiency)
 
     def _op(self, flops, nbytes, eta_, dtype, eta_mem_=None) -> float:
+        peak = self.seen.get(dtype)
+        if peak is None:
+            peak = self.seen[dtype] = self.cluster.peak_flops(dtype)
         return _ev("op_time", {
-            "FLOPs": flops, "Q": nbytes, "P": self.cluster.peak_flops(dtype), "eta": eta_,
+            "FLOPs": flops, "Q": nbytes, "P": peak, "eta": eta_,
             "BW": self.cluster.memory_bandwidth,
             "eta_mem": self.profile.elementwise_efficiency if eta_mem_ is None else eta_mem_})
 
     def collective_s(self, kind: str, nbytes: float, groups) -> float:
         """The slowest of `groups` (rank tuples) running `kind` on `nbytes` at once."""
-        return max((_collective_shape_s(kind, nbytes, size, *span, self.cluster)
-                    for size, span in _group_shapes(tuple(groups), self.cluster)), default=0.0)
+        times = [_collective_shape_s(kind, nbytes, size, *span, self.cluster)
+                 for size, span in _group_shapes(tuple(groups), self.cluster)]
+        return _vmax(*times) if times else 0.0
 
 
 _GROUP_CACHE: dict = {}
@@ -364,17 +463,29 @@ def _group_shapes(groups: tuple, cluster: ClusterSpec) -> tuple:
 _LAYSIG: dict = {}
 
 
-def _lay_key(lay: _Layout, cluster: ClusterSpec) -> tuple:
+def _lay_key(lay: _Layout, cluster: ClusterSpec) -> int:
     """What a layout's costs depend on: m, n, the shards and its groups' distinct (size, span);
     replicas at other offsets whose groups span nodes alike share it (the term memo's key)."""
+    return _lay_keys(lay, cluster)[0]
+
+
+def _lay_out_key(lay: _Layout, cluster: ClusterSpec) -> int:
+    """What an MLP's cost depends on of a layout: its shards and output groups' shapes."""
+    return _lay_keys(lay, cluster)[1]
+
+
+def _lay_keys(lay: _Layout, cluster: ClusterSpec) -> tuple[int, int]:
+    # interned (`_intern`): memo keys hold two ints, not the groups' nested shapes
     hit = _LAYSIG.get(id(lay)) if _SCOPE[0] else None
-    if hit is None or hit[0] is not lay:
-        hit = (lay, (lay.m, lay.n, lay.shards, _group_shapes(lay.m_groups, cluster),
-                     _group_shapes(lay.out_groups, cluster)))
+    if hit is None or hit[0] is not lay or hit[1] is not cluster:
+        out = _group_shapes(lay.out_groups, cluster)
+        hit = (lay, cluster, (_intern((lay.m, lay.n, lay.shards,
+                                       _group_shapes(lay.m_groups, cluster), out)),
+                              _intern(("out", lay.shards, out))))
         if _SCOPE[0]:
             _alive(lay)
             _LAYSIG[id(lay)] = hit
-    return hit[1]
+    return hit[2]
 
 
 def group_span(ranks, cluster: ClusterSpec) -> tuple[int, int]:
@@ -402,8 +513,11 @@ def collective_s(kind: str, nbytes: float, ranks, cluster: ClusterSpec) -> float
 def _collective_shape_s(kind: str, nbytes: float, size: int, g_: int, k_: int,
                         cluster: ClusterSpec) -> float:
     """collective_s of a group of `size` ranks, at most g_ of them on one node, on k_ nodes."""
-    if size == 1 or nbytes == 0:
+    if size == 1 or (type(nbytes) is not np.ndarray and nbytes == 0):
         return 0.0
+    if type(nbytes) is np.ndarray and not nbytes.all():   # sizes of 0 bytes cost nothing
+        return np.where(nbytes == 0, 0.0, _collective_shape_s(kind, np.where(
+            nbytes == 0, 1.0, nbytes), size, g_, k_, cluster))
     what = "all_reduce" if kind == "all_reduce" else "all_gather"   # RS costs as AG
     # a large sum all-reduce runs as reduce-scatter + all-gather (no local copy of x,
     # runtime/collectives.py): the same bytes, one launch latency more
@@ -445,7 +559,7 @@ def _helix_layout(m: int, n: int, dp: int = 1, node: int | None = None) -> _Layo
     the chattiest, the m-group, contiguous and inside a node, then the n-groups). A group's
     node span is unchanged by a shift of whole nodes (`node` GPUs each), so only replicas at
     distinct offsets r m n mod `node` are listed: they have every group shape there is."""
-    mesh, size = Mesh(n=n, m=m), m * n
+    size = m * n
     offsets = {}
     for r in range(dp):
         at = (r * size) % node if node else r
@@ -455,6 +569,7 @@ def _helix_layout(m: int, n: int, dp: int = 1, node: int | None = None) -> _Layo
     key = (m, n, tuple(offsets.values()))
     if _SCOPE[0] and key in _LAYOUTS:       # a layout is its offsets (search memo)
         return _LAYOUTS[key]
+    mesh = Mesh(n=n, m=m)
     shift = lambda groups: tuple(tuple(x + r * size for x in g)   # noqa: E731
                                  for r in offsets.values() for g in groups)
     lay = _Layout(m, n, size, shift(mesh.groups("dim")), shift(mesh.groups("all")))
@@ -508,7 +623,8 @@ def _site_options_uncached(site: AttentionSite, lay: _Layout, mach: _Machine,
         variants = ("score-reduce", "qk-gather")
     mask = mask_kind(site)
     fused = [bk for bk in ("flash", "cudnn", "efficient")
-             if mach.profile.attention_efficiency(bk, site.head_dim, site.dtype, mask) is not None]
+             if mach._asked("attention_efficiency", bk, site.head_dim, site.dtype, mask)
+             is not None]
     options = [(v, bk) for v in variants
                for bk in (("explicit",) if v == "score-reduce" else
                           ("explicit", *[bk for bk in fused
@@ -544,7 +660,7 @@ def _attention_terms_uncached(site, w, variant, backend, b, lay, mach,
         # the gathered chunks are stacked along d (functional all_gather_tensor's cat): a copy
         terms.append(("Q,K reassembly after the gather", "compute",
                       mach.memory_s(2 * _ev("qk_gather_bytes", env),
-                                    mach.profile.bandwidth_efficiency("pointwise"))))
+                                    mach.bandwidth_efficiency("pointwise"))))
     if backend != "explicit":
         t = mach.attention_s(backend, _ev("fused_core_flops", env), _ev("fused_core_bytes", env),
                              site.head_dim, dt, mask_kind(site), _value_dim(site, variant, lay))
@@ -559,7 +675,7 @@ def _attention_terms_uncached(site, w, variant, backend, b, lay, mach,
             terms.append(("score all-reduce (m-group)", "comm",
                           mach.collective_s("all_reduce", _ev("score_reduce_bytes", env),
                                             lay.m_groups)))
-        prof, cols = mach.profile, site.kv_len
+        prof, cols = mach, site.kv_len
         if variant == "score-reduce":    # the all-reduced scores, scaled: read, write
             terms.append(("scale of scores", "compute",
                           mach.memory_s(_ev("score_passes_bytes", {**env, "P_s": 2}),
@@ -604,7 +720,7 @@ def _mlp_terms_uncached(mlp, summary, b, lay, mach) -> list[tuple[str, str, floa
         ("up projection", "compute",
          mach.matmul_s(_ev("mlp_up_flops", env), _ev("mlp_up_bytes", env), dt)),
         ("activation", "compute", mach.memory_s(_ev("mlp_act_bytes", env),
-                                                mach.profile.bandwidth_efficiency("pointwise"))),
+                                                mach.bandwidth_efficiency("pointwise"))),
         ("down projection", "compute",
          mach.matmul_s(_ev("mlp_down_flops", env), _ev("mlp_down_bytes", env), dt)),
         ("MLP all-reduce", "comm",
@@ -623,7 +739,7 @@ def _by_shape(items, key) -> list[tuple[object, int]]:
         return hit[1]
     out = _by_shape_uncached(items, key)
     if isinstance(items, tuple):
-        if len(_SHAPES) > 256:
+        if len(_SHAPES) > DERIVED_CACHE_SIZE:
             _SHAPES.clear()
         _SHAPES[(id(items), key)] = (items, out)
     return out
@@ -646,7 +762,21 @@ def _mlp_tokens_shape(x: MlpSite) -> tuple:
 
 
 def _full_weights(summary: ModelSummary) -> int:
-    """Elements of every attention and MLP weight, unsharded."""
+    """Elements of every attention and MLP weight, unsharded (once per tuple of sites and
+    of MLPs: a search asks for it per candidate)."""
+    key = (id(summary.sites), id(summary.mlps), "weights")
+    hit = _SHAPES.get(key)
+    if hit is not None and hit[0] is summary.sites and hit[1] is summary.mlps:
+        return hit[2]
+    out = _full_weights_uncached(summary)
+    if isinstance(summary.sites, tuple) and isinstance(summary.mlps, tuple):
+        if len(_SHAPES) > DERIVED_CACHE_SIZE:
+            _SHAPES.clear()
+        _SHAPES[key] = (summary.sites, summary.mlps, out)
+    return out
+
+
+def _full_weights_uncached(summary: ModelSummary) -> int:
     one = _Layout(1, 1, 1)
     return (sum(c * round(_ev("attn_params", _site_env(s, 1, 1, one)))
                 for s, c in _by_shape(summary.sites, _shape_key))
@@ -719,7 +849,7 @@ def memory_reason(summary: ModelSummary, m: int, n: int, cluster: ClusterSpec,
     (each site in its least-memory variant and core), else a sentence why not."""
     _fresh_terms()
     mach = _machine(cluster, profile)
-    lay = _helix_layout(m, n)
+    lay = _Layout(m, n, m * n)   # memory reads m, n and the shards, never the groups
     w = summary.dtype_bytes
     reps, idx = _unique(summary.sites)
     rep_peaks = [min(_site_activation(s, w, v, bk, lay) for v, bk in _site_options(s, lay, mach, None))
@@ -736,6 +866,21 @@ def _seconds(terms, kind: str | None = None) -> float:
     return sum(t for _, k, t in terms if kind is None or k == kind)
 
 
+_SPLITS: dict = {}     # id(terms) -> (terms, (compute s, comm s)): memoized term lists' sums
+
+
+def _split_seconds(terms) -> tuple[float, float]:
+    """(_seconds(terms, "compute"), _seconds(terms, "comm")); a term list the search memo keeps
+    is summed once."""
+    hit = _SPLITS.get(id(terms)) if _SCOPE[0] else None
+    if hit is not None and hit[0] is terms:
+        return hit[1]
+    out = (_seconds(terms, "compute"), _seconds(terms, "comm"))
+    if _SCOPE[0]:
+        _SPLITS[id(terms)] = (terms, out)
+    return out
+
+
 def _choose_cores(summary, cluster, sites, params: int, lay: _Layout, mach: _Machine,
                   variant: str | None, backend: str | None = None) -> list[tuple[str, str]]:
     """Per site the (variant, backend) fastest for one sequence among those whose
@@ -745,15 +890,32 @@ def _choose_cores(summary, cluster, sites, params: int, lay: _Layout, mach: _Mac
     for site in sites:
         options = _site_options(site, lay, mach, variant, backend)
         act = {o: _site_activation(site, w, *o, lay) for o in options}
-        fits = [o for o in options if _micro_batch(
-            summary, params, _activation_per_sequence(summary, [act[o]], (), lay), cluster) >= 1]
-        if fits:
-            chosen.append(min(fits, key=lambda o: (
-                _seconds(_attention_terms(site, w, *o, 1, lay, mach, summary.workload is None)),
-                VARIANTS.index(o[0]))))
+        # the fastest option that fits: the first of the ranking that fits (min() over the
+        # fitting ones, ties to the earlier, is the first fitting one of the stable sort)
+        for o in _ranked_options(site, w, options, lay, mach, summary.workload is None):
+            if _micro_batch(summary, params, _activation_per_sequence(summary, [act[o]], (), lay),
+                            cluster) >= 1:
+                chosen.append(o)
+                break
         else:
             chosen.append(min(options, key=act.__getitem__))
     return chosen
+
+
+def _ranked_options(site, w, options, lay, mach, blockwise) -> list[tuple[str, str]]:
+    """`options` sorted by the seconds of a one-sequence micro-batch, then VARIANTS order
+    (stable); in a search once per site shape, layout, machine and options."""
+    key = ("rank", _shape_key(site), w, tuple(options), _lay_key(lay, mach.cluster), id(mach),
+           blockwise)
+    hit = _TERMS.get(key) if _SCOPE[0] else None
+    if hit is None:
+        hit = sorted(options, key=lambda o: (
+            _seconds(_attention_terms(site, w, *o, 1, lay, mach, blockwise)),
+            VARIANTS.index(o[0])))
+        if _SCOPE[0]:
+            _alive(mach)
+            _TERMS[key] = hit
+    return hit
 
 
 # Terms of one site / MLP depend only on its shape: memoized for the duration of one public
@@ -761,9 +923,13 @@ def _choose_cores(summary, cluster, sites, params: int, lay: _Layout, mach: _Mac
 _TERMS: dict = {}
 
 
+def _attention_key(site, w, variant, backend, size, lay, mach, blockwise=True) -> tuple:
+    return ("a", _shape_key(site), w, variant, backend, size, _lay_key(lay, mach.cluster),
+            id(mach), blockwise)
+
+
 def _attention_terms(site, w, variant, backend, size, lay, mach, blockwise=True):
-    key = ("a", _shape_key(site), w, variant, backend, size, _lay_key(lay, mach.cluster),
-           id(mach), blockwise)
+    key = _attention_key(site, w, variant, backend, size, lay, mach, blockwise)
     if key not in _TERMS:
         _alive(mach)
         _TERMS[key] = _attention_terms_uncached(site, w, variant, backend, size, lay, mach,
@@ -776,38 +942,55 @@ def _graph_terms(summary, size, lay, mach, pp: int = 1) -> list[tuple[str, str, 
     wl = summary.workload
     if wl is None or size == 0:
         return []
-    site = summary.sites[0] if summary.sites else None
-    dt = site.dtype if site else (summary.mlps[0].dtype if summary.mlps else "float32")
-    # the graph's terms read its workload, kv heads and dtype: equal for every replica's summary
-    key = ("g", wl, site.num_kv_heads if site else 1, dt, size, lay.m, lay.n, id(mach), pp)
+    key = _graph_key(summary, size, lay, mach, pp)
     if key in _TERMS:
         return _TERMS[key]
     _alive(mach)
+    terms = _TERMS[key] = _graph_terms_uncached(summary, size, lay, mach, pp)
+    return terms
+
+
+def _graph_key(summary, size, lay, mach, pp: int) -> tuple:
+    # the graph's terms read its workload, kv heads and dtype: equal for every replica's summary
+    site = summary.sites[0] if summary.sites else None
+    dt = site.dtype if site else (summary.mlps[0].dtype if summary.mlps else "float32")
+    return ("g", summary.workload, site.num_kv_heads if site else 1, dt, size, lay.m, lay.n,
+            id(mach), pp)
+
+
+def _graph_terms_uncached(summary, size, lay, mach, pp: int) -> list[tuple[str, str, float]]:
+    """_graph_terms of a summary with a workload; `size` one micro-batch or an array of them."""
+    wl = summary.workload
+    site = summary.sites[0] if summary.sites else None
+    dt = site.dtype if site else (summary.mlps[0].dtype if summary.mlps else "float32")
     env = {"b": size, "W_r": wl.replicated_bytes + wl.mask_bytes, "F_r": wl.replicated_flops,
            "W_n": wl.replicated_norm_bytes, "W_q": wl.q_head_bytes, "W_kv": wl.kv_head_bytes,
            "n": lay.n, "m": lay.m, "H_kv": site.num_kv_heads if site else 1, "p_pp": pp}
-    ew = mach.profile.bandwidth_efficiency("pointwise")
+    ew = mach.bandwidth_efficiency("pointwise")
     terms = [("replicated ops (residuals, casts, mask)", "compute",
               mach.memory_s(_ev("graph_replicated_bytes", env), ew)),
              ("replicated norms and reductions", "compute",
               mach.memory_s(_ev("graph_norm_bytes", env),
-                            mach.profile.bandwidth_efficiency("norm")))]
+                            mach.bandwidth_efficiency("norm")))]
     if wl.replicated_flops:
         terms.append(("replicated matmuls (outside sites and MLPs)", "compute",
                       mach.matmul_s(_ev("graph_replicated_flops", env), 0.0, dt)))
     if wl.q_head_bytes or wl.kv_head_bytes:
         terms.append(("head-path ops (rotary, repeat_kv, copies)", "compute",
                       mach.memory_s(_ev("graph_head_bytes", env), ew)))
-    _TERMS[key] = terms
     return terms
 
 
-def _mlp_terms(mlp, summary, size, lay, mach):
+def _mlp_key(mlp, summary, lay, mach, size=None) -> tuple:
     # what _mlp_terms_uncached reads of the summary: tokens per sequence, w, and whether a
     # graph workload prices the norms
-    key = ("m", mlp.hidden, mlp.ffn, len(mlp.up_weights), mlp.dtype,
-           _tokens_per_sequence(mlp, summary), summary.dtype_bytes, summary.workload is None,
-           size, lay.shards, _lay_key(lay, mach.cluster)[4], id(mach))
+    return ("m", mlp.hidden, mlp.ffn, len(mlp.up_weights), mlp.dtype,
+            _tokens_per_sequence(mlp, summary), summary.dtype_bytes, summary.workload is None,
+            size, _lay_out_key(lay, mach.cluster), id(mach))
+
+
+def _mlp_terms(mlp, summary, size, lay, mach):
+    key = _mlp_key(mlp, summary, lay, mach, size)
     if key not in _TERMS:
         _alive(mach)
         _TERMS[key] = _mlp_terms_uncached(mlp, summary, size, lay, mach)
@@ -817,14 +1000,15 @@ def _mlp_terms(mlp, summary, size, lay, mach):
 _SHAPE_KEYS: dict = {}    # id(site) -> (site, key): a site is frozen, its key computed once
 
 
-def _shape_key(site: AttentionSite) -> tuple:
-    """What the cost of a site depends on: every field but its index and node names."""
+def _shape_key(site: AttentionSite) -> int:
+    """What the cost of a site depends on: every field but its index and node names (the
+    tuple `_shape_key_uncached`, interned: equal shapes, equal ints)."""
     hit = _SHAPE_KEYS.get(id(site))
     if hit is not None and hit[0] is site:
         return hit[1]
     if len(_SHAPE_KEYS) > 65536:
         _SHAPE_KEYS.clear()
-    key = _shape_key_uncached(site)
+    key = _intern(_shape_key_uncached(site))     # an int: memo keys hash it for free
     _SHAPE_KEYS[id(site)] = (site, key)
     return key
 
@@ -963,7 +1147,7 @@ def replica_summary(summary: ModelSummary, dp: int) -> ModelSummary:
     if hit is not None and hit[0] is summary:
         return hit[1]
     local = _replica_summary(summary, dp)
-    if len(_REPLICAS) > 64:
+    if len(_REPLICAS) > DERIVED_CACHE_SIZE:
         _REPLICAS.clear()
     _REPLICAS[(id(summary), dp)] = (summary, local)
     return local
@@ -999,8 +1183,8 @@ def cost_plan(summary: ModelSummary, m: int, n: int, cluster: ClusterSpec,
 
     records=False (a candidate row of the plan search): the same figures, but `sites` and
     `mlps` hold each site's shape cost as its first site of that shape indexes it (the
-    search keeps one per distinct shape, `row_records`); the chosen plan is priced again with
-    records=True."""
+    search keeps one per distinct shape, `row_records`; with pp > 1 they hold just those, as
+    a pipeline is not overlapped); the chosen plan is priced again with records=True."""
     if pp > 1:
         return cost_pipeline_plan(summary, m, n, cluster, profile, variant, backend, dp=dp,
                                   pp=pp, micro_batches=micro_batches, records=records)
@@ -1184,19 +1368,47 @@ def overlapped_step(chunk_compute_ms: float, chunk_async_ms: float, collectives:
     return step, step - k * chunk_compute_ms
 
 
+def overlapped_step_closed(chunk_compute_ms: float, chunk_async_ms: float, collectives: int,
+                           k: int, chunk_sync_ms: float = 0.0) -> tuple[float, float]:
+    """`overlapped_step` by its closed form (its docstring), in O(1): what the plan search
+    prices k >= 2 with (the simulation runs (L + 1) k steps, 1288 for 80 layers at k = 8).
+    Equal to the simulation within float rounding (tests/test_plan_search.py: 1e-12)."""
+    if k < 2:
+        return overlapped_step(chunk_compute_ms, chunk_async_ms, collectives, k, chunk_sync_ms)
+    L = collectives
+    c = chunk_compute_ms / (L + 1)
+    x = chunk_async_ms / L if L else 0.0
+    step = max(k * (L + 1) * c, c + k * L * x + c) + k * chunk_sync_ms
+    return step, step - k * chunk_compute_ms
+
+
 def _async_terms(costs) -> tuple[float, float, int]:
     """(all-reduce ms, other collective ms, all-reduces) of SiteCosts: the overlap pass issues
     every batch-row all-reduce asynchronously and leaves all-gathers synchronous."""
     async_ms = sync_ms = 0.0
     count = 0
-    for sc in costs:
-        for name, ms in sc.terms:
-            if "all-reduce" in name:
-                async_ms += ms
-                count += 1
-            elif "all-gather" in name or "reduce-scatter" in name:
-                sync_ms += ms
+    distinct = {id(sc): sc for sc in costs}      # 80 layers of one shape share their SiteCost
+    for i, times in Counter(map(id, costs)).items():
+        asyncs, syncs = _collective_terms(distinct[i])
+        async_ms += times * sum(asyncs)
+        sync_ms += times * sum(syncs)
+        count += times * len(asyncs)
     return async_ms, sync_ms, count
+
+
+def _collective_terms(sc: SiteCost) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(all-reduce ms, all-gather / reduce-scatter ms) of one SiteCost's terms, in order; in a
+    search once per SiteCost (80 layers share one)."""
+    hit = _TERMS.get(("coll", id(sc))) if _SCOPE[0] else None
+    if hit is not None and hit[0] is sc:
+        return hit[1]
+    out = (tuple(ms for name, ms in sc.terms if "all-reduce" in name),
+           tuple(ms for name, ms in sc.terms
+                 if "all-reduce" not in name and ("all-gather" in name
+                                                  or "reduce-scatter" in name)))
+    if _SCOPE[0]:
+        _TERMS[("coll", id(sc))] = (sc, out)
+    return out
 
 
 def overlap_cost(summary: ModelSummary, base: PlanCost, k: int, m: int, n: int,
@@ -1221,7 +1433,7 @@ def overlap_cost(summary: ModelSummary, base: PlanCost, k: int, m: int, n: int,
     async_ms, sync_ms, count = _async_terms(chunk.sites + chunk.mlps)
     if count == 0:
         return None
-    micro, _ = overlapped_step(chunk.compute_ms, async_ms, count, k, sync_ms)
+    micro, _ = overlapped_step_closed(chunk.compute_ms, async_ms, count, k, sync_ms)
     M = local // b
     step_ms = M * micro
     compute_ms, comm_ms = M * k * chunk.compute_ms, M * k * chunk.comm_ms
@@ -1283,7 +1495,7 @@ def stage_summaries(summary: ModelSummary, pp: int) -> tuple[ModelSummary, ...]:
     if hit is not None and hit[0] is summary:
         return hit[1]
     out = _stage_summaries(summary, pp)
-    if len(_STAGES) > 64:
+    if len(_STAGES) > DERIVED_CACHE_SIZE:
         _STAGES.clear()
     _STAGES[(id(summary), pp)] = (summary, out)
     return out
@@ -1291,16 +1503,31 @@ def stage_summaries(summary: ModelSummary, pp: int) -> tuple[ModelSummary, ...]:
 
 def stage_shapes(summary: ModelSummary, pp: int) -> tuple[tuple, ...]:
     """Per stage what its cost depends on: its sites' shapes, its MLPs' shapes and tokens per
-    sequence, its parameters (stages of one shape cost alike)."""
+    sequence, its parameters (stages of one shape cost alike), as an int (`_intern`)."""
     hit = _STAGES.get((id(summary), pp, "shapes"))
     if hit is not None and hit[0] is summary:
         return hit[1]
-    out = tuple((tuple(_shape_key(x) for x in part.sites),
-                 tuple((_mlp_shape(x), _tokens_per_sequence(x, part)) for x in part.mlps),
-                 part.param_elements, part.replicated_elements)
+    out = tuple(_intern((tuple(_shape_key(x) for x in part.sites),
+                         tuple((_mlp_shape(x), _tokens_per_sequence(x, part)) for x in part.mlps),
+                         part.param_elements, part.replicated_elements))
                 for part in stage_summaries(summary, pp))
     _STAGES[(id(summary), pp, "shapes")] = (summary, out)
     return out
+
+
+_INTERNED: dict = {}
+_INTERN_NEXT = itertools.count()
+
+
+def _intern(key: tuple) -> int:
+    """A small int standing for `key` (equal keys, equal ints; never reused): a stage's shape
+    is a tuple of its 80 sites' keys, hashed once here instead of at every lookup."""
+    hit = _INTERNED.get(key)
+    if hit is None:
+        if len(_INTERNED) > DERIVED_CACHE_SIZE:
+            _INTERNED.clear()
+        hit = _INTERNED[key] = next(_INTERN_NEXT)
+    return hit
 
 
 def _stage_setup(part: ModelSummary, shape: tuple, cluster: ClusterSpec, lay: _Layout,
@@ -1367,6 +1594,127 @@ def _divisors(x: int) -> tuple[int, ...]:
     return tuple(int(v) for v in sympy.divisors(x)) if x > 0 else (1,)
 
 
+def _grid_seconds(key, grid: tuple, need: int, terms_of, vector_of=None,
+                  memo_key=None) -> tuple[np.ndarray, np.ndarray]:
+    """(compute, comm) seconds of the terms `terms_of(b)` for each b of grid[:need] (the global
+    batch's divisors, ascending) as two arrays; in a search the arrays of one key are kept and
+    grown to the larger b a later candidate fits. `vector_of(bs)`: the same terms for an array
+    of sizes at once, stored per size under `memo_key(b)` (the key `terms_of` memoizes under),
+    for the sizes not priced yet: each size is priced once, by whichever path comes first."""
+    hit = _TERMS.get(key)
+    have = 0 if hit is None else len(hit[0])
+    if have >= need:
+        return hit[0][:need], hit[1][:need]
+    if vector_of is not None and memo_key is None:    # no scalar memo: the arrays only
+        terms = vector_of(np.array(grid[have:need], dtype=float))
+        ones = np.ones(need - have)
+        comp = ones * _seconds(terms, "compute")
+        comm = ones * _seconds(terms, "comm")
+        if hit is not None:
+            comp, comm = np.concatenate((hit[0], comp)), np.concatenate((hit[1], comm))
+        hit = _TERMS[key] = (comp, comm)
+        return hit[0][:need], hit[1][:need]
+    if vector_of is not None:
+        missing = [b for b in grid[have:need] if memo_key(b) not in _TERMS]
+        if missing:
+            terms = vector_of(np.array(missing, dtype=float))   # float: no int64 overflow
+            for i, b in enumerate(missing):
+                _TERMS[memo_key(b)] = [(name, kind, float(t[i]) if type(t) is np.ndarray else t)
+                                       for name, kind, t in terms]
+    new = [_split_seconds(terms_of(b)) for b in grid[have:need]]
+    comp = np.array([x[0] for x in new], dtype=float)
+    comm = np.array([x[1] for x in new], dtype=float)
+    if hit is not None:
+        comp, comm = np.concatenate((hit[0], comp)), np.concatenate((hit[1], comm))
+    hit = _TERMS[key] = (comp, comm)
+    return hit[0][:need], hit[1][:need]
+
+
+def _pipeline_sizes(summary, global_batch, pp, m, n, lay, mach, cluster, fit, sizes, firsts,
+                    crosses, recv_terms, spans, counted, w, blockwise):
+    """cost_pipeline_plan's micro-batch search with every size priced at once: per stage class
+    (shape, receive) its per-micro-batch seconds over the sizes as arrays, summed in the order
+    the scalar `one` sums them (so the figures are the scalar path's), the slowest class per size,
+    (M + pp - 1) t_stage, and the fastest step (ties: the larger b). Returns (b, step seconds,
+    slowest stage, steps of `sizes`)."""
+    grid = _divisors(global_batch)
+    need = bisect.bisect_right(grid, fit)
+    sel = np.searchsorted(np.array(grid[:need]), sizes)
+    lk, mid = _lay_key(lay, cluster), id(mach)
+    _alive(mach)
+    bodies: dict = {}
+    rows, firsts_p = [], []
+    for st in firsts.values():
+        p, reps, idx, cores, mlp_reps = st[0], *st[2:6]
+        if id(reps) not in bodies:
+            if id(idx) not in counted:
+                counted[id(idx)] = Counter(idx)
+            counts = counted[id(idx)]
+            parts = []
+            for k, (x, (v, bk)) in enumerate(zip(reps, cores)):
+                parts.append((counts[k], _grid_seconds(
+                    ("ga", _shape_key(x), w, v, bk, grid, lk, mid, blockwise), grid, need,
+                    lambda b, x=x, v=v, bk=bk: _attention_terms(x, w, v, bk, b, lay, mach,
+                                                                blockwise),
+                    (lambda bs, x=x, v=v, bk=bk: _attention_terms_uncached(
+                        x, w, v, bk, bs, lay, mach, blockwise)) if VECTOR_TERMS else None,
+                    lambda b, x=x, v=v, bk=bk: _attention_key(x, w, v, bk, b, lay, mach,
+                                                              blockwise))))
+            for x, c in mlp_reps:
+                parts.append((c, _grid_seconds(
+                    ("gm", _mlp_key(x, summary, lay, mach), grid),
+                    grid, need, lambda b, x=x: _mlp_terms(x, summary, b, lay, mach),
+                    (lambda bs, x=x: _mlp_terms_uncached(x, summary, bs, lay, mach))
+                    if VECTOR_TERMS else None,
+                    lambda b, x=x: _mlp_key(x, summary, lay, mach, b))))
+            parts.append((1, _grid_seconds(
+                ("gg", _graph_key(summary, None, lay, mach, pp), grid),
+                grid, need, lambda b: _graph_terms(summary, b, lay, mach, pp),
+                (lambda bs: _graph_terms_uncached(summary, bs, lay, mach, pp))
+                if VECTOR_TERMS and summary.workload is not None else None,
+                lambda b: _graph_key(summary, b, lay, mach, pp))))
+            comp = comm = 0
+            for c, (a, x) in parts:
+                comp = comp + c * a
+                comm = comm + c * x
+            bodies[id(reps)] = (comp, comm)
+        comp, comm = bodies[id(reps)]
+        if p == 0:
+            rc, rx = 0, 0
+        else:
+            recv_arr = _grid_seconds(
+                ("gr", mid, m * n, crosses(p), _span_of(spans, p, m * n, cluster),
+                 PP_SCATTER_GATHER, summary.seq_len, _hidden(summary), w, grid), grid, need,
+                lambda b, p=p: recv_terms(p, b),
+                (lambda bs, p=p: recv_terms(p, bs)) if VECTOR_TERMS else None)
+            rc, rx = recv_arr
+        rows.append(((comp + rc) + (comm + rx))[sel])     # one(): (compute, comm), summed
+        firsts_p.append(p)
+    t = np.vstack(rows)
+    slow = np.argmax(t, axis=0)               # the first of equal stages, as max() picks
+    t_stage = t[slow, np.arange(len(sizes))]
+    steps = (summary.batch // np.array(sizes) + pp - 1) * t_stage   # (M + pp - 1) t_stage
+    best = steps.min()
+    j = max(i for i in range(len(sizes)) if steps[i] == best)     # ties: the larger b
+    return sizes[j], float(steps[j]), firsts_p[slow[j]], [float(x) for x in steps]
+
+
+def _span_of(spans: dict, p: int, size: int, cluster: ClusterSpec) -> tuple[int, int]:
+    if p not in spans:
+        spans[p] = range_span(p * size, size, cluster.gpus_per_node)
+    return spans[p]
+
+
+def range_span(start: int, size: int, node: int) -> tuple[int, int]:
+    """group_span of the contiguous ranks [start, start + size) on nodes of `node` GPUs,
+    counted: (most ranks on one node, nodes touched)."""
+    first, last = start // node, (start + size - 1) // node
+    if first == last:
+        return size, 1
+    inner = node if last - first > 1 else 0          # whole nodes between the two ends
+    return max(node - start % node, (start + size - 1) % node + 1, inner), last - first + 1
+
+
 def cost_pipeline_plan(summary: ModelSummary, m: int, n: int, cluster: ClusterSpec,
                        profile: ComputeProfile | None = None, variant: str | None = None,
                        backend: str | None = None, *, dp: int = 1, pp: int,
@@ -1399,13 +1747,13 @@ def cost_pipeline_plan(summary: ModelSummary, m: int, n: int, cluster: ClusterSp
     lay = _helix_layout(m, n, dp * pp, cluster.gpus_per_node)    # every stage's groups
     w, blockwise = summary.dtype_bytes, summary.workload is None
     stages, by_shape = [], {}
-    for p, (part, shape) in enumerate(zip(stage_summaries(summary, pp),
-                                          stage_shapes(summary, pp))):
+    shapes = stage_shapes(summary, pp)
+    for p, (part, shape) in enumerate(zip(stage_summaries(summary, pp), shapes)):
         # stages of one shape (80 layers over 4 stages) are costed once
         if shape not in by_shape:
             by_shape[shape] = _stage_setup(part, shape, cluster, lay, mach, variant, backend)
         stages.append((p, part, *by_shape[shape]))
-    fit = min(_micro_batch(summary, st[-2], st[-1], cluster) for st in stages)
+    fit = min(_micro_batch(summary, st[-2], st[-1], cluster) for st in by_shape.values())
     if fit < 1:
         worst = max(stages, key=lambda st: st[-2] * w + st[-1])
         raise PlanError(f"{name}: {_memory_reason(summary, worst[-2], worst[-1], cluster)} "
@@ -1428,26 +1776,49 @@ def cost_pipeline_plan(summary: ModelSummary, m: int, n: int, cluster: ClusterSp
     # dim) when m n divides D: scatter-gather, priced as cost_baseline prices it
     scatter = PP_SCATTER_GATHER and _hidden(summary) % (m * n) == 0
 
+    hidden = _hidden(summary)
+    spans: dict = {}        # stage p -> node span of its m n ranks (the all-gather's group)
+
     def recv_terms(p: int, size: int) -> list[tuple[str, str, float]]:
         if p == 0:
             return []
-        nbytes = w * size * summary.seq_len * _hidden(summary)
+        nbytes = w * size * summary.seq_len * hidden
         src, dst = (p - 1) * m * n, p * m * n
         if not scatter:
             return [("stage-boundary send", "comm", p2p_s(nbytes, src, dst, hop, cluster))]
         t = p2p_s(nbytes / (m * n), src, dst, hop, cluster)
-        t += collective_s("all_gather", nbytes, range(dst, dst + m * n), cluster)
+        # collective_s("all_gather", nbytes, range(dst, dst + m n)), its span computed once
+        t += _collective_shape_s("all_gather", nbytes, m * n, *_span_of(spans, p, m * n, cluster),
+                                 cluster)
         return [("stage-boundary send", "comm", t)]
 
-    def one(p, reps, idx, cores, mlp_reps, b) -> tuple[float, float]:
-        """(compute, comm) seconds of one micro-batch of b on stage p."""
+    counted: dict = {}      # id(idx) -> how many sites of each rep a stage holds
+
+    bodies: dict = {}       # (id(reps), b) -> a stage's sites, MLPs and graph share
+
+    def body(reps, idx, cores, mlp_reps, b) -> tuple[float, float]:
+        """(compute, comm) seconds of one micro-batch of b on a stage of this shape, its
+        receive aside (stages of one shape share it, whatever their receive)."""
+        key = (id(reps), b)
+        if key in bodies:
+            return bodies[key]
         per_rep = [_attention_terms(x, w, *c, b, lay, mach, blockwise) for x, c in zip(reps, cores)]
-        counts = Counter(idx)
+        if id(idx) not in counted:
+            counted[id(idx)] = Counter(idx)
+        counts = counted[id(idx)]
         terms = [(counts[k], t) for k, t in enumerate(per_rep)]
         terms += [(c, _mlp_terms(x, summary, b, lay, mach)) for x, c in mlp_reps]
-        terms += [(1, _graph_terms(summary, b, lay, mach, pp)), (1, recv_terms(p, b))]
-        return (sum(c * _seconds(t, "compute") for c, t in terms),
-                sum(c * _seconds(t, "comm") for c, t in terms))
+        terms.append((1, _graph_terms(summary, b, lay, mach, pp)))
+        sums = [(c, _split_seconds(t)) for c, t in terms]
+        out = bodies[key] = (sum(c * x[0] for c, x in sums), sum(c * x[1] for c, x in sums))
+        return out
+
+    def one(p, reps, idx, cores, mlp_reps, b) -> tuple[float, float]:
+        """(compute, comm) seconds of one micro-batch of b on stage p: its body, then its
+        receive (the order the terms were summed in before the body was shared)."""
+        compute, comm = body(reps, idx, cores, mlp_reps, b)
+        recv = _split_seconds(recv_terms(p, b))
+        return compute + recv[0], comm + recv[1]
 
     def crosses(p: int) -> bool:
         """Whether stage p's receive comes from another node (a slower send)."""
@@ -1476,25 +1847,48 @@ def cost_pipeline_plan(summary: ModelSummary, m: int, n: int, cluster: ClusterSp
         return _ev("pipeline_step", {"M": local // b, "p_pp": pp, "t_stage": t_stage}), \
             per_micro, p_slow
 
-    priced = {b: price(b) for b in sizes}
-    b = min(priced, key=lambda x: (priced[x][0], -x))
-    step, _, p_slow = priced[b]
+    if _SCOPE[0]:     # a search: every size at once, over arrays the whole search shares
+        b, step, p_slow, steps = _pipeline_sizes(
+            summary, global_batch, pp, m, n, lay, mach, cluster, fit, sizes, firsts, crosses,
+            recv_terms, spans, counted, w, blockwise)
+        priced = {x: (t,) for x, t in zip(sizes, steps)}
+    else:
+        priced = {b: price(b) for b in sizes}
+        b = min(priced, key=lambda x: (priced[x][0], -x))
+        step, _, p_slow = priced[b]
     count = local // b
     # the chosen b's records: every site and MLP over its stage's M micro-batches
-    sites, mlps, agg = [], [], {}
-    for p, part, reps, idx, cores, mlp_reps, params, act in stages:
+    sites, mlps, agg, mlp_keys = [], [], {}, {}
+    if not records:     # a row: one SiteCost per distinct shape (row_records), in site order
+        seen: set = set()
+        for p, part, reps, idx, cores, mlp_reps, params, act in stages:
+            if id(reps) in seen:    # a stage of a shape already listed adds no new cost
+                continue
+            seen.add(id(reps))
+            sites += [_aggregate(x.index, v, bk, [(count, _attention_terms(
+                x, w, v, bk, b, lay, mach, blockwise))]) for x, (v, bk) in zip(reps, cores)]
+            for x, _ in mlp_reps:
+                key = ("mlp", _mlp_tokens_shape(x))
+                if key not in agg:
+                    agg[key] = _aggregate(x.index, "mlp", "", [(count, _mlp_terms(
+                        x, part, b, lay, mach))])
+                mlps.append(agg[key])
+        sites = list({id(x): x for x in sites}.values())
+        mlps = list({id(x): x for x in mlps}.values())
+    for (p, part, reps, idx, cores, mlp_reps, params, act), shape in zip(
+            stages if records else (), shapes):
         if id(reps) not in agg:
             agg[id(reps)] = [_aggregate(x.index, v, bk, [(count, _attention_terms(
                 x, w, v, bk, b, lay, mach, blockwise))]) for x, (v, bk) in zip(reps, cores)]
         rep_costs = agg[id(reps)]
-        sites += [_at_index(rep_costs[k], x.index) if records else rep_costs[k]
-                  for x, k in zip(part.sites, idx)]
-        for x in part.mlps:
-            key = ("mlp", _mlp_tokens_shape(x))
+        sites += [_at_index(rep_costs[k], x.index) for x, k in zip(part.sites, idx)]
+        if shape not in mlp_keys:     # stages of one shape hold MLPs of the same shapes
+            mlp_keys[shape] = [("mlp", _mlp_tokens_shape(x)) for x in part.mlps]
+        for x, key in zip(part.mlps, mlp_keys[shape]):
             if key not in agg:
                 agg[key] = _aggregate(x.index, "mlp", "", [(count, _mlp_terms(x, part, b, lay,
                                                                               mach))])
-            mlps.append(_at_index(agg[key], x.index) if records else agg[key])
+            mlps.append(_at_index(agg[key], x.index))
     gc = _graph_cost(summary, [(b, count)], lay, mach, pp)
     slow = stages[p_slow]
     compute_1, comm_1 = one(p_slow, *slow[2:6], b)
