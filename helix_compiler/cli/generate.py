@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
-import traceback
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -46,7 +44,7 @@ from ..planning.solver import solve
 from ..runtime import collectives
 from ..runtime.collectives import DistributedBackend
 from ..runtime.graphs import on_device
-from .worker import _env_rank, check_same_program, weights_digest
+from .worker import check_same_program, rank_main, weights_digest
 
 __all__ = ["GenerateSplit", "load_decoder", "check_request", "choose_split", "make_prompt",
            "generate_rank", "DEFAULT_MODEL"]
@@ -332,13 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-
-
     args = build_parser().parse_args(argv)
-    rank = int(os.environ.get("RANK", "0"))
-    result_dir = Path(args.result_dir) if args.result_dir else None
-    try:
-        rank, world, local_rank = _env_rank()
+
+    def body(rank: int, world: int, local_rank: int) -> None:
         summary = _run(args, rank, world, local_rank)
         if rank == 0:
             print("\n".join(summary_lines(summary)), flush=True)
@@ -347,21 +341,7 @@ def main(argv: list[str] | None = None) -> int:
             if not summary["equal"]:
                 raise HelixError("the generated tokens differ from the unsharded model's greedy "
                                  "tokens: the rank modules do not compute what the model computes")
-    except BaseException as e:
-        message = f"{type(e).__name__}: {e}" if not isinstance(e, HelixError) else str(e)
-        if not isinstance(e, HelixError):
-            traceback.print_exc()
-        print(f"helix generate: rank {rank}: error: {' '.join(message.split())}", file=sys.stderr,
-              flush=True)
-        if result_dir is not None:
-            (result_dir / f"rank{rank}.error.json").write_text(json.dumps(
-                {"rank": rank, "time": time.time(), "error": " ".join(message.split())}))
-        return 1
-    if result_dir is not None:
-        (result_dir / f"rank{rank}.done").write_text("")
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return 0
+    return rank_main("generate", args.result_dir, body)
 
 
 if __name__ == "__main__":

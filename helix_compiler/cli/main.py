@@ -295,21 +295,29 @@ def cmd_run(args) -> int:
             raise HelixError(f"--weights {args.weights}: no such file or directory; pass a state_dict "
                              f"file or a directory of safetensors files")
         worker += ["--weights", str(Path(args.weights).resolve())]
+    return _torchrun("run", "helix_compiler.cli.worker", spec, worker, args.devices, workdir,
+                     args.timeout)
+
+
+def _torchrun(command_name: str, module: str, spec: str, worker: list, devices: int,
+              workdir: Path, timeout_s: float) -> int:
+    """Run `module` as `devices` torchrun ranks; the exit code of `helix <command_name>`,
+    with the ranks' failures (or the timeout) reported on stderr."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc-per-node", str(args.devices), "-m", "helix_compiler.cli.worker", spec, *worker]
+               "--nproc-per-node", str(devices), "-m", module, spec, *worker]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")   # N ranks share the cores (torchrun's default, without its warning)
     log = workdir / "torchrun.log"
-    status = _launch(command, env, log, args.timeout)
+    status = _launch(command, env, log, timeout_s)
     if status == 0:
         shutil.rmtree(workdir, ignore_errors=True)
         return 0
     if status is None:
-        print(f"error: helix run: timed out after {args.timeout:g} s (--timeout) and was stopped; "
-              f"{_rank_report(workdir, args.devices)}; log: {log}", file=sys.stderr)
+        print(f"error: helix {command_name}: timed out after {timeout_s:g} s (--timeout) and was "
+              f"stopped; {_rank_report(workdir, devices)}; log: {log}", file=sys.stderr)
         return EXIT_TIMEOUT
-    print(f"error: helix run: torchrun exited with status {status}; {_rank_report(workdir, args.devices)}; "
-          f"log: {log}", file=sys.stderr)
+    print(f"error: helix {command_name}: torchrun exited with status {status}; "
+          f"{_rank_report(workdir, devices)}; log: {log}", file=sys.stderr)
     return EXIT_RANK_FAILED
 
 
@@ -420,22 +428,8 @@ def cmd_generate(args) -> int:
         worker += ["--variant", choice.variant]
     if args.json:
         worker += ["--json", str(Path(args.json).resolve())]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc-per-node", str(args.devices), "-m", "helix_compiler.cli.generate", spec, *worker]
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")
-    log = workdir / "torchrun.log"
-    status = _launch(command, env, log, args.timeout)
-    if status == 0:
-        shutil.rmtree(workdir, ignore_errors=True)
-        return 0
-    if status is None:
-        print(f"error: helix generate: timed out after {args.timeout:g} s (--timeout) and was "
-              f"stopped; {_rank_report(workdir, args.devices)}; log: {log}", file=sys.stderr)
-        return EXIT_TIMEOUT
-    print(f"error: helix generate: torchrun exited with status {status}; "
-          f"{_rank_report(workdir, args.devices)}; log: {log}", file=sys.stderr)
-    return EXIT_RANK_FAILED
+    return _torchrun("generate", "helix_compiler.cli.generate", spec, worker, args.devices,
+                     workdir, args.timeout)
 
 
 # ---- the parser ------------------------------------------------------------------------

@@ -273,10 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    rank = int(os.environ.get("RANK", "0"))
-    result_dir = Path(args.result_dir) if args.result_dir else None
-    try:
-        rank, world, local_rank = _env_rank()
+
+    def body(rank: int, world: int, local_rank: int) -> None:
         summary = run_rank(args, rank, world, local_rank)
         if rank == 0:
             print(summary_line(summary), flush=True)
@@ -286,11 +284,25 @@ def main(argv: list[str] | None = None) -> int:
             raise HelixError(
                 f"max relative error {summary['max_relative_error']:.2e} vs the unsharded model exceeds the "
                 f"tolerance {args.tolerance:g}: the rank modules do not compute what the model computes")
+    return rank_main("run", args.result_dir, body)
+
+
+def rank_main(command_name: str, result_dir: str | None, body) -> int:
+    """One torchrun rank of `helix <command_name>`: body(rank, world, local_rank). A failure is
+    printed on one line (a traceback too when it is not a HelixError) and written to
+    result_dir/rank<r>.error.json, which the launcher's report reads; success leaves
+    rank<r>.done and shuts the process group down. The process's exit code."""
+    rank = int(os.environ.get("RANK", "0"))
+    result_dir = Path(result_dir) if result_dir else None
+    try:
+        rank, world, local_rank = _env_rank()
+        body(rank, world, local_rank)
     except BaseException as e:
         message = f"{type(e).__name__}: {e}" if not isinstance(e, HelixError) else str(e)
         if not isinstance(e, HelixError):
             traceback.print_exc()
-        print(f"helix run: rank {rank}: error: {' '.join(message.split())}", file=sys.stderr, flush=True)
+        print(f"helix {command_name}: rank {rank}: error: {' '.join(message.split())}",
+              file=sys.stderr, flush=True)
         if result_dir is not None:
             (result_dir / f"rank{rank}.error.json").write_text(json.dumps(
                 {"rank": rank, "time": time.time(), "error": " ".join(message.split())}))
