@@ -252,6 +252,21 @@ def _evaluator(name: str):
 # an 80-layer model, and an entry is a few tuples of shared sites.
 DERIVED_CACHE_SIZE = 4096
 
+
+def _identity_memo(cache: dict, obj, key, make, limit: int = DERIVED_CACHE_SIZE):
+    """make(), memoized on the object `obj` itself and `key`: keyed by id(obj), a hit checked by
+    identity (a recycled id never hits), the cache cleared when it outgrows `limit`. The plan
+    search's derived values (a summary's replicas and stages, a tuple's shapes) hang off
+    frozen objects that the search passes around unchanged."""
+    hit = cache.get((id(obj), key))
+    if hit is not None and hit[0] is obj:
+        return hit[1]
+    out = make()
+    if len(cache) > limit:
+        cache.clear()
+    cache[(id(obj), key)] = (obj, out)
+    return out
+
 # The plan search prices a term over every micro-batch size in one call on arrays
 # (_grid_seconds); False: one scalar call per size (the same figures, to float rounding).
 VECTOR_TERMS = True
@@ -734,15 +749,9 @@ _SHAPES: dict = {}   # (id(items), key) -> (items, result): a summary's tuples a
 
 def _by_shape(items, key) -> list[tuple[object, int]]:
     """(one item, how many) per distinct key: 80 identical layers are counted, not summed."""
-    hit = _SHAPES.get((id(items), key))
-    if hit is not None and hit[0] is items:
-        return hit[1]
-    out = _by_shape_uncached(items, key)
-    if isinstance(items, tuple):
-        if len(_SHAPES) > DERIVED_CACHE_SIZE:
-            _SHAPES.clear()
-        _SHAPES[(id(items), key)] = (items, out)
-    return out
+    if not isinstance(items, tuple):      # a list may change: not memoized
+        return _by_shape_uncached(items, key)
+    return _identity_memo(_SHAPES, items, key, lambda: _by_shape_uncached(items, key))
 
 
 def _by_shape_uncached(items, key) -> list[tuple[object, int]]:
@@ -997,20 +1006,15 @@ def _mlp_terms(mlp, summary, size, lay, mach):
     return _TERMS[key]
 
 
-_SHAPE_KEYS: dict = {}    # id(site) -> (site, key): a site is frozen, its key computed once
+_SHAPE_KEYS: dict = {}    # (id(site), None) -> (site, key): a site is frozen, its key computed once
 
 
 def _shape_key(site: AttentionSite) -> int:
     """What the cost of a site depends on: every field but its index and node names (the
     tuple `_shape_key_uncached`, interned: equal shapes, equal ints)."""
-    hit = _SHAPE_KEYS.get(id(site))
-    if hit is not None and hit[0] is site:
-        return hit[1]
-    if len(_SHAPE_KEYS) > 65536:
-        _SHAPE_KEYS.clear()
-    key = _intern(_shape_key_uncached(site))     # an int: memo keys hash it for free
-    _SHAPE_KEYS[id(site)] = (site, key)
-    return key
+    # an int: memo keys hash it for free
+    return _identity_memo(_SHAPE_KEYS, site, None, lambda: _intern(_shape_key_uncached(site)),
+                          limit=65536)
 
 
 def _shape_key_uncached(site: AttentionSite) -> tuple:
@@ -1024,13 +1028,9 @@ def _shape_key_uncached(site: AttentionSite) -> tuple:
 def _unique(sites) -> tuple[list, list[int]]:
     """Sites of distinct shape, and for each site the position of its shape: the 80 layers of
     a LLaMA-70B cost as one, so the plan search stays in milliseconds."""
-    hit = _SHAPES.get((id(sites), "unique"))
-    if hit is not None and hit[0] is sites:
-        return hit[1]
-    out = _unique_uncached(sites)
-    if isinstance(sites, tuple):
-        _SHAPES[(id(sites), "unique")] = (sites, out)
-    return out
+    if not isinstance(sites, tuple):
+        return _unique_uncached(sites)
+    return _identity_memo(_SHAPES, sites, "unique", lambda: _unique_uncached(sites))
 
 
 def _unique_uncached(sites) -> tuple[list, list[int]]:
@@ -1143,14 +1143,7 @@ def replica_summary(summary: ModelSummary, dp: int) -> ModelSummary:
     """What one of dp data replicas runs: the same model on B/dp sequences (T tokens each)."""
     if dp == 1:
         return summary
-    hit = _REPLICAS.get((id(summary), dp))
-    if hit is not None and hit[0] is summary:
-        return hit[1]
-    local = _replica_summary(summary, dp)
-    if len(_REPLICAS) > DERIVED_CACHE_SIZE:
-        _REPLICAS.clear()
-    _REPLICAS[(id(summary), dp)] = (summary, local)
-    return local
+    return _identity_memo(_REPLICAS, summary, dp, lambda: _replica_summary(summary, dp))
 
 
 def _replica_summary(summary: ModelSummary, dp: int) -> ModelSummary:
@@ -1491,28 +1484,17 @@ def stage_summaries(summary: ModelSummary, pp: int) -> tuple[ModelSummary, ...]:
     """What each of pp stages holds: its contiguous run of sites and MLPs, every replicated
     parameter (norms, embeddings, heads: counted on every stage, an over-estimate) and a
     1/pp share of the parameters no site or MLP explains."""
-    hit = _STAGES.get((id(summary), pp))
-    if hit is not None and hit[0] is summary:
-        return hit[1]
-    out = _stage_summaries(summary, pp)
-    if len(_STAGES) > DERIVED_CACHE_SIZE:
-        _STAGES.clear()
-    _STAGES[(id(summary), pp)] = (summary, out)
-    return out
+    return _identity_memo(_STAGES, summary, pp, lambda: _stage_summaries(summary, pp))
 
 
 def stage_shapes(summary: ModelSummary, pp: int) -> tuple[tuple, ...]:
     """Per stage what its cost depends on: its sites' shapes, its MLPs' shapes and tokens per
     sequence, its parameters (stages of one shape cost alike), as an int (`_intern`)."""
-    hit = _STAGES.get((id(summary), pp, "shapes"))
-    if hit is not None and hit[0] is summary:
-        return hit[1]
-    out = tuple(_intern((tuple(_shape_key(x) for x in part.sites),
-                         tuple((_mlp_shape(x), _tokens_per_sequence(x, part)) for x in part.mlps),
-                         part.param_elements, part.replicated_elements))
-                for part in stage_summaries(summary, pp))
-    _STAGES[(id(summary), pp, "shapes")] = (summary, out)
-    return out
+    return _identity_memo(_STAGES, summary, (pp, "shapes"), lambda: tuple(
+        _intern((tuple(_shape_key(x) for x in part.sites),
+                 tuple((_mlp_shape(x), _tokens_per_sequence(x, part)) for x in part.mlps),
+                 part.param_elements, part.replicated_elements))
+        for part in stage_summaries(summary, pp)))
 
 
 _INTERNED: dict = {}
