@@ -30,7 +30,14 @@ def _model_cache(shape: DecodeShape, C: int, B: int) -> int:
 
 @pytest.fixture(scope="module")
 def plan_64():
-    """LLaMA-70B-like at 128k context, 8 sequences, 64 devices (TP fits, with 8 copies)."""
+    """LLaMA-70B-like at 128k context, 8 sequences, 64 devices (TP fits, with 8 copies), one
+    replica: the (s, m, n) splits of all 64."""
+    return plan_decode(LLAMA, 131072, 8, 64, cluster_spec(None, 64), dp=1)
+
+
+@pytest.fixture(scope="module")
+def plan_64_replicas():
+    """The same with data-parallel replicas: every dp dividing 64 and the 8 sequences."""
     return plan_decode(LLAMA, 131072, 8, 64, cluster_spec(None, 64))
 
 
@@ -73,6 +80,51 @@ def test_chosen_plan_is_never_slower_than_a_printed_row_and_beats_tp_at_long_con
             twin = next(x for x in plan_64.candidates if (x.s, x.m, x.n, x.variant)
                         == (r.s, r.m, r.n, "score-reduce"))
             assert r.tpot_ms > twin.tpot_ms and r.comm_bytes_per_step > twin.comm_bytes_per_step
+
+
+def test_a_replica_costs_its_own_split_at_its_share_of_the_sequences(plan_64_replicas):
+    """dp x (s, m, n): each replica serves B / dp sequences on N / dp ranks; its step is that
+    split's step at B / dp (the replicas' ranks laid node by node, no collective between
+    them), tokens/s counts all dp replicas, and KV per rank stays 1/N of the cache."""
+    cl = cluster_spec(None, 64)
+    total = _model_cache(LLAMA, 131072, 8)
+    rows = plan_64_replicas.candidates
+    assert {r.dp for r in rows} == {1, 2, 4, 8}
+    assert all(r.devices == 64 for r in rows)
+    for r in rows:
+        if r.dp == 1:
+            continue
+        alone = cost_decode(LLAMA, 131072, 8 // r.dp, (r.s, r.m, r.n), cl, variant=r.variant)
+        assert r.tpot_ms == pytest.approx(alone.tpot_ms, rel=1e-12), r.name
+        assert r.tokens_per_s == pytest.approx(r.dp * alone.tokens_per_s, rel=1e-12), r.name
+        assert (r.kv_bytes_per_rank, r.weight_bytes_per_rank) == (
+            alone.kv_bytes_per_rank, alone.weight_bytes_per_rank), r.name
+        assert r.kv_bytes_per_rank * 64 == r.kv_copies * total, r.name
+        assert not r.tp
+    # the chosen plan is never slower than a printed row, and the table names the fastest
+    # replicated TP beside TP over all 64
+    chosen = plan_64_replicas.chosen
+    assert all(chosen.tpot_ms <= r.tpot_ms for r in rows if r.fits)
+    rtp = plan_64_replicas.replicated_tp
+    assert rtp.s == rtp.m == 1 and rtp.dp > 1 and rtp.n * rtp.dp == 64
+    assert rtp.tpot_ms == min(r.tpot_ms for r in rows if r.fits and r.dp > 1 and r.s == r.m == 1)
+    assert plan_64_replicas.tp.name == "TP=64 (s=1 x m=1 x n=64)"
+    # 8 replicas of TP=8: all-reduces inside a node, no kv copies (n = H_kv)
+    assert chosen.name == "dp=8 x TP=8 (s=1 x m=1 x n=8)"
+    assert "8 replicas of 8 ranks" in plan_64_replicas.reason
+    with pytest.raises(PlanError, match=r"dp=3: the replicas split the 8 concurrent sequences "
+                                        r"evenly; give a dp that divides 8"):
+        cost_decode(LLAMA, 131072, 8, (1, 1, 8), cl, dp=3)
+
+
+def test_the_cache_split_wins_where_one_sequence_outgrows_a_replica():
+    """1M positions, 4 sequences, 64 devices: a replica's cache would be 1/dp of 687 GB over
+    64/dp ranks; s=8 x n=8 over all 64 beats every replicated TP (predicted) and says so."""
+    plan = plan_decode(LLAMA, 1048576, 4, 64, cluster_spec(None, 64))
+    assert (plan.chosen.dp, plan.chosen.s, plan.chosen.n) == (1, 8, 8)
+    rtp = plan.replicated_tp
+    assert plan.chosen.tpot_ms < rtp.tpot_ms
+    assert f"x the fastest replicated TP, {rtp.name}" in plan.reason
 
 
 def test_a_plan_over_the_memory_limit_is_excluded_with_the_numbers():
@@ -138,8 +190,9 @@ def _cli(capsys, *argv):
 
 def test_cli_decode_prints_every_split_beside_tp_and_the_choice(capsys):
     code, out, err = _cli(capsys, "plan", "--decode", "--context", 131072, "--concurrency", 64,
-                          "--devices", 64)
+                          "--devices", 64, "--dp", 1)
     assert code == 0, err
+    assert "dp=" not in out
     assert "TP=64 (s=1 x m=1 x n=64)" in out and "343.6 GB (x8)" in out
     assert "chosen: s=8 x m=1 x n=8" in out and "why: " in out
     # at B=64 the 9 rows with kv copies (n = 16, 32, 64; m > 1 in two variants) overflow, and
@@ -160,7 +213,9 @@ def test_cli_decode_prints_every_split_beside_tp_and_the_choice(capsys):
     (["--decode", "--context", "1024", "--concurrency", "2", "--devices", "8", "--plan", "2,4"],
      "--plan is not taken with --decode"),
     (["--decode", "--context", "1000", "--concurrency", "2", "--devices", "3"],
-     "no split (s, m, n) with s*m*n=3"),
+     "no split (s, m, n) with dp*s*m*n=3"),
+    (["--decode", "--context", "1024", "--concurrency", "6", "--devices", "8", "--dp", "4"],
+     "dp=4: the replicas must split the 8 devices and the 6 concurrent sequences evenly"),
     (["--decode", "--context", "131072", "--concurrency", "64", "--devices", "64",
       "--memory-cap", "8"], "no split fits"),
     (["--decode", "--context", "0", "--concurrency", "2", "--devices", "8"],

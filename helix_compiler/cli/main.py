@@ -201,18 +201,19 @@ def cmd_plan(args) -> int:
 
 # Flags of a forward-step plan that a decode plan does not take: (flag, attribute, unset value).
 _NOT_DECODE = (("--plan", "plan", None), ("--objective", "objective", "throughput"),
-               ("--dp", "dp", None), ("--print-graph-after", "print_graph_after", None),
+               ("--print-graph-after", "print_graph_after", None),
                ("-o", "output", None))
 
 
 def cmd_plan_decode(args) -> int:
-    """helix plan --decode: every (s, m, n) split of a decode step at --context and --concurrency.
+    """helix plan --decode: every dp x (s, m, n) plan of a decode step at --context and
+    --concurrency (--dp: only that many replicas).
     The shape is MODEL's captured summary (L identical attention sites and MLPs), or with no
     MODEL a LLaMA-70B-like GQA shape."""
     for flag, attr, unset in _NOT_DECODE:
         if getattr(args, attr) != unset:
             raise HelixError(f"{flag} is not taken with --decode (the decode planner costs every "
-                             f"(s, m, n) split and chooses by time per output token); drop {flag}")
+                             f"dp x (s, m, n) plan and chooses by time per output token); drop {flag}")
     missing = [f for f, v in (("--context", args.context), ("--concurrency", args.concurrency))
                if v is None]
     if missing:
@@ -233,7 +234,7 @@ def cmd_plan_decode(args) -> int:
         shape = shape_from_summary(summary, dtype=args.dtype)
     plan = plan_decode(shape, args.context, args.concurrency, args.devices,
                        cluster_spec(args.cluster, args.devices), profile=_profile(args.profile),
-                       memory_cap_gib=args.memory_cap)
+                       memory_cap_gib=args.memory_cap, dp=args.dp)
     if args.format == "table":
         print(format_decode_table(plan))
     elif args.format == "yaml":

@@ -1,8 +1,11 @@
 r"""Decode planner (issue 15, item 2): time per output token of a GQA decoder on N devices.
 
 A decode step takes one new token for each of B sequences (the concurrency) whose
-KV cache holds C positions (the context). Per rank, per step, with the split
-(s, m, n), s m n = N: n head groups, m head-dim slices, s chunks of the cache's
+KV cache holds C positions (the context). A plan is dp x (s, m, n), dp s m n = N: dp
+replicas (data parallel over the sequences: each replica serves B / dp of them on N / dp
+ranks, the whole model on every replica), each split (s, m, n). The formulas below are one
+replica's, with B its own sequences and N its own ranks; tokens/s counts all replicas'.
+Per rank, per step, with the split (s, m, n), s m n = N: n head groups, m head-dim slices, s chunks of the cache's
 positions (flash-decoding across GPUs); h = H/n query heads and
 h_kv = max(H_kv/n, 1) kv heads per rank (n > H_kv: each kv head copied n/H_kv
 times, as tensor parallelism copies them):
@@ -29,7 +32,7 @@ times, as tensor parallelism copies them):
       output projection   all-reduce of w B D over the m n ranks of a chunk out_bytes
       MLP                 all-reduce of w B D over all N                    out_bytes
     TPOT                  L (compute + comm per layer) + replicated reads   tpot
-    tokens/s              B / TPOT                                          tokens_per_s
+    tokens/s              dp B / TPOT (every replica's)                     tokens_per_s
 
 This prices what compile_decoder builds (helix_compiler/decode.py): the s ranks of
 head group i, dim slice j hold the same q/k/v/o weight slices (1/(m n) of
@@ -220,7 +223,7 @@ class DecodeCost:
     m: int
     n: int
     variant: str                   # "heads" (m = 1), "score-reduce" or "qk-gather"
-    tp: bool                       # the tensor-parallel row (s = m = 1, n = N)
+    tp: bool                       # the tensor-parallel row (dp = s = m = 1, n = N)
     kv_copies: int                 # copies of each kv head (1: none)
     kv_bytes_per_rank: int
     weight_bytes_per_rank: int
@@ -233,6 +236,7 @@ class DecodeCost:
     tpot_ms: float                 # time per output token (one step: a token for each sequence)
     tokens_per_s: float
     terms: tuple[tuple[str, float], ...] = ()    # (term, ms per step)
+    dp: int = 1                    # replicas, each serving B / dp sequences on N / dp ranks
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS or (self.variant == "heads") != (self.m == 1):
@@ -243,8 +247,15 @@ class DecodeCost:
     @property
     def name(self) -> str:
         base = f"s={self.s} x m={self.m} x n={self.n}"
-        return f"TP={self.n} ({base})" if self.tp else (
-            base if self.m == 1 else f"{base} {self.variant}")
+        if self.s == 1 and self.m == 1:     # tensor parallelism, in one or more replicas
+            base = f"TP={self.n} ({base})"
+        elif self.m > 1:
+            base = f"{base} {self.variant}"
+        return base if self.dp == 1 else f"dp={self.dp} x {base}"
+
+    @property
+    def devices(self) -> int:
+        return self.dp * self.s * self.m * self.n
 
     @property
     def fits(self) -> bool:
@@ -273,14 +284,15 @@ class DecodePlan:
     kv_bytes_model: int              # the whole model's cache
     candidates: tuple[DecodeCost, ...]
     chosen: DecodeCost
-    tp: DecodeCost | None
+    tp: DecodeCost | None            # TP over all N devices (dp = 1)
     tp_reason: str | None            # why there is no TP row (divisibility), else None
+    replicated_tp: DecodeCost | None = None   # the fastest dp x TP=N/dp (dp > 1) that fits
     reason: str                      # why `chosen` won
     notes: tuple[str, ...] = field(default=())
 
     def to_dict(self) -> dict:
         def row(c: DecodeCost) -> dict:
-            return {"name": c.name, "s": c.s, "m": c.m, "n": c.n, "variant": c.variant,
+            return {"name": c.name, "dp": c.dp, "s": c.s, "m": c.m, "n": c.n, "variant": c.variant,
                     "tp": c.tp, "kv_copies": c.kv_copies, "kv_bytes_per_rank": c.kv_bytes_per_rank,
                     "weight_bytes_per_rank": c.weight_bytes_per_rank,
                     "workspace_bytes": c.workspace_bytes,
@@ -295,6 +307,7 @@ class DecodePlan:
                 "memory_limit_bytes": self.memory_limit_bytes,
                 "kv_bytes_model": self.kv_bytes_model, "chosen": self.chosen.name,
                 "reason": self.reason, "tp": self.tp.name if self.tp else None,
+                "replicated_tp": self.replicated_tp.name if self.replicated_tp else None,
                 "tp_reason": self.tp_reason, "notes": list(self.notes),
                 "candidates": [row(c) for c in self.candidates]}
 
@@ -333,12 +346,13 @@ def _divisors(k: int) -> list[int]:
     return [i for i in range(1, k + 1) if k % i == 0]
 
 
-def _groups(s_: int, m_: int, n_: int) -> dict[str, list[tuple[int, ...]]]:
+def _groups(s_: int, m_: int, n_: int, dp: int = 1) -> dict[str, list[tuple[int, ...]]]:
     """The groups of the mesh compile_decoder builds (rank = (i m + j) s + k: the s-group
-    contiguous): m-groups, s-groups, the m n ranks of each chunk, the whole mesh."""
+    contiguous) in every replica (replica b: ranks b s m n ...): m-groups, s-groups, the m n
+    ranks of each chunk, the whole replica."""
     mesh = Mesh(n=n_, m=m_, s=s_)
-    return {"m": mesh.groups("dim"), "s": mesh.groups("seq"), "chunk": mesh.groups("all"),
-            "mesh": mesh.groups("mesh")}
+    return {key: [tuple(b * mesh.size + r for r in g) for b in range(dp) for g in mesh.groups(axis)]
+            for key, axis in (("m", "dim"), ("s", "seq"), ("chunk", "all"), ("mesh", "mesh"))}
 
 
 def _collective(kind: str, nbytes: float, groups, cluster: ClusterSpec) -> float:
@@ -351,13 +365,17 @@ def _collective(kind: str, nbytes: float, groups, cluster: ClusterSpec) -> float
 
 def cost_decode(shape: DecodeShape, context: int, concurrency: int, split: tuple[int, int, int],
                 cluster: ClusterSpec, profile: ComputeProfile | None = None,
-                variant: str | None = None, *, o_proj: str = "mn") -> DecodeCost:
-    """Predicted decode step of `split` = (s, m, n); `variant` for m > 1 ("score-reduce",
-    default, or "qk-gather"); `o_proj`: "mn", the output projection as built (replicated
-    over the s-group), or "N" (sharded over all N ranks, all-reduced over all N)."""
+                variant: str | None = None, *, o_proj: str = "mn", dp: int = 1) -> DecodeCost:
+    """Predicted decode step of `split` = (s, m, n) in each of `dp` replicas (replica b on
+    ranks b s m n ... (b + 1) s m n - 1, serving concurrency / dp sequences); `variant` for
+    m > 1 ("score-reduce", default, or "qk-gather"); `o_proj`: "mn", the output projection as
+    built (replicated over the s-group), or "N" (sharded over the replica's N ranks)."""
     if o_proj not in ("mn", "N"):
         raise PlanError(f"cost_decode: o_proj must be 'mn' (as compile_decoder builds it) or "
                         f"'N', got {o_proj!r}")
+    if isinstance(dp, bool) or not isinstance(dp, int) or dp < 1 or concurrency % dp:
+        raise PlanError(f"decode plan dp={dp!r}: the replicas split the {concurrency} concurrent "
+                        f"sequences evenly; give a dp that divides {concurrency}")
     s_, m_, n_ = split
     N_ = s_ * m_ * n_
     why = split_reason(shape, context, s_, m_, n_)
@@ -366,9 +384,10 @@ def cost_decode(shape: DecodeShape, context: int, concurrency: int, split: tuple
         hint = (f"try one of {alts}" if alts else
                 f"no (s, m, n) of {N_} devices fits this shape: try a power-of-two device count")
         raise PlanError(f"decode split s={s_} x m={m_} x n={n_} of {shape.name!r}: {why}; {hint}")
-    if N_ > cluster.devices:
-        raise PlanError(f"decode split s={s_} x m={m_} x n={n_} needs {N_} GPUs but cluster "
-                        f"{cluster.name!r} has {cluster.devices}; try a larger cluster file")
+    if dp * N_ > cluster.devices:
+        raise PlanError(f"decode plan dp={dp} x s={s_} x m={m_} x n={n_} needs {dp * N_} GPUs but "
+                        f"cluster {cluster.name!r} has {cluster.devices}; try a larger cluster file")
+    B_all, concurrency = concurrency, concurrency // dp
     if m_ == 1:
         variant = "heads"
     elif variant is None:
@@ -412,7 +431,7 @@ def cost_decode(shape: DecodeShape, context: int, concurrency: int, split: tuple
     if gather:
         layer.append(("qk-gather: K assembly", "compute",
                       _ev("gather_rows_time", {**env, "t_g": GATHER_ROW_S})))
-    grp = _groups(s_, m_, n_)
+    grp = _groups(s_, m_, n_, dp)
     comm_bytes = 0.0
 
     def coll(name: str, kind: str, formula: str, group: str) -> None:
@@ -448,23 +467,27 @@ def cost_decode(shape: DecodeShape, context: int, concurrency: int, split: tuple
                                * max(shape.kv_heads // n_, 1) * shape.head_dim)
     limit = int(MEMORY_USABLE_FRACTION * cluster.memory_bytes)
     return DecodeCost(
-        s=s_, m=m_, n=n_, variant=variant, tp=(s_ == 1 and m_ == 1 and n_ == N_),
+        s=s_, m=m_, n=n_, dp=dp, variant=variant, tp=(dp == 1 and s_ == 1 and m_ == 1),
         kv_copies=int(_ev("kv_copies", env)), kv_bytes_per_rank=kv,
         weight_bytes_per_rank=weights, workspace_bytes=workspace,
         memory_bytes_per_rank=kv + weights + workspace, memory_limit_bytes=limit,
         comm_bytes_per_step=math.ceil(comm_bytes * L_),
         compute_ms=sum(t for _, k, t in layer if k == "compute") * L_ * 1e3 + t_rep * 1e3,
         comm_ms=sum(t for _, k, t in layer if k == "comm") * L_ * 1e3,
-        tpot_ms=tpot * 1e3, tokens_per_s=_ev("tokens_per_s", {"B": concurrency, "L": L_,
+        tpot_ms=tpot * 1e3, tokens_per_s=_ev("tokens_per_s", {"B": B_all, "L": L_,
                                                               "t_layer": t_layer, "t_rep": t_rep}),
         terms=tuple(terms))
 
 
 def plan_decode(shape: DecodeShape, context: int, concurrency: int, devices: int,
                 cluster: ClusterSpec, profile: ComputeProfile | None = None,
-                memory_cap_gib: float | None = None) -> DecodePlan:
-    """Cost every decode split of `devices` (both m > 1 variants) and choose the smallest TPOT
-    among those that fit; ties go to fewer kv copies, then smaller s, then smaller m."""
+                memory_cap_gib: float | None = None, dp: int | None = None) -> DecodePlan:
+    """Cost every decode plan dp x (s, m, n) of `devices` (dp: every divisor of `devices`
+    that divides `concurrency`, or only `dp` when given; both m > 1 variants) and choose the
+    smallest TPOT among those that fit; ties go to fewer kv copies, then fewer replicas,
+    smaller s, smaller m. Replicas are data parallelism over the sequences, the plan a
+    person serving B sequences on N GPUs tries first (N / dp GPUs per replica, often one
+    node): the table prints the fastest of them beside TP over all N."""
     for what, value in (("context", context), ("concurrency", concurrency),
                         ("devices", devices)):
         if not isinstance(value, int) or value <= 0:
@@ -484,17 +507,27 @@ def plan_decode(shape: DecodeShape, context: int, concurrency: int, devices: int
             cluster = dataclasses.replace(cluster, memory_bytes=cap)
             notes.append(f"memory cap {memory_cap_gib:g} GiB per rank: each plan must fit "
                          f"{MEMORY_USABLE_FRACTION:g} of it")
-    splits = decode_splits(shape, context, devices)
-    if not splits:
+    if dp is None:
+        dps = [k for k in _divisors(devices) if concurrency % k == 0]
+    elif isinstance(dp, bool) or not isinstance(dp, int) or dp < 1 or devices % dp \
+            or concurrency % dp:
+        raise PlanError(f"decode plan dp={dp!r}: the replicas must split the {devices} devices "
+                        f"and the {concurrency} concurrent sequences evenly; give a dp that "
+                        f"divides both (1: no replicas)")
+    else:
+        dps = [dp]
+    rows = []
+    for k in dps:
+        for sp in decode_splits(shape, context, devices // k):
+            for v in ((None,) if sp[1] == 1 else ("score-reduce", "qk-gather")):
+                rows.append(cost_decode(shape, context, concurrency, sp, cluster, profile, v,
+                                        dp=k))
+    if not rows:
         raise PlanError(f"decode plan of {shape.name!r} on {devices} devices: no split (s, m, n) "
-                        f"with s*m*n={devices} has n dividing H={shape.heads} and H_kv="
+                        f"with dp*s*m*n={devices} has n dividing H={shape.heads} and H_kv="
                         f"{shape.kv_heads} (or a multiple of H_kv), m dividing d="
                         f"{shape.head_dim} and s dividing C={context}; try a power-of-two "
                         f"device count or context")
-    rows = []
-    for sp in splits:
-        for v in ((None,) if sp[1] == 1 else ("score-reduce", "qk-gather")):
-            rows.append(cost_decode(shape, context, concurrency, sp, cluster, profile, v))
     tp = next((r for r in rows if r.tp), None)
     tp_reason = None if tp else (
         f"TP={devices}: {split_reason(shape, context, 1, 1, devices)}")
@@ -505,23 +538,27 @@ def plan_decode(shape: DecodeShape, context: int, concurrency: int, devices: int
                         f"{devices} devices: no split fits; the smallest, {least.name}, "
                         f"{least.excluded}; try more devices, a shorter context or fewer "
                         f"concurrent sequences")
-    chosen = min(fit, key=lambda r: (r.tpot_ms, r.kv_copies, r.s, r.m))
-    reason = _reason(chosen, tp, rows, tp_reason)
+    chosen = min(fit, key=lambda r: (r.tpot_ms, r.kv_copies, r.dp, r.s, r.m))
+    replicated_tp = min((r for r in fit if r.dp > 1 and r.s == 1 and r.m == 1),
+                        key=lambda r: r.tpot_ms, default=None)
+    reason = _reason(chosen, tp, rows, tp_reason, replicated_tp)
     kv_model = math.ceil(_ev("kv_cache_model", {
         "L": shape.layers, "B": concurrency, "C": context, "H_kv": shape.kv_heads,
         "d": shape.head_dim, "w": shape.dtype_bytes}))
     notes += ["norm, residual and core kernels are priced by count (KERNELS_PER_LAYER x "
               f"{KERNEL_S * 1e6:.2f} us, fitted on an H200); rotary and the embedding lookup "
               "are left out (B x D elements each); the q/k/v/o of the new token run on every "
-              "rank of its s-group, the MLP over all N",
+              "rank of its s-group, the MLP over all N ranks of a replica",
               "no overlap of compute and communication is assumed"]
     return DecodePlan(shape=shape, context=context, concurrency=concurrency, devices=devices,
                       cluster=cluster.name, memory_limit_bytes=chosen.memory_limit_bytes,
                       kv_bytes_model=kv_model, candidates=tuple(rows), chosen=chosen, tp=tp,
-                      tp_reason=tp_reason, reason=reason, notes=tuple(notes))
+                      tp_reason=tp_reason, replicated_tp=replicated_tp, reason=reason,
+                      notes=tuple(notes))
 
 
-def _reason(chosen: DecodeCost, tp: DecodeCost | None, rows, tp_reason: str | None) -> str:
+def _reason(chosen: DecodeCost, tp: DecodeCost | None, rows, tp_reason: str | None,
+            replicated_tp: DecodeCost | None = None) -> str:
     runner_up = min((r for r in rows if r.fits and r is not chosen), key=lambda r: r.tpot_ms,
                     default=None)
     parts = [f"{chosen.name} has the smallest predicted TPOT that fits, {chosen.tpot_ms:.2f} ms"]
@@ -537,6 +574,13 @@ def _reason(chosen: DecodeCost, tp: DecodeCost | None, rows, tp_reason: str | No
         parts.append(f"{ratio:.2f}x TP's {tp.tpot_ms:.2f} ms: each rank reads "
                      f"{_gb(chosen.kv_bytes_per_rank)} of cache (copies x{chosen.kv_copies}) "
                      f"where TP reads {_gb(tp.kv_bytes_per_rank)} (copies x{tp.kv_copies}){fits}")
+    if chosen.dp > 1:
+        per = chosen.devices // chosen.dp
+        parts.append(f"{chosen.dp} replicas of {per} ranks: collectives over {per} ranks "
+                     f"instead of {chosen.devices}")
+    if replicated_tp is not None and replicated_tp is not chosen:
+        parts.append(f"{chosen.tpot_ms / replicated_tp.tpot_ms:.2f}x the fastest replicated TP, "
+                     f"{replicated_tp.name} at {replicated_tp.tpot_ms:.2f} ms")
     return "; ".join(parts)
 
 
@@ -575,7 +619,7 @@ def format_decode_table(plan: DecodePlan) -> str:
              ""]
     tp_kv = (f"{_gb(plan.tp.kv_bytes_per_rank)} (x{plan.tp.kv_copies})" if plan.tp
              else "n/a")
-    head = (f"{'split':<34} {'KV/rank':>9} {'copies':>6} {'TP KV/rank':>16} {'weights':>8} "
+    head = (f"{'plan':<34} {'KV/rank':>9} {'copies':>6} {'TP KV/rank':>16} {'weights':>8} "
             f"{'comm/step':>10} {'comm ms':>8} {'TPOT ms':>9} {'tokens/s':>10}  status")
     lines += [head, "-" * len(head)]
     for r in plan.candidates:
