@@ -42,7 +42,8 @@ from .models.decoder_cache import DecodeStep, Prefill
 from .program import HelixProgram, run_ranks
 from .runtime.mesh import Mesh
 
-__all__ = ["DecodeProgram", "compile_decoder", "cache_writes", "check_partitioned"]  # cache_writes: passes/seq_split.py
+__all__ = ["DecodeProgram", "compile_decoder", "cache_writes", "check_partitioned",
+           "replica_model"]  # cache_writes: passes/seq_split.py
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
@@ -138,6 +139,48 @@ class DecodeProgram:
                 raise HelixError(f"simulate_generate: at {where} rank {r} picked tokens "
                                  f"{p.flatten().tolist()}, rank 0 {picks[0].flatten().tolist()}")
         return picks[0]
+
+
+@torch.no_grad()
+def replica_model(model: torch.nn.Module, dp: int, index: int) -> torch.nn.Module:
+    """Replica `index` of `dp` data-parallel replicas of a static-cache decoder: the same
+    weights (shared, not copied) and a cache of cfg.batch / dp rows, rows index * B/dp ... of
+    the model's (a replica serves those sequences). Built as type(model)(cfg with that batch),
+    as CacheDecoder is; `model` is not written. dp = 1: `model` itself."""
+    cfg = model.cfg
+    if isinstance(dp, bool) or not isinstance(dp, int) or dp < 1 or cfg.batch % dp:
+        raise HelixError(f"replica_model: dp={dp!r} replicas of a cache of batch {cfg.batch}; "
+                         f"give a dp that divides {cfg.batch}")
+    if not 0 <= index < dp:
+        raise HelixError(f"replica_model: index={index} is not one of the {dp} replicas")
+    if dp == 1:
+        return model
+    rows = cfg.batch // dp
+    try:
+        replica = type(model)(dataclasses.replace(cfg, batch=rows))
+    except Exception as e:   # noqa: BLE001 - any constructor failure means: cannot replicate
+        raise HelixError(f"dp={dp}: a replica of {type(model).__name__} is built as "
+                         f"{type(model).__name__}(cfg with batch={rows}), which failed "
+                         f"({type(e).__name__}: {e}); use dp=1") from None
+    theirs = dict(model.named_parameters()) | dict(model.named_buffers())
+    for name, t in list(replica.named_parameters()) + list(replica.named_buffers()):
+        src = theirs.get(name)
+        owner, _, attr = name.rpartition(".")
+        mod = replica.get_submodule(owner)
+        if src is not None and src.shape == t.shape:
+            if isinstance(t, torch.nn.Parameter):
+                setattr(mod, attr, src)            # the same Parameter: weights are shared
+            else:
+                mod.register_buffer(attr, src, persistent=attr not in mod._non_persistent_buffers_set)
+        elif src is not None and src.dim() and src.shape[0] == cfg.batch \
+                and src.shape[1:] == t.shape[1:]:
+            t.copy_(src[index * rows:(index + 1) * rows])   # a per-sequence buffer: its rows
+        else:
+            raise HelixError(f"dp={dp}: {type(model).__name__} tensor {name} has shape "
+                             f"{tuple(t.shape)} in a replica of batch {rows} and "
+                             f"{tuple(src.shape) if src is not None else 'none'} in the model; "
+                             f"only per-sequence buffers (batch first) may differ; use dp=1")
+    return replica.to(next(iter(theirs.values())).dtype).eval() if theirs else replica.eval()
 
 
 def check_partitioned(prog: HelixProgram, what: str) -> None:

@@ -25,7 +25,9 @@ import torch
 
 from helix_compiler.cli.main import EXIT_REFUSED, _main
 from helix_compiler.errors import HelixError
-from helix_compiler.cli.generate import check_request, choose_split, load_decoder
+from helix_compiler.cli.generate import check_request, choose_split, load_decoder, make_prompt
+from helix_compiler.decode import replica_model
+from helix_compiler.models.decoder_cache import DecoderConfig, build, greedy_generate
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "generate_torchrun.py"
@@ -36,6 +38,10 @@ MODEL_SPEC = textwrap.dedent("""
     def helix_model():
         model = build(DecoderConfig(layers=2, heads=4, kv_heads=2, head_dim=8, batch=3, max_seq=24))
         return model, (torch.zeros(3, 1, dtype=torch.long),)
+
+    def replicas():       # a batch of 4 rows: two replicas of 2 (row 1 left-padded, row 3 padding)
+        model = build(DecoderConfig(layers=2, heads=4, kv_heads=2, head_dim=8, batch=4, max_seq=24))
+        return model, (torch.zeros(4, 1, dtype=torch.long),)
 
     def not_a_decoder():
         return torch.nn.Linear(4, 4), (torch.zeros(1, 4),)
@@ -114,6 +120,50 @@ def test_users_torchrun_script_generates_with_a_sequence_split_across_a_chunk_bo
         assert result["equal"] and len(result["tokens"]) == 3 and len(result["tokens"][0]) == 16, result
 
 
+@pytest.mark.slow
+def test_helix_generate_data_parallel_replicas_of_a_sequence_split_token_equal(spec, tmp_path, capsys):
+    """dp=2 replicas of s=2 cache chunks on 4 gloo processes: replica d serves rows 2d, 2d + 1
+    (row 1 left-padded, row 3 all padding), positions 8 .. 22 cross the chunk boundary 12."""
+    out = tmp_path / "summary.json"
+    code = _main(["generate", f"{spec}:replicas", "--devices", "4", "--prompt-len", "8",
+                  "--new-tokens", "16", "--plan", "2,1,1", "--dp", "2", "--backend", "gloo",
+                  "--json", str(out)])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err[-3000:]
+    assert "split: dp=2 x s=2 x m=1 x n=1 (given with --plan)" in printed.out
+    assert "equal to the unsharded model's greedy tokens (fp32): yes" in printed.out
+    summary = json.loads(out.read_text())
+    assert summary["equal"] and summary["ranks_agree"] and summary["dp"] == 2, summary
+    assert summary["tokens"] == summary["reference"] and len(summary["tokens"]) == 4
+    assert len(summary["tokens"][0]) == 16
+
+
+def test_replica_model_shares_the_weights_and_generates_its_rows():
+    model = build(DecoderConfig(layers=2, heads=4, kv_heads=2, head_dim=8, batch=4, max_seq=24))
+    prompt, valid = make_prompt(model.cfg, 6)
+    want = greedy_generate(model, prompt, valid, 5)
+    for d in range(2):
+        rep = replica_model(model, 2, d)
+        assert rep.cfg.batch == 2 and rep.embed.weight is model.embed.weight
+        assert rep.layers[0].attn.k_cache.shape[0] == 2
+        assert torch.equal(greedy_generate(rep, prompt[2 * d:2 * d + 2], valid[2 * d:2 * d + 2], 5),
+                           want[2 * d:2 * d + 2])
+    assert replica_model(model, 1, 0) is model
+    with pytest.raises(HelixError, match=r"dp=3 replicas of a cache of batch 4; give a dp that "
+                                         r"divides 4"):
+        replica_model(model, 3, 0)
+
+
+def test_choose_split_takes_the_planners_replicas(spec):
+    """A tiny decoder on 4 ranks: no collective beats any, so the planner serves the 4 rows
+    with 4 one-rank replicas, and helix generate runs that (the launch path is the test above)."""
+    model = build(DecoderConfig(layers=2, heads=4, kv_heads=2, head_dim=8, batch=4, max_seq=24))
+    choice = choose_split(model, 4, 8, 16)
+    assert (choice.dp, choice.split) == (4, (1, 1, 1)), choice
+    assert choice.name == "dp=4 x s=1 x m=1 x n=1"
+    assert "4 replicas of 1 rank" in choice.reason
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--new-tokens", "0"], r"--new-tokens 0: T must be at least 1 \(the prefill's token, then T - 1 decode steps\)"),
     (["--prompt-len", "0"], r"--prompt-len 0: a prompt needs at least one token"),
@@ -121,6 +171,9 @@ def test_users_torchrun_script_generates_with_a_sequence_split_across_a_chunk_bo
     (["--plan", "2,2"], r"--plan takes S,M,N"),
     (["--new-tokens", "30"], r"need 37 cache positions, but the model's cache has max_seq=24"),
     (["--plan", "4,1,1", "--variant", "qk-gather"], r"--variant qk-gather applies to m > 1"),
+    (["--plan", "1,1,2", "--dp", "2"], r"--dp 2: the replicas split the 4 processes and the "
+                                       r"model's batch of 3 rows evenly"),
+    (["--dp", "2"], r"--dp 2 is taken with --plan S,M,N"),
 ])
 def test_helix_generate_refuses_a_bad_request_with_exit_2_before_launching(spec, capsys, argv, message):
     base = {"--devices": "4", "--prompt-len": "8", "--new-tokens": "16"}

@@ -2,7 +2,11 @@
 (`helix generate`, docs/decode.md "Generating under torchrun").
 
     python -m torch.distributed.run --standalone --nproc-per-node N \\
-        -m helix_compiler.cli.generate MODEL --plan S,M,N --prompt-len P --new-tokens T [...]
+        -m helix_compiler.cli.generate MODEL --plan S,M,N [--dp K] --prompt-len P --new-tokens T [...]
+
+With --dp K the N processes are K replicas of N / K ranks (rank = replica * N / K + local
+rank): replica d serves rows d B/K ... of the batch with its own DecodeProgram, compiled from
+decode.replica_model (the same weights, a cache of B / K rows).
 
 MODEL is a spec (modelspec.py) whose function returns a CacheDecoder-style model first
 (`prefill(tokens, valid)`, `decode_step(token, cache_position, valid)`, `reset_cache()`, a
@@ -34,7 +38,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..decode import compile_decoder
+from ..decode import compile_decoder, replica_model
 from ..errors import HelixError
 from ..modelspec import load_model_spec
 from ..models.decoder_cache import DecodeStep, greedy_generate
@@ -63,11 +67,13 @@ class GenerateSplit:
     n: int
     variant: str | None        # None for m = 1
     reason: str
+    dp: int = 1                # replicas, each s x m x n ranks serving batch / dp rows
 
     @property
     def name(self) -> str:
         base = f"s={self.s} x m={self.m} x n={self.n}"
-        return base if self.variant is None else f"{base} {self.variant}"
+        base = base if self.variant is None else f"{base} {self.variant}"
+        return base if self.dp == 1 else f"dp={self.dp} x {base}"
 
     @property
     def split(self) -> tuple[int, int, int]:
@@ -91,11 +97,15 @@ def load_decoder(spec: str) -> torch.nn.Module:
 
 
 def check_request(model, devices: int, prompt_len: int, new_tokens: int,
-                  split: tuple[int, ...] | None = None, variant: str | None = None) -> None:
+                  split: tuple[int, ...] | None = None, variant: str | None = None,
+                  dp: int = 1) -> None:
     """HelixError, one line, for a generation request that cannot run."""
     cfg = model.cfg
     if devices < 1:
         raise HelixError(f"--devices {devices}: N must be at least 1 process; give --devices 1 or more")
+    if dp < 1 or devices % dp or cfg.batch % dp:
+        raise HelixError(f"--dp {dp}: the replicas split the {devices} processes and the model's "
+                         f"batch of {cfg.batch} rows evenly; give a --dp that divides both")
     if prompt_len < 1:
         raise HelixError(f"--prompt-len {prompt_len}: a prompt needs at least one token; give "
                          f"--prompt-len 1 or more")
@@ -112,9 +122,11 @@ def check_request(model, devices: int, prompt_len: int, new_tokens: int,
             raise HelixError(f"--plan {','.join(map(str, split))}: give S,M,N, three positive "
                              f"integers (cache chunks, dim slices, head groups), e.g. 1,2,2")
         s, m, n = split
-        if s * m * n != devices:
-            raise HelixError(f"--plan {s},{m},{n}: s={s} x m={m} x n={n} = {s * m * n} ranks, but "
-                             f"--devices {devices}; give a split whose product is {devices}")
+        if s * m * n * dp != devices:
+            reps = f" x --dp {dp}" if dp > 1 else ""
+            raise HelixError(f"--plan {s},{m},{n}: s={s} x m={m} x n={n}{reps} = {s * m * n * dp} "
+                             f"ranks, but --devices {devices}; give a split whose product is "
+                             f"{devices // dp}" + (" (per replica)" if dp > 1 else ""))
         if s > cfg.max_seq:
             raise HelixError(f"--plan {s},{m},{n}: s={s} cache chunks of a cache of "
                              f"{cfg.max_seq} positions; s must be at most {cfg.max_seq}")
@@ -136,8 +148,9 @@ def choose_split(model, devices: int, prompt_len: int, new_tokens: int,
     """The decode planner's split (decode_plan.plan_decode on the model's captured shape at
     context P + T and concurrency = the cache's batch), restricted to what compile_decoder
     builds: (m, n) feasible for the model's attention (solver.solve) and s at most the
-    cache's positions. The planner's order (TPOT, then fewer copies, smaller s, smaller m)
-    picks among those that fit; `reason` says which and why."""
+    cache's positions, and dp replicas only where decode.replica_model builds them. The
+    planner's order (TPOT, then fewer copies, fewer replicas, smaller s, smaller m) picks
+    among those that fit; `reason` says which and why."""
 
     summary = analyze(DecodeStep(model), _step_args(model, prompt_len), dynamic=False).summary
     shape = shape_from_summary(summary, dtype="fp32")
@@ -146,25 +159,34 @@ def choose_split(model, devices: int, prompt_len: int, new_tokens: int,
     context = prompt_len + new_tokens
     plan = plan_decode(shape, context, model.cfg.batch, devices, cluster_spec(cluster, devices))
     feasible: dict[int, set] = {}
+    replicable: dict[int, str | None] = {1: None}
 
     def why_not(row) -> str | None:
         if row.s > model.cfg.max_seq:
             return f"s={row.s} exceeds the cache's {model.cfg.max_seq} positions"
-        if row.s not in feasible:
-            feasible[row.s] = {(c.m, c.n) for c in solve(summary, devices // row.s) if c.feasible}
-        if (row.m, row.n) not in feasible[row.s]:
+        ranks = devices // row.dp // row.s
+        if ranks not in feasible:
+            feasible[ranks] = {(c.m, c.n) for c in solve(summary, ranks) if c.feasible}
+        if (row.m, row.n) not in feasible[ranks]:
             return f"m={row.m} x n={row.n} is not a feasible split of the model's attention"
-        return None
+        if row.dp not in replicable:
+            try:
+                replica_model(model, row.dp, 0)
+                replicable[row.dp] = None
+            except HelixError as e:
+                replicable[row.dp] = str(e)
+        return replicable[row.dp]
 
     order = sorted((r for r in plan.candidates if r.fits),
-                   key=lambda r: (r.tpot_ms, r.kv_copies, r.s, r.m))
+                   key=lambda r: (r.tpot_ms, r.kv_copies, r.dp, r.s, r.m))
     for row in order:
         if why_not(row) is None:
             break
     else:
         raise HelixError(f"helix generate: none of the decode planner's splits of {devices} "
                          f"devices can be built for {shape.name} ({why_not(plan.chosen)} for "
-                         f"the planner's {plan.chosen.name}); give --plan S,M,N or other --devices")
+                         f"the planner's {plan.chosen.name}); give --plan S,M,N [--dp K] or "
+                         f"other --devices")
     variant = None if row.m == 1 else row.variant
     if row is plan.chosen:
         reason = (f"the decode planner's choice at context {context} (P + T), concurrency "
@@ -173,7 +195,7 @@ def choose_split(model, devices: int, prompt_len: int, new_tokens: int,
         reason = (f"the decode planner chose {plan.chosen.name} ({why_not(plan.chosen)}); "
                   f"{row.name} is the fastest split compile_decoder builds, predicted "
                   f"{row.tpot_ms:.3f} ms per token against {plan.chosen.tpot_ms:.3f} ms")
-    return GenerateSplit(s=row.s, m=row.m, n=row.n, variant=variant, reason=reason)
+    return GenerateSplit(s=row.s, m=row.m, n=row.n, variant=variant, reason=reason, dp=row.dp)
 
 
 def make_prompt(cfg, prompt_len: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -265,31 +287,41 @@ def _run(args, rank: int, world: int, local_rank: int) -> dict:
     torch.manual_seed(args.seed)
     model = load_decoder(args.model)
     split = tuple(int(x) for x in args.plan.split(","))
-    check_request(model, world, args.prompt_len, args.new_tokens, split, args.variant)
+    dp = args.dp
+    check_request(model, world, args.prompt_len, args.new_tokens, split, args.variant, dp)
     keys = [None] * world
     dist.all_gather_object(keys, f"model/{weights_digest(dict(model.state_dict()))}")
     check_same_program(keys)
-    prog = compile_decoder(model, world, split, variant=args.variant, prompt_len=args.prompt_len,
-                           rank=rank)   # only this rank's modules
-    pair_on_device(prog, rank, device)
-    backend = DistributedBackend(prog.mesh, device.type)
+    size = world // dp                    # ranks of one replica
+    replica, local = divmod(rank, size)
+    rows = model.cfg.batch // dp
+    prog = compile_decoder(replica_model(model, dp, replica), size, split, variant=args.variant,
+                           prompt_len=args.prompt_len, rank=local)   # only this rank's modules
+    pair_on_device(prog, local, device)
+    backend = DistributedBackend(prog.mesh, device.type, dp=dp)
     collectives.bind(backend)
     prompt, valid_prompt = make_prompt(model.cfg, args.prompt_len, args.seed)
+    mine = slice(replica * rows, (replica + 1) * rows)
     try:
-        got, timing = generate_rank(prog, rank, prompt, valid_prompt, args.new_tokens, device)
+        got, timing = generate_rank(prog, local, prompt[mine], valid_prompt[mine],
+                                    args.new_tokens, device)
     finally:
         collectives.bind(None)
     everyone = [None] * world
     dist.all_gather_object(everyone, got.tolist())
+    # every rank of a replica holds its rows' logits: they must agree; the batch is the
+    # replicas' rows in order
+    lead = [everyone[(r // size) * size] for r in range(world)]
+    got = torch.tensor([row for d in range(dp) for row in everyone[d * size]], dtype=got.dtype)
     slowest = torch.tensor([timing["ms_per_token"], timing["prefill_ms"]], dtype=torch.float64,
                            device=device)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-    summary = {"ranks": world, "s": split[0], "m": split[1], "n": split[2],
+    summary = {"ranks": world, "dp": dp, "s": split[0], "m": split[1], "n": split[2],
                "variant": args.variant, "backend": args.backend, "model": args.model,
                "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                "batch": model.cfg.batch, "tokens": got.tolist(),
-               "ranks_agree": all(t == everyone[0] for t in everyone),
-               "disagreeing_ranks": [r for r, t in enumerate(everyone) if t != everyone[0]],
+               "ranks_agree": all(t == lead[r] for r, t in enumerate(everyone)),
+               "disagreeing_ranks": [r for r, t in enumerate(everyone) if t != lead[r]],
                "ms_per_token": slowest[0].item(), "prefill_ms": slowest[1].item()}
     if rank == 0:
         want = greedy_generate(model, prompt, valid_prompt, args.new_tokens)
@@ -300,8 +332,11 @@ def _run(args, rank: int, world: int, local_rank: int) -> dict:
 
 def summary_lines(s: dict) -> list[str]:
     split = f"s={s['s']} x m={s['m']} x n={s['n']}" + (f" {s['variant']}" if s["variant"] else "")
+    if s.get("dp", 1) > 1:
+        split = f"dp={s['dp']} x {split}"
     verdict = ("yes" if s["equal"] else
-               f"NO: ranks {s['disagreeing_ranks']} picked other tokens than rank 0"
+               f"NO: ranks {s['disagreeing_ranks']} picked other tokens than their replica's "
+               f"first rank"
                if not s["ranks_agree"] else "NO: they differ from the unsharded model's")
     lines = [f"helix generate: {s['ranks']} ranks, {split}, backend {s['backend']}, float32; "
              f"{s['batch']} rows x prompt {s['prompt_len']}, {s['new_tokens']} new tokens"]
@@ -318,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="One rank of `helix generate` (start it with torchrun).")
     p.add_argument("model", metavar="MODEL")
     p.add_argument("--plan", required=True, metavar="S,M,N")
+    p.add_argument("--dp", type=int, default=1)
     p.add_argument("--variant", choices=VARIANTS, default=None)
     p.add_argument("--prompt-len", type=int, required=True)
     p.add_argument("--new-tokens", type=int, required=True)

@@ -405,7 +405,11 @@ def cmd_generate(args) -> int:
             f"{torch.cuda.device_count()} CUDA devices; use --backend gloo (CPU) or fewer --devices")
     torch.manual_seed(args.seed)
     model = load_decoder(spec)
-    check_request(model, args.devices, args.prompt_len, args.new_tokens, args.plan, args.variant)
+    if args.plan is None and args.dp is not None:
+        raise HelixError(f"--dp {args.dp} is taken with --plan S,M,N (the split of each "
+                         f"replica); without --plan the decode planner chooses dp too")
+    check_request(model, args.devices, args.prompt_len, args.new_tokens, args.plan, args.variant,
+                  args.dp or 1)
     if args.plan is None:
         choice = choose_split(model, args.devices, args.prompt_len, args.new_tokens, args.cluster)
         if args.variant is not None and choice.m == 1:
@@ -413,16 +417,19 @@ def cmd_generate(args) -> int:
                              f"{choice.name}; give --plan S,M,N with m > 1 too, or drop --variant")
         if args.variant is not None:
             choice = GenerateSplit(s=choice.s, m=choice.m, n=choice.n, variant=args.variant,
-                                   reason=f"{choice.reason}; variant {args.variant} as given")
+                                   reason=f"{choice.reason}; variant {args.variant} as given",
+                                   dp=choice.dp)
     else:
         s, m, n = args.plan
         variant = args.variant or ("score-reduce" if m > 1 else None)
-        choice = GenerateSplit(s=s, m=m, n=n, variant=variant, reason="given with --plan")
+        choice = GenerateSplit(s=s, m=m, n=n, variant=variant, reason="given with --plan",
+                               dp=args.dp or 1)
     print(f"split: {choice.name} ({choice.reason})", flush=True)
     del model
 
     workdir = Path(tempfile.mkdtemp(prefix="helix-generate-"))
-    worker = ["--plan", ",".join(map(str, choice.split)), "--prompt-len", str(args.prompt_len),
+    worker = ["--plan", ",".join(map(str, choice.split)), "--dp", str(choice.dp),
+              "--prompt-len", str(args.prompt_len),
               "--new-tokens", str(args.new_tokens), "--backend", backend, "--seed", str(args.seed),
               "--timeout", str(args.timeout), "--result-dir", str(workdir)]
     if choice.variant is not None:
@@ -569,7 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default: helix_compiler.models.decoder_cache:helix_model, 8 heads over "
                           "2 kv heads, a batch of 4, 64 cache positions)")
     gen.add_argument("--devices", type=_positive_int, required=True, metavar="N",
-                     help="number of processes N = s * m * n")
+                     help="number of processes N = dp * s * m * n")
     gen.add_argument("--prompt-len", type=int, required=True, metavar="P",
                      help="prompt tokens per row (row 1 is left-padded by P // 2, with a batch "
                           ">= 3 the last row is all padding)")
@@ -579,6 +586,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="force the split: s cache chunks, m head-dim slices, n head groups "
                           "(default: the decode planner's choice at context P + T, concurrency = "
                           "the batch, among the splits compile_decoder builds)")
+    gen.add_argument("--dp", type=_positive_int, metavar="K",
+                     help="with --plan: K data-parallel replicas of S * M * N ranks each, replica d "
+                          "serving rows d B/K ... of the batch (default 1)")
     gen.add_argument("--variant", choices=("score-reduce", "qk-gather"),
                      help="m > 1: score-reduce (default) or qk-gather")
     gen.add_argument("--backend", choices=BACKENDS,

@@ -576,7 +576,8 @@ def _reason(chosen: DecodeCost, tp: DecodeCost | None, rows, tp_reason: str | No
                      f"where TP reads {_gb(tp.kv_bytes_per_rank)} (copies x{tp.kv_copies}){fits}")
     if chosen.dp > 1:
         per = chosen.devices // chosen.dp
-        parts.append(f"{chosen.dp} replicas of {per} ranks: collectives over {per} ranks "
+        parts.append(f"{chosen.dp} replicas of 1 rank: no collective" if per == 1 else
+                     f"{chosen.dp} replicas of {per} ranks: collectives over {per} ranks "
                      f"instead of {chosen.devices}")
     if replicated_tp is not None and replicated_tp is not chosen:
         parts.append(f"{chosen.tpot_ms / replicated_tp.tpot_ms:.2f}x the fastest replicated TP, "
