@@ -6,14 +6,15 @@
 
 For a LLaMA-GQA shape (64 heads / 8 kv heads, d 128, D 8192, SwiGLU F 28672, 80 layers, fp16)
 at contexts 32k, 64k and 128k and a concurrency of 8 sequences on N = 64 devices, each plan of
-`decode_plan.plan_decode` (every (s, m, n), both m > 1 variants, tensor parallel with copied kv
-heads) is run as the rank that owns the new token's cache position runs it: its q/k/v/o weight
+`decode_plan.plan_decode` (every dp x (s, m, n), both m > 1 variants, tensor parallel with
+copied kv heads; `--dp K`: only K replicas) is run as the rank that owns the new token's cache position runs it: its q/k/v/o weight
 slices, its cache slice (h_kv kv heads, d/m dims, C/s positions), the cache write of the new
 token's k and v, its attention core (m = 1: the fused flash kernel with GQA folded into the query
 length, returning the log-sum-exp; score-reduce: QK^T over d/m, fp32 softmax, PV; qk-gather: QK^T
 over the gathered d), the s > 1 rescale by exp(lse_i - lse), the output projection over its
 H d / (m n) rows (replicated over the s-group, as compile_decoder builds it; runs before the
-"o_proj" key, recorded as "N", held H d / N rows) and the MLP over F / N columns. Its
+"o_proj" key, recorded as "N", held H d / N rows) and the MLP over F / N columns. A plan of
+dp > 1 replicas is timed as one replica's rank: its split at B / dp sequences. Its
 collectives are not run: their time is the planner's
 alpha-beta model of the cluster (`--cluster`, default: the paper's nodes of 8 GPUs, as many as
 N needs, with this GPU's HBM bandwidth and memory when it is an H100 or H200).
@@ -271,12 +272,13 @@ def reassemble(path: str, out: str | None = None) -> int:
     fit_rows, rows_out, within = [], [], 0
     for entry in data["results"]:
         C_, B_ = entry["context"], entry["concurrency"]
-        rep_ms = entry.get("replicated_measured_ms", 0.0)
         for r in entry.get("rows", []):
             if "measured_layer_ms" not in r:
                 continue
+            rep_ms = r.get("replicated_measured_ms", entry.get("replicated_measured_ms", 0.0))
             cost = dp.cost_decode(shape, C_, B_, (r["s"], r["m"], r["n"]), cluster, profile,
-                                  r["variant"] if r["m"] > 1 else None, o_proj=o_proj)
+                                  r["variant"] if r["m"] > 1 else None, o_proj=o_proj,
+                                  dp=r.get("dp", 1))
             terms = _row_terms(cost)
             meas_layers = r["measured_layer_ms"] * L
             pred_tpot = cost.tpot_ms
@@ -333,6 +335,8 @@ def main(argv=None) -> int:
     p.add_argument("--devices", type=int, default=None, help="N (default 64; --small 8)")
     p.add_argument("--contexts", default=None, help="comma-separated C (default 32768,65536,131072)")
     p.add_argument("--concurrency", default=None, help="comma-separated B (default 8)")
+    p.add_argument("--dp", type=int, default=None,
+                   help="only plans of this many replicas (default: every dp the planner takes)")
     p.add_argument("--cluster", default=None)
     p.add_argument("--profile", default=None)
     p.add_argument("--iters", type=int, default=None)
@@ -366,18 +370,25 @@ def main(argv=None) -> int:
               "o_proj": "mn",
               "results": []}
     for B in concurrency:
-        rep_ms = measure_replicated(shape, B, dev, dtype, iters, warmup)
+        rep_by_rows = {}           # LM head GEMV ms by the rows a replica serves (B / dp)
+
+        def rep_ms_of(rows_):
+            if rows_ not in rep_by_rows:
+                rep_by_rows[rows_] = measure_replicated(shape, rows_, dev, dtype, iters, warmup)
+            return rep_by_rows[rows_]
+
+        rep_ms = rep_ms_of(B)
         for C in contexts:
             entry = {"context": C, "concurrency": B, "replicated_measured_ms": rep_ms}
             try:
-                plan = plan_decode(shape, C, B, devices, cluster, profile)
+                plan = plan_decode(shape, C, B, devices, cluster, profile, dp=args.dp)
             except HelixError as e:
                 entry["error"] = str(e)
                 result["results"].append(entry)
                 continue
             rows = []
             for row in plan.candidates:
-                out = {"name": row.name, "s": row.s, "m": row.m, "n": row.n,
+                out = {"name": row.name, "dp": row.dp, "s": row.s, "m": row.m, "n": row.n,
                        "variant": row.variant, "tp": row.tp, "kv_copies": row.kv_copies,
                        "kv_bytes_per_rank": row.kv_bytes_per_rank,
                        "memory_bytes_per_rank": row.memory_bytes_per_rank, "fits": row.fits,
@@ -387,8 +398,12 @@ def main(argv=None) -> int:
                 if time.time() - t_start > args.budget_s:
                     out["skipped"] = f"time budget of {args.budget_s:g} s spent"
                 else:
-                    got = measure_row(shape, C, B, row, dev, dtype, iters, warmup)
-                    got["measured_compute_ms"] += rep_ms
+                    # a replica's rank: its split at B / dp sequences (the same kernels at
+                    # dp = 1); the replicas run side by side, so its step is the plan's
+                    rep_row = rep_ms_of(B // row.dp)
+                    got = measure_row(shape, C, B // row.dp, row, dev, dtype, iters, warmup)
+                    got["measured_compute_ms"] += rep_row
+                    got["replicated_measured_ms"] = rep_row
                     tpot = got["measured_compute_ms"] + row.comm_ms
                     out.update(got, measured_tpot_ms=tpot, measured_tokens_per_s=B / tpot * 1e3,
                                predicted_over_measured=row.tpot_ms / tpot)
@@ -397,17 +412,30 @@ def main(argv=None) -> int:
             tp = next((r for r in rows if r["tp"]), None)
             best = min(timed, key=lambda r: r["measured_tpot_ms"], default=None)
             chosen = next(r for r in rows if r["name"] == plan.chosen.name)
+            rtp = plan.replicated_tp
             entry.update(chosen=plan.chosen.name, reason=plan.reason,
                          tp=tp["name"] if tp else None, tp_fits=tp["fits"] if tp else None,
+                         replicated_tp=rtp.name if rtp else None,
                          measured_best=best["name"] if best else None, rows=rows)
             if tp and "measured_tpot_ms" in tp and "measured_tpot_ms" in chosen:
                 entry["measured_chosen_over_tp"] = chosen["measured_tpot_ms"] / tp["measured_tpot_ms"]
                 entry["predicted_chosen_over_tp"] = plan.chosen.tpot_ms / plan.tp.tpot_ms
+            r_row = next((r for r in rows if rtp and r["name"] == rtp.name), None)
+            if r_row and "measured_tpot_ms" in r_row and "measured_tpot_ms" in chosen:
+                entry["measured_chosen_over_replicated_tp"] = (chosen["measured_tpot_ms"]
+                                                               / r_row["measured_tpot_ms"])
+            # the best single-replica Helix split (dp = 1): the (s, m, n) space on its own
+            one = [r for r in timed if r["dp"] == 1]
+            best1 = min(one, key=lambda r: r["measured_tpot_ms"], default=None)
+            if best1 and tp and "measured_tpot_ms" in tp:
+                entry["measured_best_dp1"] = best1["name"]
+                entry["measured_best_dp1_over_tp"] = best1["measured_tpot_ms"] / tp["measured_tpot_ms"]
             result["results"].append(entry)
             print(f"C={C} B={B}: chosen {plan.chosen.name} predicted {plan.chosen.tpot_ms:.2f} ms"
                   f", measured {chosen.get('measured_tpot_ms', float('nan')):.2f} ms; TP "
                   f"{'fits' if tp and tp['fits'] else 'does not fit'}; measured best "
-                  f"{entry['measured_best']}", flush=True)
+                  f"{entry['measured_best']}; chosen/TP measured "
+                  f"{entry.get('measured_chosen_over_tp', float('nan')):.2f}", flush=True)
     result["seconds"] = round(time.time() - t_start, 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
