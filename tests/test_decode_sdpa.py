@@ -15,7 +15,6 @@ import pytest
 import torch
 import torch.nn as nn
 
-from helix_compiler import helix_compile
 from helix_compiler.decode import compile_decoder
 from passes.explicit_cache_cores import explicit_cache_cores
 
@@ -203,6 +202,7 @@ def test_explicit_cache_cores_leaves_a_core_that_reads_no_cache():
     assert explicit_cache_cores(gm, args) is gm
 
 
+@pytest.mark.slow
 def test_s1_decode_program_keeps_its_sdpa_core():
     # s = 1 never runs the pass: the HF SDPA step keeps SDPA on every rank
     model = HFStaticCacheDecoder(2, 2, 16)
