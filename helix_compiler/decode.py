@@ -14,7 +14,9 @@ each rank its own copy of the cache sliced like its k / v projection's output:
 the cache not exactly 1/N per rank). The two programs' rank modules are bound to one tensor per
 cache slice, so a rank's prefill fills the slice its decode steps then extend and read.
 
-With split (s, m, n), s > 1, each (i, j) module is cut into s modules by passes/seq_split.py:
+With split (s, m, n), s > 1, each (i, j) module's fused attention cores over the cache (SDPA)
+are written out as softmax(scores) @ v (passes/explicit_cache_cores.py), then the module is cut
+into s modules by passes/seq_split.py:
 rank (i m + j) s + k holds positions chunk k of its slice, writes only the positions it owns,
 and combines its partial attention exactly over the "seq" mesh axis; its q/k/v/o weight slices
 are rank (i, j)'s (the same on the s ranks of (i, j)), and passes/mesh_mlp.py cuts each MLP
@@ -32,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+from passes.explicit_cache_cores import explicit_cache_cores
 from passes.mesh_mlp import mlp_attrs, mlp_over_mesh
 from passes.seq_split import cache_writes, chunk_bounds, split_sequence
 
@@ -266,6 +269,8 @@ def compile_decoder(model: torch.nn.Module, devices: int, split: tuple[int, ...]
             caches.append({src: getattr(p_gm, pa) for src, (pa, _) in pairs.items()})
             continue
         m_, n_ = step.plan.m, step.plan.n
+        # fused cores over the cache (HF's SDPA) written out, so that seq_split combines them
+        p_core, s_core = explicit_cache_cores(p_gm, (tokens, valid)), explicit_cache_cores(s_gm, step_args)
         for k, (start, end) in enumerate(bounds):   # rank (i m + j) s + k holds chunk k
             if rank is not None and r * s + k != rank:
                 modules.append(None)
@@ -275,10 +280,10 @@ def compile_decoder(model: torch.nn.Module, devices: int, split: tuple[int, ...]
                      for src, (_, a) in pairs.items()}
             # attention (q/k/v/o) replicated over the s-group, the MLPs over all N ranks
             modules.append((
-                mlp_over_mesh(split_sequence(p_gm, (tokens, valid), start, end,
+                mlp_over_mesh(split_sequence(p_core, (tokens, valid), start, end,
                                              {pa: chunk[src] for src, (pa, _) in pairs.items()}),
                               mlp_attrs(pre.analysis.mlps, p_sh), k, s, m_, n_),
-                mlp_over_mesh(split_sequence(s_gm, step_args, start, end,
+                mlp_over_mesh(split_sequence(s_core, step_args, start, end,
                                              {a: chunk[src] for src, (_, a) in pairs.items()}),
                               mlp_attrs(step.analysis.mlps, s_sh), k, s, m_, n_)))
             caches.append(chunk)

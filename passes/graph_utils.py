@@ -6,6 +6,8 @@ import operator
 
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 aten = torch.ops.aten
 
@@ -132,3 +134,26 @@ def constant_value(node):
 
 def norm_dim(dim: int, ndim: int) -> int:
     return dim + ndim if dim < 0 else dim
+
+
+def fake_shapes(gm: fx.GraphModule, args: tuple) -> None:
+    """meta["val"] of every node of `gm`: a copy of its graph run on fake copies of its
+    buffers and of `args`."""
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    root = torch.nn.Module()
+    for name, t in [*gm.named_parameters(), *gm.named_buffers()]:
+        *path, leaf = name.split(".")          # an export's q_proj.weight: a submodule's tensor
+        owner = root
+        for part in path:
+            if not hasattr(owner, part):
+                owner.add_module(part, torch.nn.Module())
+            owner = getattr(owner, part)
+        owner.register_buffer(leaf, mode.from_tensor(t))
+    g, copies = fx.Graph(), {}
+    g._codegen = gm.graph._codegen
+    g.output(g.graph_copy(gm.graph, copies))
+    with mode:
+        FakeTensorProp(fx.GraphModule(root, g), mode).propagate_dont_convert_inputs(
+            *[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
+    for old, new in copies.items():
+        old.meta["val"] = new.meta.get("val")

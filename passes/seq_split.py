@@ -9,7 +9,7 @@ positions [start_k, end_k) only, with
   positions that `position` names take the new rows, every other position keeps its value
   (`where` over the chunk, then `copy_`), so only the owner of a position writes it;
 * every tensor the scores meet that runs over all S_max positions (the mask) narrowed to the
-  chunk;
+  chunk, and S_max in the literal sizes of a view of the cache (HF's repeat_kv) made C;
 * each `softmax(scores) @ v` over the cache replaced by the chunk's partial attention and an
   exact combine over the s-group ("seq"):
 
@@ -18,9 +18,15 @@ positions [start_k, end_k) only, with
       [o | l] = all_reduce_sum([sum_t e_t v_t | sum_t e_t])  # (B, H/n, T, d_v + 1)
       out = o / l
 
-  a chunk with every position masked (finfo.min) weighs exp(finfo.min - M) = 0.
+  a chunk with every position masked (finfo.min) weighs exp(finfo.min - M) = 0; under
+  `_safe_softmax` (an SDPA core written out by passes/explicit_cache_cores.py) a row with
+  every position -inf in every chunk gives 0, as SDPA does;
+* any other buffer the graph writes in place (HF's position counter) a copy of this module's.
 
-Refused (HelixError naming the node): an SDPA core or any op other than a view, a pointwise
+A fused core (SDPA, helix.chunked_attention, helix.attend) must have been written out by
+passes/explicit_cache_cores.py first (compile_decoder runs it when s > 1).
+
+Refused (HelixError naming the node): a fused core or any op other than a view, a pointwise
 op, a matmul, a collective or the softmax -> matmul core between the cache and the core's
 output (a reduction over positions would need its own combine), a cache returned as an output,
 or a head dim equal to S_max (the positions dim could not be told apart).
@@ -35,14 +41,14 @@ import operator
 
 import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from helix_compiler.errors import HelixError
 from helix_compiler.runtime import collectives as _c  # noqa: F401  (registers torch.ops.helix)
 
 from .find_attention import CACHE_WRITE_OPS
-from .graph_utils import MATMUL_OPS, MOVEMENT_OPS, SDPA_OPS, SOFTMAX_OPS, aten
+from .explicit_cache_cores import CORES
+from .graph_utils import MATMUL_OPS, MOVEMENT_OPS, SDPA_OPS, SOFTMAX_OPS, aten, fake_shapes
+from .shard import written_attrs
 from .shard_rules import POINTWISE
 
 __all__ = ["CACHE_WRITE_OPS", "cache_writes", "chunk_bounds", "split_sequence"]
@@ -77,23 +83,6 @@ def chunk_bounds(positions: int, s: int) -> list[tuple[int, int]]:
     return out
 
 
-def _shapes(gm: fx.GraphModule, args: tuple) -> None:
-    """meta["val"] of every node of `gm`: a copy of its graph run on fake copies of its
-    buffers and of `args`."""
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    root = torch.nn.Module()
-    for name, t in gm.named_buffers():
-        root.register_buffer(name, mode.from_tensor(t))
-    g, copies = fx.Graph(), {}
-    g._codegen = gm.graph._codegen
-    g.output(g.graph_copy(gm.graph, copies))
-    with mode:
-        FakeTensorProp(fx.GraphModule(root, g), mode).propagate_dont_convert_inputs(
-            *[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
-    for old, new in copies.items():
-        old.meta["val"] = new.meta.get("val")
-
-
 def _val(node):
     v = node.meta.get("val") if isinstance(node, fx.Node) else None
     return v if isinstance(v, torch.Tensor) else None
@@ -111,7 +100,7 @@ def split_sequence(gm: fx.GraphModule, args: tuple, start: int, end: int,
     for name, t in gm.named_buffers():
         root.register_buffer(name, t)
     out = fx.GraphModule(root, g, class_name=type(gm).__name__)
-    _shapes(out, args)
+    fake_shapes(out, args)
     writes = cache_writes(out)
     if not writes:
         raise HelixError("seq_split: the rank graph writes no KV cache buffer (index_copy_ into a "
@@ -137,6 +126,10 @@ def split_sequence(gm: fx.GraphModule, args: tuple, start: int, end: int,
     for name, w in writes.items():
         _owner_write(graph, w, start, end)
         setattr(out, name, caches[name])
+    for name in written_attrs(out) - set(writes):
+        # another tensor written in place (HF's position counter): this module's own, as each
+        # (i, j) module's is its own; the s modules run concurrently
+        setattr(out, name, getattr(gm, name).clone())
     for node in [n for n in graph.nodes if n in downstream]:
         for a in node.all_input_nodes:
             va, vn = _val(a), _val(node)
@@ -145,12 +138,33 @@ def split_sequence(gm: fx.GraphModule, args: tuple, start: int, end: int,
                 with graph.inserting_before(node):
                     part = graph.call_function(aten.slice.Tensor, (a, -1, start, end))
                 node.replace_input_with(a, part)
+    for node in [n for n in graph.nodes if n in downstream and n.target in _SIZED]:
+        _chunk_sizes(node, S, end - start)
     for sm in [n for n in graph.nodes if n in downstream and n.target in SOFTMAX_OPS]:
         _combine(graph, sm)
     graph.eliminate_dead_code()
     graph.lint()
     out.recompile()
     return out
+
+
+# view ops whose sizes are literals of the graph: over the cache, S_max among them means C
+_SIZED = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default,
+          aten.broadcast_to.default}
+
+
+def _chunk_sizes(node: fx.Node, S: int, C: int) -> None:
+    """A view of the cache with S_max in its sizes (HF's repeat_kv: expand to (B, H_kv, g,
+    S_max, d), reshape to (B, H, S_max, d)) takes the chunk's C positions instead."""
+    sizes = list(node.args[1])
+    at = [i for i, x in enumerate(sizes) if x == S]
+    if len(at) > 1:
+        raise HelixError(f"seq_split: view {node.name} of the KV cache has sizes {sizes} with S_max={S} "
+                         f"at dims {at}; the positions dim cannot be told apart; build the cache "
+                         f"with another S_max")
+    if at:
+        sizes[at[0]] = C
+        node.update_arg(1, sizes)
 
 
 def _downstream(graph: fx.Graph, writes) -> set:
@@ -182,9 +196,11 @@ def _check_keeps_positions(node: fx.Node) -> None:
                                  f"sequence split combines softmax(scores) @ v only")
         return
     what = "an SDPA core" if node.target in SDPA_OPS else f"op {node.target}"
+    fused = " (a fused core: run passes/explicit_cache_cores.py first, as compile_decoder does)" \
+        if node.target in CORES else ""
     raise HelixError(f"seq_split: node {node.name} ({what}) reads the KV cache; the sequence split "
-                     f"handles views, pointwise ops, matmuls and softmax(scores) @ v (write the "
-                     f"attention explicitly, or use s=1)")
+                     f"handles views, pointwise ops, matmuls and softmax(scores) @ v{fused}; write "
+                     f"the attention explicitly, or use s=1")
 
 
 def _owner_write(graph: fx.Graph, w: fx.Node, start: int, end: int) -> None:
@@ -216,10 +232,15 @@ def _combine(graph: fx.Graph, sm: fx.Node) -> None:
     """softmax(x) @ v over this chunk -> the exact attention over all chunks."""
     (pv,) = sm.users
     x, v = sm.args[0], pv.args[1]
+    safe = sm.target is aten._safe_softmax.default
     dv = int(_val(pv).shape[-1])
     with graph.inserting_before(pv):
         mx = graph.call_function(aten.amax.default, (x, [-1], True))
         top = graph.call_function(helix.all_reduce.default, (mx, "seq", "max"))          # (B, H/n, T, 1)
+        if safe:
+            # a row with no visible key in any chunk (M = -inf): shift by 0, so e = 0, l = 0
+            top = graph.call_function(aten.masked_fill.Scalar, (
+                top, graph.call_function(aten.eq.Scalar, (top, float("-inf"))), 0.0))
         e = graph.call_function(aten.exp.default, (graph.call_function(aten.sub.Tensor, (x, top)),))
         l_ = graph.call_function(aten.sum.dim_IntList, (e, [-1], True))
         o = graph.call_function(pv.target, (e, v))                                         # (B, H/n, T, d_v)
@@ -227,6 +248,10 @@ def _combine(graph: fx.Graph, sm: fx.Node) -> None:
                                   (graph.call_function(aten.cat.default, ([o, l_], -1)), "seq", "sum"))
         num = graph.call_function(aten.slice.Tensor, (tot, -1, 0, dv))
         den = graph.call_function(aten.slice.Tensor, (tot, -1, dv, dv + 1))
+        if safe:
+            # ... and o = 0: the row gives 0, as _safe_softmax (SDPA) gives it unsharded
+            den = graph.call_function(aten.masked_fill.Scalar, (
+                den, graph.call_function(aten.eq.Scalar, (den, 0.0)), 1.0))
         res = graph.call_function(aten.div.Tensor, (num, den))
     pv.replace_all_uses_with(res)
     graph.erase_node(pv)

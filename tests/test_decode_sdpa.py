@@ -1,0 +1,211 @@
+"""The sequence split s > 1 over an SDPA core (passes/explicit_cache_cores.py, docs/decode.md).
+
+HF's StaticCache (the cache of transformers' executorch export wrapper) under a small LLaMA with
+attn_implementation="sdpa", driven with an attention mask (left-padded rows, a fully padded row):
+every rank's prefill and decode step against the unsharded model for s in {2, 4}, positions that
+cross chunk boundaries, MHA and GQA; greedy tokens; and the pass alone on SDPA's argument forms
+(bool / float mask, a fully masked row, is_causal, enable_gqa, scale None).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn as nn
+
+from helix_compiler.decode import compile_decoder
+from passes.explicit_cache_cores import explicit_cache_cores
+
+from tests.helpers import assert_ranks_equal
+
+DEVICES = 4
+SDPA = torch.ops.aten.scaled_dot_product_attention.default
+SAFE_SOFTMAX = torch.ops.aten._safe_softmax.default
+
+
+class HFStaticCacheDecoder(nn.Module):
+    """HF's TorchExportableModuleWithStaticCache with an attention mask: prefill(tokens, valid)
+    and decode_step(token, cache_position, valid) run its LLaMA on its StaticCache buffers
+    (key_cache_i, value_cache_i, cumulative_length_i) with `valid` (B, S_max) as the
+    attention_mask (the wrapper's forward passes none, so it cannot left-pad a batch)."""
+
+    def __init__(self, kv_heads: int, batch: int, max_seq: int) -> None:
+        super().__init__()
+        from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+        from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            config = LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, head_dim=8,
+                                 num_key_value_heads=kv_heads, intermediate_size=64, vocab_size=64,
+                                 max_position_embeddings=64, attn_implementation="sdpa")
+            model = LlamaForCausalLM(config).eval()
+        model.generation_config = GenerationConfig(
+            use_cache=True, cache_implementation="static", max_length=max_seq,
+            cache_config={"batch_size": batch, "max_cache_len": max_seq, "device": "cpu"})
+        self.wrapper = TorchExportableModuleWithStaticCache(model, batch_size=batch, max_cache_len=max_seq)
+        self.cfg = SimpleNamespace(batch=batch, max_seq=max_seq)
+
+    def _run(self, tokens, cache_position, valid):
+        for layer in self.wrapper.static_cache.layers:          # as the wrapper's forward
+            layer.cumulative_length.copy_(cache_position[0])
+        return self.wrapper.model(input_ids=tokens, attention_mask=valid, cache=self.wrapper.static_cache,
+                                  use_cache=True).logits
+
+    def prefill(self, tokens, valid):
+        return self._run(tokens, torch.zeros(1, dtype=torch.long), valid)
+
+    def decode_step(self, token, cache_position, valid):
+        return self._run(token, cache_position, valid)
+
+    def reset_cache(self) -> None:
+        for layer in self.wrapper.static_cache.layers:
+            layer.keys.zero_()
+            layer.values.zero_()
+
+
+def _prompt(batch: int, max_seq: int, length: int):
+    """Tokens (B, P); valid (B, S_max): row 1 left-padded by 3, the last row all padding."""
+    g = torch.Generator().manual_seed(2)
+    tokens = torch.randint(0, 64, (batch, length), generator=g)
+    valid = torch.ones(batch, max_seq, dtype=torch.long)
+    valid[1, :3] = 0
+    valid[-1, :length] = 0
+    return tokens, valid
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kv_heads, split, variant", [
+    (4, (2, 1, 2), None), (4, (4, 1, 1), None), (2, (2, 1, 2), None), (2, (4, 1, 1), None),
+    (2, (2, 2, 1), "score-reduce")], ids=lambda x: str(x))
+def test_hf_sdpa_sequence_split_every_rank_equals_unsharded_across_chunk_boundaries(kv_heads, split, variant):
+    # S_max 24: s = 2 chunks [0, 12), [12, 24); s = 4 chunks of 6. A 10-token prompt spans
+    # chunks 0 .. 1 (s = 4); steps at positions 10 .. 13 cross the boundary at 12.
+    model, ref = HFStaticCacheDecoder(kv_heads, 3, 24), HFStaticCacheDecoder(kv_heads, 3, 24)
+    tokens, valid = _prompt(3, 24, 10)
+    prog = compile_decoder(model, DEVICES, split, variant=variant, prompt_len=10)
+    s, m, n = split
+    label = f"hf sdpa H_kv={kv_heads} s={s} m={m} n={n} {variant or 'heads'}"
+    assert (prog.mesh.s, prog.mesh.m, prog.mesh.n) == (s, m, n), label
+    assert len(prog.step_program.plan.sites) == 2 and not prog.step_program.unpartitioned, label
+    # the captured step's cores are SDPA (m = 1) or the score-reduce tail; every rank's modules
+    # have them written out and combined (a max and a sum over "seq" per layer)
+    fused = [nd for nd in prog.step_program.rank_module(0).graph.nodes
+             if nd.op == "call_function" and (nd.target is SDPA or "attend" in str(nd.target))]
+    assert len(fused) == 2, (label, [nd.target for nd in fused])
+    for r in range(DEVICES):
+        for gm in prog.modules[r]:
+            nodes = list(gm.graph.nodes)
+            assert not any(nd.target is SDPA or "attend" in str(nd.target) for nd in nodes), label
+            seq = [nd for nd in nodes if nd.target is torch.ops.helix.all_reduce.default and nd.args[1] == "seq"]
+            assert sorted(nd.args[2] for nd in seq) == ["max", "max", "sum", "sum"], (label, r)
+            # the safe softmax's combine: a row -inf in every chunk shifts by 0 (SDPA's 0 row)
+            assert sum(u.target is torch.ops.aten.eq.Scalar for nd in seq if nd.args[2] == "max"
+                       for u in nd.users) == 2, (label, r)
+    with torch.no_grad():
+        want = ref.prefill(tokens, valid)
+    assert_ranks_equal(prog.prefill(tokens, valid), want, devices=DEVICES, label=f"{label} prefill")
+    tok = want[:, -1].argmax(-1, keepdim=True)
+    for pos in range(10, 14):
+        with torch.no_grad():
+            want = ref.decode_step(tok, torch.tensor([pos]), valid)
+        outs = prog.step(tok, torch.tensor([pos]), valid)
+        assert_ranks_equal(outs, want, devices=DEVICES, label=f"{label} position {pos}")
+        assert not any(o.isnan().any() for o in outs), label
+        tok = want[:, -1].argmax(-1, keepdim=True)
+    # exactly 1/N of the cache per rank: 2 layers x (k, v) x B 3 x H_kv x 24 positions x d 8
+    assert [prog.cache_bytes(r) for r in range(DEVICES)] == [2 * 2 * 3 * kv_heads * 24 * 8 * 4 // DEVICES] * DEVICES
+
+
+@pytest.mark.slow
+def test_hf_sdpa_sequence_split_greedy_tokens_equal_unsharded():
+    model, ref = HFStaticCacheDecoder(2, 3, 24), HFStaticCacheDecoder(2, 3, 24)
+    tokens, valid = _prompt(3, 24, 8)
+    prog = compile_decoder(model, DEVICES, (2, 1, 2), prompt_len=8)
+    new = prog.simulate_generate(tokens, valid[:, :8], new_tokens=8)   # positions 8 .. 14 over chunk 12
+    want, tok = [], None
+    with torch.no_grad():
+        full = torch.ones(3, 24, dtype=torch.long)
+        full[:, :8] = valid[:, :8]
+        ref.reset_cache()
+        tok = ref.prefill(tokens, full)[:, -1].argmax(-1, keepdim=True)
+        want.append(tok)
+        for t in range(7):
+            tok = ref.decode_step(tok, torch.tensor([8 + t]), full)[:, -1].argmax(-1, keepdim=True)
+            want.append(tok)
+    assert torch.equal(new, torch.cat(want, dim=1)), (new, torch.cat(want, dim=1))
+
+
+class SdpaCache(nn.Module):
+    """One layer's q / k / v over a (B, H_kv, S_max, d) cache, written at cache_position and
+    read by SDPA in one of its argument forms."""
+
+    def __init__(self, form: str, kv_heads: int) -> None:
+        super().__init__()
+        self.form, self.kv_heads = form, kv_heads
+        self.q_proj = nn.Linear(16, 16, bias=False)
+        self.k_proj = nn.Linear(16, 4 * kv_heads, bias=False)
+        self.v_proj = nn.Linear(16, 4 * kv_heads, bias=False)
+        self.register_buffer("k_cache", torch.randn(3, kv_heads, 8, 4))
+        self.register_buffer("v_cache", torch.randn(3, kv_heads, 8, 4))
+
+    def forward(self, x, cache_position, valid):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, 4, 4).transpose(1, 2)                       # (B, 4, T, 4)
+        k = self.k_proj(x).view(B, T, self.kv_heads, 4).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.kv_heads, 4).transpose(1, 2)
+        self.k_cache.index_copy_(2, cache_position, k)
+        self.v_cache.index_copy_(2, cache_position, v)
+        keep = (valid[:, None, None, :] > 0) & (torch.arange(8)[None, :] <= cache_position[:, None])
+        gqa = self.kv_heads < 4
+        if self.form == "bool":       # row 2 keeps nothing: SDPA gives 0 there
+            return nn.functional.scaled_dot_product_attention(q, self.k_cache, self.v_cache, attn_mask=keep,
+                                                              enable_gqa=gqa)
+        if self.form == "float":
+            bias = torch.where(keep, 0.0, float("-inf"))
+            return nn.functional.scaled_dot_product_attention(q, self.k_cache, self.v_cache, attn_mask=bias,
+                                                              scale=0.3, enable_gqa=gqa)
+        return nn.functional.scaled_dot_product_attention(q, self.k_cache, self.v_cache, is_causal=True,
+                                                          enable_gqa=gqa)
+
+
+@pytest.mark.parametrize("form", ["bool", "float", "causal"])
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_explicit_cache_cores_equal_sdpa_on_every_argument_form(form, kv_heads):
+    x, pos = torch.randn(3, 2, 16), torch.tensor([4, 5])
+    valid = torch.ones(3, 8, dtype=torch.long)
+    valid[1, :3] = 0
+    valid[2] = 0                                                             # no visible key
+    with torch.no_grad():
+        gm = torch.export.export(SdpaCache(form, kv_heads).eval(), (x, pos, valid)).module(check_guards=False)
+        want = gm(x, pos, valid)
+        out = explicit_cache_cores(gm, (x, pos, valid))
+        got = out(x, pos, valid)
+    assert sum(n.target is SDPA for n in gm.graph.nodes) == 1                 # the user's graph kept
+    assert not any(n.target is SDPA for n in out.graph.nodes)
+    assert sum(n.target is SAFE_SOFTMAX for n in out.graph.nodes) == 1
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    if form != "causal":
+        assert torch.equal(got[2], torch.zeros_like(got[2]))                   # as SDPA: 0, not NaN
+
+
+def test_explicit_cache_cores_leaves_a_core_that_reads_no_cache():
+    class Plain(nn.Module):
+        def forward(self, q, k, v):
+            return nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    args = tuple(torch.randn(2, 4, 5, 8) for _ in range(3))
+    gm = torch.export.export(Plain(), args).module(check_guards=False)
+    assert explicit_cache_cores(gm, args) is gm
+
+
+@pytest.mark.slow
+def test_s1_decode_program_keeps_its_sdpa_core():
+    # s = 1 never runs the pass: the HF SDPA step keeps SDPA on every rank
+    model = HFStaticCacheDecoder(2, 2, 16)
+    prog = compile_decoder(model, 2, (1, 1, 2), prompt_len=4)
+    for r in range(2):
+        assert sum(n.target is SDPA for n in prog.modules[r][1].graph.nodes) == 2, r
