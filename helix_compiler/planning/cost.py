@@ -67,7 +67,7 @@ from ..errors import PlanError
 from ..runtime.mesh import Mesh
 from ..runtime.collectives import NO_COPY_ALL_REDUCE_MIN_BYTES
 from ..runtime.kernels import fused_takes
-from .profile import DEFAULT_PROFILE, ComputeProfile
+from .profile import DEFAULT_PROFILE, MEMORY_OPS, OPS, ComputeProfile
 from .sites import AttentionSite, MlpSite, ModelSummary
 
 # --- settings -----------------------------------------------------------------
@@ -1469,6 +1469,75 @@ def sequence_parallel_cost(summary: ModelSummary, base: PlanCost, m: int, n: int
         notes=base.notes + (f"sequence-parallel norms: {saved_ms:.3f} ms of replicated norm / "
                             f"residual work saved, {blocks} all-reduces per micro-batch become "
                             f"reduce-scatter + all-gather (+{extra_ms:.3f} ms of latency)",))
+
+# --- a lower bound of a split's step (the plan search's branch and bound) ---------------
+def peak_efficiency(profile: ComputeProfile | None = None) -> tuple[float, float]:
+    """(eta_max, eta_mem_max): the largest efficiency any compute op of the profile is priced
+    at (every eta the cost model divides FLOPs by, matmul, fused attention or score GEMM, is
+    `profile.efficiency` of one of its rates of an op in profile.OPS), and the largest share of
+    HBM bandwidth any memory-bound op is (its softmax / elementwise figures and its rates of
+    profile.MEMORY_OPS)."""
+    profile = profile or DEFAULT_PROFILE
+    eta = max(profile.efficiency(r) for r in profile.rates if r.op in OPS)
+    mem = max([profile.softmax_efficiency, profile.elementwise_efficiency]
+              + [r.gb_s / profile.hbm_gb_s for r in profile.rates if r.op in MEMORY_OPS])
+    return eta, mem
+
+
+def _sequence_flop_seconds(summary: ModelSummary, sites, mlps, m: int, n: int,
+                           cluster: ClusterSpec, eta: tuple[float, float]) -> float:
+    """Seconds of one sequence on one rank of m x n that no core choice undercuts: the
+    projections' and MLP GEMMs' FLOPs at the dtype's peak times eta_max (each op is priced
+    max(FLOPs / (P eta), bytes / (BW eta_mem)) >= FLOPs / (P eta_max)), and per site the
+    cheaper of its core's bounds: QK^T and PV over all d (heads, qk-gather: fused or explicit)
+    or, score-reduce (m > 1), QK^T and PV over d/m plus the softmax's read and write of the
+    scores at eta_mem_max. Terms it leaves out (communication, norms, copies) only add."""
+    eta_max, mem_max = eta
+    lay, total, w = _Layout(m, n, m * n), 0.0, summary.dtype_bytes
+    bw = cluster.memory_bandwidth * mem_max
+    for s, c in _by_shape(tuple(sites), _shape_key):
+        env = _site_env(s, w, 1, lay)
+        peak = cluster.peak_flops(s.dtype) * eta_max
+        proj = (_ev("q_proj_flops", env) + _ev("kv_proj_flops", env)
+                + (_ev("o_proj_flops", env) if s.o_proj else 0.0)) / peak
+        core = (_ev("qk_flops_full", env) + _ev("pv_flops", env)) / peak
+        if m > 1:
+            core = min(core, (_ev("qk_flops_partial", env) + _ev("pv_flops", env)) / peak
+                       + _ev("softmax_bytes", env) / bw)
+        total += c * (proj + core)
+    for x, c in _by_shape(tuple(mlps), _mlp_tokens_shape):
+        env = _mlp_env(x, summary, 1, m * n)
+        total += c * (_ev("mlp_up_flops", env) + _ev("mlp_down_flops", env)) / (
+            cluster.peak_flops(x.dtype) * eta_max)
+    return total
+
+
+def step_lower_bound_ms(summary: ModelSummary, dp: int, pp: int, m: int, n: int,
+                        cluster: ClusterSpec, eta: tuple[float, float], memo: dict | None = None) -> float:
+    """A step no schedule of dp x pp x m x n can beat (ms; docs/cost_model.md "The search"):
+    the replica's B/dp sequences of FLOPs at peak times eta_max (`_sequence_flop_seconds`)
+    with no communication; with pp > 1 the slowest stage's, times (B/dp + pp - 1): a pipeline
+    step is (M + pp - 1) t_stage with t_stage >= b x that stage's seconds per sequence and
+    M b = B/dp, b >= 1. Overlap k (compute of all chunks <= step) and sequence-parallel norms
+    (they save memory-bound time only) stay above it. Deflated by 1e-9 so float rounding never
+    lifts it above a priced step."""
+    memo = {} if memo is None else memo
+    key = (m, n, pp)
+    if key not in memo:
+        if pp == 1:
+            memo[key] = _sequence_flop_seconds(summary, summary.sites, summary.mlps, m, n,
+                                               cluster, eta)
+        else:     # stages of one shape (stage_shapes) bound alike: each shape once
+            seen: dict = {}
+            for part, shape in zip(stage_summaries(summary, pp), stage_shapes(summary, pp)):
+                if (m, n, shape) not in seen:
+                    seen[(m, n, shape)] = memo.get((m, n, shape)) or _sequence_flop_seconds(
+                        part, part.sites, part.mlps, m, n, cluster, eta)
+            memo.update(seen)
+            memo[key] = max(seen.values())
+    local = summary.batch // dp
+    return (local + pp - 1) * memo[key] * 1e3 * (1 - 1e-9)
+
 
 # --- Helix plans with pipeline stages ------------------------------------------------
 def stage_of(index: int, count: int, pp: int) -> int:
