@@ -158,12 +158,14 @@ def test_a_search_prices_each_distinct_site_term_once(monkeypatch):
 
     monkeypatch.setattr(cost, "_attention_terms_uncached", counted)
     s, cluster = llama70b_summary(layers=80, batch=256), grown("paper", 64)
-    make_plan(s, 64, cluster, dp=None, pp=None, overlap=None, sequence_parallel=None)
+    make_plan(s, 64, cluster, dp=None, pp=None, overlap=None, sequence_parallel=None,
+              prune=False)                # every candidate priced: the memo is what is tested
     assert calls and len(calls) == len(set(calls))
     distinct = len(calls)
     calls.clear()
     monkeypatch.setattr(cost, "SEARCH_MEMO", False)
-    make_plan(s, 64, cluster, dp=None, pp=None, overlap=None, sequence_parallel=None)
+    make_plan(s, 64, cluster, dp=None, pp=None, overlap=None, sequence_parallel=None,
+              prune=False)
     assert len(calls) > 2 * distinct and len(set(calls)) == distinct
 
 
@@ -272,14 +274,27 @@ def test_pruning_picks_the_exhaustive_choice_and_prices_its_rows_alike(name, bui
         assert [x for x in fast.notes if x in full.notes] == list(full.notes)
 
 
-def test_the_step_lower_bound_is_below_every_priced_step():
+@pytest.mark.parametrize("profile", [None, "h100"])
+def test_the_step_lower_bound_is_below_every_priced_step(profile):
     """cost.step_lower_bound_ms under every row that pricing every split gives, on a mixed
-    model (two site shapes, one without an output projection, a graph workload)."""
-    for summary, devices in ((mixed_summary(), 64), (llama70b_summary(layers=8, batch=64), 256)):
+    model (two site shapes, one without an output projection, a graph workload) and a GQA
+    causal one with pipelines, with the default profile and the measured H100 one (many
+    matmul sizes, score GEMM and masked attention rates)."""
+    from pathlib import Path
+
+    from helix_compiler.planning.profile import load_profile
+
+    if profile is not None:
+        profile = load_profile(Path(cost.__file__).parent / "profiles" / f"{profile}.yaml")
+    for summary, devices in ((mixed_summary(), 64), (llama70b_summary(layers=8, batch=64), 256),
+                             (paper_summary(), 512)):
         cluster = grown("paper", devices)
-        plan = make_plan(summary, devices, cluster, dp=None, pp=None, overlap=None,
+        plan = make_plan(summary, devices, cluster, profile, dp=None, pp=None, overlap=None,
                          sequence_parallel=None, prune=False)
-        eta, memo = cost.peak_efficiency(), {}
+        fast = make_plan(summary, devices, cluster, profile, dp=None, pp=None, overlap=None,
+                         sequence_parallel=None)
+        assert fast.cost == plan.cost and fast.split == plan.split
+        eta, memo = cost.peak_efficiency(profile), {}
         rows = [cc for cc in plan.candidates if cc.cost is not None]
         assert rows
         for cc in rows:
