@@ -325,8 +325,8 @@ def _make_plan(summary: ModelSummary, devices: int, cluster: ClusterSpec,
     by_index = {sc.index: sc for sc in cost.sites}    # a site's cost, matched by site index
     if pruned:
         notes.append(f"{len(pruned)} of {len(feasible)} feasible splits not priced: a lower "
-                     f"bound of their step (FLOPs at the profile's best efficiency, the softmax "
-                     f"of score-reduce at its best bandwidth, no communication) is above the "
+                     f"bound of their step (cost.step_lower_bound_ms: their compute at the "
+                     f"profile's best efficiencies, no communication) is above the "
                      f"{costs[chosen].step_ms:,.3f} ms of {chosen}; prune=False prices them")
     notes += _why_notes(summary, chosen, costs, candidates, objective)
     notes += _baseline_notes(cost, baselines, summary, candidates, costs)
