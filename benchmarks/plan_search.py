@@ -10,7 +10,8 @@ default sizes, and an 80-layer LLaMA-70B-shaped model. Clusters: the presets (`p
 `h100x8`) grown to as many 8-GPU nodes as the device count needs. Each search is a fresh
 `make_plan` call (its memo lives for that call only); the figure is the median of --repeat
 calls. --reference times the search with the search memo off (cost.SEARCH_MEMO = False), the
-way every candidate was priced before it.
+way every candidate was priced before it; --no-prune prices every feasible candidate
+(make_plan prune=False: no branch and bound).
 """
 
 from __future__ import annotations
@@ -96,9 +97,12 @@ def grown(preset: str, devices: int):
     return dataclasses.replace(base, name=f"{base.name}-x{nodes}", nodes=nodes)
 
 
+PRUNE = [True]
+
+
 def search(summary, devices, cluster):
     return make_plan(summary, devices, cluster, dp=None, pp=None, overlap=None,
-                     sequence_parallel=None)
+                     sequence_parallel=None, prune=PRUNE[0])
 
 
 def time_one(summary, devices, cluster, repeat: int) -> dict:
@@ -123,10 +127,13 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--reference", action="store_true",
                     help="search memo off (cost.SEARCH_MEMO = False): every candidate priced alone")
+    ap.add_argument("--no-prune", action="store_true",
+                    help="price every feasible candidate (make_plan prune=False)")
     ap.add_argument("--machine-note", default="the project's 2-core CPU, shared with other jobs")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/plan_search.json"))
     args = ap.parse_args()
     cost.SEARCH_MEMO = not args.reference
+    PRUNE[0] = not args.no_prune
     rows = []
     print(f"{'model':14s} {'cluster':8s} {'N':>5s} {'cands':>6s} {'costed':>6s} "
           f"{'search ms':>10s} {'cpu ms':>8s}  chosen")
@@ -142,7 +149,7 @@ def main() -> int:
                       flush=True)
     out = {"what": "make_plan(summary, N, cluster, dp=None, pp=None, overlap=None, "
                    "sequence_parallel=None): the whole (dp, pp, m, n) space, overlap k and SP",
-           "memo": not args.reference, "machine": args.machine_note,
+           "memo": not args.reference, "prune": not args.no_prune, "machine": args.machine_note,
            "python": platform.python_version(), "platform": platform.platform(),
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "command": " ".join(sys.argv), "rows": rows}

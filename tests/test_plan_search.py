@@ -78,7 +78,7 @@ def test_the_search_memo_changes_no_row_and_not_the_choice(monkeypatch, name, bu
     for devices in counts:
         cluster = grown("paper", devices)
         plan = make_plan(summary, devices, cluster, dp=None, pp=None, overlap=None,
-                         sequence_parallel=None)
+                         sequence_parallel=None, prune=False)   # every row (pruning: below)
         monkeypatch.setattr(cost, "SEARCH_MEMO", False)
         rows, chosen = reference(summary, devices, cluster)
         monkeypatch.setattr(cost, "SEARCH_MEMO", True)
@@ -158,12 +158,14 @@ def test_a_search_prices_each_distinct_site_term_once(monkeypatch):
 
     monkeypatch.setattr(cost, "_attention_terms_uncached", counted)
     s, cluster = llama70b_summary(layers=80, batch=256), grown("paper", 64)
-    make_plan(s, 64, cluster, dp=None, pp=None, overlap=None, sequence_parallel=None)
+    make_plan(s, 64, cluster, dp=None, pp=None, overlap=None, sequence_parallel=None,
+              prune=False)                # every candidate priced: the memo is what is tested
     assert calls and len(calls) == len(set(calls))
     distinct = len(calls)
     calls.clear()
     monkeypatch.setattr(cost, "SEARCH_MEMO", False)
-    make_plan(s, 64, cluster, dp=None, pp=None, overlap=None, sequence_parallel=None)
+    make_plan(s, 64, cluster, dp=None, pp=None, overlap=None, sequence_parallel=None,
+              prune=False)
     assert len(calls) > 2 * distinct and len(set(calls)) == distinct
 
 
@@ -230,3 +232,72 @@ def test_a_contiguous_range_spans_nodes_as_counted():
             for size in range(1, 40):
                 assert cost.range_span(start, size, node) == cost.group_span(
                     range(start, start + size), cluster)
+
+
+PRUNE_CASES = [("paper", paper_summary), ("llama70b-80L", llama70b_summary)]
+
+
+@pytest.mark.parametrize("name,build", PRUNE_CASES, ids=[c[0] for c in PRUNE_CASES])
+@pytest.mark.parametrize("objective", ["throughput", "latency"])
+def test_pruning_picks_the_exhaustive_choice_and_prices_its_rows_alike(name, build, objective):
+    """Branch and bound (make_plan prune=True) against pricing every split: the same chosen
+    split with every figure equal, each priced row equal, and each pruned row's bound at most
+    its exhaustive step and above the chosen step (so it could never have been chosen)."""
+    summary = build()
+    for devices in (16, 512, 4096):
+        cluster = grown("paper", devices)
+        kw = dict(dp=None, pp=None, overlap=None, sequence_parallel=None, objective=objective)
+        fast = make_plan(summary, devices, cluster, **kw)
+        full = make_plan(summary, devices, cluster, prune=False, **kw)
+        assert fast.split == full.split, (name, devices, fast.name, full.name)
+        for f in FIGURES:
+            assert getattr(fast.cost, f) == getattr(full.cost, f), (name, devices, f)
+        assert fast.cost == full.cost and fast.sites == full.sites
+        assert [cc.candidate for cc in fast.candidates] == [cc.candidate for cc in full.candidates]
+        assert all(cc.lower_bound_ms is None for cc in full.candidates)
+        pruned = 0
+        for have, want in zip(fast.candidates, full.candidates):
+            if have.cost is not None:
+                assert have.cost == want.cost, (name, devices, str(have.candidate))
+                assert have.lower_bound_ms is None
+            elif have.lower_bound_ms is not None:
+                pruned += 1
+                assert want.cost is not None, (name, devices, str(have.candidate))
+                assert full.cost.step_ms < have.lower_bound_ms <= want.cost.step_ms, (
+                    name, devices, str(have.candidate), have.lower_bound_ms, want.cost.step_ms)
+            else:
+                assert want.cost is None
+        assert pruned or devices == 16, (name, devices)   # the bound does prune at scale
+        # the notes are exhaustive's, and one saying how many rows were not priced
+        extra = [x for x in fast.notes if x not in full.notes]
+        assert len(extra) == (1 if pruned else 0) and (not pruned or "not priced" in extra[0])
+        assert [x for x in fast.notes if x in full.notes] == list(full.notes)
+
+
+@pytest.mark.parametrize("profile", [None, "h100"])
+def test_the_step_lower_bound_is_below_every_priced_step(profile):
+    """cost.step_lower_bound_ms under every row that pricing every split gives, on a mixed
+    model (two site shapes, one without an output projection, a graph workload) and a GQA
+    causal one with pipelines, with the default profile and the measured H100 one (many
+    matmul sizes, score GEMM and masked attention rates)."""
+    from pathlib import Path
+
+    from helix_compiler.planning.profile import load_profile
+
+    if profile is not None:
+        profile = load_profile(Path(cost.__file__).parent / "profiles" / f"{profile}.yaml")
+    for summary, devices in ((mixed_summary(), 64), (llama70b_summary(layers=8, batch=64), 256),
+                             (paper_summary(), 512)):
+        cluster = grown("paper", devices)
+        plan = make_plan(summary, devices, cluster, profile, dp=None, pp=None, overlap=None,
+                         sequence_parallel=None, prune=False)
+        fast = make_plan(summary, devices, cluster, profile, dp=None, pp=None, overlap=None,
+                         sequence_parallel=None)
+        assert fast.cost == plan.cost and fast.split == plan.split
+        eta, memo = cost.peak_efficiency(profile), {}
+        rows = [cc for cc in plan.candidates if cc.cost is not None]
+        assert rows
+        for cc in rows:
+            c = cc.candidate
+            lb = cost.step_lower_bound_ms(summary, c.dp, c.pp, c.m, c.n, cluster, eta, memo)
+            assert 0 < lb <= cc.cost.step_ms, (str(c), lb, cc.cost.step_ms)

@@ -62,6 +62,9 @@ def _why(plan: Plan, cc) -> str:
         return f"chosen ({plan.objective})"
     if not c.feasible:
         return _limit(c.reasons)
+    if cc.cost is None and cc.lower_bound_ms is not None:
+        return (f"not priced: lower bound {cc.lower_bound_ms:,.1f} ms > chosen "
+                f"{plan.cost.step_ms:,.1f} ms")
     if cc.cost is None:
         return "not costed (notes)"
     return f"{cc.cost.step_ms / plan.cost.step_ms:.2f}x latency"
@@ -83,7 +86,8 @@ def format_table(plan: Plan) -> str:
     for cc in plan.candidates:
         c = cc.candidate
         mark = "*" if c.key == plan.split else ""
-        variants = _variants(cc.cost) if cc.cost else ("infeasible" if not c.feasible else "?")
+        variants = _variants(cc.cost) if cc.cost else ("infeasible" if not c.feasible else
+                                                       "pruned" if cc.lower_bound_ms else "?")
         rows.append(_row(mark, str(c), str(c.dp), str(c.pp), variants, cc.cost, _why(plan, cc)))
     rows += [_row("", f"{b.name} (baseline)", "1", b.name.split("PP=")[1] if "PP=" in b.name
                   else "1", "heads", b, _baseline_why(plan, b))

@@ -67,7 +67,7 @@ from ..errors import PlanError
 from ..runtime.mesh import Mesh
 from ..runtime.collectives import NO_COPY_ALL_REDUCE_MIN_BYTES
 from ..runtime.kernels import fused_takes
-from .profile import DEFAULT_PROFILE, ComputeProfile
+from .profile import DEFAULT_PROFILE, MEMORY_OPS, OPS, ComputeProfile
 from .sites import AttentionSite, MlpSite, ModelSummary
 
 # --- settings -----------------------------------------------------------------
@@ -1469,6 +1469,114 @@ def sequence_parallel_cost(summary: ModelSummary, base: PlanCost, m: int, n: int
         notes=base.notes + (f"sequence-parallel norms: {saved_ms:.3f} ms of replicated norm / "
                             f"residual work saved, {blocks} all-reduces per micro-batch become "
                             f"reduce-scatter + all-gather (+{extra_ms:.3f} ms of latency)",))
+
+# --- a lower bound of a split's step (the plan search's branch and bound) ---------------
+def peak_efficiency(profile: ComputeProfile | None = None) -> dict[str, float]:
+    """The largest efficiency each kind of op of the profile can be priced at (the plan
+    search's lower bound): "matmul", the largest of its matmul rates (any size bucket, any
+    dtype: matmul_efficiency answers with one of them); "score", an explicit core's QK^T and
+    PV (its qk_gemm / pv_gemm rates, or the matmul ones it falls back to); "fused", a fused
+    attention kernel (its attention rates; 0 when it has none); "memory", the largest share of
+    HBM bandwidth any memory-bound op gets (softmax / elementwise figures, MEMORY_OPS rates);
+    "elementwise" and "pointwise", the exact figures the blockwise norm + residual and the
+    MLP activation are priced at."""
+    profile = profile or DEFAULT_PROFILE
+
+    def top(ops) -> float:
+        return max((profile.efficiency(r) for r in profile.rates if r.op in ops), default=0.0)
+
+    return {"matmul": top(("matmul",)), "score": max(top(("qk_gemm", "pv_gemm")), top(("matmul",))),
+            "fused": top(("attention",)),
+            "memory": max([profile.softmax_efficiency, profile.elementwise_efficiency]
+                          + [r.gb_s / profile.hbm_gb_s for r in profile.rates
+                             if r.op in MEMORY_OPS]),
+            "elementwise": profile.elementwise_efficiency,
+            "pointwise": profile.bandwidth_efficiency("pointwise")}
+
+
+def _sequence_seconds_bound(summary: ModelSummary, sites, mlps, m: int, n: int,
+                            cluster: ClusterSpec, eta: dict[str, float], memo: dict) -> float:
+    """Seconds of one sequence on one rank of m x n that no core choice or schedule undercuts
+    (every op is priced max(FLOPs / (P eta), bytes / (BW eta_mem)) >= either part):
+    - projections and MLP GEMMs: FLOPs at the dtype's peak times eta["matmul"];
+    - per site the cheapest core: fused (heads / qk-gather, QK^T and PV over all d at
+      eta["fused"]), explicit over all d (at eta["score"], plus the softmax's read and write of
+      the scores at eta["memory"]) or, m > 1, score-reduce (QK^T and PV over d/m, plus the
+      softmax);
+    - without a graph workload, the blockwise norm + residual of each site and MLP and the MLP
+      activation, at the very efficiencies cost_plan prices them at (bytes linear in b).
+    Terms it leaves out (communication, copies, masks, the graph's ops) only add. A site or MLP
+    shape is bounded once per (m, n) (`memo`)."""
+    lay, total, w = _Layout(m, n, m * n), 0.0, summary.dtype_bytes
+    bw = cluster.memory_bandwidth
+    blockwise = summary.workload is None
+    for s, c in _by_shape(tuple(sites), _shape_key):
+        key = ("site", _shape_key(s), w, blockwise, m, n)
+        if key in memo:
+            total += c * memo[key]
+            continue
+        env = _site_env(s, w, 1, lay)
+        peak = cluster.peak_flops(s.dtype)
+        t = (_ev("q_proj_flops", env) + _ev("kv_proj_flops", env)
+             + (_ev("o_proj_flops", env) if s.o_proj else 0.0)) / (peak * eta["matmul"])
+        full = _ev("qk_flops_full", env) + _ev("pv_flops", env)
+        soft = _ev("softmax_bytes", env) / (bw * eta["memory"])
+        cores = [full / (peak * eta["score"]) + soft]
+        if eta["fused"] > 0:
+            cores.append(full / (peak * eta["fused"]))
+        if m > 1:
+            cores.append((_ev("qk_flops_partial", env) + _ev("pv_flops", env))
+                         / (peak * eta["score"]) + soft)
+        t += min(cores)
+        if blockwise:
+            t += _ev("block_elementwise_bytes", env) / (bw * eta["elementwise"])
+        memo[key] = t
+        total += c * t
+    for x, c in _by_shape(tuple(mlps), _mlp_tokens_shape):
+        key = ("mlp", _mlp_shape(x), x.dtype, _tokens_per_sequence(x, summary), w, blockwise,
+               m, n)
+        if key in memo:
+            total += c * memo[key]
+            continue
+        env = _mlp_env(x, summary, 1, m * n)
+        t = (_ev("mlp_up_flops", env) + _ev("mlp_down_flops", env)) / (
+            cluster.peak_flops(x.dtype) * eta["matmul"])
+        t += _ev("mlp_act_bytes", env) / (bw * eta["pointwise"])
+        if blockwise:
+            t += _ev("block_elementwise_bytes", {**env, "S_q": env["T"]}) / (
+                bw * eta["elementwise"])
+        memo[key] = t
+        total += c * t
+    return total
+
+
+def step_lower_bound_ms(summary: ModelSummary, dp: int, pp: int, m: int, n: int,
+                        cluster: ClusterSpec, eta: dict[str, float],
+                        memo: dict | None = None) -> float:
+    """A step no schedule of dp x pp x m x n can beat (ms; docs/cost_model.md "The search"):
+    the replica's B/dp sequences at `_sequence_seconds_bound` each, no communication; with
+    pp > 1 the slowest stage's, times (B/dp + pp - 1): a pipeline step is (M + pp - 1) t_stage
+    with t_stage >= b x that stage's seconds per sequence and M b = B/dp, b >= 1. Overlap k
+    (the compute of all chunks is under the step) and sequence-parallel norms (they save only
+    the graph's replicated ops, which it leaves out) stay above it. `eta`: peak_efficiency.
+    Deflated by 1e-9 so that float rounding never lifts it above a priced step."""
+    memo = {} if memo is None else memo
+    key = ("split", m, n, pp)
+    if key not in memo:
+        if pp == 1:
+            memo[key] = _sequence_seconds_bound(summary, summary.sites, summary.mlps, m, n,
+                                                cluster, eta, memo)
+        else:     # stages of one shape (stage_shapes) bound alike: each shape once
+            worst = 0.0
+            for part, shape in zip(stage_summaries(summary, pp), stage_shapes(summary, pp)):
+                if ("stage", m, n, shape) not in memo:
+                    memo[("stage", m, n, shape)] = _sequence_seconds_bound(
+                        part, part.sites, part.mlps, m, n, cluster, eta, memo)
+                worst = max(worst, memo[("stage", m, n, shape)])
+            memo[key] = worst
+    local = summary.batch // dp
+    return (local + pp - 1) * memo[key] * 1e3 * (1 - 1e-9)
+
 
 # --- Helix plans with pipeline stages ------------------------------------------------
 def stage_of(index: int, count: int, pp: int) -> int:

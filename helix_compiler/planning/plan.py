@@ -21,7 +21,8 @@ import yaml
 
 from .cluster import ClusterSpec, safe_load_mapping
 from .cost import (OVERLAP_CHUNKS, VARIANTS, PlanCost, SiteCost, cost_baseline, cost_plan,
-                   overlap_cost, row_records, search_scope, sequence_parallel_cost)
+                   overlap_cost, peak_efficiency, row_records, search_scope,
+                   sequence_parallel_cost, step_lower_bound_ms)
 from ..errors import HelixError, PlanError
 from .profile import ComputeProfile
 from .sites import AttentionSite, ModelSummary
@@ -63,10 +64,13 @@ class UnpartitionedCore:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CandidateCost:
-    """A split the solver considered and, when feasible, its predicted cost."""
+    """A split the solver considered and, when feasible, its predicted cost; or, when the
+    search pruned it (cost None), `lower_bound_ms`: a step it cannot beat
+    (cost.step_lower_bound_ms), above the chosen split's."""
 
     candidate: Candidate
     cost: PlanCost | None = None
+    lower_bound_ms: float | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -190,7 +194,7 @@ def make_plan(summary: ModelSummary, devices: int, cluster: ClusterSpec,
               backend: str | None = None, *, dp: int | None = 1,
               objective: str = "throughput", memory_cap_gib: float | None = None,
               overlap: int | None = 1, sequence_parallel: bool | None = False,
-              pp: int | None = 1, micro_batches: int | None = None) -> Plan:
+              pp: int | None = 1, micro_batches: int | None = None, prune: bool = True) -> Plan:
     """Solve, cost every feasible split and pick the best (`_make_plan`), with the cost
     model's search memo (cost.search_scope) held for the whole search: every distinct term is
     priced once, whichever candidates share it."""
@@ -198,7 +202,7 @@ def make_plan(summary: ModelSummary, devices: int, cluster: ClusterSpec,
         return _make_plan(summary, devices, cluster, profile, forced, variant, refused, backend,
                           dp=dp, objective=objective, memory_cap_gib=memory_cap_gib,
                           overlap=overlap, sequence_parallel=sequence_parallel, pp=pp,
-                          micro_batches=micro_batches)
+                          micro_batches=micro_batches, prune=prune)
 
 
 def _make_plan(summary: ModelSummary, devices: int, cluster: ClusterSpec,
@@ -207,7 +211,8 @@ def _make_plan(summary: ModelSummary, devices: int, cluster: ClusterSpec,
                backend: str | None = None, *, dp: int | None = 1,
                objective: str = "throughput", memory_cap_gib: float | None = None,
                overlap: int | None = 1, sequence_parallel: bool | None = False,
-               pp: int | None = 1, micro_batches: int | None = None) -> Plan:
+               pp: int | None = 1, micro_batches: int | None = None,
+               prune: bool = True) -> Plan:
     """Solve, cost every feasible (dp, m, n) and pick the best for `objective`, or the
     `forced` (m, n) (dp = 1) or (dp, m, n). `dp`: only that many data replicas (1, the
     default, is today's m x n program), or None for every dp dividing devices.
@@ -223,7 +228,11 @@ def _make_plan(summary: ModelSummary, devices: int, cluster: ClusterSpec,
     `pp`: only that many pipeline stages (1, the default: none), or None for every pp;
     forced=(dp, pp, m, n) forces one. `micro_batches`: the micro-batch count M of a pp > 1
     plan (None: the cost model chooses it). Overlap and sequence-parallel norms are priced
-    for pp = 1 plans (a pipeline stage runs neither yet)."""
+    for pp = 1 plans (a pipeline stage runs neither yet). `prune` (branch and bound, not with
+    `forced`): splits are priced in the order of a lower bound of their step
+    (cost.step_lower_bound_ms) and one whose bound is above the best step priced so far is
+    not priced (its row keeps the bound); the choice is the one pricing every split makes.
+    dp = devices and the baselines' Helix points are always priced (the notes compare them)."""
     check_devices(devices)
     if objective not in OBJECTIVES:
         raise PlanError(f"objective must be one of {OBJECTIVES}, got {objective!r}; "
@@ -275,11 +284,26 @@ def _make_plan(summary: ModelSummary, devices: int, cluster: ClusterSpec,
         return _best_schedule(summary, c, base, cluster, profile, variant, backend, objective,
                               overlap, sequence_parallel)
 
-    for c in feasible:    # rows: every figure, one SiteCost per site shape (cost.row_records)
+    bound: dict = {}      # split -> a step (ms) it cannot beat, when pruning
+    if prune and forced is None:
+        eta, memo = peak_efficiency(profile), {}
+        bound = {c: step_lower_bound_ms(summary, c.dp, c.pp, c.m, c.n, cluster, eta, memo)
+                 for c in feasible}
+        keep = {(devices, 1, 1)} | {_key(_baseline_key(tp, pp_)) for tp, pp_ in
+                                    _baseline_shapes(devices, cluster)}
+    order = sorted(feasible, key=bound.__getitem__) if bound else feasible
+    best, failed, pruned = math.inf, {}, {}
+    for c in order:       # rows: every figure, one SiteCost per site shape (cost.row_records)
+        if bound and bound[c] > best and c.key not in keep:
+            pruned[c] = bound[c]        # its step > best: never the choice (cost.py proves it)
+            continue
         try:
             costs[c] = price(c, records=False)
+            best = min(best, costs[c].step_ms)
         except PlanError as e:
-            notes.append(f"{c} not costed: {e}")
+            failed[c] = e
+    notes += [f"{c} not costed: {failed[c]}" for c in feasible if c in failed]
+    costs = {c: costs[c] for c in feasible if c in costs}     # candidate order, as unpruned
     if forced is not None and chosen not in costs:
         raise PlanError(f"forced {chosen}: {'; '.join(notes)}")
     if not costs:
@@ -299,6 +323,11 @@ def _make_plan(summary: ModelSummary, devices: int, cluster: ClusterSpec,
             notes.append(f"baseline skipped: {e}")
     cost = costs[chosen]
     by_index = {sc.index: sc for sc in cost.sites}    # a site's cost, matched by site index
+    if pruned:
+        notes.append(f"{len(pruned)} of {len(feasible)} feasible splits not priced: a lower "
+                     f"bound of their step (cost.step_lower_bound_ms: their compute at the "
+                     f"profile's best efficiencies, no communication) is above the "
+                     f"{costs[chosen].step_ms:,.3f} ms of {chosen}; prune=False prices them")
     notes += _why_notes(summary, chosen, costs, candidates, objective)
     notes += _baseline_notes(cost, baselines, summary, candidates, costs)
     return Plan(
@@ -308,7 +337,8 @@ def _make_plan(summary: ModelSummary, devices: int, cluster: ClusterSpec,
         sites=tuple(SitePlan(index=s.index, site=s, variant=by_index[s.index].variant,
                              cost=by_index[s.index]) for s in summary.sites),
         mlps=len(summary.mlps), cost=cost,
-        candidates=tuple(CandidateCost(candidate=c, cost=costs.get(c)) for c in candidates),
+        candidates=tuple(CandidateCost(candidate=c, cost=costs.get(c),
+                                       lower_bound_ms=pruned.get(c)) for c in candidates),
         baselines=tuple(baselines), notes=tuple(notes))
 
 
@@ -448,6 +478,11 @@ def _baseline_notes(cost: PlanCost, baselines, summary: ModelSummary = None,
                           f"boundary; they differ in the micro-batch and per-block terms)"
                           if same in priced else f"; its Helix point {same} is not costed"))
     return out
+
+
+def _baseline_key(tp: int, pp: int) -> tuple[int, int, int, int]:
+    """The Helix split (dp, pp, m, n) that is Megatron TP x PP's partition (baseline_point)."""
+    return (1, pp, 1, tp)
 
 
 def _baseline_shapes(devices: int, cluster: ClusterSpec) -> list[tuple[int, int]]:
