@@ -26,7 +26,7 @@ def plan_model(model: torch.nn.Module, devices: int = 16, example_inputs: tuple 
                memory_cap_gib: float | None = None,
                dp: int | None = None, pp: int | None = None,
                micro_batches: int | None = None, overlap: int | None = 1,
-               sequence_parallel: bool | None = False) -> tuple[Plan, Analysis]:
+               sequence_parallel: bool | None = False, prune: bool = True) -> tuple[Plan, Analysis]:
     """Capture, find attention and MLPs, solve and cost: (Plan, Analysis). Nothing is sharded,
     but the chosen split is one the shard pass builds (its placements are computed; a split it
     refuses is excluded with its reason and the next best chosen, see
@@ -44,13 +44,15 @@ def plan_model(model: torch.nn.Module, devices: int = 16, example_inputs: tuple 
     memory_cap_gib: GiB per rank below the GPU's; dp: data replicas (None: every dp dividing
     devices and the batch, the planner chooses; plan=(dp, m, n) forces one); pp: pipeline
     stages (None: every pp up to the blocks; plan=(dp, pp, m, n) forces one); micro_batches:
-    a pp plan's micro-batch count (None: the cost model chooses)."""
+    a pp plan's micro-batch count (None: the cost model chooses). prune: the search skips
+    splits whose step lower bound is above the best priced (planning/plan.py: the choice is
+    the same; their rows carry the bound); False prices every split."""
     req = pipeline.request(model, devices, example_inputs, example_kwargs, cluster, plan, variant,
                            profile, print_after, dynamic, verbose, emit=False,
                            repeat_blocks=repeat_blocks, objective=objective,
                            memory_cap_gib=memory_cap_gib, dp=dp, pp=pp,
                            micro_batches=micro_batches, overlap=overlap,
-                           sequence_parallel=sequence_parallel)
+                           sequence_parallel=sequence_parallel, prune=prune)
     return pipeline.run_plan(req, strict=strict)
 
 

@@ -108,6 +108,7 @@ class Request:
     micro_batches: int | None = None        # a pp plan's micro-batch count; None: the cost model's
     sequence_parallel: bool | None = False  # None: the planner chooses
     overlap: int | None = 1                 # batch chunks k (passes/overlap.py); None: the planner
+    prune: bool = True                      # branch and bound in make_plan (False: price every split)
     emit: bool = True                       # shard writes rank graphs (helix_compile) or not
     print_after: frozenset = frozenset()
 
@@ -218,7 +219,8 @@ def _plan(s: State) -> State:
                        variant=r.variant, refused=dict(s.refused), dp=r.dp,
                        objective=r.objective, memory_cap_gib=r.memory_cap_gib, pp=r.pp,
                        micro_batches=r.micro_batches,
-                       overlap=r.overlap, sequence_parallel=r.sequence_parallel)
+                       overlap=r.overlap, sequence_parallel=r.sequence_parallel,
+                       prune=r.prune)
     return dataclasses.replace(s, plan=dataclasses.replace(result, unpartitioned=s.unpartitioned))
 
 
@@ -590,7 +592,8 @@ def request(model: torch.nn.Module | None, devices: object, example_inputs: obje
             verbose: bool = False, sequence_parallel: bool = False, emit: bool = True,
             repeat_blocks: bool = True, objective: str = "throughput",
             memory_cap_gib: float | None = None, dp: int | None = 1, pp: int | None = 1,
-            micro_batches: int | None = None, overlap: int | None = 1) -> Request:
+            micro_batches: int | None = None, overlap: int | None = 1,
+            prune: bool = True) -> Request:
     """The caller's arguments checked and normalized (one message per rule). A Plan given as
     `plan` brings its own overlap and sequence_parallel."""
     devices = check_devices(devices)
@@ -618,7 +621,8 @@ def request(model: torch.nn.Module | None, devices: object, example_inputs: obje
                    forced=forced, plan=given, variant=variant, objective=objective,
                    memory_cap_gib=memory_cap_gib, dp=dp, pp=pp, micro_batches=micro_batches,
                    sequence_parallel=sequence_parallel,
-                   overlap=check_overlap(overlap), emit=emit, print_after=check_print_after(print_after, allowed))
+                   overlap=check_overlap(overlap), emit=emit, prune=bool(prune),
+                   print_after=check_print_after(print_after, allowed))
 
 
 def check_overlap(overlap: object) -> int | None:

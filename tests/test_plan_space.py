@@ -197,6 +197,28 @@ def test_helix_plan_16_prints_no_emittable_plan_faster_than_its_choice(capsys):
     assert "FASTER" not in out
 
 
+def test_helix_plan_all_rows_prices_every_split_and_chooses_the_same(capsys):
+    from helix_compiler.cli.main import _main
+
+    assert _main(["plan", "--devices", "16"]) == 0
+    pruned_out = capsys.readouterr().out
+    assert _main(["plan", "--devices", "16", "--all-rows"]) == 0
+    out = capsys.readouterr().out
+    assert " pruned " in pruned_out and "feasible splits not priced" in pruned_out
+    assert " pruned " not in out and "not priced" not in out
+    chosen = [ln.split() for ln in out.splitlines() if ln.startswith("*")]
+    assert chosen == [ln.split() for ln in pruned_out.splitlines() if ln.startswith("*")]
+    # a row pruned by default (one replica: its latency is its step) is priced with
+    # --all-rows, at a step no shorter than its bound
+    row = next(ln for ln in pruned_out.splitlines()
+               if "not priced: lower bound" in ln and "dp=" not in ln)
+    name = row[3:].split("  ")[0]
+    bound = float(re.search(r"lower bound ([\d,.]+) ms", row).group(1).replace(",", ""))
+    priced = next(ln for ln in out.splitlines() if ln[3:].split("  ")[0] == name)
+    latency = float(priced.split()[-3].replace(",", ""))
+    assert latency >= bound, (row, priced)
+
+
 def test_a_faster_baseline_helix_cannot_emit_is_said_in_words():
     from helix_compiler.planning.plan import _baseline_notes
 

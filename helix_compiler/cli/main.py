@@ -183,7 +183,7 @@ def cmd_plan(args) -> int:
     if stage in EMITTING_PASSES:
         plan = helix_compile(model, **common).plan
     else:
-        plan, _ = plan_model(model, **common)
+        plan, _ = plan_model(model, **common, prune=not args.all_rows)
     if args.output:
         try:
             Path(args.output).write_text(plan.to_yaml())
@@ -487,6 +487,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "shortest time to finish one batch (set its size with --batch, e.g. 1)")
     plan.add_argument("--memory-cap", type=_positive("GiB per rank"), metavar="GIB",
                       help="GiB of memory per rank a plan may use (default: the GPU's)")
+    plan.add_argument("--all-rows", action="store_true",
+                      help="price every split (default: splits whose step cannot beat the chosen "
+                           "one, by a lower bound of their compute, are shown unpriced with the bound)")
     plan.add_argument("--dp", type=_positive_int, metavar="K",
                       help="only plans of K data replicas (default: every K dividing N and the batch)")
     plan.add_argument("--overlap", choices=("auto", "1", "2", "4", "8"), default="auto",
