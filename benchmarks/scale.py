@@ -3,7 +3,7 @@
     python benchmarks/scale.py [--layers 10 20 40 80] [--devices 64] [--out PATH] [--machine-note TEXT]
 
 Each layer count runs in a fresh process (peak RSS is per process): helix_compile end to end
-(repeat_blocks on: layers 0, 1 and L-1 exported, the rest copied) with its stage timings,
+(repeat_blocks on: layers 0 and L-1 exported, the rest copied) with its stage timings,
 process CPU seconds next to wall seconds, rank 0's graph emitted after, and torch.export of
 the whole model alone for comparison.  The largest count also runs with dynamic=False and
 with repeat_blocks=False.  Plan search (solve + cost of every split) is timed for device

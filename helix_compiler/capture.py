@@ -107,7 +107,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
     With dynamic=True the batch and sequence dims are exported as symbols so the rank modules
     run other sizes; a model that only exports with static shapes is captured static (`note`).
     torch's own output during the export is held back unless `verbose`.
-    repeat_blocks: export only layers 0, 1, L-1 of a list of identical layers and copy
+    repeat_blocks: export only layers 0 and L-1 (or 0, 1, L-1) of a list of identical layers and copy
     the rest in the graph (repeat.py); a model it cannot prove safe is captured whole (`note`).
     """
     if repeat_blocks and isinstance(model, torch.nn.Module):

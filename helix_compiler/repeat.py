@@ -1,23 +1,30 @@
-"""Capture a stack of identical layers once: export three layers, copy the graph of one.
+"""Capture a stack of identical layers once: export two layers, copy the graph of one.
 
 torch.export's time grows with the number of layers it traces (LLaMA-70B, 80 layers: 15 s of
 a 17 s compile, docs/SCALE.md), yet nearly every transformer is a ModuleList of one layer
 class with one config.  `capture_repeated` exports a shallow stand-in of the model whose
-list holds the user's layers 0, 1 and L-1 at their own indices and a `_Skipped` (returns
-its hidden-state input) at every other index, checks that layers 1 and L-1 captured to
-the same graph, and builds the full graph from it:
+list holds the user's layers 0 and L-1 at their own indices and a `_Skipped` (returns its
+hidden-state input) at every other index, and builds the full graph from it:
 
     pre-layer nodes (embedding, rotary cos/sin, masks)        as captured
-    layer 0, 1                                                as captured
-    layer j = 2 .. L-2                                        layer 1's nodes, parameters layers.1.* -> layers.j.*,
-                                                              reading layer j-1 where layer 1 read layer 0
-    layer L-1                                                 as captured (the user's last layer), reading layer L-2
+    layer 0                                                   as captured
+    layer j = 1 .. L-2                                        layer L-1's nodes, parameters layers.{L-1}.* -> layers.j.*,
+                                                              reading layer j-1 where layer L-1 read layer 0
+    layer L-1                                                 as captured, reading layer L-2
     post-layer nodes (final norm, LM head, outputs)           as captured
 
-Three layers are enough: layer 1 reads layer 0, and layer L-1 reads layer 1 (through the
-stubs); when the two encode to the same data, position p of the layer before is what a real
-layer reads, whether that layer is layer 0, layer 1 or a copy of layer 1.  (A fourth
-captured layer, 2, proved nothing more and cost 0.5-0.8 s of export at LLaMA-70B size.)
+Two layers are enough when layer 0 is layer L-1 with another input: the same ops, constants,
+shapes, relative parameter names and pre-layer reads, except that where layer L-1 reads the
+layer before it (through the stubs, layer 0) layer 0 reads pre-layer values (the embedding),
+one for one.  The two bodies then match node for node, so position p of a layer, counted
+from its end, is the same value in layer 0, in a copy and in layer L-1, and a copy reads what
+a real layer reads.  The stubs and layer L-1 record the arguments the parent passes them:
+every index from 1 on must get what layer L-1 got, apart from the hidden state (tensors by
+identity).  A model whose layer 0 differs (it branches on the index, say) is exported again
+with layers 0, 1 and L-1 (`repeat_blocks["two_layers"]` says why): layer 1's graph is copied
+for layers 2 .. L-2, and layers 1 and L-1 must be the same graph (reads of the previous layer
+counted from its end).  Export of the stand-in, 80 LLaMA-70B layers: 3 layers about 3.2 CPU s
+on the project's 2-core machine, 2 layers 2.2.
 
 The stubs keep the parent's loop running over all L indices as on the model (HF indexes
 `config.layer_types[i]`; an op the parent adds after layer k lands between layer runs and
@@ -31,19 +38,20 @@ What must hold, else the full capture runs and `Captured.note` says why (`_Fallb
     shapes and dtypes;
   - the same attribute values in every layer's modules (vars() less parameters, buffers and
     submodules), except index-like ints (INDEX_FIELDS) -- those pass only because the
-    captured graphs of layers 1 and L-1 are compared as well; no forward hooks;
+    captured graphs are compared as well; no forward hooks;
   - no per-layer list in a config (`layer_types` with two kinds, `no_rope_layers`...);
+  - the parent passes every index from 1 on the same arguments as layer L-1, less the hidden
+    state;
   - in the stand-in's graph each layer is one contiguous run of nodes (nn_module_stack) with
     nothing of the parent between runs, a layer reads only its own parameters, the
     previous layer's values and pre-layer values, the post-layer nodes read only layer L-1,
-    and layers 1 and L-1 are the same graph (ops, constants, shapes, parameter names
-    relative to the layer, which positions of the previous layer (from its end) and which pre-layer
-    values they read).
+    and layer L-1 is layer 0 with another input (two layers) or layers 1 and L-1 are the
+    same graph (three layers).
 
-Not proven: a parent forward whose per-index behaviour shows neither in layers 0, 1,
-L-1, in the layers' attributes, in the config, nor as ops between layers; a layer forward
-that acts on its own index field (`if self.layer_idx == 7`) for an index other than 1
-and L-1 without a per-layer config list saying so (HF layers use layer_idx for the KV cache
+Not proven: a parent forward whose per-index behaviour shows neither in the captured layers,
+in the arguments it passes, in the layers' attributes, in the config, nor as ops between
+layers; a layer forward that acts on its own index field (`if self.layer_idx == 7`) for an
+index other than the captured ones without a per-layer config list saying so (HF layers use layer_idx for the KV cache
 and look up per-layer config lists, which are checked).  repeat_blocks=False is the way out.
 
 Invariant: the returned graph is the graph the full capture produces, up to node names and
@@ -61,7 +69,7 @@ import inspect
 import torch
 import torch.fx as fx
 
-# ModuleLists shorter than this are captured whole: exporting 3 of them saves little.
+# ModuleLists shorter than this are captured whole: exporting 2-3 of them saves little.
 MIN_LAYERS = 8
 # Attributes a layer may hold with a different int value per layer (HF: layer_idx, for the
 # KV cache).  Allowed only because the captured graphs of layers 1 and L-1 are compared.
@@ -78,7 +86,7 @@ class _Fallback(Exception):
 
 
 def capture_repeated(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool, capture_fn):
-    """The full model's Captured from a capture of layers 0, 1 and L-1; or a str: why not
+    """The full model's Captured from a capture of layers 0 and L-1 (or 0, 1 and L-1); or a str: why not
     ("" when the model has no ModuleList of MIN_LAYERS layers, so there is nothing to say).
 
     capture_fn(module, args, kwargs, dynamic) is capture.capture without this step."""
@@ -86,14 +94,26 @@ def capture_repeated(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic:
     if found is None:
         return ""
     path, layers = found
+    n = len(layers)
     try:
         _check_layers(model, path, layers)
-        standin, keep = _standin(model, path, layers)
-        try:
-            small = capture_fn(standin, args, kwargs, dynamic)
-        except Exception as e:
-            raise _Fallback(f"the stand-in with layers {keep} did not capture ({type(e).__name__})") from e
-        gm = _expand(small.gm, path, layers, keep)
+        why2 = None
+        for keep in ([0, n - 1], [0, 1, n - 1]):
+            standin, calls = _standin(model, path, layers, keep)
+            try:
+                small = capture_fn(standin, args, kwargs, dynamic)
+            except Exception as e:
+                raise _Fallback(f"the stand-in with layers {keep} did not capture ({type(e).__name__})") from e
+            try:
+                _check_calls(calls, keep)
+                gm = _expand(small.gm, path, layers, keep)
+                break
+            except _Fallback as e:
+                if len(keep) == 3:
+                    raise
+                why2 = str(e)      # layer 0 is not layer L-1 with another input: three layers
+        if why2:
+            gm.meta["repeat_blocks"]["two_layers"] = why2
     except _Fallback as e:
         return f"{path}: {e}; captured all {len(layers)} layers"
     params = dict(gm.named_parameters(remove_duplicate=False))
@@ -199,19 +219,22 @@ def _short(x) -> str:
 
 
 class _Skipped(torch.nn.Module):
-    """Stands for layer j (2 <= j <= L-2) in the stand-in list: returns its hidden-state input
-    unchanged, so the parent's loop still runs over all L indices (its per-index code --
+    """Stands for a layer not exported in the stand-in list: records the arguments the parent
+    passes it (`calls`) and returns its hidden-state input unchanged, so the parent's loop still runs over all L indices (its per-index code --
     `config.layer_types[i]`, `if i == k: ...` -- runs as in the real model, and any op it adds
     between layers shows in the graph and makes the capture fall back).  Attributes the parent
     reads from a layer (`decoder_layer.attention_type`) come from the real layer j."""
 
-    def __init__(self, real: torch.nn.Module):
+    def __init__(self, real: torch.nn.Module, index: int, calls: dict):
         super().__init__()
         self.__dict__["_real"] = real            # not a submodule: no parameters in the stand-in
         names = [p for p in inspect.signature(real.forward).parameters]
         self.__dict__["_first"] = names[0] if names else None
+        self.__dict__["_index"] = index
+        self.__dict__["_calls"] = calls
 
     def forward(self, *args, **kwargs):
+        self._calls.setdefault(self._index, []).append(_other_args(args, kwargs, self._first))
         return args[0] if args else kwargs[self._first]
 
     def __getattr__(self, name):
@@ -221,12 +244,68 @@ class _Skipped(torch.nn.Module):
             return getattr(self.__dict__["_real"], name)
 
 
-def _standin(model, path: str, layers):
-    """A shallow copy of `model` along `path` whose list holds the user's layers 0, 1 and L-1
-    at their own indices and a _Skipped for each other one (nothing of the user's model is
-    modified)."""
+def _other_args(args: tuple, kwargs: dict, first) -> tuple:
+    """A layer call's arguments less its hidden-state input (the first)."""
+    rest = dict(kwargs)
+    if args:
+        args = args[1:]
+    else:
+        rest.pop(first, None)
+    return tuple(args), rest
+
+
+def _recorded(layer: torch.nn.Module, index: int, calls: dict) -> torch.nn.Module:
+    """A shallow copy of `layer` (same parameters, buffers and submodules, so the same graph
+    and names) that records the arguments the parent passes it, as _Skipped does."""
+    twin = copy.copy(layer)
+    first = next(iter(inspect.signature(layer.forward).parameters), None)
+    forward = type(layer).forward.__get__(twin)
+
+    def recording(*args, **kwargs):
+        calls.setdefault(index, []).append(_other_args(args, kwargs, first))
+        return forward(*args, **kwargs)
+    twin.__dict__["forward"] = recording
+    return twin
+
+
+def _check_calls(calls: dict, keep) -> None:
+    """Every index from 1 on got the same arguments from the parent as layer L-1, apart from
+    the hidden state (the copies stand for layers the export did not run: what the parent
+    passes them must be what the template layer got)."""
+    tail = keep[-1]
+    ref = calls.get(tail)
+    if not ref or len(ref) != 1:
+        raise _Fallback(f"layer {tail} was called {len(ref or [])} times in the stand-in")
+    for i in sorted(calls):
+        if i == 0:
+            continue
+        if len(calls[i]) != 1 or not _same_call(calls[i][0], ref[0]):
+            raise _Fallback(f"layer {i} gets other arguments from the parent than layer {tail}")
+
+
+def _same_call(a, b) -> bool:
+    (args_a, kw_a), (args_b, kw_b) = a, b
+    return len(args_a) == len(args_b) and kw_a.keys() == kw_b.keys() and \
+        all(_same_value(x, y) for x, y in zip(args_a, args_b)) and \
+        all(_same_value(kw_a[k], kw_b[k]) for k in kw_a)
+
+
+def _same_value(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return a is b
+    if isinstance(a, (tuple, list)) and type(a) is type(b):
+        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and type(a) is type(b):
+        return a.keys() == b.keys() and all(_same_value(a[k], b[k]) for k in a)
+    return a is b or _same(a, b)
+
+
+def _standin(model, path: str, layers, keep):
+    """A shallow copy of `model` along `path` whose list holds the user's layers `keep` at
+    their own indices (layer L-1 as a recording twin) and a _Skipped for each other one
+    (nothing of the user's model is modified); and the dict the calls are recorded in."""
     n = len(layers)
-    keep = [0, 1, n - 1]
+    calls: dict = {}
     root = copy.copy(model)
     root.__dict__["_modules"] = dict(model._modules)
     parent, names = root, path.split(".")
@@ -236,8 +315,9 @@ def _standin(model, path: str, layers):
         parent._modules[name] = child
         parent = child
     parent._modules[names[-1]] = torch.nn.ModuleList(
-        [layers[i] if i in keep else _Skipped(layers[i]) for i in range(n)])
-    return root, keep
+        [(_recorded(layers[i], i, calls) if i == n - 1 else layers[i]) if i in keep
+         else _Skipped(layers[i], i, calls) for i in range(n)])
+    return root, calls
 
 
 # ---------------------------------------------------------------- graph surgery
@@ -257,10 +337,13 @@ def _owner(node: fx.Node, path: str) -> int | None:
 
 
 def _expand(gm: fx.GraphModule, path: str, layers, keep) -> fx.GraphModule:
-    """Copies of layer 1 for layers 2 .. L-2, between layer 1 and the captured layer L-1."""
+    """Copies of the template layer (layer 1 of keep = [0, 1, L-1], layer L-1 of keep =
+    [0, L-1]) for the layers not captured, before the captured layer L-1."""
     graph = gm.graph
     nodes = list(graph.nodes)
     n_layers, tail = len(layers), keep[-1]
+    tpl, before_tail = keep[1], keep[-2]     # the layer copied; the one layer L-1 reads
+    copies = range(keep[-2] + 1, n_layers - 1)
     owner = {n: _owner(n, path) for n in nodes}
     stray = next((n for n in nodes if owner[n] is not None and owner[n] not in keep), None)
     if stray is not None:
@@ -280,52 +363,98 @@ def _expand(gm: fx.GraphModule, path: str, layers, keep) -> fx.GraphModule:
     # output is last), so a layer 0 whose body is longer or shorter still reads alike
     back = {s: {n: len(body[s]) - i for n, i in pos[s].items()} for s in keep}
     prev_of = dict(zip(keep[1:], keep[:-1]))
-    enc = {s: _encode(body[s], s, prev_of[s], pos, back, owner, path) for s in (1, tail)}
-    if enc[tail] != enc[1]:
-        i = next((i for i, (x, y) in enumerate(zip(enc[tail], enc[1])) if x != y),
-                 min(len(enc[tail]), len(enc[1])))
-        where = body[tail][i].format_node() if i < len(body[tail]) else "its end"
-        raise _Fallback(f"captured layer {tail} differs from layer 1 at {where}")
+    enc = {s: _encode(body[s], s, prev_of.get(s), pos, back, owner, path) for s in keep}
+    if len(keep) == 3:
+        _same_layer(enc[tail], enc[1], body[tail], f"captured layer {tail} differs from layer 1")
+    else:
+        # two layers: layer L-1 is the template, so it must be layer 0 with the previous
+        # layer's values where layer 0 reads pre-layer ones (the embedding): then the two
+        # bodies match node for node, and a position counted from a layer's end is the same
+        # value in layer 0, in a copy and in layer L-1
+        _same_layer(enc[tail], _as_prev(enc[0], enc[tail]), body[tail],
+                    f"layer 0 is not layer {tail} with another input")
     for n in nodes[last + 1:]:
         for a in n.all_input_nodes:
             if owner[a] is not None and owner[a] != tail:
                 raise _Fallback(f"{n.name} after the layers reads layer {owner[a]}'s {a.name}")
 
-    # In place: copies of layer 1 go before layer L-1's run, which then reads the last copy
-    # where it read layer 1.
-    _add_parameters(gm, path, layers)
+    # In place: copies of the template go before layer L-1's run, which then reads the last
+    # copy where it read the layer before it.
+    _add_parameters(gm, path, layers, copies)
     anchor = next(n for n in nodes if n.op != "get_attr")   # get_attr nodes stay on top, as captured
-    prefix1 = f"{path}.1."
-    prev = list(body[1])                # layer j-1's nodes, position for position
+    prefix = f"{path}.{tpl}."
+    prev = list(body[before_tail])      # layer j-1's nodes, position for position
     with graph.inserting_before(body[tail][0]):
-        for j in range(2, n_layers - 1):
+        for j in copies:
             local: dict = {}
 
             def arg(a, j=j, local=local, prev=prev):
                 if a in local:
                     return local[a]
-                if owner[a] == 0:           # layer 1 read layer 0 here: copy j reads layer j-1
+                if owner[a] == 0:           # the template read layer 0 here: copy j reads layer j-1
                     return prev[len(prev) - back[0][a]]
-                if owner[a] == 1:           # a parameter of layer 1: the same one of layer j
+                if owner[a] == tpl:         # a parameter of the template: the same one of layer j
                     with graph.inserting_before(anchor):
-                        c = graph.get_attr(f"{path}.{j}." + str(a.target)[len(prefix1):])
+                        c = graph.get_attr(f"{path}.{j}." + str(a.target)[len(prefix):])
                     c.meta = dict(a.meta)
                     local[a] = c
                     return c
                 return a                    # a pre-layer value (cos/sin, mask, sizes)
-            for n in body[1]:
+            for n in body[tpl]:
                 c = graph.node_copy(n, arg)
-                c.meta = _layer_meta(n.meta, path, 1, j)
+                c.meta = _layer_meta(n.meta, path, tpl, j)
                 local[n] = c
-            prev = [local[n] for n in body[1]]
-    for n in body[tail]:
-        n.args = fx.node.map_arg(n.args, lambda a: prev[pos[1][a]] if owner.get(a) == 1 else a)
-        n.kwargs = fx.node.map_arg(n.kwargs, lambda a: prev[pos[1][a]] if owner.get(a) == 1 else a)
+            prev = [local[n] for n in body[tpl]]
+
+    def rewire(a):
+        return prev[len(prev) - back[before_tail][a]] if owner.get(a) == before_tail else a
+    if copies:
+        for n in body[tail]:
+            n.args = fx.node.map_arg(n.args, rewire)
+            n.kwargs = fx.node.map_arg(n.kwargs, rewire)
     graph.lint()
     gm.recompile()
     gm.meta["repeat_blocks"] = {"list": path, "layers": n_layers, "captured": tuple(keep),
-                                "copied": (2, n_layers - 2)}
+                                "copied": (copies[0], copies[-1]) if copies else ()}
     return gm
+
+
+def _same_layer(got: list, want: list, body, what: str) -> None:
+    if got != want:
+        i = next((i for i, (x, y) in enumerate(zip(got, want)) if x != y), min(len(got), len(want)))
+        where = body[i].format_node() if i < len(body) else "its end"
+        raise _Fallback(f"{what} at {where}")
+
+
+def _as_prev(enc0: list, enc_tail: list) -> list:
+    """Layer 0's encoding with each pre-layer value it reads where layer L-1 reads the layer
+    before it replaced by that read, when the replacement is one to one (else unchanged, and
+    the comparison fails)."""
+    to_prev: dict = {}
+
+    def pair(x, y):
+        if isinstance(x, tuple) and isinstance(y, tuple):
+            if len(x) == 2 and x[:1] == ("pre",) and y[:1] == ("prev",):
+                to_prev.setdefault(x[1], set()).add(y)
+            elif len(x) == len(y):
+                for a, b in zip(x, y):
+                    pair(a, b)
+    if len(enc0) != len(enc_tail):
+        return enc0
+    for x, y in zip(enc0, enc_tail):
+        pair(x, y)
+    if any(len(v) != 1 for v in to_prev.values()) or \
+            len({next(iter(v)) for v in to_prev.values()}) != len(to_prev):
+        return enc0
+    sub = {k: next(iter(v)) for k, v in to_prev.items()}
+
+    def swap(x):
+        if isinstance(x, tuple):
+            if len(x) == 2 and x[:1] == ("pre",) and x[1] in sub:
+                return sub[x[1]]
+            return tuple(swap(y) for y in x)
+        return x
+    return [swap(x) for x in enc0]
 
 
 def _encode(body, s: int, prev: int, pos, back, owner, path: str) -> list:
@@ -342,7 +471,7 @@ def _encode(body, s: int, prev: int, pos, back, owner, path: str) -> list:
             return ("param", str(a.target)[len(prefix):])
         if a.op != "get_attr" and o == s:
             return ("self", pos[s][a])
-        if a.op != "get_attr" and o == prev:
+        if a.op != "get_attr" and prev is not None and o == prev:
             return ("prev", back[prev][a])
         raise _Fallback(f"layer {s} reads {a.name} of layer {o}, not of the layer before it")
 
@@ -380,11 +509,11 @@ def _layer_meta(meta: dict, path: str, s: int, j: int) -> dict:
     return out
 
 
-def _add_parameters(gm, path: str, layers) -> None:
-    """gm's `path` holds layers 0, 1 and L-1: attach the user's tensors of layers 2 .. L-2
+def _add_parameters(gm, path: str, layers, copies) -> None:
+    """gm's `path` holds the captured layers: attach the user's tensors of the copied layers
     under their own names (the same tensor objects, no copy)."""
     container = gm.get_submodule(path)
-    for j in range(2, len(layers) - 1):
+    for j in copies:
         holder = torch.nn.Module()
         source = layers[j]
         for name, t in _tensors(source):

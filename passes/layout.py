@@ -47,6 +47,14 @@ def make_split(size: int, lists) -> Split | None:
     return Split(size=int(size), lists=lists)
 
 
+def layout_key(split: Split | None):
+    """A hashable key equal for two splits iff they hold the same lists (a memo key: layers
+    built alike give equal splits, not the same objects)."""
+    if split is None:
+        return None
+    return (split.size, tuple(len(x) for x in split.lists), b"".join(x.tobytes() for x in split.lists))
+
+
 def lists_of(split: Split | None, size: int, ranks: int) -> tuple:
     if split is None:
         full = np.arange(size)

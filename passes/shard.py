@@ -94,6 +94,7 @@ class Localizer:
         self.counts = [dict() for _ in range(self.N)]
         self.sequence_parallel = sequence_parallel
         self._gathered: dict = {}         # node -> its per-rank locals with split dims gathered
+        self.memo: dict = {}              # rules' results that depend on layouts and shapes only
         self.mutated = written_attrs(gm)  # attr targets the graph writes in place: per-rank copies
 
     # ---- layouts -------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import torch.fx as fx
 from helix_compiler.errors import ShardingError
 
 from .graph_utils import aten, constant_value, norm_dim, shape, val
-from .layout import as_slice, lists_of, make_split, merge, positions, same, factor
+from .layout import as_slice, factor, layout_key, lists_of, make_split, merge, positions, same
 
 helix = torch.ops.helix
 
@@ -143,15 +143,9 @@ def _int_shape(node):
         return None
 
 
-@rule(aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unflatten.int,
-      aten.flatten.using_ints)
-def _view(lz, node):
-    x = node.args[0]
-    if not lz.is_split(x):
-        lz.copy(node, None)
-        return True
-    ins, outs = [_sym(v) for v in shape(x)], [_sym(v) for v in shape(node)]
-    in_l = lz.L(x)
+def _view_layout(ins, outs, in_l, ranks: int, where: str):
+    """The layout of a view from `in_l` (dims `ins`) to dims `outs`, or None: a split dim
+    merged with a symbolic one (replicate, listed in the plan)."""
     out_l = [None] * len(outs)
     i = j = 0
     while i < len(ins) or j < len(outs):
@@ -180,10 +174,30 @@ def _view(lz, node):
             sizes_in, sizes_out = [ins[k] for k in gi], [outs[k] for k in gj]
             if not all(v.is_Integer for v in sizes_in + sizes_out):
                 return None  # a split dim merged with a symbolic one: replicate (listed in the plan)
-            merged = merge(splits, [int(v) for v in sizes_in], lz.N)
-            for k, s in zip(gj, factor(merged, [int(v) for v in sizes_out], lz.N, node.name)):
+            merged = merge(splits, [int(v) for v in sizes_in], ranks)
+            for k, s in zip(gj, factor(merged, [int(v) for v in sizes_out], ranks, where)):
                 out_l[k] = s
-    out_l = tuple(out_l)
+    return tuple(out_l)
+
+
+@rule(aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unflatten.int,
+      aten.flatten.using_ints)
+def _view(lz, node):
+    x = node.args[0]
+    if not lz.is_split(x):
+        lz.copy(node, None)
+        return True
+    ins, outs = [_sym(v) for v in shape(x)], [_sym(v) for v in shape(node)]
+    in_l = lz.L(x)
+    # The output layout depends only on the input layout and the two shapes: computed once
+    # per distinct (layout, shapes) and replayed (80 identical layers: 7 views each, every
+    # one a sympy walk and a merge / factor over all ranks)
+    key = ("view", tuple(layout_key(s) for s in in_l), tuple(ins), tuple(outs))
+    if key not in lz.memo:
+        lz.memo[key] = _view_layout(ins, outs, in_l, lz.N, node.name)
+    out_l = lz.memo[key]
+    if out_l is None:
+        return None
     sizes_arg = node.args[1] if node.target in (aten.view.default, aten.reshape.default,
                                                 aten._unsafe_view.default) else None
 

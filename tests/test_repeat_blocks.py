@@ -55,7 +55,7 @@ def test_repeated_capture_is_the_full_graph_and_computes_the_same(llama):
     model, args, kwargs, full = llama
     rep = capture(model, args, kwargs)
     info = rep.gm.meta["repeat_blocks"]
-    assert info["captured"] == (0, 1, LAYERS - 1) and info["copied"] == (2, LAYERS - 2)
+    assert info["captured"] == (0, LAYERS - 1) and info["copied"] == (1, LAYERS - 2)
     assert "repeat_blocks" not in full.captured.gm.meta
     # the same ops in the same order, the same weights read
     assert _ops(rep.gm) == _ops(full.captured.gm)
@@ -177,13 +177,34 @@ class Stack(nn.Module):
         return x
 
 
+class GainBlock(Block):
+    def forward(self, x, gain):
+        return super().forward(x) * gain
+
+
+class GainStack(Stack):
+    """The parent passes layer 4 another argument than the others: a layer the export does
+    not run (a stub) must get what the template layer got, else the capture falls back."""
+
+    def __init__(self):
+        super().__init__([1.0] * 10)
+        self.blocks = nn.ModuleList(GainBlock(16, 1.0) for _ in range(10))
+
+    def forward(self, x):
+        x = self.inp(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, 0.5 if i == 4 else 1.0)
+        return x
+
+
 @pytest.mark.parametrize("model, reason", [
+    (GainStack(), "layer 4 gets other arguments from the parent than layer 9"),
     (Stack([1.0] * 10), None),
     (Stack([1.0] * 5), ""),                                    # too short: captured whole, no note
     (Stack([1.0] * 9 + [0.5]), "layer 9.scale = 0.5, layer 2 has 1.0"),
     (Stack([1.0] * 10, boost_at=6), "interleaved"),
     (Stack([1.0] * 10, boost_at=1), "interleaved"),         # between layer 1 and the stubs
-    (Stack([1.0] * 10, late=1), None),                       # layer 0 alone differs: it is captured
+    (Stack([1.0] * 10, late=1), 3),                          # layer 0 alone differs: three layers
     (Stack([1.0] * 10, late=5), "captured layer 9 differs from layer 1 at"),
     (Stack([1.0] * 10, late=2), "captured layer 9 differs from layer 1 at"),
     (Stack([1.0] * 10, layer_types=["full"] * 10), None),
@@ -195,8 +216,13 @@ def test_hand_written_stack_repeats_only_when_layers_are_alike(model, reason):
     x = torch.randn(2, 5, 8)
     got = capture(model, (x,), {})
     rep = got.gm.meta.get("repeat_blocks")
-    if reason is None:
-        assert rep == {"list": "blocks", "layers": 10, "captured": (0, 1, 9), "copied": (2, 8)}
+    if reason is None:      # layers 0 and 9 exported, 9 copied for 1 .. 8
+        assert rep == {"list": "blocks", "layers": 10, "captured": (0, 9), "copied": (1, 8)}
+        assert got.note == ""
+    elif reason == 3:       # layer 0 is not layer 9 with another input: 0, 1 and 9 exported
+        assert rep == {"list": "blocks", "layers": 10, "captured": (0, 1, 9), "copied": (2, 8),
+                       "two_layers": rep["two_layers"]}
+        assert rep["two_layers"].startswith("layer 0 is not layer 9 with another input at")
         assert got.note == ""
     else:
         assert rep is None
