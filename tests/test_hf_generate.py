@@ -7,20 +7,30 @@ a server left-pads them: row 0 full, row 1 left-padded by 4, row 2 full, row 3 a
 token (left-padded by 7). A fully padded row makes HF's `generate` ill-defined (its prefill
 attends over no position, and its positions for that row's decode steps start at 1, the
 adapter's at 0), so that row is compared with the adapter's own greedy reference only
-(models/decoder_cache.greedy_generate), unsharded against sharded.
+(models/decoder_cache.greedy_generate), unsharded against sharded. `helix generate` on a
+directory holding this LLaMA's config.json: 4 gloo processes, s = 2 x n = 2, equal to HF's
+`generate` on the same seeded weights and prompt.
 """
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import LlamaConfig
 
+from helix_compiler.cli.generate import choose_split, load_decoder, make_prompt
 from helix_compiler.decode import compile_decoder, replica_model
 from helix_compiler.errors import HelixError
 from helix_compiler.models.decoder_cache import greedy_generate
 from helix_compiler.models.hf_static import HFStaticCacheDecoder, hf_generate, hf_static_decoder
 
+REPO = Path(__file__).resolve().parents[1]
 P, T, B = 8, 8, 4
 
 
@@ -108,3 +118,69 @@ def test_fully_padded_row_sharded_equals_adapter_reference():
 def test_adapter_refuses_a_model_without_a_hf_config():
     with pytest.raises(HelixError, match="not a Hugging Face model"):
         HFStaticCacheDecoder(torch.nn.Linear(2, 2), 2, 8)
+
+
+# ---- helix generate on a Hugging Face model directory -----------------------------------
+@pytest.fixture
+def hf_dir(tmp_path) -> Path:
+    config = llama()
+    config.architectures = ["LlamaForCausalLM"]
+    config.save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_load_decoder_wraps_a_hf_dir_with_batch_and_request_positions(hf_dir):
+    torch.manual_seed(0)
+    model = load_decoder(str(hf_dir), max_seq=P + T)
+    assert isinstance(model, HFStaticCacheDecoder)
+    assert (model.cfg.batch, model.cfg.max_seq, model.cfg.vocab) == (4, P + T, 64)
+    assert load_decoder(str(hf_dir), batch=2, max_seq=P + T).cfg.batch == 2
+    tokens, valid = make_prompt(model.cfg, P, padded_row=False)
+    assert valid.sum(1).tolist() == [P, P // 2, P, 1]          # the last row: one real token
+    assert make_prompt(model.cfg, P)[1][-1].sum() == 0            # a CacheDecoder's: none
+    with pytest.raises(HelixError, match="--batch applies to a Hugging Face model directory"):
+        load_decoder("helix_compiler.models.decoder_cache:helix_model", batch=2)
+
+
+def test_load_decoder_reads_hf_weights_whole(hf_dir, tmp_path):
+    saved = hf_static_decoder(llama(), 2, P + T, seed=5).model
+    saved.save_pretrained(tmp_path / "ckpt")
+    model = load_decoder(str(hf_dir), max_seq=P + T, weights=str(tmp_path / "ckpt"))
+    ours = dict(model.model.named_parameters())
+    assert all(torch.equal(ours[n], p) for n, p in saved.named_parameters())
+    with pytest.raises(HelixError, match="no tensor"):
+        empty = tmp_path / "empty"
+        empty.mkdir()
+        torch.save({}, empty / "w.pt")
+        load_decoder(str(hf_dir), max_seq=P + T, weights=str(empty / "w.pt"))
+
+
+def test_planner_choice_for_a_hf_model_is_buildable(hf_dir):
+    torch.manual_seed(0)
+    model = load_decoder(str(hf_dir), max_seq=P + T)
+    choice = choose_split(model, 4, P, T)
+    assert choice.dp * choice.s * choice.m * choice.n == 4
+    replica = replica_model(model, choice.dp, 0)                   # what every process builds
+    assert replica.cfg.batch == 4 // choice.dp
+
+
+@pytest.mark.slow
+def test_helix_generate_on_a_hf_dir_equals_hf_generate(hf_dir, tmp_path):
+    # one torchrun launch of 4 gloo ranks (~50-75 s on 2 shared cores)
+    out = tmp_path / "summary.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "helix_compiler.cli", "generate", str(hf_dir), "--devices", "4",
+         "--prompt-len", str(P), "--new-tokens", str(T), "--backend", "gloo", "--plan", "2,1,2",
+         "--json", str(out), "--timeout", "240"],
+        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    summary = json.loads(out.read_text())
+    # the reference again, here: the same seeded model and prompt, HF's own generate
+    torch.manual_seed(0)
+    model = load_decoder(str(hf_dir), max_seq=P + T)
+    tokens, valid = make_prompt(model.cfg, P, 0, padded_row=False)
+    want = hf_generate(model, tokens, valid, T)
+    assert summary["tokens"] == want.tolist() and summary["ranks_agree"], (summary, want)
+    assert (summary["s"], summary["m"], summary["n"], summary["batch"]) == (2, 1, 2, 4)
+    assert "equal to Hugging Face's generate (fp32): yes" in proc.stdout
