@@ -149,7 +149,9 @@ def replica_model(model: torch.nn.Module, dp: int, index: int) -> torch.nn.Modul
     """Replica `index` of `dp` data-parallel replicas of a static-cache decoder: the same
     weights (shared, not copied) and a cache of cfg.batch / dp rows, rows index * B/dp ... of
     the model's (a replica serves those sequences). Built as type(model)(cfg with that batch),
-    as CacheDecoder is; `model` is not written. dp = 1: `model` itself."""
+    as CacheDecoder is, or by the model's own `replica(batch)` where it has one (an adapter
+    whose constructor takes more than a cfg: models/hf_static.py); `model` is not written.
+    dp = 1: `model` itself."""
     cfg = model.cfg
     if isinstance(dp, bool) or not isinstance(dp, int) or dp < 1 or cfg.batch % dp:
         raise HelixError(f"replica_model: dp={dp!r} replicas of a cache of batch {cfg.batch}; "
@@ -159,11 +161,13 @@ def replica_model(model: torch.nn.Module, dp: int, index: int) -> torch.nn.Modul
     if dp == 1:
         return model
     rows = cfg.batch // dp
+    own = getattr(model, "replica", None)
+    how = (f"{type(model).__name__}.replica({rows})" if callable(own) else
+           f"{type(model).__name__}(cfg with batch={rows})")
     try:
-        replica = type(model)(dataclasses.replace(cfg, batch=rows))
+        replica = own(rows) if callable(own) else type(model)(dataclasses.replace(cfg, batch=rows))
     except Exception as e:   # noqa: BLE001 - any constructor failure means: cannot replicate
-        raise HelixError(f"dp={dp}: a replica of {type(model).__name__} is built as "
-                         f"{type(model).__name__}(cfg with batch={rows}), which failed "
+        raise HelixError(f"dp={dp}: a replica of {type(model).__name__} is built as {how}, which failed "
                          f"({type(e).__name__}: {e}); use dp=1") from None
     theirs = dict(model.named_parameters()) | dict(model.named_buffers())
     for name, t in list(replica.named_parameters()) + list(replica.named_buffers()):

@@ -1,6 +1,6 @@
 """The sequence split s > 1 over an SDPA core (passes/explicit_cache_cores.py, docs/decode.md).
 
-HF's StaticCache (the cache of transformers' executorch export wrapper) under a small LLaMA with
+HF's StaticCache (helix_compiler/models/hf_static.py's adapter) under a small LLaMA with
 attn_implementation="sdpa", driven with an attention mask (left-padded rows, a fully padded row):
 every rank's prefill and decode step against the unsharded model for s in {2, 4}, positions that
 cross chunk boundaries, MHA and GQA; greedy tokens; and the pass alone on SDPA's argument forms
@@ -9,13 +9,13 @@ cross chunk boundaries, MHA and GQA; greedy tokens; and the pass alone on SDPA's
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 import torch.nn as nn
+from transformers import LlamaConfig
 
 from helix_compiler.decode import compile_decoder
+from helix_compiler.models.hf_static import hf_static_decoder
 from passes.explicit_cache_cores import explicit_cache_cores
 
 from tests.helpers import assert_ranks_equal
@@ -25,45 +25,13 @@ SDPA = torch.ops.aten.scaled_dot_product_attention.default
 SAFE_SOFTMAX = torch.ops.aten._safe_softmax.default
 
 
-class HFStaticCacheDecoder(nn.Module):
-    """HF's TorchExportableModuleWithStaticCache with an attention mask: prefill(tokens, valid)
-    and decode_step(token, cache_position, valid) run its LLaMA on its StaticCache buffers
-    (key_cache_i, value_cache_i, cumulative_length_i) with `valid` (B, S_max) as the
-    attention_mask (the wrapper's forward passes none, so it cannot left-pad a batch)."""
-
-    def __init__(self, kv_heads: int, batch: int, max_seq: int) -> None:
-        super().__init__()
-        from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-        from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
-
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            config = LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, head_dim=8,
-                                 num_key_value_heads=kv_heads, intermediate_size=64, vocab_size=64,
-                                 max_position_embeddings=64, attn_implementation="sdpa")
-            model = LlamaForCausalLM(config).eval()
-        model.generation_config = GenerationConfig(
-            use_cache=True, cache_implementation="static", max_length=max_seq,
-            cache_config={"batch_size": batch, "max_cache_len": max_seq, "device": "cpu"})
-        self.wrapper = TorchExportableModuleWithStaticCache(model, batch_size=batch, max_cache_len=max_seq)
-        self.cfg = SimpleNamespace(batch=batch, max_seq=max_seq)
-
-    def _run(self, tokens, cache_position, valid):
-        for layer in self.wrapper.static_cache.layers:          # as the wrapper's forward
-            layer.cumulative_length.copy_(cache_position[0])
-        return self.wrapper.model(input_ids=tokens, attention_mask=valid, cache=self.wrapper.static_cache,
-                                  use_cache=True).logits
-
-    def prefill(self, tokens, valid):
-        return self._run(tokens, torch.zeros(1, dtype=torch.long), valid)
-
-    def decode_step(self, token, cache_position, valid):
-        return self._run(token, cache_position, valid)
-
-    def reset_cache(self) -> None:
-        for layer in self.wrapper.static_cache.layers:
-            layer.keys.zero_()
-            layer.values.zero_()
+def hf_llama(kv_heads: int, batch: int, max_seq: int):
+    """A small LLaMA (2 layers, 4 heads over `kv_heads`, d 8, SDPA, weights seeded 0) on
+    transformers' StaticCache with `valid` as its attention mask (models/hf_static.py)."""
+    config = LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, head_dim=8,
+                         num_key_value_heads=kv_heads, intermediate_size=64, vocab_size=64,
+                         max_position_embeddings=64, attn_implementation="sdpa")
+    return hf_static_decoder(config, batch, max_seq, seed=0)
 
 
 def _prompt(batch: int, max_seq: int, length: int):
@@ -83,7 +51,7 @@ def _prompt(batch: int, max_seq: int, length: int):
 def test_hf_sdpa_sequence_split_every_rank_equals_unsharded_across_chunk_boundaries(kv_heads, split, variant):
     # S_max 24: s = 2 chunks [0, 12), [12, 24); s = 4 chunks of 6. A 10-token prompt spans
     # chunks 0 .. 1 (s = 4); steps at positions 10 .. 13 cross the boundary at 12.
-    model, ref = HFStaticCacheDecoder(kv_heads, 3, 24), HFStaticCacheDecoder(kv_heads, 3, 24)
+    model, ref = hf_llama(kv_heads, 3, 24), hf_llama(kv_heads, 3, 24)
     tokens, valid = _prompt(3, 24, 10)
     prog = compile_decoder(model, DEVICES, split, variant=variant, prompt_len=10)
     s, m, n = split
@@ -121,7 +89,7 @@ def test_hf_sdpa_sequence_split_every_rank_equals_unsharded_across_chunk_boundar
 
 @pytest.mark.slow
 def test_hf_sdpa_sequence_split_greedy_tokens_equal_unsharded():
-    model, ref = HFStaticCacheDecoder(2, 3, 24), HFStaticCacheDecoder(2, 3, 24)
+    model, ref = hf_llama(2, 3, 24), hf_llama(2, 3, 24)
     tokens, valid = _prompt(3, 24, 8)
     prog = compile_decoder(model, DEVICES, (2, 1, 2), prompt_len=8)
     new = prog.simulate_generate(tokens, valid[:, :8], new_tokens=8)   # positions 8 .. 14 over chunk 12
@@ -205,7 +173,7 @@ def test_explicit_cache_cores_leaves_a_core_that_reads_no_cache():
 @pytest.mark.slow
 def test_s1_decode_program_keeps_its_sdpa_core():
     # s = 1 never runs the pass: the HF SDPA step keeps SDPA on every rank
-    model = HFStaticCacheDecoder(2, 2, 16)
+    model = hf_llama(2, 2, 16)
     prog = compile_decoder(model, 2, (1, 1, 2), prompt_len=4)
     for r in range(2):
         assert sum(n.target is SDPA for n in prog.modules[r][1].graph.nodes) == 2, r

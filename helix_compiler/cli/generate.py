@@ -10,16 +10,23 @@ decode.replica_model (the same weights, a cache of B / K rows).
 
 MODEL is a spec (modelspec.py) whose function returns a CacheDecoder-style model first
 (`prefill(tokens, valid)`, `decode_step(token, cache_position, valid)`, `reset_cache()`, a
-`cfg` with batch and max_seq; models/decoder_cache.py); its example inputs are not used. A
+`cfg` with batch and max_seq; models/decoder_cache.py); its example inputs are not used. Or
+MODEL is a Hugging Face model directory (config.json, hf_dir.py): its causal LM is built from
+the config with seeded random weights (or read whole from --weights, a safetensors directory
+or state_dict file, with runtime/weights.open_checkpoint as `helix run`'s reference reads it)
+and wrapped in models/hf_static.HFStaticCacheDecoder with a cache of --batch rows (default 4)
+and P + T positions; the reference is then Hugging Face's own greedy `generate`. A
 DecodeProgram is not saved, so every process seeds torch, builds the model and compiles the
 same program (compilation is deterministic; the ranks compare a digest of their weights
 first), then runs its own rank: prefill of the prompt, then T - 1 decode steps, each with its
 own cache slice. Every rank picks the same token (all hold the full logits); rank 0 checks that
-all ranks' tokens agree and equal the unsharded model's greedy tokens (fp32) and prints them
+all ranks' tokens agree and equal the unsharded model's greedy tokens (fp32; a Hugging Face
+model: its `generate`'s) and prints them
 with the time per output token (the decode steps' mean, slowest rank).
 
 The prompt (`make_prompt`) is B rows of P seeded random tokens as a server batches them: row 1
-left-padded by P // 2, and with B >= 3 the last row all padding.
+left-padded by P // 2, and with B >= 3 the last row all padding (a Hugging Face model: one
+real token, since HF's `generate` is ill-defined on a row with none; models/hf_static.py).
 
 A rank that fails writes `rank{R}.error.json` into --result-dir, one that finishes
 `rank{R}.done` (as helix_compiler/cli/worker.py), so `helix generate` can say which rank failed.
@@ -40,20 +47,24 @@ import torch.distributed as dist
 
 from ..decode import compile_decoder, replica_model
 from ..errors import HelixError
+from ..hf_dir import is_hf_dir, load_hf_dir
 from ..modelspec import load_model_spec
 from ..models.decoder_cache import DecodeStep, greedy_generate
+from ..models.hf_static import HFStaticCacheDecoder, hf_generate
 from ..pipeline import analyze, cluster_spec
 from ..planning.decode_plan import plan_decode, shape_from_summary
 from ..planning.solver import solve
 from ..runtime import collectives
 from ..runtime.collectives import DistributedBackend
 from ..runtime.graphs import on_device
+from ..runtime.weights import open_checkpoint
 from .worker import check_same_program, rank_main, weights_digest
 
 __all__ = ["GenerateSplit", "load_decoder", "check_request", "choose_split", "make_prompt",
            "generate_rank", "DEFAULT_MODEL"]
 
 DEFAULT_MODEL = "helix_compiler.models.decoder_cache:helix_model"
+DEFAULT_HF_BATCH = 4          # a Hugging Face model's cache rows: rows 1 and B - 1 padded, two full
 DECODER_METHODS = ("prefill", "decode_step", "reset_cache")
 VARIANTS = ("score-reduce", "qk-gather")
 
@@ -80,10 +91,19 @@ class GenerateSplit:
         return (self.s, self.m, self.n)
 
 
-def load_decoder(spec: str) -> torch.nn.Module:
+def load_decoder(spec: str, *, batch: int | None = None, max_seq: int | None = None,
+                 weights: str | None = None) -> torch.nn.Module:
     """The model of MODEL spec `spec` (random weights, float32, eval), checked to be a
-    CacheDecoder-style decoder."""
+    CacheDecoder-style decoder. A Hugging Face model directory: its causal LM (random weights
+    from the caller's seed, or `weights` read whole) over a static cache of `batch` rows
+    (default 4) and `max_seq` positions (models/hf_static.py)."""
 
+    if is_hf_dir(spec):
+        return _hf_decoder(spec, batch or DEFAULT_HF_BATCH, max_seq, weights)
+    for flag, value in (("--batch", batch), ("--weights", weights)):
+        if value is not None:
+            raise HelixError(f"{flag} applies to a Hugging Face model directory; model spec "
+                             f"{spec!r} builds its own decoder (batch and weights): drop {flag}")
     model, _, _ = load_model_spec(spec, init="random")
     missing = [a for a in DECODER_METHODS if not callable(getattr(model, a, None))]
     cfg = getattr(model, "cfg", None)
@@ -94,6 +114,28 @@ def load_decoder(spec: str) -> torch.nn.Module:
                          f"decoder ({what}); helix generate takes a model like "
                          f"helix_compiler/models/decoder_cache.py's CacheDecoder")
     return model.float().eval()
+
+
+def _hf_decoder(spec: str, batch: int, max_seq: int | None, weights: str | None):
+    hf, _, _ = load_hf_dir(spec, init="random")
+    if not (callable(getattr(hf, "can_generate", None)) and hf.can_generate()):
+        raise HelixError(f"model spec {spec!r}: {type(hf).__name__} is not a causal LM that "
+                         f"generates (config.json's architectures names the class); helix generate "
+                         f"takes e.g. LlamaForCausalLM")
+    if max_seq is None:
+        raise HelixError(f"model spec {spec!r}: a Hugging Face model's cache is sized by the "
+                         f"request; pass max_seq (helix generate: P + T)")
+    if weights is not None:
+        src = open_checkpoint(weights)
+        names = set(src.names())
+        missing = [n for n, _ in hf.named_parameters() if n not in names]   # tied ones once
+        if missing:
+            raise HelixError(f"--weights {weights}: no tensor {missing[0]} ({len(missing)} of "
+                             f"{type(hf).__name__}'s parameters missing); pass the directory "
+                             f"save_pretrained() wrote for this config")
+        hf.load_state_dict({k: src.read(k, ()) for k in hf.state_dict() if k in names},
+                           strict=False)
+    return HFStaticCacheDecoder(hf.float().eval(), batch, max_seq)
 
 
 def check_request(model, devices: int, prompt_len: int, new_tokens: int,
@@ -198,16 +240,19 @@ def choose_split(model, devices: int, prompt_len: int, new_tokens: int,
     return GenerateSplit(s=row.s, m=row.m, n=row.n, variant=variant, reason=reason, dp=row.dp)
 
 
-def make_prompt(cfg, prompt_len: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def make_prompt(cfg, prompt_len: int, seed: int = 0,
+                padded_row: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens (B, P) and their valid positions (B, P): row 1 left-padded by P // 2, and with
-    B >= 3 the last row all padding (as a server's batch holds them)."""
+    B >= 3 the last row all padding (as a server's batch holds them), or with padded_row=False
+    one real token: a Hugging Face model's reference is its `generate`, which is ill-defined
+    on a row with no real token (its prefill attends over nothing; models/hf_static.py)."""
     g = torch.Generator().manual_seed(seed + 1)
     tokens = torch.randint(0, cfg.vocab, (cfg.batch, prompt_len), generator=g)
     valid = torch.ones(cfg.batch, prompt_len, dtype=torch.long)
     if cfg.batch >= 2:
         valid[1, :prompt_len // 2] = 0
     if cfg.batch >= 3:
-        valid[-1] = 0
+        valid[-1, :prompt_len if padded_row else prompt_len - 1] = 0
     return tokens, valid
 
 
@@ -285,7 +330,9 @@ def _run(args, rank: int, world: int, local_rank: int) -> dict:
         device = torch.device("cpu")
     dist.init_process_group(args.backend, timeout=timedelta(seconds=args.timeout))
     torch.manual_seed(args.seed)
-    model = load_decoder(args.model)
+    model = load_decoder(args.model, batch=args.batch, weights=args.weights,
+                         max_seq=args.prompt_len + args.new_tokens)
+    hf = isinstance(model, HFStaticCacheDecoder)
     split = tuple(int(x) for x in args.plan.split(","))
     dp = args.dp
     check_request(model, world, args.prompt_len, args.new_tokens, split, args.variant, dp)
@@ -300,7 +347,7 @@ def _run(args, rank: int, world: int, local_rank: int) -> dict:
     pair_on_device(prog, local, device)
     backend = DistributedBackend(prog.mesh, device.type, dp=dp)
     collectives.bind(backend)
-    prompt, valid_prompt = make_prompt(model.cfg, args.prompt_len, args.seed)
+    prompt, valid_prompt = make_prompt(model.cfg, args.prompt_len, args.seed, padded_row=not hf)
     mine = slice(replica * rows, (replica + 1) * rows)
     try:
         got, timing = generate_rank(prog, local, prompt[mine], valid_prompt[mine],
@@ -324,8 +371,10 @@ def _run(args, rank: int, world: int, local_rank: int) -> dict:
                "disagreeing_ranks": [r for r, t in enumerate(everyone) if t != lead[r]],
                "ms_per_token": slowest[0].item(), "prefill_ms": slowest[1].item()}
     if rank == 0:
-        want = greedy_generate(model, prompt, valid_prompt, args.new_tokens)
+        want = (hf_generate if hf else greedy_generate)(model, prompt, valid_prompt,
+                                                         args.new_tokens)
         summary["reference"] = want.tolist()
+        summary["reference_is"] = "Hugging Face generate" if hf else "greedy_generate"
         summary["equal"] = bool(summary["ranks_agree"] and torch.equal(got, want))
     return summary
 
@@ -341,7 +390,9 @@ def summary_lines(s: dict) -> list[str]:
     lines = [f"helix generate: {s['ranks']} ranks, {split}, backend {s['backend']}, float32; "
              f"{s['batch']} rows x prompt {s['prompt_len']}, {s['new_tokens']} new tokens"]
     lines += [f"row {b}: {' '.join(map(str, row))}" for b, row in enumerate(s["tokens"])]
-    lines.append(f"equal to the unsharded model's greedy tokens (fp32): {verdict}")
+    ref = ("Hugging Face's generate" if s.get("reference_is") == "Hugging Face generate" else
+           "the unsharded model's greedy tokens")
+    lines.append(f"equal to {ref} (fp32): {verdict}")
     lines.append(f"time per output token: {s['ms_per_token']:.2f} ms (mean of "
                  f"{s['new_tokens'] - 1} decode steps, slowest rank); prefill "
                  f"{s['prefill_ms']:.1f} ms")
@@ -359,6 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, required=True)
     p.add_argument("--backend", choices=("gloo", "nccl"), default="gloo")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--weights", default=None)
     p.add_argument("--timeout", type=float, default=300.0)
     p.add_argument("--json", default=None)
     p.add_argument("--result-dir", default=None)

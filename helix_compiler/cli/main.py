@@ -403,8 +403,13 @@ def cmd_generate(args) -> int:
         raise HelixError(
             f"--backend nccl needs one GPU per rank: {args.devices} ranks, but this machine has "
             f"{torch.cuda.device_count()} CUDA devices; use --backend gloo (CPU) or fewer --devices")
+    if args.weights and not Path(args.weights).exists():
+        raise HelixError(f"--weights {args.weights}: no such file or directory; pass a state_dict "
+                         f"file or a directory of safetensors files")
     torch.manual_seed(args.seed)
-    model = load_decoder(spec)
+    # a Hugging Face model directory: a cache of --batch rows and P + T positions
+    model = load_decoder(spec, batch=args.batch, weights=args.weights,
+                         max_seq=args.prompt_len + args.new_tokens)
     if args.plan is None and args.dp is not None:
         raise HelixError(f"--dp {args.dp} is taken with --plan S,M,N (the split of each "
                          f"replica); without --plan the decode planner chooses dp too")
@@ -436,6 +441,10 @@ def cmd_generate(args) -> int:
         worker += ["--variant", choice.variant]
     if args.json:
         worker += ["--json", str(Path(args.json).resolve())]
+    if args.batch is not None:
+        worker += ["--batch", str(args.batch)]
+    if args.weights:
+        worker += ["--weights", str(Path(args.weights).resolve())]
     return _torchrun("generate", "helix_compiler.cli.generate", spec, worker, args.devices,
                      workdir, args.timeout)
 
@@ -577,12 +586,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("model", nargs="?", metavar="MODEL",
                      help="model spec whose function returns a CacheDecoder-style model first "
                           "(default: helix_compiler.models.decoder_cache:helix_model, 8 heads over "
-                          "2 kv heads, a batch of 4, 64 cache positions)")
+                          "2 kv heads, a batch of 4, 64 cache positions), or a Hugging Face model "
+                          "directory (config.json of a causal LM, seeded random weights; the "
+                          "reference is its generate)")
     gen.add_argument("--devices", type=_positive_int, required=True, metavar="N",
                      help="number of processes N = dp * s * m * n")
     gen.add_argument("--prompt-len", type=int, required=True, metavar="P",
                      help="prompt tokens per row (row 1 is left-padded by P // 2, with a batch "
-                          ">= 3 the last row is all padding)")
+                          ">= 3 the last row is all padding; a Hugging Face model: one real token)")
     gen.add_argument("--new-tokens", type=int, required=True, metavar="T",
                      help="tokens to generate per row (the prefill's, then T - 1 decode steps)")
     gen.add_argument("--plan", type=_split_arg, metavar="S,M,N",
@@ -603,6 +614,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--timeout", type=_positive("seconds"), default=DEFAULT_TIMEOUT_S, metavar="S",
                      help=f"stop every rank after S seconds, exit {EXIT_TIMEOUT} (default {DEFAULT_TIMEOUT_S:g})")
     gen.add_argument("--json", metavar="PATH", help="also write rank 0's summary as JSON to PATH")
+    gen.add_argument("--batch", type=_positive_int, metavar="B",
+                     help="a Hugging Face model directory's cache rows (default 4); its cache "
+                          "positions are P + T")
+    gen.add_argument("--weights", metavar="PATH",
+                     help="a Hugging Face model directory's weights, read whole on every rank (a "
+                          "directory of safetensors files or a state_dict file; default: seeded "
+                          "random weights)")
     gen.set_defaults(func=cmd_generate)
 
     for name, text in FORWARDED.items():  # listed in --help; parsed by their own modules

@@ -1,3 +1,4 @@
 """Models that ship with Helix: the paper's benchmark model (`paper`) and the LLaMA-style
 GQA benchmark model (`llama_gqa`). `helix plan` plans `paper:paper_meta` when no MODEL is
-given; `helix bench` measures both. Nothing in the compiler imports them."""
+given; `helix bench` measures both. `decoder_cache` is a static-cache decoder and `hf_static`
+wraps a Hugging Face causal LM as one (`compile_decoder`, `helix generate`). Nothing in the compiler imports them."""
