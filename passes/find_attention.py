@@ -366,7 +366,8 @@ def _provenance(proj: fx.Node, target: fx.Node, shared: fx.Node | None = None) -
                                           and torch.equal(t.select(k, 0), t.select(k, n - 1))):
             t = t.select(k, 0)
     rows = t.reshape(-1, d).numpy().astype(np.int64)
-    heads = rows[_first_of_each(rows)]  # distinct rows in order of first appearance: core head order
+    _, first = np.unique(rows, axis=0, return_index=True)
+    heads = rows[np.sort(first)]  # distinct rows in order of first appearance: core head order
     if (heads < 0).any():
         return None
     if shared is None:
@@ -377,15 +378,6 @@ def _provenance(proj: fx.Node, target: fx.Node, shared: fx.Node | None = None) -
         return None
     return Provenance(proj=proj, heads=heads, path=tuple(on_path), shared=shared,
                       shared_dims=tuple(int(c) for c in np.nonzero(cols)[0]))
-
-
-def _first_of_each(rows: np.ndarray) -> list[int]:
-    """Indices of the distinct rows of an int array, each at its first appearance, in order
-    (what np.unique(axis=0, return_index=True) gives, sorted; ten times faster on 64 x 128)."""
-    first: dict = {}
-    for i, r in enumerate(np.ascontiguousarray(rows)):
-        first.setdefault(r.tobytes(), i)
-    return list(first.values())
 
 
 def _cache_tags(node: fx.Node, tags: dict) -> torch.Tensor | None:
@@ -621,7 +613,8 @@ def _match(core: Core, index: int) -> tuple[SiteMatch | None, str | None]:
         if not any((row == g).all() for g in v_groups):
             v_groups.append(row)
     H_kv = len(k_groups)
-    if len(v_groups) != H_kv or H % H_kv or len(_first_of_each(k.heads)) != H_kv:
+    k_distinct = np.unique(k.heads, axis=0)
+    if len(v_groups) != H_kv or H % H_kv or len(k_distinct) != H_kv:
         return None, (f"attention core at node {core.out.name}: {H} query heads, {H_kv} key heads "
                       f"and {len(v_groups)} value heads do not form multi-head or grouped-query attention")
     # which kv group each q head uses: by position at the core (repeated) or GQA broadcast
