@@ -68,6 +68,7 @@ import inspect
 
 import torch
 import torch.fx as fx
+from torch.fx._lazy_graph_module import _LazyGraphModule
 
 # ModuleLists shorter than this are captured whole: exporting 2-3 of them saves little.
 MIN_LAYERS = 8
@@ -413,10 +414,30 @@ def _expand(gm: fx.GraphModule, path: str, layers, keep) -> fx.GraphModule:
             n.args = fx.node.map_arg(n.args, rewire)
             n.kwargs = fx.node.map_arg(n.kwargs, rewire)
     graph.lint()
-    gm.recompile()
+    _lazy_code(gm)
     gm.meta["repeat_blocks"] = {"list": path, "layers": n_layers, "captured": tuple(keep),
                                 "copied": (copies[0], copies[-1]) if copies else ()}
     return gm
+
+
+def _lazy_code(gm: fx.GraphModule) -> None:
+    """Generate gm's Python code when it is first used (gm(...), gm.code), not now: for 80
+    LLaMA layers the code generation costs about 0.45 CPU s, and no compile stage runs the
+    full graph or reads its code (the rank modules are built from the graph; the program's
+    fingerprint and the unsharded reference run generate it when asked).  gm keeps its
+    attributes and hooks; only its class (torch.fx makes one per GraphModule) gains torch's
+    _LazyGraphModule, whose recompile() from now on only marks the code stale."""
+    # torch.fx gives each GraphModule its own subclass "GraphModuleImpl" of the class it was
+    # made as (here export's _StatefulGraphModule): put _LazyGraphModule under it the same way
+    base = next(t for t in type(gm).__mro__ if t.__qualname__.split(".")[-1] != "GraphModuleImpl")
+    if not issubclass(base, _LazyGraphModule):
+        gm.__class__ = type("GraphModuleImpl", (_lazy_class(base),), {})
+    gm.recompile()
+
+
+@functools.cache
+def _lazy_class(base: type) -> type:
+    return type(f"Lazy{base.__name__}", (_LazyGraphModule, base), {})
 
 
 def _same_layer(got: list, want: list, body, what: str) -> None:

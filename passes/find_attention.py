@@ -397,14 +397,21 @@ def _cache_tags(node: fx.Node, tags: dict) -> torch.Tensor | None:
 # Symbolic sizes (batch, sequence) are evaluated at small values for the provenance run: the
 # tags do not depend on them, and a 4096-token sequence would cost gigabytes per site.
 _SMALL: dict = {}
+# expr -> its small value, while _SMALL is set (sympy's subs costs ~30 us; the same few
+# expressions -- batch, sequence, their products -- come back thousands of times at 80 layers)
+_SMALL_VALUES: dict = {}
 
 
 def hint(x):
     """A concrete value for a size: symbols at their small provenance value, else the example's."""
     if isinstance(x, torch.SymInt):
         expr = x.node.expr
-        if _SMALL and expr.free_symbols <= set(_SMALL):
-            return int(expr.subs(_SMALL))
+        if _SMALL:
+            got = _SMALL_VALUES.get(expr)
+            if got is None and expr.free_symbols <= _SMALL.keys():
+                got = _SMALL_VALUES[expr] = int(expr.subs(_SMALL))
+            if got is not None:
+                return got
         return int(x.node.hint)
     return x
 
@@ -597,7 +604,6 @@ def _match(core: Core, index: int) -> tuple[SiteMatch | None, str | None]:
     H = q.heads.shape[0]
     if k.heads.shape[1] != d:
         return None, f"attention core at node {core.out.name}: q and k head dims differ ({d} vs {k.heads.shape[1]})"
-    k_distinct = np.unique(k.heads, axis=0)
     # kv groups in order of first appearance at the core
     k_groups, v_groups = [], []
     for row in k.heads:
@@ -607,6 +613,7 @@ def _match(core: Core, index: int) -> tuple[SiteMatch | None, str | None]:
         if not any((row == g).all() for g in v_groups):
             v_groups.append(row)
     H_kv = len(k_groups)
+    k_distinct = np.unique(k.heads, axis=0)
     if len(v_groups) != H_kv or H % H_kv or len(k_distinct) != H_kv:
         return None, (f"attention core at node {core.out.name}: {H} query heads, {H_kv} key heads "
                       f"and {len(v_groups)} value heads do not form multi-head or grouped-query attention")
@@ -662,6 +669,7 @@ def find_attention(gm: fx.GraphModule) -> tuple[list[SiteMatch], list[str]]:
     """Every attention site of `gm` in graph order, and a note for each core left unsharded."""
     matches, skipped = [], []
     _SMALL.clear()
+    _SMALL_VALUES.clear()
     _SMALL.update(_small_sizes(gm))
     try:
         cores = find_cores(gm)
@@ -673,5 +681,6 @@ def find_attention(gm: fx.GraphModule) -> tuple[list[SiteMatch], list[str]]:
                 matches.append(m)
     finally:
         _SMALL.clear()
+        _SMALL_VALUES.clear()
     return matches, skipped
 

@@ -65,6 +65,9 @@ def test_repeated_capture_is_the_full_graph_and_computes_the_same(llama):
     assert set(sd) <= set(rep.params) and all(rep.params[k] is sd[k] for k in sd)
     assert sorted(rep.params) == sorted(full.captured.params)
     assert dict(rep.gm.named_parameters()).keys() == dict(full.captured.gm.named_parameters()).keys()
+    # the copied graph's code is generated on first use (gm.code, gm(...)), and is its graph's code
+    assert type(rep.gm)._needs_recompile()
+    assert rep.gm.code == rep.gm.graph.python_code(root_module="self").src
     # other sizes than the example (dynamic), padded rows: equal bit for bit
     ids = torch.randint(0, 128, (2, 7))
     am = torch.ones(2, 7, dtype=torch.long)
