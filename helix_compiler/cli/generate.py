@@ -363,7 +363,8 @@ def _run(args, rank: int, world: int, local_rank: int) -> dict:
     slowest = torch.tensor([timing["ms_per_token"], timing["prefill_ms"]], dtype=torch.float64,
                            device=device)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-    summary = {"ranks": world, "dp": dp, "s": split[0], "m": split[1], "n": split[2],
+    summary = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+               "torch": torch.__version__, "ranks": world, "dp": dp, "s": split[0], "m": split[1], "n": split[2],
                "variant": args.variant, "backend": args.backend, "model": args.model,
                "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                "batch": model.cfg.batch, "tokens": got.tolist(),
