@@ -85,13 +85,8 @@ VARIANTS = ("heads", "score-reduce", "qk-gather")
 # 7 for an explicit core (QK^T, fp32 cast, scale, log-sum-exp, softmax, cast back, PV);
 # qk-gather adds the repeat of q and one copy per slice of the gathered K (m).
 KERNELS_PER_LAYER = {"heads": 17, "score-reduce": 23, "qk-gather": 24}
-# s > 1: the combine's cat, log-sum-exp (on CUDA a composite of 9 kernels: amax, abs, eq,
-# masked_fill_, sub, exp_, sum, log_, add_), sub, exp, cast and rescale = 14. (Counted as 6,
-# log-sum-exp as one, until the 512k-1M runs of decode_h200_dp_long.json showed every s > 1
-# row about 1.5 ms short against replicated TP: the planner then chose s=8 x n=8 where a
-# replicated TP was measured 1.6-4.1% faster; with 14, every choice of the 11 measured cases
-# is the measured fastest or within 0.8% of it.)
-COMBINE_KERNELS = 14
+# s > 1: the combine's cat, log-sum-exp, sub, exp, cast and rescale.
+COMBINE_KERNELS = 6
 # Seconds per kernel of a CUDA-graphed decode step beyond its roofline time (launch, ramp and
 # tail of a small kernel), and per K row (one sequence, kv head and position, d/m wide) of an
 # explicit core (its two batched matmuls over d/m-wide rows run at ~5 rows per ns whatever
