@@ -39,10 +39,6 @@ MODEL_SPEC = textwrap.dedent("""
         model = build(DecoderConfig(layers=2, heads=4, kv_heads=2, head_dim=8, batch=3, max_seq=24))
         return model, (torch.zeros(3, 1, dtype=torch.long),)
 
-    def replicas():       # a batch of 4 rows: two replicas of 2 (row 1 left-padded, row 3 padding)
-        model = build(DecoderConfig(layers=2, heads=4, kv_heads=2, head_dim=8, batch=4, max_seq=24))
-        return model, (torch.zeros(4, 1, dtype=torch.long),)
-
     def not_a_decoder():
         return torch.nn.Linear(4, 4), (torch.zeros(1, 4),)
 """)
@@ -120,24 +116,6 @@ def test_users_torchrun_script_generates_with_a_sequence_split_across_a_chunk_bo
         assert result["equal"] and len(result["tokens"]) == 3 and len(result["tokens"][0]) == 16, result
 
 
-@pytest.mark.slow
-def test_helix_generate_data_parallel_replicas_of_a_sequence_split_token_equal(spec, tmp_path, capsys):
-    """dp=2 replicas of s=2 cache chunks on 4 gloo processes: replica d serves rows 2d, 2d + 1
-    (row 1 left-padded, row 3 all padding), positions 8 .. 22 cross the chunk boundary 12."""
-    out = tmp_path / "summary.json"
-    code = _main(["generate", f"{spec}:replicas", "--devices", "4", "--prompt-len", "8",
-                  "--new-tokens", "16", "--plan", "2,1,1", "--dp", "2", "--backend", "gloo",
-                  "--json", str(out)])
-    printed = capsys.readouterr()
-    assert code == 0, printed.err[-3000:]
-    assert "split: dp=2 x s=2 x m=1 x n=1 (given with --plan)" in printed.out
-    assert "equal to the unsharded model's greedy tokens (fp32): yes" in printed.out
-    summary = json.loads(out.read_text())
-    assert summary["equal"] and summary["ranks_agree"] and summary["dp"] == 2, summary
-    assert summary["tokens"] == summary["reference"] and len(summary["tokens"]) == 4
-    assert len(summary["tokens"][0]) == 16
-
-
 def test_replica_model_shares_the_weights_and_generates_its_rows():
     model = build(DecoderConfig(layers=2, heads=4, kv_heads=2, head_dim=8, batch=4, max_seq=24))
     prompt, valid = make_prompt(model.cfg, 6)
@@ -156,7 +134,7 @@ def test_replica_model_shares_the_weights_and_generates_its_rows():
 
 def test_choose_split_takes_the_planners_replicas(spec):
     """A tiny decoder on 4 ranks: no collective beats any, so the planner serves the 4 rows
-    with 4 one-rank replicas, and helix generate runs that (the launch path is the test above)."""
+    with 4 one-rank replicas, and helix generate runs that (a dp launch: tests/test_hf_generate.py, on an HF model)."""
     model = build(DecoderConfig(layers=2, heads=4, kv_heads=2, head_dim=8, batch=4, max_seq=24))
     choice = choose_split(model, 4, 8, 16)
     assert (choice.dp, choice.split) == (4, (1, 1, 1)), choice

@@ -166,12 +166,13 @@ def test_planner_choice_for_a_hf_model_is_buildable(hf_dir):
 
 @pytest.mark.slow
 def test_helix_generate_on_a_hf_dir_equals_hf_generate(hf_dir, tmp_path):
-    # one torchrun launch of 4 gloo ranks (~50-75 s on 2 shared cores)
+    # one torchrun launch of 4 gloo ranks (~50-75 s on 2 shared cores): dp = 2 replicas (the
+    # adapter's replica(), rows 2d, 2d + 1 each) of s = 2 cache chunks over the SDPA core
     out = tmp_path / "summary.json"
     proc = subprocess.run(
         [sys.executable, "-m", "helix_compiler.cli", "generate", str(hf_dir), "--devices", "4",
-         "--prompt-len", str(P), "--new-tokens", str(T), "--backend", "gloo", "--plan", "2,1,2",
-         "--json", str(out), "--timeout", "240"],
+         "--prompt-len", str(P), "--new-tokens", str(T), "--backend", "gloo", "--plan", "2,1,1",
+         "--dp", "2", "--json", str(out), "--timeout", "240"],
         cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
@@ -182,5 +183,5 @@ def test_helix_generate_on_a_hf_dir_equals_hf_generate(hf_dir, tmp_path):
     tokens, valid = make_prompt(model.cfg, P, 0, padded_row=False)
     want = hf_generate(model, tokens, valid, T)
     assert summary["tokens"] == want.tolist() and summary["ranks_agree"], (summary, want)
-    assert (summary["s"], summary["m"], summary["n"], summary["batch"]) == (2, 1, 2, 4)
+    assert (summary["dp"], summary["s"], summary["m"], summary["n"], summary["batch"]) == (2, 2, 1, 1, 4)
     assert "equal to Hugging Face's generate (fp32): yes" in proc.stdout
