@@ -39,14 +39,16 @@ from passes.mesh_mlp import mlp_attrs, mlp_over_mesh
 from passes.seq_split import cache_writes, chunk_bounds, split_sequence
 
 from .api import helix_compile
-from .planning.decode_plan import DecodeShape, shape_from_summary
+from .pipeline import analyze, cluster_spec
+from .planning.decode_plan import DecodeShape, plan_decode, shape_from_summary
+from .planning.solver import solve
 from .errors import HelixError
 from .models.decoder_cache import DecodeStep, Prefill
 from .program import HelixProgram, run_ranks
 from .runtime.mesh import Mesh
 
 __all__ = ["DecodeProgram", "compile_decoder", "cache_writes", "check_partitioned",
-           "replica_model"]  # cache_writes: passes/seq_split.py
+           "plan_split", "replica_model"]  # cache_writes: passes/seq_split.py
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
@@ -190,6 +192,51 @@ def replica_model(model: torch.nn.Module, dp: int, index: int) -> torch.nn.Modul
     return replica.to(next(iter(theirs.values())).dtype).eval() if theirs else replica.eval()
 
 
+def plan_split(model: torch.nn.Module, devices: int, prompt_len: int, context: int,
+               cluster=None, dp: int | None = None):
+    """The decode planner's fastest row that compile_decoder builds for `model` (a
+    CacheDecoder-style decoder): decode_plan.plan_decode on its captured step's shape (fp32) at
+    `context` positions and concurrency = its cache's batch, `dp` replicas (None: any), then in
+    the planner's order (TPOT, fewer copies, fewer replicas, smaller s, smaller m) among the
+    rows that fit, the first with (m, n) feasible for the model's attention (solver.solve), s at
+    most the cache's positions and dp replicas that replica_model builds. Returns (row, plan,
+    why the planner's own choice cannot be built, or None)."""
+    cfg = model.cfg
+    step_args = (torch.zeros(cfg.batch, 1, dtype=torch.long), torch.tensor([prompt_len]),
+                 torch.ones(cfg.batch, cfg.max_seq, dtype=torch.long))
+    summary = analyze(DecodeStep(model), step_args, dynamic=False).summary
+    shape = dataclasses.replace(shape_from_summary(summary, dtype="fp32"), name=type(model).__name__)
+    plan = plan_decode(shape, context, cfg.batch, devices, cluster_spec(cluster, devices), dp=dp)
+    feasible: dict[int, set] = {}
+    replicable: dict[int, str | None] = {1: None}
+
+    def why_not(row) -> str | None:
+        if row.s > cfg.max_seq:
+            return f"s={row.s} exceeds the cache's {cfg.max_seq} positions"
+        ranks = devices // row.dp // row.s
+        if ranks not in feasible:
+            feasible[ranks] = {(c.m, c.n) for c in solve(summary, ranks) if c.feasible}
+        if (row.m, row.n) not in feasible[ranks]:
+            return f"m={row.m} x n={row.n} is not a feasible split of the model's attention"
+        if row.dp not in replicable:
+            try:
+                replica_model(model, row.dp, 0)
+                replicable[row.dp] = None
+            except HelixError as e:
+                replicable[row.dp] = str(e)
+        return replicable[row.dp]
+
+    order = sorted((r for r in plan.candidates if r.fits),
+                   key=lambda r: (r.tpot_ms, r.kv_copies, r.dp, r.s, r.m))
+    row = next((r for r in order if why_not(r) is None), None)
+    if row is None:
+        raise HelixError(f"none of the decode planner's splits of {devices} devices can be "
+                         f"built for {shape.name} ({why_not(plan.chosen)} for the planner's "
+                         f"{plan.chosen.name}); give the split (helix generate --plan S,M,N "
+                         f"[--dp K], compile_decoder(split=(s, m, n))) or other devices")
+    return row, plan, why_not(plan.chosen)
+
+
 def check_partitioned(prog: HelixProgram, what: str) -> None:
     """A decode program whose attention or cache write runs replicated is refused."""
     if prog.unpartitioned:
@@ -213,21 +260,26 @@ def compile_decoder(model: torch.nn.Module, devices: int, split: tuple[int, ...]
     """Prefill and decode-step programs of `model` (a CacheDecoder: `prefill(tokens, valid)`,
     `decode_step(token, cache_position, valid)`, cache buffers (B, H_kv, S_max, d)) for `devices`
     ranks, forced to `split` = (m, n) or (s, m, n) (s chunks of the cache's positions, each
-    rank's attention combined exactly over its s-group: passes/seq_split.py), or the cost
-    model's choice of (m, n) for the decode step when None. Each rank's cache slices start as
+    rank's attention combined exactly over its s-group: passes/seq_split.py), or, when None,
+    the decode planner's fastest (s, m, n) of one replica that can be built (`plan_split` at
+    the cache's max_seq positions; its m > 1 variant unless `variant` is given). Each rank's
+    cache slices start as
     copies of the model's buffers' slices; the model itself is never written. With `rank`
     (one torchrun process: helix_compiler/cli/generate.py) only that rank's module pair and cache
     slices are built; every other rank's entries are None, so only run that rank's modules."""
     s = 1
-    if split is not None and len(split) == 3:
+    if split is None:
+        row, _, _ = plan_split(model, devices, prompt_len, model.cfg.max_seq, dp=1)
+        split = (row.s, row.m, row.n)
+        if variant is None and row.m > 1:
+            variant = row.variant
+    if len(split) == 3:
         s, *split = split
         split = tuple(split)
-    if split is not None and s * split[0] * split[1] != devices:
+    if s * split[0] * split[1] != devices:
         raise HelixError(f"compile_decoder: split s={s} x m={split[0]} x n={split[1]} = "
                          f"{s * split[0] * split[1]} ranks, but devices={devices}; pass a split whose "
                          f"product is {devices}")
-    if split is None and s != 1:
-        raise HelixError("compile_decoder: a cache split s > 1 needs (s, m, n) given whole")
     if rank is not None and not 0 <= rank < devices:
         raise HelixError(f"compile_decoder: rank={rank} is not one of the {devices} ranks; pass "
                          f"0 <= rank < {devices} (torch.distributed.get_rank())")

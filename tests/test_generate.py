@@ -201,3 +201,17 @@ def test_one_rank_compile_and_move_keep_the_prefill_and_step_cache_one_tensor():
     for module in (pre, step):                                     # both read and write the same two
         held = {id(t) for _, t in module.named_buffers()}
         assert {id(t) for t in caches} <= held, type(module).__name__
+
+
+def test_compile_decoder_without_a_split_builds_the_decode_planners_choice():
+    """compile_decoder(split=None) is one replica of the decode planner's fastest buildable
+    (s, m, n) (decode.plan_split at dp = 1), and it generates the model's tokens."""
+    from helix_compiler.decode import compile_decoder, plan_split
+
+    model = build(DecoderConfig(layers=2, heads=4, kv_heads=2, head_dim=8, batch=4, max_seq=24))
+    row, plan, _ = plan_split(model, 4, 8, 24, dp=1)
+    assert row.dp == 1 and all(r.dp == 1 for r in plan.candidates)
+    prog = compile_decoder(model, 4, prompt_len=8)
+    assert (prog.mesh.s, prog.mesh.m, prog.mesh.n) == (row.s, row.m, row.n)
+    prompt, valid = make_prompt(model.cfg, 8)
+    assert torch.equal(prog.simulate_generate(prompt, valid, 6), greedy_generate(model, prompt, valid, 6))

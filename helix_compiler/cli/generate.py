@@ -45,15 +45,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..decode import compile_decoder, replica_model
+from ..decode import compile_decoder, plan_split, replica_model
 from ..errors import HelixError
 from ..hf_dir import is_hf_dir, load_hf_dir
 from ..modelspec import load_model_spec
-from ..models.decoder_cache import DecodeStep, greedy_generate
+from ..models.decoder_cache import greedy_generate
 from ..models.hf_static import HFStaticCacheDecoder, hf_generate
-from ..pipeline import analyze, cluster_spec
-from ..planning.decode_plan import plan_decode, shape_from_summary
-from ..planning.solver import solve
 from ..runtime import collectives
 from ..runtime.collectives import DistributedBackend
 from ..runtime.graphs import on_device
@@ -179,62 +176,20 @@ def check_request(model, devices: int, prompt_len: int, new_tokens: int,
         raise HelixError(f"--variant {variant!r}: expected one of {VARIANTS}")
 
 
-def _step_args(model, prompt_len: int) -> tuple:
-    cfg = model.cfg
-    return (torch.zeros(cfg.batch, 1, dtype=torch.long), torch.tensor([prompt_len]),
-            torch.ones(cfg.batch, cfg.max_seq, dtype=torch.long))
-
-
 def choose_split(model, devices: int, prompt_len: int, new_tokens: int,
                  cluster=None) -> GenerateSplit:
-    """The decode planner's split (decode_plan.plan_decode on the model's captured shape at
-    context P + T and concurrency = the cache's batch), restricted to what compile_decoder
-    builds: (m, n) feasible for the model's attention (solver.solve) and s at most the
-    cache's positions, and dp replicas only where decode.replica_model builds them. The
-    planner's order (TPOT, then fewer copies, fewer replicas, smaller s, smaller m) picks
-    among those that fit; `reason` says which and why."""
+    """The decode planner's split at context P + T (decode.plan_split: the fastest row of
+    decode_plan.plan_decode that compile_decoder builds, replicas included); `reason` says
+    which and why."""
 
-    summary = analyze(DecodeStep(model), _step_args(model, prompt_len), dynamic=False).summary
-    shape = shape_from_summary(summary, dtype="fp32")
-    shape = type(shape)(**{**{k: getattr(shape, k) for k in shape.__dataclass_fields__},
-                           "name": type(model).__name__})
     context = prompt_len + new_tokens
-    plan = plan_decode(shape, context, model.cfg.batch, devices, cluster_spec(cluster, devices))
-    feasible: dict[int, set] = {}
-    replicable: dict[int, str | None] = {1: None}
-
-    def why_not(row) -> str | None:
-        if row.s > model.cfg.max_seq:
-            return f"s={row.s} exceeds the cache's {model.cfg.max_seq} positions"
-        ranks = devices // row.dp // row.s
-        if ranks not in feasible:
-            feasible[ranks] = {(c.m, c.n) for c in solve(summary, ranks) if c.feasible}
-        if (row.m, row.n) not in feasible[ranks]:
-            return f"m={row.m} x n={row.n} is not a feasible split of the model's attention"
-        if row.dp not in replicable:
-            try:
-                replica_model(model, row.dp, 0)
-                replicable[row.dp] = None
-            except HelixError as e:
-                replicable[row.dp] = str(e)
-        return replicable[row.dp]
-
-    order = sorted((r for r in plan.candidates if r.fits),
-                   key=lambda r: (r.tpot_ms, r.kv_copies, r.dp, r.s, r.m))
-    for row in order:
-        if why_not(row) is None:
-            break
-    else:
-        raise HelixError(f"helix generate: none of the decode planner's splits of {devices} "
-                         f"devices can be built for {shape.name} ({why_not(plan.chosen)} for "
-                         f"the planner's {plan.chosen.name}); give --plan S,M,N [--dp K] or "
-                         f"other --devices")
+    row, plan, why_chosen = plan_split(model, devices, prompt_len, context, cluster)
     variant = None if row.m == 1 else row.variant
     if row is plan.chosen:
         reason = (f"the decode planner's choice at context {context} (P + T), concurrency "
                   f"{model.cfg.batch}: {plan.reason}")
     else:
-        reason = (f"the decode planner chose {plan.chosen.name} ({why_not(plan.chosen)}); "
+        reason = (f"the decode planner chose {plan.chosen.name} ({why_chosen}); "
                   f"{row.name} is the fastest split compile_decoder builds, predicted "
                   f"{row.tpot_ms:.3f} ms per token against {plan.chosen.tpot_ms:.3f} ms")
     return GenerateSplit(s=row.s, m=row.m, n=row.n, variant=variant, reason=reason, dp=row.dp)
