@@ -68,6 +68,23 @@ def assert_ranks_equal(outputs: Sequence, want, *, devices: int, tol: float = RE
         assert_output_equal(out, want, tol=tol, label=f"{label} rank {r}".strip())
 
 
+def assert_decode_equal(prog, ref, tokens, valid, positions, *, devices: int, label: str) -> None:
+    """A DecodeProgram against the unsharded decoder `ref`: every rank's prefill of `tokens`,
+    then a decode step at each of `positions` fed the model's greedy token, equal to the
+    model's (and free of NaN)."""
+    with torch.no_grad():
+        want = ref.prefill(tokens, valid)
+    assert_ranks_equal(prog.prefill(tokens, valid), want, devices=devices, label=f"{label} prefill")
+    tok = want[:, -1].argmax(-1, keepdim=True)
+    for pos in positions:
+        with torch.no_grad():
+            want = ref.decode_step(tok, torch.tensor([pos]), valid)
+        outs = prog.step(tok, torch.tensor([pos]), valid)
+        assert_ranks_equal(outs, want, devices=devices, label=f"{label} position {pos}")
+        assert not any(o.isnan().any() for o in outs), label
+        tok = want[:, -1].argmax(-1, keepdim=True)
+
+
 def eager_output(model: torch.nn.Module, args: tuple, kwargs: dict):
     """The unsharded eager model's output, the reference every rank must equal."""
     with torch.no_grad():

@@ -21,7 +21,7 @@ from helix_compiler.models.decoder_cache import DecodeStep, DecoderConfig, build
 from helix_compiler.pipeline import cluster_spec
 from passes.seq_split import split_sequence
 
-from tests.helpers import assert_ranks_equal, expected_collectives, feasible_splits, variants_for
+from tests.helpers import assert_decode_equal, assert_ranks_equal, expected_collectives, feasible_splits, variants_for
 from tests.test_unpartitioned import WhereCacheAttention
 
 DEVICES = 4
@@ -203,18 +203,8 @@ def test_sequence_split_every_rank_equals_unsharded_across_chunk_boundaries(spli
     s, m, n = split
     assert (prog.mesh.s, prog.mesh.m, prog.mesh.n) == (s, m, n)
     assert prog.mesh.group(1, "seq") == ((0, 1) if s == 2 else (0, 1, 2, 3))
-    with torch.no_grad():
-        want = ref.prefill(tokens, valid)
     label = f"s={s} m={m} n={n} {variant or 'heads'}"
-    assert_ranks_equal(prog.prefill(tokens, valid), want, devices=DEVICES, label=f"{label} prefill")
-    tok = want[:, -1].argmax(-1, keepdim=True)
-    for pos in range(10, 14):
-        with torch.no_grad():
-            want = ref.decode_step(tok, torch.tensor([pos]), valid)
-        outs = prog.step(tok, torch.tensor([pos]), valid)
-        assert_ranks_equal(outs, want, devices=DEVICES, label=f"{label} position {pos}")
-        assert not any(o.isnan().any() for o in outs), label
-        tok = want[:, -1].argmax(-1, keepdim=True)
+    assert_decode_equal(prog, ref, tokens, valid, range(10, 14), devices=DEVICES, label=label)
     # q/k/v/o: rank (i, j)'s slices, held by its s ranks; the MLPs: 1/N of them per rank, each
     # all-reduced over the whole mesh
     params = dict(model.named_parameters())

@@ -18,7 +18,7 @@ from helix_compiler.decode import compile_decoder
 from helix_compiler.models.hf_static import hf_static_decoder
 from passes.explicit_cache_cores import explicit_cache_cores
 
-from tests.helpers import assert_ranks_equal
+from tests.helpers import assert_decode_equal
 
 DEVICES = 4
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
@@ -71,17 +71,7 @@ def test_hf_sdpa_sequence_split_every_rank_equals_unsharded_across_chunk_boundar
             # the safe softmax's combine: a row -inf in every chunk shifts by 0 (SDPA's 0 row)
             assert sum(u.target is torch.ops.aten.eq.Scalar for nd in seq if nd.args[2] == "max"
                        for u in nd.users) == 2, (label, r)
-    with torch.no_grad():
-        want = ref.prefill(tokens, valid)
-    assert_ranks_equal(prog.prefill(tokens, valid), want, devices=DEVICES, label=f"{label} prefill")
-    tok = want[:, -1].argmax(-1, keepdim=True)
-    for pos in range(10, 14):
-        with torch.no_grad():
-            want = ref.decode_step(tok, torch.tensor([pos]), valid)
-        outs = prog.step(tok, torch.tensor([pos]), valid)
-        assert_ranks_equal(outs, want, devices=DEVICES, label=f"{label} position {pos}")
-        assert not any(o.isnan().any() for o in outs), label
-        tok = want[:, -1].argmax(-1, keepdim=True)
+    assert_decode_equal(prog, ref, tokens, valid, range(10, 14), devices=DEVICES, label=label)
     # exactly 1/N of the cache per rank: 2 layers x (k, v) x B 3 x H_kv x 24 positions x d 8
     assert [prog.cache_bytes(r) for r in range(DEVICES)] == [2 * 2 * 3 * kv_heads * 24 * 8 * 4 // DEVICES] * DEVICES
 
