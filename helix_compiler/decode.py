@@ -167,29 +167,39 @@ def replica_model(model: torch.nn.Module, dp: int, index: int) -> torch.nn.Modul
     how = (f"{type(model).__name__}.replica({rows})" if callable(own) else
            f"{type(model).__name__}(cfg with batch={rows})")
     try:
-        replica = own(rows) if callable(own) else type(model)(dataclasses.replace(cfg, batch=rows))
+        if callable(own):
+            replica = own(rows)
+        else:   # on meta: every tensor is the model's or a copy of its rows (below), never new
+            with torch.device("meta"):
+                replica = type(model)(dataclasses.replace(cfg, batch=rows))
     except Exception as e:   # noqa: BLE001 - any constructor failure means: cannot replicate
         raise HelixError(f"dp={dp}: a replica of {type(model).__name__} is built as {how}, which failed "
                          f"({type(e).__name__}: {e}); use dp=1") from None
     theirs = dict(model.named_parameters()) | dict(model.named_buffers())
-    for name, t in list(replica.named_parameters()) + list(replica.named_buffers()):
+    for name, t in list(replica.named_parameters(remove_duplicate=False)) \
+            + list(replica.named_buffers(remove_duplicate=False)):
         src = theirs.get(name)
         owner, _, attr = name.rpartition(".")
         mod = replica.get_submodule(owner)
+        persistent = attr not in mod._non_persistent_buffers_set
         if src is not None and src.shape == t.shape:
             if isinstance(t, torch.nn.Parameter):
                 setattr(mod, attr, src)            # the same Parameter: weights are shared
             else:
-                mod.register_buffer(attr, src, persistent=attr not in mod._non_persistent_buffers_set)
+                mod.register_buffer(attr, src, persistent=persistent)
         elif src is not None and src.dim() and src.shape[0] == cfg.batch \
-                and src.shape[1:] == t.shape[1:]:
-            t.copy_(src[index * rows:(index + 1) * rows])   # a per-sequence buffer: its rows
+                and src.shape[1:] == t.shape[1:]:   # a per-sequence buffer: its rows
+            mine = src[index * rows:(index + 1) * rows]
+            if t.is_meta:
+                mod.register_buffer(attr, mine.clone(), persistent=persistent)
+            else:   # a buffer the replica's own code holds too (an HF StaticCache): kept
+                t.copy_(mine)
         else:
             raise HelixError(f"dp={dp}: {type(model).__name__} tensor {name} has shape "
                              f"{tuple(t.shape)} in a replica of batch {rows} and "
                              f"{tuple(src.shape) if src is not None else 'none'} in the model; "
                              f"only per-sequence buffers (batch first) may differ; use dp=1")
-    return replica.to(next(iter(theirs.values())).dtype).eval() if theirs else replica.eval()
+    return replica.eval()
 
 
 def plan_split(model: torch.nn.Module, devices: int, prompt_len: int, context: int,
