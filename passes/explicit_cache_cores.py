@@ -38,7 +38,7 @@ from helix_compiler.errors import HelixError
 from helix_compiler.runtime import kernels  # noqa: F401  (registers torch.ops.helix.attend)
 
 from .find_attention import CACHE_WRITE_OPS
-from .graph_utils import aten, fake_shapes
+from .graph_utils import aten, fake_shapes, sdpa_args
 
 __all__ = ["CORES", "Core", "explicit_cache_cores"]
 
@@ -68,10 +68,10 @@ def _kw(node: fx.Node) -> dict:
 def _sdpa(node):
     # aten.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, *,
     # scale, enable_gqa): the core of HF's attn_implementation="sdpa" and of StaticCache exports
-    a = _kw(node)
-    return Core(q=a["query"], k=a["key"], scores=None, v=a["value"], mask=a.get("attn_mask"),
-                is_causal=a.get("is_causal", False), scale=a.get("scale"),
-                gqa=bool(a.get("enable_gqa", False)), dropout_p=a.get("dropout_p", 0.0))
+    a = sdpa_args(node)
+    return Core(q=a["query"], k=a["key"], scores=None, v=a["value"], mask=a["attn_mask"],
+                is_causal=a["is_causal"], scale=a["scale"], gqa=bool(a["enable_gqa"]),
+                dropout_p=a["dropout_p"])
 
 
 def _chunked_attention(node):

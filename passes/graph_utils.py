@@ -157,3 +157,14 @@ def fake_shapes(gm: fx.GraphModule, args: tuple) -> None:
             *[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
     for old, new in copies.items():
         old.meta["val"] = new.meta.get("val")
+
+
+SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+SDPA_DEFAULTS = (None, None, None, None, 0.0, False, None, False)
+
+
+def sdpa_args(node: fx.Node) -> dict:
+    """Every argument of an aten.scaled_dot_product_attention node by name, positional or
+    keyword, its default where the call left it out."""
+    return {name: node.args[i] if i < len(node.args) else node.kwargs.get(name, default)
+            for i, (name, default) in enumerate(zip(SDPA_ARGS, SDPA_DEFAULTS))}

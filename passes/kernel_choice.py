@@ -39,6 +39,8 @@ import helix_compiler.runtime.kernels_chunked  # noqa: F401  (registers the chun
 from helix_compiler.runtime.kernels import FUSED_MAX_HEAD_DIM, fused_takes
 from helix_compiler.runtime.kernels_chunked import DEFAULT_CHUNK_BYTES
 
+from .graph_utils import sdpa_args
+
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
 
@@ -84,14 +86,6 @@ def _flag(x):
     return x if isinstance(x, fx.Node) else bool(x)
 
 
-def _sdpa_args(node: fx.Node):
-    """(q, k, v, mask, dropout_p, is_causal, scale, enable_gqa) of an SDPA node."""
-    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-    defaults = (None, None, None, None, 0.0, False, None, False)
-    return {name: node.args[i] if i < len(node.args) else node.kwargs.get(name, default)
-            for i, (name, default) in enumerate(zip(names, defaults))}
-
-
 def apply_kernel_choice(gm: fx.GraphModule, head_dim_threshold: int = FUSED_MAX_HEAD_DIM, *,
                         example_inputs=None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                         rewrite_attend: bool = True) -> fx.GraphModule:
@@ -105,7 +99,7 @@ def apply_kernel_choice(gm: fx.GraphModule, head_dim_threshold: int = FUSED_MAX_
         if node.op != "call_function":
             continue
         if node.target is SDPA:
-            a = _sdpa_args(node)
+            a = sdpa_args(node)
             if a["dropout_p"] not in (0, 0.0):
                 continue            # training-mode dropout: leave SDPA to do it
             q_shape, v_shape = shapes.get(a["query"]), shapes.get(a["value"])

@@ -21,7 +21,7 @@ import torch.fx as fx
 
 from helix_compiler.errors import ShardingError
 
-from .graph_utils import aten, constant_value, norm_dim, shape, val
+from .graph_utils import SDPA_ARGS, aten, constant_value, norm_dim, sdpa_args, shape, val
 from .layout import as_slice, factor, layout_key, lists_of, make_split, merge, positions, same
 
 helix = torch.ops.helix
@@ -779,9 +779,7 @@ def _norm(lz, node):
 
 @rule(aten.scaled_dot_product_attention.default)
 def _sdpa(lz, node):
-    names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"]
-    args = dict(zip(names, node.args))
-    args.update(node.kwargs)
+    args = sdpa_args(node)
     q, k, v = args["query"], args["key"], args["value"]
     mask = args.get("attn_mask")
     if not any(lz.is_split(t) for t in (q, k, v)):
@@ -830,7 +828,7 @@ def _sdpa(lz, node):
         def args_for(r):
             a = [locals_[q][r], locals_[k][r], locals_[v][r]]
             return tuple(a) + tuple(mask_locals[r] if n == "attn_mask" and mask_locals else lz.local(r, x)
-                                    for n, x in zip(names[3:], node.args[3:]))
+                                    for n, x in zip(SDPA_ARGS[3:], node.args[3:]))
         kw = lambda r: {n: (mask_locals[r] if n == "attn_mask" and mask_locals else lz.local(r, x))
                         for n, x in node.kwargs.items()}
         lz.copy(node, out_lay, args_for=args_for, kwargs_for=kw)
