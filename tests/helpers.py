@@ -143,24 +143,56 @@ def seeded(fn):
     return build
 
 
-# The last model captured, and its program: every split of one model reuses the capture
-# (HelixProgram.recompile), which is most of a compile's time.
-_CAPTURED: list = []
+# Programs by model (and example sizes): every split of one model reuses its capture
+# (HelixProgram.recompile), which is most of a compile's time. A file's tests walk its
+# models once per test function, so up to _KEEP models are kept (small test models).
+_CAPTURED: dict[int, tuple] = {}
+_KEEP = 64
+
+
+def _remember(model, key, prog) -> None:
+    _CAPTURED.pop(id(model), None)
+    _CAPTURED[id(model)] = (model, key, prog)
+    while len(_CAPTURED) > _KEEP:
+        del _CAPTURED[next(iter(_CAPTURED))]
+
+
+def _recall(model, key):
+    hit = _CAPTURED.get(id(model))
+    return hit[2] if hit is not None and hit[0] is model and hit[1] == key else None
+
+
+def _sizes(args: tuple, kwargs: dict) -> tuple:
+    return tuple(a.shape if hasattr(a, "shape") else a for a in args), tuple(sorted(kwargs))
+
+
+def captured_program(model, args: tuple, kwargs: dict):
+    """A one-rank program of `model` whose analysis the tests read, and whose capture
+    compile_split then reuses for every split (one torch.export per model)."""
+    from helix_compiler import helix_compile
+
+    key = _sizes(args, kwargs)
+    prog = _recall(model, key)
+    if prog is None:
+        prog = helix_compile(model, devices=1, example_inputs=args, example_kwargs=kwargs, plan=(1, 1))
+        _remember(model, key, prog)
+    return prog
 
 
 def compile_split(model, args: tuple, kwargs: dict, *, m: int, n: int, variant: str | None):
     """helix_compile forced to the split (m, n) and variant; checks the plan took them."""
     from helix_compiler import helix_compile
 
-    key = (model, tuple(a.shape if hasattr(a, "shape") else a for a in args), tuple(sorted(kwargs)))
-    if _CAPTURED and _CAPTURED[0][0] is model and _CAPTURED[0][1] == key[1:]:
-        prog = _CAPTURED[0][2].recompile(plan=(m, n), variant=variant)
-        if prog.analysis is not _CAPTURED[0][2].analysis:  # recaptured static: keep that one
-            _CAPTURED[:] = [(model, key[1:], prog)]
+    key = _sizes(args, kwargs)
+    base = _recall(model, key)
+    if base is not None:
+        prog = base.recompile(plan=(m, n), variant=variant)
+        if prog.analysis is not base.analysis:  # recaptured static: keep that one
+            _remember(model, key, prog)
     else:
         prog = helix_compile(model, devices=m * n, example_inputs=args, example_kwargs=kwargs,
                              plan=(m, n), variant=variant)
-        _CAPTURED[:] = [(model, key[1:], prog)]
+        _remember(model, key, prog)
     assert (prog.plan.m, prog.plan.n) == (m, n), f"asked for m={m} x n={n}, got {prog.plan.m} x {prog.plan.n}"
     assert prog.plan.variants == (variant or "heads",) * len(prog.plan.sites), prog.plan.variants
     return prog

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import pytest
 
-from helix_compiler.pipeline import analyze
 from helix_compiler.planning.solver import solve
 from tests.attention_models import FEATURE_MODELS, FEATURE_MODELS_BY_NAME, FeatureModel
-from tests.helpers import (assert_ranks_equal, check_split, compile_split, eager_output,
+from tests.helpers import (assert_ranks_equal, captured_program, check_split, compile_split, eager_output,
                            expected_collectives, feasible_splits, variants_for)
 
 # Features that are only exercised when the head dim is split (m > 1).
@@ -55,7 +54,7 @@ def built():
         if entry.name not in cache:
             model, args, kwargs = entry.build()
             cache[entry.name] = (model, args, kwargs, eager_output(model, args, kwargs),
-                                 analyze(model, args, kwargs))
+                                 captured_program(model, args, kwargs).analysis)
         return cache[entry.name]
 
     return get

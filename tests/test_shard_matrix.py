@@ -24,10 +24,9 @@ import torch
 import torch.nn as nn
 
 from helix_compiler import helix_compile
-from helix_compiler.pipeline import analyze
 from helix_compiler.planning.solver import NO_ATTENTION, solve
 from tests.helpers import (
-    assert_ranks_equal, check_split, eager_output, expected_collectives, feasible_splits, seeded,
+    assert_ranks_equal, captured_program, check_split, eager_output, expected_collectives, feasible_splits, seeded,
     variants_for)
 from tests.models import zoo
 
@@ -117,7 +116,8 @@ def built():
         if entry.name not in cache:
             model, args, kwargs = entry.build()
             want = eager_output(model, args, kwargs)
-            cache[entry.name] = (model, args, kwargs, want, analyze(model, args, kwargs).summary)
+            analysis = captured_program(model, args, kwargs).analysis
+            cache[entry.name] = (model, args, kwargs, want, analysis.summary)
         return cache[entry.name]
 
     return get

@@ -19,8 +19,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helix_compiler.pipeline import analyze
-from tests.helpers import check_split, eager_output, feasible_splits, seeded, variants_for
+from tests.helpers import captured_program, check_split, eager_output, feasible_splits, seeded, variants_for
 
 VOCAB = 128
 
@@ -47,7 +46,7 @@ def _xlm():
 def test_xlm_every_split_of_4_devices_equals_unsharded_model():
     model, args, kwargs = _xlm()
     want = eager_output(model, args, kwargs)
-    analysis = analyze(model, args, kwargs)
+    analysis = captured_program(model, args, kwargs).analysis
     assert len(analysis.summary.sites) == 2, analysis.skipped
     # the pattern: the empty kv cache is a cat operand of shape (0,)
     cats = [n for n in analysis.captured.gm.graph.nodes if n.target is torch.ops.aten.cat.default]
@@ -94,7 +93,7 @@ def _aliases():
 def test_aliases_are_found_and_every_split_of_4_devices_equals_unsharded_model():
     model, args, kwargs = _aliases()
     want = eager_output(model, args, kwargs)
-    analysis = analyze(model, args, kwargs)
+    analysis = captured_program(model, args, kwargs).analysis
     assert [(s.num_heads, s.num_kv_heads, s.head_dim) for s in analysis.summary.sites] == [(8, 2, 8)], \
         analysis.skipped
     targets = {n.target for n in analysis.captured.gm.graph.nodes}
@@ -123,7 +122,7 @@ def test_jetmoe_data_dependent_sizes_are_costed_and_its_moa_attention_is_reporte
     example value: passes/workload.py costed them with int(None) (TypeError in analyze).
     Its attention (q from a mixture of attention experts) is not a site: it must be named."""
     model, args, kwargs = _jetmoe()
-    analysis = analyze(model, args, kwargs)
+    analysis = captured_program(model, args, kwargs).analysis
     assert analysis.summary.workload is not None
     assert not analysis.summary.sites
     assert [c.op for c in analysis.unpartitioned] == ["softmax"], analysis.unpartitioned
@@ -145,7 +144,7 @@ def test_xglm_score_floor_every_split_of_4_devices_equals_unsharded_model():
     before the softmax: a score op (find_attention.SCORE_OPS) and a pointwise shard rule."""
     model, args, kwargs = _xglm()
     want = eager_output(model, args, kwargs)
-    analysis = analyze(model, args, kwargs)
+    analysis = captured_program(model, args, kwargs).analysis
     assert len(analysis.summary.sites) == 1, analysis.unpartitioned
     for m, n in feasible_splits(analysis.summary, 4):
         for variant in variants_for(m):
