@@ -300,3 +300,21 @@ def test_gpu_decode_reassemble_prices_the_saved_h200_rows_within_15_percent(tmp_
     printed = capsys.readouterr().out
     assert "rows have TPOT predicted within 15% of measured" in printed
     assert "its s > 1 rows timed a fused core (m = 1) and an lse rescale" in printed
+
+
+def test_gpu_decode_reassemble_prices_the_built_s_gt_1_step_measured_on_an_h200(tmp_path):
+    """decode_h200_lse.json timed s > 1 as compile_decoder builds it (the explicit chunk core
+    and the max-sum combine): today's model prices its 258 s > 1 rows (241 within 15%)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import gpu_decode
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    out = tmp_path / "ratios.json"
+    assert gpu_decode.main(["--reassemble", str(REPO / "benchmarks/results/decode_h200_lse.json"),
+                            "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    split = [r for r in rows if "s=1 " not in r["name"] and "(s=1 " not in r["name"]]
+    assert len(rows) == 378 and len(split) == 258
+    within = [r for r in split if abs(r["tpot_ratio"] - 1) <= 0.15]
+    assert len(within) >= 235, [(r["name"], round(r["tpot_ratio"], 2)) for r in split if r not in within]
