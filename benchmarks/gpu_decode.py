@@ -9,11 +9,17 @@ at contexts 32k, 64k and 128k and a concurrency of 8 sequences on N = 64 devices
 `decode_plan.plan_decode` (every dp x (s, m, n), both m > 1 variants, tensor parallel with
 copied kv heads; `--dp K`: only K replicas) is run as the rank that owns the new token's cache position runs it: its q/k/v/o weight
 slices, its cache slice (h_kv kv heads, d/m dims, C/s positions), the cache write of the new
-token's k and v, its attention core (m = 1: the fused flash kernel with GQA folded into the query
-length, returning the log-sum-exp; score-reduce: QK^T over d/m, fp32 softmax, PV; qk-gather: QK^T
-over the gathered d), the s > 1 rescale by exp(lse_i - lse), the output projection over its
-H d / (m n) rows (replicated over the s-group, as compile_decoder builds it; runs before the
-"o_proj" key, recorded as "N", held H d / N rows) and the MLP over F / N columns. A plan of
+token's k and v, its attention core (s = 1, m = 1: the fused flash kernel with GQA folded into the
+query length; score-reduce: QK^T over d/m, fp32 softmax, PV; qk-gather: QK^T over the gathered
+d), for s > 1 the explicit chunk core and combine that passes/seq_split.py builds (`_chunk_core`:
+fp32 scores, the chunk's row max and sum, PV, then the rescale by exp(m_k - M) / L read from the
+all-gathered (max, sum) of the s chunks; every variant, as compile_decoder writes a fused core
+out for s > 1), the output projection over its H d / (m n) rows (replicated over the s-group,
+as compile_decoder builds it; with s > 1 its all-reduce over the mesh sums the chunks' partial
+outputs; runs before the "o_proj" key, recorded as "N", held H d / N rows) and the MLP over
+F / N columns. Runs before the "combine" key timed s > 1 as a fused core (m = 1) and a
+rescale by exp(lse_k - LSE), which no built graph runs: `--reassemble` leaves their s > 1
+rows out. A plan of
 dp > 1 replicas is timed as one replica's rank: its split at B / dp sequences. Its
 collectives are not run: their time is the planner's
 alpha-beta model of the cluster (`--cluster`, default: the paper's nodes of 8 GPUs, as many as
@@ -89,6 +95,23 @@ def _attend_explicit(q, k, v):
     return (torch.softmax(scores, dim=-1).to(v.dtype) @ v), lse
 
 
+def _chunk_core(q, k, v, every):
+    """Chunk k's share of the attention, as passes/seq_split.py builds it: the explicit core
+    over the chunk's positions (fp32 scores), its row max and sum, and the rescale by
+    exp(m_k - M) / L with M, L from `every` (s, ..., 2), the s chunks' all-gathered
+    (max, sum). Returns (share, this chunk's (max, sum)); the all-gather is modeled."""
+    scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
+    mk = scores.amax(-1, keepdim=True).clamp(torch.finfo(scores.dtype).min)
+    e = torch.exp(scores - mk)
+    lk = e.sum(-1, keepdim=True)
+    o = e.to(v.dtype) @ v
+    stats = torch.cat([mk, lk], -1)                  # what the all-gather sends
+    ms, ls = every[..., 0:1], every[..., 1:2]
+    w = torch.exp(ms - ms.amax(0, keepdim=True))
+    scale = w[-1] / (ls * w).sum(0)                  # this rank: the last chunk
+    return o * scale.to(o.dtype), stats
+
+
 def _fused(q, k, v):
     """(out, lse) of a fused kernel, or None where this device has none for the inputs."""
     if q.device.type != "cuda":
@@ -114,7 +137,7 @@ def _core_kernel(dev) -> str:
 
 
 def _step(lay: dict, x, shape: DecodeShape, s: int, m: int, n: int, variant: str, pos: int,
-          lse_all):
+          every):
     """One decode layer on the rank; its collectives are modeled, not run."""
     B = x.shape[0]
     h, hkv, d = shape.heads // n, max(shape.kv_heads // n, 1), shape.head_dim
@@ -123,20 +146,19 @@ def _step(lay: dict, x, shape: DecodeShape, s: int, m: int, n: int, variant: str
     kv = (x @ lay["Wkv"]).view(B, 2, hkv, dm)
     lay["K"][:, :, pos] = kv[:, 0]                   # the new token's k, v at its position
     lay["V"][:, :, pos] = kv[:, 1]
-    if variant == "heads":
-        got = _fused(q, lay["K"], lay["V"])
-        out, lse = got if got is not None else _attend_explicit(q, lay["K"], lay["V"])
-    elif variant == "score-reduce":                  # the scores' all-reduce is modeled
-        out, lse = _attend_explicit(q, lay["K"], lay["V"])
-    else:                                            # qk-gather: q and K gathered along d
+    qx, kx = q, lay["K"]
+    if variant == "qk-gather":                       # q and K gathered along d
         for j in range(m):
             lay["Kfull"][..., j * dm:(j + 1) * dm].copy_(lay["K"])
-        qf = q.repeat(1, 1, 1, m)
-        out, lse = _attend_explicit(qf, lay["Kfull"], lay["V"])
-    if s > 1:   # flash-decoding combine: rescale by exp(lse_i - lse) (lse_i all-gathered)
-        total = torch.logsumexp(torch.cat([lse.unsqueeze(0), lse_all], 0), dim=0)
-        out = out * torch.exp(lse - total).unsqueeze(-1).to(out.dtype)
-    x = x + out.reshape(B, h * dm) @ lay["Wo"]       # output all-reduce (chunk) modeled
+        qx, kx = q.repeat(1, 1, 1, m), lay["Kfull"]
+    if s > 1:   # the explicit chunk core and its share (seq_split); the all-gather modeled
+        out, _ = _chunk_core(qx, kx, lay["V"], every)
+    elif variant == "heads":
+        got = _fused(q, lay["K"], lay["V"])
+        out, _ = got if got is not None else _attend_explicit(q, lay["K"], lay["V"])
+    else:                                            # score-reduce: its all-reduce modeled
+        out, _ = _attend_explicit(qx, kx, lay["V"])
+    x = x + out.reshape(B, h * dm) @ lay["Wo"]       # output all-reduce (chunk; mesh if s > 1) modeled
     if "Wgu" in lay:
         xn = F.rms_norm(x, (x.shape[-1],))
         gate, up = (xn @ lay["Wgu"]).chunk(2, dim=-1)
@@ -173,13 +195,15 @@ def measure_row(shape, C, B, row, dev, dtype, iters, warmup) -> dict:
     layers = [one] + [_rank_layer(shape, C, B, s, m, n, v, dev, dtype, gen) for _ in range(k - 1)]
     x0 = torch.randn(B, shape.hidden, device=dev, dtype=dtype, generator=gen)
     h_kv, g = max(shape.kv_heads // n, 1), (shape.heads // n) // max(shape.kv_heads // n, 1)
-    lse_all = torch.randn(s - 1, B, h_kv, g, device=dev, generator=gen)
+    # what the all-gather of the chunks' (max, sum) would hold: sums > 0
+    every = torch.randn(s, B, h_kv, g, 2, device=dev, generator=gen)
+    every[..., 1].abs_().add_(1.0)
     pos = C // s - 1                   # the last position of the last chunk: this rank writes it
 
     def step():
         x = x0
         for lay in layers:
-            x = _step(lay, x, shape, s, m, n, v, pos, lse_all)
+            x = _step(lay, x, shape, s, m, n, v, pos, every)
         return x
 
     with torch.no_grad():
@@ -262,7 +286,13 @@ def reassemble(path: str, out: str | None = None) -> int:
     profile = DEFAULT_PROFILE
     if data.get("profile") not in (None, profile.name):
         print(f"note: the run used profile {data['profile']!r}; reassembled with {profile.name!r}")
-    o_proj = data.get("o_proj", "N")
+    o_proj = {"mn": "mesh"}.get(data.get("o_proj", "N"), data.get("o_proj", "N"))
+    # runs before the max-sum combine timed s > 1 as a fused core and an lse rescale, which no
+    # built graph runs any more: those rows are not priced against today's model
+    old_combine = "combine" not in data
+    if old_combine:
+        print(f"note: {path} was run before the max-sum all-gather combine: its s > 1 rows timed "
+              f"a fused core (m = 1) and an lse rescale, not the built chunk core; they are left out")
     L = shape.layers
     print(f"{path}: {data.get('device')}, o_proj over {o_proj}, L={L}; ratios are predicted / "
           f"measured (layers: L x the timed layer; TPOT: layers + the saved LM head time + modeled "
@@ -273,7 +303,7 @@ def reassemble(path: str, out: str | None = None) -> int:
     for entry in data["results"]:
         C_, B_ = entry["context"], entry["concurrency"]
         for r in entry.get("rows", []):
-            if "measured_layer_ms" not in r:
+            if "measured_layer_ms" not in r or (old_combine and r["s"] > 1):
                 continue
             rep_ms = r.get("replicated_measured_ms", entry.get("replicated_measured_ms", 0.0))
             cost = dp.cost_decode(shape, C_, B_, (r["s"], r["m"], r["n"]), cluster, profile,
@@ -367,7 +397,7 @@ def main(argv=None) -> int:
               "shape": dataclasses.asdict(shape), "devices": devices,
               "cluster": dataclasses.asdict(cluster), "profile": profile.name,
               "core_kernel_m1": _core_kernel(dev), "iters": iters, "warmup": warmup,
-              "o_proj": "mn",
+              "o_proj": "mesh", "combine": "max-sum all-gather",
               "results": []}
     for B in concurrency:
         rep_by_rows = {}           # LM head GEMV ms by the rows a replica serves (B / dp)

@@ -47,7 +47,7 @@ from .models.decoder_cache import DecodeStep, Prefill
 from .program import HelixProgram, run_ranks
 from .runtime.mesh import Mesh
 
-__all__ = ["DecodeProgram", "compile_decoder", "cache_writes", "check_partitioned",
+__all__ = ["DecodeProgram", "cache_writes", "check_partitioned", "combine_notes", "compile_decoder",
            "plan_split", "replica_model"]  # cache_writes: passes/seq_split.py
 
 
@@ -62,6 +62,9 @@ class DecodeProgram:
     modules: tuple            # per rank: (prefill module, step module)
     caches: tuple             # per rank: {stored buffer name: the rank's cache slice}
     max_seq: int
+    # s > 1: how each core's chunks are summed (passes/seq_split.CombineSite), one line per
+    # core of the prefill and the step; the same on every rank
+    combine_notes: tuple[str, ...] = ()
 
     @property
     def devices(self) -> int:
@@ -306,7 +309,7 @@ def compile_decoder(model: torch.nn.Module, devices: int, split: tuple[int, ...]
     pre = helix_compile(Prefill(model), devices=devices // s, plan=(step.plan.m, step.plan.n),
                         variant=variant, example_inputs=(tokens, valid), dynamic=False)
     check_partitioned(pre, "prefill")
-    modules, caches = [], []
+    modules, caches, notes = [], [], ()
     for r in range(step.mesh.size):
         if rank is not None and rank // s != r:     # not this process's (i, j)
             modules += [None] * s
@@ -335,6 +338,7 @@ def compile_decoder(model: torch.nn.Module, devices: int, split: tuple[int, ...]
             caches.append({src: getattr(p_gm, pa) for src, (pa, _) in pairs.items()})
             continue
         m_, n_ = step.plan.m, step.plan.n
+        mesh = Mesh(n=n_, m=m_, s=s)
         # fused cores over the cache (HF's SDPA) written out, so that seq_split combines them
         p_core, s_core = explicit_cache_cores(p_gm, (tokens, valid)), explicit_cache_cores(s_gm, step_args)
         for k, (start, end) in enumerate(bounds):   # rank (i m + j) s + k holds chunk k
@@ -345,17 +349,25 @@ def compile_decoder(model: torch.nn.Module, devices: int, split: tuple[int, ...]
             chunk = {src: getattr(s_gm, a).narrow(s_w[a].args[1], start, end - start).clone()
                      for src, (_, a) in pairs.items()}
             # attention (q/k/v/o) replicated over the s-group, the MLPs over all N ranks
-            modules.append((
-                mlp_over_mesh(split_sequence(p_core, (tokens, valid), start, end,
-                                             {pa: chunk[src] for src, (pa, _) in pairs.items()}),
-                              mlp_attrs(pre.analysis.mlps, p_sh), k, s, m_, n_),
-                mlp_over_mesh(split_sequence(s_core, step_args, start, end,
-                                             {a: chunk[src] for src, (_, a) in pairs.items()}),
-                              mlp_attrs(step.analysis.mlps, s_sh), k, s, m_, n_)))
+            p_k = split_sequence(p_core, (tokens, valid), k, mesh,
+                                 {pa: chunk[src] for src, (pa, _) in pairs.items()})
+            s_k = split_sequence(s_core, step_args, k, mesh,
+                                 {a: chunk[src] for src, (_, a) in pairs.items()})
+            notes = notes or combine_notes(p_k, s_k)
+            modules.append((mlp_over_mesh(p_k, mlp_attrs(pre.analysis.mlps, p_sh), k, s, m_, n_),
+                            mlp_over_mesh(s_k, mlp_attrs(step.analysis.mlps, s_sh), k, s, m_, n_)))
             caches.append(chunk)
     return DecodeProgram(prefill_program=pre, step_program=step,
                          mesh=Mesh(n=step.plan.n, m=step.plan.m, s=s), modules=tuple(modules),
-                         caches=tuple(caches), max_seq=S)
+                         caches=tuple(caches), max_seq=S, combine_notes=notes)
+
+
+def combine_notes(prefill: torch.fx.GraphModule, step: torch.fx.GraphModule) -> tuple[str, ...]:
+    """One line per attention core of a rank's s > 1 prefill and step modules: its combine's
+    form (folded into the output projection's all-reduce over the mesh, or one more all-reduce
+    over "seq", and why)."""
+    return tuple(f"{what} {site}" for what, gm in (("prefill", prefill), ("step", step))
+                 for site in gm.meta["seq_combine"])
 
 
 def _same_sels(a, b) -> bool:

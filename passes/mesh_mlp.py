@@ -33,21 +33,11 @@ from helix_compiler.errors import HelixError
 from helix_compiler.runtime import collectives as _c  # noqa: F401  (registers torch.ops.helix)
 
 from .graph_utils import aten
-from .seq_split import chunk_bounds
+from .seq_split import chunk_axes, chunk_bounds
 
 __all__ = ["mlp_attrs", "mlp_over_mesh"]
 
 helix = torch.ops.helix
-
-
-def _chunk_axes(m: int, n: int) -> set[str]:
-    """The axis names a rank graph of an m x n split uses for all the ranks of its chunk."""
-    out = {"all"}
-    if m == 1:
-        out.add("head")
-    if n == 1:
-        out.add("dim")
-    return out
 
 
 def _linear_of(gm: fx.GraphModule, attr: str, what: str) -> fx.Node:
@@ -99,7 +89,7 @@ def mlp_over_mesh(gm: fx.GraphModule, mlps, k: int, s: int, m: int, n: int) -> f
         users = list(down.users)
         reduced = len(users) == 1 and users[0].target is helix.all_reduce.default \
             and users[0].args[2] == "sum"
-        if reduced and users[0].args[1] not in _chunk_axes(m, n):
+        if reduced and users[0].args[1] not in chunk_axes(m, n):
             raise HelixError(f"mesh_mlp: {label}'s down projection {down.name} is "
                              f"all-reduced over {users[0].args[1]!r}, not all m={m} x n={n} ranks "
                              f"of its chunk; it is not sharded over the chunk, so it cannot be "

@@ -11,16 +11,29 @@ positions [start_k, end_k) only, with
 * every tensor the scores meet that runs over all S_max positions (the mask) narrowed to the
   chunk, and S_max in the literal sizes of a view of the cache (HF's repeat_kv) made C;
 * each `softmax(scores) @ v` over the cache replaced by the chunk's partial attention and an
-  exact combine over the s-group ("seq"):
+  exact log-sum-exp combine over the s-group ("seq") with one collective:
 
-      M = all_reduce_max(max_t score_t)                     # (B, H/n, T, 1)
-      e_t = exp(score_t - M)
-      [o | l] = all_reduce_sum([sum_t e_t v_t | sum_t e_t])  # (B, H/n, T, d_v + 1)
-      out = o / l
+      m_k = max(max_t score_t, finfo.min);  e_t = exp(score_t - m_k)      # (B, H/n, T, 1)
+      l_k = sum_t e_t
+      o_k = sum_t e_t v_t                                                 # (B, H/n, T, d_v)
+      [m | l] = all_gather_seq([m_k | l_k])                               # (s, B, H/n, T, 2)
+      M = max_k m_k;  L = sum_k l_k exp(m_k - M)
+      partial_k = o_k exp(m_k - M) / L          # sum_k partial_k = softmax(scores) @ v
 
-  a chunk with every position masked (finfo.min) weighs exp(finfo.min - M) = 0; under
-  `_safe_softmax` (an SDPA core written out by passes/explicit_cache_cores.py) a row with
-  every position -inf in every chunk gives 0, as SDPA does;
+  (m_k and l_k travel apart, not as lse_k = m_k + log l_k: under a finfo.min mask a fully
+  padded row has m_k = finfo.min, and finfo.min + log l_k rounds to finfo.min in fp32, which
+  would weigh each chunk 1 instead of l_k / L.) A chunk whose row is all -inf (a -inf mask,
+  causal in prefill) has m_k clamped to finfo.min: e = 0, l_k = 0, its weight 0, not NaN.
+  Under `_safe_softmax` (an SDPA core written out by passes/explicit_cache_cores.py) a row
+  -inf in every chunk has L = 0, divided as 1: the row is 0, as SDPA gives it.
+  The sum over k is then folded into the output projection: where every op from partial_k to
+  a sum all-reduce over the m n ranks of the chunk ("all"; "head" when m = 1, "dim" when
+  n = 1) is linear in it (`_LINEAR`), that all-reduce is widened to the whole mesh ("mesh"),
+  which sums over the chunks too, and a bias added on the way (the o_proj bias of the one
+  rank per group that holds input feature 0) is kept on chunk 0 only; elsewhere (no such
+  all-reduce, as m = n = 1, or a non-linear op on the way) one all_reduce sum over "seq" of
+  partial_k is inserted. Each core's form is recorded (`CombineSite`, in the module's
+  meta["seq_combine"]; DecodeProgram.combine_notes);
 * any other buffer the graph writes in place (HF's position counter) a copy of this module's.
 
 A fused core (SDPA, helix.chunked_attention, helix.attend) must have been written out by
@@ -31,19 +44,21 @@ op, a matmul, a collective or the softmax -> matmul core between the cache and t
 output (a reduction over positions would need its own combine), a cache returned as an output,
 or a head dim equal to S_max (the positions dim could not be told apart).
 
-Invariant: the s modules of (i, j), run together with "seq" collectives, compute what the
-m x n rank module computed, call after call.
+Invariant: the s m n modules, run together with "seq" and "mesh" collectives, compute what
+the m x n rank modules computed, call after call.
 """
 
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
 from helix_compiler.errors import HelixError
 from helix_compiler.runtime import collectives as _c  # noqa: F401  (registers torch.ops.helix)
+from helix_compiler.runtime.mesh import Mesh
 
 from .find_attention import CACHE_WRITE_OPS
 from .explicit_cache_cores import CORES
@@ -51,7 +66,8 @@ from .graph_utils import MATMUL_OPS, MOVEMENT_OPS, SDPA_OPS, SOFTMAX_OPS, aten, 
 from .shard import written_attrs
 from .shard_rules import POINTWISE
 
-__all__ = ["CACHE_WRITE_OPS", "cache_writes", "chunk_bounds", "split_sequence"]
+__all__ = ["CACHE_WRITE_OPS", "CombineSite", "cache_writes", "chunk_axes", "chunk_bounds",
+           "split_sequence"]
 
 helix = torch.ops.helix
 # ops allowed between a cache write and its core's output: they keep positions apart
@@ -83,16 +99,48 @@ def chunk_bounds(positions: int, s: int) -> list[tuple[int, int]]:
     return out
 
 
+def chunk_axes(m: int, n: int) -> set[str]:
+    """The axis names a rank graph of an m x n split uses for all the ranks of its chunk
+    ("head" spans them when m = 1, "dim" when n = 1)."""
+    out = {"all"}
+    if m == 1:
+        out.add("head")
+    if n == 1:
+        out.add("dim")
+    return out
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CombineSite:
+    """How one core's chunks are summed: "folded" into the sum all-reduce(s) after it, widened
+    to the whole mesh, or "unfolded" (an all_reduce sum over "seq" of the partial output)."""
+
+    core: str            # the core's output node in the rank graph (its softmax @ v)
+    form: str            # "folded" | "unfolded"
+    detail: str          # folded: the widened all-reduces; unfolded: why not folded
+
+    def __post_init__(self) -> None:
+        if self.form not in ("folded", "unfolded"):
+            raise HelixError(f"CombineSite {self.core}: form {self.form!r}; expected 'folded' or "
+                             f"'unfolded'")
+
+    def __str__(self) -> str:
+        return f"{self.core}: {self.form} ({self.detail})"
+
+
 def _val(node):
     v = node.meta.get("val") if isinstance(node, fx.Node) else None
     return v if isinstance(v, torch.Tensor) else None
 
 
-def split_sequence(gm: fx.GraphModule, args: tuple, start: int, end: int,
+def split_sequence(gm: fx.GraphModule, args: tuple, k: int, mesh: Mesh,
                    caches: dict[str, torch.Tensor]) -> fx.GraphModule:
-    """Rank (i, j, k)'s module from rank (i, j)'s `gm` (left as it is): chunk [start, end) of
-    the cache positions; `caches` maps each written buffer's attribute name to the chunk tensor
-    the new module holds (shared with the other program of the same rank)."""
+    """Rank (i, j, k)'s module from rank (i, j)'s `gm` (left as it is) of `mesh` (n x m x s):
+    chunk k of the cache positions (`chunk_bounds`); `caches` maps each written buffer's
+    attribute name to the chunk tensor the new module holds (shared with the other program of
+    the same rank). The module's meta["seq_combine"] holds each core's `CombineSite`."""
+    if not 0 <= k < mesh.s:
+        raise HelixError(f"seq_split: chunk k={k} of s={mesh.s}; k must be in [0, {mesh.s})")
     g = fx.Graph()
     g._codegen = gm.graph._codegen
     g.output(g.graph_copy(gm.graph, {}))
@@ -110,6 +158,7 @@ def split_sequence(gm: fx.GraphModule, args: tuple, start: int, end: int,
         raise HelixError(f"seq_split: the cache buffers have different position counts {sorted(sizes)}; "
                          f"the sequence split needs one S_max")
     S = sizes.pop()
+    start, end = chunk_bounds(S, mesh.s)[k]
     graph = out.graph
     downstream = _downstream(graph, writes.values())
     for node in list(graph.nodes):
@@ -140,11 +189,12 @@ def split_sequence(gm: fx.GraphModule, args: tuple, start: int, end: int,
                 node.replace_input_with(a, part)
     for node in [n for n in graph.nodes if n in downstream and n.target in _SIZED]:
         _chunk_sizes(node, S, end - start)
-    for sm in [n for n in graph.nodes if n in downstream and n.target in SOFTMAX_OPS]:
-        _combine(graph, sm)
+    sites = tuple(_combine(graph, sm, k, mesh)
+                  for sm in [n for n in graph.nodes if n in downstream and n.target in SOFTMAX_OPS])
     graph.eliminate_dead_code()
     graph.lint()
     out.recompile()
+    out.meta["seq_combine"] = sites
     return out
 
 
@@ -228,31 +278,102 @@ def _owner_write(graph: fx.Graph, w: fx.Node, start: int, end: int) -> None:
     graph.erase_node(w)
 
 
-def _combine(graph: fx.Graph, sm: fx.Node) -> None:
-    """softmax(x) @ v over this chunk -> the exact attention over all chunks."""
+def _combine(graph: fx.Graph, sm: fx.Node, k: int, mesh: Mesh) -> CombineSite:
+    """softmax(x) @ v over chunk k -> this chunk's share of the exact attention over all
+    chunks, summed by the output projection's widened all-reduce or by one over "seq"."""
     (pv,) = sm.users
-    x, v = sm.args[0], pv.args[1]
+    x, v, core = sm.args[0], pv.args[1], pv.name
     safe = sm.target is aten._safe_softmax.default
-    dv = int(_val(pv).shape[-1])
+    call = graph.call_function
     with graph.inserting_before(pv):
-        mx = graph.call_function(aten.amax.default, (x, [-1], True))
-        top = graph.call_function(helix.all_reduce.default, (mx, "seq", "max"))          # (B, H/n, T, 1)
-        if safe:
-            # a row with no visible key in any chunk (M = -inf): shift by 0, so e = 0, l = 0
-            top = graph.call_function(aten.masked_fill.Scalar, (
-                top, graph.call_function(aten.eq.Scalar, (top, float("-inf"))), 0.0))
-        e = graph.call_function(aten.exp.default, (graph.call_function(aten.sub.Tensor, (x, top)),))
-        l_ = graph.call_function(aten.sum.dim_IntList, (e, [-1], True))
-        o = graph.call_function(pv.target, (e, v))                                         # (B, H/n, T, d_v)
-        tot = graph.call_function(helix.all_reduce.default,
-                                  (graph.call_function(aten.cat.default, ([o, l_], -1)), "seq", "sum"))
-        num = graph.call_function(aten.slice.Tensor, (tot, -1, 0, dv))
-        den = graph.call_function(aten.slice.Tensor, (tot, -1, dv, dv + 1))
-        if safe:
-            # ... and o = 0: the row gives 0, as _safe_softmax (SDPA) gives it unsharded
-            den = graph.call_function(aten.masked_fill.Scalar, (
-                den, graph.call_function(aten.eq.Scalar, (den, 0.0)), 1.0))
-        res = graph.call_function(aten.div.Tensor, (num, den))
-    pv.replace_all_uses_with(res)
+        # a chunk with no visible key (a -inf mask; causal in prefill) has its max clamped to
+        # finfo.min: e = exp(-inf - finfo.min) = 0, l_k = 0, its share exp(finfo.min - M) = 0,
+        # where shifting by -inf would give exp(-inf + inf) = NaN
+        low = torch.finfo(_val(x).dtype).min
+        mk = call(aten.clamp.default, (call(aten.amax.default, (x, [-1], True)), low))  # (B, H/n, T, 1)
+        e = call(aten.exp.default, (call(aten.sub.Tensor, (x, mk)),))
+        lk = call(aten.sum.dim_IntList, (e, [-1], True))
+        o = call(pv.target, (e, v))                                             # (B, H/n, T, d_v)
+        stats = call(aten.unsqueeze.default, (call(aten.cat.default, ([mk, lk], -1)), 0))
+        every = call(helix.all_gather.default, (stats, "seq", 0, [1] * mesh.s))  # (s, B, H/n, T, 2)
+        ms = call(aten.slice.Tensor, (every, -1, 0, 1))
+        ls = call(aten.slice.Tensor, (every, -1, 1, 2))
+        top = call(aten.amax.default, (ms, [0], True))                         # M: (1, B, H/n, T, 1)
+        w = call(aten.exp.default, (call(aten.sub.Tensor, (ms, top)),))       # exp(m_k - M), every k
+        total = call(aten.sum.dim_IntList, (call(aten.mul.Tensor, (ls, w)), [0], False))  # L
+        if safe:   # a row -inf in every chunk: L = 0, divided as 1, so the row is 0 on every
+            #        rank, as SDPA gives it (a plain softmax gives NaN, as unsharded)
+            total = call(aten.masked_fill.Scalar, (total, call(aten.eq.Scalar, (total, 0.0)), 1.0))
+        # this chunk's exp(m_k - M): the gathered copy of its own m_k, bit for bit
+        scale = call(aten.div.Tensor, (call(aten.select.int, (w, 0, k)), total))
+        partial = call(aten.mul.Tensor, (o, scale))
+    pv.replace_all_uses_with(partial)
     graph.erase_node(pv)
     graph.erase_node(sm)
+    path, reduces, why = ([], [], "m = n = 1: no output-projection all-reduce to fold the sum "
+                          "into") if mesh.m * mesh.n == 1 else _fold_path(partial, chunk_axes(mesh.m, mesh.n))
+    if why is None:
+        for red in reduces:
+            red.update_arg(1, "mesh")
+        dropped = []
+        if k:   # a bias on the way rides in chunk 0's partial only: the mesh sum holds it once
+            for node in path:
+                if node.target is aten.linear.default and len(node.args) > 2 and node.args[2] is not None:
+                    node.args = (node.args[0], node.args[1], None)
+                    dropped.append(node.name)
+        detail = (f"all_reduce {', '.join(r.name for r in reduces)} widened to 'mesh'"
+                  + (f"; bias of {', '.join(dropped)} on chunk 0 only" if dropped else ""))
+        return CombineSite(core=core, form="folded", detail=detail)
+    with graph.inserting_after(partial):
+        summed = call(helix.all_reduce.default, (partial, "seq", "sum"))
+    partial.replace_all_uses_with(summed, delete_user_cb=lambda u: u is not summed)
+    return CombineSite(core=core, form="unfolded",
+                       detail=f"one more all_reduce, {summed.name} over 'seq': {why}")
+
+
+# Ops linear in their first argument (a view of it, or a matmul / linear by a tensor that does
+# not depend on it): sum_k op(partial_k) = op(sum_k partial_k). A linear's bias is handled by
+# _combine (chunk 0 only); cat / stack are linear when every tensor they join is.
+_LINEAR = (MOVEMENT_OPS - {aten.cat.default, aten.stack.default}) | MATMUL_OPS | {
+    aten.mm.default, aten.linear.default, aten.mul.Tensor, aten.mul.Scalar, aten.div.Scalar,
+    aten.neg.default}
+
+
+def _is_linear(node: fx.Node, inside: set) -> bool:
+    """`node` is linear in the one tensor of `inside` it reads (its only such argument)."""
+    if node.op != "call_function":
+        return False
+    if node.target in (aten.cat.default, aten.stack.default):
+        return all(isinstance(a, fx.Node) and a in inside for a in node.args[0])
+    if node.target not in _LINEAR or any(isinstance(a, fx.Node) and a in inside
+                                         for a in node.kwargs.values()):
+        return False
+    at = [i for i, a in enumerate(node.args) if isinstance(a, fx.Node) and a in inside]
+    nested = any(isinstance(a, (list, tuple)) and any(isinstance(b, fx.Node) and b in inside for b in a)
+                 for a in node.args)
+    # a product by a tensor that does not depend on partial_k: either side; else the first
+    two_sided = node.target in MATMUL_OPS or node.target in (aten.mm.default, aten.mul.Tensor)
+    return not nested and (at == [0] or (two_sided and at == [1]))
+
+
+def _fold_path(partial: fx.Node, axes: set) -> tuple[list, list, str | None]:
+    """(the nodes from `partial` to its sum all-reduces over the chunk's ranks, those
+    all-reduces, None) when every use of `partial` reaches them through linear ops only;
+    else ([], [], why not)."""
+    inside, reduces, todo = {partial}, [], [partial]
+    while todo:
+        for u in todo.pop().users:
+            if u in inside or u in reduces:
+                continue
+            if u.target is helix.all_reduce.default and u.args[2] == "sum" and u.args[1] in axes:
+                reduces.append(u)
+            else:
+                inside.add(u)
+                todo.append(u)
+    for u in partial.graph.nodes:
+        if u in inside and u is not partial and not _is_linear(u, inside):
+            return [], [], (f"{u.name} ({u.target}) on its way to the output projection's "
+                            f"all-reduce is not linear in it")
+    if not reduces:
+        return [], [], "no sum all-reduce over the ranks of its chunk follows it (m = n = 1)"
+    return [u for u in partial.graph.nodes if u in inside and u is not partial], reduces, None

@@ -20,16 +20,20 @@ times, as tensor parallelism copies them):
                           + MLP GEMVs                                      mlp_weight_*
                           + kernels x t_kernel (a CUDA-graphed step's       kernel_time
                             floor: launch, ramp and tail of each kernel)
-                          + explicit core (m > 1): t_row per K row          explicit_rows_time
-                            (B h_kv C/s rows of d/m), qk-gather also
+                          + explicit core (m > 1 or s > 1): t_row per K    explicit_rows_time
+                            row (B h_kv C/s rows of d/m), qk-gather also
                             t_gather per row and slice                      gather_rows_time
     communication per layer (alpha-beta, cost.collective_s):
       m > 1 score-reduce  all-reduce of 4 B h (C/s) fp32 scores, m-group    score_reduce_bytes
       m > 1 qk-gather     all-gather of w B (h + h_kv C/s) d, m-group       qk_gather_bytes
-      s > 1 combine       all-reduce (max) of the w B h row maxima, then    combine_max_bytes
-                          all-reduce (sum) of [o | l], w B h (d/m + 1),
-                          s-group                                          combine_bytes
+      s > 1 combine       all-gather of each chunk's row max and sum,       combine_gather_bytes
+                          4 B h 2 s fp32 gathered, s-group
+        m n = 1 only      all-reduce of the rescaled partial output,        combine_unfolded_bytes
+                          w B h d/m, s-group (no output all-reduce to
+                          fold the sum over chunks into)
       output projection   all-reduce of w B D over the m n ranks of a chunk out_bytes
+                          (s = 1), over all N (s > 1: it sums the chunks'
+                          partial outputs too)
       MLP                 all-reduce of w B D over all N                    out_bytes
     TPOT                  L (compute + comm per layer) + replicated reads   tpot
     tokens/s              dp B / TPOT (every replica's)                     tokens_per_s
@@ -37,7 +41,10 @@ times, as tensor parallelism copies them):
 This prices what compile_decoder builds (helix_compiler/decode.py): the s ranks of
 head group i, dim slice j hold the same q/k/v/o weight slices (1/(m n) of
 attention's) and compute the new token's q, k, v and the output projection alike
-(only the rank owning position C writes k, v); passes/mesh_mlp.py shards each MLP
+(only the rank owning position C writes k, v); with s > 1 the core is explicit
+(passes/explicit_cache_cores.py) and passes/seq_split.py combines it by one
+all-gather of (max, sum) per row and folds the sum over chunks into the output
+projection's all-reduce, widened to the mesh; passes/mesh_mlp.py shards each MLP
 over all N ranks. Ranks are laid out as runtime/mesh.Mesh lays them out, rank =
 (i m + j) s + k: the s-group contiguous. A plan fits when weights + cache +
 workspace <= phi x device memory (or the --memory-cap); the decode objective is
@@ -85,8 +92,13 @@ VARIANTS = ("heads", "score-reduce", "qk-gather")
 # 7 for an explicit core (QK^T, fp32 cast, scale, log-sum-exp, softmax, cast back, PV);
 # qk-gather adds the repeat of q and one copy per slice of the gathered K (m).
 KERNELS_PER_LAYER = {"heads": 17, "score-reduce": 23, "qk-gather": 24}
-# s > 1: the combine's cat, log-sum-exp, sub, exp, cast and rescale.
-COMBINE_KERNELS = 6
+# s > 1 (passes/seq_split.py's combine, as benchmarks/gpu_decode.py `_chunk_core` runs it,
+# counted as ATen ops that are not views): the explicit core's log-sum-exp and softmax (2)
+# become the chunk's max, its clamp to finfo.min, sub, exp and sum (5): +3; after PV, the
+# cat of (max, sum), then M (max), exp(m_k - M) (sub, exp), L (mul, sum), the chunk's scale
+# (div), its cast to the output's dtype and the rescale (mul): +9. (The fp32 graph has no
+# cast: 11; an SDPA-written core's guard of an all -inf row, eq and masked_fill, not counted.)
+COMBINE_KERNELS = 12
 # Seconds per kernel of a CUDA-graphed decode step beyond its roofline time (launch, ramp and
 # tail of a small kernel), and per K row (one sequence, kv head and position, d/m wide) of an
 # explicit core (its two batched matmuls over d/m-wide rows run at ~5 rows per ns whatever
@@ -133,8 +145,9 @@ _FORMULAS: dict[str, sympy.Expr] = {
     "core_flops_gather": 2 * B * _h * (C / s) * (d + d / m),
     "score_reduce_bytes": SCORE_BYTES * B * _h * C / s,
     "qk_gather_bytes": w * B * (_h + _h_kv * C / s) * d,
-    "combine_max_bytes": w * B * _h,
-    "combine_bytes": w * B * _h * (d / m + 1),
+    # each chunk's row max and sum, fp32 (SCORE_BYTES), gathered from the s ranks
+    "combine_gather_bytes": SCORE_BYTES * 2 * B * _h * s,
+    "combine_unfolded_bytes": w * B * _h * d / m,
     "out_bytes": w * B * D,
 }
 _T = sympy.symbols("t_layer t_rep", positive=True)
@@ -365,13 +378,15 @@ def _collective(kind: str, nbytes: float, groups, cluster: ClusterSpec) -> float
 
 def cost_decode(shape: DecodeShape, context: int, concurrency: int, split: tuple[int, int, int],
                 cluster: ClusterSpec, profile: ComputeProfile | None = None,
-                variant: str | None = None, *, o_proj: str = "mn", dp: int = 1) -> DecodeCost:
+                variant: str | None = None, *, o_proj: str = "mesh", dp: int = 1) -> DecodeCost:
     """Predicted decode step of `split` = (s, m, n) in each of `dp` replicas (replica b on
     ranks b s m n ... (b + 1) s m n - 1, serving concurrency / dp sequences); `variant` for
-    m > 1 ("score-reduce", default, or "qk-gather"); `o_proj`: "mn", the output projection as
-    built (replicated over the s-group), or "N" (sharded over the replica's N ranks)."""
-    if o_proj not in ("mn", "N"):
-        raise PlanError(f"cost_decode: o_proj must be 'mn' (as compile_decoder builds it) or "
+    m > 1 ("score-reduce", default, or "qk-gather"); `o_proj`: "mesh", the output
+    projection as built (its weights replicated over the s-group; with s > 1 its all-reduce
+    spans the mesh and sums the chunks' partial outputs), or "N" (its weights sharded over
+    the replica's N ranks as well)."""
+    if o_proj not in ("mesh", "N"):
+        raise PlanError(f"cost_decode: o_proj must be 'mesh' (as compile_decoder builds it) or "
                         f"'N', got {o_proj!r}")
     if isinstance(dp, bool) or not isinstance(dp, int) or dp < 1 or concurrency % dp:
         raise PlanError(f"decode plan dp={dp!r}: the replicas split the {concurrency} concurrent "
@@ -412,17 +427,18 @@ def cost_decode(shape: DecodeShape, context: int, concurrency: int, split: tuple
         return op(_ev("gemv_flops", {**env, "P_sc": params}),
                   _ev("gemv_bytes", {**env, "P_sc": params}))
 
-    explicit = variant != "heads"
+    explicit = variant != "heads" or s_ > 1      # s > 1: the core is written out (seq_split)
     gather = variant == "qk-gather"
     score_rw = EXPLICIT_SCORE_PASSES * _ev("score_bytes", env) if explicit else 0.0
     core = op(_ev("core_flops_gather" if gather else "core_flops_partial", env),
               _ev("kv_read_gather_bytes" if gather else "kv_read_bytes", env) + score_rw)
-    attn_params = "attn_weight_params" if o_proj == "mn" else "attn_weight_params_o_all"
+    attn_params = "attn_weight_params" if o_proj == "mesh" else "attn_weight_params_o_all"
     layer = [("q/k/v/o GEMVs", "compute", gemv(_ev(attn_params, env))),
              ("attention over the cache slice", "compute", core)]
     if shape.ffn:
         layer.append(("MLP GEMVs", "compute", gemv(_ev("mlp_weight_params", env))))
-    kernels = KERNELS_PER_LAYER[variant] + (m_ if gather else 0) + (COMBINE_KERNELS if s_ > 1 else 0)
+    base = "score-reduce" if explicit and variant == "heads" else variant   # an explicit core
+    kernels = KERNELS_PER_LAYER[base] + (m_ if gather else 0) + (COMBINE_KERNELS if s_ > 1 else 0)
     layer.append((f"{kernels} kernels x {KERNEL_S * 1e6:.2f} us", "compute",
                   _ev("kernel_time", {"K": kernels, "t_k": KERNEL_S})))
     if explicit:
@@ -445,9 +461,12 @@ def cost_decode(shape: DecodeShape, context: int, concurrency: int, split: tuple
     if gather:
         coll("q, K-cache all-gather (m-group)", "all_gather", "qk_gather_bytes", "m")
     if s_ > 1:
-        coll("row-max all-reduce (s-group)", "all_reduce", "combine_max_bytes", "s")
-        coll("partial-output all-reduce (s-group)", "all_reduce", "combine_bytes", "s")
-    coll("output all-reduce", "all_reduce", "out_bytes", "chunk" if o_proj == "mn" else "mesh")
+        coll("row max and sum all-gather (s-group)", "all_gather", "combine_gather_bytes", "s")
+    if s_ > 1 and m_ * n_ == 1:   # nothing to fold the sum over chunks into (seq_split)
+        coll("partial-output all-reduce (s-group)", "all_reduce", "combine_unfolded_bytes", "s")
+    else:   # s > 1: over the mesh, summing the chunks' partial outputs too
+        coll("output all-reduce", "all_reduce", "out_bytes",
+             "mesh" if s_ > 1 or o_proj == "N" else "chunk")
     if shape.ffn:
         coll("MLP all-reduce", "all_reduce", "out_bytes", "mesh")
     t_layer = sum(t for _, _, t in layer)
