@@ -32,7 +32,9 @@ rank passes. A pass that fails is named, with the passes that ran before it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import math
 import time
 import warnings
@@ -524,11 +526,34 @@ def analyze(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
     return _run_model_passes(request)[0]
 
 
+# The passes' garbage collections skip the objects that were alive before they started.
+COMPILE_GC_FREEZE = True
+
+
+@contextlib.contextmanager
+def _young_gc():
+    """Run the passes with the process's objects from before (torch, transformers, sympy, the
+    model: millions) moved out of the collector's way (gc.freeze), put back on exit
+    (gc.unfreeze): a full collection during a compile then walks only what the compile made.
+    80 LLaMA-70B layers: the one full collection of a compile 0.22 -> 0.10 CPU s, same peak
+    RSS.  Collections still run and free the compile's own cycles.  Left alone when the
+    process froze objects itself, or when gc is off."""
+    mine = COMPILE_GC_FREEZE and gc.isenabled() and gc.get_freeze_count() == 0
+    if mine:
+        gc.freeze()
+    try:
+        yield
+    finally:
+        if mine:
+            gc.unfreeze()
+
+
 def _run_model_passes(request: Request) -> tuple[Analysis, _Runner]:
     runner = _Runner(request.print_after)
     s = State(request=request)
-    for p in MODEL_PASSES:
-        s = runner.run(p, s)
+    with _young_gc():
+        for p in MODEL_PASSES:
+            s = runner.run(p, s)
     return _analysis(s, runner), runner
 
 
@@ -572,17 +597,18 @@ def _run_plan_passes(s: State, runner: _Runner) -> State:
     """plan -> seeds -> shard; a ShardingError from seeds or shard under the cost model's
     choice (not a forced split) excludes that split and runs plan again."""
     refused: dict = {}
-    while True:
-        planned = runner.run(PLAN_PASSES[0], dataclasses.replace(s, refused=tuple(refused.items())))
-        try:
-            out = planned
-            for p in PLAN_PASSES[1:]:
-                out = runner.run(p, out)
-            return out
-        except ShardingError as e:
-            if s.request.forced is not None:
-                raise
-            refused[planned.plan.split] = f"the shard pass refuses it: {first_line(e)}"
+    with _young_gc():
+        while True:
+            planned = runner.run(PLAN_PASSES[0], dataclasses.replace(s, refused=tuple(refused.items())))
+            try:
+                out = planned
+                for p in PLAN_PASSES[1:]:
+                    out = runner.run(p, out)
+                return out
+            except ShardingError as e:
+                if s.request.forced is not None:
+                    raise
+                refused[planned.plan.split] = f"the shard pass refuses it: {first_line(e)}"
 
 
 def request(model: torch.nn.Module | None, devices: object, example_inputs: object = (),

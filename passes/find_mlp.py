@@ -63,7 +63,7 @@ def find_mlp(gm: fx.GraphModule, site_projections: set) -> list[MlpSite]:
     for down, ups in sorted(pairs.items(), key=lambda kv: order[kv[0]]):
         if down in used or any(u in used for u in ups):
             continue
-        ups = sorted(ups, key=lambda n: list(gm.graph.nodes).index(n))
+        ups = sorted(ups, key=order.__getitem__)     # graph order
         F = proj_out_features(ups[0])
         if any(proj_out_features(u) != F for u in ups):
             continue

@@ -38,3 +38,36 @@ def test_all_seeds_memoized_per_layer_equals_each_site_on_its_own():
         for name in want:
             assert len(got[name]) == mesh.size
             assert all(np.array_equal(x, y) for x, y in zip(got[name], want[name])), name
+
+
+@pytest.mark.slow
+def test_passes_freeze_older_objects_and_export_the_standin_uncached_then_restore_both(monkeypatch):
+    """The model passes run with the process's older objects frozen out of the collector and the
+    stand-in's export without the fake-tensor cache (helix_compiler/pipeline.py `_young_gc`,
+    repeat.py `_no_fake_tensor_cache`); afterwards both are as they were, and objects the
+    process froze itself stay frozen."""
+    import gc
+
+    import torch._dynamo.config as dynamo_config
+
+    seen = []
+    export = torch.export.export
+
+    def spy(*a, **kw):
+        seen.append((gc.get_freeze_count() > 0, dynamo_config.fake_tensor_cache_enabled))
+        return export(*a, **kw)
+    monkeypatch.setattr(torch.export, "export", spy)
+    model, args, kwargs = _gqa_llama()
+    assert gc.get_freeze_count() == 0 and dynamo_config.fake_tensor_cache_enabled
+    a = analyze(model, args, kwargs)
+    assert a.captured.gm.meta["repeat_blocks"]["captured"] == (0, 7)
+    assert seen == [(True, False)]
+    assert gc.get_freeze_count() == 0 and gc.isenabled() and dynamo_config.fake_tensor_cache_enabled
+    gc.freeze()         # the process froze its objects: a compile leaves them frozen
+    try:
+        analyze(model, args, kwargs)
+        # gc.unfreeze() would have emptied the permanent generation (the count goes down by
+        # itself as frozen objects die by reference count)
+        assert seen[-1] == (True, False) and gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
