@@ -34,6 +34,7 @@ transformers is optional: it is imported when an adapter is built, not when this
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -85,6 +86,11 @@ class HFStaticCacheDecoder(nn.Module):
         heads, head_dim = transformers.integrations.executorch.get_head_shapes(text)
         param = next(hf_causal_lm.parameters())
         self.static_cache.early_initialization(batch, heads, head_dim, param.dtype, param.device)
+        # the forward's cache argument is `cache` in recent transformers (5.24), `past_key_values`
+        # in earlier 5.x (5.17); a name the forward does not take would land in **kwargs unused
+        # and the model would build a dynamic cache of its own
+        takes = inspect.signature(hf_causal_lm.forward).parameters
+        self._cache_arg = "cache" if "cache" in takes else "past_key_values"
         for i, layer in enumerate(self.static_cache.layers):
             self.register_buffer(f"key_cache_{i}", layer.keys, persistent=False)
             self.register_buffer(f"value_cache_{i}", layer.values, persistent=False)
@@ -95,8 +101,8 @@ class HFStaticCacheDecoder(nn.Module):
             layer.cumulative_length = written[0].clone()      # where StaticLayer.update writes
         positions = (valid.cumsum(-1) - 1).masked_fill(valid == 0, 0)    # (B, S_max), as HF generate
         return self.model(input_ids=tokens, attention_mask=valid,
-                          position_ids=positions.index_select(1, written), cache=self.static_cache,
-                          use_cache=True).logits
+                          position_ids=positions.index_select(1, written), use_cache=True,
+                          **{self._cache_arg: self.static_cache}).logits
 
     def prefill(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Write positions 0 .. T-1 of the cache; logits (B, T, vocab)."""
