@@ -12,7 +12,7 @@ slices, its cache slice (h_kv kv heads, d/m dims, C/s positions), the cache writ
 token's k and v, its attention core (s = 1, m = 1: the fused flash kernel with GQA folded into the
 query length; score-reduce: QK^T over d/m, fp32 softmax, PV; qk-gather: QK^T over the gathered
 d), for s > 1 the explicit chunk core and combine that passes/seq_split.py builds (`_chunk_core`:
-fp32 scores, the chunk's row max and sum, PV, then the rescale by exp(m_k - M) / L read from the
+GQA folded into the query rows as passes/gqa_fold.py folds it, K and V read un-repeated; fp32 scores, the chunk's row max and sum, PV, then the rescale by exp(m_k - M) / L read from the
 all-gathered (max, sum) of the s chunks; every variant, as compile_decoder writes a fused core
 out for s > 1), the output projection over its H d / (m n) rows (replicated over the s-group,
 as compile_decoder builds it; with s > 1 its all-reduce over the mesh sums the chunks' partial
@@ -97,7 +97,10 @@ def _attend_explicit(q, k, v):
 
 def _chunk_core(q, k, v, every):
     """Chunk k's share of the attention, as passes/seq_split.py builds it: the explicit core
-    over the chunk's positions (fp32 scores), its row max and sum, and the rescale by
+    over the chunk's positions (fp32 scores) with GQA folded into the query rows, as
+    passes/gqa_fold.py builds it (q (B, h_kv, g, d): the g query heads of a kv head are rows of
+    one matmul with the chunk's un-repeated K and V (B, h_kv, C/s, d); the built graph views the
+    scores as (B, h, 1, C/s) for the mask, the same memory), its row max and sum, and the rescale by
     exp(m_k - M) / L with M, L from `every` (s, ..., 2), the s chunks' all-gathered
     (max, sum). Returns (share, this chunk's (max, sum)); the all-gather is modeled."""
     scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
@@ -142,7 +145,7 @@ def _step(lay: dict, x, shape: DecodeShape, s: int, m: int, n: int, variant: str
     B = x.shape[0]
     h, hkv, d = shape.heads // n, max(shape.kv_heads // n, 1), shape.head_dim
     dm, g = d // m, (shape.heads // n) // max(shape.kv_heads // n, 1)
-    q = (x @ lay["Wq"]).view(B, hkv, g, dm)          # GQA folded into the query length
+    q = (x @ lay["Wq"]).view(B, hkv, g, dm)          # GQA folded into the query length (gqa_fold)
     kv = (x @ lay["Wkv"]).view(B, 2, hkv, dm)
     lay["K"][:, :, pos] = kv[:, 0]                   # the new token's k, v at its position
     lay["V"][:, :, pos] = kv[:, 1]

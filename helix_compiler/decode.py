@@ -16,7 +16,8 @@ cache slice, so a rank's prefill fills the slice its decode steps then extend an
 
 With split (s, m, n), s > 1, each (i, j) module's fused attention cores over the cache (SDPA)
 are written out as softmax(scores) @ v (passes/explicit_cache_cores.py), then the module is cut
-into s modules by passes/seq_split.py:
+into s modules by passes/seq_split.py (and each chunk core of a GQA cache made to read the
+cache un-repeated, passes/gqa_fold.py):
 rank (i m + j) s + k holds positions chunk k of its slice, writes only the positions it owns,
 and combines its partial attention exactly over the "seq" mesh axis; its q/k/v/o weight slices
 are rank (i, j)'s (the same on the s ranks of (i, j)), and passes/mesh_mlp.py cuts each MLP
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from passes.explicit_cache_cores import explicit_cache_cores
+from passes.gqa_fold import fold_gqa
 from passes.mesh_mlp import mlp_attrs, mlp_over_mesh
 from passes.seq_split import cache_writes, chunk_bounds, split_sequence
 
@@ -65,6 +67,9 @@ class DecodeProgram:
     # s > 1: how each core's chunks are summed (passes/seq_split.CombineSite), one line per
     # core of the prefill and the step; the same on every rank
     combine_notes: tuple[str, ...] = ()
+    # s > 1: whether each core reads its cache chunk un-repeated (passes/gqa_fold.FoldSite),
+    # one line per core of the prefill and the step; the same on every rank
+    fold_notes: tuple[str, ...] = ()
 
     @property
     def devices(self) -> int:
@@ -309,7 +314,7 @@ def compile_decoder(model: torch.nn.Module, devices: int, split: tuple[int, ...]
     pre = helix_compile(Prefill(model), devices=devices // s, plan=(step.plan.m, step.plan.n),
                         variant=variant, example_inputs=(tokens, valid), dynamic=False)
     check_partitioned(pre, "prefill")
-    modules, caches, notes = [], [], ()
+    modules, caches, notes, folds = [], [], (), ()
     for r in range(step.mesh.size):
         if rank is not None and rank // s != r:     # not this process's (i, j)
             modules += [None] * s
@@ -353,13 +358,20 @@ def compile_decoder(model: torch.nn.Module, devices: int, split: tuple[int, ...]
                                  {pa: chunk[src] for src, (pa, _) in pairs.items()})
             s_k = split_sequence(s_core, step_args, k, mesh,
                                  {a: chunk[src] for src, (_, a) in pairs.items()})
+            # GQA: the chunk core's matmuls read the cache un-repeated (after the split, whose
+            # combine matches softmax(scores) @ v and sizes repeat_kv's views to the chunk)
+            p_k, p_fold = fold_gqa(p_k, (tokens, valid), {pa for pa, _ in pairs.values()})
+            s_k, s_fold = fold_gqa(s_k, step_args, {a for _, a in pairs.values()})
             notes = notes or combine_notes(p_k, s_k)
+            folds = folds or tuple(f"{what} {site}" for what, sites in (("prefill", p_fold), ("step", s_fold))
+                                   for site in sites)
             modules.append((mlp_over_mesh(p_k, mlp_attrs(pre.analysis.mlps, p_sh), k, s, m_, n_),
                             mlp_over_mesh(s_k, mlp_attrs(step.analysis.mlps, s_sh), k, s, m_, n_)))
             caches.append(chunk)
     return DecodeProgram(prefill_program=pre, step_program=step,
                          mesh=Mesh(n=step.plan.n, m=step.plan.m, s=s), modules=tuple(modules),
-                         caches=tuple(caches), max_seq=S, combine_notes=notes)
+                         caches=tuple(caches), max_seq=S, combine_notes=notes,
+                         fold_notes=folds)
 
 
 def combine_notes(prefill: torch.fx.GraphModule, step: torch.fx.GraphModule) -> tuple[str, ...]:

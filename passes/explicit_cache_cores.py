@@ -16,6 +16,10 @@ k and v are repeat_interleave'd over the heads dim by H / H_kv when enable_gqa; 
 tail `attend(scores, v, mask, is_causal, scale)` starts from its all-reduced scores. The core
 ops and where their arguments sit are the rules table `CORES` (op -> rule, None: not a core).
 
+An explicit core over the cache (Hugging Face's eager attention) keeps its ops; only the
+no-ops between its softmax and its matmul (a cast to the dtype it has, dropout in eval mode,
+dtype assertions) are dropped, so that seq_split sees softmax(scores) @ v.
+
 Only cores that read the cache are rewritten (a core over the prompt alone keeps its kernel),
 and only when the caller splits positions (compile_decoder with s > 1); an s = 1 program never
 runs this pass. Refused (HelixError naming the node): dropout_p other than 0, and an is_causal
@@ -38,7 +42,7 @@ from helix_compiler.errors import HelixError
 from helix_compiler.runtime import kernels  # noqa: F401  (registers torch.ops.helix.attend)
 
 from .find_attention import CACHE_WRITE_OPS
-from .graph_utils import aten, fake_shapes, sdpa_args
+from .graph_utils import SOFTMAX_OPS, aten, fake_shapes, sdpa_args
 
 __all__ = ["CORES", "Core", "explicit_cache_cores"]
 
@@ -160,13 +164,43 @@ def _emit(graph: fx.Graph, node: fx.Node, core: Core) -> fx.Node:
     return call(aten.matmul.default, (p, v))                                   # (B, H, T, d_v)
 
 
+def _is_identity(node: fx.Node) -> bool:
+    """A no-op between a softmax and its matmul: a cast to the dtype it has, dropout in eval."""
+    x = node.args[0] if node.args else None
+    if node.target is aten.to.dtype:
+        return _val(x) is not None and node.args[1] == _val(x).dtype and len(node.args) == 2 \
+            and not node.kwargs
+    if node.target is aten.dropout.default:
+        return node.args[1] == 0 or node.args[2] is False
+    return False
+
+
+def _identities(graph: fx.Graph, reads: set) -> list:
+    """Each no-op (`_is_identity`) and dtype assertion a softmax over the cache passes through
+    on its way to its matmul: Hugging Face's eager core (transformers
+    models/llama/modeling_llama.py eager_attention_forward: softmax(..., dtype=float32)
+    .to(query.dtype), then dropout(p, training=False))."""
+    out = []
+    for sm in [n for n in graph.nodes if n in reads and n.target in SOFTMAX_OPS]:
+        x = sm
+        while True:
+            users = [u for u in x.users if u.target is not aten._assert_tensor_metadata.default]
+            out += [u for u in x.users if u not in users]
+            if len(users) != 1 or not _is_identity(users[0]):
+                break
+            x = users[0]
+            out.append(x)
+    return out
+
+
 def explicit_cache_cores(gm: fx.GraphModule, args: tuple) -> fx.GraphModule:
-    """`gm` with every fused core that reads a KV cache written out explicitly (a new module
-    sharing `gm`'s buffers), or `gm` itself when no core reads one. `args`: example inputs, for
-    the shapes (q's heads and head dim)."""
+    """`gm` with every fused core that reads a KV cache written out explicitly, and every no-op
+    between an explicit core's softmax and its matmul dropped (a new module sharing `gm`'s
+    buffers), or `gm` itself when there is neither. `args`: example inputs, for the shapes
+    (q's heads and head dim)."""
     cores = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in CORES]
     reads = _reads_cache(gm.graph)
-    if not any(n in reads for n in cores):
+    if not any(n in reads for n in cores) and not _identities(gm.graph, reads):
         return gm
     g = fx.Graph()
     g._codegen = gm.graph._codegen
@@ -178,6 +212,10 @@ def explicit_cache_cores(gm: fx.GraphModule, args: tuple) -> fx.GraphModule:
         with out.graph.inserting_before(node):
             res = _emit(out.graph, node, CORES[node.target](node))
         node.replace_all_uses_with(res)
+        out.graph.erase_node(node)
+    for node in reversed(_identities(out.graph, _reads_cache(out.graph))):
+        if node.target is not aten._assert_tensor_metadata.default:
+            node.replace_all_uses_with(node.args[0])
         out.graph.erase_node(node)
     out.graph.lint()
     out.recompile()

@@ -326,7 +326,7 @@ def _run(args, rank: int, world: int, local_rank: int) -> dict:
                "ranks_agree": all(t == lead[r] for r, t in enumerate(everyone)),
                "disagreeing_ranks": [r for r, t in enumerate(everyone) if t != lead[r]],
                "ms_per_token": slowest[0].item(), "prefill_ms": slowest[1].item(),
-               "combine": list(prog.combine_notes)}
+               "combine": list(prog.combine_notes), "gqa_fold": list(prog.fold_notes)}
     if rank == 0:
         want = (hf_generate if hf else greedy_generate)(model, prompt, valid_prompt,
                                                          args.new_tokens)
@@ -351,6 +351,8 @@ def summary_lines(s: dict) -> list[str]:
            "the unsharded model's greedy tokens")
     # s > 1: how each core's chunks are summed (folded into the output all-reduce, or not)
     lines += [f"combine: {note}" for note in s.get("combine", ())]
+    # s > 1: whether each chunk core reads the cache un-repeated (GQA folded into the queries)
+    lines += [f"gqa fold: {note}" for note in s.get("gqa_fold", ())]
     lines.append(f"equal to {ref} (fp32): {verdict}")
     lines.append(f"time per output token: {s['ms_per_token']:.2f} ms (mean of "
                  f"{s['new_tokens'] - 1} decode steps, slowest rank); prefill "

@@ -21,8 +21,10 @@ times, as tensor parallelism copies them):
                           + kernels x t_kernel (a CUDA-graphed step's       kernel_time
                             floor: launch, ramp and tail of each kernel)
                           + explicit core (m > 1 or s > 1): t_row per K    explicit_rows_time
-                            row (B h_kv C/s rows of d/m), qk-gather also
-                            t_gather per row and slice                      gather_rows_time
+                            row (B h_kv C/s rows of d/m: the cache read
+                            un-repeated, GQA's g query heads of a kv head
+                            folded into the query rows, passes/gqa_fold.py),
+                            qk-gather also t_gather per row and slice       gather_rows_time
     communication per layer (alpha-beta, cost.collective_s):
       m > 1 score-reduce  all-reduce of 4 B h (C/s) fp32 scores, m-group    score_reduce_bytes
       m > 1 qk-gather     all-gather of w B (h + h_kv C/s) d, m-group       qk_gather_bytes
