@@ -15,8 +15,10 @@ def _rank_params(prog, r):
 def test_params_per_rank_in_plan_match_emitted_modules(z):
     model, args, kwargs = z.build()
     plans = [(1, 4), (2, 2), (4, 1)] if z.sites else [(1, 4)]
-    for plan in plans:
-        prog = helix_compile(model, devices=4, example_inputs=args, example_kwargs=kwargs, plan=plan)
+    prog = None
+    for plan in plans:   # one capture, each split sharded from it
+        prog = helix_compile(model, devices=4, example_inputs=args, example_kwargs=kwargs, plan=plan) \
+            if prog is None else prog.recompile(plan=plan)
         # the plan counts the largest rank: the one that holds the row-parallel biases (they
         # ride in one rank's partial per reduction group); no rank holds more
         held = [_rank_params(prog, r) for r in range(4)]
