@@ -43,12 +43,15 @@ def test_op_math_equals_softmax_on_padded_fully_masked_and_inf_rows():
     out, lse = OP(q, k, v, bias, 0.3)
     assert torch.equal(out, chunk_attention_math(q, k, v, bias, 0.3)[0])
     kr, vr = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
-    x = q @ kr.transpose(-2, -1) * 0.3 + bias
+    # finite masks below -1e30 taken as -1e30 (the op's floor): the same softmax, lse -1e30 + log C
+    x = q @ kr.transpose(-2, -1) * 0.3 + bias.masked_fill(bias == low, -1e30)
     want = torch.softmax(x, -1) @ vr
     live = torch.ones(2, 4, 3, dtype=torch.bool)
     live[1, :, 0] = False
     assert torch.allclose(out[live], want[live], rtol=1e-5, atol=1e-6)
     assert torch.allclose(out[0, :, 1], vr[0].mean(-2), rtol=1e-5, atol=1e-6)   # uniform
+    unfloored = torch.softmax(q @ kr.transpose(-2, -1) * 0.3 + bias, -1) @ vr
+    assert torch.allclose(unfloored[live], want[live], rtol=1e-5, atol=1e-6)   # the floor changes no output
     assert torch.equal(out[~live], torch.zeros_like(out[~live]))
     assert torch.allclose(lse[live], torch.logsumexp(x, -1)[live], rtol=1e-6)
     assert (lse[1, :, 0] == float("-inf")).all() and not out.isnan().any()

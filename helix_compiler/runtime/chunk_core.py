@@ -10,6 +10,13 @@
     out = softmax(x) @ v                                         # (B, H, T, d_v), v's dtype
     lse = max_c x + log sum_c exp(x - max_c x)                   # fp32, (B, H, T)
 
+A finite bias below -1e30 (Hugging Face's finfo(fp32).min mask) is taken as -1e30
+(`_floor`): a kernel that scales its scores by log2(e) before exp2 would overflow finfo.min
+to -inf and take a fully padded row for one with no visible key. Nothing else changes: a
+masked score still weighs exp(-1e30 - max) = 0, and a fully padded row still has every score
+equal (q k is lost below the ulp of 1e30, as below finfo.min), so its softmax is uniform
+and its lse the same -1e30 in every chunk of equal size.
+
 A row whose every score is -inf (no visible key) gives out = 0 and lse = -inf, as
 `aten._safe_softmax` and the fused SDPA kernels give it. passes/seq_split.py combines the s
 chunks' (out, lse) exactly when the chunks are of equal size (docs/decode.md, "The fused chunk
@@ -34,6 +41,16 @@ _ALIGN = 8
 _CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+_BIAS_FLOOR = -1e30
+
+
+def _floor(bias: torch.Tensor) -> torch.Tensor:
+    """`bias` with finite values below _BIAS_FLOOR raised to it (-inf kept)."""
+    if bias.dtype not in (torch.float32, torch.float64, torch.bfloat16):
+        return bias                     # fp16's finfo.min (-65504) is far above the floor
+    return torch.where(bias == float("-inf"), bias, bias.clamp_min(_BIAS_FLOOR))
+
+
 def _check(q, k, v) -> int:
     """g = H / H_kv, after checking the shapes."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or q.shape[0] != k.shape[0] \
@@ -54,7 +71,7 @@ def chunk_attention_math(q, k, v, bias, scale):
     qf = q.float().reshape(B, Hkv, g * T, d)
     x = (qf @ k.float().transpose(-2, -1)).view(B, H, T, -1) * scale
     if bias is not None:
-        x = x + bias.float()
+        x = x + _floor(bias.float())
     m = x.amax(-1, keepdim=True)                                  # (B, H, T, 1)
     dead = m == float("-inf")                                     # no visible key
     m = m.masked_fill(dead, 0.0)
@@ -81,7 +98,7 @@ def _chunk_attention_cuda(q, k, v, bias, scale):
         # the kernel takes the bias in q's dtype, (B, H_kv, g T, C), rows aligned to 8 elements
         full = torch.empty((B, Hkv, g * T, -(-C // _ALIGN) * _ALIGN), dtype=q.dtype,
                            device=q.device)[..., :C]
-        full.view(B, H, T, C).copy_(bias.expand(B, H, T, C))
+        full.view(B, H, T, C).copy_(_floor(bias).expand(B, H, T, C))
         attn_bias = full
     out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
         qf, k, v, attn_bias, True, 0.0, False, scale=scale)
