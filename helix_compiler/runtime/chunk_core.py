@@ -44,11 +44,13 @@ _CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _BIAS_FLOOR = -1e30
 
 
-def _floor(bias: torch.Tensor) -> torch.Tensor:
-    """`bias` with finite values below _BIAS_FLOOR raised to it (-inf kept)."""
-    if bias.dtype not in (torch.float32, torch.float64, torch.bfloat16):
+def _floor(bias: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`bias` with finite values below _BIAS_FLOOR (or `dtype`'s finfo.min, where higher: an
+    fp32 mask going into an fp16 kernel) raised to it, -inf kept."""
+    low = max(_BIAS_FLOOR, torch.finfo(dtype or bias.dtype).min)
+    if torch.finfo(bias.dtype).min >= low:
         return bias                     # fp16's finfo.min (-65504) is far above the floor
-    return torch.where(bias == float("-inf"), bias, bias.clamp_min(_BIAS_FLOOR))
+    return torch.where(bias == float("-inf"), bias, bias.clamp_min(low))
 
 
 def _check(q, k, v) -> int:
@@ -98,7 +100,7 @@ def _chunk_attention_cuda(q, k, v, bias, scale):
         # the kernel takes the bias in q's dtype, (B, H_kv, g T, C), rows aligned to 8 elements
         full = torch.empty((B, Hkv, g * T, -(-C // _ALIGN) * _ALIGN), dtype=q.dtype,
                            device=q.device)[..., :C]
-        full.view(B, H, T, C).copy_(_floor(bias).expand(B, H, T, C))
+        full.view(B, H, T, C).copy_(_floor(bias, q.dtype).expand(B, H, T, C))
         attn_bias = full
     out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
         qf, k, v, attn_bias, True, 0.0, False, scale=scale)
