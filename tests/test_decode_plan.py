@@ -14,8 +14,8 @@ import pytest
 from helix_compiler.cli.main import _main
 from helix_compiler.planning.cluster import ClusterSpec
 from helix_compiler.planning.decode_plan import (
-    COMBINE_KERNELS, EXPLICIT_ROW_S, FUSED_COMBINE_KERNELS, KERNEL_S, KERNELS_PER_LAYER, DecodeShape, cost_decode, decode_splits,
-    built_fused_chunk, llama70b_shape, plan_decode)
+    COMBINE_KERNELS, FUSED_COMBINE_KERNELS, KERNEL_S, KERNELS_PER_LAYER, DecodeShape, built_fused_chunk,
+    cost_decode, decode_splits, llama70b_shape, plan_decode)
 from helix_compiler.errors import PlanError
 from helix_compiler.pipeline import cluster_spec
 from helix_compiler.planning.profile import DEFAULT_PROFILE
