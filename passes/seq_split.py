@@ -26,6 +26,14 @@ positions [start_k, end_k) only, with
   causal in prefill) has m_k clamped to finfo.min: e = 0, l_k = 0, its weight 0, not NaN.
   Under `_safe_softmax` (an SDPA core written out by passes/explicit_cache_cores.py) a row
   -inf in every chunk has L = 0, divided as 1: the row is 0, as SDPA gives it.
+  With chunks of equal size (S_max % s == 0), a plain core (its softmax reads (q @ k^T)
+  [* or / a number] [+ mask | masked_fill(-inf)], each node read by the next only:
+  `_fusable`) runs instead as helix.chunk_attention(q, k, v, bias, scale) -> (o_k, lse_k)
+  (runtime/chunk_core.py: a fused kernel on CUDA) and the combine gathers lse only:
+  M = max(max_k lse_k, finfo.min), w_k = exp(lse_k - M), partial_k = o_k w_k / sum_k w_k.
+  Exact there: a fully padded row's lse_k is the same in every chunk (log C_k lost, C_k
+  equal), so w_k = 1 each gives the uniform mean; unequal chunks keep the explicit core.
+  Each core's kernel ("fused" / "explicit", and why) is in its `CombineSite`.
   The sum over k is then folded into the output projection: where every op from partial_k to
   a sum all-reduce over the m n ranks of the chunk ("all"; "head" when m = 1, "dim" when
   n = 1) is linear in it (`_LINEAR`), that all-reduce is widened to the whole mesh ("mesh"),
