@@ -35,10 +35,11 @@ demo: $(STAMP)
 	$(BIN)/helix run --devices 16 --backend gloo
 
 # the tests on up to 4 worker processes (pytest-xdist): torchrun tests start 2-4 processes
-# of their own, so more workers than cores only queue
+# of their own, so more workers than cores only queue; worksteal: a worker that is done takes
+# queued tests from the other, so the run does not end on one worker's long tail
 JOBS ?= $(shell $(PYTHON) -c "import os; print(max(1, min(4, len(os.sched_getaffinity(0)))))")
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -x -n $(JOBS)
+	$(BIN)/python -m pytest -q -x -n $(JOBS) --dist worksteal
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis
