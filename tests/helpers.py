@@ -85,6 +85,29 @@ def assert_decode_equal(prog, ref, tokens, valid, positions, *, devices: int, la
         tok = want[:, -1].argmax(-1, keepdim=True)
 
 
+def hf_llama_decoder(impl: str, kv_heads: int, batch: int, max_seq: int, **config):
+    """A small LLaMA (2 layers, 4 heads over `kv_heads`, d 8, attention `impl`, weights seeded
+    0) on transformers' StaticCache (models/hf_static.py); `config` adds LlamaConfig fields."""
+    from transformers import LlamaConfig
+
+    from helix_compiler.models.hf_static import hf_static_decoder
+
+    cfg = LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, head_dim=8,
+                      num_key_value_heads=kv_heads, intermediate_size=64, vocab_size=64,
+                      max_position_embeddings=64, attn_implementation=impl, **config)
+    return hf_static_decoder(cfg, batch, max_seq, seed=0)
+
+
+def padded_prompt(batch: int, max_seq: int, length: int, vocab: int = 64):
+    """Tokens (B, P); valid (B, S_max): row 1 left-padded by 3, the last row all padding."""
+    g = torch.Generator().manual_seed(2)
+    tokens = torch.randint(0, vocab, (batch, length), generator=g)
+    valid = torch.ones(batch, max_seq, dtype=torch.long)
+    valid[1, :3] = 0
+    valid[-1, :length] = 0
+    return tokens, valid
+
+
 def eager_output(model: torch.nn.Module, args: tuple, kwargs: dict):
     """The unsharded eager model's output, the reference every rank must equal."""
     with torch.no_grad():

@@ -272,19 +272,25 @@ def test_gpu_decode_benchmark_small_runs_on_the_cpu_and_writes_its_keys(tmp_path
             assert r["measured_tpot_ms"] > r["predicted_comm_ms"] > 0
 
 
-@pytest.mark.slow
-def test_gpu_decode_reassemble_prices_the_saved_h200_rows_within_15_percent(tmp_path, capsys):
-    """The cost model against decode_h200.json's measured rows (no GPU: the saved per-layer
-    times, the saved LM head time, communication modeled on both sides)."""
+def _reassembled(tmp_path, name: str) -> list[dict]:
+    """benchmarks/gpu_decode.py --reassemble of a saved run under benchmarks/results/: its
+    rows priced by today's model."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:
         import gpu_decode
     finally:
         sys.path.remove(str(REPO / "benchmarks"))
     out = tmp_path / "ratios.json"
-    assert gpu_decode.main(["--reassemble", str(REPO / "benchmarks/results/decode_h200.json"),
+    assert gpu_decode.main(["--reassemble", str(REPO / "benchmarks/results" / name),
                             "--out", str(out)]) == 0
-    rows = json.loads(out.read_text())["rows"]
+    return json.loads(out.read_text())["rows"]
+
+
+@pytest.mark.slow
+def test_gpu_decode_reassemble_prices_the_saved_h200_rows_within_15_percent(tmp_path, capsys):
+    """The cost model against decode_h200.json's measured rows (no GPU: the saved per-layer
+    times, the saved LM head time, communication modeled on both sides)."""
+    rows = _reassembled(tmp_path, "decode_h200.json")
     # the run timed s > 1 as a fused core and an lse rescale, which no built graph runs now:
     # its 108 s > 1 rows are left out, the 39 s = 1 rows priced
     assert len(rows) == 39 and not any(r["name"].startswith("s=") and not r["name"].startswith("s=1 ")
@@ -305,15 +311,7 @@ def test_gpu_decode_reassemble_prices_the_saved_h200_rows_within_15_percent(tmp_
 def test_gpu_decode_reassemble_prices_the_built_s_gt_1_step_measured_on_an_h200(tmp_path):
     """decode_h200_lse.json timed s > 1 as compile_decoder builds it (the explicit chunk core
     and the max-sum combine): today's model prices its 258 s > 1 rows (241 within 15%)."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import gpu_decode
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
-    out = tmp_path / "ratios.json"
-    assert gpu_decode.main(["--reassemble", str(REPO / "benchmarks/results/decode_h200_lse.json"),
-                            "--out", str(out)]) == 0
-    rows = json.loads(out.read_text())["rows"]
+    rows = _reassembled(tmp_path, "decode_h200_lse.json")
     split = [r for r in rows if "s=1 " not in r["name"] and "(s=1 " not in r["name"]]
     assert len(rows) == 378 and len(split) == 258
     within = [r for r in split if abs(r["tpot_ratio"] - 1) <= 0.15]

@@ -12,36 +12,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-from transformers import LlamaConfig
 
 from helix_compiler.decode import compile_decoder
-from helix_compiler.models.hf_static import hf_static_decoder
 from passes.explicit_cache_cores import explicit_cache_cores
 
-from tests.helpers import assert_decode_equal
+from tests.helpers import assert_decode_equal, hf_llama_decoder, padded_prompt
 
 DEVICES = 4
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 SAFE_SOFTMAX = torch.ops.aten._safe_softmax.default
-
-
-def hf_llama(kv_heads: int, batch: int, max_seq: int):
-    """A small LLaMA (2 layers, 4 heads over `kv_heads`, d 8, SDPA, weights seeded 0) on
-    transformers' StaticCache with `valid` as its attention mask (models/hf_static.py)."""
-    config = LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, head_dim=8,
-                         num_key_value_heads=kv_heads, intermediate_size=64, vocab_size=64,
-                         max_position_embeddings=64, attn_implementation="sdpa")
-    return hf_static_decoder(config, batch, max_seq, seed=0)
-
-
-def _prompt(batch: int, max_seq: int, length: int):
-    """Tokens (B, P); valid (B, S_max): row 1 left-padded by 3, the last row all padding."""
-    g = torch.Generator().manual_seed(2)
-    tokens = torch.randint(0, 64, (batch, length), generator=g)
-    valid = torch.ones(batch, max_seq, dtype=torch.long)
-    valid[1, :3] = 0
-    valid[-1, :length] = 0
-    return tokens, valid
 
 
 @pytest.mark.slow
@@ -50,8 +29,8 @@ def _prompt(batch: int, max_seq: int, length: int):
 def test_hf_sdpa_sequence_split_every_rank_equals_unsharded_across_chunk_boundaries(kv_heads, split, variant):
     # S_max 24: s = 2 chunks [0, 12), [12, 24); s = 4 chunks of 6. A 10-token prompt spans
     # chunks 0 .. 1 (s = 4); steps at positions 10 .. 13 cross the boundary at 12.
-    model, ref = hf_llama(kv_heads, 3, 24), hf_llama(kv_heads, 3, 24)
-    tokens, valid = _prompt(3, 24, 10)
+    model, ref = hf_llama_decoder("sdpa", kv_heads, 3, 24), hf_llama_decoder("sdpa", kv_heads, 3, 24)
+    tokens, valid = padded_prompt(3, 24, 10)
     prog = compile_decoder(model, DEVICES, split, variant=variant, prompt_len=10)
     s, m, n = split
     label = f"hf sdpa H_kv={kv_heads} s={s} m={m} n={n} {variant or 'heads'}"
@@ -158,7 +137,7 @@ def test_explicit_cache_cores_leaves_a_core_that_reads_no_cache():
 @pytest.mark.slow
 def test_s1_decode_program_keeps_its_sdpa_core():
     # s = 1 never runs the pass: the HF SDPA step keeps SDPA on every rank
-    model = hf_llama(2, 2, 16)
+    model = hf_llama_decoder("sdpa", 2, 2, 16)
     prog = compile_decoder(model, 2, (1, 1, 2), prompt_len=4)
     for r in range(2):
         assert sum(n.target is SDPA for n in prog.modules[r][1].graph.nodes) == 2, r

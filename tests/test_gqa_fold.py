@@ -15,38 +15,17 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-from transformers import LlamaConfig
 
 from helix_compiler.decode import compile_decoder
 from helix_compiler.models.decoder_cache import DecoderConfig, build
-from helix_compiler.models.hf_static import hf_static_decoder
 from passes.gqa_fold import fold_gqa
 from passes.graph_utils import fake_shapes
 
-from tests.helpers import assert_decode_equal
+from tests.helpers import assert_decode_equal, hf_llama_decoder, padded_prompt
 
 DEVICES = 4
 aten = torch.ops.aten
 REPEATS = (aten.expand.default, aten.repeat.default, aten.repeat_interleave.self_int)
-
-
-def hf_llama(impl: str, kv_heads: int, batch: int, max_seq: int):
-    """A small LLaMA (2 layers, 4 heads over `kv_heads`, d 8, weights seeded 0) on transformers'
-    StaticCache (models/hf_static.py)."""
-    config = LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, head_dim=8,
-                         num_key_value_heads=kv_heads, intermediate_size=64, vocab_size=64,
-                         max_position_embeddings=64, attn_implementation=impl)
-    return hf_static_decoder(config, batch, max_seq, seed=0)
-
-
-def _prompt(batch: int, max_seq: int, length: int):
-    """Tokens (B, P); valid (B, S_max): row 1 left-padded by 3, the last row all padding."""
-    g = torch.Generator().manual_seed(2)
-    tokens = torch.randint(0, 64, (batch, length), generator=g)
-    valid = torch.ones(batch, max_seq, dtype=torch.long)
-    valid[1, :3] = 0
-    valid[-1, :length] = 0
-    return tokens, valid
 
 
 def _cache_reads(gm, caches) -> set:
@@ -77,8 +56,8 @@ def _repeated_shapes(gm, args, caches, heads: int) -> list:
 def test_hf_llama_gqa_chunk_core_reads_cache_unrepeated_every_rank_equals_unsharded(impl, split):
     # H 4 over H_kv 2: g = 2 query heads per kv head on every rank (n = 2: h 2 over h_kv 1).
     # S_max 24, chunks of 12 (s = 2) or 6 (s = 4); steps 10 .. 13 cross chunk boundaries.
-    model, ref = hf_llama(impl, 2, 3, 24), hf_llama(impl, 2, 3, 24)
-    tokens, valid = _prompt(3, 24, 10)
+    model, ref = hf_llama_decoder(impl, 2, 3, 24), hf_llama_decoder(impl, 2, 3, 24)
+    tokens, valid = padded_prompt(3, 24, 10)
     prog = compile_decoder(model, DEVICES, split, prompt_len=10)
     s, m, n = split
     label = f"hf {impl} H_kv=2 s={s} m={m} n={n}"
@@ -100,8 +79,8 @@ def test_hf_llama_gqa_chunk_core_reads_cache_unrepeated_every_rank_equals_unshar
 def test_hf_mha_core_is_left_as_it_is():
     # g = 1: HF's repeat_kv returns the cache itself, nothing to fold; run again, the fold
     # changes no node
-    model, ref = hf_llama("eager", 4, 3, 24), hf_llama("eager", 4, 3, 24)
-    tokens, valid = _prompt(3, 24, 10)
+    model, ref = hf_llama_decoder("eager", 4, 3, 24), hf_llama_decoder("eager", 4, 3, 24)
+    tokens, valid = padded_prompt(3, 24, 10)
     prog = compile_decoder(model, 2, (2, 1, 1), prompt_len=10)
     assert len(prog.fold_notes) == 4 and all(": direct (no repeat of the cache (g = 1))" in x
                                              for x in prog.fold_notes), prog.fold_notes

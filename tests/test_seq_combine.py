@@ -13,18 +13,16 @@ from collections import Counter
 import pytest
 import torch
 import torch.nn as nn
-from transformers import LlamaConfig
 
 from helix_compiler import helix_compile
 from helix_compiler.decode import cache_writes, compile_decoder
 from helix_compiler.models.decoder_cache import DecoderConfig, build
-from helix_compiler.models.hf_static import hf_static_decoder
 from helix_compiler.planning.decode_plan import DecodeShape, cost_decode
 from helix_compiler.program import run_ranks
 from helix_compiler.runtime.mesh import Mesh
 from passes.seq_split import chunk_bounds, split_sequence
 
-from tests.helpers import assert_decode_equal, assert_ranks_equal
+from tests.helpers import assert_decode_equal, assert_ranks_equal, hf_llama_decoder, padded_prompt
 from tests.test_decode_plan import HAND
 
 DEVICES = 4
@@ -42,16 +40,6 @@ def _collectives(gm) -> Counter:
     return out
 
 
-def _prompt(batch: int, max_seq: int, length: int, vocab: int):
-    """Tokens (B, P); valid (B, S_max): row 1 left-padded by 3, the last row all padding."""
-    g = torch.Generator().manual_seed(2)
-    tokens = torch.randint(0, vocab, (batch, length), generator=g)
-    valid = torch.ones(batch, max_seq, dtype=torch.long)
-    valid[1, :3] = 0
-    valid[-1, :length] = 0
-    return tokens, valid
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("split, variant, folded", [((2, 2, 1), "score-reduce", True), ((4, 1, 1), None, False)],
                          ids=lambda x: str(x))
@@ -59,7 +47,7 @@ def test_combine_collectives_per_layer_folded_and_unfolded_every_rank_equals_uns
     # S_max 24 (s = 2: chunks of 12, s = 4: of 6); positions 10 .. 12 cross a boundary at 12
     cfg = DecoderConfig(kv_heads=2)
     model, ref = build(cfg), build(cfg)
-    tokens, valid = _prompt(cfg.batch, cfg.max_seq, 10, cfg.vocab)
+    tokens, valid = padded_prompt(cfg.batch, cfg.max_seq, 10, cfg.vocab)
     prog = compile_decoder(model, DEVICES, split, variant=variant, prompt_len=10)
     s, m, n = split
     L = cfg.layers
@@ -148,12 +136,9 @@ def test_combine_folds_over_a_biased_o_proj_and_not_past_a_norm_every_rank_equal
 @pytest.mark.slow
 def test_hf_llama_with_attention_bias_folds_the_combine_and_equals_unsharded():
     # LLaMA's attention_bias=True gives o_proj a bias: with s = 2 it rides in chunk 0 only
-    config = LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, head_dim=8,
-                         num_key_value_heads=2, intermediate_size=64, vocab_size=64,
-                         max_position_embeddings=64, attn_implementation="sdpa", attention_bias=True)
-    model, ref = (hf_static_decoder(config, 3, 24, seed=0) for _ in range(2))
+    model, ref = (hf_llama_decoder("sdpa", 2, 3, 24, attention_bias=True) for _ in range(2))
     assert model.model.model.layers[0].self_attn.o_proj.bias is not None
-    tokens, valid = _prompt(3, 24, 10, 64)
+    tokens, valid = padded_prompt(3, 24, 10)
     prog = compile_decoder(model, DEVICES, (2, 1, 2), prompt_len=10)
     assert len(prog.combine_notes) == 4 and all(": folded (" in note for note in prog.combine_notes)
     for r in range(DEVICES):
