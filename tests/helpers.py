@@ -203,19 +203,11 @@ def captured_program(model, args: tuple, kwargs: dict):
 
 
 def compile_split(model, args: tuple, kwargs: dict, *, m: int, n: int, variant: str | None):
-    """helix_compile forced to the split (m, n) and variant; checks the plan took them."""
-    from helix_compiler import helix_compile
-
-    key = _sizes(args, kwargs)
-    base = _recall(model, key)
-    if base is not None:
-        prog = base.recompile(plan=(m, n), variant=variant)
-        if prog.analysis is not base.analysis:  # recaptured static: keep that one
-            _remember(model, key, prog)
-    else:
-        prog = helix_compile(model, devices=m * n, example_inputs=args, example_kwargs=kwargs,
-                             plan=(m, n), variant=variant)
-        _remember(model, key, prog)
+    """helix_compile forced to the split (m, n) and variant; checks the plan took them. The
+    split is sharded from the model's dynamic capture (captured_program); a program the split
+    recaptures with static shapes is not remembered, so that every split, and every test of
+    another input size, starts from the dynamic capture as a fresh compile would."""
+    prog = captured_program(model, args, kwargs).recompile(plan=(m, n), variant=variant)
     assert (prog.plan.m, prog.plan.n) == (m, n), f"asked for m={m} x n={n}, got {prog.plan.m} x {prog.plan.n}"
     assert prog.plan.variants == (variant or "heads",) * len(prog.plan.sites), prog.plan.variants
     return prog
