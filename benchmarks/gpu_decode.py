@@ -11,7 +11,10 @@ copied kv heads; `--dp K`: only K replicas) is run as the rank that owns the new
 slices, its cache slice (h_kv kv heads, d/m dims, C/s positions), the cache write of the new
 token's k and v, its attention core (s = 1, m = 1: the fused flash kernel with GQA folded into the
 query length; score-reduce: QK^T over d/m, fp32 softmax, PV; qk-gather: QK^T over the gathered
-d), for s > 1 the explicit chunk core and combine that passes/seq_split.py builds (`_chunk_core`:
+d), for s > 1 the chunk core and combine that passes/seq_split.py builds: with equal chunks and one
+q @ k^T (m = 1, qk-gather) the fused helix.chunk_attention and its lse rescale
+(`_fused_chunk_core`, decode_plan.built_fused_chunk; the row's "chunk_core" key), else the
+explicit chunk core (`_chunk_core`:
 GQA folded into the query rows as passes/gqa_fold.py folds it, K and V read un-repeated; fp32 scores, the chunk's row max and sum, PV, then the rescale by exp(m_k - M) / L read from the
 all-gathered (max, sum) of the s chunks; every variant, as compile_decoder writes a fused core
 out for s > 1), the output projection over its H d / (m n) rows (replicated over the s-group,
@@ -55,7 +58,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from helix_compiler.planning.decode_plan import DecodeShape, llama70b_shape, plan_decode  # noqa: E402
+from helix_compiler.planning.decode_plan import (DecodeShape, built_fused_chunk,  # noqa: E402
+                                                 llama70b_shape, plan_decode)
+import helix_compiler.runtime.chunk_core  # noqa: E402,F401  (registers helix.chunk_attention)
 from helix_compiler.errors import HelixError  # noqa: E402
 from helix_compiler.pipeline import cluster_spec  # noqa: E402
 from helix_compiler.planning.profile import DEFAULT_PROFILE, load_profile  # noqa: E402
@@ -115,6 +120,19 @@ def _chunk_core(q, k, v, every):
     return o * scale.to(o.dtype), stats
 
 
+def _fused_chunk_core(q, k, v, bias, every):
+    """Chunk k's share as passes/seq_split.py builds it for equal chunks: helix.chunk_attention
+    (torch's memory-efficient kernel with its log-sum-exp on CUDA; q (B, h_kv, g, d) viewed as
+    (B, h, 1, d), K and V un-repeated, the chunk's mask as its bias) and the rescale by
+    exp(lse_k - M) / sum_k exp(lse_k - M), `every` (s, B, h, 1) the s chunks' all-gathered
+    lse. Returns (share, this chunk's lse); the all-gather is modeled."""
+    B, hkv, g, d = q.shape
+    o, lse = torch.ops.helix.chunk_attention(q.reshape(B, hkv * g, 1, d), k, v, bias, d ** -0.5)
+    top = every.amax(0, keepdim=True).clamp(torch.finfo(torch.float32).min)
+    w = torch.exp(every - top)
+    return o * (w[-1] / w.sum(0)).unsqueeze(-1).to(o.dtype), lse
+
+
 def _fused(q, k, v):
     """(out, lse) of a fused kernel, or None where this device has none for the inputs."""
     if q.device.type != "cuda":
@@ -140,8 +158,9 @@ def _core_kernel(dev) -> str:
 
 
 def _step(lay: dict, x, shape: DecodeShape, s: int, m: int, n: int, variant: str, pos: int,
-          every):
-    """One decode layer on the rank; its collectives are modeled, not run."""
+          every, fused_chunk: bool = False):
+    """One decode layer on the rank; its collectives are modeled, not run. `fused_chunk`: the
+    s > 1 core is the fused one (`built_fused_chunk`), `every` then the gathered lse."""
     B = x.shape[0]
     h, hkv, d = shape.heads // n, max(shape.kv_heads // n, 1), shape.head_dim
     dm, g = d // m, (shape.heads // n) // max(shape.kv_heads // n, 1)
@@ -154,7 +173,9 @@ def _step(lay: dict, x, shape: DecodeShape, s: int, m: int, n: int, variant: str
         for j in range(m):
             lay["Kfull"][..., j * dm:(j + 1) * dm].copy_(lay["K"])
         qx, kx = q.repeat(1, 1, 1, m), lay["Kfull"]
-    if s > 1:   # the explicit chunk core and its share (seq_split); the all-gather modeled
+    if s > 1 and fused_chunk:   # the fused chunk core and its lse share; the all-gather modeled
+        out, _ = _fused_chunk_core(qx, kx, lay["V"], lay["bias"], every)
+    elif s > 1:   # the explicit chunk core and its share (seq_split); the all-gather modeled
         out, _ = _chunk_core(qx, kx, lay["V"], every)
     elif variant == "heads":
         got = _fused(q, lay["K"], lay["V"])
@@ -201,12 +222,17 @@ def measure_row(shape, C, B, row, dev, dtype, iters, warmup) -> dict:
     # what the all-gather of the chunks' (max, sum) would hold: sums > 0
     every = torch.randn(s, B, h_kv, g, 2, device=dev, generator=gen)
     every[..., 1].abs_().add_(1.0)
+    fused_chunk = built_fused_chunk(C, s, v)
+    if fused_chunk:    # the all-gathered lse of the s chunks; each layer's mask chunk (B, 1, 1, C/s)
+        every = torch.randn(s, B, h_kv * g, 1, device=dev, generator=gen)
+        for lay in layers:
+            lay["bias"] = torch.zeros(B, 1, 1, C // s, device=dev, dtype=dtype)
     pos = C // s - 1                   # the last position of the last chunk: this rank writes it
 
     def step():
         x = x0
         for lay in layers:
-            x = _step(lay, x, shape, s, m, n, v, pos, every)
+            x = _step(lay, x, shape, s, m, n, v, pos, every, fused_chunk)
         return x
 
     with torch.no_grad():
@@ -215,6 +241,7 @@ def measure_row(shape, C, B, row, dev, dtype, iters, warmup) -> dict:
         t = _time(graphed, iters, warmup, dev) if graphed is not None else t_eager
     del layers
     return {"timed_layers": k, "measured_layer_ms": t / k * 1e3,
+            "chunk_core": ("fused" if fused_chunk else "explicit") if s > 1 else "-",
             "measured_compute_ms": t / k * shape.layers * 1e3,
             "cuda_graph": graphed is not None,
             "measured_eager_layer_ms": t_eager / k * 1e3,
@@ -311,7 +338,9 @@ def reassemble(path: str, out: str | None = None) -> int:
             rep_ms = r.get("replicated_measured_ms", entry.get("replicated_measured_ms", 0.0))
             cost = dp.cost_decode(shape, C_, B_, (r["s"], r["m"], r["n"]), cluster, profile,
                                   r["variant"] if r["m"] > 1 else None, o_proj=o_proj,
-                                  dp=r.get("dp", 1))
+                                  dp=r.get("dp", 1),
+                                  # runs before the fused chunk core timed the explicit one
+                                  chunk_core=r.get("chunk_core", "explicit") if r["s"] > 1 else None)
             terms = _row_terms(cost)
             meas_layers = r["measured_layer_ms"] * L
             pred_tpot = cost.tpot_ms

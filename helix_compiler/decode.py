@@ -274,7 +274,7 @@ def check_partitioned(prog: HelixProgram, what: str) -> None:
 
 def compile_decoder(model: torch.nn.Module, devices: int, split: tuple[int, ...] | None = None, *,
                     variant: str | None = None, prompt_len: int = 4,
-                    rank: int | None = None) -> DecodeProgram:
+                    rank: int | None = None, fuse_chunk_core: bool = True) -> DecodeProgram:
     """Prefill and decode-step programs of `model` (a CacheDecoder: `prefill(tokens, valid)`,
     `decode_step(token, cache_position, valid)`, cache buffers (B, H_kv, S_max, d)) for `devices`
     ranks, forced to `split` = (m, n) or (s, m, n) (s chunks of the cache's positions, each
@@ -284,7 +284,10 @@ def compile_decoder(model: torch.nn.Module, devices: int, split: tuple[int, ...]
     cache slices start as
     copies of the model's buffers' slices; the model itself is never written. With `rank`
     (one torchrun process: helix_compiler/cli/generate.py) only that rank's module pair and cache
-    slices are built; every other rank's entries are None, so only run that rank's modules."""
+    slices are built; every other rank's entries are None, so only run that rank's modules.
+    s > 1 with chunks of equal size: each plain chunk core runs as helix.chunk_attention (a fused
+    kernel on CUDA) combined by its lse (passes/seq_split.py); `fuse_chunk_core=False` keeps
+    the explicit core everywhere (CombineSite.kernel says which each core runs)."""
     s = 1
     if split is None:
         row, _, _ = plan_split(model, devices, prompt_len, model.cfg.max_seq, dp=1)
@@ -355,9 +358,9 @@ def compile_decoder(model: torch.nn.Module, devices: int, split: tuple[int, ...]
                      for src, (_, a) in pairs.items()}
             # attention (q/k/v/o) replicated over the s-group, the MLPs over all N ranks
             p_k = split_sequence(p_core, (tokens, valid), k, mesh,
-                                 {pa: chunk[src] for src, (pa, _) in pairs.items()})
+                                 {pa: chunk[src] for src, (pa, _) in pairs.items()}, fuse_chunk_core)
             s_k = split_sequence(s_core, step_args, k, mesh,
-                                 {a: chunk[src] for src, (_, a) in pairs.items()})
+                                 {a: chunk[src] for src, (_, a) in pairs.items()}, fuse_chunk_core)
             # GQA: the chunk core's matmuls read the cache un-repeated (after the split, whose
             # combine matches softmax(scores) @ v and sizes repeat_kv's views to the chunk)
             p_k, p_fold = fold_gqa(p_k, (tokens, valid), {pa for pa, _ in pairs.values()})

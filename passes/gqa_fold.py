@@ -43,6 +43,7 @@ import torch
 import torch.fx as fx
 
 from helix_compiler.errors import HelixError
+from helix_compiler.runtime import chunk_core as _cc  # noqa: F401  (registers helix.chunk_attention)
 from helix_compiler.runtime import collectives as _c  # noqa: F401  (registers torch.ops.helix)
 
 from .graph_utils import MOVEMENT_OPS, aten, fake_shapes, norm_dim
@@ -218,6 +219,37 @@ def _matmuls_before(node: fx.Node) -> set:
     return out
 
 
+_CHUNK_OP = torch.ops.helix.chunk_attention.default
+
+
+def _fold_chunk_op(op: fx.Node) -> FoldSite:
+    """seq_split's fused chunk core helix.chunk_attention(q, K, V, bias, scale) over a
+    repeat_kv'd K and V: given K and V themselves (the op folds the g query heads of a kv head
+    into its rows; H a multiple of H_kv)."""
+    k, v = op.args[1], op.args[2]
+    rules = [REPEATS.get(x.target) if isinstance(x, fx.Node) and x.op == "call_function" else None
+             for x in (k, v)]
+    reps = [rule(x) if rule else None for rule, x in zip(rules, (k, v))]
+    if all(isinstance(r, Repeat) for r in reps) and reps[0].g == reps[1].g:
+        op.update_arg(1, reps[0].source)
+        op.update_arg(2, reps[1].source)
+        return FoldSite(core=op.name, form="folded", detail=(
+            f"K and V read un-repeated, g={reps[0].g} query heads per kv head in the rows of "
+            f"{op.name} (helix.chunk_attention)"))
+    if all(r is None for r in reps):
+        return FoldSite(core=op.name, form="direct", detail="no repeat of the cache (g = 1)")
+    why = []
+    for x, r in zip((k, v), reps):
+        if isinstance(r, str):
+            why.append(f"{x.name}: {r}")
+        elif r is None:
+            why.append(f"{x.name}: not a repeat (repeat_kv's expand + reshape, repeat_interleave), "
+                       f"where the other is one")
+        else:
+            why.append(f"{x.name}: repeated g={r.g}")
+    return FoldSite(core=op.name, form="unfolded", detail="; ".join(why))
+
+
 def fold_gqa(gm: fx.GraphModule, args: tuple, caches) -> tuple[fx.GraphModule, tuple[FoldSite, ...]]:
     """(`gm` with every matmul of an explicit core that reads a repeat_kv'd cache folded, a new
     module sharing `gm`'s buffers and meta; each core's `FoldSite`, also in its
@@ -257,7 +289,8 @@ def fold_gqa(gm: fx.GraphModule, args: tuple, caches) -> tuple[fx.GraphModule, t
                    else "that is not repeat_kv's expand + reshape or repeat_interleave")
             state[mm] = ("unfolded", f"{names[mm]}: reads a repeat of the cache "
                                      f"({', '.join(copies)}) {how}") if copies else ("direct", "")
-    sites = []
+    sites = [_fold_chunk_op(op) for op in list(graph.nodes)
+             if op.target is _CHUNK_OP and op.args[1] in reads]
     for v, mine in cores.items():
         forms = [state[x] for x in mine]
         if all(f == "folded" for f, _ in forms):

@@ -26,6 +26,14 @@ positions [start_k, end_k) only, with
   causal in prefill) has m_k clamped to finfo.min: e = 0, l_k = 0, its weight 0, not NaN.
   Under `_safe_softmax` (an SDPA core written out by passes/explicit_cache_cores.py) a row
   -inf in every chunk has L = 0, divided as 1: the row is 0, as SDPA gives it.
+  With chunks of equal size (S_max % s == 0), a plain core (its softmax reads (q @ k^T)
+  [* or / a number] [+ mask | masked_fill(-inf)], each node read by the next only:
+  `_fusable`) runs instead as helix.chunk_attention(q, k, v, bias, scale) -> (o_k, lse_k)
+  (runtime/chunk_core.py: a fused kernel on CUDA) and the combine gathers lse only:
+  M = max(max_k lse_k, finfo.min), w_k = exp(lse_k - M), partial_k = o_k w_k / sum_k w_k.
+  Exact there: a fully padded row's lse_k is the same in every chunk (log C_k lost, C_k
+  equal), so w_k = 1 each gives the uniform mean; unequal chunks keep the explicit core.
+  Each core's kernel ("fused" / "explicit", and why) is in its `CombineSite`.
   The sum over k is then folded into the output projection: where every op from partial_k to
   a sum all-reduce over the m n ranks of the chunk ("all"; "head" when m = 1, "dim" when
   n = 1) is linear in it (`_LINEAR`), that all-reduce is widened to the whole mesh ("mesh"),
@@ -57,6 +65,7 @@ import torch
 import torch.fx as fx
 
 from helix_compiler.errors import HelixError
+from helix_compiler.runtime import chunk_core as _cc  # noqa: F401  (registers helix.chunk_attention)
 from helix_compiler.runtime import collectives as _c  # noqa: F401  (registers torch.ops.helix)
 from helix_compiler.runtime.mesh import Mesh
 
@@ -118,14 +127,21 @@ class CombineSite:
     core: str            # the core's output node in the rank graph (its softmax @ v)
     form: str            # "folded" | "unfolded"
     detail: str          # folded: the widened all-reduces; unfolded: why not folded
+    # the chunk core: "fused" (helix.chunk_attention, combined by its lse) or "explicit"
+    # (softmax(scores) @ v written out, combined by (m_k, l_k)); kernel_detail: why explicit
+    kernel: str = "explicit"
+    kernel_detail: str = ""
 
     def __post_init__(self) -> None:
         if self.form not in ("folded", "unfolded"):
             raise HelixError(f"CombineSite {self.core}: form {self.form!r}; expected 'folded' or "
                              f"'unfolded'")
+        if self.kernel not in ("fused", "explicit"):
+            raise HelixError(f"CombineSite {self.core}: kernel {self.kernel!r}; expected 'fused' or "
+                             f"'explicit'")
 
     def __str__(self) -> str:
-        return f"{self.core}: {self.form} ({self.detail})"
+        return f"{self.core}: {self.form} ({self.detail}); {self.kernel} core ({self.kernel_detail})"
 
 
 def _val(node):
@@ -134,11 +150,12 @@ def _val(node):
 
 
 def split_sequence(gm: fx.GraphModule, args: tuple, k: int, mesh: Mesh,
-                   caches: dict[str, torch.Tensor]) -> fx.GraphModule:
+                   caches: dict[str, torch.Tensor], fuse: bool = True) -> fx.GraphModule:
     """Rank (i, j, k)'s module from rank (i, j)'s `gm` (left as it is) of `mesh` (n x m x s):
     chunk k of the cache positions (`chunk_bounds`); `caches` maps each written buffer's
     attribute name to the chunk tensor the new module holds (shared with the other program of
-    the same rank). The module's meta["seq_combine"] holds each core's `CombineSite`."""
+    the same rank). With `fuse`, each core `_fusable` proves plain runs as helix.chunk_attention
+    with the lse combine. The module's meta["seq_combine"] holds each core's `CombineSite`."""
     if not 0 <= k < mesh.s:
         raise HelixError(f"seq_split: chunk k={k} of s={mesh.s}; k must be in [0, {mesh.s})")
     g = fx.Graph()
@@ -189,7 +206,12 @@ def split_sequence(gm: fx.GraphModule, args: tuple, k: int, mesh: Mesh,
                 node.replace_input_with(a, part)
     for node in [n for n in graph.nodes if n in downstream and n.target in _SIZED]:
         _chunk_sizes(node, S, end - start)
-    sites = tuple(_combine(graph, sm, k, mesh)
+    bounds = chunk_bounds(S, mesh.s)
+    equal = None if len({b - a for a, b in bounds}) == 1 else (
+        f"chunks of unequal size ({S} positions over s={mesh.s}: "
+        f"{sorted({b - a for a, b in bounds})}); a fully padded row's lse would weigh them equally")
+    sites = tuple(_combine(graph, sm, k, mesh, downstream,
+                           equal if fuse else "fuse=False: the explicit core asked for")
                   for sm in [n for n in graph.nodes if n in downstream and n.target in SOFTMAX_OPS])
     graph.eliminate_dead_code()
     graph.lint()
@@ -278,11 +300,119 @@ def _owner_write(graph: fx.Graph, w: fx.Node, start: int, end: int) -> None:
     graph.erase_node(w)
 
 
-def _combine(graph: fx.Graph, sm: fx.Node, k: int, mesh: Mesh) -> CombineSite:
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Plain:
+    """A chunk core softmax((q @ k^T) * scale + bias) @ v, its parts in the graph."""
+
+    q: fx.Node
+    k: fx.Node
+    scale: float
+    bias: tuple          # (("add", mask) | ("fill", cond)), each added to the scores
+
+
+def _fusable(sm: fx.Node, pv: fx.Node, downstream: set) -> _Plain | str:
+    """The core's parts when its softmax reads (q @ k^T) [* or / a number] [+ masks, or
+    masked_fill(-inf)], each node read by the next only, over the last dim; else why not."""
+    x = sm.args[0]
+    dim = sm.args[1] if len(sm.args) > 1 else sm.kwargs.get("dim")
+    vx = _val(x)
+    if vx is None or vx.dim() != 4 or dim is None or dim % 4 != 3:
+        return f"softmax {sm.name} is not over the last dim of 4-d scores"
+    dtype = sm.kwargs.get("dtype") or (sm.args[2] if sm.target is not aten._softmax.default
+                                       and len(sm.args) > 2 else None)
+    if dtype not in (None, vx.dtype) or (sm.target is aten._softmax.default and sm.args[2]
+                                         and vx.dtype != torch.float32):
+        return f"softmax {sm.name} casts its {vx.dtype} scores"
+    if pv.target is not aten.matmul.default or _val(pv.args[1]) is None or _val(pv.args[1]).dim() != 4:
+        return f"{pv.name} ({pv.target}) is not a 4-d matmul with the values"
+    bias, node = [], x
+    while isinstance(node, fx.Node) and node.target in (aten.add.Tensor, aten.masked_fill.Scalar):
+        if len(node.users) != 1:
+            return f"{node.name} on the scores is read by {len(node.users)} nodes"
+        if node.target is aten.masked_fill.Scalar:
+            if node.args[2] != float("-inf"):
+                return f"{node.name} fills the scores with {node.args[2]}, not -inf"
+            bias.append(("fill", node.args[1]))
+            nxt = node.args[0]
+        else:
+            a, b = node.args[:2]
+            chain = [y for y in (a, b) if isinstance(y, fx.Node) and y in downstream]
+            other = b if chain == [a] else a
+            if len(chain) != 1 or len(node.args) > 2 or node.kwargs or not isinstance(other, fx.Node):
+                return f"{node.name} adds to the scores something other than one mask tensor"
+            bias.append(("add", other))
+            nxt = chain[0]
+        if _val(nxt) is None or tuple(_val(nxt).shape) != tuple(_val(node).shape):
+            return f"{node.name} widens the scores {list(_val(nxt).shape) if _val(nxt) is not None else '?'}"
+        node = nxt
+    scale = 1.0
+    if isinstance(node, fx.Node) and node.target in (aten.mul.Tensor, aten.div.Tensor) \
+            and isinstance(node.args[1], (int, float)) and len(node.users) == 1:
+        scale = float(node.args[1]) if node.target is aten.mul.Tensor else 1.0 / float(node.args[1])
+        node = node.args[0]
+    if not (isinstance(node, fx.Node) and node.target is aten.matmul.default and len(node.users) == 1):
+        return f"the scores of {sm.name} are not q @ k^T (times a number) plus masks"
+    q, kt = node.args
+    if not (isinstance(kt, fx.Node) and kt.target is aten.transpose.int
+            and {d % 4 for d in kt.args[1:3]} == {2, 3} and _val(q) is not None and _val(q).dim() == 4
+            and q not in downstream and kt.args[0] in downstream):
+        return f"{node.name} is not q @ k^T of a 4-d q and the cache's k"
+    return _Plain(q=q, k=kt.args[0], scale=scale, bias=tuple(bias))
+
+
+def _combine(graph: fx.Graph, sm: fx.Node, k: int, mesh: Mesh, downstream: set,
+             no_fuse: str | None) -> CombineSite:
     """softmax(x) @ v over chunk k -> this chunk's share of the exact attention over all
     chunks, summed by the output projection's widened all-reduce or by one over "seq"."""
     (pv,) = sm.users
-    x, v, core = sm.args[0], pv.args[1], pv.name
+    plain = no_fuse or _fusable(sm, pv, downstream)
+    if isinstance(plain, _Plain):
+        partial = _fused(graph, sm, pv, plain, k, mesh)
+        kernel = ("fused", f"helix.chunk_attention, lse combine, scale={plain.scale:.6g}, "
+                           f"{len(plain.bias)} mask(s) as its bias")
+    else:
+        partial = _explicit(graph, sm, pv, k, mesh)
+        kernel = ("explicit", plain)
+    site = _sum_chunks(graph, partial, pv.name, k, mesh)
+    return CombineSite(core=site.core, form=site.form, detail=site.detail, kernel=kernel[0],
+                       kernel_detail=kernel[1])
+
+
+def _fused(graph: fx.Graph, sm: fx.Node, pv: fx.Node, plain: _Plain, k: int, mesh: Mesh) -> fx.Node:
+    """The chunk's (o_k, lse_k) from helix.chunk_attention; one all-gather of lse over "seq":
+
+        M = max(max_k lse_k, finfo.min);  w_k = exp(lse_k - M);  partial_k = o_k w_k / sum_k w_k
+
+    exact when the chunks are of equal size (docs/decode.md, "The fused chunk core")."""
+    call = graph.call_function
+    safe = sm.target is aten._safe_softmax.default
+    with graph.inserting_before(pv):
+        bias = None
+        for kind, t in plain.bias:
+            part = t if kind == "add" else call(aten.where.Scalar, (t, float("-inf"), 0.0))
+            bias = part if bias is None else call(aten.add.Tensor, (bias, part))
+        out = call(helix.chunk_attention.default, (plain.q, plain.k, pv.args[1], bias, plain.scale))
+        o = call(operator.getitem, (out, 0))                                    # (B, H/n, T, d_v)
+        lse = call(operator.getitem, (out, 1))                                  # (B, H/n, T) fp32
+        stats = call(aten.unsqueeze.default, (call(aten.unsqueeze.default, (lse, -1)), 0))
+        every = call(helix.all_gather.default, (stats, "seq", 0, [1] * mesh.s))  # (s, B, H/n, T, 1)
+        # a row -inf in every chunk (lse_k = -inf): M clamped to finfo.min, so w = 0, not NaN
+        top = call(aten.clamp.default, (call(aten.amax.default, (every, [0], True)),
+                                        torch.finfo(torch.float32).min))
+        w = call(aten.exp.default, (call(aten.sub.Tensor, (every, top)),))
+        total = call(aten.sum.dim_IntList, (w, [0], False))
+        if safe:   # that row: 0 / 1 = 0, as SDPA; a plain softmax: 0 / 0 = NaN, as unsharded
+            total = call(aten.masked_fill.Scalar, (total, call(aten.eq.Scalar, (total, 0.0)), 1.0))
+        partial = call(aten.mul.Tensor, (o, call(aten.div.Tensor, (call(aten.select.int, (w, 0, k)), total))))
+    pv.replace_all_uses_with(partial)
+    graph.erase_node(pv)
+    graph.erase_node(sm)
+    return partial
+
+
+def _explicit(graph: fx.Graph, sm: fx.Node, pv: fx.Node, k: int, mesh: Mesh) -> fx.Node:
+    """The chunk's partial output by the written-out core, combined by (m_k, l_k)."""
+    x, v = sm.args[0], pv.args[1]
     safe = sm.target is aten._safe_softmax.default
     call = graph.call_function
     with graph.inserting_before(pv):
@@ -310,6 +440,12 @@ def _combine(graph: fx.Graph, sm: fx.Node, k: int, mesh: Mesh) -> CombineSite:
     pv.replace_all_uses_with(partial)
     graph.erase_node(pv)
     graph.erase_node(sm)
+    return partial
+
+
+def _sum_chunks(graph: fx.Graph, partial: fx.Node, core: str, k: int, mesh: Mesh) -> CombineSite:
+    """sum_k partial_k: folded into the output projection's all-reduce, or one over "seq"."""
+    call = graph.call_function
     path, reduces, why = ([], [], "m = n = 1: no output-projection all-reduce to fold the sum "
                           "into") if mesh.m * mesh.n == 1 else _fold_path(partial, chunk_axes(mesh.m, mesh.n))
     if why is None:

@@ -14,8 +14,8 @@ import pytest
 from helix_compiler.cli.main import _main
 from helix_compiler.planning.cluster import ClusterSpec
 from helix_compiler.planning.decode_plan import (
-    COMBINE_KERNELS, EXPLICIT_ROW_S, KERNEL_S, KERNELS_PER_LAYER, DecodeShape, cost_decode, decode_splits,
-    llama70b_shape, plan_decode)
+    COMBINE_KERNELS, FUSED_COMBINE_KERNELS, KERNEL_S, KERNELS_PER_LAYER, DecodeShape, built_fused_chunk,
+    cost_decode, decode_splits, llama70b_shape, plan_decode)
 from helix_compiler.errors import PlanError
 from helix_compiler.pipeline import cluster_spec
 from helix_compiler.planning.profile import DEFAULT_PROFILE
@@ -119,19 +119,28 @@ def test_a_replica_costs_its_own_split_at_its_share_of_the_sequences(plan_64_rep
         cost_decode(LLAMA, 131072, 8, (1, 1, 8), cl, dp=3)
 
 
-def test_where_one_sequence_outgrows_a_replica_the_cache_split_is_priced_with_its_explicit_core():
+def test_where_one_sequence_outgrows_a_replica_the_cache_split_is_priced_with_its_fused_chunk_core():
     """1M positions, 4 sequences, 64 devices: a replica's cache would be 1/dp of 687 GB over
-    64/dp ranks. s=8 x n=8 over all 64 was chosen while s > 1 was priced as a fused core; the
-    built s > 1 core is explicit (passes/seq_split.py: 23 + 12 kernels and its K rows per
-    layer), which puts it 10% behind dp=4 x TP=16, next in the planner's reason."""
+    64/dp ranks. The built s > 1 step runs its chunk core fused where the chunks are of equal
+    size and the scores are one q @ k^T (helix.chunk_attention, passes/seq_split.py; every
+    planner row has equal chunks): s=8 x n=8 is priced as a fused core (17 + 12 kernels, no
+    K rows, one lse all-gather) and chosen ahead of dp=4 x TP=16 (an H200 measured 24.1 ms
+    fused against 28.2 ms replicated TP at 2 sequences); a score-reduce s > 1 row keeps the
+    explicit core (23 + 12 kernels and its K rows per layer)."""
     plan = plan_decode(LLAMA, 1048576, 4, 64, cluster_spec(None, 64))
-    assert (plan.chosen.dp, plan.chosen.s, plan.chosen.n) == (4, 1, 16)
-    split = next(r for r in plan.candidates if (r.dp, r.s, r.m, r.n) == (1, 8, 1, 8))
-    assert split.fits and plan.chosen.tpot_ms < split.tpot_ms < 1.15 * plan.chosen.tpot_ms
-    assert f"next {split.name} at {split.tpot_ms:.2f} ms" in plan.reason
-    terms = dict(split.terms)
+    assert (plan.chosen.dp, plan.chosen.s, plan.chosen.m, plan.chosen.n) == (1, 8, 1, 8)
+    rtp = plan.replicated_tp
+    assert (rtp.dp, rtp.n) == (4, 16) and plan.chosen.tpot_ms < rtp.tpot_ms
+    terms = dict(plan.chosen.terms)
+    assert f"{KERNELS_PER_LAYER['heads'] + FUSED_COMBINE_KERNELS} kernels x 3.05 us" in terms
+    assert "explicit core: K rows" not in terms and "row lse all-gather (s-group)" in terms
+    assert built_fused_chunk(1048576, 8, "heads") and not built_fused_chunk(1048576, 8, "score-reduce") \
+        and not built_fused_chunk(1048575, 8, "heads")
+    sr = next(r for r in plan.candidates if (r.dp, r.s, r.m, r.n) == (1, 8, 2, 4)
+              and r.variant == "score-reduce")
+    terms = dict(sr.terms)
     assert f"{KERNELS_PER_LAYER['score-reduce'] + COMBINE_KERNELS} kernels x 3.05 us" in terms
-    assert terms["explicit core: K rows"] > 0
+    assert terms["explicit core: K rows"] > 0 and "row max and sum all-gather (s-group)" in terms
 
 
 def test_a_plan_over_the_memory_limit_is_excluded_with_the_numbers():
@@ -152,7 +161,7 @@ HAND = ClusterSpec(name="hand", nodes=1, gpus_per_node=4, gpu="hand", peak_flops
 
 def test_tpot_of_one_plan_by_hand():
     """s=2 x m=1 x n=2 of L=2, D=64, H=8, H_kv=2, d=16, F=128 fp16 at C=32, B=4 on one node:
-    the explicit chunk core and the combine passes/seq_split.py builds."""
+    the fused chunk core (equal chunks of 16) and the lse combine passes/seq_split.py builds."""
     shape = DecodeShape(name="hand", layers=2, hidden=64, heads=8, kv_heads=2, head_dim=16,
                         ffn=128, dtype="fp16")
     got = cost_decode(shape, 32, 4, (2, 1, 2), HAND, DEFAULT_PROFILE)
@@ -163,12 +172,12 @@ def test_tpot_of_one_plan_by_hand():
     attn_params = 64 * (4 + 2 * 1) * 16 + (4 * 16) * 64
     mlp_params = 3 * 64 * 32
     gemv = lambda p: (w * p + 2 * w * B * 64) / bw                    # noqa: E731
-    # K and V of the slice, and 4 passes over the B h C/s fp32 scores of the explicit core
-    core = (2 * B * 16 * 1 * 16 * w + 4 * 4 * B * 4 * 16) / bw
-    rows = EXPLICIT_ROW_S * B * 1 * 16                                 # B h_kv C/s K rows
-    kernels = (KERNELS_PER_LAYER["score-reduce"] + COMBINE_KERNELS) * KERNEL_S
+    # K and V of the slice; the fused core keeps its scores on chip: no score passes, no K rows
+    core = (2 * B * 16 * 1 * 16 * w) / bw
+    rows = 0.0
+    kernels = (KERNELS_PER_LAYER["heads"] + FUSED_COMBINE_KERNELS) * KERNEL_S
     ring = lambda c, p, x: 1e-5 + c * (p - 1) / p * x / 1e11          # noqa: E731
-    comm = (ring(1, 2, 4 * 2 * B * 4 * 2)     # each chunk's fp32 row max and sum, gathered over s = 2
+    comm = (ring(1, 2, 4 * B * 4 * 2)         # each chunk's fp32 row lse, gathered over s = 2
             + ring(2, 4, w * B * 64)          # output all-reduce over the mesh, N = 4 (the chunks too)
             + ring(2, 4, w * B * 64))         # MLP all-reduce over N = 4
     layer = gemv(attn_params) + core + rows + gemv(mlp_params) + kernels + comm

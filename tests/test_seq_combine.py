@@ -155,8 +155,8 @@ def test_decode_cost_prices_the_built_combine_collectives(split):
     comm = [(name, ms) for name, ms in got.terms if "all-reduce" in name or "all-gather" in name]
     names = [name for name, _ in comm]
     want = (["score all-reduce (m-group)"] if m > 1 else [])
-    if s > 1:
-        want.append("row max and sum all-gather (s-group)")
+    if s > 1:   # equal chunks, one q @ k^T (m = 1): the fused chunk core, its lse gathered
+        want.append("row lse all-gather (s-group)" if m == 1 else "row max and sum all-gather (s-group)")
     want.append("partial-output all-reduce (s-group)" if s > 1 and m * n == 1 else "output all-reduce")
     assert names == want + ["MLP all-reduce"], names
     t = dict(comm)
@@ -164,9 +164,9 @@ def test_decode_cost_prices_the_built_combine_collectives(split):
         assert t["output all-reduce"] == pytest.approx(t["MLP all-reduce"], rel=1e-12)
     if s == 1:                # over the m n = 4 ranks of the one chunk: the mesh too
         assert t["output all-reduce"] == pytest.approx(t["MLP all-reduce"], rel=1e-12)
-    # bytes on the wire per step: the gathered fp32 (max, sum) of the s chunks, w B D per
+    # bytes on the wire per step: the gathered fp32 (max, sum) (m = 1: lse) of the s chunks, w B D per
     # output / MLP all-reduce, the score all-reduce's 4 B h C/s (m > 1); m n = 1: w B h d
     h, w, B, L = 8 // n, 2, 4, 2
-    per_layer = (4 * 2 * B * h * s if s > 1 else 0) + w * B * 64 \
+    per_layer = (4 * (1 if m == 1 else 2) * B * h * s if s > 1 else 0) + w * B * 64 \
         + (w * B * h * 16 // m if s > 1 and m * n == 1 else w * B * 64) + (4 * B * h * 32 // s if m > 1 else 0)
     assert got.comm_bytes_per_step == L * per_layer

@@ -20,7 +20,9 @@ times, as tensor parallelism copies them):
                           + MLP GEMVs                                      mlp_weight_*
                           + kernels x t_kernel (a CUDA-graphed step's       kernel_time
                             floor: launch, ramp and tail of each kernel)
-                          + explicit core (m > 1 or s > 1): t_row per K    explicit_rows_time
+                          + explicit core (m > 1, or s > 1 with unequal    explicit_rows_time
+                            chunks or score-reduce; else s > 1 runs the
+                            fused helix.chunk_attention): t_row per K
                             row (B h_kv C/s rows of d/m: the cache read
                             un-repeated, GQA's g query heads of a kv head
                             folded into the query rows, passes/gqa_fold.py),
@@ -29,7 +31,8 @@ times, as tensor parallelism copies them):
       m > 1 score-reduce  all-reduce of 4 B h (C/s) fp32 scores, m-group    score_reduce_bytes
       m > 1 qk-gather     all-gather of w B (h + h_kv C/s) d, m-group       qk_gather_bytes
       s > 1 combine       all-gather of each chunk's row max and sum,       combine_gather_bytes
-                          4 B h 2 s fp32 gathered, s-group
+                          4 B h 2 s fp32 gathered, s-group (fused chunk
+                          core: its row lse, 4 B h s)                       combine_lse_gather_bytes
         m n = 1 only      all-reduce of the rescaled partial output,        combine_unfolded_bytes
                           w B h d/m, s-group (no output all-reduce to
                           fold the sum over chunks into)
@@ -45,7 +48,9 @@ head group i, dim slice j hold the same q/k/v/o weight slices (1/(m n) of
 attention's) and compute the new token's q, k, v and the output projection alike
 (only the rank owning position C writes k, v); with s > 1 the core is explicit
 (passes/explicit_cache_cores.py) and passes/seq_split.py combines it by one
-all-gather of (max, sum) per row and folds the sum over chunks into the output
+all-gather of (max, sum) per row (or, with equal chunks and no score all-reduce,
+runs it as the fused helix.chunk_attention combined by one all-gather of lse per
+row: `built_fused_chunk`, FUSED_COMBINE_KERNELS) and folds the sum over chunks into the output
 projection's all-reduce, widened to the mesh; passes/mesh_mlp.py shards each MLP
 over all N ranks. Ranks are laid out as runtime/mesh.Mesh lays them out, rank =
 (i m + j) s + k: the s-group contiguous. A plan fits when weights + cache +
@@ -101,6 +106,15 @@ KERNELS_PER_LAYER = {"heads": 17, "score-reduce": 23, "qk-gather": 24}
 # (div), its cast to the output's dtype and the rescale (mul): +9. (The fp32 graph has no
 # cast: 11; an SDPA-written core's guard of an all -inf row, eq and masked_fill, not counted.)
 COMBINE_KERNELS = 12
+# s > 1 with equal chunks (context % s == 0) and no score all-reduce (m = 1, qk-gather): the
+# built core is the fused helix.chunk_attention (`built_fused_chunk`), priced as a fused core
+# (no score passes, no K rows; its kernel is the 1 of "heads") plus, as benchmarks/gpu_decode.py
+# `_fused_chunk_core` runs it, counted as ATen ops that are not views: the op's bias copy to
+# (B, h_kv, g, C/s), its lse cut from 32 rows, the dead-row guard (eq, masked_fill) = 4; the
+# combine's M (amax, clamp), exp(lse_k - M) (sub, exp), their sum, the chunk's weight (div), its
+# cast to the output's dtype and the rescale (mul) = 8. (An SDPA-written core's guard of a row
+# -inf in every chunk, eq and masked_fill, not counted, as in COMBINE_KERNELS.)
+FUSED_COMBINE_KERNELS = 12
 # Seconds per kernel of a CUDA-graphed decode step beyond its roofline time (launch, ramp and
 # tail of a small kernel), and per K row (one sequence, kv head and position, d/m wide) of an
 # explicit core (its two batched matmuls over d/m-wide rows run at ~5 rows per ns whatever
@@ -149,6 +163,8 @@ _FORMULAS: dict[str, sympy.Expr] = {
     "qk_gather_bytes": w * B * (_h + _h_kv * C / s) * d,
     # each chunk's row max and sum, fp32 (SCORE_BYTES), gathered from the s ranks
     "combine_gather_bytes": SCORE_BYTES * 2 * B * _h * s,
+    # the fused chunk core's combine: each chunk's row lse only
+    "combine_lse_gather_bytes": SCORE_BYTES * B * _h * s,
     "combine_unfolded_bytes": w * B * _h * d / m,
     "out_bytes": w * B * D,
 }
@@ -378,15 +394,27 @@ def _collective(kind: str, nbytes: float, groups, cluster: ClusterSpec) -> float
     return max((collective_s(kind, nbytes, g, cluster) for g in seen.values()), default=0.0)
 
 
+def built_fused_chunk(context: int, s_: int, variant: str) -> bool:
+    """Whether compile_decoder's s > 1 step runs its chunk core fused (helix.chunk_attention,
+    passes/seq_split.py): chunks of equal size and scores that are one q @ k^T (not
+    score-reduce's all-reduce of partial scores)."""
+    return s_ > 1 and context % s_ == 0 and variant != "score-reduce"
+
+
 def cost_decode(shape: DecodeShape, context: int, concurrency: int, split: tuple[int, int, int],
                 cluster: ClusterSpec, profile: ComputeProfile | None = None,
-                variant: str | None = None, *, o_proj: str = "mesh", dp: int = 1) -> DecodeCost:
+                variant: str | None = None, *, o_proj: str = "mesh", dp: int = 1,
+                chunk_core: str | None = None) -> DecodeCost:
     """Predicted decode step of `split` = (s, m, n) in each of `dp` replicas (replica b on
     ranks b s m n ... (b + 1) s m n - 1, serving concurrency / dp sequences); `variant` for
     m > 1 ("score-reduce", default, or "qk-gather"); `o_proj`: "mesh", the output
     projection as built (its weights replicated over the s-group; with s > 1 its all-reduce
     spans the mesh and sums the chunks' partial outputs), or "N" (its weights sharded over
-    the replica's N ranks as well)."""
+    the replica's N ranks as well); `chunk_core` ("fused" or "explicit"): the s > 1 core
+    priced as that (a saved run's rows), None: as compile_decoder builds it (`built_fused_chunk`)."""
+    if chunk_core not in (None, "fused", "explicit"):
+        raise PlanError(f"cost_decode: chunk_core must be None (as built), 'fused' or 'explicit', "
+                        f"got {chunk_core!r}")
     if o_proj not in ("mesh", "N"):
         raise PlanError(f"cost_decode: o_proj must be 'mesh' (as compile_decoder builds it) or "
                         f"'N', got {o_proj!r}")
@@ -429,7 +457,10 @@ def cost_decode(shape: DecodeShape, context: int, concurrency: int, split: tuple
         return op(_ev("gemv_flops", {**env, "P_sc": params}),
                   _ev("gemv_bytes", {**env, "P_sc": params}))
 
-    explicit = variant != "heads" or s_ > 1      # s > 1: the core is written out (seq_split)
+    fused_chunk = s_ > 1 and (built_fused_chunk(context, s_, variant) if chunk_core is None
+                              else chunk_core == "fused")
+    # s > 1: the core is written out (seq_split), unless it runs as helix.chunk_attention
+    explicit = (variant != "heads" or s_ > 1) and not fused_chunk
     gather = variant == "qk-gather"
     score_rw = EXPLICIT_SCORE_PASSES * _ev("score_bytes", env) if explicit else 0.0
     core = op(_ev("core_flops_gather" if gather else "core_flops_partial", env),
@@ -440,7 +471,10 @@ def cost_decode(shape: DecodeShape, context: int, concurrency: int, split: tuple
     if shape.ffn:
         layer.append(("MLP GEMVs", "compute", gemv(_ev("mlp_weight_params", env))))
     base = "score-reduce" if explicit and variant == "heads" else variant   # an explicit core
-    kernels = KERNELS_PER_LAYER[base] + (m_ if gather else 0) + (COMBINE_KERNELS if s_ > 1 else 0)
+    if fused_chunk:   # one fused kernel, as "heads"; the op's extras and the lse combine
+        base = "heads"
+    kernels = KERNELS_PER_LAYER[base] + (m_ if gather else 0) + (
+        (FUSED_COMBINE_KERNELS if fused_chunk else COMBINE_KERNELS) if s_ > 1 else 0)
     layer.append((f"{kernels} kernels x {KERNEL_S * 1e6:.2f} us", "compute",
                   _ev("kernel_time", {"K": kernels, "t_k": KERNEL_S})))
     if explicit:
@@ -463,7 +497,10 @@ def cost_decode(shape: DecodeShape, context: int, concurrency: int, split: tuple
     if gather:
         coll("q, K-cache all-gather (m-group)", "all_gather", "qk_gather_bytes", "m")
     if s_ > 1:
-        coll("row max and sum all-gather (s-group)", "all_gather", "combine_gather_bytes", "s")
+        if fused_chunk:
+            coll("row lse all-gather (s-group)", "all_gather", "combine_lse_gather_bytes", "s")
+        else:
+            coll("row max and sum all-gather (s-group)", "all_gather", "combine_gather_bytes", "s")
     if s_ > 1 and m_ * n_ == 1:   # nothing to fold the sum over chunks into (seq_split)
         coll("partial-output all-reduce (s-group)", "all_reduce", "combine_unfolded_bytes", "s")
     else:   # s > 1: over the mesh, summing the chunks' partial outputs too

@@ -17,7 +17,7 @@ import torch.fx as fx
 
 # every module that registers a torch.ops.helix op a rank graph may call: a saved graph is
 # loaded in a fresh process (a torchrun rank) that imported nothing else of Helix
-from . import collectives, kernels, kernels_chunked  # noqa: F401
+from . import chunk_core, collectives, kernels, kernels_chunked  # noqa: F401
 from ..errors import HelixError
 
 # Python functions a saved graph may call, by saved name. Modules above this one add their
