@@ -17,8 +17,7 @@ import torch
 from helix_compiler.decode import compile_decoder
 from helix_compiler.runtime.chunk_core import chunk_attention_math
 
-from tests.helpers import assert_decode_equal
-from tests.test_gqa_fold import _prompt, hf_llama
+from tests.helpers import assert_decode_equal, hf_llama_decoder, padded_prompt
 
 OP = torch.ops.helix.chunk_attention.default
 DEVICES = 4
@@ -58,13 +57,14 @@ def test_op_math_equals_softmax_on_padded_fully_masked_and_inf_rows():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("impl, split", [("eager", (2, 1, 2)), ("eager", (4, 1, 1)),
-                                         ("sdpa", (2, 1, 2)), ("sdpa", (4, 1, 1))], ids=str)
+# one pairing here: test_gqa_fold and test_decode_sdpa run the others (eager (2, 1, 2), sdpa
+# (4, 1, 1), (2, 1, 2)) through the same fused core, which compile_decoder builds by default
+@pytest.mark.parametrize("impl, split", [("eager", (4, 1, 1))], ids=str)
 def test_hf_llama_gqa_fused_chunk_core_every_rank_equals_unsharded(impl, split):
     # H 4 over H_kv 2, S_max 24: equal chunks of 12 (s = 2) or 6 (s = 4); batch 3, row 1
     # left-padded by 3, row 2 all padding; steps 10 .. 13 cross chunk boundaries
-    model, ref = hf_llama(impl, 2, 3, 24), hf_llama(impl, 2, 3, 24)
-    tokens, valid = _prompt(3, 24, 10)
+    model, ref = hf_llama_decoder(impl, 2, 3, 24), hf_llama_decoder(impl, 2, 3, 24)
+    tokens, valid = padded_prompt(3, 24, 10)
     prog = compile_decoder(model, DEVICES, split, prompt_len=10)
     label = f"hf {impl} s,m,n={split}"
     assert len(prog.combine_notes) == 4 and all("; fused core (helix.chunk_attention" in x
@@ -79,8 +79,8 @@ def test_hf_llama_gqa_fused_chunk_core_every_rank_equals_unsharded(impl, split):
 def test_score_reduce_step_keeps_the_explicit_core_and_says_why():
     # m = 2: the step's scores are an all-reduce of partial q k^T over "dim" (score-reduce), not
     # one q @ k^T: its core stays explicit; the prefill's (qk-gather: K gathered) is fused
-    model, ref = hf_llama("sdpa", 2, 3, 24), hf_llama("sdpa", 2, 3, 24)
-    tokens, valid = _prompt(3, 24, 10)
+    model, ref = hf_llama_decoder("sdpa", 2, 3, 24), hf_llama_decoder("sdpa", 2, 3, 24)
+    tokens, valid = padded_prompt(3, 24, 10)
     prog = compile_decoder(model, DEVICES, (2, 2, 1), prompt_len=10)
     pre, step = prog.combine_notes[:2], prog.combine_notes[2:]
     assert all("; fused core (" in x for x in pre), pre
@@ -97,8 +97,8 @@ def test_unequal_chunks_keep_the_explicit_core_and_equal_unsharded(impl, max_seq
     # row's lse finfo.min in both chunks (log C lost), which would weigh the chunks 1 : 1
     # instead of 13 : 12 (relative error 3.6e-3 measured when forced), so the explicit (max,
     # sum) core stays
-    model, ref = hf_llama(impl, 2, 3, max_seq), hf_llama(impl, 2, 3, max_seq)
-    tokens, valid = _prompt(3, max_seq, 10)
+    model, ref = hf_llama_decoder(impl, 2, 3, max_seq), hf_llama_decoder(impl, 2, 3, max_seq)
+    tokens, valid = padded_prompt(3, max_seq, 10)
     prog = compile_decoder(model, 2, (2, 1, 1), prompt_len=10, fuse_chunk_core=fuse)
     why = "chunks of unequal size (25 positions over s=2: [12, 13])" if fuse else "fuse=False"
     assert all(f"; explicit core ({why}" in x for x in prog.combine_notes), prog.combine_notes
