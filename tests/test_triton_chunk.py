@@ -119,7 +119,7 @@ def test_fits_and_the_refusals_name_the_value():
     assert not fits(q, k.half(), v, None)
     wide = torch.zeros(1, 1, 8, 512, device=DEVICE)
     assert not fits(q, k, wide, None)
-    with pytest.raises(HelixError, match=r"d_v = 512 exceed 256"):
+    with pytest.raises(HelixError, match=r"d_v = 512; the kernel takes each up to 256"):
         chunk_attention_triton(q, k, wide, None, 1.0)
     with pytest.raises(HelixError, match=r"bias \[1, 1, 1, 9\] does not broadcast"):
         chunk_attention_triton(q, k, v, torch.zeros(1, 1, 1, 9, device=DEVICE), 1.0)

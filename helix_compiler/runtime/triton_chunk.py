@@ -78,7 +78,7 @@ def refusal(q, k, v, bias) -> str | None:
     ts = {"q": q, "k": k, "v": v} | ({} if bias is None else {"bias": bias})
     for name, t in ts.items():
         if not (t.is_cuda or (_interpreting() and t.device.type == "cpu")):
-            return f"{name} is on {t.device}, not CUDA"
+            return f"{name} is on {t.device}, not CUDA (the CPU only under TRITON_INTERPRET=1)"
         if t.dim() != 4 and name != "bias":
             return f"{name} has {t.dim()} dims, not 4"
     if not (q.dtype == k.dtype == v.dtype and q.dtype in _DTYPES):
@@ -90,7 +90,7 @@ def refusal(q, k, v, bias) -> str | None:
         return (f"q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}; expected q (B, H, T, d), "
                 f"k (B, H_kv, C, d), v (B, H_kv, C, d_v) with H a multiple of H_kv")
     if max(d, v.shape[-1]) > _MAX_HEAD_DIM:
-        return f"head dims d = {d}, d_v = {v.shape[-1]} exceed {_MAX_HEAD_DIM}"
+        return f"head dims d = {d}, d_v = {v.shape[-1]}; the kernel takes each up to {_MAX_HEAD_DIM}"
     if min(B, H, T, k.shape[2], d, v.shape[-1]) == 0:
         return f"an empty dim in q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}"
     if bias is not None:
