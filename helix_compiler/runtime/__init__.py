@@ -12,5 +12,6 @@
     mesh             the (n, m) device mesh
 
 Imports only torch, numpy, helix_compiler.errors (and triton where installed): passes and the
-library import it, never the other way round (tests/test_imports.py checks each module imports on its own).
+library import it, never the other way round (tests/test_imports.py checks each module imports
+on its own).
 """
