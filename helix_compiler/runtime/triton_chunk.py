@@ -63,7 +63,8 @@ _MAX_HEAD_DIM = 256          # d and d_v: one BLOCK_D of next_power_of_2(d) colu
 _PROGRAMS_PER_SM = 4         # stage 1 programs per multiprocessor the split count aims at
 _MIN_KEYS_PER_SPLIT = 256    # below this a split's fixed cost (q load, partial write) dominates
 _MAX_BLOCK_M = 64            # query rows (g T folded) per program
-_COMBINE_BLOCK_S = 32        # splits per step of stage 2
+_COMBINE_ELEMENTS = 8192     # stage 2 loads (splits x d_v) tiles of this many fp32 at most
+_TILE_BYTES = 32 * 1024      # a K or V tile of one pipeline stage
 _INTERPRET_SMS = 4           # stands in for the multiprocessor count in the interpreter
 
 
@@ -121,9 +122,10 @@ def _num_splits(C: int, programs: int, block_n: int, device: torch.device) -> in
 
 
 def _block_n(block_d: int, element_size: int) -> int:
-    # a K tile and a V tile of BLOCK_N x BLOCK_D per pipeline stage in shared memory:
-    # 128 x 128 fp16 is 32 KiB each; wider or fp32 rows take 64 keys
-    return 128 if block_d * element_size <= 256 else 64
+    # a K tile and a V tile of BLOCK_N x BLOCK_D per pipeline stage in shared memory (228 KiB on
+    # an H100 / H200), each held to _TILE_BYTES: 128 keys of fp16 d = 128, 64 of fp32 or of fp16
+    # d = 256, 32 of fp32 d = 256
+    return max(16, min(128, _TILE_BYTES // (block_d * element_size)))
 
 
 def chunk_attention_triton(q, k, v, bias, scale, *, num_splits: int | None = None,
@@ -163,6 +165,7 @@ def chunk_attention_triton(q, k, v, bias, scale, *, num_splits: int | None = Non
         bias_strides = bias_arg.stride()
     precision = "ieee" if q.dtype == torch.float32 else "tf32"    # tf32 ignored for 16-bit inputs
     big = max(BLOCK_D, BLOCK_DV) > 128 or q.dtype == torch.float32
+    block_s = max(16, min(triton.next_power_of_2(S), _COMBINE_ELEMENTS // BLOCK_DV))
     device_guard = torch.cuda.device(q.device) if q.is_cuda else _NoGuard()
     with device_guard:
         _split_kernel[(B * Hkv, row_blocks, S)](
@@ -175,7 +178,7 @@ def chunk_attention_triton(q, k, v, bias, scale, *, num_splits: int | None = Non
         _combine_kernel[(B * Hkv * GT,)](
             acc, m, l, out, lse, T, g, Hkv, GT, S, dv,
             *out.stride(), *lse.stride(),
-            BLOCK_S=_COMBINE_BLOCK_S, BLOCK_DV=BLOCK_DV, num_warps=4)
+            BLOCK_S=block_s, BLOCK_DV=BLOCK_DV, num_warps=4)
     return out, lse
 
 
