@@ -5,17 +5,20 @@ against the explicit math, then timed against it.
     python benchmarks/gpu_triton_chunk.py --sweep --out /tmp/triton_chunk_sweep.json  # + configs
 
 One rank's chunk of a sequence-split KV cache at C = 131072 positions, 8 query heads over 1 kv
-head, d = 128, one decode step (T = 1): B = 1, 2, 4 in fp16 and B = 2 in fp32. K and V are the
-second half of a cache of 2 C positions (the strides a rank's slice of a real cache has). The
-mask is Hugging Face's: finfo(fp32).min on the left padding of sequence 1 (its first 1000 keys),
-sequence 2 fully padded (finfo.min everywhere: a uniform softmax), and in B = 4 sequence 3 with
-every key -inf (a dead row: out 0, lse -inf).
+head, d = 128, one decode step (T = 1): B = 1, 2, 4 in fp16, B = 2 in fp32, B = 4 in bf16. K
+and V are the second half of a cache of 2 C positions (the strides a rank's slice of a real
+cache has). The mask is Hugging Face's: finfo(fp32).min on the left padding of sequence 1 (its
+first 1000 keys), sequence 2 fully padded (finfo.min everywhere: a uniform softmax), and in
+B = 4 sequence 3 with every key -inf (a dead row: out 0, lse -inf).
 
-(1) correctness: max relative error of out (over all rows) and of lse (finite rows) against the
-explicit math in fp32 (`chunk_attention_reference`), NaN anywhere, dead rows exactly 0 / -inf.
-(2) time: CUDA events around `iters` calls after `warmup` calls, eager and replayed as one CUDA
-graph; each call reads a different one of `copies` caches (together >= 4x the 60 MB L2) so K and
-V come from HBM. The achieved bandwidth counts K and V bytes once per call.
+(1) correctness: relative error of out (all rows) and of lse (finite rows) against the exact
+math in fp32 (`chunk_attention_reference`), NaN anywhere, dead rows exactly 0 / -inf.
+(2) time: the kernel, the exact fp32 math (`math_fp32`) and the explicit core as the built
+graph runs it today (`explicit`: fp32 scores, P @ V in the cache's dtype); CUDA events around
+`iters` calls after `warmup` calls, eager and replayed as one CUDA graph; each call reads a
+different one of `copies` caches (together >= 4x the 60 MB L2) so K and V come from HBM. The
+achieved bandwidth counts K and V bytes once per call. `--sweep` also times fixed (BLOCK_N,
+splits) choices. Under 2 minutes on an H200.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ from helix_compiler.runtime.triton_chunk import (  # noqa: E402
     chunk_attention_reference, chunk_attention_triton)
 
 C, HKV, G, D, T = 131072, 1, 8, 128, 1
-CASES = [(1, torch.float16), (2, torch.float16), (4, torch.float16), (2, torch.float32)]
+CASES = [(1, torch.float16), (2, torch.float16), (4, torch.float16), (2, torch.float32),
+         (4, torch.bfloat16)]
 L2_ROTATION_BYTES = 4 * 60e6          # caches cycled through per timing: 4x the H200's L2
 SWEEP = [(128, None), (64, None), (128, 64), (128, 128), (128, 256), (64, 512), (128, 1024)]
 
@@ -85,6 +89,20 @@ def check(B, dtype, dev, gen) -> dict:
     return row
 
 
+def explicit_core(q, k, v, bias, scale):
+    """The explicit chunk core as the built graph runs it today (benchmarks/gpu_decode.py
+    `_chunk_core`): q k^T in the cache's dtype, fp32 scores, max, exp, sum, P @ V in v's dtype;
+    timed only (a dead row gives NaN there: 0 / 0)."""
+    B, H, T, d = q.shape
+    Hkv = k.shape[1]
+    x = (q.reshape(B, Hkv, -1, d) @ k.transpose(-1, -2)).float().view(B, H, T, -1) * scale + bias
+    m = x.amax(-1, keepdim=True).clamp(torch.finfo(x.dtype).min)
+    e = torch.exp(x - m)
+    l = e.sum(-1, keepdim=True)
+    o = (e.to(v.dtype).view(B, Hkv, H // Hkv * T, -1) @ v).view(B, H, T, -1)
+    return o / l.to(o.dtype), (m + l.log()).squeeze(-1)
+
+
 def _time(fn, iters, warmup) -> float:
     """ms per fn()."""
     for _ in range(warmup):
@@ -128,7 +146,7 @@ def timing(B, dtype, dev, gen, iters, warmup, configs) -> dict:
                 core(q, k, v, bias, scale)
         return fn
 
-    cores = {"math": chunk_attention_reference}
+    cores = {"math_fp32": chunk_attention_reference, "explicit": explicit_core}
     for block_n, splits in configs:
         name = "triton" if (block_n, splits) == (None, None) else f"triton_n{block_n}_s{splits}"
         cores[name] = (lambda bn, sp: lambda *a: chunk_attention_triton(*a, block_n=bn, num_splits=sp))(
