@@ -2,7 +2,7 @@
 against the explicit math, then timed against it.
 
     python benchmarks/gpu_triton_chunk.py --out benchmarks/results/triton_chunk_h200.json
-    python benchmarks/gpu_triton_chunk.py --sweep --out /tmp/triton_chunk_sweep.json  # + configs
+    python benchmarks/gpu_triton_chunk.py --sweep --out benchmarks/results/triton_chunk_h200_sweep.json
 
 One rank's chunk of a sequence-split KV cache at C = 131072 positions, 8 query heads over 1 kv
 head, d = 128, one decode step (T = 1): B = 1, 2, 4 in fp16, B = 2 in fp32, B = 4 in bf16. K
@@ -24,6 +24,7 @@ splits) choices. Under 2 minutes on an H200.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import platform
@@ -43,7 +44,10 @@ C, HKV, G, D, T = 131072, 1, 8, 128, 1
 CASES = [(1, torch.float16), (2, torch.float16), (4, torch.float16), (2, torch.float32),
          (4, torch.bfloat16)]
 L2_ROTATION_BYTES = 4 * 60e6          # caches cycled through per timing: 4x the H200's L2
-SWEEP = [(128, None), (64, None), (128, 64), (128, 128), (128, 256), (64, 512), (128, 1024)]
+# --sweep: splits as stage 1 programs per multiprocessor (x B H_kv / 132), BLOCK_N, warps, stages
+SWEEP_PROGRAMS_PER_SM = (0.25, 0.5, 1, 2)
+SWEEP_BLOCK_N = {2: (64, 128), 4: (32, 64)}         # by element size
+SWEEP_WARPS, SWEEP_STAGES = (4, 8), (2, 3, 4)
 
 
 def rel_error(got, want) -> float:
@@ -147,13 +151,19 @@ def timing(B, dtype, dev, gen, iters, warmup, configs) -> dict:
         return fn
 
     cores = {"math_fp32": chunk_attention_reference, "explicit": explicit_core}
-    for block_n, splits in configs:
-        name = "triton" if (block_n, splits) == (None, None) else f"triton_n{block_n}_s{splits}"
-        cores[name] = (lambda bn, sp: lambda *a: chunk_attention_triton(*a, block_n=bn, num_splits=sp))(
-            block_n, splits)
+    for config in configs(B, dtype):
+        name = "triton" if not config else "triton_" + "_".join(f"{k}{v}" for k, v in config.items())
+        name = name.replace("num_splits", "s").replace("block_n", "n").replace("num_warps", "w") \
+            .replace("num_stages", "st")
+        cores[name] = (lambda kw: lambda *a: chunk_attention_triton(*a, **kw))(config)
     row = {"kv_bytes": kv_bytes, "copies": copies}
     for name, core in cores.items():
         fn = rotating(core)
+        try:
+            fn()
+        except Exception as e:          # noqa: BLE001  (a sweep config out of shared memory)
+            row[name] = {"failed": str(e).splitlines()[0][:200]}
+            continue
         eager = _time(fn, iters, warmup) / copies
         graphed = _graphed(fn)
         replay = _time(graphed, iters, warmup) / copies if graphed is not None else None
@@ -185,9 +195,20 @@ def main(argv=None) -> int:
               "command": "python " + " ".join(sys.argv),
               "shape": {"C": C, "H_kv": HKV, "g": G, "d": D, "T": T},
               "settings": {k: getattr(triton_chunk, k) for k in
-                           ("_PROGRAMS_PER_SM", "_MIN_KEYS_PER_SPLIT", "_MAX_BLOCK_M")},
+                           ("_PROGRAMS_PER_SM", "_MIN_KEYS_PER_SPLIT", "_MAX_BLOCK_M", "_TILE_BYTES")},
               "rows": []}
-    configs = [(None, None)] + (SWEEP if args.sweep else [])
+    sms = result["sms"]
+
+    def configs(B, dtype):
+        out = [{}]
+        if args.sweep:
+            size = torch.finfo(dtype).bits // 8
+            for p, bn, w, st in itertools.product(SWEEP_PROGRAMS_PER_SM, SWEEP_BLOCK_N[size],
+                                                  SWEEP_WARPS, SWEEP_STAGES):
+                out.append({"num_splits": max(1, round(p * sms / (B * HKV))), "block_n": bn,
+                            "num_warps": w, "num_stages": st})
+        return out
+
     gen = torch.Generator(device=dev).manual_seed(0)
     for B, dtype in CASES:
         row = {"B": B, "dtype": str(dtype).replace("torch.", "")}
@@ -197,10 +218,13 @@ def main(argv=None) -> int:
             row["time"] = timing(B, dtype, dev, gen, args.iters, args.warmup, configs)
             torch.cuda.empty_cache()
         t = row["time"]
+        best = [(k, v["graph_ms"] or v["eager_ms"]) for k, v in t.items()
+                if k.startswith("triton_") and isinstance(v, dict) and "failed" not in v]
         print(f"B={B} {row['dtype']}: out rel err {row['check']['out_rel_error']:.2e}, "
               f"nan {row['check']['nan']}, dead exact {row['check']['dead_rows_exact']}; "
               + ", ".join(f"{k} {v['graph_ms'] or v['eager_ms']:.4f} ms ({v['tb_per_s']:.2f} TB/s)"
-                          for k, v in t.items() if isinstance(v, dict)), flush=True)
+                          for k, v in t.items() if k in ("math_fp32", "explicit", "triton"))
+              + (f"; best {min(best, key=lambda kv: kv[1])}" if best else ""), flush=True)
         result["rows"].append(row)
     result["seconds"] = time.time() - t0
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

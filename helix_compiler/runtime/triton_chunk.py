@@ -31,9 +31,10 @@ Flash-decoding (Tri Dao et al., 2023), two kernels:
       lse -inf.
 
 S (the number of splits) fills the GPU: about _PROGRAMS_PER_SM programs per multiprocessor,
-each split at least _MIN_KEYS_PER_SPLIT keys. At C = 131072, B = 1, H_kv = 1 on an H200 that is
-512 splits of 256 keys: each program reads 128 KiB of K and V (fp16, d = 128), and the
-workspace (S, g T, d_v) fp32 is 2 MiB, 3% of the 67 MB of cache read.
+each split at least _MIN_KEYS_PER_SPLIT keys, a multiple of BLOCK_N. At C = 131072, B = 1,
+H_kv = 1 on an H200 (132 SMs) that is 128 splits of 1024 keys: each program reads 512 KiB of K
+and V (fp16, d = 128), and the workspace (S, g T, d_v) fp32 is 512 KiB, under 1% of the 67 MB
+of cache read.
 
 fp32 inputs multiply in full fp32 (`input_precision="ieee"`, no TF32), so they match the
 explicit math to ~1e-6; fp16 / bf16 take the tensor cores with fp32 accumulation, the
@@ -60,7 +61,11 @@ except ImportError:        # the project does not depend on triton; fits() is Fa
 _BIAS_FLOOR = -1e30          # chunk_core's _floor: HF's finfo(fp32).min raised to it, -inf kept
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 256          # d and d_v: one BLOCK_D of next_power_of_2(d) columns in registers
-_PROGRAMS_PER_SM = 4         # stage 1 programs per multiprocessor the split count aims at
+_PROGRAMS_PER_SM = 1         # stage 1 programs per multiprocessor the split count aims at
+# measured on an H200 (benchmarks/results/triton_chunk_h200_sweep.json, fastest of BLOCK_N,
+# warps, stages per point): fp16, C = 131072, g = 8, d = 128, B = 1 / 2 / 4: 1 program per SM
+# 28 / 43 / 73 us, 2 per SM 30 / 44 / 73 us, 1/2 per SM 39 / 69 / 114 us; an earlier run of
+# 4 per SM at 4 warps took 49 / 61 / 92 us; 8 warps and 3 stages were the fastest for 16-bit
 _MIN_KEYS_PER_SPLIT = 256    # below this a split's fixed cost (q load, partial write) dominates
 _MAX_BLOCK_M = 64            # query rows (g T folded) per program
 _COMBINE_ELEMENTS = 8192     # stage 2 loads (splits x d_v) tiles of this many fp32 at most
@@ -129,9 +134,10 @@ def _block_n(block_d: int, element_size: int) -> int:
 
 
 def chunk_attention_triton(q, k, v, bias, scale, *, num_splits: int | None = None,
-                           block_n: int | None = None):
-    """(out, lse) of the chunk core by the split-KV kernel; `num_splits` and `block_n`
-    override the choices (tests, benchmarks)."""
+                           block_n: int | None = None, num_warps: int | None = None,
+                           num_stages: int | None = None):
+    """(out, lse) of the chunk core by the split-KV kernel; the keywords override the choices
+    of stage 1 (tests, benchmarks)."""
     why = refusal(q, k, v, bias)
     if why is not None:
         raise HelixError(f"chunk_attention_triton: {why}; call chunk_attention_math for these inputs")
@@ -174,7 +180,8 @@ def chunk_attention_triton(q, k, v, bias, scale, *, num_splits: int | None = Non
             *q.stride(), *k.stride(), *v.stride(), *bias_strides,
             HAS_BIAS=bias is not None, PRECISION=precision,
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
-            num_warps=4, num_stages=2 if big else 3)
+            num_warps=num_warps or (4 if q.dtype == torch.float32 else 8),
+            num_stages=num_stages or (2 if big else 3))
         _combine_kernel[(B * Hkv * GT,)](
             acc, m, l, out, lse, T, g, Hkv, GT, S, dv,
             *out.stride(), *lse.stride(),
