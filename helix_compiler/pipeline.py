@@ -18,7 +18,7 @@ the function that runs it. `PASSES` lists them all, in the order they run:
     kernel_choice      rank      attention cores no fused kernel takes -> chunked explicit form
     size_masks         rank      masks built from sizes alone -> one size_mask call
 
-"graph" passes rewrite the captured graph (checked with `graph.lint()` after each);
+"graph" passes rewrite the captured graph (checked with `graph.lint()` after each one that changed it);
 "analysis" passes read it and leave it as it is; "emit" writes the rank graphs; "rank"
 passes rewrite each rank graph, in `rank_module(r)` (HelixProgram.rank_passes is
 RANK_PASSES). One back edge: a ShardingError from seeds or shard under the cost model's
@@ -404,11 +404,13 @@ class _Runner:
             before = _code_key(s.captured.gm.graph) if p.kind == "graph" and s.captured else None
             out = p.run(s)
             if p.kind == "graph":
-                out.captured.gm.graph.lint()
+                changed = before is None or before != _code_key(out.captured.gm.graph)
+                # a graph no pass changed was linted when it was made
+                if changed:
+                    out.captured.gm.graph.lint()
                 # Regenerating an 80-layer graph's code costs 0.2-1 s: only when the pass
                 # changed what the code is made of (capture returns a recompiled graph).
-                if p.name in self.print_after or (before is not None and
-                                                   before != _code_key(out.captured.gm.graph)):
+                if p.name in self.print_after or (before is not None and changed):
                     out.captured.gm.recompile()
         except HelixError:
             raise

@@ -292,6 +292,16 @@ def _walk_back_to_projection(start: fx.Node) -> tuple[list[fx.Node], list[fx.Nod
     return found, order
 
 
+def _first_of_distinct(rows: np.ndarray) -> list[int]:
+    """Indices of the first occurrence of each distinct row, in order (np.unique(axis=0)
+    sorts a structured view: 1-2 ms a call, 0.3 s over the 240 traces of an 80-layer model)."""
+    rows = np.ascontiguousarray(rows)
+    first: dict[bytes, int] = {}
+    for i, row in enumerate(rows):
+        first.setdefault(row.tobytes(), i)
+    return list(first.values())
+
+
 def _provenance(proj: fx.Node, target: fx.Node, shared: fx.Node | None = None) -> Provenance | None:
     """Run the path proj -> target on index tags; rows of the result's last dim are heads.
 
@@ -366,8 +376,7 @@ def _provenance(proj: fx.Node, target: fx.Node, shared: fx.Node | None = None) -
                                           and torch.equal(t.select(k, 0), t.select(k, n - 1))):
             t = t.select(k, 0)
     rows = t.reshape(-1, d).numpy().astype(np.int64)
-    _, first = np.unique(rows, axis=0, return_index=True)
-    heads = rows[np.sort(first)]  # distinct rows in order of first appearance: core head order
+    heads = rows[_first_of_distinct(rows)]  # distinct rows in order of first appearance: core head order
     if (heads < 0).any():
         return None
     if shared is None:
@@ -613,8 +622,7 @@ def _match(core: Core, index: int) -> tuple[SiteMatch | None, str | None]:
         if not any((row == g).all() for g in v_groups):
             v_groups.append(row)
     H_kv = len(k_groups)
-    k_distinct = np.unique(k.heads, axis=0)
-    if len(v_groups) != H_kv or H % H_kv or len(k_distinct) != H_kv:
+    if len(v_groups) != H_kv or H % H_kv or len(_first_of_distinct(k.heads)) != H_kv:
         return None, (f"attention core at node {core.out.name}: {H} query heads, {H_kv} key heads "
                       f"and {len(v_groups)} value heads do not form multi-head or grouped-query attention")
     # which kv group each q head uses: by position at the core (repeated) or GQA broadcast
