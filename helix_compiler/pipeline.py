@@ -38,6 +38,7 @@ import gc
 import math
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -698,6 +699,12 @@ def run_compile(req: Request, strict: bool = False, kernel_choice: bool | None =
             warn: bool = True) -> HelixProgram:
     """Every pass: a HelixProgram whose rank_module(r) runs the rank passes."""
     analysis, runner = _run_model_passes(req)
+    return _compile_analysis(analysis, runner, req, strict, kernel_choice, warn)
+
+
+def _compile_analysis(analysis: Analysis, runner: _Runner, req: Request, strict: bool = False,
+                      kernel_choice: bool | None = None, warn: bool = True) -> HelixProgram:
+    """run_compile after the model passes: plan, seeds, shard on `analysis`."""
     _check_plan_model(req, analysis)
     _report_unpartitioned(analysis.unpartitioned, strict, warn)
     s = _run_plan_passes(_state_of(analysis, req), runner)
@@ -745,6 +752,10 @@ def _print_rank_passes(prog: HelixProgram, print_after: frozenset) -> None:
         prog.apply_rank_passes(0, gm, each=show)
 
 
+# a dynamic capture's graph -> the analysis of the same model captured with static shapes
+_STATIC_ANALYSES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _static_if_better(prog: HelixProgram, req: Request) -> HelixProgram:
     """Some models merge the batch dim with the head dim ((B*H, S, d) in nn.MultiheadAttention):
     with a symbolic batch that reshape cannot be split exactly, so such a model is recaptured
@@ -757,7 +768,17 @@ def _static_if_better(prog: HelixProgram, req: Request) -> HelixProgram:
         cluster=cluster_spec(src.cluster, req.devices), cluster_arg=src.cluster,
         profile=src.profile, verbose=src.verbose, dynamic=False,
         print_after=frozenset(), dp=prog.plan.dp, pp=prog.plan.pp)
-    static = run_compile(static_req, kernel_choice=prog.kernel_choice, warn=False)
+    # the static capture and its analysis depend on the model and its example inputs only:
+    # made once per dynamic capture, then each split (recompile) is planned and sharded on it
+    key = prog.analysis.captured.gm
+    static_analysis = _STATIC_ANALYSES.get(key)
+    if static_analysis is None:
+        static = run_compile(static_req, kernel_choice=prog.kernel_choice, warn=False)
+        _STATIC_ANALYSES[key] = static.analysis
+    else:
+        runner = _Runner(frozenset(), done=[p.name for p in MODEL_PASSES], timings=static_analysis.timings)
+        static = _compile_analysis(static_analysis, runner, static_req, kernel_choice=prog.kernel_choice,
+                                   warn=False)
     if len(static.replicated_ops) < len(prog.replicated_ops):
         note = (f"captured with static shapes: with a symbolic batch/sequence size, "
                 f"{[n for n, _ in prog.replicated_ops]} could only run replicated")
