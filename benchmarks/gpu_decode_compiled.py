@@ -42,10 +42,10 @@ same process gpu_decode.measure_row (+ measure_replicated, the LM head) times th
 the same row: "mirror_*" fields.
 
 Why k = 1, 2 and not 2, 4: compile_decoder also compiles the prefill, and find_attention's
-provenance run of a static capture materializes a float32 tag tensor of the repeated cache,
-B x H x C x d x 4 bytes per attention layer (34 GB at B C = 1M; passes/find_attention.py
-_provenance, the repeat_kv clone), ~15-20 s per layer on the GPU host: k = 2, 4 would spend
-most of the 8 minutes there. `--ks 2,4` runs it. Each plan prints its build and wall time.
+provenance run of a static capture materializes float32 tag tensors of the repeated cache,
+a peak of about 2 x B x H x C x d x 4 bytes of host RAM per attention layer (~68 GB at
+B C = 1M; passes/find_attention.py _provenance, repeat_kv's clone), seconds of page faults
+per layer: k = 2, 4 compiles twice the layers of k = 1, 2. `--ks 2,4` runs it. Each plan prints its build and wall time.
 
 --small: a tiny fp32 LLaMA (gpu_decode.SMALL's dims, 2 layers, vocab 512) on the CPU, N = 8,
 plans s=2 x m=1 x n=4 and s=1 x m=1 x n=8, C = 64, B = 2, k = 1, 2, eager: a smoke test.
