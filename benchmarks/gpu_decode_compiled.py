@@ -41,11 +41,11 @@ for that row (decode_plan.plan_decode on this GPU's cluster spec, as gpu_decode.
 same process gpu_decode.measure_row (+ measure_replicated, the LM head) times the mirror of
 the same row: "mirror_*" fields.
 
-Why k = 1, 2 and not 2, 4: compile_decoder also compiles the prefill, and find_attention's
-provenance run of a static capture materializes float32 tag tensors of the repeated cache,
-a peak of about 2 x B x H x C x d x 4 bytes of host RAM per attention layer (~68 GB at
-B C = 1M; passes/find_attention.py _provenance, repeat_kv's clone), seconds of page faults
-per layer: k = 2, 4 compiles twice the layers of k = 1, 2. `--ks 2,4` runs it. Each plan prints its build and wall time.
+Why k = 1, 2 and not 2, 4: compile_decoder compiles the prefill and the step, and each
+layer adds to both compiles (`--ks 2,4` runs the other). Before 5543c5d the prefill's
+find_attention materialized float32 tag tensors of the repeated cache (about 2 x B x H x C x
+d x 4 bytes of host RAM per attention layer: ~68 GB at B C = 1M); its tags now stay
+broadcast over the positions. Each plan prints its build and wall time.
 
 --small: a tiny fp32 LLaMA (gpu_decode.SMALL's dims, 2 layers, vocab 512) on the CPU, N = 8,
 plans s=2 x m=1 x n=4 and s=1 x m=1 x n=8, C = 64, B = 2, k = 1, 2, eager: a smoke test.
