@@ -384,6 +384,10 @@ def main(argv=None) -> int:
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
             result["results"].append(out)
+            # written after each row: a run stopped by a time limit keeps what it measured
+            result["seconds"] = round(time.time() - t_start, 1)
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(result, indent=1, default=list) + "\n")
             print(f"C={C} B={B} {plan.name}: per layer {out.get('measured_layer_ms', math.nan):.4f} ms"
                   f" (mirror {out.get('mirror_layer_ms', math.nan):.4f}), TPOT "
                   f"{out.get('measured_tpot_ms', math.nan):.2f} ms (mirror "

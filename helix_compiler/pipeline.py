@@ -52,7 +52,7 @@ from passes.graph_utils import proj_bias
 from passes.kernel_choice import apply_kernel_choice, fused_kernel_exists
 from passes.overlap import overlap
 from passes.seeds import all_seeds
-from passes.shard import Localized, localize
+from passes.shard import Localized, localize, written_attrs
 from passes.size_masks import apply_size_masks, causal_at_example
 from passes.canonical_ops import canonical_ops
 from passes.slice_copies import slice_copies
@@ -84,6 +84,10 @@ VARIANTS = (None, "score-reduce", "qk-gather")
 # above it, compile computes every placement (so any refusal surfaces now) and each rank's
 # graph is emitted when rank_module(r) first asks for it.  A 64-rank LLaMA-70B is ~360k nodes.
 EAGER_EMIT_NODES = 100_000
+# ... and up to this many bytes of buffers the graph writes in place (a KV cache), which every
+# emitted rank gets a copy of: 64 ranks of a 2-layer decoder's 131072-position cache of 8
+# sequences are 68 GB (each rank holds its kv head's slice), one rank's 1 GB.
+EAGER_EMIT_WRITTEN_BYTES = 1 << 30
 
 
 # ---- the values passes read and write -----------------------------------------------------
@@ -257,12 +261,26 @@ def _shard(s: State) -> State:
         return localize(captured.gm, mesh, seeds, variants, captured.params, active, views,
                         sequence_parallel=s.plan.sequence_parallel)
 
-    eager = r.emit and mesh.size * len(captured.gm.graph.nodes) <= EAGER_EMIT_NODES
+    eager = r.emit and mesh.size * len(captured.gm.graph.nodes) <= EAGER_EMIT_NODES \
+        and mesh.size * _written_bytes(captured.gm) <= EAGER_EMIT_WRITTEN_BYTES
     localized = run(None if eager else ())
     for g in localized.graphs:
         if any(n.op == "output" for n in g.nodes):
             g.lint()
     return dataclasses.replace(s, localized=localized, localize=_named_localize(run))
+
+
+def _written_bytes(gm: fx.GraphModule) -> int:
+    """Bytes of the buffers `gm` writes in place (each emitted rank copies its slice of them;
+    counted whole, an upper bound)."""
+    total = 0
+    for target in written_attrs(gm):
+        t = gm
+        for part in str(target).split("."):
+            t = getattr(t, part, None)
+        if isinstance(t, torch.Tensor):
+            total += t.numel() * t.element_size()
+    return total
 
 
 def _named_localize(run: Callable) -> Callable:
