@@ -18,7 +18,7 @@ the function that runs it. `PASSES` lists them all, in the order they run:
     kernel_choice      rank      attention cores no fused kernel takes -> chunked explicit form
     size_masks         rank      masks built from sizes alone -> one size_mask call
 
-"graph" passes rewrite the captured graph (checked with `graph.lint()` after each);
+"graph" passes rewrite the captured graph (checked with `graph.lint()` after each one that changed it);
 "analysis" passes read it and leave it as it is; "emit" writes the rank graphs; "rank"
 passes rewrite each rank graph, in `rank_module(r)` (HelixProgram.rank_passes is
 RANK_PASSES). One back edge: a ShardingError from seeds or shard under the cost model's
@@ -38,6 +38,7 @@ import gc
 import math
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -51,7 +52,7 @@ from passes.graph_utils import proj_bias
 from passes.kernel_choice import apply_kernel_choice, fused_kernel_exists
 from passes.overlap import overlap
 from passes.seeds import all_seeds
-from passes.shard import Localized, localize
+from passes.shard import Localized, localize, written_attrs
 from passes.size_masks import apply_size_masks, causal_at_example
 from passes.canonical_ops import canonical_ops
 from passes.slice_copies import slice_copies
@@ -83,6 +84,10 @@ VARIANTS = (None, "score-reduce", "qk-gather")
 # above it, compile computes every placement (so any refusal surfaces now) and each rank's
 # graph is emitted when rank_module(r) first asks for it.  A 64-rank LLaMA-70B is ~360k nodes.
 EAGER_EMIT_NODES = 100_000
+# ... and up to this many bytes of buffers the graph writes in place (a KV cache), which every
+# emitted rank gets a copy of: 64 ranks of a 2-layer decoder's 131072-position cache of 8
+# sequences are 68 GB (each rank holds its kv head's slice), one rank's 1 GB.
+EAGER_EMIT_WRITTEN_BYTES = 1 << 30
 
 
 # ---- the values passes read and write -----------------------------------------------------
@@ -256,12 +261,26 @@ def _shard(s: State) -> State:
         return localize(captured.gm, mesh, seeds, variants, captured.params, active, views,
                         sequence_parallel=s.plan.sequence_parallel)
 
-    eager = r.emit and mesh.size * len(captured.gm.graph.nodes) <= EAGER_EMIT_NODES
+    eager = r.emit and mesh.size * len(captured.gm.graph.nodes) <= EAGER_EMIT_NODES \
+        and mesh.size * _written_bytes(captured.gm) <= EAGER_EMIT_WRITTEN_BYTES
     localized = run(None if eager else ())
     for g in localized.graphs:
         if any(n.op == "output" for n in g.nodes):
             g.lint()
     return dataclasses.replace(s, localized=localized, localize=_named_localize(run))
+
+
+def _written_bytes(gm: fx.GraphModule) -> int:
+    """Bytes of the buffers `gm` writes in place (each emitted rank copies its slice of them;
+    counted whole, an upper bound)."""
+    total = 0
+    for target in written_attrs(gm):
+        t = gm
+        for part in str(target).split("."):
+            t = getattr(t, part, None)
+        if isinstance(t, torch.Tensor):
+            total += t.numel() * t.element_size()
+    return total
 
 
 def _named_localize(run: Callable) -> Callable:
@@ -404,11 +423,13 @@ class _Runner:
             before = _code_key(s.captured.gm.graph) if p.kind == "graph" and s.captured else None
             out = p.run(s)
             if p.kind == "graph":
-                out.captured.gm.graph.lint()
+                changed = before is None or before != _code_key(out.captured.gm.graph)
+                # a graph no pass changed was linted when it was made
+                if changed:
+                    out.captured.gm.graph.lint()
                 # Regenerating an 80-layer graph's code costs 0.2-1 s: only when the pass
                 # changed what the code is made of (capture returns a recompiled graph).
-                if p.name in self.print_after or (before is not None and
-                                                   before != _code_key(out.captured.gm.graph)):
+                if p.name in self.print_after or (before is not None and changed):
                     out.captured.gm.recompile()
         except HelixError:
             raise
@@ -696,6 +717,12 @@ def run_compile(req: Request, strict: bool = False, kernel_choice: bool | None =
             warn: bool = True) -> HelixProgram:
     """Every pass: a HelixProgram whose rank_module(r) runs the rank passes."""
     analysis, runner = _run_model_passes(req)
+    return _compile_analysis(analysis, runner, req, strict, kernel_choice, warn)
+
+
+def _compile_analysis(analysis: Analysis, runner: _Runner, req: Request, strict: bool = False,
+                      kernel_choice: bool | None = None, warn: bool = True) -> HelixProgram:
+    """run_compile after the model passes: plan, seeds, shard on `analysis`."""
     _check_plan_model(req, analysis)
     _report_unpartitioned(analysis.unpartitioned, strict, warn)
     s = _run_plan_passes(_state_of(analysis, req), runner)
@@ -743,6 +770,10 @@ def _print_rank_passes(prog: HelixProgram, print_after: frozenset) -> None:
         prog.apply_rank_passes(0, gm, each=show)
 
 
+# a dynamic capture's graph -> the analysis of the same model captured with static shapes
+_STATIC_ANALYSES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _static_if_better(prog: HelixProgram, req: Request) -> HelixProgram:
     """Some models merge the batch dim with the head dim ((B*H, S, d) in nn.MultiheadAttention):
     with a symbolic batch that reshape cannot be split exactly, so such a model is recaptured
@@ -755,7 +786,17 @@ def _static_if_better(prog: HelixProgram, req: Request) -> HelixProgram:
         cluster=cluster_spec(src.cluster, req.devices), cluster_arg=src.cluster,
         profile=src.profile, verbose=src.verbose, dynamic=False,
         print_after=frozenset(), dp=prog.plan.dp, pp=prog.plan.pp)
-    static = run_compile(static_req, kernel_choice=prog.kernel_choice, warn=False)
+    # the static capture and its analysis depend on the model and its example inputs only:
+    # made once per dynamic capture, then each split (recompile) is planned and sharded on it
+    key = prog.analysis.captured.gm
+    static_analysis = _STATIC_ANALYSES.get(key)
+    if static_analysis is None:
+        static = run_compile(static_req, kernel_choice=prog.kernel_choice, warn=False)
+        _STATIC_ANALYSES[key] = static.analysis
+    else:
+        runner = _Runner(frozenset(), done=[p.name for p in MODEL_PASSES], timings=static_analysis.timings)
+        static = _compile_analysis(static_analysis, runner, static_req, kernel_choice=prog.kernel_choice,
+                                   warn=False)
     if len(static.replicated_ops) < len(prog.replicated_ops):
         note = (f"captured with static shapes: with a symbolic batch/sequence size, "
                 f"{[n for n, _ in prog.replicated_ops]} could only run replicated")

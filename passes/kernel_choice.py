@@ -129,7 +129,8 @@ def apply_kernel_choice(gm: fx.GraphModule, head_dim_threshold: int = FUSED_MAX_
             node.replace_all_uses_with(new)
             gm.graph.erase_node(node)
             changed.append((new.name, "attend", None))
-    gm.graph.lint()
-    gm.recompile()
+    if changed:     # an unchanged graph keeps its code (regenerating it: ~30 ms a rank module)
+        gm.graph.lint()
+        gm.recompile()
     gm.meta["kernel_choice"] = changed
     return gm

@@ -1,0 +1,54 @@
+"""benchmarks/gpu_decode_compiled.py --small: the module it times is compile_decoder's rank
+module (its helix collectives and cache slices are the split's), and its output is finite."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _bench():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import gpu_decode_compiled
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    return gpu_decode_compiled
+
+
+@pytest.mark.slow
+def test_compiled_decode_bench_small_times_the_compiled_rank_module(tmp_path):
+    out = tmp_path / "compiled.json"
+    assert _bench().main(["--small", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert {"device", "torch", "command", "git_commit", "ks", "results"} <= set(data)
+    rows = {tuple(r["split"]): r for r in data["results"]}
+    assert set(rows) == {(2, 1, 4), (1, 1, 8)}
+    # SMALL: 2 kv heads of d 16; B = 2, C = 64, vocab 512; k = 1 and 2 layers
+    per_layer = {(2, 1, 4): {"all_gather:seq": 1, "all_reduce:mesh": 2},   # chunk stats, o + MLP
+                 (1, 1, 8): {"all_reduce:head": 2}}                         # o + MLP
+    for (s, m, n), r in rows.items():
+        for k in (1, 2):
+            got = r[f"k{k}"]
+            assert "error" not in got, got
+            # the rank owning position C - 1 (chunk s - 1 of head group 0), its output finite
+            assert (got["rank"], got["position"]) == (s - 1, 63)
+            assert got["out_shape"] == [2, 1, 512] and got["finite"]
+            # its cache slices: C / s positions, 1 kv head (n > 2 kv heads: a copy each), d / m
+            assert got["cache_slice_shapes"] == [[2, 1, 64 // s, 16 // m]]
+            assert got["cache_bytes"] == 2 * k * 2 * 1 * (64 // s) * (16 // m) * 4
+            # the helix collectives of k layers of that split (stubbed when timed)
+            assert got["collectives"] == {key: c * k for key, c in per_layer[(s, m, n)].items()}
+        assert r["measured_tpot_ms"] == pytest.approx(r["measured_compute_ms"] + r["modeled_comm_ms"])
+        assert r["modeled_comm_ms"] > 0 and r["mirror_tpot_ms"] > r["modeled_comm_ms"]
+        assert r["cuda_graph"] is False       # the CPU: eager
+
+
+def test_compiled_decode_bench_refuses_a_plan_of_other_devices():
+    from helix_compiler.errors import HelixError
+
+    with pytest.raises(HelixError, match=r"--plans item '4,1,8': s x m x n = 32, but --devices is 64"):
+        _bench().parse_plans("8,1,8;4,1,8", 64)
