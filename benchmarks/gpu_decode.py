@@ -122,7 +122,7 @@ def _chunk_core(q, k, v, every):
 
 def _fused_chunk_core(q, k, v, bias, every):
     """Chunk k's share as passes/seq_split.py builds it for equal chunks: helix.chunk_attention
-    (torch's memory-efficient kernel with its log-sum-exp on CUDA; q (B, h_kv, g, d) viewed as
+    (the split-KV Triton kernel on CUDA, runtime/triton_chunk.py; q (B, h_kv, g, d) viewed as
     (B, h, 1, d), K and V un-repeated, the chunk's mask as its bias) and the rescale by
     exp(lse_k - M) / sum_k exp(lse_k - M), `every` (s, B, h, 1) the s chunks' all-gathered
     lse. Returns (share, this chunk's lse); the all-gather is modeled."""

@@ -12,7 +12,7 @@ first 1000 keys), sequence 2 fully padded (finfo.min everywhere: a uniform softm
 B = 4 sequence 3 with every key -inf (a dead row: out 0, lse -inf).
 
 (1) correctness: relative error of out (all rows) and of lse (finite rows) against the exact
-math in fp32 (`chunk_attention_reference`), NaN anywhere, dead rows exactly 0 / -inf.
+math in fp32 (`chunk_attention_math`), NaN anywhere, dead rows exactly 0 / -inf.
 (2) time: the kernel, the exact fp32 math (`math_fp32`) and the explicit core as the built
 graph runs it today (`explicit`: fp32 scores, P @ V in the cache's dtype); CUDA events around
 `iters` calls after `warmup` calls, eager and replayed as one CUDA graph; each call reads a
@@ -37,8 +37,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from helix_compiler.runtime import triton_chunk  # noqa: E402
+from helix_compiler.runtime.chunk_core import chunk_attention_math  # noqa: E402
 from helix_compiler.runtime.triton_chunk import (  # noqa: E402
-    chunk_attention_reference, chunk_attention_triton)
+    chunk_attention_triton)
 
 C, HKV, G, D, T = 131072, 1, 8, 128, 1
 CASES = [(1, torch.float16), (2, torch.float16), (4, torch.float16), (2, torch.float32),
@@ -77,7 +78,7 @@ def check(B, dtype, dev, gen) -> dict:
     q, [(k, v)], bias = make_case(B, dtype, dev, gen)
     scale = D ** -0.5
     out, lse = chunk_attention_triton(q, k, v, bias, scale)
-    want_out, want_lse = chunk_attention_reference(q, k, v, bias, scale)
+    want_out, want_lse = chunk_attention_math(q, k, v, bias, scale)
     dead = want_lse == float("-inf")
     live = ~dead
     row = {"out_rel_error": rel_error(out.float(), want_out.float()),
@@ -150,7 +151,7 @@ def timing(B, dtype, dev, gen, iters, warmup, configs) -> dict:
                 core(q, k, v, bias, scale)
         return fn
 
-    cores = {"math_fp32": chunk_attention_reference, "explicit": explicit_core}
+    cores = {"math_fp32": chunk_attention_math, "explicit": explicit_core}
     for config in configs(B, dtype):
         name = "triton" if not config else "triton_" + "_".join(f"{k}{v}" for k, v in config.items())
         name = name.replace("num_splits", "s").replace("block_n", "n").replace("num_warps", "w") \

@@ -108,13 +108,14 @@ KERNELS_PER_LAYER = {"heads": 17, "score-reduce": 23, "qk-gather": 24}
 COMBINE_KERNELS = 12
 # s > 1 with equal chunks (context % s == 0) and no score all-reduce (m = 1, qk-gather): the
 # built core is the fused helix.chunk_attention (`built_fused_chunk`), priced as a fused core
-# (no score passes, no K rows; its kernel is the 1 of "heads") plus, as benchmarks/gpu_decode.py
-# `_fused_chunk_core` runs it, counted as ATen ops that are not views: the op's bias copy to
-# (B, h_kv, g, C/s), its lse cut from 32 rows, the dead-row guard (eq, masked_fill) = 4; the
-# combine's M (amax, clamp), exp(lse_k - M) (sub, exp), their sum, the chunk's weight (div), its
-# cast to the output's dtype and the rescale (mul) = 8. (An SDPA-written core's guard of a row
-# -inf in every chunk, eq and masked_fill, not counted, as in COMBINE_KERNELS.)
-FUSED_COMBINE_KERNELS = 12
+# (no score passes, no K rows; its split-KV kernel is the 1 of "heads") plus, as
+# benchmarks/gpu_decode.py `_fused_chunk_core` runs it, counted as ATen ops that are not views:
+# the Triton kernel's second stage (combining its key splits) = 1; the combine's M (amax,
+# clamp), exp(lse_k - M) (sub, exp), their sum, the chunk's weight (div), its cast to the
+# output's dtype and the rescale (mul) = 8. (An SDPA-written core's guard of a row -inf in every
+# chunk, eq and masked_fill, not counted, as in COMBINE_KERNELS.) Until 2026-12-02 (torch's
+# memory-efficient kernel) the op added a bias copy, an lse cut and a dead-row guard: 12.
+FUSED_COMBINE_KERNELS = 9
 # Seconds per kernel of a CUDA-graphed decode step beyond its roofline time (launch, ramp and
 # tail of a small kernel), and per K row (one sequence, kv head and position, d/m wide) of an
 # explicit core (its two batched matmuls over d/m-wide rows run at ~5 rows per ns whatever

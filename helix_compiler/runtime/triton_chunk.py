@@ -189,28 +189,6 @@ def chunk_attention_triton(q, k, v, bias, scale, *, num_splits: int | None = Non
     return out, lse
 
 
-def chunk_attention_reference(q, k, v, bias, scale):
-    """(out, lse) by the explicit math in fp32: the kernel's reference (the chunk core's
-    `chunk_attention_math`, K and V read un-repeated, the g query heads of a kv head folded
-    into its rows). Any device, no triton."""
-    B, H, T, d = q.shape
-    Hkv = k.shape[1]
-    g = H // Hkv
-    x = (q.float().reshape(B, Hkv, g * T, d) @ k.float().transpose(-2, -1)).view(B, H, T, -1) * scale
-    if bias is not None:
-        b = bias.float()
-        x = x + torch.where(b == float("-inf"), b, b.clamp_min(_BIAS_FLOOR))
-    m = x.amax(-1, keepdim=True)                                  # (B, H, T, 1)
-    dead = m == float("-inf")                                     # no visible key
-    m = m.masked_fill(dead, 0.0)
-    e = torch.exp(x - m)
-    l = e.sum(-1, keepdim=True)
-    o = (e.reshape(B, Hkv, g * T, -1) @ v.float()).view(B, H, T, -1)
-    out = o / l.masked_fill(dead, 1.0)                            # a dead row: e = 0, out 0
-    lse = (m + torch.log(l)).squeeze(-1)                          # a dead row: log 0 = -inf
-    return out.to(v.dtype), lse
-
-
 class _NoGuard:
     def __enter__(self):
         return self
