@@ -257,11 +257,16 @@ def step_facts(prog, rank: int, step) -> dict:
     """What makes the timed module the compiled rank module: its helix collectives (by kind and
     axes) and its cache slices' shapes."""
     colls: dict = {}
+    fused = 0
     for node in step.graph.nodes:
-        if node.op == "call_function" and getattr(node.target, "namespace", None) == "helix":
-            key = f"{node.target._opname}:{node.args[1]}"
-            colls[key] = colls.get(key, 0) + 1
-    return {"collectives": colls,
+        if node.op != "call_function" or getattr(node.target, "namespace", None) != "helix":
+            continue
+        if node.target._opname == "chunk_attention":     # the fused s > 1 chunk core
+            fused += 1
+            continue
+        key = f"{node.target._opname}:{node.args[1]}"
+        colls[key] = colls.get(key, 0) + 1
+    return {"collectives": colls, "fused_chunk_cores": fused,
             "cache_slice_shapes": sorted({tuple(t.shape) for t in prog.caches[rank].values()}),
             "cache_bytes": prog.cache_bytes(rank)}
 

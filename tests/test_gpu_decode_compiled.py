@@ -28,7 +28,7 @@ def test_compiled_decode_bench_small_times_the_compiled_rank_module(tmp_path):
     rows = {tuple(r["split"]): r for r in data["results"]}
     assert set(rows) == {(2, 1, 4), (1, 1, 8)}
     # SMALL: 2 kv heads of d 16; B = 2, C = 64, vocab 512; k = 1 and 2 layers
-    per_layer = {(2, 1, 4): {"all_gather:seq": 1, "all_reduce:mesh": 2},   # chunk stats, o + MLP
+    per_layer = {(2, 1, 4): {"all_gather:seq": 1, "all_reduce:mesh": 2},   # chunk lse, o + MLP
                  (1, 1, 8): {"all_reduce:head": 2}}                         # o + MLP
     for (s, m, n), r in rows.items():
         for k in (1, 2):
@@ -42,6 +42,8 @@ def test_compiled_decode_bench_small_times_the_compiled_rank_module(tmp_path):
             assert got["cache_bytes"] == 2 * k * 2 * 1 * (64 // s) * (16 // m) * 4
             # the helix collectives of k layers of that split (stubbed when timed)
             assert got["collectives"] == {key: c * k for key, c in per_layer[(s, m, n)].items()}
+            # s > 1, equal chunks: each layer's chunk core is the fused helix.chunk_attention
+            assert got["fused_chunk_cores"] == (k if s > 1 else 0)
         assert r["measured_tpot_ms"] == pytest.approx(r["measured_compute_ms"] + r["modeled_comm_ms"])
         assert r["modeled_comm_ms"] > 0 and r["mirror_tpot_ms"] > r["modeled_comm_ms"]
         assert r["cuda_graph"] is False       # the CPU: eager
