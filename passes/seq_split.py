@@ -403,7 +403,13 @@ def _fused(graph: fx.Graph, sm: fx.Node, pv: fx.Node, plain: _Plain, k: int, mes
         total = call(aten.sum.dim_IntList, (w, [0], False))
         if safe:   # that row: 0 / 1 = 0, as SDPA; a plain softmax: 0 / 0 = NaN, as unsharded
             total = call(aten.masked_fill.Scalar, (total, call(aten.eq.Scalar, (total, 0.0)), 1.0))
-        partial = call(aten.mul.Tensor, (o, call(aten.div.Tensor, (call(aten.select.int, (w, 0, k)), total))))
+        share = call(aten.div.Tensor, (call(aten.select.int, (w, 0, k)), total))    # fp32
+        want = _val(pv).dtype if _val(pv) is not None else None
+        if want is not None and want != torch.float32:
+            # in the output's dtype, as the core it replaces (fp16 o x fp32 share would promote
+            # the rest of the layer to fp32)
+            share = call(aten._to_copy.default, (share,), {"dtype": want})
+        partial = call(aten.mul.Tensor, (o, share))
     pv.replace_all_uses_with(partial)
     graph.erase_node(pv)
     graph.erase_node(sm)

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,3 +55,21 @@ def test_compiled_decode_bench_refuses_a_plan_of_other_devices():
 
     with pytest.raises(HelixError, match=r"--plans item '4,1,8': s x m x n = 32, but --devices is 64"):
         _bench().parse_plans("8,1,8;4,1,8", 64)
+
+
+def test_fp16_decoder_keeps_its_dtype_through_the_fused_chunk_combine():
+    # the lse combine's weights are fp32; the chunk's share is cast to the core output's dtype,
+    # else an fp16 layer turned fp32 after the core (export's dtype asserts refused the graph,
+    # found timing the 70B shape on the H200)
+    from helix_compiler.decode import compile_decoder
+
+    bench = _bench()
+    model = bench.lazy_decoder(bench.llama_config(bench.gpu_decode.SMALL, 512, 2), 2, 64, torch.float16)
+    prog = compile_decoder(model, 8, (2, 1, 4), rank=1)
+    for gm in prog.modules[1]:
+        ops = [n for n in gm.graph.nodes if n.target is torch.ops.helix.chunk_attention.default]
+        assert len(ops) == 2, gm.graph
+        for op in ops:
+            (out,) = [u for u in op.users if u.args[1] == 0]           # getitem 0: the chunk's output
+            (share,) = [u for u in out.users if u.target is torch.ops.aten.mul.Tensor]
+            assert share.meta["val"].dtype == torch.float16, share.format_node()
