@@ -62,6 +62,7 @@ from helix_compiler.planning.decode_plan import (DecodeShape, built_fused_chunk,
                                                  llama70b_shape, plan_decode)
 import helix_compiler.runtime.chunk_core  # noqa: E402,F401  (registers helix.chunk_attention)
 from helix_compiler.errors import HelixError  # noqa: E402
+from helix_compiler.measure.timing import cuda_graphed  # noqa: E402
 from helix_compiler.pipeline import cluster_spec  # noqa: E402
 from helix_compiler.planning.profile import DEFAULT_PROFILE, load_profile  # noqa: E402
 
@@ -252,22 +253,7 @@ def _graphed(fn, dev):
     """fn captured as one CUDA graph (a serving engine replays the decode step so: eager, a
     B = 8 decode layer is bound by its ~15 kernel launches, ~0.65 ms per layer whatever the
     plan, which hides the bytes each plan reads), or None on the CPU or if capture fails."""
-    if dev.type != "cuda":
-        return None
-    try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        return graph.replay
-    except RuntimeError as e:   # noqa: BLE001  (recorded as eager timing)
-        print(f"CUDA graph capture failed, timing eagerly: {e}")
-        return None
+    return cuda_graphed(fn, dev)[0]
 
 
 def measure_replicated(shape, B, dev, dtype, iters, warmup) -> float:

@@ -74,6 +74,7 @@ import gpu_decode  # noqa: E402  (the mirror: same-run comparison)
 from helix_compiler import empty_weights  # noqa: E402
 from helix_compiler.decode import compile_decoder  # noqa: E402
 from helix_compiler.errors import HelixError  # noqa: E402
+from helix_compiler.measure.timing import cuda_graphed  # noqa: E402
 from helix_compiler.measure.stub import StubCollectives, stubbed  # noqa: E402
 from helix_compiler.cli.generate import pair_on_device  # noqa: E402
 from helix_compiler.models.hf_static import HFStaticCacheDecoder  # noqa: E402
@@ -214,29 +215,6 @@ def rank_step(model, devices: int, plan: PlanSpec, C: int, dev) -> tuple:
     return prog, rank, prog.modules[rank][1], args, time.perf_counter() - t0
 
 
-def _graphed(fn, dev):
-    """fn captured as one CUDA graph after two warm-up calls on a side stream (so one-time
-    allocations, such as the stub's gather buffers, are not in the graph), or (None, why)."""
-    if dev.type != "cuda":
-        return None, "CPU: eager"
-    try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        return graph.replay, None
-    except RuntimeError as e:   # noqa: BLE001  (recorded: timed eagerly)
-        why = str(e).splitlines()[0][:300]
-        print(f"  CUDA graph capture failed, timing eagerly: {why}", flush=True)
-        torch.cuda.synchronize()
-        return None, why
-
-
 @torch.no_grad()
 def time_step(prog, step, args, dev, iters: int, warmup: int) -> dict:
     """ms per call of the stubbed step (CUDA graph when it captures), eager ms, and whether the
@@ -246,7 +224,7 @@ def time_step(prog, step, args, dev, iters: int, warmup: int) -> dict:
         out = step(*args)
         finite = bool(torch.isfinite(out).all())
         t_eager = gpu_decode._time(lambda: step(*args), iters, warmup, dev)
-        replay, why = _graphed(lambda: step(*args), dev)
+        replay, why = cuda_graphed(lambda: step(*args), dev)
         t = gpu_decode._time(replay, iters, warmup, dev) if replay is not None else t_eager
     return {"ms": t * 1e3, "eager_ms": t_eager * 1e3, "cuda_graph": replay is not None,
             "cuda_graph_error": why if dev.type == "cuda" else None,

@@ -36,6 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from helix_compiler.measure.timing import cuda_graphed  # noqa: E402
 from helix_compiler.runtime import triton_chunk  # noqa: E402
 from helix_compiler.runtime.chunk_core import chunk_attention_math  # noqa: E402
 from helix_compiler.runtime.triton_chunk import (  # noqa: E402
@@ -122,23 +123,6 @@ def _time(fn, iters, warmup) -> float:
     return start.elapsed_time(end) / iters
 
 
-def _graphed(fn):
-    try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        return graph.replay
-    except RuntimeError as e:           # noqa: BLE001  (recorded: eager timing only)
-        print(f"CUDA graph capture failed: {str(e).splitlines()[0]}")
-        return None
-
-
 def timing(B, dtype, dev, gen, iters, warmup, configs) -> dict:
     kv_bytes = 2 * B * HKV * C * D * torch.finfo(dtype).bits // 8
     copies = max(1, math.ceil(L2_ROTATION_BYTES / kv_bytes))
@@ -166,7 +150,7 @@ def timing(B, dtype, dev, gen, iters, warmup, configs) -> dict:
             row[name] = {"failed": str(e).splitlines()[0][:200]}
             continue
         eager = _time(fn, iters, warmup) / copies
-        graphed = _graphed(fn)
+        graphed = cuda_graphed(fn, torch.device("cuda"))[0]
         replay = _time(graphed, iters, warmup) / copies if graphed is not None else None
         best = replay if replay is not None else eager
         row[name] = {"eager_ms": eager, "graph_ms": replay,

@@ -88,3 +88,28 @@ def free_memory(device) -> None:
     gc.collect()
     if is_cuda(device):
         torch.cuda.empty_cache()
+
+
+def cuda_graphed(fn, device) -> tuple:
+    """(replay, None): `fn` captured as one CUDA graph after two warm-up calls on a side stream
+    (one-time allocations, such as a stub's gather buffers, stay out of the graph); or
+    (None, why) on the CPU or when capture fails, to be timed eagerly (the benchmarks record
+    which)."""
+    if not is_cuda(device):
+        return None, "CPU: eager"
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return graph.replay, None
+    except RuntimeError as e:   # noqa: BLE001  (recorded: timed eagerly)
+        why = str(e).splitlines()[0][:300]
+        print(f"  CUDA graph capture failed, timing eagerly: {why}", flush=True)
+        torch.cuda.synchronize()
+        return None, why
