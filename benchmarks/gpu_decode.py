@@ -62,7 +62,7 @@ from helix_compiler.planning.decode_plan import (DecodeShape, built_fused_chunk,
                                                  llama70b_shape, plan_decode)
 import helix_compiler.runtime.chunk_core  # noqa: E402,F401  (registers helix.chunk_attention)
 from helix_compiler.errors import HelixError  # noqa: E402
-from helix_compiler.measure.timing import cuda_graphed  # noqa: E402
+from helix_compiler.measure.timing import cuda_graphed, loop_seconds  # noqa: E402
 from helix_compiler.pipeline import cluster_spec  # noqa: E402
 from helix_compiler.planning.profile import DEFAULT_PROFILE, load_profile  # noqa: E402
 
@@ -193,21 +193,7 @@ def _step(lay: dict, x, shape: DecodeShape, s: int, m: int, n: int, variant: str
 
 def _time(fn, iters: int, warmup: int, dev) -> float:
     """Seconds per call of fn()."""
-    for _ in range(warmup):
-        fn()
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / 1e3 / iters
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    return (time.perf_counter() - t0) / iters
+    return loop_seconds(fn, iters, warmup, dev)
 
 
 def measure_row(shape, C, B, row, dev, dtype, iters, warmup) -> dict:

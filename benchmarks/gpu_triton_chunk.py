@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from helix_compiler.measure.timing import cuda_graphed  # noqa: E402
+from helix_compiler.measure.timing import cuda_graphed, loop_seconds  # noqa: E402
 from helix_compiler.runtime import triton_chunk  # noqa: E402
 from helix_compiler.runtime.chunk_core import chunk_attention_math  # noqa: E402
 from helix_compiler.runtime.triton_chunk import (  # noqa: E402
@@ -111,16 +111,7 @@ def explicit_core(q, k, v, bias, scale):
 
 def _time(fn, iters, warmup) -> float:
     """ms per fn()."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
+    return loop_seconds(fn, iters, warmup, torch.device("cuda")) * 1e3
 
 
 def timing(B, dtype, dev, gen, iters, warmup, configs) -> dict:

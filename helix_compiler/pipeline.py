@@ -48,7 +48,7 @@ import torch.fx as fx
 from passes.find_attention import find_attention
 from passes.find_mlp import find_mlp
 from passes.fold_params import fold_params
-from passes.graph_utils import proj_bias
+from passes.graph_utils import attr_value, proj_bias
 from passes.kernel_choice import apply_kernel_choice, fused_kernel_exists
 from passes.overlap import overlap
 from passes.seeds import all_seeds
@@ -273,14 +273,8 @@ def _shard(s: State) -> State:
 def _written_bytes(gm: fx.GraphModule) -> int:
     """Bytes of the buffers `gm` writes in place (each emitted rank copies its slice of them;
     counted whole, an upper bound)."""
-    total = 0
-    for target in written_attrs(gm):
-        t = gm
-        for part in str(target).split("."):
-            t = getattr(t, part, None)
-        if isinstance(t, torch.Tensor):
-            total += t.numel() * t.element_size()
-    return total
+    tensors = [attr_value(gm, target) for target in written_attrs(gm)]
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
 def _named_localize(run: Callable) -> Callable:

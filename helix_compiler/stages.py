@@ -45,6 +45,8 @@ import torch.fx as fx
 from torch._guards import detect_fake_mode
 from torch.fx.graph import CodeGen, _PyTreeCodeGen, _PyTreeInfo
 
+from passes.graph_utils import attr_value
+
 from .data import gather_replicas, shard_inputs
 from .errors import HelixError, first_line
 from .planning.cost import stage_of
@@ -150,13 +152,6 @@ def _spans_stage(axes: str, mesh: Mesh) -> bool:
     return axes == "all" or (axes == "dim" and mesh.n == 1) or (axes == "head" and mesh.m == 1)
 
 
-def _attr(gm: fx.GraphModule, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part, None)
-    return obj
-
-
 def _plain(x):
     """A rank_shards entry with its index arrays as tuples (comparable with ==)."""
     if isinstance(x, (list, tuple)):
@@ -171,7 +166,7 @@ def _same_attr(gms: list, nodes: tuple, shards: list | None) -> bool:
     if shards is not None and all(n.target in sh for n, sh in zip(nodes, shards)):
         keys = [_plain(sh[n.target]) for n, sh in zip(nodes, shards)]
         return all(k == keys[0] for k in keys[1:])
-    ts = [_attr(gm, n.target) for gm, n in zip(gms, nodes)]
+    ts = [attr_value(gm, n.target) for gm, n in zip(gms, nodes)]
     if not all(isinstance(t, torch.Tensor) and t.device.type != "meta" for t in ts):
         return False
     return all(t.shape == ts[0].shape and t.dtype == ts[0].dtype and torch.equal(t, ts[0])

@@ -659,15 +659,10 @@ def _match(core: Core, index: int) -> tuple[SiteMatch | None, str | None]:
     if k.heads.shape[1] != d:
         return None, f"attention core at node {core.out.name}: q and k head dims differ ({d} vs {k.heads.shape[1]})"
     # kv groups in order of first appearance at the core
-    k_groups, v_groups = [], []
-    for row in k.heads:
-        if not any((row == g).all() for g in k_groups):
-            k_groups.append(row)
-    for row in v.heads:
-        if not any((row == g).all() for g in v_groups):
-            v_groups.append(row)
+    k_groups = [k.heads[i] for i in _first_of_distinct(k.heads)]
+    v_groups = [v.heads[i] for i in _first_of_distinct(v.heads)]
     H_kv = len(k_groups)
-    if len(v_groups) != H_kv or H % H_kv or len(_first_of_distinct(k.heads)) != H_kv:
+    if len(v_groups) != H_kv or H % H_kv:
         return None, (f"attention core at node {core.out.name}: {H} query heads, {H_kv} key heads "
                       f"and {len(v_groups)} value heads do not form multi-head or grouped-query attention")
     # which kv group each q head uses: by position at the core (repeated) or GQA broadcast

@@ -126,10 +126,16 @@ def constant_value(node):
         node = node.args[0]
     if not (isinstance(node, fx.Node) and node.op == "get_attr"):
         return None
-    obj = node.graph.owning_module
-    for part in str(node.target).split("."):
-        obj = getattr(obj, part, None)
+    obj = attr_value(node.graph.owning_module, node.target)
     return obj if isinstance(obj, torch.Tensor) and obj.device.type != "meta" else None
+
+
+def attr_value(root: torch.nn.Module, target) -> object:
+    """What a get_attr target ("layers.0.k_cache") names on `root`, or None."""
+    obj = root
+    for part in str(target).split("."):
+        obj = getattr(obj, part, None)
+    return obj
 
 
 def norm_dim(dim: int, ndim: int) -> int:

@@ -113,3 +113,24 @@ def cuda_graphed(fn, device) -> tuple:
         print(f"  CUDA graph capture failed, timing eagerly: {why}", flush=True)
         torch.cuda.synchronize()
         return None, why
+
+
+def loop_seconds(fn, iters: int, warmup: int, device) -> float:
+    """Seconds per call of `fn()` over `iters` back-to-back calls after `warmup` (on a GPU, CUDA
+    events around the whole loop: for steps of microseconds, where `Timer`'s per-call events
+    would time the launch gaps)."""
+    for _ in range(warmup):
+        fn()
+    if is_cuda(device):
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3 / iters
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return (time.perf_counter() - t0) / iters

@@ -43,13 +43,12 @@ from . import triton_chunk
 _BIAS_FLOOR = -1e30
 
 
-def _floor(bias: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """`bias` with finite values below _BIAS_FLOOR (or `dtype`'s finfo.min, where higher: an
-    fp32 mask going into an fp16 kernel) raised to it, -inf kept."""
-    low = max(_BIAS_FLOOR, torch.finfo(dtype or bias.dtype).min)
-    if torch.finfo(bias.dtype).min >= low:
+def _floor(bias: torch.Tensor) -> torch.Tensor:
+    """`bias` with finite values below _BIAS_FLOOR raised to it, -inf kept (the Triton kernel
+    applies the same floor as it loads the bias)."""
+    if torch.finfo(bias.dtype).min >= _BIAS_FLOOR:
         return bias                     # fp16's finfo.min (-65504) is far above the floor
-    return torch.where(bias == float("-inf"), bias, bias.clamp_min(low))
+    return torch.where(bias == float("-inf"), bias, bias.clamp_min(_BIAS_FLOOR))
 
 
 def _check(q, k, v) -> int:

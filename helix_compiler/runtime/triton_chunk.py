@@ -58,7 +58,6 @@ try:
 except ImportError:        # the project does not depend on triton; fits() is False without it
     triton = tl = None
 
-_BIAS_FLOOR = -1e30          # chunk_core's _floor: HF's finfo(fp32).min raised to it, -inf kept
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 256          # d and d_v: one BLOCK_D of next_power_of_2(d) columns in registers
 _PROGRAMS_PER_SM = 1         # stage 1 programs per multiprocessor the split count aims at
