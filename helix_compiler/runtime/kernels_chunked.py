@@ -24,16 +24,31 @@ GQA (fewer kv heads than query heads) repeats k and v over their query heads.
 Fully masked rows: a query row with no visible key (mask and is_causal together
 leave every score -inf) gives 0, as SDPA does (kernels.masked_softmax, the
 helper helix.attend uses; docs/numerics.md), never NaN.
+
+On CUDA, where Triton is importable and `triton_flash.fits` holds (4-D q, k, v of
+one dtype among fp16 / bf16 / fp32, head dims multiples of 16 up to 512),
+chunked_attention runs a flash-attention Triton kernel instead of the blocks
+above (runtime/triton_flash.py: online softmax over key tiles, no scores in
+memory, the same function). `USE_TRITON = False` (or HELIX_FLASH_TRITON=0 in the
+environment at import) keeps the explicit path, e.g. to time one against the
+other; the CPU always runs the explicit path. chunked_attend (the scores are
+its input) always runs the explicit blocks.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 
+from . import triton_flash
 from .kernels import FUSED_ALIGN, broadcasts_to, masked_softmax
+
+# Whether chunked_attention runs the flash Triton kernel on CUDA where it fits (True unless
+# HELIX_FLASH_TRITON=0 at import); False keeps the explicit blocks (benchmarks time both).
+USE_TRITON = os.environ.get("HELIX_FLASH_TRITON", "1") != "0"
 
 # Scores alive at once per block, in bytes. Measured on H100 (torch 2.11, d=512,
 # S=10000): larger blocks are faster (4 MiB 3.98 ms per head, 32 MiB 0.75, 256 MiB
@@ -124,7 +139,15 @@ def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
                                               scale=scale, enable_gqa=gqa)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
+    if _use_triton(q, k, v, mask):
+        return triton_flash.flash_attention_triton(q, k, v, mask, is_causal, scale)
     return _explicit(q, k, v, mask, is_causal, scale, chunk_bytes)
+
+
+def _use_triton(q, k, v, mask) -> bool:
+    """The flash kernel on CUDA tensors it takes, while USE_TRITON holds (never on the CPU, not
+    even under TRITON_INTERPRET=1: the CPU runs the explicit blocks as before)."""
+    return USE_TRITON and q.is_cuda and triton_flash.fits(q, k, v, mask)
 
 
 @chunked_attention.register_fake
