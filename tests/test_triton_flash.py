@@ -1,5 +1,5 @@
-"""The flash-attention Triton kernel for head dims up to 512 (helix_compiler/runtime/triton_flash.py)
-against the explicit math of `torch.ops.helix.chunked_attention` in fp32 (the op on CPU tensors:
+"""The flash-attention Triton kernel for head dims up to 512 (runtime/triton_flash.py) against
+the explicit math of `torch.ops.helix.chunked_attention` in fp32 (the op on CPU tensors:
 kernels_chunked's explicit blocks), in Triton's interpreter on the CPU (TRITON_INTERPRET=1, set
 here before triton is imported). Skipped where triton is not installed (CI: the project does not
 depend on it); benchmarks/gpu_triton_flash.py checks and times the compiled kernel on a GPU.

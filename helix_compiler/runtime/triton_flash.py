@@ -79,7 +79,8 @@ class FlashConfig:
         for name in ("block_m", "block_n", "num_warps"):
             v = getattr(self, name)
             if v < 1 or v & (v - 1):
-                raise HelixError(f"FlashConfig: {name} = {v} is not a power of 2; use e.g. 16, 32, 64")
+                raise HelixError(f"FlashConfig: {name} = {v} is not a power of 2; "
+                                 f"use e.g. 16, 32, 64")
         if min(self.block_m, self.block_n) < 16:
             raise HelixError(f"FlashConfig: block_m = {self.block_m}, block_n = {self.block_n}; "
                              f"tl.dot needs tiles of at least 16, use 16 or more")
@@ -148,8 +149,9 @@ def refusal(q, k, v, mask) -> str | None:
     B, H, T, d = q.shape
     if k.shape[0] not in (1, B) or k.shape[:3] != v.shape[:3] or k.shape[-1] != d \
             or k.shape[1] == 0 or H % k.shape[1]:
-        return (f"q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}; expected q (B, H, T, d), "
-                f"k (B, H_kv, S, d), v (B, H_kv, S, d_v) with H a multiple of H_kv")
+        return (f"q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}; "
+                f"expected q (B, H, T, d), k (B, H_kv, S, d), v (B, H_kv, S, d_v) "
+                f"with H a multiple of H_kv")
     dv = v.shape[-1]
     if max(d, dv) > MAX_HEAD_DIM or d % HEAD_DIM_QUANTUM or dv % HEAD_DIM_QUANTUM:
         return (f"head dims d = {d}, d_v = {dv}; the kernel takes multiples of {HEAD_DIM_QUANTUM} "
@@ -162,7 +164,8 @@ def refusal(q, k, v, mask) -> str | None:
         try:
             mask.expand(B, H, T, k.shape[2])
         except RuntimeError:
-            return f"mask {list(mask.shape)} does not broadcast to (B, H, T, S) = {[B, H, T, k.shape[2]]}"
+            return (f"mask {list(mask.shape)} does not broadcast to (B, H, T, S) = "
+                    f"{[B, H, T, k.shape[2]]}")
     return None
 
 
