@@ -195,7 +195,19 @@ def test_each_config_compiles_or_fails_and_matches_at_d_512(cfg):
     q, k, v = _inputs(1, 2, 1, 1000, 1000, 512, 512, torch.float16)
     try:
         out = flash_attention_triton(q, k, v, None, False, 512 ** -0.5, config=cfg)
-    except triton_flash.triton.runtime.errors.OutOfResources as e:   # shared memory: a sweep row
+    except triton_flash.OutOfResources as e:   # shared memory: the benchmark's error row
         pytest.skip(f"{cfg.name} does not compile here: {str(e).splitlines()[0][:200]}")
     want = _reference(q, k, v, None, False, 512 ** -0.5)
     assert _rel(out.cpu().float(), want) <= TOL[torch.float16]
+
+
+@CUDA_ONLY
+def test_a_default_config_too_big_for_the_gpu_warns_and_runs_the_explicit_blocks(monkeypatch):
+    # 2 x (128 x 512 + 3 x 128 x 1024) bytes of shared memory: more than any GPU has
+    monkeypatch.setattr(triton_flash, "DEFAULT_CONFIG", FlashConfig(
+        block_m=128, block_n=128, num_warps=8, num_stages=3, dv_split=1))
+    q, k, v = _inputs(1, 2, 1, 100, 100, 512, 512, torch.float16)
+    with pytest.warns(UserWarning, match=r"config m128_n128_w8_s3_dv1 does not fit .*running the "
+                                         r"explicit blocks"):
+        got = torch.ops.helix.chunked_attention(q, k, v, None, False, 0.05, DEFAULT_CHUNK_BYTES, 0)
+    assert _rel(got.cpu().float(), _reference(q, k, v, None, False, 0.05)) <= TOL[torch.float16]

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -140,7 +141,14 @@ def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if _use_triton(q, k, v, mask):
-        return triton_flash.flash_attention_triton(q, k, v, mask, is_causal, scale)
+        try:
+            return triton_flash.flash_attention_triton(q, k, v, mask, is_causal, scale)
+        except triton_flash.OutOfResources as e:   # the config is too big for this GPU: said
+            warnings.warn(f"helix.chunked_attention: the flash Triton kernel's config "
+                          f"{triton_flash.default_config(q.dtype).name} does not fit "
+                          f"{torch.cuda.get_device_name(q.device)} ({e}); running the explicit "
+                          f"blocks; set triton_flash.DEFAULT_CONFIG to a smaller entry of "
+                          f"triton_flash.CONFIGS", stacklevel=2)
     return _explicit(q, k, v, mask, is_causal, scale, chunk_bytes)
 
 

@@ -57,8 +57,10 @@ from helix_compiler.errors import HelixError
 try:
     import triton
     import triton.language as tl
+    from triton.runtime.errors import OutOfResources   # a config too big for the GPU
 except ImportError:        # the project does not depend on triton; fits() is False without it
     triton = tl = None
+    OutOfResources = ()    # catches nothing
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 512           # d and d_v: one BLOCK_D of next_power_of_2(d) columns per Q K^T
@@ -95,38 +97,40 @@ class FlashConfig:
                 f"_dv{self.dv_split}")
 
 
-# The table benchmarks/gpu_triton_flash.py sweeps at d = 512, fp16 (H200: 228 KiB of shared
-# memory and 64 Ki 32-bit registers per SM, at most 255 per thread). Per pipeline stage a K tile
-# BLOCK_N x 512 and a V tile BLOCK_N x 512 / dv_split (fp16: 32 KiB each at BLOCK_N = 32); the
-# accumulator BLOCK_M x 512 / dv_split fp32 over 32 num_warps threads (64 x 512 over 8 warps:
-# 128 registers a thread, beside Q's 64). Configs that do not fit fail to compile: the benchmark
-# records them as rows with their error.
-CONFIGS = (
-    # dv_split 1: Q K^T once (useful work = work done); the accumulator is the pressure
-    FlashConfig(block_m=64, block_n=32, num_warps=8, num_stages=2, dv_split=1),
-    FlashConfig(block_m=64, block_n=64, num_warps=8, num_stages=1, dv_split=1),
-    FlashConfig(block_m=64, block_n=64, num_warps=8, num_stages=2, dv_split=1),
-    FlashConfig(block_m=64, block_n=32, num_warps=16, num_stages=2, dv_split=1),
-    FlashConfig(block_m=64, block_n=64, num_warps=16, num_stages=2, dv_split=1),
-    FlashConfig(block_m=128, block_n=32, num_warps=16, num_stages=2, dv_split=1),
-    # dv_split 2: 1.5x the work, a 256-column accumulator (FA2's d = 256 shape)
-    FlashConfig(block_m=64, block_n=64, num_warps=4, num_stages=2, dv_split=2),
-    FlashConfig(block_m=64, block_n=64, num_warps=8, num_stages=2, dv_split=2),
-    FlashConfig(block_m=128, block_n=32, num_warps=8, num_stages=2, dv_split=2),
-    FlashConfig(block_m=128, block_n=64, num_warps=8, num_stages=2, dv_split=2),
-    FlashConfig(block_m=128, block_n=64, num_warps=8, num_stages=3, dv_split=2),
-    FlashConfig(block_m=128, block_n=64, num_warps=16, num_stages=2, dv_split=2),
-    # dv_split 4: 2.5x the work, a 128-column accumulator (FA2's d = 128 shape)
-    FlashConfig(block_m=128, block_n=64, num_warps=8, num_stages=2, dv_split=4),
-    FlashConfig(block_m=128, block_n=64, num_warps=8, num_stages=3, dv_split=4),
-    FlashConfig(block_m=128, block_n=128, num_warps=8, num_stages=2, dv_split=4),
-    FlashConfig(block_m=64, block_n=64, num_warps=4, num_stages=3, dv_split=4),
+# The table benchmarks/gpu_triton_flash.py sweeps at d = 512, fp16, on an H200 (per SM: 228 KiB
+# of shared memory, 64 Ki 32-bit registers, at most 255 a thread). Shared memory, if Q stays
+# there (wgmma reads its A operand from it) and each pipeline stage holds a K and a V tile:
+#     2 bytes x (BLOCK_M x 512 + num_stages x BLOCK_N x (512 + 512 / dv_split))
+# (the KiB column); every entry is under 228 KiB, the last dv_split 2 one only just. The fp32
+# accumulator BLOCK_M x 512 / dv_split over 32 num_warps threads (the regs column: 64 x 512 over
+# 8 warps is 128 a thread, 16 warps may hold at most 128 each). A config that does not compile
+# is a row with its error in the benchmark.
+CONFIGS = (                                                                 # KiB  regs
+    # dv_split 1: Q K^T once (work done = useful work); the accumulator is the pressure
+    FlashConfig(block_m=64, block_n=32, num_warps=8, num_stages=2, dv_split=1),    # 192  128
+    FlashConfig(block_m=64, block_n=32, num_warps=16, num_stages=2, dv_split=1),   # 192   64
+    FlashConfig(block_m=64, block_n=16, num_warps=8, num_stages=3, dv_split=1),    # 160  128
+    FlashConfig(block_m=64, block_n=64, num_warps=8, num_stages=1, dv_split=1),    # 192  128
+    FlashConfig(block_m=64, block_n=64, num_warps=16, num_stages=1, dv_split=1),   # 192   64
+    # dv_split 2: 1.5x the work, a 256-column accumulator (flash attention's d = 256 shape)
+    FlashConfig(block_m=64, block_n=32, num_warps=4, num_stages=2, dv_split=2),    # 160  128
+    FlashConfig(block_m=64, block_n=32, num_warps=8, num_stages=2, dv_split=2),    # 160   64
+    FlashConfig(block_m=64, block_n=32, num_warps=8, num_stages=3, dv_split=2),    # 208   64
+    FlashConfig(block_m=64, block_n=64, num_warps=8, num_stages=1, dv_split=2),    # 160   64
+    FlashConfig(block_m=128, block_n=32, num_warps=8, num_stages=1, dv_split=2),   # 176  128
+    FlashConfig(block_m=128, block_n=16, num_warps=8, num_stages=2, dv_split=2),   # 176  128
+    FlashConfig(block_m=128, block_n=32, num_warps=16, num_stages=2, dv_split=2),  # 224   64
+    # dv_split 4: 2.5x the work, a 128-column accumulator (flash attention's d = 128 shape)
+    FlashConfig(block_m=128, block_n=32, num_warps=8, num_stages=2, dv_split=4),   # 208   64
+    FlashConfig(block_m=128, block_n=16, num_warps=8, num_stages=3, dv_split=4),   # 188   64
+    FlashConfig(block_m=128, block_n=64, num_warps=8, num_stages=1, dv_split=4),   # 208   64
+    FlashConfig(block_m=64, block_n=32, num_warps=4, num_stages=3, dv_split=4),    # 184   64
 )
-# What the op runs for fp16 / bf16. Not yet measured: the H200 sweep
-# (benchmarks/results/triton_flash_h200.json) sets it.
-DEFAULT_CONFIG = CONFIGS[7]
-# fp32 (ieee dot, twice the bytes per tile): small tiles, the accumulator split in two.
-FP32_CONFIG = FlashConfig(block_m=32, block_n=32, num_warps=4, num_stages=2, dv_split=2)
+# What the op runs for fp16 / bf16: not yet measured (the H200 sweep,
+# benchmarks/results/triton_flash_h200.json, sets it); a config well inside both budgets.
+DEFAULT_CONFIG = CONFIGS[6]
+# fp32 (ieee dots, 4-byte tiles): small tiles, the accumulator split in two; 80 KiB as above.
+FP32_CONFIG = FlashConfig(block_m=16, block_n=16, num_warps=4, num_stages=1, dv_split=2)
 
 
 def _interpreting() -> bool:
