@@ -25,11 +25,16 @@ Fully masked rows: a query row with no visible key (mask and is_causal together
 leave every score -inf) gives 0, as SDPA does (kernels.masked_softmax, the
 helper helix.attend uses; docs/numerics.md), never NaN.
 
-On CUDA, where Triton is importable and `triton_flash.fits` holds (4-D q, k, v of
-one dtype among fp16 / bf16 / fp32, head dims multiples of 16 up to 512),
-chunked_attention runs a flash-attention Triton kernel instead of the blocks
-above (runtime/triton_flash.py: online softmax over key tiles, no scores in
-memory, the same function). `USE_TRITON = False` (or HELIX_FLASH_TRITON=0 in the
+On CUDA, for a causal core in fp16 / bf16 where Triton is importable and
+`triton_flash.fits` holds (4-D q, k, v of one dtype, head dims multiples of 16 up
+to 512), chunked_attention runs a flash-attention Triton kernel instead of the
+blocks above (runtime/triton_flash.py: online softmax over key tiles, no scores
+in memory, the same function). Only there, because only there it was measured
+faster (H200, d = 512, T = S = 10000, 16 heads, results/triton_flash_h200.json):
+causal 7.8 ms against the blocks' 20.5 (the kernel skips the hidden half); without
+is_causal its best configuration takes 16.8 ms against the blocks' 14.4 (cuBLAS
+GEMMs at d = 512 beat a Triton tile that a 512-column fp32 accumulator keeps
+small), and fp32 was not timed. `USE_TRITON = False` (or HELIX_FLASH_TRITON=0 in the
 environment at import) keeps the explicit path, e.g. to time one against the
 other; the CPU always runs the explicit path. chunked_attend (the scores are
 its input) always runs the explicit blocks.
@@ -50,6 +55,8 @@ from .kernels import FUSED_ALIGN, broadcasts_to, masked_softmax
 # Whether chunked_attention runs the flash Triton kernel on CUDA where it fits (True unless
 # HELIX_FLASH_TRITON=0 at import); False keeps the explicit blocks (benchmarks time both).
 USE_TRITON = os.environ.get("HELIX_FLASH_TRITON", "1") != "0"
+# The dtypes the kernel was timed faster than the blocks in (fp32: not timed).
+_TRITON_DTYPES = (torch.float16, torch.bfloat16)
 
 # Scores alive at once per block, in bytes. Measured on H100 (torch 2.11, d=512,
 # S=10000): larger blocks are faster (4 MiB 3.98 ms per head, 32 MiB 0.75, 256 MiB
@@ -140,7 +147,7 @@ def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
                                               scale=scale, enable_gqa=gqa)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    if _use_triton(q, k, v, mask):
+    if _use_triton(q, k, v, mask, is_causal):
         try:
             return triton_flash.flash_attention_triton(q, k, v, mask, is_causal, scale)
         except triton_flash.OutOfResources as e:   # the config is too big for this GPU: said
@@ -152,10 +159,12 @@ def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     return _explicit(q, k, v, mask, is_causal, scale, chunk_bytes)
 
 
-def _use_triton(q, k, v, mask) -> bool:
-    """The flash kernel on CUDA tensors it takes, while USE_TRITON holds (never on the CPU, not
-    even under TRITON_INTERPRET=1: the CPU runs the explicit blocks as before)."""
-    return USE_TRITON and q.is_cuda and triton_flash.fits(q, k, v, mask)
+def _use_triton(q, k, v, mask, is_causal) -> bool:
+    """The flash kernel where it was measured faster than the blocks: a causal core of 16-bit CUDA
+    tensors it takes, while USE_TRITON holds (never on the CPU, not even under TRITON_INTERPRET=1:
+    the CPU runs the explicit blocks as before)."""
+    return (USE_TRITON and bool(is_causal) and q.is_cuda and q.dtype in _TRITON_DTYPES
+            and triton_flash.fits(q, k, v, mask))
 
 
 @chunked_attention.register_fake
