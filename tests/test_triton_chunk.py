@@ -10,11 +10,20 @@ so that the key blocks, the splits and their boundaries fall where each case nee
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")   # before triton is imported: kernels run on the CPU
+# the interpreter on the CPU, the compiled kernel where there is a GPU (TRITON_INTERPRET=1 or 0
+# set before the run picks either). triton.jit reads it when a function is defined, triton's own
+# tl.zeros included: once triton is imported (torch.export imports it through torch._dynamo,
+# so any earlier test module may have) the interpreter cannot be switched on
+if os.environ.get("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1") == "1" and \
+        "triton" in sys.modules and not os.environ.get("TRITON_INTERPRET") == "1":
+    pytest.skip("triton was imported by an earlier test without TRITON_INTERPRET=1: run this "
+                "file alone, or the session with TRITON_INTERPRET=1", allow_module_level=True)
+os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 pytest.importorskip("triton")
 
 from helix_compiler.errors import HelixError  # noqa: E402

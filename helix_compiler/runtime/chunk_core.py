@@ -86,7 +86,9 @@ def chunk_attention_math(q, k, v, bias, scale):
 @torch.library.custom_op("helix::chunk_attention", mutates_args=())
 def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    if triton_chunk.fits(q, k, v, bias):
+    # CUDA tensors only: under TRITON_INTERPRET=1 (set by the kernel's tests) fits() holds on the
+    # CPU too, and a model run on the CPU keeps the math, as kernels_chunked's op does
+    if q.is_cuda and triton_chunk.fits(q, k, v, bias):
         _check(q, k, v)
         return triton_chunk.chunk_attention_triton(q, k, v, bias, scale)   # floors the bias itself
     return chunk_attention_math(q, k, v, bias, scale)
