@@ -276,27 +276,39 @@ def _check_keeps_positions(node: fx.Node) -> None:
 
 
 def _owner_write(graph: fx.Graph, w: fx.Node, start: int, end: int) -> None:
-    """index_copy_(cache, dim, pos, new) on the chunk: positions of [start, end) that `pos`
-    names take `new`'s rows, the others keep their value."""
+    """index_copy_(cache, dim, pos, new) on the chunk [start, end): the tokens of `pos` whose
+    positions the chunk holds are written, the others are not, touching len(pos) positions of
+    the chunk (a decode step: one), never all of them:
+
+        local = pos - start;  owned = 0 <= local < C                          # (T,)
+        src   = t where owned[t], else the first owned token (0 if none)      # (T,)
+        idx   = clamp(local[src], 0, C - 1)
+        rows  = new[src] if any(owned) else cache[idx]                        # along dim
+        cache.index_copy_(dim, idx, rows)
+
+    A token the chunk does not hold writes what its stand-in (the first owned token) writes, at
+    the same index, or, when the chunk holds none, puts back the value it read: every index is
+    written with one value however many tokens name it. (Before: a where over the whole chunk
+    and a copy of it, about 6 x the chunk's bytes per cache buffer and step: 0.47 ms a layer
+    against 0.10 for the hand-written step at 128k positions, B = 8, on the H200.)"""
     cache, dim, pos, new = w.args[:4]
     nd = _val(w).dim()
     dim = dim % nd
     C = end - start
+    call = graph.call_function
     with graph.inserting_before(w):
-        here = graph.call_function(aten.arange.start, (start, end),
-                                   {"dtype": torch.int64, "device": _val(w).device})
-        hit = graph.call_function(aten.eq.Tensor, (graph.call_function(aten.unsqueeze.default, (pos, 1)),
-                                                   graph.call_function(aten.unsqueeze.default, (here, 0))))
-        written = graph.call_function(aten.any.dim, (hit, 0))                               # (C,)
-        src = graph.call_function(aten.argmax.default, (
-            graph.call_function(aten._to_copy.default, (hit,), {"dtype": torch.int64}), 0))  # (C,)
-        rows = graph.call_function(aten.index_select.default, (new, dim, src))            # new's rows per position
-        shape = [1] * nd
-        shape[dim] = C
-        at = graph.call_function(aten.view.default, (written, shape))
-        merged = graph.call_function(aten.where.self, (at, rows, cache))
-        copied = graph.call_function(aten.copy_.default, (cache, merged))
-    w.replace_all_uses_with(copied)
+        local = call(aten.sub.Tensor, (pos, start))                                       # (T,)
+        owned = call(aten.bitwise_and.Tensor, (call(aten.ge.Scalar, (local, 0)),
+                                               call(aten.lt.Scalar, (local, C))))
+        first = call(aten.argmax.default, (call(aten._to_copy.default, (owned,), {"dtype": torch.int64}),))
+        token = call(aten.sub.Tensor, (call(aten.cumsum.default, (call(aten.ones_like.default, (pos,)), 0)), 1))
+        src = call(aten.where.self, (owned, token, first))                                # (T,)
+        idx = call(aten.clamp.default, (call(aten.index_select.default, (local, 0, src)), 0, C - 1))
+        rows = call(aten.where.self, (call(aten.any.default, (owned,)),
+                                      call(aten.index_select.default, (new, dim, src)),
+                                      call(aten.index_select.default, (cache, dim, idx))))
+        written = call(w.target, (cache, dim, idx, rows))     # index_copy_ or index_copy, as written
+    w.replace_all_uses_with(written)
     graph.erase_node(w)
 
 

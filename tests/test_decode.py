@@ -220,6 +220,15 @@ def test_sequence_split_every_rank_equals_unsharded_across_chunk_boundaries(spli
                         if nd.target is torch.ops.helix.all_reduce.default and nd.args[1] == "mesh"]
         assert len(mesh_reduces) == cfg.layers * (2 if m * n > 1 else 1), (label, r)
     _assert_weights_as_planned(prog, cfg, split, variant)
+    # a step writes one position of the chunk (index_copy of one row), not a where over the
+    # whole chunk (passes/seq_split.py _owner_write)
+    for r in range(DEVICES):
+        writes = [nd for nd in prog.modules[r][1].graph.nodes
+                  if nd.target in (torch.ops.aten.index_copy_.default, torch.ops.aten.index_copy.default)]
+        assert len(writes) == 2 * cfg.layers, (label, r, len(writes))
+        assert all(tuple(w.args[3].meta["val"].shape)[2] == 1 for w in writes), (label, r)
+        assert not [nd for nd in prog.modules[r][1].graph.nodes if nd.target is torch.ops.aten.copy_.default
+                    and nd.args[0] in {w.args[0] for w in writes}], (label, r)
     # each (i, j) slice is cut into s chunks of positions: exactly 1/N of the cache per rank
     assert [prog.cache_bytes(r) for r in range(DEVICES)] == [_cache_elements(cfg) * 4 // DEVICES] * DEVICES
     # only the owner wrote: chunk k of every rank holds, at positions it does not own, nothing
