@@ -231,6 +231,28 @@ def time_step(prog, step, args, dev, iters: int, warmup: int) -> dict:
             "out_shape": list(out.shape), "finite": finite}
 
 
+@torch.no_grad()
+def kernel_profile(prog, step, args, top: int = 12) -> list:
+    """The step's kernels by device time per call (torch.profiler over 3 eager calls after the
+    timing): [{name, us_per_call, calls_per_step}], the `top` largest."""
+    from torch.profiler import ProfilerActivity, profile
+
+    stub = StubCollectives(prog.mesh)
+    with stubbed(stub):
+        step(*args)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                step(*args)
+            torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t > 0:
+            rows.append({"name": e.key[:120], "us_per_call": round(t / 3, 1), "calls_per_step": e.count / 3})
+    return sorted(rows, key=lambda r: -r["us_per_call"])[:top]
+
+
 def step_facts(prog, rank: int, step) -> dict:
     """What makes the timed module the compiled rank module: its helix collectives (by kind and
     axes) and its cache slices' shapes."""
@@ -275,6 +297,8 @@ def main(argv=None) -> int:
     p.add_argument("--devices", type=int, default=None, help="N (default 64; --small 8)")
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--profile", action="store_true",
+                   help="also record each step's largest kernels (torch.profiler, CUDA only)")
     p.add_argument("--no-mirror", action="store_true",
                    help="skip gpu_decode.measure_row's mirror of each row")
     args = p.parse_args(argv)
@@ -323,6 +347,10 @@ def main(argv=None) -> int:
                     got = time_step(prog, step, step_args, dev, iters, warmup)
                     got.update(step_facts(prog, rank, step), rank=rank, position=C - 1,
                                build_s=round(build_s, 1))
+                    if args.profile and dev.type == "cuda":
+                        got["kernels"] = kernel_profile(prog, step, step_args)
+                        print("    " + "; ".join(f"{r['name'][:60]} {r['us_per_call']} us x{r['calls_per_step']:g}"
+                                                 for r in got["kernels"]), flush=True)
                     del prog, step, step_args
                 except (HelixError, RuntimeError) as e:
                     got = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:400]}"}
