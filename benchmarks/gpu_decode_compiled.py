@@ -232,6 +232,29 @@ def time_step(prog, step, args, dev, iters: int, warmup: int) -> dict:
 
 
 @torch.no_grad()
+def time_inductor(prog, step, args, dev, iters: int, warmup: int) -> dict:
+    """The same step module under torch.compile (inductor, default mode: its elementwise ops
+    fused into generated kernels; the helix ops stay opaque calls), timed as time_step times
+    the step, its output checked against the uncompiled step's."""
+    t0 = time.perf_counter()
+    compiled = torch.compile(step, dynamic=False)
+    stub = StubCollectives(prog.mesh)
+    try:
+        with stubbed(stub):
+            want = step(*args).float()
+            got = compiled(*args).float()        # compiles here
+        compile_s = round(time.perf_counter() - t0, 1)
+        # the step wrote its cache position twice more; the value written is the same each time
+        rel = float((got - want).norm() / want.norm().clamp_min(1e-30))
+        out = time_step(prog, compiled, args, dev, iters, warmup)
+    except Exception as e:  # noqa: BLE001  (recorded in the row; the run goes on)
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:400] if str(e) else ''}"}
+    finally:
+        torch._dynamo.reset()
+    return {**out, "compile_s": compile_s, "max_rel_vs_step": rel}
+
+
+@torch.no_grad()
 def kernel_profile(prog, step, args, top: int = 12) -> list:
     """The step's kernels by device time per call (torch.profiler over 3 eager calls after the
     timing): [{name, us_per_call, calls_per_step}], the `top` largest."""
@@ -297,6 +320,8 @@ def main(argv=None) -> int:
     p.add_argument("--devices", type=int, default=None, help="N (default 64; --small 8)")
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--inductor", action="store_true",
+                   help="also time each step module under torch.compile (inductor)")
     p.add_argument("--profile", action="store_true",
                    help="also record each step's largest kernels (torch.profiler, CUDA only)")
     p.add_argument("--no-mirror", action="store_true",
@@ -347,6 +372,13 @@ def main(argv=None) -> int:
                     got = time_step(prog, step, step_args, dev, iters, warmup)
                     got.update(step_facts(prog, rank, step), rank=rank, position=C - 1,
                                build_s=round(build_s, 1))
+                    if args.inductor:
+                        got["inductor"] = time_inductor(prog, step, step_args, dev, iters, warmup)
+                        ind = got["inductor"]
+                        print("    torch.compile: " + (ind.get("error") or
+                              f"{ind['ms']:.3f} ms (cuda graph {ind['cuda_graph']}, compile "
+                              f"{ind['compile_s']} s, max rel vs the step {ind['max_rel_vs_step']:.1e})"),
+                              flush=True)
                     if args.profile and dev.type == "cuda":
                         got["kernels"] = kernel_profile(prog, step, step_args)
                         print("    " + "; ".join(f"{r['name'][:60]} {r['us_per_call']} us x{r['calls_per_step']:g}"
@@ -381,6 +413,12 @@ def main(argv=None) -> int:
                            finite=a["finite"] and b["finite"])
                 if row:
                     out["measured_tpot_ms"] = compute + row.comm_ms
+                ia, ib = a.get("inductor") or {}, b.get("inductor") or {}
+                if "ms" in ia and "ms" in ib:
+                    il = (ib["ms"] - ia["ms"]) / (k2 - k1)
+                    out.update(inductor_layer_ms=il, inductor_compute_ms=ia["ms"] + (L - k1) * il)
+                    if row:
+                        out["inductor_tpot_ms"] = out["inductor_compute_ms"] + row.comm_ms
             if row and not args.no_mirror:
                 t1 = time.perf_counter()
                 mir = gpu_decode.measure_row(shape, C, B, row, dev, dtype, iters, warmup)
