@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from . import triton_flash
-from .kernels import FUSED_ALIGN, broadcasts_to, masked_softmax
+from .kernels import FUSED_ALIGN, broadcasts_to, softmax_v
 
 # Whether chunked_attention runs the flash Triton kernel on CUDA where it fits (True unless
 # HELIX_FLASH_TRITON=0 at import); False keeps the explicit blocks (benchmarks time both).
@@ -132,7 +132,7 @@ def _explicit(q, k, v, mask, is_causal: bool, scale: float, chunk_bytes: int) ->
         s = torch.baddbmm(q3.new_empty(()).expand(h1 - h0, r1 - r0, s_k), q3[h0:h1, r0:r1],
                           kt[h0:h1], beta=0.0, alpha=scale)
         s = _apply_mask(s, _block_mask(mask, lead, bh, h0, h1, r0, r1, s_k), is_causal, r0, s_k)
-        torch.bmm(masked_softmax(s), v3[h0:h1], out=out[h0:h1, r0:r1])
+        softmax_v(s, v3[h0:h1], may_die=mask is not None, out=out[h0:h1, r0:r1])
     return out.reshape(*lead, s_q, d_v)
 
 
@@ -188,7 +188,7 @@ def chunked_attend(scores: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | N
     for h0, h1, r0, r1 in blocks(bh, s_q, s_k, scores.element_size(), chunk_bytes):
         s = s3[h0:h1, r0:r1] * scale
         s = _apply_mask(s, _block_mask(mask, lead, bh, h0, h1, r0, r1, s_k), is_causal, r0, s_k)
-        torch.bmm(masked_softmax(s).to(v3.dtype), v3[h0:h1], out=out[h0:h1, r0:r1])
+        softmax_v(s, v3[h0:h1], may_die=mask is not None, out=out[h0:h1, r0:r1])
     return out.reshape(*lead, s_q, d_v)
 
 
