@@ -58,6 +58,7 @@ import dataclasses
 import json
 import math
 import platform
+import traceback
 import subprocess
 import sys
 import time
@@ -248,7 +249,6 @@ def time_inductor(prog, step, args, dev, iters: int, warmup: int) -> dict:
         rel = float((got - want).norm() / want.norm().clamp_min(1e-30))
         out = time_step(prog, compiled, args, dev, iters, warmup)
     except Exception as e:  # noqa: BLE001  (recorded in the row; the run goes on)
-        import traceback
         return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:400] if str(e) else ''}",
                 "detail": str(e)[:3000], "traceback": traceback.format_exc(limit=-8)[-3000:]}
     finally:
