@@ -11,6 +11,7 @@ import torch
 
 from helix_compiler import helix_compile
 from helix_compiler.program import on_device
+from helix_compiler.runtime.graphs import with_index
 from tests.models import zoo
 
 
@@ -31,3 +32,13 @@ def test_an_hf_graph_captured_on_cpu_runs_on_another_device():
     named = [a for n in moved.graph.nodes for a in list(n.args) + list(n.kwargs.values())
              if isinstance(a, torch.device)]
     assert named and all(a.type == "meta" for a in named)
+
+
+def test_cuda_without_an_index_is_named_as_the_tensors_land_on_it(monkeypatch):
+    # torch.compile's fake tensors compare export's asserted device exactly: the graph must
+    # name cuda:0 (where .to("cuda") puts the tensors), not cuda (failed so on the H200)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert with_index(torch.device("cuda")) == torch.device("cuda", 3)
+    assert with_index(torch.device("cuda", 1)) == torch.device("cuda", 1)
+    assert with_index(torch.device("cpu")) == torch.device("cpu")
+    assert with_index(torch.device("meta")) == torch.device("meta")

@@ -20,11 +20,21 @@ def build_module(graph: fx.Graph, tensors: dict, name: str) -> fx.GraphModule:
     return fx.GraphModule(root, g, class_name=name)
 
 
+def with_index(device: torch.device) -> torch.device:
+    """`cuda` as the device a tensor moved there lands on (`cuda:<current>`): export's metadata
+    asserts compare devices exactly, so a graph naming `cuda` beside tensors on `cuda:0` fails
+    under torch.compile's fake tensors ("Tensor device mismatch! Expected: cuda, Got: cuda:0",
+    seen on the H200), though eager runs pass."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def on_device(gm: fx.GraphModule, device: torch.device | str) -> fx.GraphModule:
     """`gm` with its parameters and buffers on `device`, and every device its graphs name
     (factory calls such as arange, `.to(device=...)`, export's metadata asserts) pointed there
     too: a graph captured on the CPU or on meta then runs on the GPU. In place; returns gm."""
-    device = torch.device(device)
+    device = with_index(torch.device(device))
     gm.to(device)
 
     def repoint(a):
