@@ -294,9 +294,10 @@ def _owner_write(graph: fx.Graph, w: fx.Node, start: int, end: int, shared: dict
     and a copy of it, about 6 x the chunk's bytes per cache buffer and step: 0.47 ms a layer
     against 0.10 for the hand-written step at 128k positions, B = 8, on the H200.)
 
-    src, idx and any(owned) depend on `pos` and the chunk only: they are made once, before the
-    first write (the writes come in graph order), and read by every layer's K and V writes
-    (`shared`). A decode step's one token (pos of static length 1) needs no stand-in: idx =
+    src, idx and any(owned) depend on `pos` and the chunk only: they are made once per position
+    node, before its first write (the writes come in graph order), and read by every write of
+    it (`shared`): a layer's K and V, and every layer where the model passes one position
+    tensor (HF's StaticCache makes one a layer). A decode step's one token (pos of static length 1) needs no stand-in: idx =
     clamp(pos - start, 0, C - 1), owned = idx == pos - start, 3 small kernels for the index
     instead of 13."""
     cache, dim, pos, new = w.args[:4]
@@ -305,7 +306,7 @@ def _owner_write(graph: fx.Graph, w: fx.Node, start: int, end: int, shared: dict
     C = end - start
     call = graph.call_function
     T = _val(pos).shape[0] if _val(pos) is not None and _val(pos).dim() == 1 else None
-    if T == 1 and (pos, start, end) not in shared:
+    if type(T) is int and T == 1 and (pos, start, end) not in shared:   # static, not a symbol
         # one token (a decode step): no other token can name its index, so no stand-in;
         # 3 small kernels a position node instead of 13
         with graph.inserting_before(w):
