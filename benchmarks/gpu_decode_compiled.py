@@ -58,13 +58,14 @@ import dataclasses
 import json
 import math
 import platform
-import traceback
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -75,6 +76,7 @@ import gpu_decode  # noqa: E402  (the mirror: same-run comparison)
 from helix_compiler import empty_weights  # noqa: E402
 from helix_compiler.decode import compile_decoder  # noqa: E402
 from helix_compiler.errors import HelixError  # noqa: E402
+from helix_compiler.numerics import relative_error  # noqa: E402
 from helix_compiler.measure.timing import cuda_graphed  # noqa: E402
 from helix_compiler.measure.stub import StubCollectives, stubbed  # noqa: E402
 from helix_compiler.cli.generate import pair_on_device  # noqa: E402
@@ -246,7 +248,7 @@ def time_inductor(prog, step, args, dev, iters: int, warmup: int) -> dict:
             got = compiled(*args).float()        # compiles here
         compile_s = round(time.perf_counter() - t0, 1)
         # the step wrote its cache position twice more; the value written is the same each time
-        rel = float((got - want).norm() / want.norm().clamp_min(1e-30))
+        rel = relative_error(got, want)
         out = time_step(prog, compiled, args, dev, iters, warmup)
     except Exception as e:  # noqa: BLE001  (recorded in the row; the run goes on)
         return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:400] if str(e) else ''}",
@@ -260,8 +262,6 @@ def time_inductor(prog, step, args, dev, iters: int, warmup: int) -> dict:
 def kernel_profile(prog, step, args, top: int = 12) -> list:
     """The step's kernels by device time per call (torch.profiler over 3 eager calls after the
     timing): [{name, us_per_call, calls_per_step}], the `top` largest."""
-    from torch.profiler import ProfilerActivity, profile
-
     stub = StubCollectives(prog.mesh)
     with stubbed(stub):
         step(*args)

@@ -35,7 +35,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from helix_compiler.measure.timing import loop_seconds  # noqa: E402
-from helix_compiler.runtime import kernels_chunked, triton_flash  # noqa: E402
+from helix_compiler.numerics import relative_error  # noqa: E402
+from helix_compiler.runtime import kernels_chunked, triton_flash, triton_inputs  # noqa: E402
 from helix_compiler.runtime.kernels_chunked import DEFAULT_CHUNK_BYTES  # noqa: E402
 from helix_compiler.runtime.triton_flash import (  # noqa: E402
     CONFIGS, DEFAULT_CONFIG, flash_attention_triton)
@@ -81,7 +82,7 @@ def errors(out, ref) -> dict:
     got = out[:, :2, :ref.shape[2]].double()
     ref = ref.double()
     diff = got - ref
-    return {"rel_error": float(diff.norm() / ref.norm()),
+    return {"rel_error": relative_error(got, ref),
             "max_rel_error": float(diff.abs().max() / ref.abs().max()),
             "nan": bool(out.isnan().any())}
 
@@ -146,7 +147,7 @@ def main(argv=None) -> int:
         print("error: gpu_triton_flash needs triton", file=sys.stderr)
         return 2
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if dev.type == "cpu" and not (args.tiny and triton_flash._interpreting()):
+    if dev.type == "cpu" and not (args.tiny and triton_inputs.interpreting()):
         print("error: without a CUDA GPU, run --tiny with TRITON_INTERPRET=1", file=sys.stderr)
         return 2
     shape = TINY if args.tiny else FULL

@@ -44,14 +44,18 @@ def one(layers: int, devices: int, dynamic: bool = True, repeat: bool = True) ->
 
     from helix_compiler import helix_compile
 
+    def compiled(model, ids):
+        """(program, wall s, process CPU s) of helix_compile on the model."""
+        t0, c0 = time.perf_counter(), time.process_time()
+        prog = helix_compile(model, devices=devices, example_inputs=(ids,),
+                             example_kwargs={"use_cache": False}, dynamic=dynamic, repeat_blocks=repeat)
+        return prog, time.perf_counter() - t0, time.process_time() - c0
+
     model, ids = _model(layers)
     # helix_compile first, in a fresh process as a user runs it: the peak RSS is read before
     # the comparison export below (an 80-layer export holds more than the compile does), and
     # the compile gets no warm-up from it (before 2026-12-02 the export ran first)
-    t0, c0 = time.perf_counter(), time.process_time()
-    prog = helix_compile(model, devices=devices, example_inputs=(ids,), example_kwargs={"use_cache": False},
-                         dynamic=dynamic, repeat_blocks=repeat)
-    total, total_cpu = time.perf_counter() - t0, time.process_time() - c0
+    prog, total, total_cpu = compiled(model, ids)
     stages, repeated = dict(prog.timings), prog.analysis.captured.gm.meta.get("repeat_blocks")
     sites, plan_name = len(prog.plan.sites), f"m={prog.plan.m} x n={prog.plan.n}"
     params_per_rank = prog.plan.cost.param_elements_per_rank
@@ -64,13 +68,9 @@ def one(layers: int, devices: int, dynamic: bool = True, repeat: bool = True) ->
     # one-time work is done (the first torch.export imports torch._dynamo, which imports
     # triton where it is installed); cold - warm is that one-time cost, paid once per process
     del prog
-    model2, ids2 = _model(layers)
-    t0, c0 = time.perf_counter(), time.process_time()
-    prog = helix_compile(model2, devices=devices, example_inputs=(ids2,), example_kwargs={"use_cache": False},
-                         dynamic=dynamic, repeat_blocks=repeat)
-    warm, warm_cpu = time.perf_counter() - t0, time.process_time() - c0
+    prog, warm, warm_cpu = compiled(*_model(layers))
     warm_stages = dict(prog.timings)
-    del prog, model2
+    del prog
     t0, c0 = time.perf_counter(), time.process_time()
     torch.export.export(model, (ids,), {"use_cache": False}, strict=False)
     export_s, export_cpu = time.perf_counter() - t0, time.process_time() - c0

@@ -27,6 +27,7 @@ os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else 
 pytest.importorskip("triton")
 
 from helix_compiler.errors import HelixError  # noqa: E402
+from helix_compiler.numerics import relative_error  # noqa: E402
 from helix_compiler.runtime import triton_chunk  # noqa: E402
 from helix_compiler.runtime.chunk_core import chunk_attention_math  # noqa: E402
 from helix_compiler.runtime.triton_chunk import (  # noqa: E402
@@ -42,11 +43,6 @@ BF16 = pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
     DEVICE == "cpu", reason="Triton's interpreter has no bf16 tl.dot"))
 LOW = torch.finfo(torch.float32).min
 INF = float("-inf")
-
-
-def _rel(got, want) -> float:
-    got, want = got.double(), want.double()
-    return float((got - want).norm() / want.norm().clamp_min(1e-30))
 
 
 def _inputs(B, H_kv, g, T, C, d, d_v, dtype, seed=0):
@@ -80,8 +76,8 @@ def _check(q, k, v, bias, scale, dtype, **kw):
     dead = want_lse == INF
     assert torch.equal(lse == INF, dead)                       # -inf exactly where no key is visible
     assert (out[dead] == 0).all()
-    assert _rel(out.float(), want_out.float()) <= TOL[dtype]
-    assert _rel(lse[~dead], want_lse[~dead]) <= 1e-6
+    assert relative_error(out.float(), want_out.float()) <= TOL[dtype]
+    assert relative_error(lse[~dead], want_lse[~dead]) <= 1e-6
     return out, lse
 
 

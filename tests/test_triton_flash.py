@@ -29,6 +29,7 @@ os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else 
 pytest.importorskip("triton")
 
 from helix_compiler.errors import HelixError  # noqa: E402
+from helix_compiler.numerics import relative_error  # noqa: E402
 from helix_compiler.runtime import kernels_chunked, triton_flash  # noqa: E402
 from helix_compiler.runtime.kernels_chunked import DEFAULT_CHUNK_BYTES  # noqa: E402
 from helix_compiler.runtime.triton_flash import (  # noqa: E402
@@ -41,11 +42,6 @@ CUDA_ONLY = pytest.mark.skipif(DEVICE == "cpu", reason="large shapes / bf16: com
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 LOW = torch.finfo(torch.float32).min
 INF = float("-inf")
-
-
-def _rel(got, want) -> float:
-    got, want = got.double(), want.double()
-    return float((got - want).norm() / want.norm().clamp_min(1e-30))
 
 
 def _inputs(B, H_kv, g, T, S, d, d_v, dtype, seed=0):
@@ -70,7 +66,7 @@ def _check(q, k, v, mask, is_causal, scale, **kw):
     want = _reference(q, k, v, mask, is_causal, scale)
     assert out.dtype == v.dtype and out.shape == want.shape
     assert not out.isnan().any()
-    err = _rel(out.cpu().float(), want)
+    err = relative_error(out.cpu().float(), want)
     assert err <= TOL[q.dtype], err
     return out.cpu(), want
 
@@ -195,7 +191,7 @@ def test_the_op_on_cuda_runs_the_kernel_and_matches_the_explicit_path(dtype, mon
     monkeypatch.setattr(kernels_chunked, "USE_TRITON", False)
     explicit = torch.ops.helix.chunked_attention(q.float(), k.float(), v.float(), *args)
     assert not got.isnan().any() and (got[-1] == 0).all()
-    assert _rel(got.float(), explicit) <= TOL[dtype]
+    assert relative_error(got.float(), explicit) <= TOL[dtype]
 
 
 @CUDA_ONLY
@@ -216,7 +212,7 @@ def test_each_config_compiles_or_fails_and_matches_at_d_512(cfg):
     except triton_flash.OutOfResources as e:   # shared memory: the benchmark's error row
         pytest.skip(f"{cfg.name} does not compile here: {str(e).splitlines()[0][:200]}")
     want = _reference(q, k, v, None, False, 512 ** -0.5)
-    assert _rel(out.cpu().float(), want) <= TOL[torch.float16]
+    assert relative_error(out.cpu().float(), want) <= TOL[torch.float16]
 
 
 @CUDA_ONLY
@@ -228,4 +224,4 @@ def test_a_default_config_too_big_for_the_gpu_warns_and_runs_the_explicit_blocks
     with pytest.warns(UserWarning, match=r"config m128_n128_w8_s3_dv1 does not fit .*running the "
                                          r"explicit blocks"):
         got = torch.ops.helix.chunked_attention(q, k, v, None, True, 0.05, DEFAULT_CHUNK_BYTES, 0)
-    assert _rel(got.cpu().float(), _reference(q, k, v, None, True, 0.05)) <= TOL[torch.float16]
+    assert relative_error(got.cpu().float(), _reference(q, k, v, None, True, 0.05)) <= TOL[torch.float16]

@@ -22,7 +22,7 @@ threshold where the graph carries no shapes (the choice is made at run time).
 GQA (fewer kv heads than query heads) repeats k and v over their query heads.
 
 Fully masked rows: a query row with no visible key (mask and is_causal together
-leave every score -inf) gives 0, as SDPA does (kernels.masked_softmax, the
+leave every score -inf) gives 0, as SDPA does (kernels.softmax_v, the
 helper helix.attend uses; docs/numerics.md), never NaN.
 
 On CUDA, for a causal core in fp16 / bf16 where Triton is importable and

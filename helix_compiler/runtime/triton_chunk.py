@@ -46,11 +46,11 @@ TRITON_INTERPRET=1 (set before triton is imported) CPU tensors run in Triton's i
 tests. `import triton` is optional: without it this module imports and `fits` says False.
 """
 
-import os
 
 import torch
 
 from helix_compiler.errors import HelixError
+from helix_compiler.runtime.triton_inputs import placement_refusal
 
 try:
     import triton
@@ -72,23 +72,14 @@ _TILE_BYTES = 32 * 1024      # a K or V tile of one pipeline stage
 _INTERPRET_SMS = 4           # stands in for the multiprocessor count in the interpreter
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def refusal(q, k, v, bias) -> str | None:
     """Why the kernel does not take this call, or None where it does."""
     if triton is None:
         return "triton is not importable"
     ts = {"q": q, "k": k, "v": v} | ({} if bias is None else {"bias": bias})
-    for name, t in ts.items():
-        if not (t.is_cuda or (_interpreting() and t.device.type == "cpu")):
-            return f"{name} is on {t.device}, not CUDA (the CPU only under TRITON_INTERPRET=1)"
-        if t.dim() != 4 and name != "bias":
-            return f"{name} has {t.dim()} dims, not 4"
-    if not (q.dtype == k.dtype == v.dtype and q.dtype in _DTYPES):
-        return (f"q, k, v are {q.dtype}, {k.dtype}, {v.dtype}; the kernel takes one of "
-                f"{', '.join(str(d) for d in _DTYPES)} for all three")
+    why = placement_refusal(ts, _DTYPES, any_rank="bias")
+    if why is not None:
+        return why
     B, H, T, d = q.shape
     if k.shape[0] != B or k.shape[:3] != v.shape[:3] or k.shape[-1] != d or k.shape[1] == 0 \
             or H % k.shape[1]:

@@ -11,7 +11,7 @@ Triton kernel: the CUDA path of `torch.ops.helix.chunked_attention` (kernels_chu
     x   = (q @ k^T) * scale + mask                       # fp32, (B, H, T, S); -inf where hidden
     out = softmax(x) @ v                                 # (B, H, T, d_v), v's dtype
 
-The semantics of the explicit chunked path (`kernels_chunked._explicit`, `kernels.masked_softmax`):
+The semantics of the explicit chunked path (`kernels_chunked._explicit`, `kernels.softmax_v`):
 a row with no visible key (every score -inf) gives 0, never NaN; a fully padded row of Hugging
 Face's finfo(fp32).min mask has every score equal (q k is lost below the ulp of 3.4e38), so its
 softmax is uniform, as SDPA's math gives. The scores stay in natural-log units (`tl.exp`, not
@@ -48,11 +48,11 @@ says False.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import torch
 
 from helix_compiler.errors import HelixError
+from helix_compiler.runtime.triton_inputs import placement_refusal
 
 try:
     import triton
@@ -135,23 +135,14 @@ DEFAULT_CONFIG = CONFIGS[9]
 FP32_CONFIG = FlashConfig(block_m=16, block_n=16, num_warps=4, num_stages=1, dv_split=2)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def refusal(q, k, v, mask) -> str | None:
     """Why the kernel does not take this call, or None where it does."""
     if triton is None:
         return "triton is not importable"
     ts = {"q": q, "k": k, "v": v} | ({} if mask is None else {"mask": mask})
-    for name, t in ts.items():
-        if not (t.is_cuda or (_interpreting() and t.device.type == "cpu")):
-            return f"{name} is on {t.device}, not CUDA (the CPU only under TRITON_INTERPRET=1)"
-        if t.dim() != 4 and name != "mask":
-            return f"{name} has {t.dim()} dims, not 4"
-    if not (q.dtype == k.dtype == v.dtype and q.dtype in _DTYPES):
-        return (f"q, k, v are {q.dtype}, {k.dtype}, {v.dtype}; the kernel takes one of "
-                f"{', '.join(str(d) for d in _DTYPES)} for all three")
+    why = placement_refusal(ts, _DTYPES, any_rank="mask")
+    if why is not None:
+        return why
     B, H, T, d = q.shape
     if k.shape[0] not in (1, B) or k.shape[:3] != v.shape[:3] or k.shape[-1] != d \
             or k.shape[1] == 0 or H % k.shape[1]:
