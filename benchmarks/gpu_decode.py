@@ -75,6 +75,18 @@ SMALL = DecodeShape(name="small-gqa", layers=2, hidden=128, heads=8, kv_heads=2,
                     ffn=256, dtype="fp32", replicated_params=1000 * 128)
 
 
+# How the mirror holds and applies its weights. "linear": [out, in] and F.linear, as the
+# model's nn.Linear layers (HF's q/k/v/o, gate/up/down) hold and apply them: what a compiled
+# rank module runs. "matmul": [in, out] and x @ W, the layout of runs before 2026-12-02
+# (sixth session); for a GEMV of one or a few rows cuBLAS reads that layout more slowly.
+LAYOUT = "linear"
+
+
+def _mm(x, w):
+    """x times the weight `w` in the mirror's LAYOUT."""
+    return F.linear(x, w) if LAYOUT == "linear" else x @ w
+
+
 def _rank_layer(shape: DecodeShape, C: int, B: int, s: int, m: int, n: int, variant: str,
                 dev, dtype, gen) -> dict:
     """One layer of the rank owning the new token's position: weight slices and cache slice."""
@@ -82,13 +94,17 @@ def _rank_layer(shape: DecodeShape, C: int, B: int, s: int, m: int, n: int, vari
     h, hkv, dm, Cs = shape.heads // n, max(shape.kv_heads // n, 1), shape.head_dim // m, C // s
     f = math.ceil(shape.ffn / N)
     r = lambda *size: torch.randn(*size, device=dev, dtype=dtype, generator=gen)  # noqa: E731
-    lay = {"Wq": r(shape.hidden, h * dm) * shape.hidden ** -0.5,
-           "Wkv": r(shape.hidden, 2 * hkv * dm) * shape.hidden ** -0.5,
-           "Wo": r(h * dm, shape.hidden) * 0.02,            # replicated over the s-group
+    D = shape.hidden
+    # weights [out, in], as nn.Linear holds them (LAYOUT "linear"); "matmul": [in, out]
+    w = (lambda n_in, n_out: r(n_out, n_in)) if LAYOUT == "linear" else (
+        lambda n_in, n_out: r(n_in, n_out))
+    lay = {"Wq": w(D, h * dm) * D ** -0.5,
+           "Wkv": w(D, 2 * hkv * dm) * D ** -0.5,
+           "Wo": w(h * dm, D) * 0.02,            # replicated over the s-group
            "K": r(B, hkv, Cs, dm), "V": r(B, hkv, Cs, dm)}
     if shape.ffn:
-        lay["Wgu"] = r(shape.hidden, 2 * f) * shape.hidden ** -0.5
-        lay["Wd"] = r(f, shape.hidden) * 0.02
+        lay["Wgu"] = w(D, 2 * f) * D ** -0.5
+        lay["Wd"] = w(f, D) * 0.02
     if variant == "qk-gather":    # the buffer the all-gather of K writes: all d of h_kv heads
         lay["Kfull"] = torch.empty(B, hkv, Cs, shape.head_dim, device=dev, dtype=dtype)
     return lay
@@ -165,8 +181,8 @@ def _step(lay: dict, x, shape: DecodeShape, s: int, m: int, n: int, variant: str
     B = x.shape[0]
     h, hkv, d = shape.heads // n, max(shape.kv_heads // n, 1), shape.head_dim
     dm, g = d // m, (shape.heads // n) // max(shape.kv_heads // n, 1)
-    q = (x @ lay["Wq"]).view(B, hkv, g, dm)          # GQA folded into the query length (gqa_fold)
-    kv = (x @ lay["Wkv"]).view(B, 2, hkv, dm)
+    q = _mm(x, lay["Wq"]).view(B, hkv, g, dm)          # GQA folded into the query length (gqa_fold)
+    kv = _mm(x, lay["Wkv"]).view(B, 2, hkv, dm)
     lay["K"][:, :, pos] = kv[:, 0]                   # the new token's k, v at its position
     lay["V"][:, :, pos] = kv[:, 1]
     qx, kx = q, lay["K"]
@@ -183,11 +199,11 @@ def _step(lay: dict, x, shape: DecodeShape, s: int, m: int, n: int, variant: str
         out, _ = got if got is not None else _attend_explicit(q, lay["K"], lay["V"])
     else:                                            # score-reduce: its all-reduce modeled
         out, _ = _attend_explicit(qx, kx, lay["V"])
-    x = x + out.reshape(B, h * dm) @ lay["Wo"]       # output all-reduce (chunk; mesh if s > 1) modeled
+    x = x + _mm(out.reshape(B, h * dm), lay["Wo"])       # output all-reduce (chunk; mesh if s > 1) modeled
     if "Wgu" in lay:
         xn = F.rms_norm(x, (x.shape[-1],))
-        gate, up = (xn @ lay["Wgu"]).chunk(2, dim=-1)
-        x = x + (F.silu(gate) * up) @ lay["Wd"]      # MLP all-reduce modeled
+        gate, up = _mm(xn, lay["Wgu"]).chunk(2, dim=-1)
+        x = x + _mm(F.silu(gate) * up, lay["Wd"])      # MLP all-reduce modeled
     return x
 
 
@@ -377,11 +393,16 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--budget-s", type=float, default=200.0,
                    help="stop timing rows after this many seconds (the rest marked skipped)")
+    p.add_argument("--layout", choices=("linear", "matmul"), default="linear",
+                   help="the mirror's weights: [out, in] with F.linear, as nn.Linear (default), "
+                        "or [in, out] with x @ W (runs before 2026-12-02's sixth session)")
     p.add_argument("--reassemble", metavar="FILE", default=None,
                    help="price a saved run's rows again (no timing; --out: the ratios as JSON)")
     args = p.parse_args(argv)
     if args.reassemble:
         return reassemble(args.reassemble, args.out if "--out" in (argv or sys.argv) else None)
+    global LAYOUT
+    LAYOUT = args.layout
     t_start = time.time()
     dev = torch.device("cpu" if args.small or not torch.cuda.is_available() else "cuda")
     shape = SMALL if args.small else llama70b_shape()
@@ -401,7 +422,7 @@ def main(argv=None) -> int:
               "shape": dataclasses.asdict(shape), "devices": devices,
               "cluster": dataclasses.asdict(cluster), "profile": profile.name,
               "core_kernel_m1": _core_kernel(dev), "iters": iters, "warmup": warmup,
-              "o_proj": "mesh", "combine": "max-sum all-gather",
+              "o_proj": "mesh", "combine": "max-sum all-gather", "weight_layout": LAYOUT,
               "results": []}
     for B in concurrency:
         rep_by_rows = {}           # LM head GEMV ms by the rows a replica serves (B / dp)

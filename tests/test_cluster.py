@@ -67,7 +67,7 @@ def test_a_cluster_file_loads_from_a_path(tmp_path):
 
 def test_unknown_name_lists_presets():
     with pytest.raises(HelixError, match=r"no cluster preset or file named 'dgx9'; presets: "
-                                         r"paper, h100x8, or give the path of a YAML file"):
+                                         r"paper, paper-h200, h100x8, or give the path of a YAML file"):
         load_cluster("dgx9")
 
 

@@ -95,3 +95,38 @@ def test_installed_copy_benches_and_plans_outside_the_repository(tmp_path):
     script = subprocess.run([str(target / "bin" / "helix"), "plan", "--devices", "16"], cwd=cwd,
                             env=env, capture_output=True, text=True, timeout=300)
     assert script.returncode == 0 and script.stdout == plan.stdout, script.stderr
+
+
+def test_measured_gpu_prices_compute_on_the_gpu_that_was_timed():
+    from helix_compiler.measure.predict import measured_gpu
+
+    paper = load_cluster("paper")
+    h200 = measured_gpu(paper, "NVIDIA H200")
+    assert (h200.memory_bandwidth, h200.memory_bytes, h200.name) == (4.8e12, 141e9, "paper-h200")
+    # communication is the cluster's
+    assert (h200.nvlink_busbw, h200.network_alpha, h200.nodes) == (
+        paper.nvlink_busbw, paper.network_alpha, paper.nodes)
+    assert measured_gpu(paper, "x86_64") is paper and measured_gpu(paper, None) is paper
+
+
+def test_space_table_of_the_h200_run_prices_every_plan_within_15_percent(tmp_path):
+    """The saved H200 measurements (benchmarks/results/raw), re-priced with the H200 profile on
+    the measured GPU's peaks: every row's predicted compute within 15% of its measured one, and
+    the planner's choice for each objective found in the table and compared with the fastest."""
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "space.json"
+    assert _main(["bench", "--model", "space", "--raw",
+                  str(root / "benchmarks/results/raw/space_h200_softmaxv.raw.json"),
+                  "--profile", str(root / "helix_compiler/planning/profiles/h200.yaml"),
+                  "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    ratios = {r["plan"]: r["predicted_over_measured"] for r in result["plans"]
+              if r["predicted_over_measured"] is not None}
+    assert len(ratios) >= 20
+    assert all(0.85 <= x <= 1.15 for x in ratios.values()), ratios
+    planner = result["planner"]
+    assert planner["cluster"] == "paper-h200"
+    for objective in ("throughput", "latency"):
+        c = planner[objective]
+        assert c["measured_row"] is not None and 0 < c["chosen_vs_fastest"] <= 1.0, c
+    assert planner["latency"]["chosen"] == "m=1 x n=16"

@@ -484,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="model spec (default: the paper's 2-layer model at full size on the meta device)")
     plan.add_argument("--devices", type=int, required=True, metavar="N", help="number of devices N = m * n")
     plan.add_argument("--cluster", metavar="PRESET|FILE",
-                      help="cluster preset (paper, h100x8) or cluster YAML file (default: the paper's "
+                      help="cluster preset (paper, paper-h200, h100x8) or cluster YAML file (default: the paper's "
                            "nodes of 8 H100s, as many as --devices needs)")
     plan.add_argument("--format", choices=FORMATS, default="table", help="output format (default: table)")
     plan.add_argument("--plan", type=_plan_arg, metavar="[DP,[PP,]]M,N|FILE",

@@ -27,6 +27,31 @@ def sdpa_backend_for(head_dim: int, profile) -> str:
     return next(iter(fused_backends(profile, head_dim)), "efficient")
 
 
+# Device memory by datasheet, GB, for the keys of calibrate.DATASHEETS (A100: 40 or 80, left
+# to the cluster).
+GPU_MEMORY_GB = {"H100 80GB HBM3": 80, "H100 PCIe": 80, "H100 NVL": 94, "H200": 141}
+
+
+def measured_gpu(cluster, device: str | None):
+    """`cluster` with the datasheet peaks, HBM bandwidth and memory of the GPU the ranks were
+    measured on: a predicted compute is compared with that GPU's measured one (communication stays the
+    cluster's). The profile's rates are efficiencies (achieved / its own GPU's peak), so an
+    H200's memory-bound ops priced on an H100 cluster (3.35 TB/s, not 4.8) came out 43% slow.
+    Unchanged where `device` is no GPU of calibrate.DATASHEETS (a CPU run)."""
+    from helix_compiler.measure.calibrate import DATASHEETS
+
+    key = next((k for k in DATASHEETS if device and k.lower() in device.lower()), None)
+    if key is None:
+        return cluster
+    fp16, bf16, fp32, hbm = DATASHEETS[key]
+    gib = GPU_MEMORY_GB.get(key)
+    return dataclasses.replace(cluster, name=f"{cluster.name}-{key.split()[0].lower()}",
+                               gpu=device, peak_flops_fp16=fp16 * 1e12,
+                               peak_flops_bf16=bf16 * 1e12, peak_flops_fp32=fp32 * 1e12,
+                               memory_bandwidth=hbm * 1e9,
+                               memory_bytes=int(gib * 1e9) if gib else cluster.memory_bytes)
+
+
 def matmul_peak(profile) -> float:
     return max(r.tflops for r in profile.rates if r.op == "matmul")
 

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from helix_compiler.planning.cost import (_async_terms, cost_baseline, cost_plan, overlapped_step,
                                           p2p_s)
-from helix_compiler.measure.predict import at_batch, matmul_peak
+from helix_compiler.measure.predict import at_batch, matmul_peak, measured_gpu
 from helix_compiler.measure.record import RawRecord
 from helix_compiler.measure.runners import (PaperHelixRunner, PaperTPRunner, release_group,
                                             run_timed)
@@ -48,6 +48,7 @@ from helix_compiler.measure.surgery import init_tensor
 from helix_compiler.measure.timing import Timer, free_memory
 from helix_compiler.models.paper import PaperConfig, build
 from helix_compiler.pipeline import analyze
+from helix_compiler.planning.plan import make_plan
 from helix_compiler.planning.solver import solve
 
 log = logging.getLogger(__name__)
@@ -290,7 +291,10 @@ def _send_ms(cfg: PaperConfig, b: int, width: int, cluster) -> float:
     return p2p_s(nbytes, 0, width, min(width, cluster.gpus_per_node), cluster) * 1e3
 
 
-def _plan_rows(cfg, devices, ranks, summaries, cluster, profile) -> list[dict]:
+def _plan_rows(cfg, devices, ranks, summaries, cluster, profile, gpu=None) -> list[dict]:
+    """`gpu`: the cluster the predicted compute is priced on (measured_gpu: the measured GPU's
+    peaks and bandwidth); communication is priced on `cluster`."""
+    gpu = gpu or cluster
     rows = []
     B, S = cfg.batch, cfg.seq
     useful = _useful_flops_per_sequence(cfg)
@@ -324,7 +328,7 @@ def _plan_rows(cfg, devices, ranks, summaries, cluster, profile) -> list[dict]:
         if one is not None and dp == 1:
             latency = pp * (one["ms_per_micro_batch"] + comm_fn(1)) + (pp - 1) * _send_ms(
                 cfg, 1, width, cluster)
-        pred = _predicted_compute_ms(summaries, kind, best["b"], cluster, profile)
+        pred = _predicted_compute_ms(summaries, kind, best["b"], gpu, profile)
         measured_mb = best["compute_ms"] / best["M"]
         tokens = B * S
         rows.append({
@@ -430,7 +434,8 @@ def assemble(raw: dict, cluster, profile, cfg: PaperConfig) -> dict:
     devices = raw["devices"]
     layer_counts = sorted({cfg.layers, max(cfg.layers // 2, 1)})
     summaries = {L: summary_for(cfg, L) for L in layer_counts}
-    rows = _plan_rows(cfg, devices, raw["ranks"], summaries, cluster, profile)
+    rows = _plan_rows(cfg, devices, raw["ranks"], summaries, cluster, profile,
+                      measured_gpu(cluster, raw["info"].get("device")))
     out = {"device": raw["info"].get("device"), "torch": raw["info"].get("torch"),
            "date": raw["info"].get("date"), "command": raw.get("command"), "gpus": 1,
            "devices_planned": devices, "config": {k: getattr(cfg, k) for k in
@@ -464,6 +469,8 @@ def assemble(raw: dict, cluster, profile, cfg: PaperConfig) -> dict:
         "vs_best_baseline": None if best_base is None else
         thr["tokens_per_s"] / best_base["tokens_per_s"],
         "best_baseline": None if best_base is None else best_base["plan"]}
+    out["planner"] = _planner_choices(summaries[cfg.layers], cfg, devices, rows,
+                                      measured_gpu(cluster, raw["info"].get("device")), profile)
     if lat is not None:
         tp_lat = [r for r in tpxpp if r["latency_one_sequence_ms"] is not None]
         ref = min(tp_lat, key=lambda r: r["latency_one_sequence_ms"]) if tp_lat else None
@@ -471,6 +478,56 @@ def assemble(raw: dict, cluster, profile, cfg: PaperConfig) -> dict:
                           "vs_best_tp_x_pp": None if ref is None else
                           lat["latency_one_sequence_ms"] / ref["latency_one_sequence_ms"],
                           "best_tp_x_pp": None if ref is None else ref["plan"]}
+    return out
+
+
+def _row_of(plan, rows) -> dict | None:
+    """The table's row of a Plan: same dp, pp, m, n, variant and overlap k."""
+    variant = None if plan.m == 1 else plan.sites[0].variant if plan.sites else None
+    for r in rows:
+        if r["family"] != "helix":
+            continue
+        k = int(r["plan"].rsplit("k=", 1)[1]) if " overlap k=" in r["plan"] else 1
+        if ((r["dp"], r["pp"], r["m"], r["n"], k) == (plan.dp, plan.pp, plan.m, plan.n,
+                                                      plan.overlap)
+                and (plan.m == 1 or r["variant"] == variant)):
+            return r
+    return None
+
+
+def _planner_choices(summary, cfg: PaperConfig, devices: int, rows, gpu_cluster, profile) -> dict:
+    """What `helix plan` chooses for each objective on the cluster with the measured GPU's
+    peaks (measured_gpu) and this profile, and where that plan's row stands in the measured
+    table: "the chosen plan is the measured fastest" is checked here, not by eye."""
+    out = {"cluster": gpu_cluster.name, "profile": getattr(profile, "name", None)}
+    for objective, batch, key in (("throughput", cfg.batch, "tokens_per_s"),
+                                  ("latency", 1, "latency_one_sequence_ms")):
+        try:
+            plan = make_plan(at_batch(summary, batch), devices, gpu_cluster, profile=profile,
+                             dp=None, pp=None, overlap=None, sequence_parallel=None,
+                             objective=objective)
+        except Exception as e:  # noqa: BLE001  (recorded; the table stands without it)
+            out[objective] = {"error": f"{type(e).__name__}: {e}"}
+            continue
+        name = " x ".join(([f"dp={plan.dp}"] if plan.dp > 1 else [])
+                          + ([f"pp={plan.pp}"] if plan.pp > 1 else [])
+                          + [f"m={plan.m}", f"n={plan.n}"])
+        if plan.overlap > 1:
+            name += f" overlap k={plan.overlap}"
+        row = _row_of(plan, rows)
+        timed = [r for r in rows if r.get(key) is not None]
+        best = (max(timed, key=lambda r: r[key]) if objective == "throughput"
+                else min(timed, key=lambda r: r[key])) if timed else None
+        entry = {"chosen": name, "predicted_step_ms": plan.cost.step_ms,
+                 "measured_row": row["plan"] if row else None,
+                 "measured_fastest": best["plan"] if best else None}
+        if row is not None and row.get(key) is not None and best is not None:
+            entry["measured"] = row[key]
+            entry["measured_fastest_value"] = best[key]
+            entry["chosen_is_measured_fastest"] = row["plan"] == best["plan"]
+            entry["chosen_vs_fastest"] = (row[key] / best[key] if objective == "throughput"
+                                          else best[key] / row[key])
+        out[objective] = entry
     return out
 
 
@@ -499,4 +556,16 @@ def table(result: dict) -> str:
         L = result["latency"]
         lines.append(f"latency (one sequence): {L['fastest']} {L['ms']:.2f} ms; "
                      f"x{L['vs_best_tp_x_pp'] or math.nan:.2f} of {L['best_tp_x_pp']}")
+    for objective, c in (result.get("planner") or {}).items():
+        if not isinstance(c, dict):
+            continue
+        if "error" in c:
+            lines.append(f"planner ({objective}): {c['error']}")
+        elif c.get("measured_row") is None:
+            lines.append(f"planner ({objective}): chooses {c['chosen']}, a plan with no "
+                         f"measured row")
+        else:
+            lines.append(f"planner ({objective}, {result['planner']['cluster']}): chooses "
+                         f"{c['chosen']}; measured {c['chosen_vs_fastest']:.3f}x the measured "
+                         f"fastest ({c['measured_fastest']})")
     return "\n".join(lines)

@@ -17,7 +17,7 @@ import yaml
 
 from ..errors import HelixError
 
-PRESETS = ("paper", "h100x8")
+PRESETS = ("paper", "paper-h200", "h100x8")
 
 # dtype spellings (torch, numpy, short) -> the key of the peak tables
 _DTYPES = {
