@@ -185,3 +185,20 @@ def test_helix_generate_on_a_hf_dir_equals_hf_generate(hf_dir, tmp_path):
     assert summary["tokens"] == want.tolist() and summary["ranks_agree"], (summary, want)
     assert (summary["dp"], summary["s"], summary["m"], summary["n"], summary["batch"]) == (2, 2, 1, 1, 4)
     assert "equal to Hugging Face's generate (fp32): yes" in proc.stdout
+
+
+def test_step_positions_equal_generate_positions_at_every_cache_position():
+    """The decode step's one-position count equals HF generate's cumsum formula read there, on
+    left-padded, unpadded and fully padded rows and at every position."""
+    from helix_compiler.models.hf_static import generate_positions, step_positions
+
+    gen = torch.Generator().manual_seed(0)
+    valid = torch.ones(5, 12, dtype=torch.long)
+    valid[1, :4] = 0                     # left-padded
+    valid[2, :11] = 0                    # one real position, the last
+    valid[3] = 0                         # fully padded
+    valid[4] = (torch.rand(12, generator=gen) > 0.5).long()    # holes, as a mask can have
+    want = generate_positions(valid)
+    for p in range(12):
+        got = step_positions(valid, torch.tensor([p]))
+        assert torch.equal(got, want[:, p:p + 1]), p

@@ -60,6 +60,21 @@ class HFStaticConfig:
                 raise HelixError(f"HFStaticConfig.{name}={value!r}: must be a positive integer")
 
 
+def generate_positions(valid: torch.Tensor) -> torch.Tensor:
+    """HF generate's position ids on a left-padded batch, (B, S_max): each row's real
+    positions counted from 0, padding 0."""
+    return (valid.cumsum(-1) - 1).masked_fill(valid == 0, 0)
+
+
+def step_positions(valid: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
+    """generate_positions(valid) read at the one cache position p (shape (1,)), (B, 1), as one
+    masked sum over the row (the real positions up to p, less 1; 0 where p is padding) rather
+    than a scan of every row."""
+    upto = torch.arange(valid.shape[1], device=valid.device) <= cache_position     # (S_max,)
+    seen = (valid * upto).sum(-1, keepdim=True) - 1                                 # (B, 1)
+    return seen.masked_fill(valid.index_select(1, cache_position) == 0, 0)
+
+
 class HFStaticCacheDecoder(nn.Module):
     """`prefill(tokens, valid)` and `decode_step(token, cache_position, valid)` of a Hugging Face
     causal LM over a StaticCache of `batch` rows and `max_seq` positions (module docstring).
@@ -95,23 +110,28 @@ class HFStaticCacheDecoder(nn.Module):
             self.register_buffer(f"key_cache_{i}", layer.keys, persistent=False)
             self.register_buffer(f"value_cache_{i}", layer.values, persistent=False)
 
-    def _run(self, tokens, written, valid):
-        """Logits (B, T, vocab) for `tokens` (B, T) written at cache positions `written` (T,)."""
+    def _run(self, tokens, written, valid, positions):
+        """Logits (B, T, vocab) for `tokens` (B, T) written at cache positions `written` (T,)
+        with rotary positions `positions` (B, T)."""
         for layer in self.static_cache.layers:
             layer.cumulative_length = written[0].clone()      # where StaticLayer.update writes
-        positions = (valid.cumsum(-1) - 1).masked_fill(valid == 0, 0)    # (B, S_max), as HF generate
-        return self.model(input_ids=tokens, attention_mask=valid,
-                          position_ids=positions.index_select(1, written), use_cache=True,
-                          **{self._cache_arg: self.static_cache}).logits
+        return self.model(input_ids=tokens, attention_mask=valid, position_ids=positions,
+                          use_cache=True, **{self._cache_arg: self.static_cache}).logits
 
     def prefill(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Write positions 0 .. T-1 of the cache; logits (B, T, vocab)."""
-        return self._run(tokens, torch.arange(tokens.shape[1], device=tokens.device), valid)
+        written = torch.arange(tokens.shape[1], device=tokens.device)
+        return self._run(tokens, written, valid, generate_positions(valid).index_select(1, written))
 
     def decode_step(self, token: torch.Tensor, cache_position: torch.Tensor,
                     valid: torch.Tensor) -> torch.Tensor:
-        """token (B, 1) at cache position cache_position (1,); logits (B, 1, vocab)."""
-        return self._run(token, cache_position, valid)
+        """token (B, 1) at cache position cache_position (1,); logits (B, 1, vocab).
+
+        The position is the prefill's formula read at p = cache_position: the count of real
+        positions up to p, less 1 (0 where p itself is padding). Counted as one masked sum, not
+        the prefill's cumsum over every row: on an H200 that int64 scan of a (8, 131072) mask took
+        243 us of every step (results/decode_compiled_h200_owner2.json's kernel profile)."""
+        return self._run(token, cache_position, valid, step_positions(valid, cache_position))
 
     def reset_cache(self) -> None:
         for layer in self.static_cache.layers:
