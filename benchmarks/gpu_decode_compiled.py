@@ -13,8 +13,8 @@ fp16; decode_plan.llama70b_shape):
 (`--plans "8,1,8;1,1,64;8,2,4:score-reduce"` and `--configs "131072:8,1048576:1"` change them).
 
 What is timed is the path `helix generate` runs, not a copy of it: a Hugging Face
-LlamaForCausalLM (transformers' eager model, SDPA attention) of k layers (`--ks`, default 1
-and 2) over models/hf_static.HFStaticCacheDecoder (a StaticCache of B rows and C positions),
+LlamaForCausalLM (transformers' eager model, SDPA attention) of k layers (`--ks`, default 2
+and 6) over models/hf_static.HFStaticCacheDecoder (a StaticCache of B rows and C positions),
 compiled by `compile_decoder(model, 64, split=(s, m, n), rank=r)` for the rank r that owns
 the new token's cache position C - 1 (chunk s - 1 of head group 0, dim slice 0: r = s - 1),
 its (prefill, step) modules moved to the GPU as cli/generate.py moves them (pair_on_device),
@@ -41,8 +41,12 @@ for that row (decode_plan.plan_decode on this GPU's cluster spec, as gpu_decode.
 same process gpu_decode.measure_row (+ measure_replicated, the LM head) times the mirror of
 the same row: "mirror_*" fields.
 
-Why k = 1, 2 and not 2, 4: compile_decoder compiles the prefill and the step, and each
-layer adds to both compiles (`--ks 2,4` runs the other). Before 5543c5d the prefill's
+Why k = 2, 6 and 100 replays (until 2026-12-02's sixth session: k = 1, 2 and 20): the
+difference of one layer is ~0.1-0.2 ms between two ~0.7-1 ms steps, and repeated runs of it
+on the H200 moved a layer's figure by up to 50% (TP=64 at 128k x 8: 0.25 then 0.33 ms;
+results/decode_compiled_h200_tp64_k12_inductor.json); four layers apart and 100 replays, the
+figures settle (results/decode_compiled_h200_tp*_k26.json). Each layer adds to the prefill's
+and the step's compile (a few seconds a plan here). Before 5543c5d the prefill's
 find_attention materialized float32 tag tensors of the repeated cache (about 2 x B x H x C x
 d x 4 bytes of host RAM per attention layer: ~68 GB at B C = 1M); its tags now stay
 broadcast over the positions. Each plan prints its build and wall time.
@@ -318,7 +322,7 @@ def main(argv=None) -> int:
                    help="a tiny fp32 LLaMA on the CPU (smoke test: seconds)")
     p.add_argument("--plans", default=None, help=f"s,m,n[:variant];... (default {DEFAULT_PLANS})")
     p.add_argument("--configs", default=None, help=f"C:B,... (default {DEFAULT_CONFIGS})")
-    p.add_argument("--ks", default=None, help="two layer counts k1,k2 (default 1,2)")
+    p.add_argument("--ks", default=None, help="two layer counts k1,k2 (default 2,6)")
     p.add_argument("--devices", type=int, default=None, help="N (default 64; --small 8)")
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--warmup", type=int, default=None)
@@ -341,11 +345,11 @@ def main(argv=None) -> int:
     plans = parse_plans(args.plans or ("2,1,4;1,1,8" if args.small else DEFAULT_PLANS), devices)
     configs = [tuple(int(x) for x in c.split(":"))
                for c in (args.configs or ("64:2" if args.small else DEFAULT_CONFIGS)).split(",")]
-    k1, k2 = (int(x) for x in (args.ks or "1,2").split(","))
+    k1, k2 = (int(x) for x in (args.ks or ("1,2" if args.small else "2,6")).split(","))
     if not 1 <= k1 < k2 <= shape.layers:
         raise HelixError(f"--ks {k1},{k2}: give two layer counts 1 <= k1 < k2 <= {shape.layers}")
-    iters = args.iters or (2 if args.small else 20)
-    warmup = args.warmup or (1 if args.small else 3)
+    iters = args.iters or (2 if args.small else 100)
+    warmup = args.warmup or (1 if args.small else 20)
     cluster = gpu_decode._cluster(None, devices, dev)
     L = shape.layers
     result = {"what": "decode step of compile_decoder's rank module (HF LLaMA over a StaticCache, "

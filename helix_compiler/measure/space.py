@@ -512,6 +512,8 @@ def _planner_choices(summary, cfg: PaperConfig, devices: int, rows, gpu_cluster,
         name = " x ".join(([f"dp={plan.dp}"] if plan.dp > 1 else [])
                           + ([f"pp={plan.pp}"] if plan.pp > 1 else [])
                           + [f"m={plan.m}", f"n={plan.n}"])
+        if plan.m > 1 and plan.sites:
+            name += f" {plan.sites[0].variant}"
         if plan.overlap > 1:
             name += f" overlap k={plan.overlap}"
         row = _row_of(plan, rows)
