@@ -1,4 +1,5 @@
-"""Exactness of the fused s > 1 chunk core on the GPU (issue 15): compile_decoder's prefill and
+"""Exactness of the fused s > 1 chunk core and of the s = 1 step's split-KV core on the GPU
+(issue 15): compile_decoder's prefill and
 decode-step programs of small HF LLaMA GQA decoders (eager and sdpa attention, fp32), every
 rank moved to CUDA (helix.chunk_attention there runs the split-KV Triton kernel), against the
 unsharded model on the CPU: a left-padded and a fully padded row, steps that cross chunk
@@ -27,7 +28,10 @@ from helix_compiler.decode import compile_decoder  # noqa: E402
 from helix_compiler.runtime import triton_chunk  # noqa: E402
 from tests.helpers import hf_llama_decoder, padded_prompt  # noqa: E402
 
-CASES = [("eager", (2, 1, 2)), ("eager", (4, 1, 1)), ("sdpa", (2, 1, 2)), ("sdpa", (4, 1, 1))]
+# s > 1: the fused chunk core (seq_split); s = 1, sdpa: the step's one-position cores run as
+# helix.chunk_attention over the whole cache (compile_decoder's split_kv_core, passes/decode_core.py)
+CASES = [("eager", (2, 1, 2)), ("eager", (4, 1, 1)), ("sdpa", (2, 1, 2)), ("sdpa", (4, 1, 1)),
+         ("sdpa", (1, 1, 2)), ("sdpa", (1, 1, 4))]
 
 
 def rel(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -38,7 +42,7 @@ def check(impl: str, split: tuple, dev: torch.device) -> dict:
     devices = split[0] * split[1] * split[2]
     model, ref = hf_llama_decoder(impl, 2, 3, 24), hf_llama_decoder(impl, 2, 3, 24)
     tokens, valid = padded_prompt(3, 24, 10)
-    prog = compile_decoder(model, devices, split, prompt_len=10)
+    prog = compile_decoder(model, devices, split, prompt_len=10, split_kv_core=split[0] == 1)
     for r in range(devices):
         pair_on_device(prog, r, dev)
     worst, nan, kernels = 0.0, False, set()
@@ -58,9 +62,10 @@ def check(impl: str, split: tuple, dev: torch.device) -> dict:
     q = torch.zeros(3, 2, 1, 8, device=dev)
     k = torch.zeros(3, 1, 24 // split[0], 8, device=dev)
     kernels.add("triton" if triton_chunk.fits(q, k, k, None) else "math")
-    fused = sum("fused core" in x for x in prog.combine_notes)
+    notes = prog.combine_notes + prog.core_notes
+    fused = sum("fused core" in x or "split-KV" in x for x in notes)
     return {"impl": impl, "split": list(split), "max_rel_error": worst, "nan": nan,
-            "fused_cores": fused, "cores": len(prog.combine_notes), "op_path": sorted(kernels)}
+            "fused_cores": fused, "cores": len(notes), "op_path": sorted(kernels)}
 
 
 def main(argv=None) -> int:

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
+from passes.decode_core import split_kv_cores
 from passes.explicit_cache_cores import explicit_cache_cores
 from passes.gqa_fold import fold_gqa
 from passes.mesh_mlp import mlp_attrs, mlp_over_mesh
@@ -67,6 +68,9 @@ class DecodeProgram:
     # s > 1: how each core's chunks are summed (passes/seq_split.CombineSite), one line per
     # core of the prefill and the step; the same on every rank
     combine_notes: tuple[str, ...] = ()
+    # s = 1: whether each step core over the cache runs as helix.chunk_attention
+    # (passes/decode_core.DecodeCoreSite), one line per core
+    core_notes: tuple[str, ...] = ()
     # s > 1: whether each core reads its cache chunk un-repeated (passes/gqa_fold.FoldSite),
     # one line per core of the prefill and the step; the same on every rank
     fold_notes: tuple[str, ...] = ()
@@ -274,7 +278,8 @@ def check_partitioned(prog: HelixProgram, what: str) -> None:
 
 def compile_decoder(model: torch.nn.Module, devices: int, split: tuple[int, ...] | None = None, *,
                     variant: str | None = None, prompt_len: int = 4,
-                    rank: int | None = None, fuse_chunk_core: bool = True) -> DecodeProgram:
+                    rank: int | None = None, fuse_chunk_core: bool = True,
+                    split_kv_core: bool = False) -> DecodeProgram:
     """Prefill and decode-step programs of `model` (a CacheDecoder: `prefill(tokens, valid)`,
     `decode_step(token, cache_position, valid)`, cache buffers (B, H_kv, S_max, d)) for `devices`
     ranks, forced to `split` = (m, n) or (s, m, n) (s chunks of the cache's positions, each
@@ -287,7 +292,12 @@ def compile_decoder(model: torch.nn.Module, devices: int, split: tuple[int, ...]
     slices are built; every other rank's entries are None, so only run that rank's modules.
     s > 1 with chunks of equal size: each plain chunk core runs as helix.chunk_attention (a fused
     kernel on CUDA) combined by its lse (passes/seq_split.py); `fuse_chunk_core=False` keeps
-    the explicit core everywhere (CombineSite.kernel says which each core runs)."""
+    the explicit core everywhere (CombineSite.kernel says which each core runs). s = 1 with
+    `split_kv_core=True`: each SDPA core of the step that reads the cache with its one query
+    position runs as helix.chunk_attention over the whole cache (passes/decode_core.py;
+    `core_notes` says which each core runs). Off by default: on an H200 its split-KV Triton
+    kernel took 30 us a layer where cuDNN's SDPA took 22 (TP=8 rank, one sequence, 32k) and
+    more at 128k (docs/BENCHMARKS.md, "The split-KV core at s = 1")."""
     s = 1
     if split is None:
         row, _, _ = plan_split(model, devices, prompt_len, model.cfg.max_seq, dp=1)
@@ -317,7 +327,7 @@ def compile_decoder(model: torch.nn.Module, devices: int, split: tuple[int, ...]
     pre = helix_compile(Prefill(model), devices=devices // s, plan=(step.plan.m, step.plan.n),
                         variant=variant, example_inputs=(tokens, valid), dynamic=False)
     check_partitioned(pre, "prefill")
-    modules, caches, notes, folds = [], [], (), ()
+    modules, caches, notes, folds, core_notes = [], [], (), (), ()
     for r in range(step.mesh.size):
         if rank is not None and rank // s != r:     # not this process's (i, j)
             modules += [None] * s
@@ -342,6 +352,9 @@ def compile_decoder(model: torch.nn.Module, devices: int, split: tuple[int, ...]
         if s == 1:
             for p_attr, attr in pairs.values():
                 s_gm.register_buffer(attr, getattr(p_gm, p_attr))   # the step's slice is the prefill's
+            if split_kv_core:     # one query position per core: the keys split over the SMs
+                s_gm, sites = split_kv_cores(s_gm, step_args)
+                core_notes = core_notes or tuple(f"step {site}" for site in sites)
             modules.append((p_gm, s_gm))
             caches.append({src: getattr(p_gm, pa) for src, (pa, _) in pairs.items()})
             continue
@@ -374,7 +387,7 @@ def compile_decoder(model: torch.nn.Module, devices: int, split: tuple[int, ...]
     return DecodeProgram(prefill_program=pre, step_program=step,
                          mesh=Mesh(n=step.plan.n, m=step.plan.m, s=s), modules=tuple(modules),
                          caches=tuple(caches), max_seq=S, combine_notes=notes,
-                         fold_notes=folds)
+                         fold_notes=folds, core_notes=core_notes)
 
 
 def combine_notes(prefill: torch.fx.GraphModule, step: torch.fx.GraphModule) -> tuple[str, ...]:

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from helix_compiler.decode import compile_decoder
+from passes.decode_core import split_kv_cores
 from passes.explicit_cache_cores import explicit_cache_cores
 
 from tests.helpers import assert_decode_equal, hf_llama_decoder, padded_prompt
@@ -21,6 +22,7 @@ from tests.helpers import assert_decode_equal, hf_llama_decoder, padded_prompt
 DEVICES = 4
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 SAFE_SOFTMAX = torch.ops.aten._safe_softmax.default
+CHUNK = torch.ops.helix.chunk_attention.default
 
 
 @pytest.mark.slow
@@ -135,9 +137,49 @@ def test_explicit_cache_cores_leaves_a_core_that_reads_no_cache():
 
 
 @pytest.mark.slow
-def test_s1_decode_program_keeps_its_sdpa_core():
-    # s = 1 never runs the pass: the HF SDPA step keeps SDPA on every rank
-    model = hf_llama_decoder("sdpa", 2, 2, 16)
-    prog = compile_decoder(model, 2, (1, 1, 2), prompt_len=4)
+def test_s1_decode_step_runs_its_cache_cores_split_kv_and_equals_unsharded():
+    # s = 1 never runs explicit_cache_cores; with split_kv_core the step's one-position SDPA
+    # cores over the cache run as helix.chunk_attention (passes/decode_core.py), the prefill
+    # keeps SDPA, and every rank's step equals the unsharded model's on left-padded and fully
+    # padded rows; by default the step keeps SDPA
+    model, ref = hf_llama_decoder("sdpa", 2, 3, 16), hf_llama_decoder("sdpa", 2, 3, 16)
+    tokens, valid = padded_prompt(3, 16, 6)
+    prog = compile_decoder(model, 2, (1, 1, 2), prompt_len=6, split_kv_core=True)
+    assert prog.core_notes == tuple(
+        f"step {n}: helix.chunk_attention (split-KV)" for n in
+        ("scaled_dot_product_attention_default", "scaled_dot_product_attention_default_1"))
     for r in range(2):
-        assert sum(n.target is SDPA for n in prog.modules[r][1].graph.nodes) == 2, r
+        p_gm, s_gm = prog.modules[r]
+        assert sum(n.target is SDPA for n in p_gm.graph.nodes) == 2, r
+        assert sum(n.target is SDPA for n in s_gm.graph.nodes) == 0, r
+        assert sum(n.target is CHUNK for n in s_gm.graph.nodes) == 2, r
+        # one bias for both layers' cores, made from the step's one mask
+        assert sum(n.target is torch.ops.aten.where.Scalar for n in s_gm.graph.nodes) == 1, r
+    assert_decode_equal(prog, ref, tokens, valid, range(6, 10), devices=2, label="s=1 split-KV")
+    kept = compile_decoder(model, 2, (1, 1, 2), prompt_len=6)
+    assert kept.core_notes == ()
+    assert sum(n.target is SDPA for n in kept.modules[0][1].graph.nodes) == 2
+
+
+@pytest.mark.parametrize("form", ["bool", "float", "causal"])
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_split_kv_cores_equal_sdpa_at_one_position_or_keep_it(form, kv_heads):
+    x, pos = torch.randn(3, 1, 16), torch.tensor([5])
+    valid = torch.ones(3, 8, dtype=torch.long)
+    valid[1, :3] = 0
+    valid[2] = 0                                                             # no visible key
+    with torch.no_grad():
+        gm = torch.export.export(SdpaCache(form, kv_heads).eval(), (x, pos, valid)).module(check_guards=False)
+        want = gm(x, pos, valid)
+        out, sites = split_kv_cores(gm, (x, pos, valid))
+        got = out(x, pos, valid)
+    assert sum(n.target is SDPA for n in gm.graph.nodes) == 1                 # the user's graph kept
+    (site,) = sites
+    if form == "causal":     # a one-position query under is_causal sees key 0 only: kept
+        assert not site.rewritten and "is_causal" in site.why
+        assert sum(n.target is SDPA for n in out.graph.nodes) == 1
+    else:
+        assert site.rewritten
+        assert [n.target for n in out.graph.nodes if n.target in (SDPA, CHUNK)] == [CHUNK]
+        assert torch.equal(got[2], torch.zeros_like(got[2]))                   # as SDPA: 0, not NaN
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
