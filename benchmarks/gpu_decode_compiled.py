@@ -239,12 +239,14 @@ def time_step(prog, step, args, dev, iters: int, warmup: int) -> dict:
 
 
 @torch.no_grad()
-def time_inductor(prog, step, args, dev, iters: int, warmup: int) -> dict:
-    """The same step module under torch.compile (inductor, default mode: its elementwise ops
-    fused into generated kernels; the helix ops stay opaque calls), timed as time_step times
-    the step, its output checked against the uncompiled step's."""
+def time_inductor(prog, step, args, dev, iters: int, warmup: int, mode: str = "default") -> dict:
+    """The same step module under torch.compile (inductor in `mode`: its elementwise ops fused
+    into generated kernels, and with "max-autotune-no-cudagraphs" each matmul's kernel chosen
+    by timing cuBLAS against inductor's Triton templates; the helix ops stay opaque calls),
+    timed as time_step times the step (as one CUDA graph of ours), its output checked against
+    the uncompiled step's."""
     t0 = time.perf_counter()
-    compiled = torch.compile(step, dynamic=False)
+    compiled = torch.compile(step, dynamic=False, mode=None if mode == "default" else mode)
     stub = StubCollectives(prog.mesh)
     try:
         with stubbed(stub):
@@ -328,6 +330,9 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--inductor", action="store_true",
                    help="also time each step module under torch.compile (inductor)")
+    p.add_argument("--inductor-mode", default="default",
+                   choices=("default", "max-autotune-no-cudagraphs"),
+                   help="torch.compile's mode for --inductor (the CUDA graph is ours either way)")
     p.add_argument("--profile", action="store_true",
                    help="also record each step's largest kernels (torch.profiler, CUDA only)")
     p.add_argument("--no-mirror", action="store_true",
@@ -363,6 +368,7 @@ def main(argv=None) -> int:
               "shape": dataclasses.asdict(shape), "vocab": vocab, "devices": devices,
               "cluster": dataclasses.asdict(cluster), "profile": DEFAULT_PROFILE.name,
               "ks": [k1, k2], "iters": iters, "warmup": warmup,
+              "inductor_mode": args.inductor_mode if args.inductor else None,
               "per_layer": "(T(k2) - T(k1)) / (k2 - k1); compute = T(k1) + (L - k1) x per layer",
               "results": []}
     for C, B in configs:
@@ -379,7 +385,8 @@ def main(argv=None) -> int:
                     got.update(step_facts(prog, rank, step), rank=rank, position=C - 1,
                                build_s=round(build_s, 1))
                     if args.inductor:
-                        got["inductor"] = time_inductor(prog, step, step_args, dev, iters, warmup)
+                        got["inductor"] = time_inductor(prog, step, step_args, dev, iters, warmup,
+                                                        args.inductor_mode)
                         ind = got["inductor"]
                         print("    torch.compile: " + (ind.get("error") or
                               f"{ind['ms']:.3f} ms (cuda graph {ind['cuda_graph']}, compile "
