@@ -215,3 +215,30 @@ def test_compile_decoder_without_a_split_builds_the_decode_planners_choice():
     assert (prog.mesh.s, prog.mesh.m, prog.mesh.n) == (row.s, row.m, row.n)
     prompt, valid = make_prompt(model.cfg, 8)
     assert torch.equal(prog.simulate_generate(prompt, valid, 6), greedy_generate(model, prompt, valid, 6))
+
+
+def test_generate_rank_under_compile_times_the_steps_after_the_compiling_one(monkeypatch):
+    # --compile: the step module goes through torch.compile with the mode asked for (recorded
+    # here, not run: inductor is timed on the GPU, benchmarks/gpu_decode_compiled.py), the tokens
+    # stay the model's, and the first step (which compiles) is left out of the timing
+    from helix_compiler.cli import generate as gen
+    from helix_compiler.decode import compile_decoder
+
+    seen = []
+
+    def fake_compile(fn, **kw):
+        seen.append(kw)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    model = build(DecoderConfig(layers=2, heads=4, kv_heads=2, head_dim=8, batch=3, max_seq=16))
+    prompt, valid = make_prompt(model.cfg, 6)
+    prog = compile_decoder(model, 1, (1, 1, 1), prompt_len=6)
+    got, timing = gen.generate_rank(prog, 0, prompt, valid, 6, compile_mode="max-autotune")
+    assert seen == [{"dynamic": False, "mode": "max-autotune-no-cudagraphs"}]
+    assert torch.equal(got, greedy_generate(model, prompt, valid, 6))
+    assert timing["steps"] == 4 and timing["compile_s"] > 0
+    _, plain = gen.generate_rank(prog, 0, prompt, valid, 6)
+    assert plain["steps"] == 5 and plain["compile_s"] == 0 and len(seen) == 1
+    with pytest.raises(HelixError, match=r"--compile 'fast': choose one of none, default, max-autotune"):
+        gen.compiled_step(prog.modules[0][1], "fast")

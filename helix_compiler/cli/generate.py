@@ -241,14 +241,37 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# --compile: torch.compile's mode for the decode step ("none": the GraphModule as built). Not
+# inductor's "max-autotune", whose CUDA graphs would capture the step's collectives: the
+# no-cudagraphs mode chooses each matmul's kernel by timing as it does.
+COMPILE_MODES = {"none": None, "default": "default",
+                 "max-autotune": "max-autotune-no-cudagraphs"}
+
+
+def compiled_step(step, mode: str):
+    """The decode-step module under torch.compile in --compile's `mode` (COMPILE_MODES), or
+    `step` itself for "none". Static shapes: every step has the same ones."""
+    if mode not in COMPILE_MODES:
+        raise HelixError(f"--compile {mode!r}: choose one of {', '.join(COMPILE_MODES)}")
+    if COMPILE_MODES[mode] is None:
+        return step
+    return torch.compile(step, dynamic=False,
+                         mode=None if mode == "default" else COMPILE_MODES[mode])
+
+
 @torch.no_grad()
 def generate_rank(prog, rank: int, prompt: torch.Tensor, valid_prompt: torch.Tensor,
-                  new_tokens: int, device: torch.device | None = None) -> tuple[torch.Tensor, dict]:
+                  new_tokens: int, device: torch.device | None = None,
+                  compile_mode: str = "none") -> tuple[torch.Tensor, dict]:
     """Rank `rank` of DecodeProgram `prog` (its collectives bound to a DistributedBackend):
-    zero its cache slices, prefill `prompt`, then new_tokens - 1 decode steps. The new tokens
-    (B, new_tokens) and timings {"prefill_ms", "ms_per_token" (decode steps' mean), "steps"}."""
+    zero its cache slices, prefill `prompt`, then new_tokens - 1 decode steps (under
+    torch.compile with `compile_mode`, compiled_step; the first step, which compiles, is then
+    left out of the timing). The new tokens (B, new_tokens) and timings {"prefill_ms",
+    "ms_per_token" (the timed decode steps' mean), "steps" (timed), "compile_s"}."""
     device = device or torch.device("cpu")
     prefill, step = prog.modules[rank]
+    step = compiled_step(step, compile_mode)
+    untimed = 0 if compile_mode == "none" else 1
     B, P = prompt.shape
     max_seq = prog.max_seq
     valid = torch.ones(B, max_seq, dtype=torch.long)
@@ -262,15 +285,20 @@ def generate_rank(prog, rank: int, prompt: torch.Tensor, valid_prompt: torch.Ten
     _sync(device)
     prefill_s = time.perf_counter() - start
     out = [tok]
-    start = time.perf_counter()
+    start = compile_start = time.perf_counter()
+    compile_s = 0.0
     for t in range(new_tokens - 1):
         tok = step(tok, torch.tensor([P + t], device=device), valid)[:, -1].argmax(-1, keepdim=True)
         out.append(tok)
+        if t + 1 == untimed:               # the compiling step: timed apart
+            _sync(device)
+            start = time.perf_counter()
+            compile_s = start - compile_start
     _sync(device)
-    steps = new_tokens - 1
+    steps = max(new_tokens - 1 - untimed, 0)
     decode_s = time.perf_counter() - start
     return torch.cat(out, dim=1).cpu(), {
-        "prefill_ms": prefill_s * 1e3, "steps": steps,
+        "prefill_ms": prefill_s * 1e3, "steps": steps, "compile_s": compile_s,
         "ms_per_token": decode_s * 1e3 / steps if steps else float("nan")}
 
 
@@ -306,7 +334,7 @@ def _run(args, rank: int, world: int, local_rank: int) -> dict:
     mine = slice(replica * rows, (replica + 1) * rows)
     try:
         got, timing = generate_rank(prog, local, prompt[mine], valid_prompt[mine],
-                                    args.new_tokens, device)
+                                    args.new_tokens, device, args.compile)
     finally:
         collectives.bind(None)
     everyone = [None] * world
@@ -326,6 +354,7 @@ def _run(args, rank: int, world: int, local_rank: int) -> dict:
                "ranks_agree": all(t == lead[r] for r, t in enumerate(everyone)),
                "disagreeing_ranks": [r for r, t in enumerate(everyone) if t != lead[r]],
                "ms_per_token": slowest[0].item(), "prefill_ms": slowest[1].item(),
+               "compile": args.compile, "timed_steps": timing["steps"],
                "combine": list(prog.combine_notes), "gqa_fold": list(prog.fold_notes)}
     if rank == 0:
         want = (hf_generate if hf else greedy_generate)(model, prompt, valid_prompt,
@@ -354,8 +383,11 @@ def summary_lines(s: dict) -> list[str]:
     # s > 1: whether each chunk core reads the cache un-repeated (GQA folded into the queries)
     lines += [f"gqa fold: {note}" for note in s.get("gqa_fold", ())]
     lines.append(f"equal to {ref} (fp32): {verdict}")
+    steps = s.get("timed_steps", s["new_tokens"] - 1)
+    compiled = s.get("compile", "none")
+    how = "" if compiled == "none" else f", under torch.compile ({compiled}; the compiling step untimed)"
     lines.append(f"time per output token: {s['ms_per_token']:.2f} ms (mean of "
-                 f"{s['new_tokens'] - 1} decode steps, slowest rank); prefill "
+                 f"{steps} decode steps, slowest rank{how}); prefill "
                  f"{s['prefill_ms']:.1f} ms")
     return lines
 
@@ -376,6 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=300.0)
     p.add_argument("--json", default=None)
     p.add_argument("--result-dir", default=None)
+    p.add_argument("--compile", choices=tuple(COMPILE_MODES), default="none")
     return p
 
 

@@ -445,6 +445,8 @@ def cmd_generate(args) -> int:
         worker += ["--batch", str(args.batch)]
     if args.weights:
         worker += ["--weights", str(Path(args.weights).resolve())]
+    if args.compile != "none":
+        worker += ["--compile", args.compile]
     return _torchrun("generate", "helix_compiler.cli.generate", spec, worker, args.devices,
                      workdir, args.timeout)
 
@@ -621,6 +623,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a Hugging Face model directory's weights, read whole on every rank (a "
                           "directory of safetensors files or a state_dict file; default: seeded "
                           "random weights)")
+    gen.add_argument("--compile", choices=("none", "default", "max-autotune"), default="none",
+                     help="run each rank's decode step under torch.compile (inductor) in this mode; "
+                          "max-autotune also chooses each matmul's kernel by timing (no CUDA "
+                          "graphs of inductor's: they would capture the collectives). The first "
+                          "step compiles and is not timed (default none)")
     gen.set_defaults(func=cmd_generate)
 
     for name, text in FORWARDED.items():  # listed in --help; parsed by their own modules
