@@ -44,7 +44,7 @@ import torch.fx as fx
 from helix_compiler.runtime import chunk_core as _cc  # noqa: F401  (registers helix.chunk_attention)
 
 from .explicit_cache_cores import _reads_cache
-from .graph_utils import aten, fake_shapes, sdpa_args
+from .graph_utils import aten, sdpa_args, shared_copy
 
 __all__ = ["DecodeCoreSite", "split_kv_cores"]
 
@@ -96,12 +96,7 @@ def split_kv_cores(gm: fx.GraphModule, example_args: tuple
     """A copy of the decode-step module `gm` (sharing its parameters and buffers) whose
     one-position SDPA cores over the cache run as helix.chunk_attention, and one site per SDPA
     core downstream of a cache write."""
-    g = fx.Graph()
-    g._codegen = gm.graph._codegen
-    g.output(g.graph_copy(gm.graph, {}))
-    out = fx.GraphModule(gm, g, class_name=type(gm).__name__)   # gm's attributes, shared
-    out.meta.update(gm.meta)
-    fake_shapes(out, example_args)
+    out = shared_copy(gm, example_args)
     graph = out.graph
     cached = _reads_cache(graph)
     sites, biases = [], {}          # a bool mask -> its additive bias, made once for every core

@@ -46,7 +46,7 @@ from helix_compiler.errors import HelixError
 from helix_compiler.runtime import chunk_core as _cc  # noqa: F401  (registers helix.chunk_attention)
 from helix_compiler.runtime import collectives as _c  # noqa: F401  (registers torch.ops.helix)
 
-from .graph_utils import MOVEMENT_OPS, aten, fake_shapes, norm_dim
+from .graph_utils import MOVEMENT_OPS, aten, norm_dim, shared_copy
 
 __all__ = ["FoldSite", "REPEATS", "Repeat", "fold_gqa"]
 
@@ -255,12 +255,7 @@ def fold_gqa(gm: fx.GraphModule, args: tuple, caches) -> tuple[fx.GraphModule, t
     module sharing `gm`'s buffers and meta; each core's `FoldSite`, also in its
     meta["gqa_fold"]). `caches`: the attribute names of the module's KV cache buffers; `args`:
     example inputs, for the shapes."""
-    g = fx.Graph()
-    g._codegen = gm.graph._codegen
-    g.output(g.graph_copy(gm.graph, {}))
-    out = fx.GraphModule(gm, g, class_name=type(gm).__name__)   # gm's attributes, shared
-    out.meta.update(gm.meta)
-    fake_shapes(out, args)
+    out = shared_copy(gm, args)                                 # gm's attributes, shared
     graph = out.graph
     reads = _kv_path(graph, set(caches))
     # the matmuls that read the cache: a core's scores q @ K^T, and its values

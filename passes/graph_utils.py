@@ -165,6 +165,19 @@ def fake_shapes(gm: fx.GraphModule, args: tuple) -> None:
         old.meta["val"] = new.meta.get("val")
 
 
+def shared_copy(gm: fx.GraphModule, args: tuple) -> fx.GraphModule:
+    """A new GraphModule over a copy of `gm`'s graph and `gm`'s own attributes (parameters and
+    buffers shared, cache slices included), with `gm`'s meta and every node's meta["val"] from
+    `args` (fake_shapes): what a pass that rewrites a rank module without touching it starts from."""
+    g = fx.Graph()
+    g._codegen = gm.graph._codegen
+    g.output(g.graph_copy(gm.graph, {}))
+    out = fx.GraphModule(gm, g, class_name=type(gm).__name__)
+    out.meta.update(gm.meta)
+    fake_shapes(out, args)
+    return out
+
+
 SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 SDPA_DEFAULTS = (None, None, None, None, 0.0, False, None, False)
 

@@ -105,15 +105,23 @@ class SdpaCache(nn.Module):
                                                           enable_gqa=gqa)
 
 
+def _exported(form: str, kv_heads: int, positions: list[int]):
+    """SdpaCache exported at len(positions) new tokens a row, and its inputs: row 1
+    left-padded, row 2 all padding (no visible key)."""
+    x, pos = torch.randn(3, len(positions), 16), torch.tensor(positions)
+    valid = torch.ones(3, 8, dtype=torch.long)
+    valid[1, :3] = 0
+    valid[2] = 0
+    with torch.no_grad():
+        gm = torch.export.export(SdpaCache(form, kv_heads).eval(), (x, pos, valid)).module(check_guards=False)
+    return gm, (x, pos, valid)
+
+
 @pytest.mark.parametrize("form", ["bool", "float", "causal"])
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_explicit_cache_cores_equal_sdpa_on_every_argument_form(form, kv_heads):
-    x, pos = torch.randn(3, 2, 16), torch.tensor([4, 5])
-    valid = torch.ones(3, 8, dtype=torch.long)
-    valid[1, :3] = 0
-    valid[2] = 0                                                             # no visible key
+    gm, (x, pos, valid) = _exported(form, kv_heads, [4, 5])
     with torch.no_grad():
-        gm = torch.export.export(SdpaCache(form, kv_heads).eval(), (x, pos, valid)).module(check_guards=False)
         want = gm(x, pos, valid)
         out = explicit_cache_cores(gm, (x, pos, valid))
         got = out(x, pos, valid)
@@ -164,12 +172,8 @@ def test_s1_decode_step_runs_its_cache_cores_split_kv_and_equals_unsharded():
 @pytest.mark.parametrize("form", ["bool", "float", "causal"])
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_split_kv_cores_equal_sdpa_at_one_position_or_keep_it(form, kv_heads):
-    x, pos = torch.randn(3, 1, 16), torch.tensor([5])
-    valid = torch.ones(3, 8, dtype=torch.long)
-    valid[1, :3] = 0
-    valid[2] = 0                                                             # no visible key
+    gm, (x, pos, valid) = _exported(form, kv_heads, [5])
     with torch.no_grad():
-        gm = torch.export.export(SdpaCache(form, kv_heads).eval(), (x, pos, valid)).module(check_guards=False)
         want = gm(x, pos, valid)
         out, sites = split_kv_cores(gm, (x, pos, valid))
         got = out(x, pos, valid)
