@@ -96,8 +96,7 @@ def _rank_layer(shape: DecodeShape, C: int, B: int, s: int, m: int, n: int, vari
     r = lambda *size: torch.randn(*size, device=dev, dtype=dtype, generator=gen)  # noqa: E731
     D = shape.hidden
     # weights [out, in], as nn.Linear holds them (LAYOUT "linear"); "matmul": [in, out]
-    w = (lambda n_in, n_out: r(n_out, n_in)) if LAYOUT == "linear" else (
-        lambda n_in, n_out: r(n_in, n_out))
+    w = lambda n_in, n_out: r(n_out, n_in) if LAYOUT == "linear" else r(n_in, n_out)  # noqa: E731
     lay = {"Wq": w(D, h * dm) * D ** -0.5,
            "Wkv": w(D, 2 * hkv * dm) * D ** -0.5,
            "Wo": w(h * dm, D) * 0.02,            # replicated over the s-group

@@ -246,7 +246,7 @@ def time_inductor(prog, step, args, dev, iters: int, warmup: int, mode: str = "d
     timed as time_step times the step (as one CUDA graph of ours), its output checked against
     the uncompiled step's."""
     t0 = time.perf_counter()
-    compiled = torch.compile(step, dynamic=False, mode=None if mode == "default" else mode)
+    compiled = torch.compile(step, dynamic=False, mode=mode)
     stub = StubCollectives(prog.mesh)
     try:
         with stubbed(stub):

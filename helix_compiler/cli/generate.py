@@ -255,8 +255,7 @@ def compiled_step(step, mode: str):
         raise HelixError(f"--compile {mode!r}: choose one of {', '.join(COMPILE_MODES)}")
     if COMPILE_MODES[mode] is None:
         return step
-    return torch.compile(step, dynamic=False,
-                         mode=None if mode == "default" else COMPILE_MODES[mode])
+    return torch.compile(step, dynamic=False, mode=COMPILE_MODES[mode])
 
 
 @torch.no_grad()

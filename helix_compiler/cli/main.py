@@ -47,7 +47,8 @@ from ..pipeline import PASS_NAMES, PASSES, analyze, cluster_spec
 from ..planning.plan import OBJECTIVES, Plan
 from ..planning.profile import load_profile
 from ..models.paper import PaperConfig, build
-from .generate import DEFAULT_MODEL, GenerateSplit, check_request, choose_split, load_decoder
+from .generate import (COMPILE_MODES, DEFAULT_MODEL, GenerateSplit, check_request, choose_split,
+                       load_decoder)
 from .report import format_table
 from .worker import read_failures
 from ..planning.text import ranges as _ranges
@@ -623,7 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a Hugging Face model directory's weights, read whole on every rank (a "
                           "directory of safetensors files or a state_dict file; default: seeded "
                           "random weights)")
-    gen.add_argument("--compile", choices=("none", "default", "max-autotune"), default="none",
+    gen.add_argument("--compile", choices=tuple(COMPILE_MODES), default="none",
                      help="run each rank's decode step under torch.compile (inductor) in this mode; "
                           "max-autotune also chooses each matmul's kernel by timing (no CUDA "
                           "graphs of inductor's: they would capture the collectives). The first "

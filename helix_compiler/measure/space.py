@@ -352,10 +352,7 @@ def _plan_rows(cfg, devices, ranks, summaries, cluster, profile, gpu=None) -> li
                     continue
                 for v in (("heads",) if c.m == 1 else ("score-reduce", "qk-gather")):
                     kind = RankKind(impl="helix", m=c.m, n=c.n, layers=cfg.layers // pp, variant=v)
-                    parts = ([f"dp={dp}"] if dp > 1 else []) + ([f"pp={pp}"] if pp > 1 else [])
-                    name = " x ".join(parts + [f"m={c.m}", f"n={c.n}"]) + (
-                        f" {v}" if c.m > 1 else "")
-                    add(name, kind, dp, pp, width,
+                    add(_plan_name(dp, pp, c.m, c.n, v), kind, dp, pp, width,
                         lambda b, kind=kind, dp=dp: _helix_comm_ms(summaries, kind, b, dp, cluster),
                         "helix")
     rows += _overlapped_rows(cfg, devices, by_kind, summaries, cluster)
@@ -413,11 +410,8 @@ def _overlapped_rows(cfg, devices, by_kind, summaries, cluster) -> list[dict]:
                     best = cand
         if best is None:
             continue
-        parts = ([f"dp={dp}"] if dp > 1 else []) + [f"m={kind.m}", f"n={kind.n}"]
-        name = " x ".join(parts) + (f" {kind.variant}" if kind.m > 1 else "") + \
-            f" overlap k={best['k']}"
         rows.append({
-            "plan": name, "family": "helix", "dp": dp, "pp": 1, "m": kind.m, "n": kind.n,
+            "plan": _plan_name(dp, 1, kind.m, kind.n, kind.variant, best["k"]), "family": "helix", "dp": dp, "pp": 1, "m": kind.m, "n": kind.n,
             "variant": kind.variant, "rank_kind": kind.name, **best,
             "latency_one_sequence_ms": None,
             "tpot_overhead_us_per_token": best["exposed_comm_ms"] * 1e3 / (B * S),
@@ -434,8 +428,8 @@ def assemble(raw: dict, cluster, profile, cfg: PaperConfig) -> dict:
     devices = raw["devices"]
     layer_counts = sorted({cfg.layers, max(cfg.layers // 2, 1)})
     summaries = {L: summary_for(cfg, L) for L in layer_counts}
-    rows = _plan_rows(cfg, devices, raw["ranks"], summaries, cluster, profile,
-                      measured_gpu(cluster, raw["info"].get("device")))
+    gpu = measured_gpu(cluster, raw["info"].get("device"))
+    rows = _plan_rows(cfg, devices, raw["ranks"], summaries, cluster, profile, gpu)
     out = {"device": raw["info"].get("device"), "torch": raw["info"].get("torch"),
            "date": raw["info"].get("date"), "command": raw.get("command"), "gpus": 1,
            "devices_planned": devices, "config": {k: getattr(cfg, k) for k in
@@ -469,8 +463,7 @@ def assemble(raw: dict, cluster, profile, cfg: PaperConfig) -> dict:
         "vs_best_baseline": None if best_base is None else
         thr["tokens_per_s"] / best_base["tokens_per_s"],
         "best_baseline": None if best_base is None else best_base["plan"]}
-    out["planner"] = _planner_choices(summaries[cfg.layers], cfg, devices, rows,
-                                      measured_gpu(cluster, raw["info"].get("device")), profile)
+    out["planner"] = _planner_choices(summaries[cfg.layers], cfg, devices, rows, gpu, profile)
     if lat is not None:
         tp_lat = [r for r in tpxpp if r["latency_one_sequence_ms"] is not None]
         ref = min(tp_lat, key=lambda r: r["latency_one_sequence_ms"]) if tp_lat else None
@@ -481,18 +474,12 @@ def assemble(raw: dict, cluster, profile, cfg: PaperConfig) -> dict:
     return out
 
 
-def _row_of(plan, rows) -> dict | None:
-    """The table's row of a Plan: same dp, pp, m, n, variant and overlap k."""
-    variant = None if plan.m == 1 else plan.sites[0].variant if plan.sites else None
-    for r in rows:
-        if r["family"] != "helix":
-            continue
-        k = int(r["plan"].rsplit("k=", 1)[1]) if " overlap k=" in r["plan"] else 1
-        if ((r["dp"], r["pp"], r["m"], r["n"], k) == (plan.dp, plan.pp, plan.m, plan.n,
-                                                      plan.overlap)
-                and (plan.m == 1 or r["variant"] == variant)):
-            return r
-    return None
+def _plan_name(dp: int, pp: int, m: int, n: int, variant: str | None = None, k: int = 1) -> str:
+    """A helix row's name in the table, e.g. "dp=2 x pp=2 x m=2 x n=4 qk-gather overlap k=4":
+    dp and pp where above 1, the variant where m > 1, the overlap's k where above 1."""
+    parts = ([f"dp={dp}"] if dp > 1 else []) + ([f"pp={pp}"] if pp > 1 else [])
+    return (" x ".join(parts + [f"m={m}", f"n={n}"]) + (f" {variant}" if m > 1 else "")
+            + (f" overlap k={k}" if k > 1 else ""))
 
 
 def _planner_choices(summary, cfg: PaperConfig, devices: int, rows, gpu_cluster, profile) -> dict:
@@ -509,14 +496,9 @@ def _planner_choices(summary, cfg: PaperConfig, devices: int, rows, gpu_cluster,
         except Exception as e:  # noqa: BLE001  (recorded; the table stands without it)
             out[objective] = {"error": f"{type(e).__name__}: {e}"}
             continue
-        name = " x ".join(([f"dp={plan.dp}"] if plan.dp > 1 else [])
-                          + ([f"pp={plan.pp}"] if plan.pp > 1 else [])
-                          + [f"m={plan.m}", f"n={plan.n}"])
-        if plan.m > 1 and plan.sites:
-            name += f" {plan.sites[0].variant}"
-        if plan.overlap > 1:
-            name += f" overlap k={plan.overlap}"
-        row = _row_of(plan, rows)
+        name = _plan_name(plan.dp, plan.pp, plan.m, plan.n,
+                          plan.sites[0].variant if plan.sites else None, plan.overlap)
+        row = next((r for r in rows if r["family"] == "helix" and r["plan"] == name), None)
         timed = [r for r in rows if r.get(key) is not None]
         best = (max(timed, key=lambda r: r[key]) if objective == "throughput"
                 else min(timed, key=lambda r: r[key])) if timed else None
