@@ -84,6 +84,10 @@ def parser() -> argparse.ArgumentParser:
                     help="paper suite: also run helix m=1 (kernel choice) through torch.compile")
     ap.add_argument("--deadline-s", type=float, default=None,
                     help="skip the measurements left after this many seconds")
+    ap.add_argument("--soak-s", type=float, default=None,
+                    help="space suite: seconds of back-to-back calls before each timing, so "
+                         "that every rank and the peak GEMM are timed at sustained clocks "
+                         "(default 1 on a GPU; 0: time from whatever state the GPU is in)")
     return ap
 
 
@@ -146,10 +150,11 @@ def _run_space(args) -> tuple[dict, str]:
         args.micro_batches = args.micro_batches or ([1, 2, 4] if args.small else [1, 2, 4, 8])
         log.info("[bench] plan space of %s on %s, micro-batches %s", cfg, device,
                  args.micro_batches)
+        soak = args.soak_s if args.soak_s is not None else 1.0
         rec = RawRecord({"info": device_info(device), "devices": args.devices[0], "ranks": [],
-                         "chunk_bytes": args.chunk_bytes, "command": args.command},
-                        args.raw_out, args.deadline_s)
-        timer = Timer(device, warmup=args.warmup, repeats=args.repeats)
+                         "chunk_bytes": args.chunk_bytes, "command": args.command,
+                         "soak_s": soak}, args.raw_out, args.deadline_s)
+        timer = Timer(device, warmup=args.warmup, repeats=args.repeats, soak_s=soak)
         space.run_measurements(args, cfg, cluster, timer, rec)
         raw = rec.data
     result = space.assemble(raw, cluster, profile, cfg)

@@ -29,10 +29,18 @@ class Timer:
     """Times `fn()` on `device`: {"median_ms", "min_ms", "max_ms", "repeats"}.
 
     On a GPU it holds one L2_FLUSH_BYTES buffer (allocated here, so that it counts in
-    neither the allocator's peak of what is timed nor its mallocs: `flush_bytes`)."""
+    neither the allocator's peak of what is timed nor its mallocs: `flush_bytes`).
 
-    def __init__(self, device, *, warmup: int = 2, repeats: int = 10, flush_l2: bool = True):
+    `soak_s`: on a GPU, call `fn` back to back for this many seconds before the timed repeats,
+    so that every call is timed at the clocks sustained work settles at. Without it a call
+    that follows an idle moment runs boosted: on an H200 one 8192^3 GEMM measured 763 TFLOP/s
+    from idle and 664-690 under load (results/gemm_shapes_h200.json), and the same rank
+    measured up to 10% apart between runs (results/interleaved_h200.json)."""
+
+    def __init__(self, device, *, warmup: int = 2, repeats: int = 10, flush_l2: bool = True,
+                 soak_s: float = 0.0):
         self.device, self.warmup, self.repeats = torch.device(device), warmup, repeats
+        self.soak_s = soak_s
         self._flush = (torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=self.device)
                        if flush_l2 and is_cuda(self.device) else None)
 
@@ -46,6 +54,11 @@ class Timer:
         for _ in range(warmup):
             fn()
         sync(self.device)
+        if self.soak_s > 0 and is_cuda(self.device):
+            end = time.perf_counter() + self.soak_s
+            while time.perf_counter() < end:
+                fn()
+                sync(self.device)
         times = []
         for _ in range(repeats):
             if is_cuda(self.device):
