@@ -258,6 +258,26 @@ def test_run_four_gloo_processes_matches_unsharded_model(capsys, tiny_spec, tmp_
 
 
 @pytest.mark.slow
+def test_run_under_torch_compile_matches_unsharded_model(capsys, tiny_spec, tmp_path):
+    """--compile default: each rank's module under torch.compile (inductor; the CPU here),
+    compiled in the first warm-up step; every rank's output is still the model's."""
+    summary = tmp_path / "summary.json"
+    code, out, err = _run(capsys, "run", tiny_spec, "--devices", 2, "--backend", "gloo",
+                          "--plan", "1,2", "--steps", 1, "--timeout", 400, "--compile", "default",
+                          "--json", summary)
+    assert code == 0, err
+    assert "backend gloo, torch.compile (default)," in out, out
+    data = json.loads(summary.read_text())
+    assert data["compile"] == "default" and data["max_relative_error"] <= 1e-5
+
+
+def test_run_compile_with_pipeline_stages_is_refused_before_launching(capsys):
+    says = _refused(capsys, "run", SCALED, "--devices", 4, "--plan", "1,2,1,2",
+                    "--compile", "default")
+    assert "--compile default with pp=2" in says
+
+
+@pytest.mark.slow
 def test_run_sequence_parallel_on_four_gloo_processes(capsys, tmp_path):
     """Reduce-scatter and the in-place all-gather (a batch of 1) through torch.distributed."""
     spec = str(Path(__file__).parent / "spec_batch1.py")

@@ -168,3 +168,25 @@ def test_timer_soak_runs_the_call_back_to_back_on_a_gpu_only():
     t = Timer("cpu", warmup=1, repeats=3, soak_s=0.05)
     t(lambda: calls.append(1))
     assert len(calls) == 4                     # no soak on the CPU: warmup + repeats
+
+
+@pytest.mark.slow
+def test_space_suite_times_a_helix_rank_under_torch_compile_as_helix_run_runs_it():
+    """--helix-compile: the rank module under torch.compile (runtime/compiled.py, the function
+    `helix run --compile` uses) computes what the eager rank computes, collectives stubbed."""
+    import torch
+
+    from helix_compiler.measure.runners import PaperHelixRunner
+    from helix_compiler.measure.space import config
+
+    cfg = config(small=True)
+    runner = PaperHelixRunner(cfg, 1, 2, None, 2, load_cluster("paper"), torch.device("cpu"),
+                              chunk_bytes=2 ** 28, threshold=16)
+    torch.manual_seed(0)
+    eager = runner.make(True)(2)
+    torch.manual_seed(0)
+    comp = runner.make(True, "default")(2)
+    with torch.no_grad():
+        a, b = eager(), comp()
+    assert a.shape == b.shape == (2, cfg.seq, cfg.hidden)
+    assert float((a - b).norm() / a.norm()) <= 1e-5

@@ -53,6 +53,7 @@ from ..models.decoder_cache import greedy_generate
 from ..models.hf_static import HFStaticCacheDecoder, hf_generate
 from ..runtime import collectives
 from ..runtime.collectives import DistributedBackend
+from ..runtime.compiled import COMPILE_MODES, compiled
 from ..runtime.graphs import on_device
 from ..runtime.weights import open_checkpoint
 from .worker import check_same_program, rank_main, weights_digest
@@ -241,21 +242,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-# --compile: torch.compile's mode for the decode step ("none": the GraphModule as built). Not
-# inductor's "max-autotune", whose CUDA graphs would capture the step's collectives: the
-# no-cudagraphs mode chooses each matmul's kernel by timing as it does.
-COMPILE_MODES = {"none": None, "default": "default",
-                 "max-autotune": "max-autotune-no-cudagraphs"}
-
-
 def compiled_step(step, mode: str):
-    """The decode-step module under torch.compile in --compile's `mode` (COMPILE_MODES), or
-    `step` itself for "none". Static shapes: every step has the same ones."""
-    if mode not in COMPILE_MODES:
-        raise HelixError(f"--compile {mode!r}: choose one of {', '.join(COMPILE_MODES)}")
-    if COMPILE_MODES[mode] is None:
-        return step
-    return torch.compile(step, dynamic=False, mode=COMPILE_MODES[mode])
+    """The decode-step module under torch.compile in --compile's `mode` (runtime/compiled.py's
+    COMPILE_MODES), or `step` itself for "none"."""
+    return compiled(step, mode)
 
 
 @torch.no_grad()

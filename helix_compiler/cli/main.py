@@ -47,7 +47,8 @@ from ..pipeline import PASS_NAMES, PASSES, analyze, cluster_spec
 from ..planning.plan import OBJECTIVES, Plan
 from ..planning.profile import load_profile
 from ..models.paper import PaperConfig, build
-from .generate import (COMPILE_MODES, DEFAULT_MODEL, GenerateSplit, check_request, choose_split,
+from ..runtime.compiled import COMPILE_MODES
+from .generate import (DEFAULT_MODEL, GenerateSplit, check_request, choose_split,
                        load_decoder)
 from .report import format_table
 from .worker import read_failures
@@ -274,6 +275,11 @@ def cmd_run(args) -> int:
         raise HelixError(f"--plan {_plan_text(args.plan)}: --weights with pp={pp} pipeline "
                          f"stages is not supported yet; drop --weights (random weights) or run "
                          f"a pp=1 plan")
+    if pp > 1 and args.compile != "none":
+        raise HelixError(f"--plan {_plan_text(args.plan)}: --compile {args.compile} with pp={pp} "
+                         f"pipeline stages is not supported yet (the stages run under "
+                         f"torch.distributed.pipelining as built); drop --compile or run a pp=1 "
+                         f"plan")
     del model, inputs, kwargs
 
     workdir = Path(tempfile.mkdtemp(prefix="helix-run-"))
@@ -288,6 +294,8 @@ def cmd_run(args) -> int:
         worker += ["--json", str(Path(args.json).resolve())]
     if args.sequence_parallel:
         worker += ["--sequence-parallel"]
+    if args.compile != "none":
+        worker += ["--compile", args.compile]
     for flag, value in (("--batch", args.batch), ("--seq", args.seq),
                         ("--micro-batches", args.micro_batches)):
         if value is not None:
@@ -574,6 +582,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--sequence-parallel", action="store_true",
                      help="split the residual stream along the sequence between blocks "
                           "(reduce-scatter / all-gather; the model is captured with static sizes)")
+    run.add_argument("--compile", choices=tuple(COMPILE_MODES), default="none",
+                     help="run each rank's module under torch.compile (inductor) in this mode: "
+                          "default fuses its elementwise ops, max-autotune also picks each "
+                          "matmul's kernel by timing (without inductor's CUDA graphs); the "
+                          "compiling call is a warm-up step, untimed (default none: as built; "
+                          "pp=1 plans)")
     run.add_argument("--strict", action="store_true", help=STRICT_HELP)
     run.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     _add_size_flags(run)

@@ -6,7 +6,7 @@ Every rank seeds torch, builds the model and compiles the same program
 (compilation is deterministic). At start-up the ranks all-gather a fingerprint
 of their program and weights and stop, naming the ranks, when they differ.
 Each rank then runs its rank module on the model's example inputs (warm-up,
-then timed steps; with pp > 1 stages its stage module, as a PipelineStage under
+then timed steps; under torch.compile with --compile, compiled in the first warm-up step; with pp > 1 stages its stage module, as a PipelineStage under
 ScheduleGPipe over the plan's M micro-batches, stages.pipeline_schedule; only the
 last stage's ranks hold the model's output and compare it), compares its output with the unsharded model's, computed
 on the same rank in the same dtype, as a relative error; the largest error and
@@ -37,6 +37,7 @@ import torch.utils._pytree as pytree
 from ..runtime import collectives
 from ..api import helix_compile
 from ..runtime.collectives import DistributedBackend
+from ..runtime.compiled import COMPILE_MODES, compiled
 from ..errors import HelixError
 from ..runtime.graphs import on_device
 from ..modelspec import load_model_spec
@@ -183,6 +184,11 @@ def run_rank(args, rank: int, world: int, local_rank: int) -> dict:
         _load_reference_weights(prog, args.weights)
     else:
         module = on_device(prog.rank_module(rank), device)
+    if args.compile != "none":
+        if pp > 1:
+            raise HelixError(f"--compile {args.compile} with pp={pp} pipeline stages is not "
+                             f"supported yet; drop --compile or run a pp=1 plan")
+        module = compiled(module, args.compile)   # the first warm-up step compiles
     full_inputs, full_kwargs = _to((inputs, kwargs), device)
     replica = prog.replica_of(rank)[0]
     if dp > 1:   # this rank runs its replica's rows of the batch (data.py)
@@ -225,7 +231,7 @@ def run_rank(args, rank: int, world: int, local_rank: int) -> dict:
             "micro_batches": prog.plan.cost.micro_batches if pp > 1 else 1, "backend": args.backend,
             "dtype": args.dtype, "model": args.model, "fingerprint": prog.fingerprint(),
             "max_relative_error": reduced[0].item(), "tolerance": args.tolerance,
-            "ms_per_step": reduced[1].item(), "steps": args.steps}
+            "ms_per_step": reduced[1].item(), "steps": args.steps, "compile": args.compile}
 
 
 def _rows(tree, replica: int, dp: int):
@@ -244,7 +250,8 @@ def summary_line(s: dict) -> str:
         split = f"dp={s['dp']} x pp={s['pp']} x {split} (M={s['micro_batches']} micro-batches)"
     elif s.get("dp", 1) > 1:
         split = f"dp={s['dp']} x {split}"
-    return (f"helix run: {s['ranks']} ranks, {split}, backend {s['backend']}, "
+    how = "" if s.get("compile", "none") == "none" else f", torch.compile ({s['compile']})"
+    return (f"helix run: {s['ranks']} ranks, {split}, backend {s['backend']}{how}, "
             f"{s['dtype']}, max relative error {s['max_relative_error']:.1e} "
             f"(tolerance {s['tolerance']:g}), {s['ms_per_step']:.1f} ms/step")
 
@@ -268,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=None, help="example batch of a Hugging Face model directory")
     p.add_argument("--seq", type=int, default=None, help="example length of a Hugging Face model directory")
     p.add_argument("--micro-batches", type=int, default=None, help="a pp plan's micro-batches")
+    p.add_argument("--compile", choices=tuple(COMPILE_MODES), default="none",
+                   help="the rank module under torch.compile in this mode")
     return p
 
 

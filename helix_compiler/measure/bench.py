@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from helix_compiler.planning.cluster import load_cluster
+from helix_compiler.runtime.compiled import COMPILE_MODES
 from helix_compiler.errors import HelixError
 from helix_compiler.runtime.kernels_chunked import DEFAULT_CHUNK_BYTES
 from helix_compiler.measure import configure_logging, gqa, paper, space
@@ -84,6 +85,11 @@ def parser() -> argparse.ArgumentParser:
                     help="paper suite: also run helix m=1 (kernel choice) through torch.compile")
     ap.add_argument("--deadline-s", type=float, default=None,
                     help="skip the measurements left after this many seconds")
+    ap.add_argument("--helix-compile", choices=tuple(COMPILE_MODES), default=None,
+                    help="space suite: also time every helix rank under torch.compile in this "
+                         "mode (as `helix run --compile` runs it) and take the faster of the two, "
+                         "as the baselines are compiled (default: default on a GPU, none on the "
+                         "CPU)")
     ap.add_argument("--soak-s", type=float, default=None,
                     help="space suite: seconds of back-to-back calls before each timing, so "
                          "that every rank and the peak GEMM are timed at sustained clocks "
@@ -151,9 +157,12 @@ def _run_space(args) -> tuple[dict, str]:
         log.info("[bench] plan space of %s on %s, micro-batches %s", cfg, device,
                  args.micro_batches)
         soak = args.soak_s if args.soak_s is not None else 1.0
+        if args.helix_compile is None:
+            args.helix_compile = "default" if device.type == "cuda" else "none"
         rec = RawRecord({"info": device_info(device), "devices": args.devices[0], "ranks": [],
                          "chunk_bytes": args.chunk_bytes, "command": args.command,
-                         "soak_s": soak}, args.raw_out, args.deadline_s)
+                         "soak_s": soak, "helix_compile": args.helix_compile},
+                        args.raw_out, args.deadline_s)
         timer = Timer(device, warmup=args.warmup, repeats=args.repeats, soak_s=soak)
         space.run_measurements(args, cfg, cluster, timer, rec)
         raw = rec.data

@@ -33,6 +33,7 @@ from helix_compiler.measure.surgery import (check_shapes, copy_graph, init_tenso
                                             rebatch, small_random)
 from helix_compiler.measure.timing import Timer, free_memory, is_cuda, is_oom
 from helix_compiler.models import llama_gqa, paper
+from helix_compiler.runtime.compiled import compiled
 from helix_compiler.runtime.graphs import on_device
 from passes.kernel_choice import apply_kernel_choice
 
@@ -98,7 +99,9 @@ class PaperHelixRunner:
         with stubbed():
             return count_flops(lambda: gm(x))
 
-    def make(self, kernel_choice: bool):
+    def make(self, kernel_choice: bool, compile_mode: str = "none"):
+        """make_fn(b): the rank at micro-batch b as a call; under torch.compile in
+        `compile_mode` (runtime/compiled.py, as `helix run --compile` runs it) unless "none"."""
         def make_fn(b):
             gm = self.graph(b, kernel_choice)
             shape = (b, *self.shape1[1:])
@@ -108,8 +111,9 @@ class PaperHelixRunner:
                                  f"{got}, expected {shape}; a shape argument does not lead with "
                                  f"the batch (measure/surgery.py SHAPE_OPS)")
             materialize(gm, self.device)
+            run = compiled(gm, compile_mode)
             x = torch.randn(shape, dtype=self.cfg.dtype, device=self.device)
-            return _stubbed_call(lambda: gm(x), self.mesh)
+            return _stubbed_call(lambda: run(x), self.mesh)
         return make_fn
 
 
