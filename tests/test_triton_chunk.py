@@ -9,22 +9,13 @@ so that the key blocks, the splits and their boundaries fall where each case nee
 
 from __future__ import annotations
 
-import os
-import sys
 
 import pytest
 import torch
 
-# the interpreter on the CPU, the compiled kernel where there is a GPU (TRITON_INTERPRET=1 or 0
-# set before the run picks either). triton.jit reads it when a function is defined, triton's own
-# tl.zeros included: once triton is imported (torch.export imports it through torch._dynamo,
-# so any earlier test module may have) the interpreter cannot be switched on
-if os.environ.get("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1") == "1" and \
-        "triton" in sys.modules and not os.environ.get("TRITON_INTERPRET") == "1":
-    pytest.skip("triton was imported by an earlier test without TRITON_INTERPRET=1: run this "
-                "file alone, or the session with TRITON_INTERPRET=1", allow_module_level=True)
-os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
-pytest.importorskip("triton")
+from tests.triton_mode import device  # noqa: E402  (before triton is imported)
+
+DEVICE = device()
 
 from helix_compiler.errors import HelixError  # noqa: E402
 from helix_compiler.numerics import relative_error  # noqa: E402
@@ -33,9 +24,6 @@ from helix_compiler.runtime.chunk_core import chunk_attention_math  # noqa: E402
 from helix_compiler.runtime.triton_chunk import (  # noqa: E402
     chunk_attention_triton, fits)
 
-if os.environ["TRITON_INTERPRET"] != "1" and not torch.cuda.is_available():
-    pytest.skip("TRITON_INTERPRET is off and there is no GPU", allow_module_level=True)
-DEVICE = "cpu" if os.environ["TRITON_INTERPRET"] == "1" else "cuda"
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 # the interpreter multiplies bf16 tiles wrongly (tl.dot of two bf16 16 x 16 tiles is off by 1e10
 # in Triton 3.9's interpreter, a load and store of bf16 is right): bf16 runs on a GPU only

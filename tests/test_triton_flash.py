@@ -11,22 +11,13 @@ P @ V, as flash attention does). Shapes are tiny (the interpreter runs each prog
 
 from __future__ import annotations
 
-import os
-import sys
 
 import pytest
 import torch
 
-# the interpreter on the CPU, the compiled kernel where there is a GPU (TRITON_INTERPRET=1 or 0
-# set before the run picks either). triton.jit reads it when a function is defined, triton's own
-# tl.zeros included: once triton is imported (torch.export imports it through torch._dynamo,
-# so any earlier test module may have) the interpreter cannot be switched on
-if os.environ.get("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1") == "1" and \
-        "triton" in sys.modules and not os.environ.get("TRITON_INTERPRET") == "1":
-    pytest.skip("triton was imported by an earlier test without TRITON_INTERPRET=1: run this "
-                "file alone, or the session with TRITON_INTERPRET=1", allow_module_level=True)
-os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
-pytest.importorskip("triton")
+from tests.triton_mode import device  # noqa: E402  (before triton is imported)
+
+DEVICE = device()
 
 from helix_compiler.errors import HelixError  # noqa: E402
 from helix_compiler.numerics import relative_error  # noqa: E402
@@ -35,9 +26,6 @@ from helix_compiler.runtime.kernels_chunked import DEFAULT_CHUNK_BYTES  # noqa: 
 from helix_compiler.runtime.triton_flash import (  # noqa: E402
     CONFIGS, FlashConfig, fits, flash_attention_triton)
 
-if os.environ["TRITON_INTERPRET"] != "1" and not torch.cuda.is_available():
-    pytest.skip("TRITON_INTERPRET is off and there is no GPU", allow_module_level=True)
-DEVICE = "cpu" if os.environ["TRITON_INTERPRET"] == "1" else "cuda"
 CUDA_ONLY = pytest.mark.skipif(DEVICE == "cpu", reason="large shapes / bf16: compiled kernel only")
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 LOW = torch.finfo(torch.float32).min

@@ -12,26 +12,18 @@ scores' dtype, as torch.softmax rounds them (fp16 1e-3, bf16 8e-3 of the row's l
 
 from __future__ import annotations
 
-import os
-import sys
 
 import pytest
 import torch
 
-if os.environ.get("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1") == "1" and \
-        "triton" in sys.modules and not os.environ.get("TRITON_INTERPRET") == "1":
-    pytest.skip("triton was imported by an earlier test without TRITON_INTERPRET=1: run this "
-                "file alone, or the session with TRITON_INTERPRET=1", allow_module_level=True)
-os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
-pytest.importorskip("triton")
+from tests.triton_mode import device  # noqa: E402  (before triton is imported)
+
+DEVICE = device()
 
 from helix_compiler.numerics import relative_error  # noqa: E402
 from helix_compiler.runtime import kernels_chunked, triton_softmax  # noqa: E402
 from helix_compiler.runtime.kernels import masked_softmax  # noqa: E402
 
-if os.environ["TRITON_INTERPRET"] != "1" and not torch.cuda.is_available():
-    pytest.skip("TRITON_INTERPRET is off and there is no GPU", allow_module_level=True)
-DEVICE = "cpu" if os.environ["TRITON_INTERPRET"] == "1" else "cuda"
 TOL = {torch.float16: 1e-3, torch.bfloat16: 8e-3}
 INF = float("-inf")
 
