@@ -190,3 +190,14 @@ def test_space_suite_times_a_helix_rank_under_torch_compile_as_helix_run_runs_it
         a, b = eager(), comp()
     assert a.shape == b.shape == (2, cfg.seq, cfg.hidden)
     assert float((a - b).norm() / a.norm()) <= 1e-5
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--model", "space", "--soak-s", "-1"], "--soak-s -1: seconds of sustained calls"),
+    (["--soak-s", "2"], "--soak-s and --helix-compile are space-suite options"),
+    (["--model", "gqa", "--helix-compile", "default"], "space-suite options"),
+])
+def test_bench_refuses_bad_soak_and_compile_options_in_one_line(capsys, argv, says):
+    assert _main(["bench", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and says in err[0], err

@@ -113,6 +113,12 @@ def _options(argv) -> argparse.Namespace:
     elif len(args.devices) != 1:
         raise HelixError(f"--devices {' '.join(map(str, args.devices))}: the paper suite "
                          f"measures one device count; give one (default 16)")
+    if args.soak_s is not None and not args.soak_s >= 0:
+        raise HelixError(f"--soak-s {args.soak_s:g}: seconds of sustained calls before each "
+                         f"timing must be >= 0 (0: none)")
+    if args.model != "space" and (args.soak_s or args.helix_compile not in (None, "none")):
+        raise HelixError("--soak-s and --helix-compile are space-suite options; add --model "
+                         "space or leave them out")
     args.modes = args.modes or "both"
     args.chunk_bytes = (args.chunk_mib << 20) if args.chunk_mib else DEFAULT_CHUNK_BYTES
     args.command = "helix bench " + " ".join(argv if argv is not None else sys.argv[1:])
