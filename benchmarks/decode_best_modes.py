@@ -1,0 +1,77 @@
+"""The chosen decode plan against TP=64 with each side at its faster compile mode per row, from
+saved gpu_decode_compiled.py results (no GPU): the table of docs/BENCHMARKS.md, "Every row
+under max-autotune, each side at its best mode".
+
+    python benchmarks/decode_best_modes.py                      # the saved H200 files
+    python benchmarks/decode_best_modes.py --json out.json
+
+Each file's rows give, per (context, rank batch), the step's TPOT as built and under
+torch.compile (`inductor_tpot_ms`, in the file's `inductor_mode`: None is inductor's default
+mode). The chosen plan (dp=8 x TP=8) serves B sequences with TP=8 ranks at B / 8; TP=64 runs
+all B. A side's TPOT for a row is the least over the files' modes (as built included), and the
+ratio is the chosen side's over TP=64's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CHOSEN = ("decode_compiled_h200_tp8_k26.json", "decode_compiled_h200_tp8_autotune_32k.json",
+          "decode_compiled_h200_tp8_autotune_rest.json")
+TP = ("decode_compiled_h200_tp64_k26.json", "decode_compiled_h200_tp64_autotune_32k.json",
+      "decode_compiled_h200_tp64_autotune_64k.json", "decode_compiled_h200_tp64_autotune_rest.json")
+REPLICAS = 8          # the chosen plan's data-parallel replicas: a TP=8 rank serves B / 8
+
+
+def tpots(files, folder: Path = RESULTS) -> dict:
+    """(context, rank batch) -> {mode: TPOT ms}; mode "as built", "default" or the file's
+    inductor_mode."""
+    out: dict = {}
+    for name in files:
+        data = json.loads((folder / name).read_text())
+        mode = data.get("inductor_mode") or "default"
+        for r in data["results"]:
+            row = out.setdefault((r["context"], r["concurrency"]), {})
+            if r.get("measured_tpot_ms") is not None:
+                row.setdefault("as built", r["measured_tpot_ms"])
+            if r.get("inductor_tpot_ms") is not None:
+                row[mode] = r["inductor_tpot_ms"]
+    return out
+
+
+def table(folder: Path = RESULTS) -> list[dict]:
+    chosen, tp = tpots(CHOSEN, folder), tpots(TP, folder)
+    rows = []
+    for (context, batch), modes in sorted(tp.items()):
+        mine = chosen.get((context, batch // REPLICAS))
+        if mine is None or batch % REPLICAS:
+            continue
+        a = min(mine, key=mine.get)
+        b = min(modes, key=modes.get)
+        rows.append({"context": context, "concurrency": batch,
+                     "chosen_mode": a, "chosen_tpot_ms": mine[a],
+                     "tp_mode": b, "tp_tpot_ms": modes[b], "ratio": mine[a] / modes[b]})
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--results", type=Path, default=RESULTS, help="folder of the result files")
+    p.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    args = p.parse_args(argv)
+    rows = table(args.results)
+    for r in rows:
+        print(f"{r['context'] // 1024:>4}k x {r['concurrency']:>2}: chosen {r['chosen_tpot_ms']:6.2f} ms "
+              f"({r['chosen_mode']}), TP=64 {r['tp_tpot_ms']:6.2f} ms ({r['tp_mode']}): "
+              f"{r['ratio']:.3f}")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
