@@ -65,9 +65,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     rows = table(args.results)
     for r in rows:
-        print(f"{r['context'] // 1024:>4}k x {r['concurrency']:>2}: chosen {r['chosen_tpot_ms']:6.2f} ms "
-              f"({r['chosen_mode']}), TP=64 {r['tp_tpot_ms']:6.2f} ms ({r['tp_mode']}): "
-              f"{r['ratio']:.3f}")
+        print(f"{r['context'] // 1024:>4}k x {r['concurrency']:>2}: chosen "
+              f"{r['chosen_tpot_ms']:6.2f} ms ({r['chosen_mode']}), "
+              f"TP=64 {r['tp_tpot_ms']:6.2f} ms ({r['tp_mode']}): {r['ratio']:.3f}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
     return 0

@@ -229,7 +229,8 @@ def run_measurements(args, cfg, cluster, timer: Timer, rec: RawRecord) -> None:
             make_fn = runner.make(True)
             if kind.impl == "helix":
                 row["flops_per_sequence"] = runner.flops()
-            mode = getattr(args, "helix_compile", "none") if kind.impl == "helix" else "none"
+            mode = getattr(args, "helix_compile", None) or "none"
+            mode = mode if kind.impl == "helix" else "none"
             make_compiled = runner.make(True, mode) if mode != "none" else None
             for b in args.micro_batches:
                 b_used, t, fn = run_timed(make_fn, b, timer)
@@ -573,8 +574,9 @@ def table(result: dict) -> str:
              else "")
     lines.append(f"throughput: {t['fastest']} at {t['tokens_per_s'] / 1e6:.3f}M tokens/s, "
                  f"{t['fraction_of_roofline']:.0%} of the measured-peak roofline "
-                 f"({t['roofline_tokens_per_s'] / 1e6:.2f}M at {result['matmul_tflops_measured']:.0f}"
-                 f" TFLOP/s a GPU{burst}); x{t['vs_best_tp_x_pp'] or math.nan:.2f} "
+                 f"({t['roofline_tokens_per_s'] / 1e6:.2f}M at "
+                 f"{result['matmul_tflops_measured']:.0f} TFLOP/s a GPU{burst}); "
+                 f"x{t['vs_best_tp_x_pp'] or math.nan:.2f} "
                  f"of {t['best_tp_x_pp']}")
     if "latency" in result:
         L = result["latency"]
