@@ -109,14 +109,14 @@ def test_measured_gpu_prices_compute_on_the_gpu_that_was_timed():
     assert measured_gpu(paper, "x86_64") is paper and measured_gpu(paper, None) is paper
 
 
-def test_space_table_of_the_h200_run_prices_every_plan_within_15_percent(tmp_path):
-    """The saved H200 measurements (benchmarks/results/raw), re-priced with the H200 profile on
-    the measured GPU's peaks: every row's predicted compute within 15% of its measured one, and
-    the planner's choice for each objective found in the table and compared with the fastest."""
+def _repriced_h200(tmp_path, raw_name: str) -> dict:
+    """The space table of a saved H200 run (benchmarks/results/raw/`raw_name`) re-priced with
+    the H200 profile on the measured GPU's peaks; asserts every row's predicted compute is
+    within 15% of its measured one."""
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "space.json"
     assert _main(["bench", "--model", "space", "--raw",
-                  str(root / "benchmarks/results/raw/space_h200_softmaxv.raw.json"),
+                  str(root / "benchmarks/results/raw" / raw_name),
                   "--profile", str(root / "helix_compiler/planning/profiles/h200.yaml"),
                   "--out", str(out)]) == 0
     result = json.loads(out.read_text())
@@ -124,6 +124,14 @@ def test_space_table_of_the_h200_run_prices_every_plan_within_15_percent(tmp_pat
               if r["predicted_over_measured"] is not None}
     assert len(ratios) >= 20
     assert all(0.85 <= x <= 1.15 for x in ratios.values()), ratios
+    return result
+
+
+def test_space_table_of_the_h200_run_prices_every_plan_within_15_percent(tmp_path):
+    """The saved H200 measurements (benchmarks/results/raw), re-priced with the H200 profile on
+    the measured GPU's peaks: every row's predicted compute within 15% of its measured one, and
+    the planner's choice for each objective found in the table and compared with the fastest."""
+    result = _repriced_h200(tmp_path, "space_h200_softmaxv.raw.json")
     planner = result["planner"]
     assert planner["cluster"] == "paper-h200"
     for objective in ("throughput", "latency"):
@@ -137,17 +145,8 @@ def test_soaked_h200_run_ranks_the_planners_choice_first_among_helix_plans(tmp_p
     results/raw/space_h200_soak.raw.json): every prediction within 15%; the planner's
     throughput choice is the fastest helix row, and the table gives its roofline fraction
     against both measured peaks (sustained, and from idle)."""
-    root = Path(__file__).resolve().parents[1]
-    out = tmp_path / "space.json"
-    assert _main(["bench", "--model", "space", "--raw",
-                  str(root / "benchmarks/results/raw/space_h200_soak.raw.json"),
-                  "--profile", str(root / "helix_compiler/planning/profiles/h200.yaml"),
-                  "--out", str(out)]) == 0
-    result = json.loads(out.read_text())
+    result = _repriced_h200(tmp_path, "space_h200_soak.raw.json")
     assert result["soak_s"] == 1.0
-    ratios = [r["predicted_over_measured"] for r in result["plans"]
-              if r["predicted_over_measured"] is not None]
-    assert len(ratios) >= 20 and all(0.85 <= x <= 1.15 for x in ratios), ratios
     helix = max((r for r in result["plans"] if r["family"] == "helix"),
                 key=lambda r: r["tokens_per_s"])
     chosen = result["planner"]["throughput"]
