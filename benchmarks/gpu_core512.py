@@ -237,71 +237,67 @@ def main(argv=None) -> int:
             record("gelu", lambda: torch.nn.functional.gelu(xf), fl=1.0, check=False)
             del x, xf, a, a2
             torch.cuda.empty_cache()
-        if "base" not in groups:
-            result["seconds"] = round(time.time() - t0, 1)
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-            print(f"wrote {args.out} in {result['seconds']} s")
-            return 0
-        # the three steps apart, 16 heads each, into preallocated buffers
-        s_buf = torch.empty(1, T, S, device=dev, dtype=torch.float16)
-        o_buf = torch.empty(1, T, d, device=dev, dtype=torch.float16)
-        kt = k[0].transpose(1, 2)
+        if "base" in groups:
+            # the three steps apart, 16 heads each, into preallocated buffers
+            s_buf = torch.empty(1, T, S, device=dev, dtype=torch.float16)
+            o_buf = torch.empty(1, T, d, device=dev, dtype=torch.float16)
+            kt = k[0].transpose(1, 2)
 
-        def qk():
-            for h in range(H):
-                torch.baddbmm(s_buf, q[0, h:h + 1], kt[h:h + 1], beta=0.0, alpha=scale, out=s_buf)
-            return s_buf
-        record("qk", qk, fl=flops / 2, check=False)
-        s_buf.normal_()
-
-        def sm():
-            for _ in range(H):
-                torch.softmax(s_buf, dim=-1)
-            return s_buf
-        record("softmax", sm, fl=flops, check=False)
-
-        def sm_triton(w):
-            def f():
-                for _ in range(H):
-                    row_softmax_(s_buf, num_warps=w)
-                return s_buf
-            return f
-        for w in (8, 16, 32):
-            record(f"softmax_triton_w{w}", sm_triton(w), fl=flops, check=False)
-        s_buf.normal_().softmax(dim=-1)
-
-        def pv():
-            for h in range(H):
-                torch.bmm(s_buf, v[0, h:h + 1], out=o_buf)
-            return o_buf
-        record("pv", pv, fl=flops / 2, check=False)
-        del s_buf, o_buf
-        torch.cuda.empty_cache()
-
-        record("blocks", lambda: blocks_core(q, k, v, scale))
-        for w in (8, 16):
-            record(f"triton_softmax_w{w}", lambda w=w: blocks_core(q, k, v, scale, softmax=w))
-        record("heads=2", lambda: blocks_core(q, k, v, scale, heads=2))
-        record("heads=2 triton", lambda: blocks_core(q, k, v, scale, heads=2, softmax=16))
-        for r in (128, 256, 512, 1024, 2560):
-            record(f"rows={r} triton", lambda r=r: blocks_core(q, k, v, scale, heads=H, rows=r,
-                                                               softmax=16))
-        for r in (1024, 2560):
-            record(f"heads=1 rows={r} triton", lambda r=r: blocks_core(q, k, v, scale, rows=r,
-                                                                       softmax=16))
-        if not args.no_compile:
-            def plain(q, k, v):
-                outs = []
+            def qk():
                 for h in range(H):
-                    s = (q[0, h] @ k[0, h].transpose(0, 1)) * scale
-                    outs.append(torch.softmax(s.float(), dim=-1).to(q.dtype) @ v[0, h])
-                return torch.stack(outs).unsqueeze(0)
-            c0 = time.time()
-            comp = torch.compile(plain)
-            comp(q, k, v)
-            result["compile_s"] = round(time.time() - c0, 1)
-            record("compiled", lambda: comp(q, k, v))
+                    torch.baddbmm(s_buf, q[0, h:h + 1], kt[h:h + 1], beta=0.0, alpha=scale,
+                                  out=s_buf)
+                return s_buf
+            record("qk", qk, fl=flops / 2, check=False)
+            s_buf.normal_()
+
+            def sm():
+                for _ in range(H):
+                    torch.softmax(s_buf, dim=-1)
+                return s_buf
+            record("softmax", sm, fl=flops, check=False)
+
+            def sm_triton(w):
+                def f():
+                    for _ in range(H):
+                        row_softmax_(s_buf, num_warps=w)
+                    return s_buf
+                return f
+            for w in (8, 16, 32):
+                record(f"softmax_triton_w{w}", sm_triton(w), fl=flops, check=False)
+            s_buf.normal_().softmax(dim=-1)
+
+            def pv():
+                for h in range(H):
+                    torch.bmm(s_buf, v[0, h:h + 1], out=o_buf)
+                return o_buf
+            record("pv", pv, fl=flops / 2, check=False)
+            del s_buf, o_buf
+            torch.cuda.empty_cache()
+
+            record("blocks", lambda: blocks_core(q, k, v, scale))
+            for w in (8, 16):
+                record(f"triton_softmax_w{w}", lambda w=w: blocks_core(q, k, v, scale, softmax=w))
+            record("heads=2", lambda: blocks_core(q, k, v, scale, heads=2))
+            record("heads=2 triton", lambda: blocks_core(q, k, v, scale, heads=2, softmax=16))
+            for r in (128, 256, 512, 1024, 2560):
+                record(f"rows={r} triton", lambda r=r: blocks_core(q, k, v, scale, heads=H, rows=r,
+                                                                   softmax=16))
+            for r in (1024, 2560):
+                record(f"heads=1 rows={r} triton", lambda r=r: blocks_core(q, k, v, scale, rows=r,
+                                                                           softmax=16))
+            if not args.no_compile:
+                def plain(q, k, v):
+                    outs = []
+                    for h in range(H):
+                        s = (q[0, h] @ k[0, h].transpose(0, 1)) * scale
+                        outs.append(torch.softmax(s.float(), dim=-1).to(q.dtype) @ v[0, h])
+                    return torch.stack(outs).unsqueeze(0)
+                c0 = time.time()
+                comp = torch.compile(plain)
+                comp(q, k, v)
+                result["compile_s"] = round(time.time() - c0, 1)
+                record("compiled", lambda: comp(q, k, v))
     result["seconds"] = round(time.time() - t0, 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")

@@ -223,6 +223,7 @@ def test_generate_rank_under_compile_times_the_steps_after_the_compiling_one(mon
     # stay the model's, and the first step (which compiles) is left out of the timing
     from helix_compiler.cli import generate as gen
     from helix_compiler.decode import compile_decoder
+    from helix_compiler.runtime.compiled import compiled
 
     seen = []
 
@@ -241,4 +242,4 @@ def test_generate_rank_under_compile_times_the_steps_after_the_compiling_one(mon
     _, plain = gen.generate_rank(prog, 0, prompt, valid, 6)
     assert plain["steps"] == 5 and plain["compile_s"] == 0 and len(seen) == 1
     with pytest.raises(HelixError, match=r"--compile 'fast': choose one of none, default, max-autotune"):
-        gen.compiled_step(prog.modules[0][1], "fast")
+        compiled(prog.modules[0][1], "fast")

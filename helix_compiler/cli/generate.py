@@ -242,24 +242,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def compiled_step(step, mode: str):
-    """The decode-step module under torch.compile in --compile's `mode` (runtime/compiled.py's
-    COMPILE_MODES), or `step` itself for "none"."""
-    return compiled(step, mode)
-
-
 @torch.no_grad()
 def generate_rank(prog, rank: int, prompt: torch.Tensor, valid_prompt: torch.Tensor,
                   new_tokens: int, device: torch.device | None = None,
                   compile_mode: str = "none") -> tuple[torch.Tensor, dict]:
     """Rank `rank` of DecodeProgram `prog` (its collectives bound to a DistributedBackend):
     zero its cache slices, prefill `prompt`, then new_tokens - 1 decode steps (under
-    torch.compile with `compile_mode`, compiled_step; the first step, which compiles, is then
+    torch.compile with `compile_mode`, runtime/compiled.py; the first step, which compiles, is then
     left out of the timing). The new tokens (B, new_tokens) and timings {"prefill_ms",
     "ms_per_token" (the timed decode steps' mean), "steps" (timed), "compile_s"}."""
     device = device or torch.device("cpu")
     prefill, step = prog.modules[rank]
-    step = compiled_step(step, compile_mode)
+    step = compiled(step, compile_mode)
     untimed = 0 if compile_mode == "none" else 1
     B, P = prompt.shape
     max_seq = prog.max_seq

@@ -6,7 +6,8 @@ Every rank seeds torch, builds the model and compiles the same program
 (compilation is deterministic). At start-up the ranks all-gather a fingerprint
 of their program and weights and stop, naming the ranks, when they differ.
 Each rank then runs its rank module on the model's example inputs (warm-up,
-then timed steps; under torch.compile with --compile, compiled in the first warm-up step; with pp > 1 stages its stage module, as a PipelineStage under
+then timed steps; under torch.compile with --compile, compiled in the first
+warm-up step; with pp > 1 stages its stage module, as a PipelineStage under
 ScheduleGPipe over the plan's M micro-batches, stages.pipeline_schedule; only the
 last stage's ranks hold the model's output and compare it), compares its output with the unsharded model's, computed
 on the same rank in the same dtype, as a relative error; the largest error and

@@ -437,7 +437,8 @@ def _overlapped_rows(cfg, devices, by_kind, summaries, cluster) -> list[dict]:
         if best is None:
             continue
         rows.append({
-            "plan": _plan_name(dp, 1, kind.m, kind.n, kind.variant, best["k"]), "family": "helix", "dp": dp, "pp": 1, "m": kind.m, "n": kind.n,
+            "plan": _plan_name(dp, 1, kind.m, kind.n, kind.variant, best["k"]),
+            "family": "helix", "dp": dp, "pp": 1, "m": kind.m, "n": kind.n,
             "variant": kind.variant, "rank_kind": kind.name, **best,
             "latency_one_sequence_ms": None,
             "tpot_overhead_us_per_token": best["exposed_comm_ms"] * 1e3 / (B * S),
@@ -475,6 +476,7 @@ def assemble(raw: dict, cluster, profile, cfg: PaperConfig) -> dict:
     useful = _useful_flops_per_sequence(cfg)
     roofline = devices * peak * 1e12 / (useful / cfg.seq)
     burst = raw.get("matmul_tflops_burst")
+    burst_roofline = devices * burst * 1e12 / (useful / cfg.seq) if burst else None
     thr = max(rows, key=lambda r: r["tokens_per_s"])
     lat_rows = [r for r in rows if r["latency_one_sequence_ms"] is not None]
     lat = min(lat_rows, key=lambda r: r["latency_one_sequence_ms"]) if lat_rows else None
@@ -487,7 +489,7 @@ def assemble(raw: dict, cluster, profile, cfg: PaperConfig) -> dict:
         "roofline_tokens_per_s": roofline, "fraction_of_roofline": thr["tokens_per_s"] / roofline,
         "matmul_tflops_burst": burst,
         "fraction_of_burst_roofline": None if not burst else
-        thr["tokens_per_s"] / (devices * burst * 1e12 / (useful / cfg.seq)),
+        thr["tokens_per_s"] / burst_roofline,
         "vs_best_tp_x_pp": None if best_tpxpp is None else
         thr["tokens_per_s"] / best_tpxpp["tokens_per_s"],
         "best_tp_x_pp": None if best_tpxpp is None else best_tpxpp["plan"],
@@ -499,8 +501,7 @@ def assemble(raw: dict, cluster, profile, cfg: PaperConfig) -> dict:
     if chosen.get("measured"):
         chosen["fraction_of_roofline"] = chosen["measured"] / roofline
         if burst:
-            chosen["fraction_of_burst_roofline"] = (
-                chosen["measured"] / (devices * burst * 1e12 / (useful / cfg.seq)))
+            chosen["fraction_of_burst_roofline"] = chosen["measured"] / burst_roofline
     if lat is not None:
         tp_lat = [r for r in tpxpp if r["latency_one_sequence_ms"] is not None]
         ref = min(tp_lat, key=lambda r: r["latency_one_sequence_ms"]) if tp_lat else None
