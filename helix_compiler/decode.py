@@ -37,6 +37,7 @@ import torch
 
 from passes.decode_core import split_kv_cores
 from passes.explicit_cache_cores import explicit_cache_cores
+from passes.fuse_linears import fuse_linears
 from passes.gqa_fold import fold_gqa
 from passes.mesh_mlp import mlp_attrs, mlp_over_mesh
 from passes.seq_split import cache_writes, chunk_bounds, split_sequence
@@ -74,6 +75,9 @@ class DecodeProgram:
     # s > 1: whether each core reads its cache chunk un-repeated (passes/gqa_fold.FoldSite),
     # one line per core of the prefill and the step; the same on every rank
     fold_notes: tuple[str, ...] = ()
+    # projections of one input run as one (passes/fuse_linears.FusedLinears), one line per
+    # group of the step; the same on every rank
+    fuse_notes: tuple[str, ...] = ()
 
     @property
     def devices(self) -> int:
@@ -110,12 +114,13 @@ class DecodeProgram:
         gm = self.modules[rank][1]
         shards = self.step_program.rank_shards(rank // self.mesh.s)
         model = self.step_program.analysis.captured.params
+        members = gm.meta.get("fused_linears", {})      # a fused weight: its members' sources
         total = 0
         for attr, t in gm.named_buffers():
-            src = shards.get(attr, (None,))[0]
-            if src not in model or src in self.caches[rank]:
+            srcs = [shards.get(a, (None,))[0] for a in members.get(attr, (attr,))]
+            if any(src not in model or src in self.caches[rank] for src in srcs):
                 continue
-            if names is None or any(x in src for x in names):
+            if names is None or any(x in src for x in names for src in srcs):
                 total += t.numel() * t.element_size()
         return total
 
@@ -279,7 +284,7 @@ def check_partitioned(prog: HelixProgram, what: str) -> None:
 def compile_decoder(model: torch.nn.Module, devices: int, split: tuple[int, ...] | None = None, *,
                     variant: str | None = None, prompt_len: int = 4,
                     rank: int | None = None, fuse_chunk_core: bool = True,
-                    split_kv_core: bool = False) -> DecodeProgram:
+                    split_kv_core: bool = False, fuse_projections: bool = True) -> DecodeProgram:
     """Prefill and decode-step programs of `model` (a CacheDecoder: `prefill(tokens, valid)`,
     `decode_step(token, cache_position, valid)`, cache buffers (B, H_kv, S_max, d)) for `devices`
     ranks, forced to `split` = (m, n) or (s, m, n) (s chunks of the cache's positions, each
@@ -297,7 +302,11 @@ def compile_decoder(model: torch.nn.Module, devices: int, split: tuple[int, ...]
     position runs as helix.chunk_attention over the whole cache (passes/decode_core.py;
     `core_notes` says which each core runs). Off by default: on an H200 its split-KV Triton
     kernel took 30 us a layer where cuDNN's SDPA took 22 (TP=8 rank, one sequence, 32k) and
-    more at 128k (docs/BENCHMARKS.md, "The split-KV core at s = 1")."""
+    more at 128k (docs/BENCHMARKS.md, "The split-KV core at s = 1").
+    `fuse_projections` (on by default): each group of projections that read one input (q, k,
+    v; gate, up) runs as one GEMM over their weights side by side (passes/fuse_linears.py),
+    in both modules, which share the fused weights where they shared the parts; `fuse_notes`
+    lists the groups of the step."""
     s = 1
     if split is None:
         row, _, _ = plan_split(model, devices, prompt_len, model.cfg.max_seq, dp=1)
@@ -327,7 +336,18 @@ def compile_decoder(model: torch.nn.Module, devices: int, split: tuple[int, ...]
     pre = helix_compile(Prefill(model), devices=devices // s, plan=(step.plan.m, step.plan.n),
                         variant=variant, example_inputs=(tokens, valid), dynamic=False)
     check_partitioned(pre, "prefill")
-    modules, caches, notes, folds, core_notes = [], [], (), (), ()
+    modules, caches, notes, folds, core_notes, fuse_notes = [], [], (), (), (), ()
+    fused: dict = {}                                # member tensors' ids -> fused weight
+
+    def fuse(pair):
+        nonlocal fuse_notes
+        if not fuse_projections:
+            return pair
+        (p_m, _), (s_m, sites) = (fuse_linears(pair[0], (tokens, valid), fused),
+                                  fuse_linears(pair[1], step_args, fused))
+        fuse_notes = fuse_notes or tuple(str(site) for site in sites)
+        return p_m, s_m
+
     for r in range(step.mesh.size):
         if rank is not None and rank // s != r:     # not this process's (i, j)
             modules += [None] * s
@@ -349,14 +369,15 @@ def compile_decoder(model: torch.nn.Module, devices: int, split: tuple[int, ...]
         if not pairs:
             raise HelixError("compile_decoder: the decode step writes no cache buffer (no index_copy_ "
                              "into a buffer); this is not a static-KV-cache decoder")
+        share_weights(p_gm, s_gm, p_sh, s_sh, skip=set(s_w))
         if s == 1:
             for p_attr, attr in pairs.values():
                 s_gm.register_buffer(attr, getattr(p_gm, p_attr))   # the step's slice is the prefill's
             if split_kv_core:     # one query position per core: the keys split over the SMs
                 s_gm, sites = split_kv_cores(s_gm, step_args)
                 core_notes = core_notes or tuple(f"step {site}" for site in sites)
-            modules.append((p_gm, s_gm))
             caches.append({src: getattr(p_gm, pa) for src, (pa, _) in pairs.items()})
+            modules.append(fuse((p_gm, s_gm)))
             continue
         m_, n_ = step.plan.m, step.plan.n
         mesh = Mesh(n=n_, m=m_, s=s)
@@ -381,13 +402,40 @@ def compile_decoder(model: torch.nn.Module, devices: int, split: tuple[int, ...]
             notes = notes or combine_notes(p_k, s_k)
             folds = folds or tuple(f"{what} {site}" for what, sites in (("prefill", p_fold), ("step", s_fold))
                                    for site in sites)
-            modules.append((mlp_over_mesh(p_k, mlp_attrs(pre.analysis.mlps, p_sh), k, s, m_, n_),
-                            mlp_over_mesh(s_k, mlp_attrs(step.analysis.mlps, s_sh), k, s, m_, n_)))
+            sliced: dict = {}                       # the MLP slices, shared by both modules
+            modules.append(fuse((mlp_over_mesh(p_k, mlp_attrs(pre.analysis.mlps, p_sh), k, s, m_, n_,
+                                               sliced),
+                                 mlp_over_mesh(s_k, mlp_attrs(step.analysis.mlps, s_sh), k, s, m_, n_,
+                                               sliced))))
             caches.append(chunk)
     return DecodeProgram(prefill_program=pre, step_program=step,
                          mesh=Mesh(n=step.plan.n, m=step.plan.m, s=s), modules=tuple(modules),
                          caches=tuple(caches), max_seq=S, combine_notes=notes,
-                         fold_notes=folds, core_notes=core_notes)
+                         fold_notes=folds, core_notes=core_notes, fuse_notes=fuse_notes)
+
+
+def share_weights(prefill: torch.fx.GraphModule, step: torch.fx.GraphModule, p_sh: dict, s_sh: dict,
+                  skip: set) -> int:
+    """Each tensor of `step` (attributes in `skip` left out: its cache writes) that holds the
+    same slice of the same model tensor as one of `prefill`'s becomes that tensor, so that a
+    rank holds its weights once, not once per program. Returns how many were shared."""
+    by_source: dict = {}
+    for attr, (source, sels, perm) in p_sh.items():
+        by_source.setdefault(source, []).append((attr, sels, perm))
+    shared = 0
+    for attr, (source, sels, perm) in s_sh.items():
+        if attr in skip:
+            continue
+        for p_attr, p_sels, p_perm in by_source.get(source, ()):
+            mine, theirs = getattr(step, attr, None), getattr(prefill, p_attr, None)
+            if (isinstance(mine, torch.Tensor) and isinstance(theirs, torch.Tensor)
+                    and mine is not theirs and perm == p_perm and _same_sels(sels, p_sels)
+                    and mine.shape == theirs.shape and mine.dtype == theirs.dtype):
+                owner, _, leaf = attr.rpartition(".")
+                (step.get_submodule(owner) if owner else step).register_buffer(leaf, theirs)
+                shared += 1
+                break
+    return shared
 
 
 def combine_notes(prefill: torch.fx.GraphModule, step: torch.fx.GraphModule) -> tuple[str, ...]:

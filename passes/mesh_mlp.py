@@ -51,10 +51,13 @@ def _linear_of(gm: fx.GraphModule, attr: str, what: str) -> fx.Node:
     return users[0]
 
 
-def _narrow(gm: fx.GraphModule, node, dim: int, lo: int, hi: int) -> None:
+def _narrow(gm: fx.GraphModule, node, dim: int, lo: int, hi: int, memo: dict) -> None:
     if isinstance(node, fx.Node) and node.op == "get_attr":
         t = getattr(gm, str(node.target))
-        setattr(gm, str(node.target), t.narrow(dim, lo, hi - lo).clone())   # only the slice is held
+        key = (id(t), dim, lo, hi)
+        if key not in memo:      # (t, its slice): t kept alive so that its id stays its own
+            memo[key] = (t, t.narrow(dim, lo, hi - lo).clone())   # only the slice is held
+        setattr(gm, str(node.target), memo[key][1])
 
 
 def mlp_attrs(mlps, shards: dict) -> list[tuple[str, tuple[str, ...], str]]:
@@ -74,10 +77,13 @@ def mlp_attrs(mlps, shards: dict) -> list[tuple[str, tuple[str, ...], str]]:
     return out
 
 
-def mlp_over_mesh(gm: fx.GraphModule, mlps, k: int, s: int, m: int, n: int) -> fx.GraphModule:
+def mlp_over_mesh(gm: fx.GraphModule, mlps, k: int, s: int, m: int, n: int,
+                  memo: dict | None = None) -> fx.GraphModule:
     """Rank (i, j, k)'s `gm` (changed in place and returned) with each MLP of `mlps` (from
-    `mlp_attrs`) sharded over all s m n ranks."""
+    `mlp_attrs`) sharded over all s m n ranks. `memo` (a dict shared by calls): modules that
+    shared a weight share its slice too (compile_decoder's prefill and step)."""
     graph = gm.graph
+    memo = {} if memo is None else memo
     for label, up_attrs, down_attr in mlps:
         ups = [_linear_of(gm, w, f"{label} up") for w in up_attrs]
         down = _linear_of(gm, down_attr, f"{label} down")
@@ -100,10 +106,10 @@ def mlp_over_mesh(gm: fx.GraphModule, mlps, k: int, s: int, m: int, n: int) -> f
                              f"replicated on the m={m} x n={n} ranks; use s=1")
         lo, hi = chunk_bounds(f_local, s)[k]
         for up in ups:
-            _narrow(gm, up.args[1], 0, lo, hi)
+            _narrow(gm, up.args[1], 0, lo, hi, memo)
             if len(up.args) > 2:
-                _narrow(gm, up.args[2], 0, lo, hi)
-        _narrow(gm, down.args[1], 1, lo, hi)
+                _narrow(gm, up.args[2], 0, lo, hi, memo)
+        _narrow(gm, down.args[1], 1, lo, hi, memo)
         bias = down.args[2] if len(down.args) > 2 else None
         if bias is not None:
             down.args = (down.args[0], down.args[1], None)
