@@ -1,9 +1,11 @@
 """The chosen decode plan against TP=64 with each side at its faster compile mode per row, from
-saved gpu_decode_compiled.py results (no GPU): the table of docs/BENCHMARKS.md, "Every row
-under max-autotune, each side at its best mode".
+saved gpu_decode_compiled.py results (no GPU): the tables of docs/BENCHMARKS.md, "q/k/v and
+gate/up as one GEMM" (the steps compile_decoder builds now, projections fused) and "Every row
+under max-autotune, each side at its best mode" (`--unfused`: the seventh session's files,
+built before passes/fuse_linears.py).
 
     python benchmarks/decode_best_modes.py                      # the saved H200 files
-    python benchmarks/decode_best_modes.py --json out.json
+    python benchmarks/decode_best_modes.py --unfused --json out.json
 
 Each file's rows give, per (context, rank batch), the step's TPOT as built and under
 torch.compile (`inductor_tpot_ms`, in the file's `inductor_mode`: None is inductor's default
@@ -20,10 +22,17 @@ import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-CHOSEN = ("decode_compiled_h200_tp8_k26.json", "decode_compiled_h200_tp8_autotune_32k.json",
-          "decode_compiled_h200_tp8_autotune_rest.json")
-TP = ("decode_compiled_h200_tp64_k26.json", "decode_compiled_h200_tp64_autotune_32k.json",
-      "decode_compiled_h200_tp64_autotune_64k.json", "decode_compiled_h200_tp64_autotune_rest.json")
+# the steps with q/k/v and gate/up fused (compile_decoder's default since the eighth session)
+CHOSEN = ("decode_compiled_h200_tp8_32k2_fused.json", "decode_compiled_h200_tp8_fused_rest.json",
+          "decode_compiled_h200_tp8_fused_autotune.json")
+TP = ("decode_compiled_h200_tp64_32k16_fused.json", "decode_compiled_h200_tp64_fused_rest.json",
+      "decode_compiled_h200_tp64_fused_autotune.json")
+# the same rows built before the fusion (sixth and seventh sessions)
+CHOSEN_UNFUSED = ("decode_compiled_h200_tp8_k26.json", "decode_compiled_h200_tp8_autotune_32k.json",
+                  "decode_compiled_h200_tp8_autotune_rest.json")
+TP_UNFUSED = ("decode_compiled_h200_tp64_k26.json", "decode_compiled_h200_tp64_autotune_32k.json",
+              "decode_compiled_h200_tp64_autotune_64k.json",
+              "decode_compiled_h200_tp64_autotune_rest.json")
 REPLICAS = 8          # the chosen plan's data-parallel replicas: a TP=8 rank serves B / 8
 
 
@@ -43,8 +52,9 @@ def tpots(files, folder: Path = RESULTS) -> dict:
     return out
 
 
-def table(folder: Path = RESULTS) -> list[dict]:
-    chosen, tp = tpots(CHOSEN, folder), tpots(TP, folder)
+def table(folder: Path = RESULTS, unfused: bool = False) -> list[dict]:
+    chosen = tpots(CHOSEN_UNFUSED if unfused else CHOSEN, folder)
+    tp = tpots(TP_UNFUSED if unfused else TP, folder)
     rows = []
     for (context, batch), modes in sorted(tp.items()):
         mine = chosen.get((context, batch // REPLICAS))
@@ -62,8 +72,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--results", type=Path, default=RESULTS, help="folder of the result files")
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    p.add_argument("--unfused", action="store_true",
+                   help="the runs built before passes/fuse_linears.py (q/k/v, gate/up apart)")
     args = p.parse_args(argv)
-    rows = table(args.results)
+    rows = table(args.results, args.unfused)
     for r in rows:
         print(f"{r['context'] // 1024:>4}k x {r['concurrency']:>2}: chosen "
               f"{r['chosen_tpot_ms']:6.2f} ms ({r['chosen_mode']}), "

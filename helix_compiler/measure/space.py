@@ -236,7 +236,8 @@ def run_measurements(args, cfg, cluster, timer: Timer, rec: RawRecord) -> None:
                 b_used, t, fn = run_timed(make_fn, b, timer)
                 del fn
                 entry = {"ms_per_micro_batch": t["median_ms"], "min_ms": t["min_ms"],
-                         "max_ms": t["max_ms"], "peak_gib": t.get("peak_gib"), "run": "eager"}
+                         "max_ms": t["max_ms"], "peak_gib": t.get("peak_gib"),
+                         "run": "eager" if kind.impl == "helix" else "compiled"}   # baselines: _runner
                 if make_compiled is not None:
                     # helix at its best settings too: the same rank under torch.compile (as
                     # `helix run --compile` runs it), the faster of the two taken
@@ -343,7 +344,8 @@ def _plan_rows(cfg, devices, ranks, summaries, cluster, profile, gpu=None) -> li
                     "bubble_ms": (pp - 1) * stage, "step_ms": step,
                     "tokens_per_s": B * S / (step * 1e-3),
                     # how the rank ran: as built, or under torch.compile (--helix-compile)
-                    "run": t.get("run", "compiled" if family == "baseline" else "eager")}
+                    # (a baseline's rank is always compiled: raw files of 2026-12-03 say "eager")
+                    "run": "compiled" if family == "baseline" else t.get("run", "eager")}
             if best is None or cand["step_ms"] < best["step_ms"]:
                 best = cand
         if best is None:
