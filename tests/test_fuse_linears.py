@@ -18,6 +18,7 @@ from helix_compiler.program import run_ranks
 from passes.fuse_linears import fuse_linears
 
 from tests.helpers import assert_decode_equal, assert_ranks_equal
+from tests.test_decode import _prompt
 
 
 class Block(nn.Module):
@@ -94,11 +95,7 @@ def test_fuse_linears_leaves_the_module_it_was_given_as_it_was():
 def test_compile_decoder_fuses_qkv_and_gate_up_shares_them_and_equals_the_model():
     cfg = DecoderConfig(kv_heads=2)
     model, ref = build(cfg), build(cfg)
-    g = torch.Generator().manual_seed(1)
-    tokens = torch.randint(0, cfg.vocab, (cfg.batch, 5), generator=g)
-    valid = torch.ones(cfg.batch, cfg.max_seq, dtype=torch.long)
-    valid[1, :2] = 0
-    valid[2, :5] = 0                      # a fully padded prompt
+    tokens, valid = _prompt(cfg)          # 5 tokens, a left-padded row and a fully padded one
     for split in ((1, 4), (2, 1, 2)):
         ref.reset_cache()                 # the last split's steps wrote positions 5 and 6
         prog = compile_decoder(model, 4, split, prompt_len=5)
