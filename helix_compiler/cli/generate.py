@@ -338,7 +338,8 @@ def _run(args, rank: int, world: int, local_rank: int) -> dict:
                "disagreeing_ranks": [r for r, t in enumerate(everyone) if t != lead[r]],
                "ms_per_token": slowest[0].item(), "prefill_ms": slowest[1].item(),
                "compile": args.compile, "timed_steps": timing["steps"],
-               "combine": list(prog.combine_notes), "gqa_fold": list(prog.fold_notes)}
+               "combine": list(prog.combine_notes), "gqa_fold": list(prog.fold_notes),
+               "fused_projections": list(prog.fuse_notes)}
     if rank == 0:
         want = (hf_generate if hf else greedy_generate)(model, prompt, valid_prompt,
                                                          args.new_tokens)
