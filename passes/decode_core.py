@@ -44,6 +44,7 @@ import torch.fx as fx
 from helix_compiler.runtime import chunk_core as _cc  # noqa: F401  (registers helix.chunk_attention)
 
 from .explicit_cache_cores import _reads_cache
+from .gqa_fold import REPEATS, Repeat
 from .graph_utils import aten, sdpa_args, shared_copy
 
 __all__ = ["DecodeCoreSite", "split_kv_cores"]
@@ -59,10 +60,13 @@ class DecodeCoreSite:
     node: str
     rewritten: bool
     why: str = ""
+    unrepeated: int = 1      # g > 1: K and V passed un-repeated, g query heads per kv head
 
     def __str__(self) -> str:
-        return (f"{self.node}: helix.chunk_attention (split-KV)" if self.rewritten
-                else f"{self.node}: kept as SDPA ({self.why})")
+        if not self.rewritten:
+            return f"{self.node}: kept as SDPA ({self.why})"
+        read = f", K and V read un-repeated (g={self.unrepeated})" if self.unrepeated > 1 else ""
+        return f"{self.node}: helix.chunk_attention (split-KV{read})"
 
 
 def _val(node):
@@ -91,6 +95,38 @@ def _refusal(a: dict) -> str | None:
     return None
 
 
+def _unrepeated(key: fx.Node, value: fx.Node) -> tuple[fx.Node, fx.Node, int]:
+    """(K, V, g): SDPA's key and value where they are not repeats of the cache in repeat_kv's
+    order (g = 1); else the caches they repeat and g, both repeated alike."""
+    found = []
+    for node in (key, value):
+        rule = REPEATS.get(node.target) if isinstance(node, fx.Node) and node.op == "call_function" \
+            else None
+        r = rule(node) if rule else None
+        found.append(r if isinstance(r, Repeat) else None)
+    (rk, rv) = found
+    if rk is None or rv is None or rk.g != rv.g or rk.g < 2:
+        return key, value, 1
+    return rk.source, rv.source, rk.g
+
+
+_REPEAT_STEPS = {aten.reshape.default, aten.view.default, aten._unsafe_view.default,
+                 aten.expand.default, aten.broadcast_to.default, aten.unsqueeze.default,
+                 aten.repeat_interleave.self_int}
+
+
+def _drop_unused(*nodes: fx.Node) -> None:
+    """Erase the repeats SDPA read, now unused, back to the cache they repeat."""
+    todo = list(nodes)
+    while todo:
+        n = todo.pop()
+        if isinstance(n, fx.Node) and n.op == "call_function" and n.target in _REPEAT_STEPS \
+                and not n.users:
+            src = n.args[0]
+            n.graph.erase_node(n)
+            todo.append(src)
+
+
 def split_kv_cores(gm: fx.GraphModule, example_args: tuple
                    ) -> tuple[fx.GraphModule, tuple[DecodeCoreSite, ...]]:
     """A copy of the decode-step module `gm` (sharing its parameters and buffers) whose
@@ -117,13 +153,18 @@ def split_kv_cores(gm: fx.GraphModule, example_args: tuple
                 with graph.inserting_after(bias):
                     biases[bias] = call(aten.where.Scalar, (bias, 0.0, float("-inf")))
             bias = biases[bias]
+        # HF's repeat_kv hands SDPA (B, H, C, d) views of the (B, H_kv, C, d) cache (stride 0
+        # over the g copies of a head): the kernel takes the cache itself, with the g query
+        # heads of a kv head in its rows, so it reads K and V once, not once per query head
+        key, value, g = _unrepeated(a["key"], a["value"])
         with graph.inserting_before(node):
-            pair = call(helix.chunk_attention.default,
-                        (a["query"], a["key"], a["value"], bias, float(scale)))
+            pair = call(helix.chunk_attention.default, (a["query"], key, value, bias, float(scale)))
             o = call(operator.getitem, (pair, 0))
         node.replace_all_uses_with(o)
         graph.erase_node(node)
-        sites.append(DecodeCoreSite(node.name, True))
+        if g > 1:
+            _drop_unused(a["key"], a["value"])
+        sites.append(DecodeCoreSite(node.name, True, unrepeated=g))
     graph.lint()
     out.recompile()
     return out, tuple(sites)

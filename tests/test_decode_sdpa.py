@@ -153,14 +153,22 @@ def test_s1_decode_step_runs_its_cache_cores_split_kv_and_equals_unsharded():
     model, ref = hf_llama_decoder("sdpa", 2, 3, 16), hf_llama_decoder("sdpa", 2, 3, 16)
     tokens, valid = padded_prompt(3, 16, 6)
     prog = compile_decoder(model, 2, (1, 1, 2), prompt_len=6, split_kv_core=True)
+    # a rank's 2 query heads over its 1 kv head: the kernel takes the cache, not repeat_kv's view
     assert prog.core_notes == tuple(
-        f"step {n}: helix.chunk_attention (split-KV)" for n in
+        f"step {n}: helix.chunk_attention (split-KV, K and V read un-repeated (g=2))" for n in
         ("scaled_dot_product_attention_default", "scaled_dot_product_attention_default_1"))
     for r in range(2):
         p_gm, s_gm = prog.modules[r]
         assert sum(n.target is SDPA for n in p_gm.graph.nodes) == 2, r
         assert sum(n.target is SDPA for n in s_gm.graph.nodes) == 0, r
-        assert sum(n.target is CHUNK for n in s_gm.graph.nodes) == 2, r
+        cores = [n for n in s_gm.graph.nodes if n.target is CHUNK]
+        assert len(cores) == 2, r
+        for core in cores:       # q (B, 2, 1, d) over K and V (B, 1, C, d): the cache writes
+            q, k, v = (tuple(x.meta["val"].shape) for x in core.args[:3])
+            assert q[1] == 2 and k[1] == v[1] == 1 and k[2] == 16, (q, k, v)
+            assert all(x.target is torch.ops.aten.index_copy_.default for x in core.args[1:3]), core.args
+        assert not any(n.target is torch.ops.aten.expand.default and n.meta["val"].dim() == 5
+                       for n in s_gm.graph.nodes), r                       # the repeats dropped
         # one bias for both layers' cores, made from the step's one mask
         assert sum(n.target is torch.ops.aten.where.Scalar for n in s_gm.graph.nodes) == 1, r
     assert_decode_equal(prog, ref, tokens, valid, range(6, 10), devices=2, label="s=1 split-KV")
