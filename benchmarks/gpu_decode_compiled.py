@@ -204,14 +204,15 @@ def fill_rank(prog, rank: int, seed: int = 0) -> dict:
     return counts
 
 
-def rank_step(model, devices: int, plan: PlanSpec, C: int, dev, fuse: bool = True) -> tuple:
+def rank_step(model, devices: int, plan: PlanSpec, C: int, dev, fuse: bool = True,
+              split_kv: bool = False) -> tuple:
     """compile_decoder's program for `plan`, built for the rank owning position C - 1 only, its
     modules on `dev` and filled: (prog, rank, step module, step args, seconds to build).
-    `fuse`: compile_decoder's fuse_projections."""
+    `fuse`, `split_kv`: compile_decoder's fuse_projections and split_kv_core (s = 1 only)."""
     t0 = time.perf_counter()
     rank, pos = owner(C, plan.s)
     prog = compile_decoder(model, devices, (plan.s, plan.m, plan.n), variant=plan.variant,
-                           rank=rank, fuse_projections=fuse)
+                           rank=rank, fuse_projections=fuse, split_kv_core=split_kv and plan.s == 1)
     pair_on_device(prog, rank, dev)
     fill_rank(prog, rank)
     B = model.cfg.batch
@@ -300,7 +301,7 @@ def step_facts(prog, rank: int, step) -> dict:
         colls[key] = colls.get(key, 0) + 1
     linears = sum(1 for n in step.graph.nodes if n.target is torch.ops.aten.linear.default)
     return {"collectives": colls, "fused_chunk_cores": fused, "linears": linears,
-            "fused_projection_groups": len(prog.fuse_notes),
+            "fused_projection_groups": len(prog.fuse_notes), "core_notes": list(prog.core_notes),
             "cache_slice_shapes": sorted({tuple(t.shape) for t in prog.caches[rank].values()}),
             "cache_bytes": prog.cache_bytes(rank)}
 
@@ -341,6 +342,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-fuse", action="store_true",
                    help="build the steps with compile_decoder(fuse_projections=False): q/k/v and "
                         "gate/up as separate GEMMs")
+    p.add_argument("--split-kv-core", action="store_true",
+                   help="s = 1 rows: compile_decoder(split_kv_core=True), each step core over the "
+                        "cache as helix.chunk_attention (the split-KV Triton kernel)")
     p.add_argument("--no-mirror", action="store_true",
                    help="skip gpu_decode.measure_row's mirror of each row")
     args = p.parse_args(argv)
@@ -375,7 +379,7 @@ def main(argv=None) -> int:
               "cluster": dataclasses.asdict(cluster), "profile": DEFAULT_PROFILE.name,
               "ks": [k1, k2], "iters": iters, "warmup": warmup,
               "inductor_mode": args.inductor_mode if args.inductor else None,
-              "fuse_projections": not args.no_fuse,
+              "fuse_projections": not args.no_fuse, "split_kv_core": args.split_kv_core,
               "per_layer": "(T(k2) - T(k1)) / (k2 - k1); compute = T(k1) + (L - k1) x per layer",
               "results": []}
     for C, B in configs:
@@ -388,7 +392,8 @@ def main(argv=None) -> int:
                 t1 = time.perf_counter()
                 try:
                     prog, rank, step, step_args, build_s = rank_step(model, devices, plan, C, dev,
-                                                                     fuse=not args.no_fuse)
+                                                                     fuse=not args.no_fuse,
+                                                                     split_kv=args.split_kv_core)
                     got = time_step(prog, step, step_args, dev, iters, warmup)
                     got.update(step_facts(prog, rank, step), rank=rank, position=C - 1,
                                build_s=round(build_s, 1))
