@@ -11,8 +11,8 @@ layers fused (QKVParallelLinear, MergedColumnParallelLinear); this pass does it 
 rank graph, whatever the model calls its projections.
 
 Rewritten, for k >= 2 nodes aten.linear(x, W_i[, b_i]) with the same input node x, each W_i a
-2-D tensor attribute read by that linear alone (same dtype and device; biases all absent or
-all 1-D attributes):
+2-D tensor attribute read by that linear alone (one get_attr node, one user: a tied weight is
+left as it is; same dtype and device; biases all absent or all 1-D attributes):
 
     W   = cat([W_1, ..., W_k], 0)                 (one new attribute; the W_i are dropped)
     y   = aten.linear(x, W[, cat(b)])             (where the first of them was)
@@ -105,11 +105,15 @@ def _views_fit(node: fx.Node, total: int, start: int) -> str:
 
 
 def _groups(gm: fx.GraphModule) -> dict:
+    reads = defaultdict(int)            # attribute -> get_attr nodes (a tied weight: several)
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            reads[str(node.target)] += 1
     by_input = defaultdict(list)
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target is LINEAR and isinstance(node.args[0], fx.Node):
             m = _member(node)
-            if m is not None:
+            if m is not None and all(reads[str(n.target)] == 1 for n in (m[0], m[2]) if n is not None):
                 by_input[node.args[0]].append((node, *m))
     return {x: ms for x, ms in by_input.items() if len(ms) >= 2}
 

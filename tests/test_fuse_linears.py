@@ -81,6 +81,25 @@ def test_every_rank_with_fused_projections_equals_the_model():
             assert s.attr in names and not any(m in names for m in s.members), s
 
 
+def test_a_weight_read_twice_is_left_as_it_is():
+    """A weight some other node reads too (tied) is not fused away from it."""
+    model = Block().eval()
+    args = _inputs()
+    prog = helix_compile(model, devices=2, example_inputs=args, plan=(1, 2), dynamic=False)
+    gm = prog.rank_module(0)
+    up = next(n for n in gm.graph.nodes if n.op == "get_attr" and "up" in str(n.target))
+    with gm.graph.inserting_before(up):            # a second reader of up's weight
+        again = gm.graph.get_attr(up.target)
+        gm.graph.call_function(torch.ops.aten.sum.default, (again,))
+    gm.recompile()
+    out, sites = fuse_linears(gm, args)
+    assert all("up" not in m for s in sites if s.attr for m in s.members), sites
+    assert hasattr(out, str(up.target))
+    with torch.no_grad():
+        assert_ranks_equal(run_ranks([out, fuse_linears(prog.rank_module(1), args)[0]], prog.mesh,
+                                     args, {}), model(*args), devices=2, label="tied")
+
+
 def test_fuse_linears_leaves_the_module_it_was_given_as_it_was():
     model = Block().eval()
     args = _inputs()
