@@ -127,4 +127,7 @@ def test_compile_decoder_fuses_qkv_and_gate_up_shares_them_and_equals_the_model(
         assert_decode_equal(prog, ref, tokens, valid, [5, 6], devices=4, label=f"split {split}")
         plain = compile_decoder(model, 4, split, prompt_len=5, fuse_projections=False)
         assert plain.fuse_notes == ()
+        for pre, step in plain.modules:   # built apart, the two modules still share every weight
+            theirs = {id(t) for _, t in pre.named_buffers()}
+            assert all(id(t) in theirs for _, t in step.named_buffers())
         assert [prog.weight_bytes(r) for r in range(4)] == [plain.weight_bytes(r) for r in range(4)]
