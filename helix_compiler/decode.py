@@ -302,7 +302,8 @@ def compile_decoder(model: torch.nn.Module, devices: int, split: tuple[int, ...]
     position runs as helix.chunk_attention over the whole cache (passes/decode_core.py;
     `core_notes` says which each core runs). Off by default: on an H200 its split-KV Triton
     kernel took 30 us a layer where cuDNN's SDPA took 22 (TP=8 rank, one sequence, 32k) and
-    more at 128k (docs/BENCHMARKS.md, "The split-KV core at s = 1").
+    more at 128k (docs/BENCHMARKS.md, "The split-KV core at s = 1"), when it was handed
+    repeat_kv's views; it now reads the cache un-repeated, not yet timed so.
     `fuse_projections` (on by default): each group of projections that read one input (q, k,
     v; gate, up) runs as one GEMM over their weights side by side (passes/fuse_linears.py),
     in both modules, which share the fused weights where they shared the parts; `fuse_notes`
