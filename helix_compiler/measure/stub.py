@@ -25,10 +25,15 @@ class StubCollectives:
 
     def __init__(self, mesh: Mesh | None = None):
         self._gathered: dict = {}   # (shape, dtype, device) -> the in-place gather's buffer
+        self._sizes: dict = {}      # axes -> group size
         self.mesh = mesh
 
     def _group_size(self, axes: str) -> int:
-        return 16 if self.mesh is None else len(self.mesh.group(0, axes))
+        # looked up once per axes, as the real backend holds its groups (a timed rank pays the
+        # real path's host work, not the mesh's arithmetic on every call)
+        if axes not in self._sizes:
+            self._sizes[axes] = 16 if self.mesh is None else len(self.mesh.group(0, axes))
+        return self._sizes[axes]
 
     def all_reduce(self, x, axes, op):
         if collectives.no_copy_all_reduce(x, op, self._group_size(axes)):
