@@ -87,7 +87,8 @@ GROUPS_THEN_EXAMPLE = textwrap.dedent("""
 def test_helix_generate_gqa_head_dim_split_token_equal_over_16_tokens(spec, tmp_path, capsys):
     out = tmp_path / "summary.json"
     code = _main(["generate", str(spec), "--devices", "4", "--prompt-len", "8", "--new-tokens", "16",
-                  "--plan", "1,2,2", "--backend", "gloo", "--json", str(out)])
+                  "--plan", "1,2,2", "--backend", "gloo", "--json", str(out),
+                  "--no-fuse-projections"])   # the fused default: the torchrun script's test below
     printed = capsys.readouterr()
     assert code == 0, printed.err[-3000:]
     assert "split: s=1 x m=2 x n=2 score-reduce (given with --plan)" in printed.out
@@ -97,6 +98,26 @@ def test_helix_generate_gqa_head_dim_split_token_equal_over_16_tokens(spec, tmp_
     assert summary["equal"] and summary["ranks_agree"], summary
     assert summary["tokens"] == summary["reference"] and len(summary["tokens"][0]) == 16
     assert (summary["s"], summary["m"], summary["n"], summary["variant"]) == (1, 2, 2, "score-reduce")
+    assert summary["fused_projections"] == []
+
+
+def test_helix_generate_hands_the_compile_decoder_flags_to_every_rank(spec, monkeypatch):
+    from helix_compiler.cli import generate, main
+
+    seen = {}
+
+    def fake_torchrun(name, module, spec_, worker, devices, workdir, timeout):
+        seen["worker"] = worker
+        return 0
+    monkeypatch.setattr(main, "_torchrun", fake_torchrun)
+    argv = ["generate", str(spec), "--devices", "4", "--prompt-len", "4", "--new-tokens", "2",
+            "--plan", "1,1,4", "--backend", "gloo"]
+    assert _main(argv) == 0
+    plain = generate.build_parser().parse_args([str(spec), *seen["worker"]])
+    assert not plain.split_kv_core and not plain.no_fuse_projections
+    assert _main(argv + ["--split-kv-core", "--no-fuse-projections"]) == 0
+    got = generate.build_parser().parse_args([str(spec), *seen["worker"]])
+    assert got.split_kv_core and got.no_fuse_projections
 
 
 @pytest.mark.slow

@@ -309,7 +309,9 @@ def _run(args, rank: int, world: int, local_rank: int) -> dict:
     replica, local = divmod(rank, size)
     rows = model.cfg.batch // dp
     prog = compile_decoder(replica_model(model, dp, replica), size, split, variant=args.variant,
-                           prompt_len=args.prompt_len, rank=local)   # only this rank's modules
+                           prompt_len=args.prompt_len, rank=local,   # only this rank's modules
+                           split_kv_core=args.split_kv_core,
+                           fuse_projections=not args.no_fuse_projections)
     pair_on_device(prog, local, device)
     backend = DistributedBackend(prog.mesh, device.type, dp=dp)
     collectives.bind(backend)
@@ -339,7 +341,7 @@ def _run(args, rank: int, world: int, local_rank: int) -> dict:
                "ms_per_token": slowest[0].item(), "prefill_ms": slowest[1].item(),
                "compile": args.compile, "timed_steps": timing["steps"],
                "combine": list(prog.combine_notes), "gqa_fold": list(prog.fold_notes),
-               "fused_projections": list(prog.fuse_notes)}
+               "fused_projections": list(prog.fuse_notes), "cores": list(prog.core_notes)}
     if rank == 0:
         want = (hf_generate if hf else greedy_generate)(model, prompt, valid_prompt,
                                                          args.new_tokens)
@@ -393,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None)
     p.add_argument("--result-dir", default=None)
     p.add_argument("--compile", choices=tuple(COMPILE_MODES), default="none")
+    p.add_argument("--split-kv-core", action="store_true")
+    p.add_argument("--no-fuse-projections", action="store_true")
     return p
 
 

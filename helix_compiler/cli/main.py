@@ -456,6 +456,10 @@ def cmd_generate(args) -> int:
         worker += ["--weights", str(Path(args.weights).resolve())]
     if args.compile != "none":
         worker += ["--compile", args.compile]
+    if args.split_kv_core:
+        worker += ["--split-kv-core"]
+    if args.no_fuse_projections:
+        worker += ["--no-fuse-projections"]
     return _torchrun("generate", "helix_compiler.cli.generate", spec, worker, args.devices,
                      workdir, args.timeout)
 
@@ -643,6 +647,14 @@ def build_parser() -> argparse.ArgumentParser:
                           "max-autotune also chooses each matmul's kernel by timing (no CUDA "
                           "graphs of inductor's: they would capture the collectives). The first "
                           "step compiles and is not timed (default none)")
+    gen.add_argument("--split-kv-core", action="store_true",
+                     help="s = 1: run each decode step's attention over the cache as helix's "
+                          "split-KV kernel (flash-decoding's split of the keys over the SMs, the "
+                          "cache read un-repeated) instead of SDPA; opt-in until timed "
+                          "(docs/decode.md)")
+    gen.add_argument("--no-fuse-projections", action="store_true",
+                     help="run q/k/v and gate/up as separate GEMMs (default: each group of "
+                          "projections of one input as one GEMM, passes/fuse_linears.py)")
     gen.set_defaults(func=cmd_generate)
 
     for name, text in FORWARDED.items():  # listed in --help; parsed by their own modules
