@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# What the eighth session built and could not time (docs/BENCHMARKS.md, "Not yet timed"), in
+# one device call of about 6 minutes on an H200:
+#   1. the s = 1 split-KV core reading the cache un-repeated, on the chosen plan's TP=8 rank
+#   2. the cache split where it is the planner's choice (one sequence of 1M), both sides fused
+#      and under torch.compile
+#   3. the latency choice (helix m=1 x n=16) and the compiled Megatron TP=16 in one suite call
+# Usage (repository root, on the GPU machine):  OUT=dir bash benchmarks/gpu_next.sh [1|2|3 ...]
+set -u
+export PYTHONUNBUFFERED=1 PYTHONPATH=.
+OUT=${OUT:-/tmp/helix-next}
+PY=${PY:-python3}
+mkdir -p "$OUT"
+STEPS=${*:-1 2 3}
+D=benchmarks/gpu_decode_compiled.py
+F="--ks 2,6 --iters 100 --warmup 20 --inductor --no-mirror"
+t0=$(date +%s)
+for step in $STEPS; do
+  case $step in
+    1) "$PY" $D --devices 8 --plans 1,1,8 --configs 32768:1,32768:2,131072:1,131072:2 $F \
+         --split-kv-core --profile --out "$OUT/decode_compiled_h200_tp8_splitkv_unrepeated.json" ;;
+    2) "$PY" $D --devices 64 --plans "8,1,8;1,1,64" --configs 1048576:1 $F \
+         --out "$OUT/decode_compiled_h200_1m_fused.json" ;;
+    3) "$PY" -m helix_compiler.cli bench --model space --only "helix m=1 x n=16" "megatron TP=16" \
+         --soak-s 1 --profile helix_compiler/planning/profiles/h200.yaml \
+         --raw-out "$OUT/space_latency_pair.raw.json" --out "$OUT/space_latency_pair.json" \
+         --deadline-s 200 ;;
+    *) echo "gpu_next.sh: unknown step $step (1, 2 or 3)" >&2; exit 2 ;;
+  esac 2>&1 | grep -v -i warning | tail -40
+  echo "step $step done at $(( $(date +%s) - t0 )) s"
+done
