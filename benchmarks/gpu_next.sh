@@ -14,6 +14,9 @@ mkdir -p "$OUT"
 STEPS=${*:-1 2 3}
 D=benchmarks/gpu_decode_compiled.py
 F="--ks 2,6 --iters 100 --warmup 20 --inductor --no-mirror"
+for step in $STEPS; do
+  case $step in 1|2|3) ;; *) echo "gpu_next.sh: unknown step $step (1, 2 or 3)" >&2; exit 2 ;; esac
+done
 t0=$(date +%s)
 for step in $STEPS; do
   case $step in
@@ -25,7 +28,6 @@ for step in $STEPS; do
          --soak-s 1 --profile helix_compiler/planning/profiles/h200.yaml \
          --raw-out "$OUT/space_latency_pair.raw.json" --out "$OUT/space_latency_pair.json" \
          --deadline-s 200 ;;
-    *) echo "gpu_next.sh: unknown step $step (1, 2 or 3)" >&2; exit 2 ;;
   esac 2>&1 | grep -v -i warning | tail -40
   echo "step $step done at $(( $(date +%s) - t0 )) s"
 done
