@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from .graph_utils import aten, attr_value, fake_shapes, shared_copy, val
+from .graph_utils import aten, attr_value, shared_copy, val
 
 __all__ = ["FusedLinears", "fuse_linears"]
 
@@ -118,6 +118,20 @@ def _groups(gm: fx.GraphModule) -> dict:
     return {x: ms for x, ms in by_input.items() if len(ms) >= 2}
 
 
+def _copy(gm: fx.GraphModule, args: tuple) -> fx.GraphModule:
+    """A GraphModule over a copy of gm's graph and gm's own attributes, its nodes' meta (their
+    example values) copied with them; shared_copy (which runs the graph on fake tensors) where a
+    projection's value is missing."""
+    if any(n.target is LINEAR and not isinstance(val(n), torch.Tensor) for n in gm.graph.nodes):
+        return shared_copy(gm, args)
+    g = fx.Graph()
+    g._codegen = gm.graph._codegen
+    g.output(g.graph_copy(gm.graph, {}))
+    out = fx.GraphModule(gm, g, class_name=type(gm).__name__)
+    out.meta.update(gm.meta)
+    return out
+
+
 def _compatible(members: list) -> str:
     w0 = members[0][2]
     for _, _, w, _, b in members:
@@ -137,7 +151,9 @@ def fuse_linears(gm: fx.GraphModule, args: tuple, fused: dict | None = None
     reused across calls (it holds the members, so that no id is reused while it lives).
     The result's meta["fused_linears"] maps each fused attribute to its members' names."""
     fused = {} if fused is None else fused
-    out = shared_copy(gm, args)
+    if not _groups(gm):
+        return gm, ()
+    out = _copy(gm, args)
     sites, drop = [], []
     names = dict(out.meta.get("fused_linears", {}))
     for x, members in _groups(out).items():
@@ -168,9 +184,12 @@ def fuse_linears(gm: fx.GraphModule, args: tuple, fused: dict | None = None
                 out.register_buffer(attr + "_bias", b)
                 lin_args += (out.graph.get_attr(attr + "_bias"),)
             y = out.graph.call_function(LINEAR, lin_args)
+            ref = val(first)                  # a fake tensor of the example run (_views_fit)
+            y.meta["val"] = ref.new_empty((*ref.shape[:-1], total))
             start = 0
             for (lin, *_), o in zip(members, outs):
                 piece = out.graph.call_function(aten.slice.Tensor, (y, -1, start, start + o))
+                piece.meta["val"] = y.meta["val"].narrow(-1, start, o)
                 lin.replace_all_uses_with(piece)
                 start += o
         for lin, w_node_old, _, b_node_old, _ in members:
@@ -193,5 +212,4 @@ def fuse_linears(gm: fx.GraphModule, args: tuple, fused: dict | None = None
     out.graph.lint()
     out.recompile()
     out.meta["fused_linears"] = names
-    fake_shapes(out, args)
     return out, tuple(sites)
