@@ -131,3 +131,27 @@ def test_compile_decoder_fuses_qkv_and_gate_up_shares_them_and_equals_the_model(
             theirs = {id(t) for _, t in pre.named_buffers()}
             assert all(id(t) in theirs for _, t in step.named_buffers())
         assert [prog.weight_bytes(r) for r in range(4)] == [plain.weight_bytes(r) for r in range(4)]
+
+
+def test_qwen2_with_projection_biases_generates_hf_tokens_fused():
+    """HF Qwen2 (q/k/v with biases) on its StaticCache: the biases are fused with their weights
+    and greedy generation equals HF's own generate, on a left-padded row."""
+    from transformers import Qwen2Config
+
+    from helix_compiler.models.hf_static import hf_generate, hf_static_decoder
+
+    cfg = Qwen2Config(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, head_dim=8,
+                      num_key_value_heads=2, intermediate_size=64, vocab_size=64,
+                      max_position_embeddings=64, attn_implementation="sdpa")
+    model = hf_static_decoder(cfg, 3, 16, seed=0)
+    prompt = torch.randint(0, 64, (3, 6), generator=torch.Generator().manual_seed(0))
+    valid = torch.ones(3, 6, dtype=torch.long)
+    valid[1, :3] = 0
+    want = hf_generate(model, prompt, valid, 6)
+    prog = compile_decoder(model, 2, (1, 1, 2), prompt_len=6)
+    assert len(prog.fuse_notes) == 4 and all("as one" in n for n in prog.fuse_notes), prog.fuse_notes
+    step = prog.modules[0][1]
+    biased = [n for n in step.graph.nodes if n.target is torch.ops.aten.linear.default
+              and len(n.args) > 2 and n.args[2] is not None]
+    assert len(biased) == 2, [n.format_node() for n in biased]    # q/k/v of each layer, one bias
+    assert torch.equal(prog.simulate_generate(prompt, valid, 6), want)
