@@ -1,7 +1,9 @@
 """DistributedBackend's collectives over real process groups (2 gloo processes): a large sum
 all-reduce takes the copy-free route (reduce-scatter + all-gather into fresh buffers), a small
 one or a max the in-place NCCL-style all-reduce of a copy; both equal the sum over ranks, and
-the large one never copies x (its input is left untouched, its output is a new buffer)."""
+the large one never copies x (its input is left untouched, its output is a new buffer); a
+reduce-scatter along the sequence gives each rank its chunk of the sum, a batch of one without
+funcol's concatenating copy."""
 
 from __future__ import annotations
 
@@ -38,6 +40,12 @@ SCRIPT = textwrap.dedent("""
                      "input_kept": bool(torch.equal(x, xs[r])),
                      "shape": list(y.shape), "fresh": y.data_ptr() != x.data_ptr(),
                      "split": collectives.no_copy_all_reduce(x, op, 2)}
+    for name, shape in (("scatter_lead1", (1, 8, 3)), ("scatter_batch2", (2, 8, 3))):
+        g = torch.Generator().manual_seed(9)
+        xs = [torch.randn(*shape, generator=g) for _ in range(2)]
+        y = backend.reduce_scatter(xs[r].clone(), "all", 1, [4, 4])
+        want = (xs[0] + xs[1]).narrow(1, 4 * r, 4)
+        out[name] = {"err": float((y - want).abs().max()), "shape": list(y.shape)}
     if r == 0:
         print(json.dumps(out))
     dist.destroy_process_group()
@@ -68,5 +76,11 @@ def test_distributed_all_reduce_sums_on_both_routes_without_touching_its_input(t
         assert out[name]["exact"] <= 1e-6, (name, out[name])
     assert out["max"]["exact"] is True
     for name, res in out.items():
+        if name.startswith("scatter"):
+            continue
         assert res["input_kept"] and res["fresh"], (name, res)
         assert res["shape"][1] == 1, (name, res)
+    # reduce-scatter along the sequence: a batch of one scatters a view along dim 0, a batch
+    # of two takes funcol's chunk-and-concatenate route; both give rank 0 its chunk of the sum
+    assert out["scatter_lead1"] == {"err": 0.0, "shape": [1, 4, 3]}, out["scatter_lead1"]
+    assert out["scatter_batch2"]["shape"] == [2, 4, 3] and out["scatter_batch2"]["err"] <= 1e-6

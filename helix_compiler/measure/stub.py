@@ -53,9 +53,10 @@ class StubCollectives:
         if len(set(sizes)) > 1:      # the real path: a whole all-reduce, then its chunk
             return self.all_reduce(x, axes, "sum").narrow(dim, 0, sizes[0])
         x = x.contiguous()
-        if dim != 0:
+        if dim != 0 and any(size != 1 for size in x.shape[:dim]):
             # funcol's reduce-scatter along dim > 0 chunks x and concatenates the chunks
-            # along dim 0 before NCCL runs: a full copy of x on the compute side
+            # along dim 0 before NCCL runs: a full copy of x on the compute side (with only
+            # size-1 dims before dim, DistributedBackend scatters a view along dim 0: no copy)
             torch.cat(torch.chunk(x, len(sizes), dim=dim))
         shape = list(x.shape)
         shape[dim % x.dim()] = sizes[0]

@@ -301,7 +301,17 @@ class DistributedBackend:
         group = self.groups[axes]
         pos = torch.distributed.get_rank(group)
         if len(set(sizes)) == 1:
-            out = _funcol_reduce_scatter(funcol)(x.contiguous(), "sum", dim, group)
+            dim = dim % x.dim()
+            lead = x.shape[:dim]
+            x = x.contiguous()
+            if all(size == 1 for size in lead):
+                # the chunks along dim are contiguous and in order (a batch of one sequence,
+                # scattered along the sequence): scattered along dim 0 of a view, so funcol
+                # does not chunk and concatenate x first (a full copy of x on the compute side)
+                out = _funcol_reduce_scatter(funcol)(x.view(x.shape[dim:]), "sum", 0, group)
+                out = funcol.wait_tensor(out) if hasattr(funcol, "wait_tensor") else out
+                return out.view(*lead, *out.shape)
+            out = _funcol_reduce_scatter(funcol)(x, "sum", dim, group)
             return funcol.wait_tensor(out) if hasattr(funcol, "wait_tensor") else out
         # uneven chunks: the whole sum, then this rank's chunk
         return self.all_reduce(x, axes, "sum").narrow(dim, sum(sizes[:pos]), sizes[pos])
