@@ -134,10 +134,50 @@ def test_space_table_of_the_h200_run_prices_every_plan_within_15_percent(tmp_pat
     result = _repriced_h200(tmp_path, "space_h200_softmaxv.raw.json")
     planner = result["planner"]
     assert planner["cluster"] == "paper-h200"
-    for objective in ("throughput", "latency"):
-        c = planner[objective]
-        assert c["measured_row"] is not None and 0 < c["chosen_vs_fastest"] <= 1.0, c
-    assert planner["latency"]["chosen"] == "m=1 x n=16"
+    c = planner["throughput"]
+    assert c["measured_row"] is not None and 0 < c["chosen_vs_fastest"] <= 1.0, c
+    # the latency choice has sequence-parallel norms, a rank kind this run did not measure: the
+    # table says so instead of matching it to the row without them
+    assert planner["latency"]["chosen"] == "m=1 x n=16 SP"
+    assert planner["latency"]["measured_row"] is None
+
+
+def test_a_sequence_parallel_rank_prices_its_own_row_and_the_latency_choice_finds_it(tmp_path):
+    """space.py's SP rank kinds: measured as their own rank (helix m=1 x n=N SP), assembled with
+    the planner's SP communication (each all-reduce a reduce-scatter + all-gather: one more
+    latency), and matched to the planner's latency choice by name."""
+    import dataclasses
+
+    from helix_compiler.measure import space
+    from helix_compiler.planning.cluster import load_cluster
+    from helix_compiler.planning.profile import load_profile
+
+    cfg = space.config(False)
+    kinds = space.rank_kinds(cfg, 16)
+    sp = [k for k in kinds if k.sequence_parallel]
+    assert [(k.m, k.n, k.layers) for k in sp] == [(1, 8, 2), (1, 16, 2)]
+    assert sp[-1].name == "helix m=1 x n=16 SP, 2 layer(s)"
+    root = Path(__file__).resolve().parents[1]
+    raw = json.loads((root / "benchmarks/results/raw/space_h200_compiled.raw.json").read_text())
+    plain = next(r for r in raw["ranks"] if r["name"] == "helix m=1 x n=16, 2 layer(s)")
+    kind = dataclasses.replace(space.RankKind(**plain["kind"]), sequence_parallel=True)
+    raw["ranks"].append({**plain, "kind": dataclasses.asdict(kind), "name": kind.name})
+    cluster = load_cluster("paper")
+    profile = load_profile(str(root / "helix_compiler/planning/profiles/h200.yaml"))
+    out = space.assemble(raw, cluster, profile, cfg)
+    rows = {r["plan"]: r for r in out["plans"]}
+    a, b = rows["m=1 x n=16"], rows["m=1 x n=16 SP"]
+    assert b["sequence_parallel"] and not a["sequence_parallel"]
+    # the same measured compute (the SP row reuses the rank's timings here), SP's comm priced
+    one = {"1": plain["by_b"]["1"]}
+    summary = space.at_batch(space.summary_for(cfg, 2), 1)
+    base = space.cost_plan(summary, 1, 16, cluster)
+    want = space.sequence_parallel_cost(summary, base, 1, 16, cluster)
+    assert b["latency_one_sequence_ms"] == pytest.approx(
+        one["1"]["ms_per_micro_batch"] + want.comm_ms)
+    assert want.comm_ms > base.comm_ms
+    assert out["planner"]["latency"]["chosen"] == "m=1 x n=16 SP"
+    assert out["planner"]["latency"]["measured_row"] == "m=1 x n=16 SP"
 
 
 def test_soaked_h200_run_ranks_the_planners_choice_first_among_helix_plans(tmp_path):

@@ -39,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from helix_compiler.planning.cost import (_async_terms, cost_baseline, cost_plan, overlapped_step,
-                                          p2p_s)
+                                          p2p_s, sequence_parallel_cost)
 from helix_compiler.measure.predict import at_batch, matmul_peak, measured_gpu
 from helix_compiler.measure.record import RawRecord
 from helix_compiler.measure.runners import (PaperHelixRunner, PaperTPRunner, release_group,
@@ -67,12 +67,14 @@ class RankKind:
     n: int
     layers: int
     variant: str = "heads"
+    sequence_parallel: bool = False     # helix: norms on the rank's 1/N of the sequence
 
     @property
     def name(self) -> str:
         if self.impl == "helix":
             v = "" if self.m == 1 else f" {self.variant}"
-            return f"helix m={self.m} x n={self.n}{v}, {self.layers} layer(s)"
+            sp = " SP" if self.sequence_parallel else ""
+            return f"helix m={self.m} x n={self.n}{v}{sp}, {self.layers} layer(s)"
         if self.n == 1:
             return f"torch whole model (compiled), {self.layers} layer(s)"
         return f"{self.impl} TP={self.n} (compiled), {self.layers} layer(s)"
@@ -103,6 +105,12 @@ def rank_kinds(cfg: PaperConfig, devices: int) -> list[RankKind]:
                     continue
                 for v in (("heads",) if m == 1 else ("score-reduce", "qk-gather")):
                     out.append(RankKind(impl="helix", m=m, n=mn // m, layers=L, variant=v))
+                if m == 1 and pp == 1 and mn >= 8:
+                    # sequence-parallel norms, which the planner prices and chooses where the
+                    # replicated norm work of a wide rank outweighs one more latency per
+                    # all-reduce (the latency choice at one sequence)
+                    out.append(RankKind(impl="helix", m=1, n=mn, layers=L,
+                                        sequence_parallel=True))
     tp_stage = min(8, devices)
     for impl in ("dtensor", "megatron"):
         out.append(RankKind(impl=impl, m=1, n=tp_stage, layers=cfg.layers // 2 or 1))
@@ -199,7 +207,7 @@ def _runner(kind: RankKind, cfg: PaperConfig, cluster, device, kw: dict):
     if kind.impl == "helix":
         variant = None if kind.m == 1 else kind.variant
         return PaperHelixRunner(sub, kind.m, kind.n, variant, kind.m * kind.n, cluster, device,
-                                **kw)
+                                sequence_parallel=kind.sequence_parallel, **kw)
     if kind.impl == "dtensor":
         return CompiledDTensorRunner(cfg, kind.n, kind.layers, device, **kw)
     return MegatronRunner(cfg, kind.n, kind.layers, device, **kw)
@@ -290,19 +298,26 @@ def _useful_flops_per_sequence(cfg: PaperConfig) -> float:
     return cfg.layers * per_layer
 
 
+def _helix_cost(summary, kind: RankKind, cluster, profile=None, dp: int = 1):
+    """cost_plan of a helix rank kind; with sequence-parallel norms, as the planner prices
+    them (cost.sequence_parallel_cost)."""
+    variant = None if kind.m == 1 else kind.variant
+    base = cost_plan(summary, kind.m, kind.n, cluster, profile, variant=variant, dp=dp)
+    if not kind.sequence_parallel:
+        return base
+    return sequence_parallel_cost(summary, base, kind.m, kind.n, cluster, dp) or base
+
+
 def _helix_comm_ms(summaries, kind: RankKind, b: int, dp: int, cluster) -> float:
     """Modeled communication of one micro-batch of b sequences on a rank of this kind."""
-    summary = at_batch(summaries[kind.layers], b * dp)
-    variant = None if kind.m == 1 else kind.variant
-    return cost_plan(summary, kind.m, kind.n, cluster, variant=variant, dp=dp).comm_ms
+    return _helix_cost(at_batch(summaries[kind.layers], b * dp), kind, cluster, dp=dp).comm_ms
 
 
 def _predicted_compute_ms(summaries, kind: RankKind, b: int, cluster, profile) -> float | None:
     summary = at_batch(summaries[kind.layers], b)
     try:
         if kind.impl == "helix":
-            variant = None if kind.m == 1 else kind.variant
-            return cost_plan(summary, kind.m, kind.n, cluster, profile, variant=variant).compute_ms
+            return _helix_cost(summary, kind, cluster, profile).compute_ms
         return cost_baseline(summary, kind.n, 1, cluster, profile).compute_ms
     except Exception:  # noqa: BLE001  (a kind the model cannot price: no prediction)
         return None
@@ -360,7 +375,8 @@ def _plan_rows(cfg, devices, ranks, summaries, cluster, profile, gpu=None) -> li
         tokens = B * S
         rows.append({
             "plan": name, "family": family, "dp": dp, "pp": pp, "m": kind.m, "n": kind.n,
-            "variant": kind.variant, "rank_kind": kind.name, **best,
+            "variant": kind.variant, "sequence_parallel": kind.sequence_parallel,
+            "rank_kind": kind.name, **best,
             "latency_one_sequence_ms": latency,
             "tpot_overhead_us_per_token": (best["comm_ms"] + best["bubble_ms"]) * 1e3 / tokens,
             "useful_tflops_per_gpu": useful * B / devices / (best["step_ms"] * 1e-3) / 1e12,
@@ -378,10 +394,13 @@ def _plan_rows(cfg, devices, ranks, summaries, cluster, profile, gpu=None) -> li
                 if not c.feasible or c.m > 2 or (c.m > 1 and width < 8):
                     continue
                 for v in (("heads",) if c.m == 1 else ("score-reduce", "qk-gather")):
-                    kind = RankKind(impl="helix", m=c.m, n=c.n, layers=cfg.layers // pp, variant=v)
-                    add(_plan_name(dp, pp, c.m, c.n, v), kind, dp, pp, width,
-                        lambda b, kind=kind, dp=dp: _helix_comm_ms(summaries, kind, b, dp, cluster),
-                        "helix")
+                    for sp in (False, True):      # an SP kind only where one was measured
+                        kind = RankKind(impl="helix", m=c.m, n=c.n, layers=cfg.layers // pp,
+                                        variant=v, sequence_parallel=sp)
+                        add(_plan_name(dp, pp, c.m, c.n, v, sp=sp), kind, dp, pp, width,
+                            lambda b, kind=kind, dp=dp: _helix_comm_ms(summaries, kind, b, dp,
+                                                                       cluster),
+                            "helix")
     rows += _overlapped_rows(cfg, devices, by_kind, summaries, cluster)
     tp = min(8, devices)
     for impl in ("dtensor", "megatron"):
@@ -408,7 +427,8 @@ def _overlapped_rows(cfg, devices, by_kind, summaries, cluster) -> list[dict]:
     B, S = cfg.batch, cfg.seq
     useful = _useful_flops_per_sequence(cfg)
     for kind, r in by_kind.items():
-        if kind.impl != "helix" or kind.layers != cfg.layers or kind.m * kind.n == 1:
+        if (kind.impl != "helix" or kind.layers != cfg.layers or kind.m * kind.n == 1
+                or kind.sequence_parallel):       # the overlap pass is not built with SP norms
             continue
         dp = devices // (kind.m * kind.n)
         if B % dp:
@@ -514,12 +534,14 @@ def assemble(raw: dict, cluster, profile, cfg: PaperConfig) -> dict:
     return out
 
 
-def _plan_name(dp: int, pp: int, m: int, n: int, variant: str | None = None, k: int = 1) -> str:
+def _plan_name(dp: int, pp: int, m: int, n: int, variant: str | None = None, k: int = 1,
+               sp: bool = False) -> str:
     """A helix row's name in the table, e.g. "dp=2 x pp=2 x m=2 x n=4 qk-gather overlap k=4":
-    dp and pp where above 1, the variant where m > 1, the overlap's k where above 1."""
+    dp and pp where above 1, the variant where m > 1, " SP" with sequence-parallel norms, the
+    overlap's k where above 1."""
     parts = ([f"dp={dp}"] if dp > 1 else []) + ([f"pp={pp}"] if pp > 1 else [])
     return (" x ".join(parts + [f"m={m}", f"n={n}"]) + (f" {variant}" if m > 1 else "")
-            + (f" overlap k={k}" if k > 1 else ""))
+            + (" SP" if sp else "") + (f" overlap k={k}" if k > 1 else ""))
 
 
 def _planner_choices(summary, cfg: PaperConfig, devices: int, rows, gpu_cluster, profile) -> dict:
@@ -537,7 +559,8 @@ def _planner_choices(summary, cfg: PaperConfig, devices: int, rows, gpu_cluster,
             out[objective] = {"error": f"{type(e).__name__}: {e}"}
             continue
         name = _plan_name(plan.dp, plan.pp, plan.m, plan.n,
-                          plan.sites[0].variant if plan.sites else None, plan.overlap)
+                          plan.sites[0].variant if plan.sites else None, plan.overlap,
+                          sp=plan.sequence_parallel)
         row = next((r for r in rows if r["family"] == "helix" and r["plan"] == name), None)
         timed = [r for r in rows if r.get(key) is not None]
         best = (max(timed, key=lambda r: r[key]) if objective == "throughput"
