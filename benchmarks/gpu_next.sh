@@ -4,7 +4,8 @@
 #   1. the s = 1 split-KV core reading the cache un-repeated, on the chosen plan's TP=8 rank
 #   2. the cache split where it is the planner's choice (one sequence of 1M), both sides fused
 #      and under torch.compile
-#   3. the latency choice (helix m=1 x n=16) and the compiled Megatron TP=16 in one suite call
+#   3. the latency choice (helix m=1 x n=16 with SP norms), the same split without them, and the
+#      compiled Megatron TP=16, in one suite call ("helix m=1 x n=16" selects both helix kinds)
 # Usage (repository root, on the GPU machine):  OUT=dir bash benchmarks/gpu_next.sh [1|2|3 ...]
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
