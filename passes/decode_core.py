@@ -110,23 +110,6 @@ def _unrepeated(key: fx.Node, value: fx.Node) -> tuple[fx.Node, fx.Node, int]:
     return rk.source, rv.source, rk.g
 
 
-_REPEAT_STEPS = {aten.reshape.default, aten.view.default, aten._unsafe_view.default,
-                 aten.expand.default, aten.broadcast_to.default, aten.unsqueeze.default,
-                 aten.repeat_interleave.self_int}
-
-
-def _drop_unused(*nodes: fx.Node) -> None:
-    """Erase the repeats SDPA read, now unused, back to the cache they repeat."""
-    todo = list(nodes)
-    while todo:
-        n = todo.pop()
-        if isinstance(n, fx.Node) and n.op == "call_function" and n.target in _REPEAT_STEPS \
-                and not n.users:
-            src = n.args[0]
-            n.graph.erase_node(n)
-            todo.append(src)
-
-
 def split_kv_cores(gm: fx.GraphModule, example_args: tuple
                    ) -> tuple[fx.GraphModule, tuple[DecodeCoreSite, ...]]:
     """A copy of the decode-step module `gm` (sharing its parameters and buffers) whose
@@ -162,9 +145,8 @@ def split_kv_cores(gm: fx.GraphModule, example_args: tuple
             o = call(operator.getitem, (pair, 0))
         node.replace_all_uses_with(o)
         graph.erase_node(node)
-        if g > 1:
-            _drop_unused(a["key"], a["value"])
         sites.append(DecodeCoreSite(node.name, True, unrepeated=g))
+    graph.eliminate_dead_code()       # the repeats SDPA read, now unused (as gqa_fold drops them)
     graph.lint()
     out.recompile()
     return out, tuple(sites)

@@ -82,7 +82,7 @@ def _member(node: fx.Node):
     return None if b_node is None else (w_node, w, b_node, bt)
 
 
-def _views_fit(node: fx.Node, total: int, start: int) -> str:
+def _views_fit(node: fx.Node, total: int) -> str:
     """'' where every aten.view user of `node` takes the strided slice of the fused output
     that replaces it; else why not."""
     out = val(node)
@@ -118,20 +118,6 @@ def _groups(gm: fx.GraphModule) -> dict:
     return {x: ms for x, ms in by_input.items() if len(ms) >= 2}
 
 
-def _copy(gm: fx.GraphModule, args: tuple) -> fx.GraphModule:
-    """A GraphModule over a copy of gm's graph and gm's own attributes, its nodes' meta (their
-    example values) copied with them; shared_copy (which runs the graph on fake tensors) where a
-    projection's value is missing."""
-    if any(n.target is LINEAR and not isinstance(val(n), torch.Tensor) for n in gm.graph.nodes):
-        return shared_copy(gm, args)
-    g = fx.Graph()
-    g._codegen = gm.graph._codegen
-    g.output(g.graph_copy(gm.graph, {}))
-    out = fx.GraphModule(gm, g, class_name=type(gm).__name__)
-    out.meta.update(gm.meta)
-    return out
-
-
 def _compatible(members: list) -> str:
     w0 = members[0][2]
     for _, _, w, _, b in members:
@@ -153,17 +139,18 @@ def fuse_linears(gm: fx.GraphModule, args: tuple, fused: dict | None = None
     fused = {} if fused is None else fused
     if not _groups(gm):
         return gm, ()
-    out = _copy(gm, args)
+    # the copy runs the graph on fake tensors only where a projection's value is missing
+    out = shared_copy(gm, args, fake=any(n.target is LINEAR and not isinstance(val(n), torch.Tensor)
+                                         for n in gm.graph.nodes))
     sites, drop = [], []
     names = dict(out.meta.get("fused_linears", {}))
     for x, members in _groups(out).items():
         attrs = tuple(str(m[1].target) for m in members)
         outs = tuple(int(m[2].shape[0]) for m in members)
         why = _compatible(members)
-        total, start = sum(outs), 0
-        for (lin, *_), o in zip(members, outs):
-            why = why or _views_fit(lin, total, start)
-            start += o
+        total = sum(outs)
+        for lin, *_ in members:
+            why = why or _views_fit(lin, total)
         if why:
             sites.append(FusedLinears(x.name, attrs, outs, why=why))
             continue

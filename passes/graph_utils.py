@@ -165,16 +165,18 @@ def fake_shapes(gm: fx.GraphModule, args: tuple) -> None:
         old.meta["val"] = new.meta.get("val")
 
 
-def shared_copy(gm: fx.GraphModule, args: tuple) -> fx.GraphModule:
+def shared_copy(gm: fx.GraphModule, args: tuple, fake: bool = True) -> fx.GraphModule:
     """A new GraphModule over a copy of `gm`'s graph and `gm`'s own attributes (parameters and
     buffers shared, cache slices included), with `gm`'s meta and every node's meta["val"] from
-    `args` (fake_shapes): what a pass that rewrites a rank module without touching it starts from."""
+    `args` (fake_shapes): what a pass that rewrites a rank module without touching it starts from.
+    fake=False: the nodes keep the meta they were copied with (no fake run)."""
     g = fx.Graph()
     g._codegen = gm.graph._codegen
     g.output(g.graph_copy(gm.graph, {}))
     out = fx.GraphModule(gm, g, class_name=type(gm).__name__)
     out.meta.update(gm.meta)
-    fake_shapes(out, args)
+    if fake:
+        fake_shapes(out, args)
     return out
 
 
