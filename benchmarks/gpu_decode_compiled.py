@@ -69,7 +69,6 @@ import traceback
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -81,6 +80,7 @@ from helix_compiler import empty_weights  # noqa: E402
 from helix_compiler.decode import compile_decoder  # noqa: E402
 from helix_compiler.errors import HelixError  # noqa: E402
 from helix_compiler.numerics import relative_error  # noqa: E402
+from helix_compiler.measure.profiling import kernel_table  # noqa: E402
 from helix_compiler.measure.timing import cuda_graphed  # noqa: E402
 from helix_compiler.measure.stub import StubCollectives, stubbed  # noqa: E402
 from helix_compiler.cli.generate import pair_on_device  # noqa: E402
@@ -270,20 +270,8 @@ def time_inductor(prog, step, args, dev, iters: int, warmup: int, mode: str = "d
 def kernel_profile(prog, step, args, top: int = 12) -> list:
     """The step's kernels by device time per call (torch.profiler over 3 eager calls after the
     timing): [{name, us_per_call, calls_per_step}], the `top` largest."""
-    stub = StubCollectives(prog.mesh)
-    with stubbed(stub):
-        step(*args)
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(3):
-                step(*args)
-            torch.cuda.synchronize()
-    rows = []
-    for e in prof.key_averages():
-        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
-        if t > 0:
-            rows.append({"name": e.key[:120], "us_per_call": round(t / 3, 1), "calls_per_step": e.count / 3})
-    return sorted(rows, key=lambda r: -r["us_per_call"])[:top]
+    with stubbed(StubCollectives(prog.mesh)):
+        return kernel_table(lambda: step(*args), top)
 
 
 def step_facts(prog, rank: int, step) -> dict:

@@ -22,34 +22,14 @@ import time
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from helix_compiler.measure import space  # noqa: E402
+from helix_compiler.measure.profiling import kernel_table  # noqa: E402
 from helix_compiler.measure.runners import PaperHelixRunner  # noqa: E402
 from helix_compiler.measure.timing import Timer  # noqa: E402
 from helix_compiler.models.paper import PaperConfig  # noqa: E402
-
-
-def kernels(fn, device, top: int) -> list[dict]:
-    """fn's kernels over 3 calls, by device time per call, the `top` largest."""
-    if device.type != "cuda":
-        return []
-    fn()
-    torch.cuda.synchronize(device)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize(device)
-    rows = []
-    for e in prof.key_averages():
-        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
-        if t > 0:
-            rows.append({"name": e.key[:160], "us_per_call": round(t / 3, 1),
-                         "calls_per_step": e.count / 3})
-    rows.sort(key=lambda r: -r["us_per_call"])
-    return rows[:top]
 
 
 def main(argv=None) -> int:
@@ -92,7 +72,7 @@ def main(argv=None) -> int:
         with torch.no_grad():
             fn()                                            # compiles
             t = timer(fn)
-            ks = kernels(fn, device, args.top)
+            ks = kernel_table(fn, args.top, name_len=160) if device.type == "cuda" else []
         out["ranks"][name] = {"median_ms": t["median_ms"], "min_ms": t["min_ms"],
                               "max_ms": t["max_ms"], "kernels": ks,
                               "wall_s": round(time.perf_counter() - t1, 1)}

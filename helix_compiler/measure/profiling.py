@@ -42,6 +42,24 @@ def count_flops(fn) -> int:
     return int(fc.get_total_flops())
 
 
+def kernel_table(fn, top: int, calls: int = 3, name_len: int = 120) -> list[dict]:
+    """fn's CUDA kernels by device time per call (torch.profiler over `calls` calls after one
+    untimed call): [{name, us_per_call, calls_per_step}], the `top` largest."""
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t > 0:
+            rows.append({"name": e.key[:name_len], "us_per_call": round(t / calls, 1),
+                         "calls_per_step": e.count / calls})
+    return sorted(rows, key=lambda r: -r["us_per_call"])[:top]
+
+
 def op_class(name: str) -> str:
     n = name.lower()
     if any(k in n for k in ("attention", "sdpa")) and "chunked" not in n:
