@@ -5,10 +5,17 @@ runs them), timed soaked, then each one's CUDA kernels by device time (torch.pro
     python benchmarks/gpu_rank_profile.py --out benchmarks/results/rank_profile_h200.json
     python benchmarks/gpu_rank_profile.py --small --out /tmp/p.json     # CPU smoke test
 
-Default: the latency choice m=1 x n=16 against the compiled Megatron TP=16, 2 layers of the
-paper's model, one sequence (the rows of docs/BENCHMARKS.md, "Every helix rank compiled too").
-Collectives are stubbed as the suite stubs them (measure/stub.py), so the kernels are the
-rank's compute and the local copies its real path makes.
+Default: the latency choice m=1 x n=16 with sequence-parallel norms, the same split without
+them, and the compiled Megatron TP=16, 2 layers of the paper's model, one sequence (the rows of
+docs/BENCHMARKS.md, "Every helix rank compiled too"). Collectives are stubbed as the suite
+stubs them (measure/stub.py), so the kernels are the rank's compute and the local copies its
+real path makes.
+
+Each rank is timed three ways: per call as the suite times it (CUDA events around one call,
+then a synchronize: what one sequence's latency pays, the host's start of the call included),
+back to back (`loop_ms`: events around `--loop` calls, the host running ahead: what a stream
+of micro-batches pays), and the sum of its kernels' device time (`kernel_sum_us`, from
+torch.profiler). per call - back to back is the host time a single call exposes.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helix_compiler.measure import space  # noqa: E402
 from helix_compiler.measure.profiling import kernel_table  # noqa: E402
 from helix_compiler.measure.runners import PaperHelixRunner  # noqa: E402
-from helix_compiler.measure.timing import Timer  # noqa: E402
+from helix_compiler.measure.timing import Timer, loop_seconds  # noqa: E402
 from helix_compiler.models.paper import PaperConfig  # noqa: E402
 
 
@@ -41,6 +48,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=1, help="sequences per call")
     p.add_argument("--soak-s", type=float, default=1.0)
     p.add_argument("--top", type=int, default=20)
+    p.add_argument("--loop", type=int, default=50, help="back-to-back calls timed together")
     args = p.parse_args(argv)
     t0 = time.time()
     device = torch.device("cpu" if args.small else "cuda")
@@ -56,6 +64,9 @@ def main(argv=None) -> int:
     ranks = {
         f"helix m=1 x n={n} (compiled, default)":
             lambda: PaperHelixRunner(cfg, 1, n, None, n, None, device, **kw).make(True, "default"),
+        f"helix m=1 x n={n} SP (compiled, default)":
+            lambda: PaperHelixRunner(cfg, 1, n, None, n, None, device, sequence_parallel=True,
+                                     **kw).make(True, "default"),
         f"megatron TP={n} (compiled)":
             lambda: space.MegatronRunner(cfg, n, args.layers, device, **kw).make(True),
     }
@@ -72,11 +83,16 @@ def main(argv=None) -> int:
         with torch.no_grad():
             fn()                                            # compiles
             t = timer(fn)
-            ks = kernel_table(fn, args.top, name_len=160) if device.type == "cuda" else []
+            loop_ms = loop_seconds(fn, args.loop, 3, device) * 1e3
+            ks = kernel_table(fn, 10 ** 6, name_len=160) if device.type == "cuda" else []
+        kernel_sum = round(sum(k["us_per_call"] for k in ks), 1)
         out["ranks"][name] = {"median_ms": t["median_ms"], "min_ms": t["min_ms"],
-                              "max_ms": t["max_ms"], "kernels": ks,
+                              "max_ms": t["max_ms"], "loop_ms": loop_ms,
+                              "kernel_sum_us": kernel_sum, "kernel_count": len(ks),
+                              "kernels": ks[:args.top],
                               "wall_s": round(time.perf_counter() - t1, 1)}
-        print(f"{name}: {t['median_ms']:.3f} ms", flush=True)
+        print(f"{name}: {t['median_ms']:.3f} ms per call, {loop_ms:.3f} ms back to back, "
+              f"kernels {kernel_sum / 1e3:.3f} ms", flush=True)
         for k in ks[:args.top]:
             print(f"    {k['us_per_call']:9.1f} us x{k['calls_per_step']:g}  {k['name'][:100]}", flush=True)
         del fn

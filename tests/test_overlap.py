@@ -17,7 +17,8 @@ import torch
 
 from helix_compiler import helix_compile
 from helix_compiler.planning.cluster import load_cluster
-from helix_compiler.planning.cost import (cost_plan, overlap_cost, overlapped_step, replica_summary,
+from helix_compiler.planning.cost import (DEFAULT_PROFILE, cost_plan, overlap_cost,
+                                          overlapped_step, replica_summary,
                                           sequence_parallel_cost, _async_terms)
 from helix_compiler.errors import OverlapError, PlanError
 from helix_compiler.models.paper import PaperConfig, build
@@ -148,11 +149,41 @@ def test_sequence_parallel_cost_moves_norm_work_to_one_nth():
                      if name.startswith(("replicated ops", "replicated norms")))
     assert replicated > 0
     assert sp.sequence_parallel
-    assert sp.compute_ms == pytest.approx(base.compute_ms - replicated * 3 / 4)
+    # b = 4 sequences a micro-batch: funcol's two copies of X per block are charged
+    # (test_sequence_parallel_cost_charges_funcols_copies_above_one_sequence)
+    b, S, D = base.micro_batch, 7, summary.sites[0].embed_dim
+    copies = ((len(summary.sites) + len(summary.mlps)) * 4 * summary.dtype_bytes * b * S * D
+              / (cluster.memory_bandwidth * DEFAULT_PROFILE.elementwise_efficiency) * 1e3)
+    assert b == 4 and base.micro_batches == 1
+    assert sp.compute_ms == pytest.approx(base.compute_ms - replicated * 3 / 4 + copies)
     assert sp.comm_ms > base.comm_ms                      # one more latency per block
     plan, _ = plan_model(model, 4, args, kwargs, plan=(1, 4), sequence_parallel=None)
     assert plan.sequence_parallel == plan.cost.sequence_parallel
     assert plan.cost.step_ms == pytest.approx(min(base.step_ms, sp.step_ms))
+
+
+def test_sequence_parallel_cost_charges_funcols_copies_above_one_sequence():
+    """With b > 1 sequences per micro-batch funcol's reduce-scatter and all-gather along the
+    sequence copy X twice each per block (chunk and concatenate); b = 1 copies nothing."""
+    from helix_compiler.measure.predict import at_batch
+    from helix_compiler.measure import space
+
+    cfg = space.config(False)
+    summary, cluster = space.summary_for(cfg, 2), load_cluster("paper")
+    w, D, S = summary.dtype_bytes, cfg.hidden, cfg.seq
+    eta, bw = DEFAULT_PROFILE.elementwise_efficiency, cluster.memory_bandwidth
+    saved = {}
+    for b in (1, 4):
+        one = at_batch(summary, b)
+        base = cost_plan(one, 1, 16, cluster)
+        sp = sequence_parallel_cost(one, base, 1, 16, cluster)
+        replicated = sum(ms for sc in base.graph for name, ms in sc.terms
+                         if name.startswith(("replicated ops", "replicated norms")))
+        saved[b] = sp.compute_ms - (base.compute_ms - replicated * 15 / 16)
+        assert base.micro_batch == b and base.micro_batches == 1
+    assert saved[1] == 0.0
+    blocks = len(summary.sites) + len(summary.mlps)           # 2 attention + 2 MLP all-reduces
+    assert saved[4] == pytest.approx(blocks * 4 * w * 4 * S * D / (bw * eta) * 1e3, rel=1e-6)
 
 
 @pytest.mark.slow

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 import traceback
 
@@ -305,7 +304,7 @@ def _helix_cost(summary, kind: RankKind, cluster, profile=None, dp: int = 1):
     base = cost_plan(summary, kind.m, kind.n, cluster, profile, variant=variant, dp=dp)
     if not kind.sequence_parallel:
         return base
-    return sequence_parallel_cost(summary, base, kind.m, kind.n, cluster, dp) or base
+    return sequence_parallel_cost(summary, base, kind.m, kind.n, cluster, dp, profile) or base
 
 
 def _helix_comm_ms(summaries, kind: RankKind, b: int, dp: int, cluster) -> float:
@@ -602,12 +601,11 @@ def table(result: dict) -> str:
                  f"{t['fraction_of_roofline']:.0%} of the measured-peak roofline "
                  f"({t['roofline_tokens_per_s'] / 1e6:.2f}M at "
                  f"{result['matmul_tflops_measured']:.0f} TFLOP/s a GPU{burst}); "
-                 f"x{t['vs_best_tp_x_pp'] or math.nan:.2f} "
-                 f"of {t['best_tp_x_pp']}")
+                 + _vs_tp_x_pp(t))
     if "latency" in result:
         L = result["latency"]
         lines.append(f"latency (one sequence): {L['fastest']} {L['ms']:.2f} ms; "
-                     f"x{L['vs_best_tp_x_pp'] or math.nan:.2f} of {L['best_tp_x_pp']}")
+                     + _vs_tp_x_pp(L))
     for objective, c in (result.get("planner") or {}).items():
         if not isinstance(c, dict):
             continue
@@ -623,3 +621,11 @@ def table(result: dict) -> str:
                          f"{c['chosen']}; measured {c['chosen_vs_fastest']:.3f}x the measured "
                          f"fastest ({c['measured_fastest']}){roof}")
     return "\n".join(lines)
+
+
+def _vs_tp_x_pp(figure: dict) -> str:
+    """"x0.56 of TP=8 x PP=2 (megatron)", or why there is no ratio (a run of selected ranks
+    without the TP x PP baselines)."""
+    if figure.get("vs_best_tp_x_pp") is None:
+        return "no TP x PP row measured in this run"
+    return f"x{figure['vs_best_tp_x_pp']:.2f} of {figure['best_tp_x_pp']}"

@@ -152,6 +152,10 @@ _FORMULAS: dict[str, sympy.Expr] = {
     "qk_gather_bytes": w * b * (_h * S_q + _h_kv * S_k) * d,
     "qk_norm_bytes": 4 * b * (_h * S_q + _h_kv * S_k),        # fp32 partial sums of squares
     "attn_out_bytes": w * b * S_q * D,                          # all-reduced over N ranks
+    # sequence-parallel norms with more than one sequence in the micro-batch: funcol's
+    # reduce-scatter along the sequence chunks and concatenates X first, its all-gather
+    # concatenates the gathered chunks after (each reads and writes X); b = 1 is copy-free
+    "sp_copy_bytes": 4 * w * b * S_q * D,
     "attn_gather_bytes": w * b * S_q * H * d,                   # no output projection: gathered
     # MLP, per micro-batch, per rank (T tokens per sequence)
     "mlp_up_flops": 2 * b * T * D * _f * u,
@@ -1442,12 +1446,17 @@ def overlap_cost(summary: ModelSummary, base: PlanCost, k: int, m: int, n: int,
 
 
 def sequence_parallel_cost(summary: ModelSummary, base: PlanCost, m: int, n: int,
-                           cluster: ClusterSpec, dp: int = 1) -> PlanCost | None:
+                           cluster: ClusterSpec, dp: int = 1,
+                           profile: ComputeProfile | None = None) -> PlanCost | None:
     """`base` with sequence-parallel norms: the residual stream between blocks split along the
     sequence over the N = m n ranks of a replica, so the replicated norm / residual work
     (graph terms) runs on 1/N of the tokens, and each output / MLP all-reduce of X becomes a
     reduce-scatter plus an all-gather of X (in the ring model the same bytes, one more alpha).
-    None when there is nothing to save (N = 1, or no graph workload to price)."""
+    With more than one sequence per micro-batch the real path (runtime/collectives.py's
+    DistributedBackend, through funcol) also copies X twice per block on the compute side
+    (sp_copy_bytes: reduce-scatter's chunk-and-concatenate, all-gather's concatenate); with
+    one it scatters and gathers views. None when there is nothing to save (N = 1, or no graph
+    workload to price)."""
     N = m * n
     if N == 1 or not base.graph:
         return None
@@ -1455,20 +1464,39 @@ def sequence_parallel_cost(summary: ModelSummary, base: PlanCost, m: int, n: int
                      if name.startswith(("replicated ops", "replicated norms")))
     saved_ms = replicated * (N - 1) / N
     lay = _helix_layout(m, n, dp, cluster.gpus_per_node)
-    mach = _Machine(cluster, DEFAULT_PROFILE)
+    mach = _Machine(cluster, profile or DEFAULT_PROFILE)
     alpha_ms = mach.collective_s("all_gather", 1.0, lay.out_groups) * 1e3
-    blocks = sum(1 for sc in base.sites + base.mlps for name, _ in sc.terms
-                 if name in ("output all-reduce", "MLP all-reduce"))
+    # the blocks whose all-reduce of X becomes RS + AG, counted from the summary (a search's
+    # rows keep one SiteCost per site shape, not one per layer): every site with an output
+    # projection, every MLP
+    reduced = [s for s in summary.sites if s.o_proj]
+    blocks = len(reduced) + len(summary.mlps)
     extra_ms = blocks * base.micro_batches * alpha_ms
-    compute_ms, comm_ms = base.compute_ms - saved_ms, base.comm_ms + extra_ms
+    copy_ms = 0.0
+    b = base.micro_batch
+    if b > 1:
+        w = summary.dtype_bytes
+        per_mb = sum(_ev("sp_copy_bytes", {"w": w, "b": b, "S_q": s.q_len, "D": s.embed_dim})
+                     for s in reduced)
+        per_mb += sum(_ev("sp_copy_bytes", {"w": w, "b": b, "D": x.hidden,
+                                            "S_q": _tokens_per_sequence(x, summary)})
+                      for x in summary.mlps)
+        copy_ms = base.micro_batches * mach.memory_s(
+            per_mb, mach.profile.elementwise_efficiency) * 1e3
+    compute_ms = base.compute_ms - saved_ms + copy_ms
+    comm_ms = base.comm_ms + extra_ms
     step_ms = compute_ms + comm_ms + base.bubble_ms
+    copies = (f"; {copy_ms:.3f} ms of funcol's copies of X ({b} sequences per micro-batch: "
+              f"reduce-scatter and all-gather along the sequence chunk and concatenate)"
+              if copy_ms else "")
     return dataclasses.replace(
         base, compute_ms=compute_ms, comm_ms=comm_ms, step_ms=step_ms,
         tokens_per_s=summary.batch * summary.seq_len / (step_ms / 1e3),
         exposed_comm_ms=comm_ms, sequence_parallel=True,
         notes=base.notes + (f"sequence-parallel norms: {saved_ms:.3f} ms of replicated norm / "
                             f"residual work saved, {blocks} all-reduces per micro-batch become "
-                            f"reduce-scatter + all-gather (+{extra_ms:.3f} ms of latency)",))
+                            f"reduce-scatter + all-gather (+{extra_ms:.3f} ms of latency)"
+                            f"{copies}",))
 
 # --- a lower bound of a split's step (the plan search's branch and bound) ---------------
 def peak_efficiency(profile: ComputeProfile | None = None) -> dict[str, float]:

@@ -360,7 +360,7 @@ def _best_schedule(summary, c: Candidate, base: PlanCost, cluster, profile, vari
                                 f"that divides {base.micro_batch}, or overlap=1")
             options += [o] if o is not None else []
     if sequence_parallel is not False and overlap in (None, 1):
-        sp = sequence_parallel_cost(summary, base, c.m, c.n, cluster, dp=c.dp)
+        sp = sequence_parallel_cost(summary, base, c.m, c.n, cluster, dp=c.dp, profile=profile)
         if sp is None and sequence_parallel:
             raise PlanError(f"{c}: sequence_parallel has nothing to split on N = {c.m * c.n} "
                             f"rank(s) without a graph workload; use sequence_parallel=False")
