@@ -223,9 +223,17 @@ def measure(gm: fx.GraphModule, matches, mlps, batch: int) -> Workload:
         # the interior: find_mlp's region, closed on `down` (every user inside it or `down`)
         owned |= set(ups) | {down} | _forward_between(ups, {down})
     rep = {"memory": 0.0, "norm": 0.0, "matmul": 0.0}
+    lead = {"memory": 0.0, "norm": 0.0}
+    # the first block output a sequence-parallel program reduce-scatters: before it, in graph
+    # order, every replicated op runs on the whole sequence even with SP norms
+    outputs = {nodes[m.site.o_proj] for m in matches if m.site.o_proj} | {
+        nodes[x.down] for x in mlps}
+    leading = bool(outputs)
     q_bytes = kv_bytes = head_rep = mask = 0.0
     ops = 0
     for node in gm.graph.nodes:
+        if node in outputs:
+            leading = False
         if node in owned or node.op != "call_function":
             continue
         kind, flops, moved = op_cost(node)
@@ -253,11 +261,15 @@ def measure(gm: fx.GraphModule, matches, mlps, batch: int) -> Workload:
             continue
         else:
             rep[kind] += total
+            if leading and kind in lead:
+                lead[kind] += total
     per = float(max(batch, 1))
     return Workload(replicated_bytes=(rep["memory"] + head_rep) / per,
                     replicated_norm_bytes=rep["norm"] / per, q_head_bytes=q_bytes / per,
                     kv_head_bytes=kv_bytes / per, mask_bytes=mask / per,
-                    replicated_flops=rep["matmul"] / per, ops=ops)
+                    replicated_flops=rep["matmul"] / per, ops=ops,
+                    leading_replicated_bytes=lead["memory"] / per,
+                    leading_norm_bytes=lead["norm"] / per)
 
 
 def _score_shaped(node: fx.Node) -> bool:

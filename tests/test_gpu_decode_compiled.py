@@ -95,3 +95,24 @@ def test_best_mode_table_of_the_saved_h200_runs():
             assert r["ratio"] == pytest.approx(r["chosen_tpot_ms"] / r["tp_tpot_ms"])
         over = [(r["context"], r["concurrency"]) for r in rows if r["ratio"] > 0.7]
         assert over == want_over, (unfused, rows)
+
+
+def test_cache_split_table_of_the_saved_h200_runs():
+    """decode_best_modes.cache_split_table: where the planner chooses the cache split
+    (s=8 x m=1 x n=8 at 512k and 1M), each side at its best mode over the ninth session's
+    files. One sequence of 1M is under 0.7x TP=64; 512k is not (0.82 at one sequence, 0.74 at
+    two; the planner predicted 0.91 and 0.71 there)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import decode_best_modes
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    rows = decode_best_modes.cache_split_table()
+    assert [(r["context"], r["concurrency"]) for r in rows] == [(524288, 1), (524288, 2),
+                                                                (1048576, 1)]
+    mine = decode_best_modes.tpots(decode_best_modes.CACHE_SPLIT, plan=decode_best_modes.SPLIT)
+    for r in rows:
+        assert r["chosen_tpot_ms"] == min(mine[(r["context"], r["concurrency"])].values())
+        assert r["ratio"] == pytest.approx(r["chosen_tpot_ms"] / r["tp_tpot_ms"])
+    assert [(r["context"], r["concurrency"]) for r in rows if r["ratio"] > 0.7] == [
+        (524288, 1), (524288, 2)]

@@ -142,6 +142,26 @@ def test_space_table_of_the_h200_run_prices_every_plan_within_15_percent(tmp_pat
     assert planner["latency"]["measured_row"] is None
 
 
+def test_the_h200_run_with_the_sp_rank_meets_the_latency_targets(tmp_path):
+    """The compiled suite with the SP rank joined (results/raw/space_h200_with_sp.raw.json, the
+    ninth session): the planner's latency choice, m=1 x n=16 with SP norms, has a measured row,
+    is the measured fastest for one sequence, <= 0.6x the best TP=8 x PP=2, and faster than the
+    compiled Megatron TP=16; the throughput choice is the fastest row; every prediction within
+    15% (_repriced_h200)."""
+    result = _repriced_h200(tmp_path, "space_h200_with_sp.raw.json")
+    lat = result["planner"]["latency"]
+    assert lat["chosen"] == "m=1 x n=16 SP" and lat["measured_row"] == "m=1 x n=16 SP"
+    assert lat["chosen_vs_fastest"] == 1.0
+    assert result["latency"]["fastest"] == "m=1 x n=16 SP"
+    assert result["latency"]["vs_best_tp_x_pp"] <= 0.6
+    rows = {r["plan"]: r for r in result["plans"]}
+    assert (rows["m=1 x n=16 SP"]["latency_one_sequence_ms"]
+            < rows["TP=16 (megatron)"]["latency_one_sequence_ms"])
+    thr = result["planner"]["throughput"]
+    assert thr["chosen"] == "dp=16 x m=1 x n=1" and thr["chosen_vs_fastest"] == 1.0
+    assert result["throughput"]["vs_best_tp_x_pp"] >= 1.75
+
+
 def test_a_sequence_parallel_rank_prices_its_own_row_and_the_latency_choice_finds_it(tmp_path):
     """space.py's SP rank kinds: measured as their own rank (helix m=1 x n=N SP), assembled with
     the planner's SP communication (each all-reduce a reduce-scatter + all-gather: one more

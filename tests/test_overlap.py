@@ -145,8 +145,12 @@ def test_sequence_parallel_cost_moves_norm_work_to_one_nth():
     summary, cluster = analysis.summary, load_cluster("paper")
     base = cost_plan(summary, 1, 4, cluster)
     sp = sequence_parallel_cost(summary, base, 1, 4, cluster)
-    replicated = sum(ms for sc in base.graph for name, ms in sc.terms
-                     if name.startswith(("replicated ops", "replicated norms")))
+    wl = summary.workload                # the first norm runs before any SP block: kept whole
+    kept = {"replicated ops": wl.leading_replicated_bytes / wl.replicated_bytes,
+            "replicated norms": wl.leading_norm_bytes / wl.replicated_norm_bytes}
+    assert 0 < kept["replicated norms"] < 1
+    replicated = sum(ms * (1 - frac) for sc in base.graph for name, ms in sc.terms
+                     for prefix, frac in kept.items() if name.startswith(prefix))
     assert replicated > 0
     assert sp.sequence_parallel
     # b = 4 sequences a micro-batch: funcol's two copies of X per block are charged
@@ -177,7 +181,10 @@ def test_sequence_parallel_cost_charges_funcols_copies_above_one_sequence():
         one = at_batch(summary, b)
         base = cost_plan(one, 1, 16, cluster)
         sp = sequence_parallel_cost(one, base, 1, 16, cluster)
-        replicated = sum(ms for sc in base.graph for name, ms in sc.terms
+        wl = one.workload
+        replicated = sum(ms * (1 - wl.leading_norm_bytes / wl.replicated_norm_bytes
+                               if name.startswith("replicated norms") else 1)
+                         for sc in base.graph for name, ms in sc.terms
                          if name.startswith(("replicated ops", "replicated norms")))
         saved[b] = sp.compute_ms - (base.compute_ms - replicated * 15 / 16)
         assert base.micro_batch == b and base.micro_batches == 1

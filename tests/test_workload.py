@@ -56,6 +56,10 @@ def test_a_block_counts_its_norms_residuals_and_output_copy_by_hand():
     # the core's output (B, H, S, d) -> transpose -> reshape copies it: read and write
     assert wl.q_head_bytes == pytest.approx(2 * bsd)
     assert wl.kv_head_bytes == 0 and wl.mask_bytes == 0 and wl.replicated_flops == 0
+    # before the first all-reduced output (o) only ln1 runs: sequence-parallel norms leave it
+    # whole; the residual adds come after o
+    assert wl.leading_norm_bytes == pytest.approx(2 * bsd + 2 * D * 4 / B)
+    assert wl.leading_replicated_bytes == 0
 
 
 def test_a_summary_without_a_graph_says_how_its_norms_are_priced():

@@ -1450,7 +1450,8 @@ def sequence_parallel_cost(summary: ModelSummary, base: PlanCost, m: int, n: int
                            profile: ComputeProfile | None = None) -> PlanCost | None:
     """`base` with sequence-parallel norms: the residual stream between blocks split along the
     sequence over the N = m n ranks of a replica, so the replicated norm / residual work
-    (graph terms) runs on 1/N of the tokens, and each output / MLP all-reduce of X becomes a
+    (graph terms) after the first block output runs on 1/N of the tokens (what precedes it,
+    Workload.leading_*, stays whole: the first norm), and each output / MLP all-reduce of X becomes a
     reduce-scatter plus an all-gather of X (in the ring model the same bytes, one more alpha).
     With more than one sequence per micro-batch the real path (runtime/collectives.py's
     DistributedBackend, through funcol) also copies X twice per block on the compute side
@@ -1460,9 +1461,14 @@ def sequence_parallel_cost(summary: ModelSummary, base: PlanCost, m: int, n: int
     N = m * n
     if N == 1 or not base.graph:
         return None
-    replicated = sum(ms for sc in base.graph for name, ms in sc.terms
-                     if name.startswith(("replicated ops", "replicated norms")))
-    saved_ms = replicated * (N - 1) / N
+    # what runs before the first all-reduced block output stays whole (Workload.leading_*)
+    wl = summary.workload
+    kept = {"replicated ops": wl.leading_replicated_bytes / wl.replicated_bytes
+            if wl and wl.replicated_bytes else 0.0,
+            "replicated norms": wl.leading_norm_bytes / wl.replicated_norm_bytes
+            if wl and wl.replicated_norm_bytes else 0.0}
+    saved_ms = sum(ms * (1.0 - frac) for sc in base.graph for name, ms in sc.terms
+                   for prefix, frac in kept.items() if name.startswith(prefix)) * (N - 1) / N
     lay = _helix_layout(m, n, dp, cluster.gpus_per_node)
     mach = _Machine(cluster, profile or DEFAULT_PROFILE)
     alpha_ms = mach.collective_s("all_gather", 1.0, lay.out_groups) * 1e3

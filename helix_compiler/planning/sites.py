@@ -111,6 +111,11 @@ class Workload:
 
     replicated_bytes: float = 0.0   # pointwise ops every rank runs whole (residual adds, casts)
     replicated_norm_bytes: float = 0.0  # norms and row reductions every rank runs whole
+    # of those two, what runs before the first all-reduced block output (an attention's output
+    # projection or an MLP's down projection): sequence-parallel norms leave it whole (the
+    # input's first norm, the embedding), as the sequence is split only from there on
+    leading_replicated_bytes: float = 0.0
+    leading_norm_bytes: float = 0.0
     q_head_bytes: float = 0.0       # on query-head tensors: divides over n * m ranks
     kv_head_bytes: float = 0.0      # on key/value-head tensors: over min(n, H_kv) * m ranks
     mask_bytes: float = 0.0         # building a materialized (.., S_q, S_k) attention mask
