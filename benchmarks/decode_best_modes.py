@@ -24,10 +24,15 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # the steps with q/k/v and gate/up fused (compile_decoder's default since the eighth session)
+# (+ the ninth session's runs with the split-KV core, `--split-kv-core`, reading the cache
+# un-repeated: a mode of its own on each side, "... + split-KV")
+SPLIT_KV_TP8 = ("decode_compiled_h200_tp8_splitkv_unrepeated.json",
+                "decode_compiled_h200_tp8_splitkv_unrepeated_64k.json")
+SPLIT_KV_TP64 = ("decode_compiled_h200_tp64_splitkv_unrepeated.json",)
 CHOSEN = ("decode_compiled_h200_tp8_32k2_fused.json", "decode_compiled_h200_tp8_fused_rest.json",
-          "decode_compiled_h200_tp8_fused_autotune.json")
+          "decode_compiled_h200_tp8_fused_autotune.json") + SPLIT_KV_TP8
 TP = ("decode_compiled_h200_tp64_32k16_fused.json", "decode_compiled_h200_tp64_fused_rest.json",
-      "decode_compiled_h200_tp64_fused_autotune.json")
+      "decode_compiled_h200_tp64_fused_autotune.json") + SPLIT_KV_TP64
 # the same rows built before the fusion (sixth and seventh sessions)
 CHOSEN_UNFUSED = ("decode_compiled_h200_tp8_k26.json", "decode_compiled_h200_tp8_autotune_32k.json",
                   "decode_compiled_h200_tp8_autotune_rest.json")
@@ -49,19 +54,20 @@ def tpots(files, folder: Path = RESULTS, plan: str | None = None) -> dict:
     out: dict = {}
     for name in files:
         data = json.loads((folder / name).read_text())
-        mode = data.get("inductor_mode") or "default"
+        kv = " + split-KV" if data.get("split_kv_core") else ""
+        mode = (data.get("inductor_mode") or "default") + kv
         for r in data["results"]:
             if plan is not None and r["name"] != plan:
                 continue
             row = out.setdefault((r["context"], r["concurrency"]), {})
             if plan is not None:           # repeats of one mode: the least
-                for key, field in (("as built", "measured_tpot_ms"),
+                for key, field in (("as built" + kv, "measured_tpot_ms"),
                                    (mode, "inductor_tpot_ms")):
                     if r.get(field) is not None:
                         row[key] = min(row.get(key, r[field]), r[field])
                 continue
             if r.get("measured_tpot_ms") is not None:
-                row.setdefault("as built", r["measured_tpot_ms"])
+                row.setdefault("as built" + kv, r["measured_tpot_ms"])
             if r.get("inductor_tpot_ms") is not None:
                 row[mode] = r["inductor_tpot_ms"]
     return out
@@ -85,8 +91,8 @@ def table(folder: Path = RESULTS, unfused: bool = False) -> list[dict]:
 
 def cache_split_table(folder: Path = RESULTS) -> list[dict]:
     """The cache split against TP=64 where the planner chooses it (512k and 1M, one or two
-    sequences), each side at its best mode."""
-    mine, tp = tpots(CACHE_SPLIT, folder, SPLIT), tpots(CACHE_SPLIT, folder, TP64)
+    sequences), each side at its best mode (TP=64's split-KV core timed at 1M only)."""
+    mine, tp = tpots(CACHE_SPLIT, folder, SPLIT), tpots(CACHE_SPLIT + SPLIT_KV_TP64, folder, TP64)
     rows = []
     for key in sorted(mine):
         a, b = min(mine[key], key=mine[key].get), min(tp[key], key=tp[key].get)
