@@ -54,11 +54,11 @@ def tpots(files, folder: Path = RESULTS, plan: str | None = None) -> dict:
     out: dict = {}
     for name in files:
         data = json.loads((folder / name).read_text())
-        kv = " + split-KV" if data.get("split_kv_core") else ""
-        mode = (data.get("inductor_mode") or "default") + kv
         for r in data["results"]:
             if plan is not None and r["name"] != plan:
                 continue
+            kv = " + split-KV" if _split_kv(data, r) else ""
+            mode = (data.get("inductor_mode") or "default") + kv
             row = out.setdefault((r["context"], r["concurrency"]), {})
             if plan is not None:           # repeats of one mode: the least
                 for key, field in (("as built" + kv, "measured_tpot_ms"),
@@ -71,6 +71,16 @@ def tpots(files, folder: Path = RESULTS, plan: str | None = None) -> dict:
             if r.get("inductor_tpot_ms") is not None:
                 row[mode] = r["inductor_tpot_ms"]
     return out
+
+
+def _split_kv(data: dict, row: dict) -> bool:
+    """Whether the row's step ran the split-KV core: the file's switch (True / "on"), or with
+    "auto" (compile_decoder's default since the ninth session) its cores' notes."""
+    switch = data.get("split_kv_core")
+    if switch == "auto":
+        notes = row.get(f"k{row['ks'][0]}", {}).get("core_notes", [])
+        return any("helix.chunk_attention" in n for n in notes)
+    return switch in (True, "on")
 
 
 def table(folder: Path = RESULTS, unfused: bool = False) -> list[dict]:

@@ -204,15 +204,19 @@ def fill_rank(prog, rank: int, seed: int = 0) -> dict:
     return counts
 
 
+SPLIT_KV = {"auto": None, "on": True, "off": False}     # --split-kv-core -> split_kv_core
+
+
 def rank_step(model, devices: int, plan: PlanSpec, C: int, dev, fuse: bool = True,
-              split_kv: bool = False) -> tuple:
+              split_kv: bool | None = None) -> tuple:
     """compile_decoder's program for `plan`, built for the rank owning position C - 1 only, its
     modules on `dev` and filled: (prog, rank, step module, step args, seconds to build).
     `fuse`, `split_kv`: compile_decoder's fuse_projections and split_kv_core (s = 1 only)."""
     t0 = time.perf_counter()
     rank, pos = owner(C, plan.s)
     prog = compile_decoder(model, devices, (plan.s, plan.m, plan.n), variant=plan.variant,
-                           rank=rank, fuse_projections=fuse, split_kv_core=split_kv and plan.s == 1)
+                           rank=rank, fuse_projections=fuse,
+                           split_kv_core=split_kv if plan.s == 1 else False)
     pair_on_device(prog, rank, dev)
     fill_rank(prog, rank)
     B = model.cfg.batch
@@ -330,9 +334,11 @@ def main(argv=None) -> int:
     p.add_argument("--no-fuse", action="store_true",
                    help="build the steps with compile_decoder(fuse_projections=False): q/k/v and "
                         "gate/up as separate GEMMs")
-    p.add_argument("--split-kv-core", action="store_true",
-                   help="s = 1 rows: compile_decoder(split_kv_core=True), each step core over the "
-                        "cache as helix.chunk_attention (the split-KV Triton kernel)")
+    p.add_argument("--split-kv-core", choices=tuple(SPLIT_KV), default="auto",
+                   help="s = 1 rows: compile_decoder's split_kv_core: on (each step core over the "
+                        "cache as helix.chunk_attention), off (SDPA), auto (its default: where "
+                        "measured faster). Files before the ninth session's are SDPA unless "
+                        "they say split_kv_core true")
     p.add_argument("--no-mirror", action="store_true",
                    help="skip gpu_decode.measure_row's mirror of each row")
     args = p.parse_args(argv)
@@ -381,7 +387,7 @@ def main(argv=None) -> int:
                 try:
                     prog, rank, step, step_args, build_s = rank_step(model, devices, plan, C, dev,
                                                                      fuse=not args.no_fuse,
-                                                                     split_kv=args.split_kv_core)
+                                                                     split_kv=SPLIT_KV[args.split_kv_core])
                     got = time_step(prog, step, step_args, dev, iters, warmup)
                     got.update(step_facts(prog, rank, step), rank=rank, position=C - 1,
                                build_s=round(build_s, 1))

@@ -284,7 +284,8 @@ def check_partitioned(prog: HelixProgram, what: str) -> None:
 def compile_decoder(model: torch.nn.Module, devices: int, split: tuple[int, ...] | None = None, *,
                     variant: str | None = None, prompt_len: int = 4,
                     rank: int | None = None, fuse_chunk_core: bool = True,
-                    split_kv_core: bool = False, fuse_projections: bool = True) -> DecodeProgram:
+                    split_kv_core: bool | None = None,
+                    fuse_projections: bool = True) -> DecodeProgram:
     """Prefill and decode-step programs of `model` (a CacheDecoder: `prefill(tokens, valid)`,
     `decode_step(token, cache_position, valid)`, cache buffers (B, H_kv, S_max, d)) for `devices`
     ranks, forced to `split` = (m, n) or (s, m, n) (s chunks of the cache's positions, each
@@ -300,10 +301,9 @@ def compile_decoder(model: torch.nn.Module, devices: int, split: tuple[int, ...]
     the explicit core everywhere (CombineSite.kernel says which each core runs). s = 1 with
     `split_kv_core=True`: each SDPA core of the step that reads the cache with its one query
     position runs as helix.chunk_attention over the whole cache (passes/decode_core.py;
-    `core_notes` says which each core runs). Off by default: on an H200 its split-KV Triton
-    kernel took 30 us a layer where cuDNN's SDPA took 22 (TP=8 rank, one sequence, 32k) and
-    more at 128k (docs/BENCHMARKS.md, "The split-KV core at s = 1"), when it was handed
-    repeat_kv's views; it now reads the cache un-repeated, not yet timed so.
+    `core_notes` says which each core runs); None (the default): only the cores of the shape
+    where that was measured faster on an H200 (at least 2 query heads per kv head, at most 2
+    sequences a rank: decode_core.AUTO_*), the others kept with the reason; False: none.
     `fuse_projections` (on by default): each group of projections that read one input (q, k,
     v; gate, up) runs as one GEMM over their weights side by side (passes/fuse_linears.py),
     in both modules, which share the fused weights where they shared the parts; `fuse_notes`
@@ -374,8 +374,8 @@ def compile_decoder(model: torch.nn.Module, devices: int, split: tuple[int, ...]
         if s == 1:
             for p_attr, attr in pairs.values():
                 s_gm.register_buffer(attr, getattr(p_gm, p_attr))   # the step's slice is the prefill's
-            if split_kv_core:     # one query position per core: the keys split over the SMs
-                s_gm, sites = split_kv_cores(s_gm, step_args)
+            if split_kv_core is not False:   # one query position per core: keys over the SMs
+                s_gm, sites = split_kv_cores(s_gm, step_args, auto=split_kv_core is None)
                 core_notes = core_notes or tuple(f"step {site}" for site in sites)
             caches.append({src: getattr(p_gm, pa) for src, (pa, _) in pairs.items()})
             modules.append(fuse((p_gm, s_gm)))

@@ -10,8 +10,10 @@ sequence (LLaMA-70B shape, 32k positions) spent 22 us a layer in cuDNN's flash k
 profile). helix.chunk_attention (runtime/chunk_core.py) splits the keys over the SMs and
 combines the splits exactly (runtime/triton_chunk.py; the explicit math off CUDA). Measured,
 its kernel was slower still (30 us a layer there, 165 against cuDNN's 68 at 128k:
-docs/BENCHMARKS.md, "The split-KV core at s = 1"), so compile_decoder runs this pass only with
-`split_kv_core=True`.
+docs/BENCHMARKS.md, "The split-KV core at s = 1") while it was handed repeat_kv's stride-0
+views, i.e. read the cache once per query head. Reading the cache itself, it is the faster core
+of a TP=8 rank at one and two sequences, the slower one of a TP=64 rank at 8 and 16 (ninth
+session), so compile_decoder runs it by default (`auto`) only on cores of that winning shape.
 
 Rewritten, for `aten.scaled_dot_product_attention(q, k, v, mask, dropout_p, is_causal, scale,
 enable_gqa)` downstream of a cache write with q of length 1:
@@ -110,11 +112,21 @@ def _unrepeated(key: fx.Node, value: fx.Node) -> tuple[fx.Node, fx.Node, int]:
     return rk.source, rv.source, rk.g
 
 
-def split_kv_cores(gm: fx.GraphModule, example_args: tuple
+# compile_decoder's default (split_kv_core=None): the split-KV core only where it was measured
+# faster (H200, torch 2.11, LLaMA-70B shape, compile_decoder's ranks under torch.compile;
+# docs/BENCHMARKS.md, "The split-KV core, timed reading the cache un-repeated"): a TP=8 rank
+# (g = 8 query heads per kv head) at 1 and 2 sequences, 32k-128k: 0.64-0.93x the SDPA core's
+# time per output token; a TP=64 rank (g = 1) at 8 and 16 sequences: 1.0-1.44x (slower).
+AUTO_MIN_GROUP = 2        # query heads per kv head read un-repeated, at least
+AUTO_MAX_BATCH = 2        # sequences per rank, at most
+
+
+def split_kv_cores(gm: fx.GraphModule, example_args: tuple, auto: bool = False
                    ) -> tuple[fx.GraphModule, tuple[DecodeCoreSite, ...]]:
     """A copy of the decode-step module `gm` (sharing its parameters and buffers) whose
     one-position SDPA cores over the cache run as helix.chunk_attention, and one site per SDPA
-    core downstream of a cache write."""
+    core downstream of a cache write. `auto`: only the cores of the measured winning shape
+    (AUTO_MIN_GROUP, AUTO_MAX_BATCH); the others are kept, and their sites say why."""
     out = shared_copy(gm, example_args)
     graph = out.graph
     cached = _reads_cache(graph)
@@ -128,6 +140,13 @@ def split_kv_cores(gm: fx.GraphModule, example_args: tuple
             sites.append(DecodeCoreSite(node.name, False, why))
             continue
         q, mask = _val(a["query"]), _val(a["attn_mask"])
+        key, value, g = _unrepeated(a["key"], a["value"])
+        if auto and (g < AUTO_MIN_GROUP or q.shape[0] > AUTO_MAX_BATCH):
+            sites.append(DecodeCoreSite(node.name, False, (
+                f"auto: {q.shape[0]} sequence(s), g={g} query heads per kv head; the split-KV "
+                f"core is chosen at g >= {AUTO_MIN_GROUP} and <= {AUTO_MAX_BATCH} sequences, "
+                f"where it was measured faster (split_kv_core=True forces it)")))
+            continue
         scale = a["scale"] if a["scale"] is not None else 1.0 / math.sqrt(q.shape[-1])
         call = graph.call_function
         bias = a["attn_mask"]
@@ -137,9 +156,9 @@ def split_kv_cores(gm: fx.GraphModule, example_args: tuple
                     biases[bias] = call(aten.where.Scalar, (bias, 0.0, float("-inf")))
             bias = biases[bias]
         # HF's repeat_kv hands SDPA (B, H, C, d) views of the (B, H_kv, C, d) cache (stride 0
-        # over the g copies of a head): the kernel takes the cache itself, with the g query
-        # heads of a kv head in its rows, so it reads K and V once, not once per query head
-        key, value, g = _unrepeated(a["key"], a["value"])
+        # over the g copies of a head): the kernel takes the cache itself (_unrepeated, above),
+        # with the g query heads of a kv head in its rows, so it reads K and V once, not once
+        # per query head
         with graph.inserting_before(node):
             pair = call(helix.chunk_attention.default, (a["query"], key, value, bias, float(scale)))
             o = call(operator.getitem, (pair, 0))

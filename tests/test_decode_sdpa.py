@@ -172,9 +172,34 @@ def test_s1_decode_step_runs_its_cache_cores_split_kv_and_equals_unsharded():
         # one bias for both layers' cores, made from the step's one mask
         assert sum(n.target is torch.ops.aten.where.Scalar for n in s_gm.graph.nodes) == 1, r
     assert_decode_equal(prog, ref, tokens, valid, range(6, 10), devices=2, label="s=1 split-KV")
+    # by default (auto) a rank of 3 sequences keeps SDPA, and says why; off: no core touched
     kept = compile_decoder(model, 2, (1, 1, 2), prompt_len=6)
-    assert kept.core_notes == ()
+    assert len(kept.core_notes) == 2 and all(
+        "kept as SDPA (auto: 3 sequence(s), g=2" in n for n in kept.core_notes), kept.core_notes
     assert sum(n.target is SDPA for n in kept.modules[0][1].graph.nodes) == 2
+    off = compile_decoder(model, 2, (1, 1, 2), prompt_len=6, split_kv_core=False)
+    assert off.core_notes == ()
+    assert sum(n.target is SDPA for n in off.modules[0][1].graph.nodes) == 2
+
+
+@pytest.mark.slow
+def test_s1_decode_step_takes_the_split_kv_core_by_default_where_it_was_measured_faster():
+    """compile_decoder's default (split_kv_core=None): at most 2 sequences a rank with g >= 2
+    query heads per kv head read un-repeated (decode_core.AUTO_*), the cores run split-KV, and
+    every rank's step equals the unsharded model's on a left-padded and a fully padded row."""
+    from passes import decode_core
+
+    B = decode_core.AUTO_MAX_BATCH
+    model, ref = hf_llama_decoder("sdpa", 2, B, 16), hf_llama_decoder("sdpa", 2, B, 16)
+    tokens, valid = padded_prompt(B, 16, 6)
+    prog = compile_decoder(model, 2, (1, 1, 2), prompt_len=6)
+    assert prog.core_notes == tuple(
+        f"step {n}: helix.chunk_attention (split-KV, K and V read un-repeated (g=2))" for n in
+        ("scaled_dot_product_attention_default", "scaled_dot_product_attention_default_1"))
+    assert_decode_equal(prog, ref, tokens, valid, range(6, 10), devices=2, label="s=1 auto")
+    # one query head per kv head (g = 1, 4 ranks of 1 kv head and 1 query head): kept
+    one = compile_decoder(model, 4, (1, 1, 4), prompt_len=6)
+    assert all("auto" in n and "g=1" in n for n in one.core_notes), one.core_notes
 
 
 @pytest.mark.parametrize("form", ["bool", "float", "causal"])

@@ -89,6 +89,10 @@ class GenerateSplit:
         return (self.s, self.m, self.n)
 
 
+
+# --split-kv-core: compile_decoder's split_kv_core (auto: where it was measured faster)
+SPLIT_KV = {"auto": None, "on": True, "off": False}
+
 def load_decoder(spec: str, *, batch: int | None = None, max_seq: int | None = None,
                  weights: str | None = None) -> torch.nn.Module:
     """The model of MODEL spec `spec` (random weights, float32, eval), checked to be a
@@ -310,7 +314,7 @@ def _run(args, rank: int, world: int, local_rank: int) -> dict:
     rows = model.cfg.batch // dp
     prog = compile_decoder(replica_model(model, dp, replica), size, split, variant=args.variant,
                            prompt_len=args.prompt_len, rank=local,   # only this rank's modules
-                           split_kv_core=args.split_kv_core,
+                           split_kv_core=SPLIT_KV[args.split_kv_core],
                            fuse_projections=not args.no_fuse_projections)
     pair_on_device(prog, local, device)
     backend = DistributedBackend(prog.mesh, device.type, dp=dp)
@@ -395,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None)
     p.add_argument("--result-dir", default=None)
     p.add_argument("--compile", choices=tuple(COMPILE_MODES), default="none")
-    p.add_argument("--split-kv-core", action="store_true")
+    p.add_argument("--split-kv-core", choices=tuple(SPLIT_KV), default="auto")
     p.add_argument("--no-fuse-projections", action="store_true")
     return p
 

@@ -456,8 +456,7 @@ def cmd_generate(args) -> int:
         worker += ["--weights", str(Path(args.weights).resolve())]
     if args.compile != "none":
         worker += ["--compile", args.compile]
-    if args.split_kv_core:
-        worker += ["--split-kv-core"]
+    worker += ["--split-kv-core", args.split_kv_core]
     if args.no_fuse_projections:
         worker += ["--no-fuse-projections"]
     return _torchrun("generate", "helix_compiler.cli.generate", spec, worker, args.devices,
@@ -647,11 +646,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "max-autotune also chooses each matmul's kernel by timing (no CUDA "
                           "graphs of inductor's: they would capture the collectives). The first "
                           "step compiles and is not timed (default none)")
-    gen.add_argument("--split-kv-core", action="store_true",
+    gen.add_argument("--split-kv-core", choices=("auto", "on", "off"), default="auto",
                      help="s = 1: run each decode step's attention over the cache as helix's "
                           "split-KV kernel (flash-decoding's split of the keys over the SMs, the "
-                          "cache read un-repeated) instead of SDPA; opt-in until timed "
-                          "(docs/decode.md)")
+                          "cache read un-repeated) instead of SDPA: on, off, or auto (default: "
+                          "where it was measured faster on an H200, at least 2 query heads per "
+                          "kv head and at most 2 sequences a rank; docs/decode.md)")
     gen.add_argument("--no-fuse-projections", action="store_true",
                      help="run q/k/v and gate/up as separate GEMMs (default: each group of "
                           "projections of one input as one GEMM, passes/fuse_linears.py)")
