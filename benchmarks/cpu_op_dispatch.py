@@ -4,11 +4,13 @@ collective outside its kernels (docs/BENCHMARKS.md, "The latency gap, profiled")
     python benchmarks/cpu_op_dispatch.py --out benchmarks/results/cpu_op_dispatch.json
 
 Rows (us per call, a (4, 8) fp32 tensor, StubCollectives of a 16-rank head group bound):
-  `op`: torch.ops.helix.all_reduce.default (torch.library.custom_op's wrapper, then the stub);
+  `op`: torch.ops.helix.all_reduce.default (until the ninth session a torch.library.custom_op,
+      whose wrapper cost most of the call; since then registered through torch.library.Library
+      as `library_op` is, with its fresh-output check, then the stub);
   `stub`: the stub's all_reduce called directly (its clone of x);
   `mesh_group`: Mesh.group(0, "head"), which the stub used to rebuild on every call;
   `library_op`: the same clone registered through torch.library.Library with a
-      CompositeExplicitAutograd kernel (the registration the project did not switch to);
+      CompositeExplicitAutograd kernel (the registration helix's collectives now use);
   `custom_op`: that clone as a torch.library.custom_op.
 """
 
