@@ -6,29 +6,45 @@
 #      and under torch.compile
 #   3. the latency choice (helix m=1 x n=16 with SP norms), the same split without them, and the
 #      compiled Megatron TP=16, in one suite call ("helix m=1 x n=16" selects both helix kinds)
-# Usage (repository root, on the GPU machine):  OUT=dir bash benchmarks/gpu_next.sh [1|2|3 ...]
+# (steps 1-3 ran in the ninth session: docs/BENCHMARKS.md). What the ninth session built and
+# could not time, about 4 minutes:
+#   4. compile_decoder's default split-KV choice (auto) on the GPU: the chosen TP=8 rank at
+#      128k x 2 (auto picks split-KV) and TP=64 at 32k x 8 (auto keeps SDPA)
+#   5. the latency pair again, with helix's collectives registered through torch.library.Library
+#      (8.5 us a call on the CPU instead of 20.7): the plain rank's host exposure
+#   6. TP=64 with the split-KV core at 512k x 1 and 2 (its best setting where the cache split
+#      is chosen)
+# Usage (repository root, on the GPU machine):  OUT=dir bash benchmarks/gpu_next.sh [1-6 ...]
+# (default: 4 5 6)
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 OUT=${OUT:-/tmp/helix-next}
 PY=${PY:-python3}
 mkdir -p "$OUT"
-STEPS=${*:-1 2 3}
+STEPS=${*:-4 5 6}
 D=benchmarks/gpu_decode_compiled.py
 F="--ks 2,6 --iters 100 --warmup 20 --inductor --no-mirror"
 for step in $STEPS; do
-  case $step in 1|2|3) ;; *) echo "gpu_next.sh: unknown step $step (1, 2 or 3)" >&2; exit 2 ;; esac
+  case $step in [1-6]) ;; *) echo "gpu_next.sh: unknown step $step (1 to 6)" >&2; exit 2 ;; esac
 done
 t0=$(date +%s)
 for step in $STEPS; do
   case $step in
     1) "$PY" $D --devices 8 --plans 1,1,8 --configs 32768:1,32768:2,131072:1,131072:2 $F \
-         --split-kv-core --profile --out "$OUT/decode_compiled_h200_tp8_splitkv_unrepeated.json" ;;
+         --split-kv-core on --profile --out "$OUT/decode_compiled_h200_tp8_splitkv_unrepeated.json" ;;
     2) "$PY" $D --devices 64 --plans "8,1,8;1,1,64" --configs 1048576:1 $F \
          --out "$OUT/decode_compiled_h200_1m_fused.json" ;;
     3) "$PY" -m helix_compiler.cli bench --model space --only "helix m=1 x n=16" "megatron TP=16" \
          --soak-s 1 --profile helix_compiler/planning/profiles/h200.yaml \
          --raw-out "$OUT/space_latency_pair.raw.json" --out "$OUT/space_latency_pair.json" \
          --deadline-s 200 ;;
+    4) "$PY" $D --devices 8 --plans 1,1,8 --configs 131072:2 $F \
+         --out "$OUT/decode_compiled_h200_auto_tp8_128k2.json"
+       "$PY" $D --devices 64 --plans 1,1,64 --configs 32768:8 $F \
+         --out "$OUT/decode_compiled_h200_auto_tp64_32k8.json" ;;
+    5) "$PY" benchmarks/gpu_rank_profile.py --out "$OUT/rank_profile_library_h200.json" ;;
+    6) "$PY" $D --devices 64 --plans 1,1,64 --configs 524288:1,524288:2 $F --split-kv-core on \
+         --out "$OUT/decode_compiled_h200_tp64_splitkv_512k.json" ;;
   esac 2>&1 | grep -v -i warning | tail -40
   echo "step $step done at $(( $(date +%s) - t0 )) s"
 done
