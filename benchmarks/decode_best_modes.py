@@ -49,8 +49,8 @@ SPLIT, TP64 = "s=8 x m=1 x n=8", "s=1 x m=1 x n=64"
 
 def tpots(files, folder: Path = RESULTS, plan: str | None = None) -> dict:
     """(context, rank batch) -> {mode: TPOT ms}; mode "as built", "default" or the file's
-    inductor_mode. `plan`: only the rows of that split (files that time two plans per row);
-    a mode timed in several files keeps its least."""
+    inductor_mode (+ " + split-KV"). `plan`: only the rows of that split (files that time two
+    plans per row). A mode timed in several files keeps its least."""
     out: dict = {}
     for name in files:
         data = json.loads((folder / name).read_text())
@@ -58,18 +58,11 @@ def tpots(files, folder: Path = RESULTS, plan: str | None = None) -> dict:
             if plan is not None and r["name"] != plan:
                 continue
             kv = " + split-KV" if _split_kv(data, r) else ""
-            mode = (data.get("inductor_mode") or "default") + kv
             row = out.setdefault((r["context"], r["concurrency"]), {})
-            if plan is not None:           # repeats of one mode: the least
-                for key, field in (("as built" + kv, "measured_tpot_ms"),
-                                   (mode, "inductor_tpot_ms")):
-                    if r.get(field) is not None:
-                        row[key] = min(row.get(key, r[field]), r[field])
-                continue
-            if r.get("measured_tpot_ms") is not None:
-                row.setdefault("as built" + kv, r["measured_tpot_ms"])
-            if r.get("inductor_tpot_ms") is not None:
-                row[mode] = r["inductor_tpot_ms"]
+            for key, field in (("as built" + kv, "measured_tpot_ms"),
+                               ((data.get("inductor_mode") or "default") + kv, "inductor_tpot_ms")):
+                if r.get(field) is not None:
+                    row[key] = min(row.get(key, r[field]), r[field])
     return out
 
 

@@ -77,7 +77,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import gpu_decode  # noqa: E402  (the mirror: same-run comparison)
 
 from helix_compiler import empty_weights  # noqa: E402
-from helix_compiler.decode import compile_decoder  # noqa: E402
+from helix_compiler.decode import SPLIT_KV_CORE, compile_decoder  # noqa: E402
 from helix_compiler.errors import HelixError  # noqa: E402
 from helix_compiler.numerics import relative_error  # noqa: E402
 from helix_compiler.measure.profiling import kernel_table  # noqa: E402
@@ -202,9 +202,6 @@ def fill_rank(prog, rank: int, seed: int = 0) -> dict:
                 t.normal_(0.0, 0.02, generator=gen)
                 counts["weight"] += 1
     return counts
-
-
-SPLIT_KV = {"auto": None, "on": True, "off": False}     # --split-kv-core -> split_kv_core
 
 
 def rank_step(model, devices: int, plan: PlanSpec, C: int, dev, fuse: bool = True,
@@ -334,7 +331,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-fuse", action="store_true",
                    help="build the steps with compile_decoder(fuse_projections=False): q/k/v and "
                         "gate/up as separate GEMMs")
-    p.add_argument("--split-kv-core", choices=tuple(SPLIT_KV), default="auto",
+    p.add_argument("--split-kv-core", choices=tuple(SPLIT_KV_CORE), default="auto",
                    help="s = 1 rows: compile_decoder's split_kv_core: on (each step core over the "
                         "cache as helix.chunk_attention), off (SDPA), auto (its default: where "
                         "measured faster). Files before the ninth session's are SDPA unless "
@@ -387,7 +384,7 @@ def main(argv=None) -> int:
                 try:
                     prog, rank, step, step_args, build_s = rank_step(model, devices, plan, C, dev,
                                                                      fuse=not args.no_fuse,
-                                                                     split_kv=SPLIT_KV[args.split_kv_core])
+                                                                     split_kv=SPLIT_KV_CORE[args.split_kv_core])
                     got = time_step(prog, step, step_args, dev, iters, warmup)
                     got.update(step_facts(prog, rank, step), rank=rank, position=C - 1,
                                build_s=round(build_s, 1))

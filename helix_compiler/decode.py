@@ -281,6 +281,10 @@ def check_partitioned(prog: HelixProgram, what: str) -> None:
                              f"not a buffer")
 
 
+# the command-line spelling of compile_decoder's split_kv_core (helix generate, the benchmarks)
+SPLIT_KV_CORE = {"auto": None, "on": True, "off": False}
+
+
 def compile_decoder(model: torch.nn.Module, devices: int, split: tuple[int, ...] | None = None, *,
                     variant: str | None = None, prompt_len: int = 4,
                     rank: int | None = None, fuse_chunk_core: bool = True,

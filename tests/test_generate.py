@@ -115,13 +115,13 @@ def test_helix_generate_hands_the_compile_decoder_flags_to_every_rank(spec, monk
     assert _main(argv) == 0
     plain = generate.build_parser().parse_args([str(spec), *seen["worker"]])
     assert plain.split_kv_core == "auto" and not plain.no_fuse_projections
-    assert generate.SPLIT_KV[plain.split_kv_core] is None        # compile_decoder's default
+    assert generate.SPLIT_KV_CORE[plain.split_kv_core] is None        # compile_decoder's default
     assert _main(argv + ["--split-kv-core", "on", "--no-fuse-projections"]) == 0
     got = generate.build_parser().parse_args([str(spec), *seen["worker"]])
     assert got.split_kv_core == "on" and got.no_fuse_projections
     assert _main(argv + ["--split-kv-core", "off"]) == 0
     got = generate.build_parser().parse_args([str(spec), *seen["worker"]])
-    assert generate.SPLIT_KV[got.split_kv_core] is False
+    assert generate.SPLIT_KV_CORE[got.split_kv_core] is False
 
 
 @pytest.mark.slow

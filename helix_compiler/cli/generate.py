@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..decode import compile_decoder, plan_split, replica_model
+from ..decode import SPLIT_KV_CORE, compile_decoder, plan_split, replica_model
 from ..errors import HelixError
 from ..hf_dir import is_hf_dir, load_hf_dir
 from ..modelspec import load_model_spec
@@ -88,10 +88,6 @@ class GenerateSplit:
     def split(self) -> tuple[int, int, int]:
         return (self.s, self.m, self.n)
 
-
-
-# --split-kv-core: compile_decoder's split_kv_core (auto: where it was measured faster)
-SPLIT_KV = {"auto": None, "on": True, "off": False}
 
 def load_decoder(spec: str, *, batch: int | None = None, max_seq: int | None = None,
                  weights: str | None = None) -> torch.nn.Module:
@@ -314,7 +310,7 @@ def _run(args, rank: int, world: int, local_rank: int) -> dict:
     rows = model.cfg.batch // dp
     prog = compile_decoder(replica_model(model, dp, replica), size, split, variant=args.variant,
                            prompt_len=args.prompt_len, rank=local,   # only this rank's modules
-                           split_kv_core=SPLIT_KV[args.split_kv_core],
+                           split_kv_core=SPLIT_KV_CORE[args.split_kv_core],
                            fuse_projections=not args.no_fuse_projections)
     pair_on_device(prog, local, device)
     backend = DistributedBackend(prog.mesh, device.type, dp=dp)
@@ -399,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None)
     p.add_argument("--result-dir", default=None)
     p.add_argument("--compile", choices=tuple(COMPILE_MODES), default="none")
-    p.add_argument("--split-kv-core", choices=tuple(SPLIT_KV), default="auto")
+    p.add_argument("--split-kv-core", choices=tuple(SPLIT_KV_CORE), default="auto")
     p.add_argument("--no-fuse-projections", action="store_true")
     return p
 

@@ -48,6 +48,7 @@ from ..planning.plan import OBJECTIVES, Plan
 from ..planning.profile import load_profile
 from ..models.paper import PaperConfig, build
 from ..runtime.compiled import COMPILE_MODES
+from ..decode import SPLIT_KV_CORE
 from .generate import (DEFAULT_MODEL, GenerateSplit, check_request, choose_split,
                        load_decoder)
 from .report import format_table
@@ -646,7 +647,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "max-autotune also chooses each matmul's kernel by timing (no CUDA "
                           "graphs of inductor's: they would capture the collectives). The first "
                           "step compiles and is not timed (default none)")
-    gen.add_argument("--split-kv-core", choices=("auto", "on", "off"), default="auto",
+    gen.add_argument("--split-kv-core", choices=tuple(SPLIT_KV_CORE), default="auto",
                      help="s = 1: run each decode step's attention over the cache as helix's "
                           "split-KV kernel (flash-decoding's split of the keys over the SMs, the "
                           "cache read un-repeated) instead of SDPA: on, off, or auto (default: "
