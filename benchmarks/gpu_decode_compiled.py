@@ -91,6 +91,7 @@ from passes.seq_split import chunk_bounds  # noqa: E402
 
 DEFAULT_PLANS = "8,1,8;1,1,64"
 DEFAULT_CONFIGS = "131072:8,1048576:1"
+INDUCTOR_TOP = 40     # kernels kept of a compiled step's profile (--inductor --profile)
 SMALL_VOCAB = 512
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -242,12 +243,14 @@ def time_step(prog, step, args, dev, iters: int, warmup: int) -> dict:
 
 
 @torch.no_grad()
-def time_inductor(prog, step, args, dev, iters: int, warmup: int, mode: str = "default") -> dict:
+def time_inductor(prog, step, args, dev, iters: int, warmup: int, mode: str = "default",
+                  profile: bool = False) -> dict:
     """The same step module under torch.compile (inductor in `mode`: its elementwise ops fused
     into generated kernels, and with "max-autotune-no-cudagraphs" each matmul's kernel chosen
     by timing cuBLAS against inductor's Triton templates; the helix ops stay opaque calls),
     timed as time_step times the step (as one CUDA graph of ours), its output checked against
-    the uncompiled step's."""
+    the uncompiled step's; `profile`: also its kernels (torch.profiler, "kernels", the
+    INDUCTOR_TOP largest), the generated ones among them."""
     t0 = time.perf_counter()
     compiled = torch.compile(step, dynamic=False, mode=mode)
     stub = StubCollectives(prog.mesh)
@@ -259,6 +262,9 @@ def time_inductor(prog, step, args, dev, iters: int, warmup: int, mode: str = "d
         # the step wrote its cache position twice more; the value written is the same each time
         rel = relative_error(got, want)
         out = time_step(prog, compiled, args, dev, iters, warmup)
+        if profile and dev.type == "cuda":
+            with stubbed(stub):
+                out["kernels"] = kernel_table(lambda: compiled(*args), INDUCTOR_TOP)
     except Exception as e:  # noqa: BLE001  (recorded in the row; the run goes on)
         return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:400] if str(e) else ''}",
                 "detail": str(e)[:3000], "traceback": traceback.format_exc(limit=-8)[-3000:]}
@@ -327,7 +333,8 @@ def main(argv=None) -> int:
                    choices=("default", "max-autotune-no-cudagraphs"),
                    help="torch.compile's mode for --inductor (the CUDA graph is ours either way)")
     p.add_argument("--profile", action="store_true",
-                   help="also record each step's largest kernels (torch.profiler, CUDA only)")
+                   help="also record each step's largest kernels (torch.profiler, CUDA only; with "
+                        "--inductor, the compiled step's as well)")
     p.add_argument("--no-fuse", action="store_true",
                    help="build the steps with compile_decoder(fuse_projections=False): q/k/v and "
                         "gate/up as separate GEMMs")
@@ -390,7 +397,7 @@ def main(argv=None) -> int:
                                build_s=round(build_s, 1))
                     if args.inductor:
                         got["inductor"] = time_inductor(prog, step, step_args, dev, iters, warmup,
-                                                        args.inductor_mode)
+                                                        args.inductor_mode, args.profile)
                         ind = got["inductor"]
                         print("    torch.compile: " + (ind.get("error") or
                               f"{ind['ms']:.3f} ms (cuda graph {ind['cuda_graph']}, compile "

@@ -12,8 +12,9 @@
 #      128k x 2 (auto picks split-KV) and TP=64 at 32k x 8 (auto keeps SDPA)
 #   5. the latency pair again, with helix's collectives registered through torch.library.Library
 #      (8.5 us a call on the CPU instead of 20.7): the plain rank's host exposure
-#   6. TP=64 with the split-KV core at 512k x 1 and 2 (its best setting where the cache split
-#      is chosen)
+#   6. the cache split (s=8 x n=8) and TP=64 with the split-KV core (its best setting there),
+#      in one call, at 512k x 1, 512k x 2 and 1M x 1, with the compiled steps' kernel profiles
+#      (where the s=8 rank's 84 us a layer goes)
 # Usage (repository root, on the GPU machine):  OUT=dir bash benchmarks/gpu_next.sh [1-6 ...]
 # (default: 4 5 6)
 set -u
@@ -43,8 +44,8 @@ for step in $STEPS; do
        "$PY" $D --devices 64 --plans 1,1,64 --configs 32768:8 $F \
          --out "$OUT/decode_compiled_h200_auto_tp64_32k8.json" ;;
     5) "$PY" benchmarks/gpu_rank_profile.py --out "$OUT/rank_profile_library_h200.json" ;;
-    6) "$PY" $D --devices 64 --plans 1,1,64 --configs 524288:1,524288:2 $F --split-kv-core on \
-         --out "$OUT/decode_compiled_h200_tp64_splitkv_512k.json" ;;
+    6) "$PY" $D --devices 64 --plans "8,1,8;1,1,64" --configs 524288:1,524288:2,1048576:1 $F \
+         --split-kv-core on --profile --out "$OUT/decode_compiled_h200_cache_split_pair.json" ;;
   esac 2>&1 | grep -v -i warning | tail -40
   echo "step $step done at $(( $(date +%s) - t0 )) s"
 done
