@@ -15,18 +15,25 @@
 #   6. the cache split (s=8 x n=8) and TP=64 with the split-KV core (its best setting there),
 #      in one call, at 512k x 1, 512k x 2 and 1M x 1, with the compiled steps' kernel profiles
 #      (where the s=8 rank's 84 us a layer goes)
-# Usage (repository root, on the GPU machine):  OUT=dir bash benchmarks/gpu_next.sh [1-6 ...]
-# (default: 4 5 6)
+# (steps 4-6 ran in the tenth session.) The rows where the bandwidth floor puts 0.7x TP=64 in
+# reach and that were not yet timed (decode_plan's `floor_ratio`; docs/BENCHMARKS.md), about 7
+# minutes in two calls:
+#   7. the cache split (s=8 x n=8, the choice) and TP=64 at 512k x 4 and 1M x 2, and at 256k x 4
+#      (where the choice is dp=4 x TP=16, step 8); TP=64 again with the split-KV core
+#   8. the chosen replicated plans' ranks at one sequence of 256k: TP=16 (dp=4, 4 sequences) and
+#      TP=8 (dp=8, 8 sequences), and TP=64 at 256k x 8 (SDPA, then split-KV)
+# Usage (repository root, on the GPU machine):  OUT=dir bash benchmarks/gpu_next.sh [1-8 ...]
+# (default: 7 8)
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 OUT=${OUT:-/tmp/helix-next}
 PY=${PY:-python3}
 mkdir -p "$OUT"
-STEPS=${*:-4 5 6}
+STEPS=${*:-7 8}
 D=benchmarks/gpu_decode_compiled.py
 F="--ks 2,6 --iters 100 --warmup 20 --inductor --no-mirror"
 for step in $STEPS; do
-  case $step in [1-6]) ;; *) echo "gpu_next.sh: unknown step $step (1 to 6)" >&2; exit 2 ;; esac
+  case $step in [1-8]) ;; *) echo "gpu_next.sh: unknown step $step (1 to 8)" >&2; exit 2 ;; esac
 done
 t0=$(date +%s)
 for step in $STEPS; do
@@ -46,6 +53,18 @@ for step in $STEPS; do
     5) "$PY" benchmarks/gpu_rank_profile.py --out "$OUT/rank_profile_library_h200.json" ;;
     6) "$PY" $D --devices 64 --plans "8,1,8;1,1,64" --configs 524288:1,524288:2,1048576:1 $F \
          --split-kv-core on --profile --out "$OUT/decode_compiled_h200_cache_split_pair.json" ;;
+    7) "$PY" $D --devices 64 --plans "8,1,8;1,1,64" --configs 524288:4,1048576:2,262144:4 $F \
+         --out "$OUT/decode_compiled_h200_cache_split_2m.json"
+       "$PY" $D --devices 64 --plans 1,1,64 --configs 524288:4,1048576:2,262144:4 $F \
+         --split-kv-core on --out "$OUT/decode_compiled_h200_tp64_splitkv_2m.json" ;;
+    8) "$PY" $D --devices 16 --plans 1,1,16 --configs 262144:1 $F \
+         --out "$OUT/decode_compiled_h200_tp16_256k1.json"
+       "$PY" $D --devices 8 --plans 1,1,8 --configs 262144:1 $F \
+         --out "$OUT/decode_compiled_h200_tp8_256k1.json"
+       "$PY" $D --devices 64 --plans 1,1,64 --configs 262144:8 $F \
+         --out "$OUT/decode_compiled_h200_tp64_256k8.json"
+       "$PY" $D --devices 64 --plans 1,1,64 --configs 262144:8 $F --split-kv-core on \
+         --out "$OUT/decode_compiled_h200_tp64_splitkv_256k8.json" ;;
   esac 2>&1 | grep -v -i warning | tail -40
   echo "step $step done at $(( $(date +%s) - t0 )) s"
 done

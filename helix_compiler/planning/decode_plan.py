@@ -321,6 +321,10 @@ class DecodePlan:
     replicated_tp: DecodeCost | None = None   # the fastest dp x TP=N/dp (dp > 1) that fits
     reason: str                      # why `chosen` won
     notes: tuple[str, ...] = field(default=())
+    # the bandwidth floor (plan_decode's `floor`): its fastest plan that fits, and that plan's
+    # TPOT over TP's floor TPOT; None where there is no TP row or for a floor-priced plan
+    floor_best: DecodeCost | None = None
+    floor_ratio: float | None = None
 
     def to_dict(self) -> dict:
         def row(c: DecodeCost) -> dict:
@@ -341,6 +345,8 @@ class DecodePlan:
                 "reason": self.reason, "tp": self.tp.name if self.tp else None,
                 "replicated_tp": self.replicated_tp.name if self.replicated_tp else None,
                 "tp_reason": self.tp_reason, "notes": list(self.notes),
+                "floor_best": self.floor_best.name if self.floor_best else None,
+                "floor_ratio": self.floor_ratio,
                 "candidates": [row(c) for c in self.candidates]}
 
 
@@ -405,14 +411,17 @@ def built_fused_chunk(context: int, s_: int, variant: str) -> bool:
 def cost_decode(shape: DecodeShape, context: int, concurrency: int, split: tuple[int, int, int],
                 cluster: ClusterSpec, profile: ComputeProfile | None = None,
                 variant: str | None = None, *, o_proj: str = "mesh", dp: int = 1,
-                chunk_core: str | None = None) -> DecodeCost:
+                chunk_core: str | None = None, floor: bool = False) -> DecodeCost:
     """Predicted decode step of `split` = (s, m, n) in each of `dp` replicas (replica b on
     ranks b s m n ... (b + 1) s m n - 1, serving concurrency / dp sequences); `variant` for
     m > 1 ("score-reduce", default, or "qk-gather"); `o_proj`: "mesh", the output
     projection as built (its weights replicated over the s-group; with s > 1 its all-reduce
     spans the mesh and sums the chunks' partial outputs), or "N" (its weights sharded over
     the replica's N ranks as well); `chunk_core` ("fused" or "explicit"): the s > 1 core
-    priced as that (a saved run's rows), None: as compile_decoder builds it (`built_fused_chunk`)."""
+    priced as that (a saved run's rows), None: as compile_decoder builds it (`built_fused_chunk`).
+    `floor`: the step's bandwidth floor instead, every op at the cluster's peak FLOP/s and HBM
+    bandwidth (efficiency 1) and no per-kernel, per-row or score-pass cost; communication as
+    modeled (`decode_floor`)."""
     if chunk_core not in (None, "fused", "explicit"):
         raise PlanError(f"cost_decode: chunk_core must be None (as built), 'fused' or 'explicit', "
                         f"got {chunk_core!r}")
@@ -447,10 +456,10 @@ def cost_decode(shape: DecodeShape, context: int, concurrency: int, split: tuple
            "u": shape.up_projections, "w": shape.dtype_bytes, "s": s_, "m": m_, "n": n_, "N": N_,
            "R": shape.replicated_params}
     dt = shape.dtype
-    eta_mem = profile.elementwise_efficiency
+    eta_mem = 1.0 if floor else profile.elementwise_efficiency
 
     def op(flops: float, nbytes: float) -> float:
-        eta = profile.matmul_efficiency(flops, dt) if flops else 1.0
+        eta = profile.matmul_efficiency(flops, dt) if flops and not floor else 1.0
         return _ev("op_time", {"FLOPs": flops, "Q": nbytes, "P": cluster.peak_flops(dt),
                                "eta": eta, "BW": cluster.memory_bandwidth, "eta_mem": eta_mem})
 
@@ -463,7 +472,7 @@ def cost_decode(shape: DecodeShape, context: int, concurrency: int, split: tuple
     # s > 1: the core is written out (seq_split), unless it runs as helix.chunk_attention
     explicit = (variant != "heads" or s_ > 1) and not fused_chunk
     gather = variant == "qk-gather"
-    score_rw = EXPLICIT_SCORE_PASSES * _ev("score_bytes", env) if explicit else 0.0
+    score_rw = EXPLICIT_SCORE_PASSES * _ev("score_bytes", env) if explicit and not floor else 0.0
     core = op(_ev("core_flops_gather" if gather else "core_flops_partial", env),
               _ev("kv_read_gather_bytes" if gather else "kv_read_bytes", env) + score_rw)
     attn_params = "attn_weight_params" if o_proj == "mesh" else "attn_weight_params_o_all"
@@ -476,12 +485,13 @@ def cost_decode(shape: DecodeShape, context: int, concurrency: int, split: tuple
         base = "heads"
     kernels = KERNELS_PER_LAYER[base] + (m_ if gather else 0) + (
         (FUSED_COMBINE_KERNELS if fused_chunk else COMBINE_KERNELS) if s_ > 1 else 0)
-    layer.append((f"{kernels} kernels x {KERNEL_S * 1e6:.2f} us", "compute",
-                  _ev("kernel_time", {"K": kernels, "t_k": KERNEL_S})))
-    if explicit:
+    if not floor:
+        layer.append((f"{kernels} kernels x {KERNEL_S * 1e6:.2f} us", "compute",
+                      _ev("kernel_time", {"K": kernels, "t_k": KERNEL_S})))
+    if explicit and not floor:
         layer.append(("explicit core: K rows", "compute",
                       _ev("explicit_rows_time", {**env, "t_row": EXPLICIT_ROW_S})))
-    if gather:
+    if gather and not floor:
         layer.append(("qk-gather: K assembly", "compute",
                       _ev("gather_rows_time", {**env, "t_g": GATHER_ROW_S})))
     grp = _groups(s_, m_, n_, dp)
@@ -540,13 +550,17 @@ def cost_decode(shape: DecodeShape, context: int, concurrency: int, split: tuple
 
 def plan_decode(shape: DecodeShape, context: int, concurrency: int, devices: int,
                 cluster: ClusterSpec, profile: ComputeProfile | None = None,
-                memory_cap_gib: float | None = None, dp: int | None = None) -> DecodePlan:
+                memory_cap_gib: float | None = None, dp: int | None = None,
+                floor: bool = False) -> DecodePlan:
     """Cost every decode plan dp x (s, m, n) of `devices` (dp: every divisor of `devices`
     that divides `concurrency`, or only `dp` when given; both m > 1 variants) and choose the
     smallest TPOT among those that fit; ties go to fewer kv copies, then fewer replicas,
     smaller s, smaller m. Replicas are data parallelism over the sequences, the plan a
     person serving B sequences on N GPUs tries first (N / dp GPUs per replica, often one
-    node): the table prints the fastest of them beside TP over all N."""
+    node): the table prints the fastest of them beside TP over all N. `floor`: every plan
+    priced at its bandwidth floor (cost_decode's `floor`); else the plan also carries that
+    floor's best plan and its ratio to TP's floor (`floor_best`, `floor_ratio`): how far any
+    split could beat TP here if every kernel ran at HBM bandwidth, the rest communication."""
     for what, value in (("context", context), ("concurrency", concurrency),
                         ("devices", devices)):
         if not isinstance(value, int) or value <= 0:
@@ -580,7 +594,7 @@ def plan_decode(shape: DecodeShape, context: int, concurrency: int, devices: int
         for sp in decode_splits(shape, context, devices // k):
             for v in ((None,) if sp[1] == 1 else ("score-reduce", "qk-gather")):
                 rows.append(cost_decode(shape, context, concurrency, sp, cluster, profile, v,
-                                        dp=k))
+                                        dp=k, floor=floor))
     if not rows:
         raise PlanError(f"decode plan of {shape.name!r} on {devices} devices: no split (s, m, n) "
                         f"with dp*s*m*n={devices} has n dividing H={shape.heads} and H_kv="
@@ -604,6 +618,16 @@ def plan_decode(shape: DecodeShape, context: int, concurrency: int, devices: int
     kv_model = math.ceil(_ev("kv_cache_model", {
         "L": shape.layers, "B": concurrency, "C": context, "H_kv": shape.kv_heads,
         "d": shape.head_dim, "w": shape.dtype_bytes}))
+    floor_best = floor_ratio = None
+    if tp is not None and not floor:
+        low = plan_decode(shape, context, concurrency, devices, cluster, profile, dp=dp,
+                          floor=True)
+        floor_best, floor_ratio = low.chosen, low.chosen.tpot_ms / low.tp.tpot_ms
+        notes.append(
+            f"bandwidth floor (every op at peak HBM bandwidth and FLOP/s, no per-kernel cost, "
+            f"communication as modeled): {floor_best.name} at {floor_best.tpot_ms:.2f} ms "
+            f"({floor_best.comm_ms:.2f} communication), {floor_ratio:.2f}x TP's "
+            f"{low.tp.tpot_ms:.2f} ms ({low.tp.comm_ms:.2f}): no split beats TP by more here")
     notes += ["norm, residual and core kernels are priced by count (KERNELS_PER_LAYER x "
               f"{KERNEL_S * 1e6:.2f} us, fitted on an H200); rotary and the embedding lookup "
               "are left out (B x D elements each); the q/k/v/o of the new token run on every "
@@ -613,7 +637,7 @@ def plan_decode(shape: DecodeShape, context: int, concurrency: int, devices: int
                       cluster=cluster.name, memory_limit_bytes=chosen.memory_limit_bytes,
                       kv_bytes_model=kv_model, candidates=tuple(rows), chosen=chosen, tp=tp,
                       tp_reason=tp_reason, replicated_tp=replicated_tp, reason=reason,
-                      notes=tuple(notes))
+                      notes=tuple(notes), floor_best=floor_best, floor_ratio=floor_ratio)
 
 
 def _reason(chosen: DecodeCost, tp: DecodeCost | None, rows, tp_reason: str | None,
