@@ -325,3 +325,39 @@ def test_gpu_decode_reassemble_prices_the_built_s_gt_1_step_measured_on_an_h200(
     assert len(rows) == 378 and len(split) == 258
     within = [r for r in split if abs(r["tpot_ratio"] - 1) <= 0.15]
     assert len(within) >= 235, [(r["name"], round(r["tpot_ratio"], 2)) for r in split if r not in within]
+
+
+def test_the_bandwidth_floor_is_bytes_at_peak_bandwidth_plus_the_modeled_communication():
+    """cost_decode(floor=True): no per-kernel or per-row term, every op at efficiency 1, so at
+    one sequence (GEMVs and the cache read all memory-bound) the compute part is bytes over
+    the HBM bandwidth: doubling the bandwidth halves it exactly, and the communication is the
+    priced one. The priced step (floor=False) keeps its kernel term, so it does not halve."""
+    import dataclasses
+    cl = cluster_spec(None, 64)
+    fast = dataclasses.replace(cl, memory_bandwidth=2 * cl.memory_bandwidth)
+    for split in ((1, 1, 64), (8, 1, 8), (1, 1, 8)):
+        low, low2 = (cost_decode(LLAMA, 1048576, 1, split, c, floor=True) for c in (cl, fast))
+        priced = cost_decode(LLAMA, 1048576, 1, split, cl)
+        assert low.compute_ms == pytest.approx(2 * low2.compute_ms, rel=1e-9), split
+        assert low.comm_ms == priced.comm_ms and low.tpot_ms < priced.tpot_ms
+        assert not any("kernels x" in name for name, _ in low.terms)
+        assert any("kernels x" in name for name, _ in priced.terms)
+        assert priced.compute_ms != pytest.approx(2 * cost_decode(LLAMA, 1048576, 1, split,
+                                                                  fast).compute_ms, rel=1e-3)
+
+
+@pytest.mark.parametrize("C, B, reach", [(32768, 1, False), (131072, 4, False), (524288, 1, False),
+                                         (1048576, 1, True), (1048576, 2, True),
+                                         (131072, 16, True)])
+def test_the_floor_says_where_any_split_can_reach_07x_tp(C, B, reach):
+    """plan_decode's floor_ratio: the fastest floor-priced plan over TP's floor. One sequence
+    of 32k or four of 128k: TP's copied-cache read is a few percent of its step, so no split
+    can beat it by 30% even with free kernels; 512k x 1 neither (0.84: 10 ms of communication
+    in 12). From 1M cached positions in all (1M x 1, 1M x 2) and at 128k x 16 it can. The plan's
+    notes carry the floor."""
+    plan = plan_decode(LLAMA, C, B, 64, cluster_spec(None, 64))
+    assert plan.floor_best is not None and plan.floor_ratio is not None
+    assert (plan.floor_ratio <= 0.7) is reach, plan.floor_ratio
+    assert any(n.startswith("bandwidth floor") and f"{plan.floor_ratio:.2f}x TP's" in n
+               for n in plan.notes)
+    assert plan.to_dict()["floor_ratio"] == plan.floor_ratio

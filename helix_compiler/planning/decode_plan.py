@@ -627,7 +627,7 @@ def plan_decode(shape: DecodeShape, context: int, concurrency: int, devices: int
             f"bandwidth floor (every op at peak HBM bandwidth and FLOP/s, no per-kernel cost, "
             f"communication as modeled): {floor_best.name} at {floor_best.tpot_ms:.2f} ms "
             f"({floor_best.comm_ms:.2f} communication), {floor_ratio:.2f}x TP's "
-            f"{low.tp.tpot_ms:.2f} ms ({low.tp.comm_ms:.2f}): no split beats TP by more here")
+            f"{low.tp.tpot_ms:.2f} ms ({low.tp.comm_ms:.2f}): the least ratio any split reaches here")
     notes += ["norm, residual and core kernels are priced by count (KERNELS_PER_LAYER x "
               f"{KERNEL_S * 1e6:.2f} us, fitted on an H200); rotary and the embedding lookup "
               "are left out (B x D elements each); the q/k/v/o of the new token run on every "
