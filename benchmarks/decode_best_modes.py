@@ -67,8 +67,11 @@ def tpots(files, folder: Path = RESULTS, plan: str | None = None) -> dict:
 
 
 def _split_kv(data: dict, row: dict) -> bool:
-    """Whether the row's step ran the split-KV core: the file's switch (True / "on"), or with
-    "auto" (compile_decoder's default since the ninth session) its cores' notes."""
+    """Whether the row's step ran the split-KV core: the file's switch (True / "on"; it acts on
+    s = 1 steps only), or with "auto" (compile_decoder's default since the ninth session) its
+    cores' notes."""
+    if row.get("split", [1])[0] != 1:
+        return False
     switch = data.get("split_kv_core")
     if switch == "auto":
         notes = row.get(f"k{row['ks'][0]}", {}).get("core_notes", [])
@@ -105,6 +108,55 @@ def cache_split_table(folder: Path = RESULTS) -> list[dict]:
     return rows
 
 
+def measured(folder: Path = RESULTS) -> dict:
+    """Every fused-projection run's rows (files with `fuse_projections` true, compile_decoder's
+    default since the eighth session): ((s, m, n), devices, context, rank batch) -> {mode:
+    TPOT ms}, modes as `tpots` names them, with the file's cluster for each key."""
+    out: dict = {}
+    for path in sorted(folder.glob("decode_compiled_h200*.json")):
+        data = json.loads(path.read_text())
+        if data.get("fuse_projections") is not True:
+            continue
+        for r in data["results"]:
+            kv = " + split-KV" if _split_kv(data, r) else ""
+            key = (tuple(r["split"]), data["devices"], r["context"], r["concurrency"])
+            row = out.setdefault(key, {"modes": {}, "cluster": data["cluster"]})["modes"]
+            for mode, field in (("as built" + kv, "measured_tpot_ms"),
+                                ((data.get("inductor_mode") or "default") + kv, "inductor_tpot_ms")):
+                if r.get(field) is not None:
+                    row[mode] = min(row.get(mode, r[field]), r[field])
+    return out
+
+
+def plan_table(folder: Path = RESULTS, devices: int = 64) -> list[dict]:
+    """Every (context, concurrency) where TP over `devices` and the decode planner's choice
+    (its rank: (s, m, n) at concurrency / dp sequences) were both timed, each at its best mode:
+    the measured ratio beside the planner's predicted ratio and its bandwidth floor
+    (decode_plan's `floor_ratio`: the least ratio any split reaches with every kernel at HBM
+    bandwidth), priced on the runs' cluster and the default profile, as the runs were."""
+    from helix_compiler.planning.cluster import ClusterSpec
+    from helix_compiler.planning.decode_plan import llama70b_shape, plan_decode
+
+    runs = measured(folder)
+    rows = []
+    for (split, n_dev, C, B), tp in sorted(runs.items(), key=lambda kv: kv[0][2:]):
+        if split != (1, 1, devices) or n_dev != devices:
+            continue
+        plan = plan_decode(llama70b_shape(), C, B, devices, ClusterSpec(**tp["cluster"]))
+        ch = plan.chosen
+        rank = runs.get(((ch.s, ch.m, ch.n), ch.devices // ch.dp, C, B // ch.dp))
+        if rank is None:
+            continue
+        a = min(rank["modes"], key=rank["modes"].get)
+        b = min(tp["modes"], key=tp["modes"].get)
+        rows.append({"context": C, "concurrency": B, "chosen": ch.name, "chosen_mode": a,
+                     "chosen_tpot_ms": rank["modes"][a], "tp_mode": b,
+                     "tp_tpot_ms": tp["modes"][b], "ratio": rank["modes"][a] / tp["modes"][b],
+                     "predicted_ratio": ch.tpot_ms / plan.tp.tpot_ms,
+                     "floor_ratio": plan.floor_ratio, "floor_best": plan.floor_best.name})
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--results", type=Path, default=RESULTS, help="folder of the result files")
@@ -125,6 +177,11 @@ def main(argv=None) -> int:
                   f"{r['chosen_tpot_ms']:6.2f} ms ({r['chosen_mode']}), "
                   f"TP=64 {r['tp_tpot_ms']:6.2f} ms ({r['tp_mode']}): {r['ratio']:.3f}")
         rows = rows + split_rows
+        print("every timed row, the planner's choice against TP=64 (ratio / predicted / floor):")
+        for r in plan_table(args.results):
+            print(f"{r['context'] // 1024:>5}k x {r['concurrency']:>2}: {r['chosen']:<32} "
+                  f"{r['chosen_tpot_ms']:6.2f} ms, TP=64 {r['tp_tpot_ms']:6.2f} ms: "
+                  f"{r['ratio']:.3f} / {r['predicted_ratio']:.3f} / {r['floor_ratio']:.3f}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
     return 0
