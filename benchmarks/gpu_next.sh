@@ -22,18 +22,21 @@
 #      (where the choice is dp=4 x TP=16, step 8); TP=64 again with the split-KV core
 #   8. the chosen replicated plans' ranks at one sequence of 256k: TP=16 (dp=4, 4 sequences) and
 #      TP=8 (dp=8, 8 sequences), and TP=64 at 256k x 8 (SDPA, then split-KV)
-# Usage (repository root, on the GPU machine):  OUT=dir bash benchmarks/gpu_next.sh [1-8 ...]
-# (default: 7 8)
+#   9. (steps 7-8 ran in the tenth session) the TP=16 rank at 256k x 1 again, now that its
+#      split-KV core reads its one kv head's cache once for its 4 query heads (step 8 timed it
+#      reading the cache once per query head: gqa_fold._sliced_repeat), about 1 minute
+# Usage (repository root, on the GPU machine):  OUT=dir bash benchmarks/gpu_next.sh [1-9 ...]
+# (default: 9)
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 OUT=${OUT:-/tmp/helix-next}
 PY=${PY:-python3}
 mkdir -p "$OUT"
-STEPS=${*:-7 8}
+STEPS=${*:-9}
 D=benchmarks/gpu_decode_compiled.py
 F="--ks 2,6 --iters 100 --warmup 20 --inductor --no-mirror"
 for step in $STEPS; do
-  case $step in [1-8]) ;; *) echo "gpu_next.sh: unknown step $step (1 to 8)" >&2; exit 2 ;; esac
+  case $step in [1-9]) ;; *) echo "gpu_next.sh: unknown step $step (1 to 9)" >&2; exit 2 ;; esac
 done
 t0=$(date +%s)
 for step in $STEPS; do
@@ -65,6 +68,8 @@ for step in $STEPS; do
          --out "$OUT/decode_compiled_h200_tp64_256k8.json"
        "$PY" $D --devices 64 --plans 1,1,64 --configs 262144:8 $F --split-kv-core on \
          --out "$OUT/decode_compiled_h200_tp64_splitkv_256k8.json" ;;
+    9) "$PY" $D --devices 16 --plans 1,1,16 --configs 262144:1 $F --profile \
+         --out "$OUT/decode_compiled_h200_tp16_256k1_unrepeated.json" ;;
   esac 2>&1 | grep -v -i warning | tail -40
   echo "step $step done at $(( $(date +%s) - t0 )) s"
 done

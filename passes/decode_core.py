@@ -46,7 +46,7 @@ import torch.fx as fx
 from helix_compiler.runtime import chunk_core as _cc  # noqa: F401  (registers helix.chunk_attention)
 
 from .explicit_cache_cores import _reads_cache
-from .gqa_fold import REPEATS, Repeat
+from .gqa_fold import REPEATS, Repeat, repeat_source
 from .graph_utils import aten, sdpa_args, shared_copy
 
 __all__ = ["DecodeCoreSite", "split_kv_cores"]
@@ -97,9 +97,10 @@ def _refusal(a: dict) -> str | None:
     return None
 
 
-def _unrepeated(key: fx.Node, value: fx.Node) -> tuple[fx.Node, fx.Node, int]:
+def _unrepeated(key: fx.Node, value: fx.Node, core: fx.Node) -> tuple[fx.Node, fx.Node, int]:
     """(K, V, g): SDPA's key and value where they are not repeats of the cache in repeat_kv's
-    order (g = 1); else the caches they repeat and g, both repeated alike."""
+    order (g = 1); else the caches they repeat (or those caches' kv heads that a rank's slice
+    of the repeated heads reads, viewed before `core`) and g, both repeated alike."""
     found = []
     for node in (key, value):
         rule = REPEATS.get(node.target) if isinstance(node, fx.Node) and node.op == "call_function" \
@@ -107,9 +108,9 @@ def _unrepeated(key: fx.Node, value: fx.Node) -> tuple[fx.Node, fx.Node, int]:
         r = rule(node) if rule else None
         found.append(r if isinstance(r, Repeat) else None)
     (rk, rv) = found
-    if rk is None or rv is None or rk.g != rv.g or rk.g < 2:
+    if rk is None or rv is None or rk.g != rv.g or rk.kv != rv.kv or rk.g < 2:
         return key, value, 1
-    return rk.source, rv.source, rk.g
+    return repeat_source(core.graph, rk, core), repeat_source(core.graph, rv, core), rk.g
 
 
 # compile_decoder's default (split_kv_core=None): the split-KV core only where it was measured
@@ -140,7 +141,7 @@ def split_kv_cores(gm: fx.GraphModule, example_args: tuple, auto: bool = False
             sites.append(DecodeCoreSite(node.name, False, why))
             continue
         q, mask = _val(a["query"]), _val(a["attn_mask"])
-        key, value, g = _unrepeated(a["key"], a["value"])
+        key, value, g = _unrepeated(a["key"], a["value"], node)
         if auto and (g < AUTO_MIN_GROUP or q.shape[0] > AUTO_MAX_BATCH):
             sites.append(DecodeCoreSite(node.name, False, (
                 f"auto: {q.shape[0]} sequence(s), g={g} query heads per kv head; the split-KV "

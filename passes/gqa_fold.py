@@ -48,7 +48,7 @@ from helix_compiler.runtime import collectives as _c  # noqa: F401  (registers t
 
 from .graph_utils import MOVEMENT_OPS, aten, norm_dim, shared_copy
 
-__all__ = ["FoldSite", "REPEATS", "Repeat", "fold_gqa"]
+__all__ = ["FoldSite", "REPEATS", "Repeat", "fold_gqa", "repeat_source"]
 
 # ops that copy a tensor's elements along a dim (a repeat that is not a view)
 _COPIES = {aten.expand.default, aten.repeat.default, aten.repeat_interleave.self_int,
@@ -57,10 +57,22 @@ _COPIES = {aten.expand.default, aten.repeat.default, aten.repeat_interleave.self
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Repeat:
-    """K (B, H_kv, X, Y) with each kv head repeated g times, head h reading kv head h // g."""
+    """K (B, H_kv, X, Y) with each kv head repeated g times, head h reading kv head h // g;
+    `kv` = (lo, hi): the repeat reads K's kv heads [lo, hi) only (a rank's slice of the
+    repeated heads, n > H_kv: `_sliced_repeat`), None: all of them."""
 
     source: fx.Node
     g: int
+    kv: tuple[int, int] | None = None
+
+
+def repeat_source(graph: fx.Graph, rep: Repeat, before: fx.Node) -> fx.Node:
+    """The K a folded core reads for `rep`: its source, or the source's kv heads [lo, hi) (a
+    view, made before `before`)."""
+    if rep.kv is None:
+        return rep.source
+    with graph.inserting_before(before):
+        return graph.call_function(aten.slice.Tensor, (rep.source, 1, *rep.kv))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -118,6 +130,35 @@ def _repeat_interleave(node):
     return Repeat(source=k, g=int(node.args[1]))
 
 
+def _sliced_repeat(node):
+    # a rank's slice [a, b) of the repeated heads (the shard pass, n > H_kv: H / n query heads
+    # of one kv head, copied): repeat_kv's order holds for the heads the slice keeps, which read
+    # one kv head (g' = b - a of its copies) or whole groups of g
+    x = node.args[0]
+    rule = REPEATS.get(x.target) if isinstance(x, fx.Node) and x.op == "call_function" else None
+    rep = rule(x) if rule else None
+    if not isinstance(rep, Repeat) or rep.kv is not None:
+        return None if not isinstance(rep, str) else rep
+    ks, out = _shape(rep.source), _shape(node)
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    step = node.args[4] if len(node.args) > 4 else node.kwargs.get("step", 1)
+    if ks is None or out is None or len(ks) != 4 or norm_dim(dim, 4) != 1 or step != 1:
+        return None
+    H = ks[1] * rep.g
+    a = node.args[2] if len(node.args) > 2 else node.kwargs.get("start", 0)
+    a = 0 if a is None else (a + H if a < 0 else a)
+    b = min(H, a + out[1])
+    g = rep.g
+    if a // g == (b - 1) // g:              # heads of one kv head
+        kv, g2 = (a // g, a // g + 1), b - a
+    elif a % g == 0 and b % g == 0:         # whole groups
+        kv, g2 = (a // g, b // g), g
+    else:
+        return (f"{node.name} keeps heads [{a}, {b}) of {x.name}, a repeat of g={g}: parts of "
+                f"two kv heads' groups")
+    return Repeat(source=rep.source, g=g2, kv=None if kv == (0, ks[1]) else kv)
+
+
 # op -> rule: Repeat (a repeat in repeat_kv's order), a str (a repeat in another order: why
 # it is not folded), or None (not a repeat)
 REPEATS = {
@@ -125,6 +166,7 @@ REPEATS = {
     aten.view.default: _repeat_kv,
     aten._unsafe_view.default: _repeat_kv,
     aten.repeat_interleave.self_int: _repeat_interleave,
+    aten.slice.Tensor: _sliced_repeat,
 }
 
 
@@ -163,7 +205,7 @@ def _fold(graph: fx.Graph, mm: fx.Node, rep: Repeat, transposed: bool) -> fx.Nod
     it, or why not."""
     a, ks = mm.args[0], _shape(rep.source)
     sa, so = _shape(a), _shape(mm)
-    Bk, Hkv = ks[0], ks[1]
+    Bk, Hkv = ks[0], (ks[1] if rep.kv is None else rep.kv[1] - rep.kv[0])
     if sa is None or so is None or len(sa) != 4 or sa[0] != Bk or sa[1] != Hkv * rep.g:
         return (f"{mm.name}'s left side {a.name} has shape {sa}, not (B={Bk}, H={Hkv * rep.g}, T, X)")
     B, H, T, X = sa
@@ -171,7 +213,7 @@ def _fold(graph: fx.Graph, mm: fx.Node, rep: Repeat, transposed: bool) -> fx.Nod
         # g = 1 (repeat_interleave(k, 1): a copy of the cache, no more): K itself, no views
         a2 = a if rep.g == 1 else graph.call_function(
             aten.reshape.default, (a, [B, Hkv, rep.g * T, X]))                          # (B, H_kv, g T, X)
-        k = rep.source
+        k = repeat_source(graph, rep, mm)
         if transposed:
             k = graph.call_function(aten.transpose.int, (k, -2, -1))
         o = o2 = graph.call_function(mm.target, (a2, k))                                # (B, H_kv, g T, Y)
@@ -230,9 +272,10 @@ def _fold_chunk_op(op: fx.Node) -> FoldSite:
     rules = [REPEATS.get(x.target) if isinstance(x, fx.Node) and x.op == "call_function" else None
              for x in (k, v)]
     reps = [rule(x) if rule else None for rule, x in zip(rules, (k, v))]
-    if all(isinstance(r, Repeat) for r in reps) and reps[0].g == reps[1].g:
-        op.update_arg(1, reps[0].source)
-        op.update_arg(2, reps[1].source)
+    if all(isinstance(r, Repeat) for r in reps) and reps[0].g == reps[1].g \
+            and reps[0].kv == reps[1].kv:
+        op.update_arg(1, repeat_source(op.graph, reps[0], op))
+        op.update_arg(2, repeat_source(op.graph, reps[1], op))
         return FoldSite(core=op.name, form="folded", detail=(
             f"K and V read un-repeated, g={reps[0].g} query heads per kv head in the rows of "
             f"{op.name} (helix.chunk_attention)"))

@@ -85,14 +85,16 @@ def assert_decode_equal(prog, ref, tokens, valid, positions, *, devices: int, la
         tok = want[:, -1].argmax(-1, keepdim=True)
 
 
-def hf_llama_decoder(impl: str, kv_heads: int, batch: int, max_seq: int, **config):
-    """A small LLaMA (2 layers, 4 heads over `kv_heads`, d 8, attention `impl`, weights seeded
-    0) on transformers' StaticCache (models/hf_static.py); `config` adds LlamaConfig fields."""
+def hf_llama_decoder(impl: str, kv_heads: int, batch: int, max_seq: int, heads: int = 4,
+                     **config):
+    """A small LLaMA (2 layers, `heads` heads over `kv_heads`, d 8, attention `impl`, weights
+    seeded 0) on transformers' StaticCache (models/hf_static.py); `config` adds LlamaConfig
+    fields."""
     from transformers import LlamaConfig
 
     from helix_compiler.models.hf_static import hf_static_decoder
 
-    cfg = LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, head_dim=8,
+    cfg = LlamaConfig(num_hidden_layers=2, hidden_size=8 * heads, num_attention_heads=heads, head_dim=8,
                       num_key_value_heads=kv_heads, intermediate_size=64, vocab_size=64,
                       max_position_embeddings=64, attn_implementation=impl, **config)
     return hf_static_decoder(cfg, batch, max_seq, seed=0)

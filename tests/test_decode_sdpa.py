@@ -220,3 +220,54 @@ def test_split_kv_cores_equal_sdpa_at_one_position_or_keep_it(form, kv_heads):
         assert [n.target for n in out.graph.nodes if n.target in (SDPA, CHUNK)] == [CHUNK]
         assert torch.equal(got[2], torch.zeros_like(got[2]))                   # as SDPA: 0, not NaN
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_rank_of_copied_kv_heads_reads_its_kv_head_once_for_all_its_query_heads():
+    """n > H_kv (TP=16 of LLaMA-70B's 8 kv heads: 4 query heads a rank over one kv head,
+    copied): the shard pass hands the core a slice of repeat_kv's heads, which reads one kv
+    head (gqa_fold._sliced_repeat). The split-KV core takes that kv head's cache itself, g = 2
+    here (8 heads over 2 kv heads on 4 ranks), so auto picks it at 2 sequences; s = 2 folds
+    the chunk core alike. Every rank equals the unsharded model on padded rows."""
+    model = hf_llama_decoder("sdpa", 2, 2, 16, heads=8)
+    ref = hf_llama_decoder("sdpa", 2, 2, 16, heads=8)
+    tokens, valid = padded_prompt(2, 16, 6)
+    prog = compile_decoder(model, 4, (1, 1, 4), prompt_len=6)
+    assert prog.core_notes == tuple(
+        f"step {n}: helix.chunk_attention (split-KV, K and V read un-repeated (g=2))" for n in
+        ("scaled_dot_product_attention_default", "scaled_dot_product_attention_default_1"))
+    for r in range(4):
+        cores = [n for n in prog.modules[r][1].graph.nodes if n.target is CHUNK]
+        for core in cores:      # q (B, 2, 1, d) over the cache write of the rank's one kv head
+            assert core.args[1].target is torch.ops.aten.index_copy_.default, core.args[1]
+            assert tuple(core.args[1].meta["val"].shape)[1] == 1 and \
+                tuple(core.args[0].meta["val"].shape)[1] == 2
+    assert_decode_equal(prog, ref, tokens, valid, range(6, 10), devices=4, label="n > H_kv split-KV")
+    split = compile_decoder(model, 8, (2, 1, 4), prompt_len=6)
+    assert split.fold_notes and all(": folded (K and V read un-repeated, g=2" in x
+                                    for x in split.fold_notes), split.fold_notes
+    assert_decode_equal(split, ref, tokens, valid, range(6, 10), devices=8, label="n > H_kv s=2")
+
+
+def test_a_slice_of_the_repeated_heads_is_a_repeat_where_it_keeps_one_kv_head_or_whole_groups():
+    """gqa_fold's rule for a slice along the heads of repeat_kv(K) (K: 2 kv heads, g = 4):
+    heads [0, 3) read kv head 0 (g' = 3), [4, 8) kv head 1 (g' = 4), [0, 8) all of K, and
+    [2, 6) parts of two groups: not a repeat of one order (the reason)."""
+    import torch.fx as fx
+
+    from passes.gqa_fold import REPEATS, Repeat
+    from passes.graph_utils import fake_shapes
+
+    at = torch.ops.aten
+
+    def rep(k):     # repeat_kv as the shard pass leaves it, then four slices of the heads
+        r = at.reshape.default(at.expand.default(at.unsqueeze.default(k, 2), [1, 2, 4, 5, 8]),
+                               [1, 8, 5, 8])
+        return tuple(at.slice.Tensor(r, 1, a, b) for a, b in ((0, 3), (4, 8), (0, 8), (2, 6)))
+
+    gm = fx.symbolic_trace(rep)
+    fake_shapes(gm, (torch.randn(1, 2, 5, 8),))
+    got = [REPEATS[n.target](n) for n in gm.graph.nodes if n.target is at.slice.Tensor]
+    assert [(r.g, r.kv) for r in got[:3]] == [(3, (0, 1)), (4, (1, 2)), (4, None)], got
+    assert all(isinstance(r, Repeat) and r.source.op == "placeholder" for r in got[:3])
+    assert isinstance(got[3], str) and "parts of two kv heads' groups" in got[3]
