@@ -5,7 +5,7 @@ under max-autotune, each side at its best mode" (`--unfused`: the seventh sessio
 built before passes/fuse_linears.py).
 
     python benchmarks/decode_best_modes.py                      # the saved H200 files
-                                      # (+ the cache split at 512k and 1M: cache_split_table)
+                                      # (+ every timed (context, concurrency): plan_table)
     python benchmarks/decode_best_modes.py --unfused --json out.json
 
 Each file's rows give, per (context, rank batch), the step's TPOT as built and under
@@ -40,11 +40,6 @@ TP_UNFUSED = ("decode_compiled_h200_tp64_k26.json", "decode_compiled_h200_tp64_a
               "decode_compiled_h200_tp64_autotune_64k.json",
               "decode_compiled_h200_tp64_autotune_rest.json")
 REPLICAS = 8          # the chosen plan's data-parallel replicas: a TP=8 rank serves B / 8
-# one or two sequences of 512k-1M, where the planner chooses the cache split s=8 x m=1 x n=8
-# (ninth session): both plans timed in the same call, fused, as built and under torch.compile
-CACHE_SPLIT = ("decode_compiled_h200_1m_fused.json", "decode_compiled_h200_1m_profile.json",
-               "decode_compiled_h200_1m_autotune.json", "decode_compiled_h200_512k_fused.json")
-SPLIT, TP64 = "s=8 x m=1 x n=8", "s=1 x m=1 x n=64"
 
 
 def tpots(files, folder: Path = RESULTS, plan: str | None = None) -> dict:
@@ -92,19 +87,6 @@ def table(folder: Path = RESULTS, unfused: bool = False) -> list[dict]:
         rows.append({"context": context, "concurrency": batch,
                      "chosen_mode": a, "chosen_tpot_ms": mine[a],
                      "tp_mode": b, "tp_tpot_ms": modes[b], "ratio": mine[a] / modes[b]})
-    return rows
-
-
-def cache_split_table(folder: Path = RESULTS) -> list[dict]:
-    """The cache split against TP=64 where the planner chooses it (512k and 1M, one or two
-    sequences), each side at its best mode (TP=64's split-KV core timed at 1M only)."""
-    mine, tp = tpots(CACHE_SPLIT, folder, SPLIT), tpots(CACHE_SPLIT + SPLIT_KV_TP64, folder, TP64)
-    rows = []
-    for key in sorted(mine):
-        a, b = min(mine[key], key=mine[key].get), min(tp[key], key=tp[key].get)
-        rows.append({"context": key[0], "concurrency": key[1], "chosen": SPLIT,
-                     "chosen_mode": a, "chosen_tpot_ms": mine[key][a],
-                     "tp_mode": b, "tp_tpot_ms": tp[key][b], "ratio": mine[key][a] / tp[key][b]})
     return rows
 
 
@@ -170,18 +152,14 @@ def main(argv=None) -> int:
               f"{r['chosen_tpot_ms']:6.2f} ms ({r['chosen_mode']}), "
               f"TP=64 {r['tp_tpot_ms']:6.2f} ms ({r['tp_mode']}): {r['ratio']:.3f}")
     if not args.unfused:
-        print(f"the cache split ({SPLIT}) where the planner chooses it:")
-        split_rows = cache_split_table(args.results)
-        for r in split_rows:
-            print(f"{r['context'] // 1024:>4}k x {r['concurrency']:>2}: {SPLIT} "
-                  f"{r['chosen_tpot_ms']:6.2f} ms ({r['chosen_mode']}), "
-                  f"TP=64 {r['tp_tpot_ms']:6.2f} ms ({r['tp_mode']}): {r['ratio']:.3f}")
-        rows = rows + split_rows
         print("every timed row, the planner's choice against TP=64 (ratio / predicted / floor):")
-        for r in plan_table(args.results):
+        every = plan_table(args.results)
+        for r in every:
             print(f"{r['context'] // 1024:>5}k x {r['concurrency']:>2}: {r['chosen']:<32} "
-                  f"{r['chosen_tpot_ms']:6.2f} ms, TP=64 {r['tp_tpot_ms']:6.2f} ms: "
-                  f"{r['ratio']:.3f} / {r['predicted_ratio']:.3f} / {r['floor_ratio']:.3f}")
+                  f"{r['chosen_tpot_ms']:6.2f} ms ({r['chosen_mode']}), TP=64 "
+                  f"{r['tp_tpot_ms']:6.2f} ms ({r['tp_mode']}): {r['ratio']:.3f} / "
+                  f"{r['predicted_ratio']:.3f} / {r['floor_ratio']:.3f}")
+        rows = rows + every
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
     return 0
