@@ -52,13 +52,18 @@ def tpots(files, folder: Path = RESULTS, plan: str | None = None) -> dict:
         for r in data["results"]:
             if plan is not None and r["name"] != plan:
                 continue
-            kv = " + split-KV" if _split_kv(data, r) else ""
-            row = out.setdefault((r["context"], r["concurrency"]), {})
-            for key, field in (("as built" + kv, "measured_tpot_ms"),
-                               ((data.get("inductor_mode") or "default") + kv, "inductor_tpot_ms")):
-                if r.get(field) is not None:
-                    row[key] = min(row.get(key, r[field]), r[field])
+            _keep_least(out.setdefault((r["context"], r["concurrency"]), {}), data, r)
     return out
+
+
+def _keep_least(modes: dict, data: dict, r: dict) -> None:
+    """Row `r` of result file `data` into {mode: TPOT ms}: "as built" and the file's inductor
+    mode (+ " + split-KV"), each keeping its least over the rows recorded."""
+    kv = " + split-KV" if _split_kv(data, r) else ""
+    for mode, field in (("as built" + kv, "measured_tpot_ms"),
+                        ((data.get("inductor_mode") or "default") + kv, "inductor_tpot_ms")):
+        if r.get(field) is not None:
+            modes[mode] = min(modes.get(mode, r[field]), r[field])
 
 
 def _split_kv(data: dict, row: dict) -> bool:
@@ -100,13 +105,9 @@ def measured(folder: Path = RESULTS) -> dict:
         if data.get("fuse_projections") is not True:
             continue
         for r in data["results"]:
-            kv = " + split-KV" if _split_kv(data, r) else ""
             key = (tuple(r["split"]), data["devices"], r["context"], r["concurrency"])
-            row = out.setdefault(key, {"modes": {}, "cluster": data["cluster"]})["modes"]
-            for mode, field in (("as built" + kv, "measured_tpot_ms"),
-                                ((data.get("inductor_mode") or "default") + kv, "inductor_tpot_ms")):
-                if r.get(field) is not None:
-                    row[mode] = min(row.get(mode, r[field]), r[field])
+            _keep_least(out.setdefault(key, {"modes": {}, "cluster": data["cluster"]})["modes"],
+                        data, r)
     return out
 
 

@@ -22,7 +22,7 @@
 #      (where the choice is dp=4 x TP=16, step 8); TP=64 again with the split-KV core
 #   8. the chosen replicated plans' ranks at one sequence of 256k: TP=16 (dp=4, 4 sequences) and
 #      TP=8 (dp=8, 8 sequences), and TP=64 at 256k x 8 (SDPA, then split-KV)
-#   9. (steps 7-8 ran in the tenth session) the TP=16 rank at 256k x 1 again, now that its
+#   9. (steps 7-9 ran in the tenth session) the TP=16 rank at 256k x 1 again, now that its
 #      split-KV core reads its one kv head's cache once for its 4 query heads (step 8 timed it
 #      reading the cache once per query head: gqa_fold._sliced_repeat), about 1 minute
 # Usage (repository root, on the GPU machine):  OUT=dir bash benchmarks/gpu_next.sh [1-9 ...]

@@ -46,7 +46,7 @@ import torch.fx as fx
 from helix_compiler.runtime import chunk_core as _cc  # noqa: F401  (registers helix.chunk_attention)
 
 from .explicit_cache_cores import _reads_cache
-from .gqa_fold import REPEATS, Repeat, repeat_source
+from .gqa_fold import Repeat, repeat_of, repeat_source
 from .graph_utils import aten, sdpa_args, shared_copy
 
 __all__ = ["DecodeCoreSite", "split_kv_cores"]
@@ -101,13 +101,7 @@ def _unrepeated(key: fx.Node, value: fx.Node, core: fx.Node) -> tuple[fx.Node, f
     """(K, V, g): SDPA's key and value where they are not repeats of the cache in repeat_kv's
     order (g = 1); else the caches they repeat (or those caches' kv heads that a rank's slice
     of the repeated heads reads, viewed before `core`) and g, both repeated alike."""
-    found = []
-    for node in (key, value):
-        rule = REPEATS.get(node.target) if isinstance(node, fx.Node) and node.op == "call_function" \
-            else None
-        r = rule(node) if rule else None
-        found.append(r if isinstance(r, Repeat) else None)
-    (rk, rv) = found
+    rk, rv = (r if isinstance(r, Repeat) else None for r in map(repeat_of, (key, value)))
     if rk is None or rv is None or rk.g != rv.g or rk.kv != rv.kv or rk.g < 2:
         return key, value, 1
     return repeat_source(core.graph, rk, core), repeat_source(core.graph, rv, core), rk.g

@@ -48,7 +48,7 @@ from helix_compiler.runtime import collectives as _c  # noqa: F401  (registers t
 
 from .graph_utils import MOVEMENT_OPS, aten, norm_dim, shared_copy
 
-__all__ = ["FoldSite", "REPEATS", "Repeat", "fold_gqa", "repeat_source"]
+__all__ = ["FoldSite", "REPEATS", "Repeat", "fold_gqa", "repeat_of", "repeat_source"]
 
 # ops that copy a tensor's elements along a dim (a repeat that is not a view)
 _COPIES = {aten.expand.default, aten.repeat.default, aten.repeat_interleave.self_int,
@@ -130,13 +130,20 @@ def _repeat_interleave(node):
     return Repeat(source=k, g=int(node.args[1]))
 
 
+def repeat_of(node):
+    """The REPEATS rule's answer for `node`: a Repeat, a str (a repeat in another order: why),
+    or None (not a repeat, or not an op)."""
+    rule = REPEATS.get(node.target) if isinstance(node, fx.Node) and node.op == "call_function" \
+        else None
+    return rule(node) if rule else None
+
+
 def _sliced_repeat(node):
     # a rank's slice [a, b) of the repeated heads (the shard pass, n > H_kv: H / n query heads
     # of one kv head, copied): repeat_kv's order holds for the heads the slice keeps, which read
     # one kv head (g' = b - a of its copies) or whole groups of g
     x = node.args[0]
-    rule = REPEATS.get(x.target) if isinstance(x, fx.Node) and x.op == "call_function" else None
-    rep = rule(x) if rule else None
+    rep = repeat_of(x)
     if not isinstance(rep, Repeat) or rep.kv is not None:
         return None if not isinstance(rep, str) else rep
     ks, out = _shape(rep.source), _shape(node)
@@ -178,9 +185,7 @@ def _is_t(node) -> bool:
 def _repeat_of(rhs: fx.Node):
     """(the repeat rule's answer, transposed) for a matmul's right side: R or R^T."""
     transposed = _is_t(rhs)
-    r = rhs.args[0] if transposed else rhs
-    rule = REPEATS.get(r.target) if isinstance(r, fx.Node) and r.op == "call_function" else None
-    return (rule(r) if rule else None), transposed
+    return repeat_of(rhs.args[0] if transposed else rhs), transposed
 
 
 def _copies_on_way(node: fx.Node, reads: dict) -> tuple[list, list]:
@@ -269,9 +274,7 @@ def _fold_chunk_op(op: fx.Node) -> FoldSite:
     repeat_kv'd K and V: given K and V themselves (the op folds the g query heads of a kv head
     into its rows; H a multiple of H_kv)."""
     k, v = op.args[1], op.args[2]
-    rules = [REPEATS.get(x.target) if isinstance(x, fx.Node) and x.op == "call_function" else None
-             for x in (k, v)]
-    reps = [rule(x) if rule else None for rule, x in zip(rules, (k, v))]
+    reps = [repeat_of(x) for x in (k, v)]
     if all(isinstance(r, Repeat) for r in reps) and reps[0].g == reps[1].g \
             and reps[0].kv == reps[1].kv:
         op.update_arg(1, repeat_source(op.graph, reps[0], op))

@@ -421,7 +421,7 @@ def cost_decode(shape: DecodeShape, context: int, concurrency: int, split: tuple
     priced as that (a saved run's rows), None: as compile_decoder builds it (`built_fused_chunk`).
     `floor`: the step's bandwidth floor instead, every op at the cluster's peak FLOP/s and HBM
     bandwidth (efficiency 1) and no per-kernel, per-row or score-pass cost; communication as
-    modeled (`decode_floor`)."""
+    modeled (plan_decode's `floor`, `DecodePlan.floor_ratio`)."""
     if chunk_core not in (None, "fused", "explicit"):
         raise PlanError(f"cost_decode: chunk_core must be None (as built), 'fused' or 'explicit', "
                         f"got {chunk_core!r}")
