@@ -228,10 +228,12 @@ def test_a_rank_of_copied_kv_heads_reads_its_kv_head_once_for_all_its_query_head
     copied): the shard pass hands the core a slice of repeat_kv's heads, which reads one kv
     head (gqa_fold._sliced_repeat). The split-KV core takes that kv head's cache itself, g = 2
     here (8 heads over 2 kv heads on 4 ranks), so auto picks it at 2 sequences; s = 2 folds
-    the chunk core alike. Every rank equals the unsharded model on padded rows."""
+    the chunk core alike. Every rank equals the unsharded model on a left-padded and a fully
+    padded row."""
     model = hf_llama_decoder("sdpa", 2, 2, 16, heads=8)
     ref = hf_llama_decoder("sdpa", 2, 2, 16, heads=8)
-    tokens, valid = padded_prompt(2, 16, 6)
+    tokens, valid = padded_prompt(2, 16, 6)      # row 1 all padding over the prompt
+    valid[0, :2] = 0                             # row 0 left-padded
     prog = compile_decoder(model, 4, (1, 1, 4), prompt_len=6)
     assert prog.core_notes == tuple(
         f"step {n}: helix.chunk_attention (split-KV, K and V read un-repeated (g=2))" for n in
